@@ -1,0 +1,60 @@
+# cython: freethreading_compatible = True
+"""Kernels: asymmetric distances (ADC) of PQ codes, and exhaustive top-k search over them."""
+from cython.parallel cimport parallel, prange
+from libc.stdint cimport int64_t
+from libc.stdlib cimport free, malloc
+
+from heap cimport heap_init, heap_sort_ascending
+from scan cimport SCAN_BLOCK, adc_block, scan_topk
+from types cimport code_t
+
+
+def adc(const float[:, ::1] T, const code_t[:, ::1] codes, float[::1] out, int n_threads):
+    """out[i] = sum_m T[m, codes[i, m]].
+
+    T (M, Ks) float32 table of one query; codes (n, M), each < Ks (checked by the caller);
+    out (n,) float32 output.
+    """
+    cdef Py_ssize_t n = codes.shape[0], ch, n_chunks = (n + SCAN_BLOCK - 1) // SCAN_BLOCK, i0
+    cdef int M = T.shape[0], Ks = T.shape[1]
+    if codes.shape[1] != M or out.shape[0] != n:
+        raise ValueError("adc: inconsistent shapes")
+    if n == 0:
+        return
+    with nogil:
+        for ch in prange(n_chunks, num_threads=n_threads, schedule="static"):
+            i0 = ch * SCAN_BLOCK
+            adc_block(&T[0, 0], M, Ks, &codes[i0, 0],
+                      n - i0 if n - i0 < SCAN_BLOCK else SCAN_BLOCK, &out[i0])
+
+
+def adc_topk(const float[:, :, ::1] tables, const code_t[:, ::1] codes, float[:, ::1] D,
+             int64_t[:, ::1] I, int n_threads):
+    """The k smallest asymmetric distances of every query over all codes, ascending.
+
+    tables (nq, M, Ks) float32; codes (n, M), each < Ks (checked by the caller);
+    D (nq, k) float32 and I (nq, k) int64 outputs (row numbers into codes; inf / -1 where n < k).
+    Queries run in parallel; the (nq, n) distance matrix is never formed.
+    """
+    cdef Py_ssize_t nq = tables.shape[0], n = codes.shape[0], q
+    cdef int M = tables.shape[1], Ks = tables.shape[2], k = D.shape[1]
+    cdef int failed = 0
+    cdef float *buf
+    if codes.shape[1] != M or D.shape[0] != nq or I.shape[0] != nq or I.shape[1] != k:
+        raise ValueError("adc_topk: inconsistent shapes")
+    if nq == 0 or k == 0:
+        return
+    with nogil, parallel(num_threads=n_threads):
+        buf = <float *> malloc(SCAN_BLOCK * sizeof(float))
+        for q in prange(nq, schedule="dynamic"):
+            if buf == NULL:
+                failed = 1
+                continue
+            heap_init(&D[q, 0], &I[q, 0], k)
+            if n > 0:
+                scan_topk(&tables[q, 0, 0], M, Ks, &codes[0, 0], n, NULL, 0,
+                          &D[q, 0], &I[q, 0], k, buf)
+            heap_sort_ascending(&D[q, 0], &I[q, 0], k)
+        free(buf)
+    if failed:
+        raise MemoryError()

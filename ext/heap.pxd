@@ -1,0 +1,43 @@
+# A bounded max-heap of (distance, id) pairs kept in caller-owned arrays: the top-k of a scan.
+# The root holds the worst of the k best so far; a candidate enters only if it beats the root.
+from libc.math cimport INFINITY
+from libc.stdint cimport int64_t
+
+
+cdef inline void heap_init(float *dist, int64_t *ids, int k) noexcept nogil:
+    cdef int i
+    for i in range(k):
+        dist[i] = INFINITY
+        ids[i] = -1
+
+
+cdef inline void heap_replace_top(float *dist, int64_t *ids, int k, float d, int64_t idx) noexcept nogil:
+    """Replace the root by (d, idx) and sift it down."""
+    cdef int i = 0, child
+    while True:
+        child = 2 * i + 1
+        if child >= k:
+            break
+        if child + 1 < k and dist[child + 1] > dist[child]:
+            child += 1
+        if dist[child] <= d:
+            break
+        dist[i] = dist[child]
+        ids[i] = ids[child]
+        i = child
+    dist[i] = d
+    ids[i] = idx
+
+
+cdef inline void heap_sort_ascending(float *dist, int64_t *ids, int k) noexcept nogil:
+    """Turn the heap into its k entries sorted by increasing distance, in place."""
+    cdef int n
+    cdef float d
+    cdef int64_t idx
+    for n in range(k - 1, 0, -1):
+        d = dist[0]
+        idx = ids[0]
+        # Move the last entry to the root and sift it down over the first n entries.
+        heap_replace_top(dist, ids, n, dist[n], ids[n])
+        dist[n] = d
+        ids[n] = idx

@@ -1,0 +1,40 @@
+"""Build the Cython kernels in ext/ as extension modules inside the cypq package.
+
+Set CYPQ_BOUNDSCHECK=1 at build time to compile the kernels with bounds and
+initialisation checks (slow; for debugging and for the test suite's checked build).
+"""
+import os
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+KERNELS = ["_quantize", "_kmeans", "_adc"]
+
+directives = {
+    "language_level": 3,
+    "boundscheck": False,
+    "wraparound": False,
+    "cdivision": True,
+    "initializedcheck": False,
+}
+if os.environ.get("CYPQ_BOUNDSCHECK") == "1":
+    directives.update(boundscheck=True, initializedcheck=True)
+
+# Baseline x86-64 only: the SIMD-bound loops in ext/simd.h pick AVX-512 / AVX2 at run time
+# through target_clones, so a wheel runs on any x86-64 CPU.
+compile_args = ["-O3", "-fopenmp", "-fno-math-errno", "-Wno-psabi", "-Wno-unused-function"]
+
+extensions = [
+    Extension(
+        f"cypq.{name}",
+        [f"ext/{name}.pyx"],
+        include_dirs=["ext"],
+        extra_compile_args=compile_args,
+        extra_link_args=["-fopenmp"],
+    )
+    for name in KERNELS
+]
+
+setup(
+    ext_modules=cythonize(extensions, compiler_directives=directives, include_path=["ext"]),
+)
