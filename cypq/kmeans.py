@@ -1,0 +1,132 @@
+"""k-means for product quantisers: M independent k-means, one per subspace, run in lockstep.
+
+One Lloyd iteration is one pass of the encode kernel (assignment for all subspaces at once) and
+one of the update kernel. With M = 1 this is plain k-means.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _kmeans, _quantize
+from ._checks import code_dtype_for
+from ._threads import single_threaded_blas
+
+MINITS = ("random", "++", "points", "matrix")
+# Relative perturbation used when an empty cluster takes half of the largest one (as faiss).
+_SPLIT_EPS = 1.0 / 1024
+
+
+def subspace_kmeans(X: np.ndarray, M: int, Ks: int, *, iter: int = 20, seed: int = 123,
+                    minit: str = "points", init: np.ndarray | None = None,
+                    max_points_per_centroid: int | None = None, n_threads: int = 1,
+                    verbose: bool = False, label: str = "k-means") -> tuple[np.ndarray, float]:
+    """Train Ks centroids in each of the M subspaces of X.
+
+    Parameters
+    ----------
+    X : numpy.ndarray, float32, shape (N, D), C-contiguous
+        Training vectors (validated by the caller); D must be a multiple of M.
+    M, Ks : int
+        Number of subspaces and of centroids per subspace. N >= Ks is required.
+    iter : int
+        Maximum Lloyd iterations; stops early when no assignment changes.
+    seed : int
+        Seed of every random choice (sampling, initialisation): same seed, same result.
+    minit : {'points', '++', 'random', 'matrix'}
+        Initialisation: distinct random rows, k-means++, Gaussian with the data's mean and
+        covariance, or the given ``init`` ('matrix').
+    init : numpy.ndarray, float32, shape (M, Ks, D // M), optional
+        Starting centroids (warm start); overrides minit.
+    max_points_per_centroid : int, optional
+        Train on a random sample of at most Ks * max_points_per_centroid rows.
+    n_threads : int
+        Threads of the kernels.
+    verbose : bool
+        Print the mean squared error per iteration.
+    label : str
+        Prefix of the progress lines.
+
+    Returns
+    -------
+    centroids : numpy.ndarray, float32, shape (M, Ks, D // M)
+    mse : float
+        Mean squared quantisation error (summed over subspaces) of the training rows at the
+        last assignment.
+    """
+    N, D = X.shape
+    Ds = D // M
+    rng = np.random.default_rng(seed)
+    if max_points_per_centroid is not None and N > Ks * max_points_per_centroid:
+        rows = np.sort(rng.choice(N, Ks * max_points_per_centroid, replace=False))
+        X = X[rows]
+        N = X.shape[0]
+        if verbose:
+            print(f"{label}: sampled {N} training points")
+    if init is not None:
+        C = np.array(init, dtype=np.float32, order="C", copy=True)
+        if C.shape != (M, Ks, Ds):
+            raise ValueError(f"init must have shape {(M, Ks, Ds)}, got {C.shape}")
+    else:
+        C = _initial_centroids(X, M, Ks, minit, rng, n_threads)
+
+    codes = np.empty((N, M), dtype=code_dtype_for(Ks))
+    prev = np.empty_like(codes)
+    err = np.empty(N, dtype=np.float32)
+    counts = np.empty((M, Ks), dtype=np.int64)
+    mse = float("nan")
+    with single_threaded_blas():
+        for it in range(iter):
+            _quantize.encode(X, C, codes, err, n_threads)
+            mse = float(err.mean(dtype=np.float64))
+            if verbose:
+                print(f"{label}: iteration {it + 1}/{iter}, mean squared error {mse:.6g}")
+            if it > 0 and np.array_equal(codes, prev):
+                if verbose:
+                    print(f"{label}: converged after {it + 1} iterations")
+                break
+            _kmeans.update_centroids(X, codes, C, counts, n_threads)
+            _split_empty(C, counts)
+            codes, prev = prev, codes
+    return C, mse
+
+
+def _initial_centroids(X: np.ndarray, M: int, Ks: int, minit: str, rng: np.random.Generator,
+                       n_threads: int) -> np.ndarray:
+    N, D = X.shape
+    Ds = D // M
+    C = np.empty((M, Ks, Ds), dtype=np.float32)
+    if minit == "matrix":
+        raise ValueError("minit='matrix' needs the initial centroids: pass init=")
+    for m in range(M):
+        cols = slice(m * Ds, (m + 1) * Ds)
+        if minit == "points":
+            C[m] = X[rng.choice(N, Ks, replace=False), cols]
+        elif minit == "++":
+            _kmeans.kmeanspp(X, m * Ds, rng.random(Ks), int(rng.integers(N)), C[m], n_threads)
+        elif minit == "random":
+            sub = X[:, cols].astype(np.float64)
+            mean = sub.mean(axis=0)
+            cov = np.atleast_2d(np.cov(sub, rowvar=False))
+            # Gaussian with the data's mean and covariance (scipy kmeans2's 'random').
+            w, v = np.linalg.eigh(cov)
+            z = rng.standard_normal((Ks, Ds)) * np.sqrt(np.clip(w, 0, None))
+            C[m] = mean + z @ v.T
+        else:
+            raise ValueError(f"minit must be one of {MINITS}, got {minit!r}")
+    return C
+
+
+def _split_empty(C: np.ndarray, counts: np.ndarray) -> None:
+    """Re-seed every empty centroid by splitting the currently largest cluster of its subspace."""
+    for m in np.flatnonzero((counts == 0).any(axis=1)):
+        for k in np.flatnonzero(counts[m] == 0):
+            j = int(np.argmax(counts[m]))
+            if counts[m, j] < 2:
+                break  # nothing left to split
+            sign = np.where(np.arange(C.shape[2]) % 2 == 0, 1.0, -1.0)
+            # Additive, so a centroid with zero coordinates still splits into two.
+            delta = (sign * _SPLIT_EPS * (np.abs(C[m, j]) + np.abs(C[m]).mean() + 1e-8))
+            C[m, k] = C[m, j] + delta
+            C[m, j] = C[m, j] - delta
+            counts[m, k] = counts[m, j] // 2
+            counts[m, j] -= counts[m, k]

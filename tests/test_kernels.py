@@ -1,0 +1,126 @@
+"""Every kernel against its NumPy reference (tests/reference.py), with 1 and 2 threads."""
+import numpy as np
+import pytest
+
+from cypq import _adc, _kmeans, _quantize
+
+import reference as ref
+from conftest import clustered
+
+
+def _codebooks(rng, M, Ks, Ds):
+    return rng.normal(0, 3, (M, Ks, Ds)).astype(np.float32)
+
+
+@pytest.mark.parametrize("M,Ks,Ds", [(4, 256, 8), (2, 100, 3), (3, 16, 40), (2, 1024, 64),
+                                     (1, 300, 5)])
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
+def test_encode_matches_reference(M, Ks, Ds, dtype, n_threads):
+    rng = np.random.default_rng(1)
+    C = _codebooks(rng, M, Ks, Ds)
+    X = rng.normal(0, 3, (203, M * Ds)).astype(np.float32)  # 203: not a multiple of 4
+    codes = np.empty((len(X), M), dtype=dtype)
+    err = np.empty(len(X), dtype=np.float32)
+    _quantize.encode(X, C, codes, err, n_threads)
+    want, want_err = ref.encode(X, C)
+    # The sgemm path (Ds >= 32) may break near-ties differently: compare distances there.
+    got_d = ref.tables(X, C)[np.arange(len(X))[:, None], np.arange(M)[None], codes]
+    best_d = ref.tables(X, C).min(2)
+    np.testing.assert_allclose(got_d, best_d, rtol=1e-4, atol=1e-3)
+    if Ds < _quantize.BLAS_MIN_DIM:
+        np.testing.assert_array_equal(codes, want)
+    else:
+        assert (codes == want).mean() > 0.99
+    np.testing.assert_allclose(err, want_err, rtol=1e-4, atol=1e-2)
+
+
+def test_encode_uint8_and_no_err(n_threads):
+    rng = np.random.default_rng(2)
+    C = _codebooks(rng, 8, 256, 4)
+    X = rng.normal(0, 3, (1001, 32)).astype(np.float32)
+    codes = np.empty((1001, 8), dtype=np.uint8)
+    _quantize.encode(X, C, codes, np.empty(0, np.float32), n_threads)
+    np.testing.assert_array_equal(codes, ref.encode(X, C)[0])
+
+
+def test_encode_shape_errors():
+    C = np.zeros((2, 4, 3), np.float32)
+    with pytest.raises(ValueError):
+        _quantize.encode(np.zeros((5, 7), np.float32), C, np.zeros((5, 2), np.uint8),
+                         np.empty(0, np.float32), 1)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_decode_matches_reference(dtype, n_threads):
+    rng = np.random.default_rng(3)
+    C = _codebooks(rng, 4, 200, 5)
+    codes = rng.integers(0, 200, (77, 4)).astype(dtype)
+    out = np.empty((77, 20), np.float32)
+    _quantize.decode(codes, C, out, n_threads)
+    np.testing.assert_array_equal(out, ref.decode(codes, C))
+
+
+@pytest.mark.parametrize("ip", [False, True])
+@pytest.mark.parametrize("Ds", [1, 8, 33])
+def test_tables_match_reference(ip, Ds, n_threads):
+    rng = np.random.default_rng(4)
+    C = _codebooks(rng, 3, 70, Ds)
+    Q = rng.normal(0, 3, (9, 3 * Ds)).astype(np.float32)
+    out = np.empty((9, 3, 70), np.float32)
+    _quantize.tables(Q, C, out, ip, n_threads)
+    np.testing.assert_allclose(out, ref.tables(Q, C, ip), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("M,dtype", [(8, np.uint8), (16, np.uint8), (5, np.uint16),
+                                     (16, np.uint16), (3, np.uint32)])
+def test_adc_matches_reference(M, dtype, n_threads):
+    rng = np.random.default_rng(5)
+    Ks = 256 if dtype == np.uint8 else 1000
+    T = rng.random((M, Ks)).astype(np.float32)
+    codes = rng.integers(0, Ks, (3000, M)).astype(dtype)
+    out = np.empty(3000, np.float32)
+    _adc.adc(T, codes, out, n_threads)
+    np.testing.assert_allclose(out, ref.adc(T.astype(np.float64), codes), rtol=1e-5)
+
+
+@pytest.mark.parametrize("n,k", [(5000, 10), (2500, 100), (7, 10), (1, 1), (0, 3)])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_adc_topk_matches_reference(n, k, dtype, n_threads):
+    rng = np.random.default_rng(6)
+    M, Ks, nq = 8, 256, 13
+    T = rng.random((nq, M, Ks)).astype(np.float32)
+    codes = rng.integers(0, Ks, (n, M)).astype(dtype)
+    D = np.empty((nq, k), np.float32)
+    I = np.empty((nq, k), np.int64)
+    _adc.adc_topk(T, codes, D, I, n_threads)
+    dist = np.stack([ref.adc(T[q], codes) for q in range(nq)]) if n else np.empty((nq, 0))
+    wantD, wantI = ref.topk(dist.astype(np.float32), k)
+    np.testing.assert_allclose(D, wantD, rtol=1e-6)
+    # Ids agree wherever the distance is not tied with a neighbour.
+    untied = np.ones_like(wantD, dtype=bool)
+    untied[:, 1:] &= wantD[:, 1:] != wantD[:, :-1]
+    untied[:, :-1] &= wantD[:, :-1] != wantD[:, 1:]
+    np.testing.assert_array_equal(I[untied], wantI[untied])
+
+
+def test_update_centroids_matches_reference(n_threads):
+    rng = np.random.default_rng(7)
+    X = clustered(3000, 24, seed=7)
+    C0 = rng.normal(0, 1, (3, 50, 8)).astype(np.float32)
+    codes = rng.integers(0, 40, (3000, 3)).astype(np.uint8)  # codes 40..49 stay empty
+    C = C0.copy()
+    counts = np.empty((3, 50), np.int64)
+    _kmeans.update_centroids(X, codes, C, counts, n_threads)
+    wantC, wantCounts = ref.update(X, codes, C0)
+    np.testing.assert_array_equal(counts, wantCounts)
+    np.testing.assert_allclose(C, wantC, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(C[:, 40:], C0[:, 40:])  # empty ones untouched
+
+
+def test_kmeanspp_matches_reference(n_threads):
+    rng = np.random.default_rng(8)
+    X = clustered(10000, 12, seed=8)
+    u = rng.random(64)
+    C = np.empty((64, 4), np.float32)
+    _kmeans.kmeanspp(X, 4, u, 17, C, n_threads)
+    np.testing.assert_allclose(C, ref.kmeanspp(X, 4, 4, u, 17, 64), rtol=1e-6)
