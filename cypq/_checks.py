@@ -50,7 +50,8 @@ def as_vectors(x, name: str = "vecs", dim: int | None = None, ndim: int = 2,
         raise ValueError(f"{name} has dimension {arr.shape[-1]} but the model expects {dim}")
     if arr.size == 0 and not allow_empty:
         raise ValueError(f"{name} is empty (shape {arr.shape}); pass at least one vector")
-    out = np.ascontiguousarray(arr, dtype=np.float32)
+    with np.errstate(over="ignore"):  # out-of-range values become inf, reported below
+        out = np.ascontiguousarray(arr, dtype=np.float32)
     # After the conversion, so float64 values beyond float32's range (now inf) are caught too.
     if out.size and np.issubdtype(arr.dtype, np.floating) and not check_finite(out):
         raise ValueError(f"{name} contains NaN or infinity (or values beyond float32's range); "

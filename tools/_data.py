@@ -1,0 +1,39 @@
+"""Loading the benchmark data set and scoring results, shared by the tools/ benchmarks."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "realsift1m"
+
+
+def load_sift(data_dir: str | os.PathLike = DEFAULT_DATA, nq: int | None = None):
+    """(learn, base, queries, groundtruth) of REALSIFT1M as float32 / int64 arrays."""
+    d = Path(data_dir)
+    if not (d / "base.u8.npy").exists():
+        raise SystemExit(f"REALSIFT1M not found in {d}: pass --data DIR")
+    f32 = lambda name: np.load(d / name, mmap_mode="r").astype(np.float32)
+    xq = f32("query.u8.npy")
+    gt = np.load(d / "groundtruth.i32.npy").astype(np.int64)
+    if nq is not None:
+        xq, gt = xq[:nq], gt[:nq]
+    return f32("learn.u8.npy"), f32("base.u8.npy"), xq, gt
+
+
+def recalls(I: np.ndarray, gt: np.ndarray, Rs=(1, 10, 100)) -> dict[int, float]:
+    """recall@R as in the PQ paper: share of queries whose true nearest neighbour is in the top R."""
+    return {R: float(np.mean((I[:, :R] == gt[:, :1]).any(axis=1))) for R in Rs if R <= I.shape[1]}
+
+
+class Timer:
+    """with Timer() as t: ...; t.s is the wall time in seconds."""
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.s = time.perf_counter() - self.t0
