@@ -1,7 +1,8 @@
 # cython: freethreading_compatible = True
 """Kernels: asymmetric distances (ADC) of PQ codes, and exhaustive top-k search over them."""
 from cython.parallel cimport parallel, prange
-from libc.stdint cimport int64_t
+from libc.math cimport INFINITY
+from libc.stdint cimport int32_t, int64_t
 from libc.stdlib cimport free, malloc
 
 from heap cimport heap_init, heap_sort_ascending
@@ -17,15 +18,25 @@ def adc(const float[:, ::1] T, const code_t[:, ::1] codes, float[::1] out, int n
     """
     cdef Py_ssize_t n = codes.shape[0], ch, n_chunks = (n + SCAN_BLOCK - 1) // SCAN_BLOCK, i0
     cdef int M = T.shape[0], Ks = T.shape[1]
+    cdef int failed = 0
+    cdef int *fail = &failed  # shared: Cython makes names assigned in parallel blocks private
+    cdef int32_t *ibuf
     if codes.shape[1] != M or out.shape[0] != n:
         raise ValueError("adc: inconsistent shapes")
     if n == 0:
         return
-    with nogil:
-        for ch in prange(n_chunks, num_threads=n_threads, schedule="static"):
+    with nogil, parallel(num_threads=n_threads):
+        ibuf = <int32_t *> malloc(SCAN_BLOCK * sizeof(int32_t))  # row numbers, unused here
+        for ch in prange(n_chunks, schedule="static"):
+            if ibuf == NULL:
+                fail[0] = 1
+                continue
             i0 = ch * SCAN_BLOCK
             adc_block(&T[0, 0], M, Ks, &codes[i0, 0],
-                      n - i0 if n - i0 < SCAN_BLOCK else SCAN_BLOCK, &out[i0])
+                      n - i0 if n - i0 < SCAN_BLOCK else SCAN_BLOCK, INFINITY, &out[i0], ibuf)
+        free(ibuf)
+    if failed:
+        raise MemoryError()
 
 
 def adc_topk(const float[:, :, ::1] tables, const code_t[:, ::1] codes, float[:, ::1] D,
@@ -39,22 +50,26 @@ def adc_topk(const float[:, :, ::1] tables, const code_t[:, ::1] codes, float[:,
     cdef Py_ssize_t nq = tables.shape[0], n = codes.shape[0], q
     cdef int M = tables.shape[1], Ks = tables.shape[2], k = D.shape[1]
     cdef int failed = 0
+    cdef int *fail = &failed  # shared: Cython makes names assigned in parallel blocks private
     cdef float *buf
+    cdef int32_t *ibuf
     if codes.shape[1] != M or D.shape[0] != nq or I.shape[0] != nq or I.shape[1] != k:
         raise ValueError("adc_topk: inconsistent shapes")
     if nq == 0 or k == 0:
         return
     with nogil, parallel(num_threads=n_threads):
         buf = <float *> malloc(SCAN_BLOCK * sizeof(float))
+        ibuf = <int32_t *> malloc(SCAN_BLOCK * sizeof(int32_t))
         for q in prange(nq, schedule="dynamic"):
-            if buf == NULL:
-                failed = 1
+            if buf == NULL or ibuf == NULL:
+                fail[0] = 1
                 continue
             heap_init(&D[q, 0], &I[q, 0], k)
             if n > 0:
                 scan_topk(&tables[q, 0, 0], M, Ks, &codes[0, 0], n, NULL, 0,
-                          &D[q, 0], &I[q, 0], k, buf)
+                          &D[q, 0], &I[q, 0], k, buf, ibuf)
             heap_sort_ascending(&D[q, 0], &I[q, 0], k)
         free(buf)
+        free(ibuf)
     if failed:
         raise MemoryError()

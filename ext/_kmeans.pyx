@@ -22,6 +22,7 @@ def update_centroids(const float[:, ::1] X, const code_t[:, ::1] codes, float[:,
     cdef Py_ssize_t n = X.shape[0], i
     cdef int M = C.shape[0], Ks = C.shape[1], Ds = C.shape[2], m, k, j
     cdef int failed = 0
+    cdef int *fail = &failed  # shared: Cython makes names assigned in parallel blocks private
     cdef double *sums
     cdef const float *row
     cdef int64_t c
@@ -33,7 +34,7 @@ def update_centroids(const float[:, ::1] X, const code_t[:, ::1] codes, float[:,
         sums = <double *> malloc(Ks * Ds * sizeof(double))
         for m in prange(M, schedule="dynamic"):
             if sums == NULL:
-                failed = 1
+                fail[0] = 1
                 continue
             memset(sums, 0, Ks * Ds * sizeof(double))
             for k in range(Ks):

@@ -1,6 +1,7 @@
 # ADC scan of a run of codes into a top-k heap: shared by exhaustive PQ search and the index's
 # per-cell scans, so both rank candidates by the same arithmetic.
-from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t
+from libc.math cimport INFINITY
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t
 
 from heap cimport heap_replace_top
 from simd cimport cypq_adc_u8, cypq_adc_u16, cypq_adc_u32
@@ -11,33 +12,37 @@ cdef enum:
     SCAN_BLOCK = 1024
 
 
-cdef inline void adc_block(const float *T, int M, int Ks, const code_t *codes, int64_t n,
-                           float *out) noexcept nogil:
+cdef inline int64_t adc_block(const float *T, int M, int Ks, const code_t *codes, int64_t n,
+                              float thresh, float *out, int32_t *idx) noexcept nogil:
+    """Distances below thresh of n codes (at most SCAN_BLOCK) -> out / idx; returns how many."""
     if code_t is uint8_t:
-        cypq_adc_u8(T, M, Ks, codes, n, out)
+        return cypq_adc_u8(T, M, Ks, codes, n, thresh, out, idx)
     elif code_t is uint16_t:
-        cypq_adc_u16(T, M, Ks, codes, n, out)
+        return cypq_adc_u16(T, M, Ks, codes, n, thresh, out, idx)
     else:
-        cypq_adc_u32(T, M, Ks, codes, n, out)
+        return cypq_adc_u32(T, M, Ks, codes, n, thresh, out, idx)
 
 
 cdef inline void scan_topk(const float *T, int M, int Ks, const code_t *codes, int64_t n,
                            const int64_t *ids, int64_t id_offset,
-                           float *heap_d, int64_t *heap_i, int k, float *buf) noexcept nogil:
+                           float *heap_d, int64_t *heap_i, int k, float *buf,
+                           int32_t *ibuf) noexcept nogil:
     """Push the n codes into the top-k heap (heap_d, heap_i).
 
-    A code's id is ids[i] when ids is not NULL, else id_offset + i. buf holds SCAN_BLOCK floats.
+    A code's id is ids[i] when ids is not NULL, else id_offset + i. buf and ibuf hold
+    SCAN_BLOCK entries each. Only codes beating the heap's root at the start of a block come
+    back from the SIMD loop; they are checked again against the root as it tightens.
     """
-    cdef int64_t b0 = 0, i, nb
+    cdef int64_t b0 = 0, j, nb, cnt, i
     cdef float d
     while b0 < n:
         nb = n - b0
         if nb > SCAN_BLOCK:
             nb = SCAN_BLOCK
-        adc_block(T, M, Ks, codes + b0 * M, nb, buf)
-        for i in range(nb):
-            d = buf[i]
+        cnt = adc_block(T, M, Ks, codes + b0 * M, nb, heap_d[0], buf, ibuf)
+        for j in range(cnt):
+            d = buf[j]
             if d < heap_d[0]:
-                heap_replace_top(heap_d, heap_i, k, d,
-                                 ids[b0 + i] if ids != NULL else id_offset + b0 + i)
+                i = b0 + ibuf[j]
+                heap_replace_top(heap_d, heap_i, k, d, ids[i] if ids != NULL else id_offset + i)
         b0 += nb

@@ -47,132 +47,131 @@ static inline int32_t cypq_reduce_best(cypq_vf bv, cypq_vi bi, float *best) {
     return idx;
 }
 
-/*
- * Nearest of K codewords to x (d dims) by exact squared L2 (sum of squared differences, as
- * faiss's fvec_L2sqr_ny_nearest), first index on ties. Returns the index; *best gets the distance.
- */
-CYPQ_CLONES
-static int32_t cypq_nearest_l2(const float *x, const float *CT, int d, int K, float *best) {
-    cypq_vf bv = {0};
-    cypq_vi bi, lane;
+/* Per-lane running best (and second best) of a block of 16 candidate values. */
+#define CYPQ_TRACK(ACC, BV, SV, BI, IDS, WANT2)                                            \
+    do {                                                                                    \
+        cypq_vi m_ = (ACC) < (BV);                                                          \
+        if (WANT2) {                                                                        \
+            cypq_vf lo_ = (cypq_vf)((((cypq_vi)(ACC)) & ((ACC) < (SV))) |                   \
+                                    (((cypq_vi)(SV)) & ~((ACC) < (SV))));                   \
+            SV = (cypq_vf)((((cypq_vi)(BV)) & m_) | (((cypq_vi)lo_) & ~m_));                \
+        }                                                                                   \
+        BV = (cypq_vf)((((cypq_vi)(ACC)) & m_) | (((cypq_vi)(BV)) & ~m_));                  \
+        BI = ((IDS) & m_) | ((BI) & ~m_);                                                   \
+    } while (0)
+
+/* Reduce per-lane best / second best to the overall pair (ties to the lowest index). */
+static inline int32_t cypq_reduce_best2(cypq_vf bv, cypq_vf sv, cypq_vi bi, float *best,
+                                        float *second) {
+    int32_t idx = cypq_reduce_best(bv, bi, best);
+    float s2 = FLT_MAX;
     for (int l = 0; l < CYPQ_VW; l++) {
-        bv[l] = FLT_MAX;
-        bi[l] = -1;
-        lane[l] = l;
+        if (sv[l] < s2) s2 = sv[l];
+        if (bi[l] >= 0 && bi[l] != idx && bv[l] < s2) s2 = bv[l];
     }
-    int k0 = 0;
-    for (; k0 + CYPQ_VW <= K; k0 += CYPQ_VW) {
-        cypq_vf acc = {0};
-        for (int j = 0; j < d; j++) {
-            cypq_vf t = x[j] - cypq_vload(CT + (int64_t)j * K + k0);
-            acc += t * t;
-        }
-        cypq_vi m = acc < bv;
-        bv = (cypq_vf)(((cypq_vi)acc & m) | ((cypq_vi)bv & ~m));
-        bi = ((lane + k0) & m) | (bi & ~m);
-    }
-    float b;
-    int32_t idx = cypq_reduce_best(bv, bi, &b);
-    for (int k = k0; k < K; k++) {
-        float acc = 0.f;
-        for (int j = 0; j < d; j++) {
-            float t = x[j] - CT[(int64_t)j * K + k];
-            acc += t * t;
-        }
-        if (acc < b || idx < 0) {
-            b = acc;
-            idx = k;
-        }
-    }
-    *best = b;
+    *second = s2;
     return idx;
 }
 
 /*
- * cypq_nearest_l2 for 4 vectors at once (x0..x3, each d dims): one pass over the codebook serves
- * four independent accumulation chains, which hides FMA latency and quarters codebook loads.
+ * Nearest codeword of 4 vectors at once (x0..x3, d dims each) by the expansion
+ * ||x - c||^2 = ||x||^2 + ||c||^2 - 2 <x, c>: one FMA per codeword and dimension, with
+ * CTm2 = -2 * CT (transposed, d x K) and cnorm[k] = ||c_k||^2 precomputed. faiss encodes with
+ * the same expansion once its centroids are transposed. One pass over the codebook serves four
+ * independent accumulation chains, hiding FMA latency and quartering codebook loads.
+ * idx[p] gets the index (first on ties); best[p] gets ||c||^2 - 2 <x_p, c> (add ||x_p||^2);
+ * with second != NULL, second[p] gets the same for the runner-up (k-means bounds need it).
  */
-CYPQ_CLONES
-static void cypq_nearest_l2_x4(const float *x0, const float *x1, const float *x2,
-                               const float *x3, const float *CT, int d, int K,
-                               int32_t *idx, float *best) {
-    const float *xs[4] = {x0, x1, x2, x3};
-    cypq_vf bv[4];
-    cypq_vi bi[4], lane;
-    for (int l = 0; l < CYPQ_VW; l++) lane[l] = l;
-    for (int p = 0; p < 4; p++)
-        for (int l = 0; l < CYPQ_VW; l++) {
-            bv[p][l] = FLT_MAX;
-            bi[p][l] = -1;
-        }
-    int k0 = 0;
-    for (; k0 + CYPQ_VW <= K; k0 += CYPQ_VW) {
-        cypq_vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-        for (int j = 0; j < d; j++) {
-            cypq_vf c = cypq_vload(CT + (int64_t)j * K + k0);
-            cypq_vf t0 = x0[j] - c, t1 = x1[j] - c, t2 = x2[j] - c, t3 = x3[j] - c;
-            a0 += t0 * t0;
-            a1 += t1 * t1;
-            a2 += t2 * t2;
-            a3 += t3 * t3;
-        }
-        cypq_vf accs[4] = {a0, a1, a2, a3};
-        cypq_vi ids = lane + k0;
-        for (int p = 0; p < 4; p++) {
-            cypq_vi m = accs[p] < bv[p];
-            bv[p] = (cypq_vf)(((cypq_vi)accs[p] & m) | ((cypq_vi)bv[p] & ~m));
-            bi[p] = (ids & m) | (bi[p] & ~m);
-        }
+#define CYPQ_NEAREST_X4(NAME, WANT2)                                                        \
+    CYPQ_CLONES                                                                             \
+    static void NAME(const float *x0, const float *x1, const float *x2, const float *x3,    \
+                     const float *CTm2, const float *cnorm, int d, int K, int32_t *idx,     \
+                     float *best, float *second) {                                          \
+        const float *xs[4] = {x0, x1, x2, x3};                                              \
+        cypq_vf bv[4], sv[4];                                                               \
+        cypq_vi bi[4], lane;                                                                \
+        for (int l = 0; l < CYPQ_VW; l++) lane[l] = l;                                      \
+        for (int p = 0; p < 4; p++)                                                         \
+            for (int l = 0; l < CYPQ_VW; l++) {                                             \
+                bv[p][l] = FLT_MAX;                                                         \
+                sv[p][l] = FLT_MAX;                                                         \
+                bi[p][l] = -1;                                                              \
+            }                                                                               \
+        int k0 = 0;                                                                         \
+        for (; k0 + CYPQ_VW <= K; k0 += CYPQ_VW) {                                          \
+            cypq_vf a0 = cypq_vload(cnorm + k0), a1 = a0, a2 = a0, a3 = a0;                 \
+            for (int j = 0; j < d; j++) {                                                   \
+                cypq_vf c = cypq_vload(CTm2 + (int64_t)j * K + k0);                         \
+                a0 += x0[j] * c;                                                            \
+                a1 += x1[j] * c;                                                            \
+                a2 += x2[j] * c;                                                            \
+                a3 += x3[j] * c;                                                            \
+            }                                                                               \
+            cypq_vi ids = lane + k0;                                                        \
+            CYPQ_TRACK(a0, bv[0], sv[0], bi[0], ids, WANT2);                                \
+            CYPQ_TRACK(a1, bv[1], sv[1], bi[1], ids, WANT2);                                \
+            CYPQ_TRACK(a2, bv[2], sv[2], bi[2], ids, WANT2);                                \
+            CYPQ_TRACK(a3, bv[3], sv[3], bi[3], ids, WANT2);                                \
+        }                                                                                   \
+        for (int p = 0; p < 4; p++) {                                                       \
+            float b, s2 = FLT_MAX;                                                          \
+            int32_t id = WANT2 ? cypq_reduce_best2(bv[p], sv[p], bi[p], &b, &s2)            \
+                               : cypq_reduce_best(bv[p], bi[p], &b);                        \
+            for (int k = k0; k < K; k++) {                                                  \
+                float acc = cnorm[k];                                                       \
+                for (int j = 0; j < d; j++) acc += xs[p][j] * CTm2[(int64_t)j * K + k];     \
+                if (acc < b || id < 0) {                                                    \
+                    s2 = b;                                                                 \
+                    b = acc;                                                                \
+                    id = k;                                                                 \
+                } else if (acc < s2) {                                                      \
+                    s2 = acc;                                                               \
+                }                                                                           \
+            }                                                                               \
+            idx[p] = id;                                                                    \
+            best[p] = b;                                                                    \
+            if (WANT2) second[p] = s2;                                                      \
+        }                                                                                   \
     }
-    for (int p = 0; p < 4; p++) {
-        float b;
-        int32_t id = cypq_reduce_best(bv[p], bi[p], &b);
-        for (int k = k0; k < K; k++) {
-            float acc = 0.f;
-            for (int j = 0; j < d; j++) {
-                float t = xs[p][j] - CT[(int64_t)j * K + k];
-                acc += t * t;
-            }
-            if (acc < b || id < 0) {
-                b = acc;
-                id = k;
-            }
-        }
-        idx[p] = id;
-        best[p] = b;
-    }
-}
+CYPQ_NEAREST_X4(cypq_nearest_x4, 0)
+CYPQ_NEAREST_X4(cypq_nearest2_x4, 1)
 
 /*
  * argmin over k of cnorm[k] + g[k], where g = -2 <x, c_k> comes from sgemm. Returns the index;
- * *best gets cnorm[k] + g[k] (add ||x||^2 for the squared distance).
+ * *best gets cnorm[k] + g[k] (add ||x||^2 for the squared distance); with second != NULL,
+ * *second gets the runner-up's value.
  */
 CYPQ_CLONES
-static int32_t cypq_argmin_shifted(const float *g, const float *cnorm, int K, float *best) {
-    cypq_vf bv;
+static int32_t cypq_argmin_shifted(const float *g, const float *cnorm, int K, float *best,
+                                   float *second) {
+    cypq_vf bv, sv;
     cypq_vi bi, lane;
+    const int want2 = second != NULL;
     for (int l = 0; l < CYPQ_VW; l++) {
         bv[l] = FLT_MAX;
+        sv[l] = FLT_MAX;
         bi[l] = -1;
         lane[l] = l;
     }
     int k0 = 0;
     for (; k0 + CYPQ_VW <= K; k0 += CYPQ_VW) {
         cypq_vf v = cypq_vload(g + k0) + cypq_vload(cnorm + k0);
-        cypq_vi m = v < bv;
-        bv = (cypq_vf)(((cypq_vi)v & m) | ((cypq_vi)bv & ~m));
-        bi = ((lane + k0) & m) | (bi & ~m);
+        CYPQ_TRACK(v, bv, sv, bi, lane + k0, want2);
     }
-    float b;
-    int32_t idx = cypq_reduce_best(bv, bi, &b);
+    float b, s2 = FLT_MAX;
+    int32_t idx = want2 ? cypq_reduce_best2(bv, sv, bi, &b, &s2) : cypq_reduce_best(bv, bi, &b);
     for (int k = k0; k < K; k++) {
         float v = g[k] + cnorm[k];
         if (v < b || idx < 0) {
+            s2 = b;
             b = v;
             idx = k;
+        } else if (v < s2) {
+            s2 = v;
         }
     }
     *best = b;
+    if (want2) *second = s2;
     return idx;
 }
 
@@ -202,40 +201,89 @@ static void cypq_ip_ny(const float *x, const float *CT, int d, int K, float *out
 }
 
 /*
- * Asymmetric distances of n codes (n x M, row-major) for one table T (M x Ks):
- * out[i] = sum_m T[m, codes[i, m]]. Summed in subspace order, as faiss does.
+ * Asymmetric distances of n codes (n x M, row-major) for one table T (M x Ks),
+ * d_i = sum_m T[m, codes[i, m]], keeping only those below thresh: they go to out[0 .. cnt) with
+ * their row numbers in idx, and cnt is returned (thresh = INFINITY keeps all). Four partial sums break the serial chain of adds, so
+ * several codes' lookups are in flight at once.
  */
 #define CYPQ_ADC(NAME, CODE_T)                                                              \
     CYPQ_CLONES                                                                             \
-    static void NAME(const float *T, int M, int Ks, const CODE_T *codes, int64_t n,         \
-                     float *out) {                                                          \
-        if (M == 8) {                                                                       \
-            for (int64_t i = 0; i < n; i++) {                                               \
-                const CODE_T *c = codes + i * 8;                                            \
-                out[i] = T[c[0]] + T[Ks + c[1]] + T[2 * Ks + c[2]] + T[3 * Ks + c[3]] +     \
-                         T[4 * Ks + c[4]] + T[5 * Ks + c[5]] + T[6 * Ks + c[6]] +           \
-                         T[7 * Ks + c[7]];                                                  \
-            }                                                                               \
-            return;                                                                         \
-        }                                                                                   \
-        if (M == 16) {                                                                      \
-            for (int64_t i = 0; i < n; i++) {                                               \
-                const CODE_T *c = codes + i * 16;                                           \
-                float s = 0.f;                                                              \
-                for (int m = 0; m < 16; m++) s += T[m * Ks + c[m]];                         \
-                out[i] = s;                                                                 \
-            }                                                                               \
-            return;                                                                         \
-        }                                                                                   \
+    static int64_t NAME(const float *T, int M, int Ks, const CODE_T *codes, int64_t n,      \
+                        float thresh, float *out, int32_t *idx) {                           \
+        int64_t cnt = 0;                                                                    \
         for (int64_t i = 0; i < n; i++) {                                                   \
             const CODE_T *c = codes + i * (int64_t)M;                                       \
-            float s = 0.f;                                                                  \
-            for (int m = 0; m < M; m++) s += T[(int64_t)m * Ks + c[m]];                     \
-            out[i] = s;                                                                     \
+            float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;                                   \
+            int m = 0;                                                                      \
+            for (; m + 4 <= M; m += 4) {                                                    \
+                s0 += T[(int64_t)m * Ks + c[m]];                                            \
+                s1 += T[(int64_t)(m + 1) * Ks + c[m + 1]];                                  \
+                s2 += T[(int64_t)(m + 2) * Ks + c[m + 2]];                                  \
+                s3 += T[(int64_t)(m + 3) * Ks + c[m + 3]];                                  \
+            }                                                                               \
+            for (; m < M; m++) s0 += T[(int64_t)m * Ks + c[m]];                             \
+            float s = (s0 + s1) + (s2 + s3);                                                \
+            if (s < thresh) {                                                               \
+                out[cnt] = s;                                                               \
+                idx[cnt++] = (int32_t)i;                                                    \
+            }                                                                               \
         }                                                                                   \
+        return cnt;                                                                         \
     }
 
-CYPQ_ADC(cypq_adc_u8, uint8_t)
+/* uint8 codes with Ks = 256 and M = 8 or 16 (the common shapes): with M and Ks known at compile
+ * time every table offset folds into the load's address, one load per lookup. */
+#define CYPQ_ADC_FIXED(NAME, MM)                                                            \
+    CYPQ_CLONES                                                                             \
+    static int64_t NAME(const float *T, const uint8_t *codes, int64_t n, float thresh,     \
+                        float *out, int32_t *idx) {                                         \
+        int64_t cnt = 0, i = 0;                                                             \
+        /* Two codes per step, two partial sums each: four short add chains in flight. */   \
+        for (; i + 2 <= n; i += 2) {                                                        \
+            const uint8_t *c = codes + i * MM, *e = c + MM;                                 \
+            float a0 = 0.f, a1 = 0.f, b0 = 0.f, b1 = 0.f;                                   \
+            for (int m = 0; m < MM; m += 2) {                                               \
+                a0 += T[m * 256 + c[m]];                                                    \
+                a1 += T[(m + 1) * 256 + c[m + 1]];                                          \
+                b0 += T[m * 256 + e[m]];                                                    \
+                b1 += T[(m + 1) * 256 + e[m + 1]];                                          \
+            }                                                                               \
+            float sa = a0 + a1, sb = b0 + b1;                                               \
+            if (sa < thresh) {                                                              \
+                out[cnt] = sa;                                                              \
+                idx[cnt++] = (int32_t)i;                                                    \
+            }                                                                               \
+            if (sb < thresh) {                                                              \
+                out[cnt] = sb;                                                              \
+                idx[cnt++] = (int32_t)(i + 1);                                              \
+            }                                                                               \
+        }                                                                                   \
+        for (; i < n; i++) {                                                                \
+            const uint8_t *c = codes + i * MM;                                              \
+            float a0 = 0.f, a1 = 0.f;                                                       \
+            for (int m = 0; m < MM; m += 2) {                                               \
+                a0 += T[m * 256 + c[m]];                                                    \
+                a1 += T[(m + 1) * 256 + c[m + 1]];                                          \
+            }                                                                               \
+            float s = a0 + a1;                                                              \
+            if (s < thresh) {                                                               \
+                out[cnt] = s;                                                               \
+                idx[cnt++] = (int32_t)i;                                                    \
+            }                                                                               \
+        }                                                                                   \
+        return cnt;                                                                         \
+    }
+CYPQ_ADC_FIXED(cypq_adc_u8_m8k256, 8)
+CYPQ_ADC_FIXED(cypq_adc_u8_m16k256, 16)
+CYPQ_ADC(cypq_adc_u8_any, uint8_t)
+
+static inline int64_t cypq_adc_u8(const float *T, int M, int Ks, const uint8_t *codes,
+                                  int64_t n, float thresh, float *out, int32_t *idx) {
+    if (Ks == 256 && M == 16) return cypq_adc_u8_m16k256(T, codes, n, thresh, out, idx);
+    if (Ks == 256 && M == 8) return cypq_adc_u8_m8k256(T, codes, n, thresh, out, idx);
+    return cypq_adc_u8_any(T, M, Ks, codes, n, thresh, out, idx);
+}
+
 CYPQ_ADC(cypq_adc_u16, uint16_t)
 CYPQ_ADC(cypq_adc_u32, uint32_t)
 
