@@ -19,7 +19,7 @@ _SPLIT_EPS = 1.0 / 1024
 def subspace_kmeans(X: np.ndarray, M: int, Ks: int, *, iter: int = 20, seed: int = 123,
                     minit: str = "points", init: np.ndarray | None = None,
                     max_points_per_centroid: int | None = None, n_threads: int = 1,
-                    verbose: bool = False, label: str = "k-means") -> tuple[np.ndarray, float]:
+                    verbose: bool = False, label: str = "k-means") -> np.ndarray:
     """Train Ks centroids in each of the M subspaces of X.
 
     Parameters
@@ -42,16 +42,14 @@ def subspace_kmeans(X: np.ndarray, M: int, Ks: int, *, iter: int = 20, seed: int
     n_threads : int
         Threads of the kernels.
     verbose : bool
-        Print the mean squared error per iteration.
+        Print progress per iteration.
     label : str
         Prefix of the progress lines.
 
     Returns
     -------
-    centroids : numpy.ndarray, float32, shape (M, Ks, D // M)
-    mse : float
-        Mean squared quantisation error (summed over subspaces) of the training rows at the
-        last assignment.
+    numpy.ndarray, float32, shape (M, Ks, D // M)
+        The centroids.
     """
     N, D = X.shape
     Ds = D // M
@@ -71,23 +69,23 @@ def subspace_kmeans(X: np.ndarray, M: int, Ks: int, *, iter: int = 20, seed: int
 
     codes = np.empty((N, M), dtype=code_dtype_for(Ks))
     prev = np.empty_like(codes)
-    err = np.empty(N, dtype=np.float32)
     counts = np.empty((M, Ks), dtype=np.int64)
-    mse = float("nan")
+    no_err = np.empty(0, dtype=np.float32)
     with single_threaded_blas():
         for it in range(iter):
-            _quantize.encode(X, C, codes, err, n_threads)
-            mse = float(err.mean(dtype=np.float64))
-            if verbose:
-                print(f"{label}: iteration {it + 1}/{iter}, mean squared error {mse:.6g}")
-            if it > 0 and np.array_equal(codes, prev):
+            _quantize.encode(X, C, codes, no_err, n_threads)
+            if it > 0:
+                changed = int(np.count_nonzero(codes != prev))
                 if verbose:
-                    print(f"{label}: converged after {it + 1} iterations")
-                break
+                    print(f"{label}: iteration {it + 1}/{iter}, {changed} assignments changed")
+                if changed == 0:
+                    break  # converged: the update would give the same centroids
+            elif verbose:
+                print(f"{label}: iteration 1/{iter}")
             _kmeans.update_centroids(X, codes, C, counts, n_threads)
             _split_empty(C, counts)
             codes, prev = prev, codes
-    return C, mse
+    return C
 
 
 def _initial_centroids(X: np.ndarray, M: int, Ks: int, minit: str, rng: np.random.Generator,

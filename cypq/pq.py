@@ -137,7 +137,7 @@ class PQ:
                               dim=D // self.M).reshape(self.M, self.Ks, D // self.M)
         if self.verbose:
             print(f"iter: {iter}, seed: {seed}")
-        self.codewords, _ = subspace_kmeans(
+        self.codewords = subspace_kmeans(
             X, self.M, self.Ks, iter=iter, seed=seed, minit=minit, init=init,
             max_points_per_centroid=max_points_per_centroid, n_threads=self._threads(),
             verbose=self.verbose, label="PQ k-means")

@@ -7,9 +7,14 @@ and in row order, one subspace per thread, so results do not depend on the threa
 from cython.parallel cimport parallel, prange
 from libc.stdint cimport int64_t
 from libc.stdlib cimport calloc, free, malloc
-from libc.string cimport memset
 
 from types cimport code_t
+
+
+cdef enum:
+    UPDATE_MIN_ROWS = 16384          # rows per partial sum, at least
+    UPDATE_MAX_PARTS = 64
+    UPDATE_MAX_BYTES = 256 << 20     # cap on all partial sums together
 
 
 def update_centroids(const float[:, ::1] X, const code_t[:, ::1] codes, float[:, :, ::1] C,
@@ -18,40 +23,63 @@ def update_centroids(const float[:, ::1] X, const code_t[:, ::1] codes, float[:,
 
     X (n, D) float32; codes (n, M) assignments; C (M, Ks, Ds) float32, updated in place;
     counts (M, Ks) int64 output, points per centroid.
+
+    One pass over X: rows are cut into parts whose boundaries depend only on n and the sizes,
+    each part's sums are accumulated in float64 by one thread, and parts are added in order,
+    so the result does not depend on the number of threads.
     """
-    cdef Py_ssize_t n = X.shape[0], i
-    cdef int M = C.shape[0], Ks = C.shape[1], Ds = C.shape[2], m, k, j
-    cdef int failed = 0
-    cdef int *fail = &failed  # shared: Cython makes names assigned in parallel blocks private
+    cdef Py_ssize_t n = X.shape[0], i, p, lo, hi, e, c
+    cdef int M = C.shape[0], Ks = C.shape[1], Ds = C.shape[2], m, j
+    cdef Py_ssize_t entries = <Py_ssize_t> M * Ks, width = entries * Ds
+    cdef Py_ssize_t n_parts = (n + UPDATE_MIN_ROWS - 1) // UPDATE_MIN_ROWS, part_rows
     cdef double *sums
-    cdef const float *row
-    cdef int64_t c
+    cdef int64_t *cnt
+    cdef double *ps
+    cdef int64_t *pc
+    cdef double acc
+    cdef int64_t total
     if X.shape[1] != M * Ds or codes.shape[0] != n or codes.shape[1] != M:
         raise ValueError("update_centroids: inconsistent shapes")
     if counts.shape[0] != M or counts.shape[1] != Ks:
         raise ValueError("update_centroids: counts must be (M, Ks)")
-    with nogil, parallel(num_threads=n_threads):
-        sums = <double *> malloc(Ks * Ds * sizeof(double))
-        for m in prange(M, schedule="dynamic"):
-            if sums == NULL:
-                fail[0] = 1
-                continue
-            memset(sums, 0, Ks * Ds * sizeof(double))
-            for k in range(Ks):
-                counts[m, k] = 0
-            for i in range(n):
-                c = codes[i, m]
-                counts[m, c] += 1
-                row = &X[i, m * Ds]
-                for j in range(Ds):
-                    sums[c * Ds + j] += row[j]
-            for k in range(Ks):
-                if counts[m, k] > 0:
-                    for j in range(Ds):
-                        C[m, k, j] = <float> (sums[k * Ds + j] / counts[m, k])
+    if n_parts > UPDATE_MAX_PARTS:
+        n_parts = UPDATE_MAX_PARTS
+    if n_parts > UPDATE_MAX_BYTES // (width * 8 + entries * 8):
+        n_parts = UPDATE_MAX_BYTES // (width * 8 + entries * 8)
+    if n_parts < 1:
+        n_parts = 1
+    part_rows = (n + n_parts - 1) // n_parts if n > 0 else 1
+    sums = <double *> calloc(n_parts * width, sizeof(double))
+    cnt = <int64_t *> calloc(n_parts * entries, sizeof(int64_t))
+    if sums == NULL or cnt == NULL:
         free(sums)
-    if failed:
+        free(cnt)
         raise MemoryError()
+    with nogil:
+        for p in prange(n_parts, num_threads=n_threads, schedule="dynamic"):
+            ps = sums + p * width
+            pc = cnt + p * entries
+            lo = p * part_rows
+            hi = lo + part_rows if lo + part_rows < n else n
+            for i in range(lo, hi):
+                for m in range(M):
+                    c = m * Ks + codes[i, m]
+                    pc[c] += 1
+                    for j in range(Ds):
+                        ps[c * Ds + j] += X[i, m * Ds + j]
+        for e in prange(entries, num_threads=n_threads, schedule="static"):
+            total = 0
+            for p in range(n_parts):
+                total = total + cnt[p * entries + e]
+            counts[e // Ks, e % Ks] = total
+            if total > 0:
+                for j in range(Ds):
+                    acc = 0
+                    for p in range(n_parts):
+                        acc = acc + sums[p * width + e * Ds + j]
+                    C[e // Ks, e % Ks, j] = <float> (acc / total)
+    free(sums)
+    free(cnt)
 
 
 cdef enum:
@@ -122,3 +150,4 @@ def kmeanspp(const float[:, ::1] X, int col0, const double[::1] u, int first,
                 target -= mind[i]
     free(mind)
     free(part)
+

@@ -68,7 +68,7 @@ def encode(const float[:, ::1] X, const float[:, :, ::1] C, code_t[:, ::1] codes
                     if want_err:
                         err[i0 + j] = 0
                 for m in range(M):
-                    nearest_rows(&cb, m, &X[0, 0], D, rows, nb, idx, d1, NULL, s)
+                    nearest_rows(&cb, m, &X[0, 0], D, rows, nb, idx, d1, s)
                     for j in range(nb):
                         codes[i0 + j, m] = <code_t> idx[j]
                         if want_err:

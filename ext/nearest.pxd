@@ -1,14 +1,13 @@
-# Nearest codeword (and runner-up) of a list of rows in one subspace: the one search shared by
+# Nearest codeword of a list of rows in one subspace: the one search shared by
 # encoding and by the k-means assignment step. Codewords are ranked by ||c||^2 - 2 <x, c>;
 # from BLAS_MIN_DIM dims on the dot products come from sgemm, below it from a SIMD loop that
 # takes four rows per pass over the codebook.
-from libc.math cimport sqrt
 from libc.stdint cimport int32_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 from scipy.linalg.cython_blas cimport sgemm
 
-from simd cimport cypq_argmin_shifted, cypq_nearest2_x4, cypq_nearest_x4
+from simd cimport cypq_argmin_shifted, cypq_nearest_x4
 
 cdef enum:
     ROW_CHUNK = 256      # rows per work unit; also the most rows one call takes
@@ -84,30 +83,18 @@ cdef inline float sqnorm(const float *x, int d) noexcept nogil:
     return s
 
 
-cdef inline float sqdist(const float *x, const float *y, int d) noexcept nogil:
-    cdef float s = 0, t
-    cdef int j
-    for j in range(d):
-        t = x[j] - y[j]
-        s = s + t * t
-    return s
-
-
 cdef inline void nearest_rows(const Codebooks *cb, int m, const float *X, Py_ssize_t ldx,
                               const Py_ssize_t *rows, int cnt, int32_t *idx, float *d1,
-                              float *d2, Scratch *s) noexcept nogil:
+                              Scratch *s) noexcept nogil:
     """Nearest codeword of subspace m for rows X[rows[j], m*Ds : (m+1)*Ds], j < cnt <= ROW_CHUNK.
 
-    ldx is X's row stride in floats. idx[j] gets the codeword; d1[j] its squared distance;
-    d2[j], when d2 is not NULL, the runner-up's squared distance.
+    ldx is X's row stride in floats. idx[j] gets the codeword, d1[j] its squared distance.
     """
     cdef int Ds = cb.Ds, Ks = cb.Ks, j, p
     cdef Py_ssize_t r[4]
     cdef int32_t i4[4]
     cdef float b4[4]
-    cdef float s4[4]
-    cdef const float *x
-    cdef float alpha = -2.0, beta = 0.0, xn, second
+    cdef float alpha = -2.0, beta = 0.0, xn, b
     cdef char transa = b'T', transb = b'N'
     if cnt <= 0:
         return
@@ -115,21 +102,14 @@ cdef inline void nearest_rows(const Codebooks *cb, int m, const float *X, Py_ssi
         for j in range(0, cnt, 4):
             for p in range(4):  # a last partial quad repeats its final row
                 r[p] = rows[j + p] if j + p < cnt else rows[cnt - 1]
-            if d2 != NULL:
-                cypq_nearest2_x4(X + r[0] * ldx + m * Ds, X + r[1] * ldx + m * Ds,
-                                 X + r[2] * ldx + m * Ds, X + r[3] * ldx + m * Ds,
-                                 cb.CTm2 + m * Ds * Ks, cb.cnorm + m * Ks, Ds, Ks, i4, b4, s4)
-            else:
-                cypq_nearest_x4(X + r[0] * ldx + m * Ds, X + r[1] * ldx + m * Ds,
-                                X + r[2] * ldx + m * Ds, X + r[3] * ldx + m * Ds,
-                                cb.CTm2 + m * Ds * Ks, cb.cnorm + m * Ks, Ds, Ks, i4, b4, NULL)
+            cypq_nearest_x4(X + r[0] * ldx + m * Ds, X + r[1] * ldx + m * Ds,
+                            X + r[2] * ldx + m * Ds, X + r[3] * ldx + m * Ds,
+                            cb.CTm2 + m * Ds * Ks, cb.cnorm + m * Ks, Ds, Ks, i4, b4)
             for p in range(4):
                 if j + p < cnt:
                     xn = sqnorm(X + r[p] * ldx + m * Ds, Ds)
                     idx[j + p] = i4[p]
                     d1[j + p] = b4[p] + xn if b4[p] + xn > 0 else 0
-                    if d2 != NULL:
-                        d2[j + p] = s4[p] + xn if s4[p] + xn > 0 else 0
         return
     # sgemm path: gather the rows, then G (cnt x Ks) = -2 Xg C[m]^T (column-major: G^T).
     for j in range(cnt):
@@ -138,8 +118,5 @@ cdef inline void nearest_rows(const Codebooks *cb, int m, const float *X, Py_ssi
           s.Xg, &Ds, &beta, s.G, &Ks)
     for j in range(cnt):
         xn = sqnorm(s.Xg + j * Ds, Ds)
-        idx[j] = cypq_argmin_shifted(s.G + j * Ks, cb.cnorm + m * Ks, Ks, &b4[0],
-                                     &second if d2 != NULL else NULL)
-        d1[j] = b4[0] + xn if b4[0] + xn > 0 else 0
-        if d2 != NULL:
-            d2[j] = second + xn if second + xn > 0 else 0
+        idx[j] = cypq_argmin_shifted(s.G + j * Ks, cb.cnorm + m * Ks, Ks, &b)
+        d1[j] = b + xn if b + xn > 0 else 0

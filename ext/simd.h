@@ -22,56 +22,51 @@
 #define CYPQ_CLONES
 #endif
 
+/* Helpers that take or return vectors must be inlined into each clone: called across clones,
+ * a 64-byte vector argument would be passed under different ABIs (GCC's -Wpsabi warning). */
+#define CYPQ_INLINE static inline __attribute__((always_inline))
+
 #define CYPQ_VW 16
 typedef float cypq_vf __attribute__((vector_size(64)));
 typedef int32_t cypq_vi __attribute__((vector_size(64)));
 
-static inline cypq_vf cypq_vload(const float *p) {
+CYPQ_INLINE cypq_vf cypq_vload(const float *p) {
     cypq_vf v;
     memcpy(&v, p, sizeof v);
     return v;
 }
 
-/* Reduce per-lane (best value, best index) to the overall minimum, ties to the lowest index. */
-static inline int32_t cypq_reduce_best(cypq_vf bv, cypq_vi bi, float *best) {
-    float b = FLT_MAX;
-    int32_t idx = -1;
-    for (int l = 0; l < CYPQ_VW; l++) {
-        if (bi[l] < 0) continue;
-        if (bv[l] < b || (bv[l] == b && bi[l] < idx)) {
-            b = bv[l];
-            idx = bi[l];
-        }
+/* Reduce per-lane (best value, best index) to the overall minimum, ties to the lowest index:
+ * a tree of lane swaps (4 steps) instead of a scalar loop over 16 lanes. */
+CYPQ_INLINE int32_t cypq_reduce_best(cypq_vf bv, cypq_vi bi, float *best) {
+    cypq_vi lane;
+    for (int l = 0; l < CYPQ_VW; l++) lane[l] = l;
+    cypq_vf m = bv;
+    for (int s = CYPQ_VW / 2; s >= 1; s /= 2) {
+        cypq_vf t = __builtin_shuffle(m, lane ^ s);
+        cypq_vi lt = t < m;
+        m = (cypq_vf)(((cypq_vi)t & lt) | ((cypq_vi)m & ~lt));
     }
-    *best = b;
-    return idx;
+    /* Among the lanes holding the minimum, the smallest index (-1 lanes never hold it unless
+     * every lane is empty, and then -1 is the right answer). */
+    cypq_vi sel = bv == m;
+    cypq_vi c = (bi & sel) | (((cypq_vi){0} + INT32_MAX) & ~sel);
+    for (int s = CYPQ_VW / 2; s >= 1; s /= 2) {
+        cypq_vi t = __builtin_shuffle(c, lane ^ s);
+        cypq_vi lt = t < c;
+        c = (t & lt) | (c & ~lt);
+    }
+    *best = m[0];
+    return c[0];
 }
 
-/* Per-lane running best (and second best) of a block of 16 candidate values. */
-#define CYPQ_TRACK(ACC, BV, SV, BI, IDS, WANT2)                                            \
+/* Per-lane running minimum of a block of 16 values and its index. */
+#define CYPQ_TRACK(ACC, BV, BI, IDS)                                                       \
     do {                                                                                    \
         cypq_vi m_ = (ACC) < (BV);                                                          \
-        if (WANT2) {                                                                        \
-            cypq_vf lo_ = (cypq_vf)((((cypq_vi)(ACC)) & ((ACC) < (SV))) |                   \
-                                    (((cypq_vi)(SV)) & ~((ACC) < (SV))));                   \
-            SV = (cypq_vf)((((cypq_vi)(BV)) & m_) | (((cypq_vi)lo_) & ~m_));                \
-        }                                                                                   \
         BV = (cypq_vf)((((cypq_vi)(ACC)) & m_) | (((cypq_vi)(BV)) & ~m_));                  \
         BI = ((IDS) & m_) | ((BI) & ~m_);                                                   \
     } while (0)
-
-/* Reduce per-lane best / second best to the overall pair (ties to the lowest index). */
-static inline int32_t cypq_reduce_best2(cypq_vf bv, cypq_vf sv, cypq_vi bi, float *best,
-                                        float *second) {
-    int32_t idx = cypq_reduce_best(bv, bi, best);
-    float s2 = FLT_MAX;
-    for (int l = 0; l < CYPQ_VW; l++) {
-        if (sv[l] < s2) s2 = sv[l];
-        if (bi[l] >= 0 && bi[l] != idx && bv[l] < s2) s2 = bv[l];
-    }
-    *second = s2;
-    return idx;
-}
 
 /*
  * Nearest codeword of 4 vectors at once (x0..x3, d dims each) by the expansion
@@ -79,99 +74,93 @@ static inline int32_t cypq_reduce_best2(cypq_vf bv, cypq_vf sv, cypq_vi bi, floa
  * CTm2 = -2 * CT (transposed, d x K) and cnorm[k] = ||c_k||^2 precomputed. faiss encodes with
  * the same expansion once its centroids are transposed. One pass over the codebook serves four
  * independent accumulation chains, hiding FMA latency and quartering codebook loads.
- * idx[p] gets the index (first on ties); best[p] gets ||c||^2 - 2 <x_p, c> (add ||x_p||^2);
- * with second != NULL, second[p] gets the same for the runner-up (k-means bounds need it).
+ * idx[p] gets the index (first on ties); best[p] gets ||c||^2 - 2 <x_p, c> (add ||x_p||^2).
  */
-#define CYPQ_NEAREST_X4(NAME, WANT2)                                                        \
-    CYPQ_CLONES                                                                             \
-    static void NAME(const float *x0, const float *x1, const float *x2, const float *x3,    \
-                     const float *CTm2, const float *cnorm, int d, int K, int32_t *idx,     \
-                     float *best, float *second) {                                          \
-        const float *xs[4] = {x0, x1, x2, x3};                                              \
-        cypq_vf bv[4], sv[4];                                                               \
-        cypq_vi bi[4], lane;                                                                \
-        for (int l = 0; l < CYPQ_VW; l++) lane[l] = l;                                      \
-        for (int p = 0; p < 4; p++)                                                         \
-            for (int l = 0; l < CYPQ_VW; l++) {                                             \
-                bv[p][l] = FLT_MAX;                                                         \
-                sv[p][l] = FLT_MAX;                                                         \
-                bi[p][l] = -1;                                                              \
-            }                                                                               \
-        int k0 = 0;                                                                         \
-        for (; k0 + CYPQ_VW <= K; k0 += CYPQ_VW) {                                          \
-            cypq_vf a0 = cypq_vload(cnorm + k0), a1 = a0, a2 = a0, a3 = a0;                 \
-            for (int j = 0; j < d; j++) {                                                   \
-                cypq_vf c = cypq_vload(CTm2 + (int64_t)j * K + k0);                         \
-                a0 += x0[j] * c;                                                            \
-                a1 += x1[j] * c;                                                            \
-                a2 += x2[j] * c;                                                            \
-                a3 += x3[j] * c;                                                            \
-            }                                                                               \
-            cypq_vi ids = lane + k0;                                                        \
-            CYPQ_TRACK(a0, bv[0], sv[0], bi[0], ids, WANT2);                                \
-            CYPQ_TRACK(a1, bv[1], sv[1], bi[1], ids, WANT2);                                \
-            CYPQ_TRACK(a2, bv[2], sv[2], bi[2], ids, WANT2);                                \
-            CYPQ_TRACK(a3, bv[3], sv[3], bi[3], ids, WANT2);                                \
-        }                                                                                   \
-        for (int p = 0; p < 4; p++) {                                                       \
-            float b, s2 = FLT_MAX;                                                          \
-            int32_t id = WANT2 ? cypq_reduce_best2(bv[p], sv[p], bi[p], &b, &s2)            \
-                               : cypq_reduce_best(bv[p], bi[p], &b);                        \
-            for (int k = k0; k < K; k++) {                                                  \
-                float acc = cnorm[k];                                                       \
-                for (int j = 0; j < d; j++) acc += xs[p][j] * CTm2[(int64_t)j * K + k];     \
-                if (acc < b || id < 0) {                                                    \
-                    s2 = b;                                                                 \
-                    b = acc;                                                                \
-                    id = k;                                                                 \
-                } else if (acc < s2) {                                                      \
-                    s2 = acc;                                                               \
-                }                                                                           \
-            }                                                                               \
-            idx[p] = id;                                                                    \
-            best[p] = b;                                                                    \
-            if (WANT2) second[p] = s2;                                                      \
-        }                                                                                   \
+CYPQ_INLINE void cypq_nearest_x4_body(
+    const float *x0, const float *x1, const float *x2, const float *x3, const float *CTm2,
+    const float *cnorm, const int d, int K, int32_t *idx, float *best) {
+    const float *xs[4] = {x0, x1, x2, x3};
+    cypq_vf bv[4];
+    cypq_vi bi[4], lane;
+    for (int l = 0; l < CYPQ_VW; l++) lane[l] = l;
+    for (int p = 0; p < 4; p++)
+        for (int l = 0; l < CYPQ_VW; l++) {
+            bv[p][l] = FLT_MAX;
+            bi[p][l] = -1;
+        }
+    int k0 = 0;
+    for (; k0 + CYPQ_VW <= K; k0 += CYPQ_VW) {
+        cypq_vf a0 = cypq_vload(cnorm + k0), a1 = a0, a2 = a0, a3 = a0;
+        for (int j = 0; j < d; j++) {
+            cypq_vf c = cypq_vload(CTm2 + (int64_t)j * K + k0);
+            a0 += x0[j] * c;
+            a1 += x1[j] * c;
+            a2 += x2[j] * c;
+            a3 += x3[j] * c;
+        }
+        cypq_vi ids = lane + k0;
+        CYPQ_TRACK(a0, bv[0], bi[0], ids);
+        CYPQ_TRACK(a1, bv[1], bi[1], ids);
+        CYPQ_TRACK(a2, bv[2], bi[2], ids);
+        CYPQ_TRACK(a3, bv[3], bi[3], ids);
     }
-CYPQ_NEAREST_X4(cypq_nearest_x4, 0)
-CYPQ_NEAREST_X4(cypq_nearest2_x4, 1)
+    for (int p = 0; p < 4; p++) {
+        float b;
+        int32_t id = cypq_reduce_best(bv[p], bi[p], &b);
+        for (int k = k0; k < K; k++) {
+            float acc = cnorm[k];
+            for (int j = 0; j < d; j++) acc += xs[p][j] * CTm2[(int64_t)j * K + k];
+            if (acc < b || id < 0) {
+                b = acc;
+                id = k;
+            }
+        }
+        idx[p] = id;
+        best[p] = b;
+    }
+}
+
+/* The common sub-dimensions get their own copy with d fixed, so the loop over d unrolls. */
+CYPQ_CLONES
+static void cypq_nearest_x4(const float *x0, const float *x1, const float *x2, const float *x3,
+                            const float *CTm2, const float *cnorm, int d, int K, int32_t *idx,
+                            float *best) {
+    switch (d) {
+        case 4: cypq_nearest_x4_body(x0, x1, x2, x3, CTm2, cnorm, 4, K, idx, best); break;
+        case 8: cypq_nearest_x4_body(x0, x1, x2, x3, CTm2, cnorm, 8, K, idx, best); break;
+        case 16: cypq_nearest_x4_body(x0, x1, x2, x3, CTm2, cnorm, 16, K, idx, best); break;
+        default: cypq_nearest_x4_body(x0, x1, x2, x3, CTm2, cnorm, d, K, idx, best);
+    }
+}
 
 /*
  * argmin over k of cnorm[k] + g[k], where g = -2 <x, c_k> comes from sgemm. Returns the index;
- * *best gets cnorm[k] + g[k] (add ||x||^2 for the squared distance); with second != NULL,
- * *second gets the runner-up's value.
+ * *best gets cnorm[k] + g[k] (add ||x||^2 for the squared distance).
  */
 CYPQ_CLONES
-static int32_t cypq_argmin_shifted(const float *g, const float *cnorm, int K, float *best,
-                                   float *second) {
-    cypq_vf bv, sv;
+static int32_t cypq_argmin_shifted(const float *g, const float *cnorm, int K, float *best) {
+    cypq_vf bv;
     cypq_vi bi, lane;
-    const int want2 = second != NULL;
     for (int l = 0; l < CYPQ_VW; l++) {
         bv[l] = FLT_MAX;
-        sv[l] = FLT_MAX;
         bi[l] = -1;
         lane[l] = l;
     }
     int k0 = 0;
     for (; k0 + CYPQ_VW <= K; k0 += CYPQ_VW) {
         cypq_vf v = cypq_vload(g + k0) + cypq_vload(cnorm + k0);
-        CYPQ_TRACK(v, bv, sv, bi, lane + k0, want2);
+        CYPQ_TRACK(v, bv, bi, lane + k0);
     }
-    float b, s2 = FLT_MAX;
-    int32_t idx = want2 ? cypq_reduce_best2(bv, sv, bi, &b, &s2) : cypq_reduce_best(bv, bi, &b);
+    float b;
+    int32_t idx = cypq_reduce_best(bv, bi, &b);
     for (int k = k0; k < K; k++) {
         float v = g[k] + cnorm[k];
         if (v < b || idx < 0) {
-            s2 = b;
             b = v;
             idx = k;
-        } else if (v < s2) {
-            s2 = v;
         }
     }
     *best = b;
-    if (want2) *second = s2;
     return idx;
 }
 

@@ -4,12 +4,8 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t
 cdef extern from "simd.h" nogil:
     void cypq_nearest_x4(const float *x0, const float *x1, const float *x2, const float *x3,
                          const float *CTm2, const float *cnorm, int d, int K, int32_t *idx,
-                         float *best, float *second) noexcept
-    void cypq_nearest2_x4(const float *x0, const float *x1, const float *x2, const float *x3,
-                          const float *CTm2, const float *cnorm, int d, int K, int32_t *idx,
-                          float *best, float *second) noexcept
-    int32_t cypq_argmin_shifted(const float *g, const float *cnorm, int K, float *best,
-                                float *second) noexcept
+                         float *best) noexcept
+    int32_t cypq_argmin_shifted(const float *g, const float *cnorm, int K, float *best) noexcept
     void cypq_l2sqr_ny(const float *x, const float *CT, int d, int K, float *out) noexcept
     void cypq_ip_ny(const float *x, const float *CT, int d, int K, float *out) noexcept
     int64_t cypq_adc_u8(const float *T, int M, int Ks, const uint8_t *codes, int64_t n,

