@@ -143,8 +143,9 @@ class OPQ:
             Xhat = pq.decode(pq.encode(XR))
             if self.verbose:
                 print("==== Reconstruction error:", np.linalg.norm(XR - Xhat, "fro"), "====")
-            # Orthogonal Procrustes: the R minimising ||X R - Xhat||.
-            U, _, Vt = np.linalg.svd(X.T.astype(np.float64) @ Xhat.astype(np.float64))
+            # Orthogonal Procrustes: the R minimising ||X R - Xhat||. A float32 product is
+            # accurate enough for the D x D matrix, and converting X every step is not free.
+            U, _, Vt = np.linalg.svd((X.T @ Xhat).astype(np.float64))
             R = (U @ Vt).astype(np.float32)
         self.R = R
         return self

@@ -1,0 +1,160 @@
+# cython: freethreading_compatible = True
+"""Kernels of LOPQ's local frames: per-cluster residual statistics, and the projection of
+vectors into (and back out of) the local frame of their coarse centroid.
+
+Both work cluster by cluster over rows grouped by cluster (``order`` lists the rows of cluster
+c at ``order[offsets[c]:offsets[c+1]]``), so each cluster's rotation is applied to a block of
+rows with one sgemm and each cluster's statistics are summed by one thread, in row order.
+"""
+from cython.parallel cimport parallel, prange
+from libc.stdint cimport int32_t, int64_t
+from libc.stdlib cimport free, malloc
+from scipy.linalg.cython_blas cimport sgemm
+
+cdef enum:
+    BLOCK = 256   # rows per sgemm
+
+
+def group_rows(const int32_t[::1] labels, int n_clusters):
+    """Counting sort of rows by label.
+
+    labels (n,) int32 in [0, n_clusters). Returns (order (n,) int64, offsets (n_clusters + 1,)
+    int64): the rows of cluster c, ascending, are order[offsets[c]:offsets[c + 1]].
+    """
+    import numpy as np
+    cdef Py_ssize_t n = labels.shape[0], i
+    cdef int c
+    offsets_arr = np.zeros(n_clusters + 1, dtype=np.int64)
+    order_arr = np.empty(n, dtype=np.int64)
+    cdef int64_t[::1] offsets = offsets_arr
+    cdef int64_t[::1] order = order_arr
+    cdef int64_t[::1] fill = np.empty(n_clusters, dtype=np.int64)
+    with nogil:
+        for i in range(n):
+            c = labels[i]
+            if c < 0 or c >= n_clusters:
+                with gil:
+                    raise ValueError(f"label {c} outside [0, {n_clusters})")
+            offsets[c + 1] += 1
+        for c in range(n_clusters):
+            offsets[c + 1] += offsets[c]
+            fill[c] = offsets[c]
+        for i in range(n):
+            c = labels[i]
+            order[fill[c]] = i
+            fill[c] += 1
+    return order_arr, offsets_arr
+
+
+def residual_stats(const float[:, ::1] X, int col0, const float[:, ::1] C,
+                   const int64_t[::1] order, const int64_t[::1] offsets,
+                   double[:, ::1] mean, double[:, :, ::1] cov, int n_threads):
+    """Mean and covariance of the residuals x - C[c] of every cluster.
+
+    X (n, D) float32, of which columns col0 : col0 + d are used; C (V, d) float32 centroids;
+    order, offsets from group_rows; mean (V, d) float64 and cov (V, d, d) float64 outputs
+    (population covariance; zero for clusters with no rows).
+    """
+    cdef int V = C.shape[0], d = C.shape[1], a, b, c
+    cdef Py_ssize_t t, i, cnt
+    cdef double s, inv
+    cdef double *r
+    cdef int failed = 0
+    cdef int *fail = &failed
+    if col0 < 0 or col0 + d > X.shape[1] or offsets.shape[0] != V + 1:
+        raise ValueError("residual_stats: inconsistent arguments")
+    if mean.shape[0] != V or mean.shape[1] != d or cov.shape[0] != V or cov.shape[1] != d:
+        raise ValueError("residual_stats: outputs must be (V, d) and (V, d, d)")
+    with nogil, parallel(num_threads=n_threads):
+        r = <double *> malloc(d * sizeof(double))
+        for c in prange(V, schedule="dynamic"):
+            if r == NULL:
+                fail[0] = 1
+                continue
+            cnt = offsets[c + 1] - offsets[c]
+            for a in range(d):
+                mean[c, a] = 0
+                for b in range(d):
+                    cov[c, a, b] = 0
+            if cnt == 0:
+                continue
+            inv = 1.0 / cnt
+            for t in range(offsets[c], offsets[c + 1]):
+                i = order[t]
+                for a in range(d):
+                    mean[c, a] += <double> X[i, col0 + a] - C[c, a]
+            for a in range(d):
+                mean[c, a] *= inv
+            # Second pass around the mean: accurate even when the mean is large.
+            for t in range(offsets[c], offsets[c + 1]):
+                i = order[t]
+                for a in range(d):
+                    r[a] = <double> X[i, col0 + a] - C[c, a] - mean[c, a]
+                for a in range(d):
+                    s = r[a]
+                    for b in range(a, d):
+                        cov[c, a, b] += s * r[b]
+            for a in range(d):
+                for b in range(a, d):
+                    cov[c, a, b] *= inv
+                    cov[c, b, a] = cov[c, a, b]
+        free(r)
+    if failed:
+        raise MemoryError()
+
+
+def project(const float[:, ::1] X, int col0, const float[:, ::1] C, const float[:, :, ::1] R,
+            const float[:, ::1] mu, const int64_t[::1] order, const int64_t[::1] offsets,
+            float[:, ::1] out, int out_col0, bint inverse, int n_threads):
+    """Local projection of every row in its cluster's frame, or its inverse.
+
+    X (n, D) float32 (columns col0 : col0 + d); C (V, d) centroids; R (V, d, d) rotations;
+    mu (V, d) residual means; order, offsets from group_rows; out (n, E) float32 output, columns
+    out_col0 : out_col0 + d written. Forward: out = R[c] @ (x - C[c] - mu[c]).
+    Inverse: out = R[c].T @ x + mu[c] + C[c]. Uses sgemm: hold BLAS to one thread around it.
+    """
+    cdef int V = C.shape[0], d = C.shape[1], c, a, nb
+    cdef Py_ssize_t t0, t, i, n = X.shape[0]
+    cdef float one = 1.0, zero = 0.0
+    cdef char transa = b'N' if inverse else b'T', transb = b'N'
+    cdef float *Z
+    cdef float *Y
+    cdef int failed = 0
+    cdef int *fail = &failed
+    if col0 < 0 or col0 + d > X.shape[1] or out_col0 < 0 or out_col0 + d > out.shape[1]:
+        raise ValueError("project: column range outside the arrays")
+    if (R.shape[0] != V or R.shape[1] != d or R.shape[2] != d or mu.shape[0] != V
+            or mu.shape[1] != d or offsets.shape[0] != V + 1 or out.shape[0] != n):
+        raise ValueError("project: inconsistent shapes")
+    with nogil, parallel(num_threads=n_threads):
+        Z = <float *> malloc(2 * BLOCK * d * sizeof(float))
+        Y = Z + BLOCK * d
+        for c in prange(V, schedule="dynamic"):
+            if Z == NULL:
+                fail[0] = 1
+                continue
+            t0 = offsets[c]
+            while t0 < offsets[c + 1]:
+                nb = <int> (offsets[c + 1] - t0 if offsets[c + 1] - t0 < BLOCK else BLOCK)
+                for t in range(nb):
+                    i = order[t0 + t]
+                    for a in range(d):
+                        if inverse:
+                            Z[t * d + a] = X[i, col0 + a]
+                        else:
+                            Z[t * d + a] = X[i, col0 + a] - C[c, a] - mu[c, a]
+                # Row-major Y = Z @ R[c]^T (forward) or Z @ R[c] (inverse), in column-major
+                # terms Y^T = R[c] Z^T or R[c]^T Z^T; R[c] row-major is R[c]^T column-major.
+                sgemm(&transa, &transb, &d, &nb, &d, &one, <float *> &R[c, 0, 0], &d, Z, &d,
+                      &zero, Y, &d)
+                for t in range(nb):
+                    i = order[t0 + t]
+                    for a in range(d):
+                        if inverse:
+                            out[i, out_col0 + a] = Y[t * d + a] + mu[c, a] + C[c, a]
+                        else:
+                            out[i, out_col0 + a] = Y[t * d + a]
+                t0 = t0 + nb
+        free(Z)
+    if failed:
+        raise MemoryError()

@@ -1,0 +1,348 @@
+# cython: freethreading_compatible = True
+"""Kernels of LOPQ search over an inverted multi-index.
+
+Phase A, ``cell_order``: per query, the coarse distances of both halves and the cells
+(c0, c1) in multi-sequence order (Babenko & Lempitsky, CVPR 2012), up to a candidate quota.
+Phase B (Python, the storage): the code segments of those cells.
+Phase C, ``scan_cells``: per query, project into each visited centroid's local frame (tables
+cached per (half, centroid): a centroid recurs in many cells), ADC over the cells' codes into
+a top-k heap. Both phases run queries in parallel with the GIL released.
+"""
+from cython.parallel cimport parallel, prange
+from libc.math cimport INFINITY
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uintptr_t
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcpy
+
+from heap cimport heap_init, heap_sort_ascending
+from scan cimport SCAN_BLOCK, scan_topk
+from simd cimport cypq_l2sqr_ny
+
+
+cdef struct Entry:        # multi-sequence frontier: cell (i, j) of the sorted lists
+    float d
+    int i, j
+
+
+cdef inline void _push(Entry *h, int *n, float d, int i, int j) noexcept nogil:
+    cdef int k = n[0], p
+    n[0] += 1
+    while k > 0:
+        p = (k - 1) // 2
+        if h[p].d <= d:
+            break
+        h[k] = h[p]
+        k = p
+    h[k].d, h[k].i, h[k].j = d, i, j
+
+
+cdef inline Entry _pop(Entry *h, int *n) noexcept nogil:
+    cdef Entry top = h[0], last
+    cdef int k = 0, c
+    n[0] -= 1
+    last = h[n[0]]
+    while True:
+        c = 2 * k + 1
+        if c >= n[0]:
+            break
+        if c + 1 < n[0] and h[c + 1].d < h[c].d:
+            c += 1
+        if last.d <= h[c].d:
+            break
+        h[k] = h[c]
+        k = c
+    if n[0] > 0:
+        h[k] = last
+    return top
+
+
+cdef inline void _argsort(const float *d, int *idx, int n) noexcept nogil:
+    """Indices of d ascending (stable insertion into a merge sort's runs would be overkill:
+    V is at most a few thousand, so a simple heap sort of (value, index) is used)."""
+    cdef int i, k, c, end, t
+    for i in range(n):
+        idx[i] = i
+    # heap sort on idx by (d, index) - max-heap, then pop to the back
+    for i in range(n // 2 - 1, -1, -1):
+        k = i
+        while True:
+            c = 2 * k + 1
+            if c >= n:
+                break
+            if c + 1 < n and (d[idx[c + 1]] > d[idx[c]] or
+                              (d[idx[c + 1]] == d[idx[c]] and idx[c + 1] > idx[c])):
+                c += 1
+            if d[idx[k]] > d[idx[c]] or (d[idx[k]] == d[idx[c]] and idx[k] > idx[c]):
+                break
+            t = idx[k]; idx[k] = idx[c]; idx[c] = t
+            k = c
+    for end in range(n - 1, 0, -1):
+        t = idx[0]; idx[0] = idx[end]; idx[end] = t
+        k = 0
+        while True:
+            c = 2 * k + 1
+            if c >= end:
+                break
+            if c + 1 < end and (d[idx[c + 1]] > d[idx[c]] or
+                                (d[idx[c + 1]] == d[idx[c]] and idx[c + 1] > idx[c])):
+                c += 1
+            if d[idx[k]] > d[idx[c]] or (d[idx[k]] == d[idx[c]] and idx[k] > idx[c]):
+                break
+            t = idx[k]; idx[k] = idx[c]; idx[c] = t
+            k = c
+
+
+def cell_order(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1] C1,
+               const int64_t[::1] cell_sizes, int64_t quota, int max_cells,
+               int64_t[:, ::1] cells, int64_t[::1] n_cells, int64_t[::1] n_candidates,
+               int n_threads):
+    """Cells of every query in multi-sequence order, until the candidate quota is reached.
+
+    Q (nq, D) float32 queries; C0, C1 (V, D/2) coarse centroids of the halves;
+    cell_sizes (V*V,) int64 entries per cell (cell id = c0 * V + c1); quota: stop once the
+    visited cells hold at least this many entries (<= 0: no quota); max_cells: visit at most
+    this many cells (also cells.shape[1]); outputs: cells (nq, max_cells) int64 cell ids in
+    visiting order, n_cells (nq,) how many, n_candidates (nq,) entries in them.
+    Order: non-decreasing d0[c0] + d1[c1]; from (0, 0), (i+1, j) is pushed when j == 0 or
+    (i+1, j-1) was visited, (i, j+1) when i == 0 or (i-1, j+1) was visited (LOPQ's rule).
+    """
+    cdef Py_ssize_t nq = Q.shape[0], q
+    cdef int V = C0.shape[0], Dh = C0.shape[1], i, j, k, nh, nc
+    cdef int64_t cand, cell
+    cdef Entry e
+    cdef float *d0
+    cdef float *d1
+    cdef int *o0
+    cdef int *o1
+    cdef int *lim       # lim[i]: cells (i, 0 .. lim[i]-1) of the sorted lists are visited
+    cdef Entry *frontier
+    cdef float *CT
+    cdef int failed = 0
+    cdef int *fail = &failed
+    if C1.shape[0] != V or C1.shape[1] != Dh or Q.shape[1] != 2 * Dh:
+        raise ValueError("cell_order: inconsistent shapes")
+    if cell_sizes.shape[0] != <Py_ssize_t> V * V or cells.shape[0] != nq or cells.shape[1] < max_cells:
+        raise ValueError("cell_order: cell_sizes must be (V*V,), cells (nq, max_cells)")
+    CT = <float *> malloc(2 * V * Dh * sizeof(float))
+    if CT == NULL:
+        raise MemoryError()
+    with nogil:
+        for k in range(V):
+            for i in range(Dh):
+                CT[i * V + k] = C0[k, i]
+                CT[V * Dh + i * V + k] = C1[k, i]
+        with parallel(num_threads=n_threads):
+            d0 = <float *> malloc(2 * V * sizeof(float))
+            d1 = d0 + V
+            o0 = <int *> malloc(3 * V * sizeof(int))
+            o1 = o0 + V
+            lim = o1 + V
+            frontier = <Entry *> malloc((V + 2) * sizeof(Entry))
+            for q in prange(nq, schedule="dynamic"):
+                if d0 == NULL or o0 == NULL or frontier == NULL:
+                    fail[0] = 1
+                    continue
+                cypq_l2sqr_ny(&Q[q, 0], CT, Dh, V, d0)
+                cypq_l2sqr_ny(&Q[q, Dh], CT + V * Dh, Dh, V, d1)
+                _argsort(d0, o0, V)
+                _argsort(d1, o1, V)
+                for i in range(V):
+                    lim[i] = 0
+                nh = 0
+                nc = 0
+                cand = 0
+                _push(frontier, &nh, d0[o0[0]] + d1[o1[0]], 0, 0)
+                while nh > 0 and nc < max_cells and (quota <= 0 or cand < quota):
+                    e = _pop(frontier, &nh)
+                    i = e.i
+                    j = e.j
+                    lim[i] = j + 1
+                    cell = <int64_t> o0[i] * V + o1[j]
+                    cells[q, nc] = cell
+                    nc = nc + 1
+                    cand = cand + cell_sizes[cell]
+                    if i + 1 < V and (j == 0 or lim[i + 1] > j - 1):
+                        _push(frontier, &nh, d0[o0[i + 1]] + d1[o1[j]], i + 1, j)
+                    if j + 1 < V and (i == 0 or lim[i - 1] > j + 1):
+                        _push(frontier, &nh, d0[o0[i]] + d1[o1[j + 1]], i, j + 1)
+                n_cells[q] = nc
+                n_candidates[q] = cand
+            free(d0)
+            free(o0)
+            free(frontier)
+    free(CT)
+    if failed:
+        raise MemoryError()
+
+
+cdef struct Frames:       # per-thread cache of local-frame tables of one query
+    int *slot             # (2, V): table index of (half, centroid), -1 if not computed
+    int *touched          # (2 * cap) (half * V + centroid) entries to reset
+    int n_touched, n_tables, cap
+    float *tables         # (cap, M/2, S)
+    float *z              # (Dh) scratch
+    float *pz             # (Dh) scratch
+    float *cell_table     # (M, S)
+
+
+cdef inline void _frames_reset(Frames *f) noexcept nogil:
+    """Forget the query's tables (only the touched slots are cleared)."""
+    cdef int a
+    for a in range(f.n_touched):
+        f.slot[f.touched[a]] = -1
+    f.n_touched = 0
+    f.n_tables = 0
+
+
+cdef inline float *_frame_table(Frames *f, int half, int c, const float *q,
+                                const float[:, ::1] C, const float[:, :, ::1] R,
+                                const float[:, ::1] mu, const float *subT, int Mh, int S,
+                                int Ds) noexcept nogil:
+    """Tables (Mh, S) of the query half q in centroid c's local frame; NULL if out of memory."""
+    cdef int Dh = C.shape[1], V = C.shape[0], a, b, s, t
+    cdef float acc
+    cdef float *grown
+    t = f.slot[half * V + c]
+    if t >= 0:
+        return f.tables + <Py_ssize_t> t * Mh * S
+    if f.n_tables == f.cap:
+        grown = <float *> realloc(f.tables, <Py_ssize_t> 2 * f.cap * Mh * S * sizeof(float))
+        if grown == NULL:
+            return NULL
+        f.tables = grown
+        f.cap = 2 * f.cap
+        f.touched = <int *> realloc(f.touched, 2 * f.cap * sizeof(int))
+        if f.touched == NULL:
+            return NULL
+    t = f.n_tables
+    f.n_tables += 1
+    f.slot[half * V + c] = t
+    f.touched[f.n_touched] = half * V + c
+    f.n_touched += 1
+    for a in range(Dh):
+        f.z[a] = q[a] - C[c, a] - mu[c, a]
+    for a in range(Dh):                      # R[c] @ z
+        acc = 0
+        for b in range(Dh):
+            acc = acc + R[c, a, b] * f.z[b]
+        f.pz[a] = acc
+    for s in range(Mh):
+        cypq_l2sqr_ny(f.pz + s * Ds, subT + <Py_ssize_t> s * Ds * S, Ds, S,
+                      f.tables + (<Py_ssize_t> t * Mh + s) * S)
+    return f.tables + <Py_ssize_t> t * Mh * S
+
+
+def scan_cells(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1] C1,
+               const float[:, :, ::1] R0, const float[:, :, ::1] R1,
+               const float[:, ::1] mu0, const float[:, ::1] mu1,
+               const float[:, :, ::1] subs,
+               const int64_t[:, ::1] cells, const int64_t[::1] n_cells,
+               const int64_t[:, ::1] cell_slot, const int64_t[::1] seg_start,
+               const uintptr_t[::1] seg_codes, const uintptr_t[::1] seg_ids,
+               const int64_t[::1] seg_len, int code_bytes,
+               float[:, ::1] D, int64_t[:, ::1] I, int64_t[::1] n_scanned, int n_threads):
+    """ADC top-k of every query over the codes of its visited cells.
+
+    Q (nq, D) float32; C0, C1 (V, Dh); R0, R1 (V, Dh, Dh); mu0, mu1 (V, Dh): the LOPQ model,
+    halves 0 and 1; subs (M, S, D/M) fine codebooks (the first M/2 for half 0).
+    cells (nq, >= max n_cells) and n_cells (nq,) from cell_order; cell_slot (nq, same) gives,
+    for each visited cell, its entry in seg_start (-1: no entries); segments
+    seg_start[s] : seg_start[s+1] of the flat arrays seg_codes (address of (len, M) codes,
+    uint8 or uint16 as code_bytes says), seg_ids (address of (len,) int64 ids) and seg_len.
+    The memory behind those addresses must stay valid for the call.
+    Outputs: D (nq, k) float32 ascending squared distances, I (nq, k) int64 ids (inf / -1
+    padding); n_scanned (nq,) codes scanned.
+    """
+    cdef Py_ssize_t nq = Q.shape[0], q
+    cdef int V = C0.shape[0], Dh = C0.shape[1], M = subs.shape[0], S = subs.shape[1]
+    cdef int Ds = subs.shape[2], Mh = M // 2, k = D.shape[1], t, a, m, j
+    cdef int64_t cell, sl, g, scanned
+    cdef float *T0
+    cdef float *T1
+    cdef float *subT
+    cdef float *buf
+    cdef int32_t *ibuf
+    cdef Frames *f
+    cdef int failed = 0
+    cdef int *fail = &failed
+    if M % 2 or Mh * Ds != Dh or Q.shape[1] != 2 * Dh or C1.shape[0] != V:
+        raise ValueError("scan_cells: inconsistent model shapes")
+    if code_bytes not in (1, 2) or (code_bytes == 1 and S > 256):
+        raise ValueError("scan_cells: codes must be uint8 (S <= 256) or uint16")
+    if D.shape[0] != nq or I.shape[0] != nq or I.shape[1] != k or n_scanned.shape[0] != nq:
+        raise ValueError("scan_cells: outputs must be (nq, k)")
+    if k == 0 or nq == 0:
+        return
+    subT = <float *> malloc(<Py_ssize_t> M * S * Ds * sizeof(float))
+    if subT == NULL:
+        raise MemoryError()
+    with nogil:
+        for m in range(M):
+            for a in range(S):
+                for j in range(Ds):
+                    subT[(<Py_ssize_t> m * Ds + j) * S + a] = subs[m, a, j]
+        with parallel(num_threads=n_threads):
+            f = <Frames *> malloc(sizeof(Frames))
+            buf = <float *> malloc(SCAN_BLOCK * sizeof(float))
+            ibuf = <int32_t *> malloc(SCAN_BLOCK * sizeof(int32_t))
+            if f != NULL:
+                f.cap = 16
+                f.n_tables = 0
+                f.n_touched = 0
+                f.slot = <int *> malloc(2 * V * sizeof(int))
+                f.touched = <int *> malloc(2 * f.cap * sizeof(int))
+                f.tables = <float *> malloc(<Py_ssize_t> f.cap * Mh * S * sizeof(float))
+                f.z = <float *> malloc(2 * Dh * sizeof(float))
+                f.pz = f.z + Dh if f.z != NULL else NULL
+                f.cell_table = <float *> malloc(<Py_ssize_t> M * S * sizeof(float))
+                if f.slot != NULL:
+                    for a in range(2 * V):
+                        f.slot[a] = -1
+            for q in prange(nq, schedule="dynamic"):
+                if (f == NULL or buf == NULL or ibuf == NULL or f.slot == NULL
+                        or f.touched == NULL or f.tables == NULL or f.z == NULL
+                        or f.cell_table == NULL):
+                    fail[0] = 1
+                    continue
+                heap_init(&D[q, 0], &I[q, 0], k)
+                scanned = 0
+                for t in range(n_cells[q]):
+                    sl = cell_slot[q, t]
+                    if sl < 0:
+                        continue
+                    cell = cells[q, t]
+                    T0 = _frame_table(f, 0, <int> (cell // V), &Q[q, 0], C0, R0, mu0, subT,
+                                      Mh, S, Ds)
+                    T1 = _frame_table(f, 1, <int> (cell % V), &Q[q, Dh], C1, R1, mu1,
+                                      subT + <Py_ssize_t> Mh * Ds * S, Mh, S, Ds)
+                    if T0 == NULL or T1 == NULL:
+                        fail[0] = 1
+                        break
+                    memcpy(f.cell_table, T0, <Py_ssize_t> Mh * S * sizeof(float))
+                    memcpy(f.cell_table + <Py_ssize_t> Mh * S, T1,
+                           <Py_ssize_t> Mh * S * sizeof(float))
+                    for g in range(seg_start[sl], seg_start[sl + 1]):
+                        scanned = scanned + seg_len[g]
+                        if code_bytes == 1:
+                            scan_topk(f.cell_table, M, S, <const uint8_t *> seg_codes[g],
+                                      seg_len[g], <const int64_t *> seg_ids[g], 0,
+                                      &D[q, 0], &I[q, 0], k, buf, ibuf)
+                        else:
+                            scan_topk(f.cell_table, M, S, <const uint16_t *> seg_codes[g],
+                                      seg_len[g], <const int64_t *> seg_ids[g], 0,
+                                      &D[q, 0], &I[q, 0], k, buf, ibuf)
+                heap_sort_ascending(&D[q, 0], &I[q, 0], k)
+                n_scanned[q] = scanned
+                _frames_reset(f)
+            if f != NULL:
+                free(f.slot)
+                free(f.touched)
+                free(f.tables)
+                free(f.z)
+                free(f.cell_table)
+            free(f)
+            free(buf)
+            free(ibuf)
+    free(subT)
+    if failed:
+        raise MemoryError()
