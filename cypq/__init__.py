@@ -4,10 +4,13 @@
 nanopq_to_faiss and faiss_to_nanopq keep their names, arguments and semantics.
 """
 from .convert_faiss import faiss_to_nanopq, nanopq_to_faiss
+from .index import Index
+from .lopq import LOPQCode, LOPQModel
+from .model_io import ModelFileError
 from .opq import OPQ
 from .pq import PQ, DistanceTable, NotFittedError
 
 __version__ = "0.1.0"
 
 __all__ = ["PQ", "OPQ", "DistanceTable", "NotFittedError", "nanopq_to_faiss",
-           "faiss_to_nanopq", "__version__"]
+           "faiss_to_nanopq", "LOPQModel", "LOPQCode", "ModelFileError", "Index", "__version__"]

@@ -11,12 +11,17 @@ a top-k heap. Both phases run queries in parallel with the GIL released.
 from cython.parallel cimport parallel, prange
 from libc.math cimport INFINITY
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uintptr_t
-from libc.stdlib cimport free, malloc, realloc
+from libc.stdlib cimport free, malloc, qsort, realloc
 from libc.string cimport memcpy
 
 from heap cimport heap_init, heap_sort_ascending
 from scan cimport SCAN_BLOCK, scan_topk
-from simd cimport cypq_l2sqr_ny
+from simd cimport cypq_l2sqr_ny, cypq_l2sqr_ny_norm, cypq_matvec_t
+
+
+cdef int _cmp_i64(const void *a, const void *b) noexcept nogil:
+    cdef int64_t x = (<const int64_t *> a)[0], y = (<const int64_t *> b)[0]
+    return (x > y) - (x < y)
 
 
 cdef struct Entry:        # multi-sequence frontier: cell (i, j) of the sorted lists
@@ -93,22 +98,24 @@ cdef inline void _argsort(const float *d, int *idx, int n) noexcept nogil:
 
 
 def cell_order(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1] C1,
-               const int64_t[::1] cell_sizes, int64_t quota, int max_cells,
-               int64_t[:, ::1] cells, int64_t[::1] n_cells, int64_t[::1] n_candidates,
-               int n_threads):
+               const int64_t[::1] cell_sizes, int64_t quota, int64_t max_visits,
+               int64_t[:, ::1] cells, int64_t[::1] n_cells, int64_t[::1] n_visited,
+               int64_t[::1] n_candidates, int n_threads):
     """Cells of every query in multi-sequence order, until the candidate quota is reached.
 
     Q (nq, D) float32 queries; C0, C1 (V, D/2) coarse centroids of the halves;
     cell_sizes (V*V,) int64 entries per cell (cell id = c0 * V + c1); quota: stop once the
-    visited cells hold at least this many entries (<= 0: no quota); max_cells: visit at most
-    this many cells (also cells.shape[1]); outputs: cells (nq, max_cells) int64 cell ids in
-    visiting order, n_cells (nq,) how many, n_candidates (nq,) entries in them.
+    visited cells hold at least this many entries (<= 0: no quota); max_visits: visit at most
+    this many cells, empty ones included (<= 0: no cap). Outputs: cells (nq, L) int64 the
+    non-empty visited cells in visiting order (L >= min(quota, max_visits) suffices: each
+    adds at least one candidate), n_cells (nq,) how many, n_visited (nq,) cells visited
+    including empty ones, n_candidates (nq,) entries in them.
     Order: non-decreasing d0[c0] + d1[c1]; from (0, 0), (i+1, j) is pushed when j == 0 or
     (i+1, j-1) was visited, (i, j+1) when i == 0 or (i-1, j+1) was visited (LOPQ's rule).
     """
     cdef Py_ssize_t nq = Q.shape[0], q
-    cdef int V = C0.shape[0], Dh = C0.shape[1], i, j, k, nh, nc
-    cdef int64_t cand, cell
+    cdef int V = C0.shape[0], Dh = C0.shape[1], i, j, k, nh
+    cdef int64_t cand, cell, nc, nv, cap = cells.shape[1]
     cdef Entry e
     cdef float *d0
     cdef float *d1
@@ -121,8 +128,8 @@ def cell_order(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1
     cdef int *fail = &failed
     if C1.shape[0] != V or C1.shape[1] != Dh or Q.shape[1] != 2 * Dh:
         raise ValueError("cell_order: inconsistent shapes")
-    if cell_sizes.shape[0] != <Py_ssize_t> V * V or cells.shape[0] != nq or cells.shape[1] < max_cells:
-        raise ValueError("cell_order: cell_sizes must be (V*V,), cells (nq, max_cells)")
+    if cell_sizes.shape[0] != <Py_ssize_t> V * V or cells.shape[0] != nq:
+        raise ValueError("cell_order: cell_sizes must be (V*V,), cells (nq, L)")
     CT = <float *> malloc(2 * V * Dh * sizeof(float))
     if CT == NULL:
         raise MemoryError()
@@ -150,22 +157,30 @@ def cell_order(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1
                     lim[i] = 0
                 nh = 0
                 nc = 0
+                nv = 0
                 cand = 0
                 _push(frontier, &nh, d0[o0[0]] + d1[o1[0]], 0, 0)
-                while nh > 0 and nc < max_cells and (quota <= 0 or cand < quota):
+                while (nh > 0 and (max_visits <= 0 or nv < max_visits)
+                       and (quota <= 0 or cand < quota) and nc < cap):
                     e = _pop(frontier, &nh)
                     i = e.i
                     j = e.j
                     lim[i] = j + 1
                     cell = <int64_t> o0[i] * V + o1[j]
-                    cells[q, nc] = cell
-                    nc = nc + 1
-                    cand = cand + cell_sizes[cell]
+                    nv = nv + 1
+                    if cell_sizes[cell] > 0:
+                        cells[q, nc] = cell
+                        nc = nc + 1
+                        cand = cand + cell_sizes[cell]
                     if i + 1 < V and (j == 0 or lim[i + 1] > j - 1):
                         _push(frontier, &nh, d0[o0[i + 1]] + d1[o1[j]], i + 1, j)
                     if j + 1 < V and (i == 0 or lim[i - 1] > j + 1):
                         _push(frontier, &nh, d0[o0[i]] + d1[o1[j + 1]], i, j + 1)
+                # Scan order does not change the result; by cell id (c0-major), consecutive
+                # cells share their half-0 table, which then stays in cache.
+                qsort(&cells[q, 0], nc, sizeof(int64_t), _cmp_i64)
                 n_cells[q] = nc
+                n_visited[q] = nv
                 n_candidates[q] = cand
             free(d0)
             free(o0)
@@ -195,12 +210,14 @@ cdef inline void _frames_reset(Frames *f) noexcept nogil:
 
 
 cdef inline float *_frame_table(Frames *f, int half, int c, const float *q,
-                                const float[:, ::1] C, const float[:, :, ::1] R,
-                                const float[:, ::1] mu, const float *subT, int Mh, int S,
-                                int Ds) noexcept nogil:
-    """Tables (Mh, S) of the query half q in centroid c's local frame; NULL if out of memory."""
-    cdef int Dh = C.shape[1], V = C.shape[0], a, b, s, t
-    cdef float acc
+                                const float[:, ::1] C, const float[:, :, ::1] RT,
+                                const float[:, ::1] mu, const float *subTm2,
+                                const float *subnorm, int Mh, int S, int Ds) noexcept nogil:
+    """Tables (Mh, S) of the query half q in centroid c's local frame; NULL if out of memory.
+    RT holds the rotations transposed; subTm2 / subnorm the half's fine codebooks as -2 * C^T
+    and squared norms."""
+    cdef int Dh = C.shape[1], V = C.shape[0], a, s, t
+    cdef float xn
     cdef float *grown
     t = f.slot[half * V + c]
     if t >= 0:
@@ -221,19 +238,18 @@ cdef inline float *_frame_table(Frames *f, int half, int c, const float *q,
     f.n_touched += 1
     for a in range(Dh):
         f.z[a] = q[a] - C[c, a] - mu[c, a]
-    for a in range(Dh):                      # R[c] @ z
-        acc = 0
-        for b in range(Dh):
-            acc = acc + R[c, a, b] * f.z[b]
-        f.pz[a] = acc
+    cypq_matvec_t(&RT[c, 0, 0], f.z, Dh, f.pz)          # R[c] @ z
     for s in range(Mh):
-        cypq_l2sqr_ny(f.pz + s * Ds, subT + <Py_ssize_t> s * Ds * S, Ds, S,
-                      f.tables + (<Py_ssize_t> t * Mh + s) * S)
+        xn = 0
+        for a in range(Ds):
+            xn = xn + f.pz[s * Ds + a] * f.pz[s * Ds + a]
+        cypq_l2sqr_ny_norm(f.pz + s * Ds, xn, subTm2 + <Py_ssize_t> s * Ds * S, subnorm + s * S,
+                           Ds, S, f.tables + (<Py_ssize_t> t * Mh + s) * S)
     return f.tables + <Py_ssize_t> t * Mh * S
 
 
 def scan_cells(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1] C1,
-               const float[:, :, ::1] R0, const float[:, :, ::1] R1,
+               const float[:, :, ::1] RT0, const float[:, :, ::1] RT1,
                const float[:, ::1] mu0, const float[:, ::1] mu1,
                const float[:, :, ::1] subs,
                const int64_t[:, ::1] cells, const int64_t[::1] n_cells,
@@ -243,7 +259,8 @@ def scan_cells(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1
                float[:, ::1] D, int64_t[:, ::1] I, int64_t[::1] n_scanned, int n_threads):
     """ADC top-k of every query over the codes of its visited cells.
 
-    Q (nq, D) float32; C0, C1 (V, Dh); R0, R1 (V, Dh, Dh); mu0, mu1 (V, Dh): the LOPQ model,
+    Q (nq, D) float32; C0, C1 (V, Dh); RT0, RT1 (V, Dh, Dh) the rotations transposed;
+    mu0, mu1 (V, Dh): the LOPQ model,
     halves 0 and 1; subs (M, S, D/M) fine codebooks (the first M/2 for half 0).
     cells (nq, >= max n_cells) and n_cells (nq,) from cell_order; cell_slot (nq, same) gives,
     for each visited cell, its entry in seg_start (-1: no entries); segments
@@ -260,6 +277,8 @@ def scan_cells(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1
     cdef float *T0
     cdef float *T1
     cdef float *subT
+    cdef float *subnorm
+    cdef float acc
     cdef float *buf
     cdef int32_t *ibuf
     cdef Frames *f
@@ -273,14 +292,18 @@ def scan_cells(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1
         raise ValueError("scan_cells: outputs must be (nq, k)")
     if k == 0 or nq == 0:
         return
-    subT = <float *> malloc(<Py_ssize_t> M * S * Ds * sizeof(float))
+    subT = <float *> malloc(<Py_ssize_t> M * S * (Ds + 1) * sizeof(float))
     if subT == NULL:
         raise MemoryError()
+    subnorm = subT + <Py_ssize_t> M * S * Ds
     with nogil:
         for m in range(M):
             for a in range(S):
+                acc = 0
                 for j in range(Ds):
-                    subT[(<Py_ssize_t> m * Ds + j) * S + a] = subs[m, a, j]
+                    subT[(<Py_ssize_t> m * Ds + j) * S + a] = -2 * subs[m, a, j]
+                    acc = acc + subs[m, a, j] * subs[m, a, j]
+                subnorm[m * S + a] = acc
         with parallel(num_threads=n_threads):
             f = <Frames *> malloc(sizeof(Frames))
             buf = <float *> malloc(SCAN_BLOCK * sizeof(float))
@@ -311,24 +334,22 @@ def scan_cells(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1
                     if sl < 0:
                         continue
                     cell = cells[q, t]
-                    T0 = _frame_table(f, 0, <int> (cell // V), &Q[q, 0], C0, R0, mu0, subT,
+                    T0 = _frame_table(f, 0, <int> (cell // V), &Q[q, 0], C0, RT0, mu0, subT,
+                                      subnorm, Mh, S, Ds)
+                    T1 = _frame_table(f, 1, <int> (cell % V), &Q[q, Dh], C1, RT1, mu1,
+                                      subT + <Py_ssize_t> Mh * Ds * S, subnorm + Mh * S,
                                       Mh, S, Ds)
-                    T1 = _frame_table(f, 1, <int> (cell % V), &Q[q, Dh], C1, R1, mu1,
-                                      subT + <Py_ssize_t> Mh * Ds * S, Mh, S, Ds)
                     if T0 == NULL or T1 == NULL:
                         fail[0] = 1
                         break
-                    memcpy(f.cell_table, T0, <Py_ssize_t> Mh * S * sizeof(float))
-                    memcpy(f.cell_table + <Py_ssize_t> Mh * S, T1,
-                           <Py_ssize_t> Mh * S * sizeof(float))
                     for g in range(seg_start[sl], seg_start[sl + 1]):
                         scanned = scanned + seg_len[g]
                         if code_bytes == 1:
-                            scan_topk(f.cell_table, M, S, <const uint8_t *> seg_codes[g],
+                            scan_topk(T0, T1, M, S, <const uint8_t *> seg_codes[g],
                                       seg_len[g], <const int64_t *> seg_ids[g], 0,
                                       &D[q, 0], &I[q, 0], k, buf, ibuf)
                         else:
-                            scan_topk(f.cell_table, M, S, <const uint16_t *> seg_codes[g],
+                            scan_topk(T0, T1, M, S, <const uint16_t *> seg_codes[g],
                                       seg_len[g], <const int64_t *> seg_ids[g], 0,
                                       &D[q, 0], &I[q, 0], k, buf, ibuf)
                 heap_sort_ascending(&D[q, 0], &I[q, 0], k)

@@ -1,6 +1,7 @@
 # ADC scan of a run of codes into a top-k heap: shared by exhaustive PQ search and the index's
 # per-cell scans, so both rank candidates by the same arithmetic.
 from libc.math cimport INFINITY
+from libc.string cimport memcpy
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t
 
 from heap cimport heap_replace_top
@@ -12,22 +13,32 @@ cdef enum:
     SCAN_BLOCK = 1024
 
 
-cdef inline int64_t adc_block(const float *T, int M, int Ks, const code_t *codes, int64_t n,
-                              float thresh, float *out, int32_t *idx) noexcept nogil:
-    """Distances below thresh of n codes (at most SCAN_BLOCK) -> out / idx; returns how many."""
+cdef inline int64_t load_id(const int64_t *ids, int64_t i) noexcept nogil:
+    """ids[i] without assuming alignment (LMDB values are only 2-byte aligned)."""
+    cdef int64_t v
+    memcpy(&v, <const char *> ids + i * 8, 8)
+    return v
+
+
+cdef inline int64_t adc_block(const float *T0, const float *T1, int M, int Ks,
+                              const code_t *codes, int64_t n, float thresh, float *out,
+                              int32_t *idx) noexcept nogil:
+    """Distances below thresh of n codes (at most SCAN_BLOCK) -> out / idx; returns how many.
+    Tables: T0 (M/2, Ks) for the first M/2 subspaces, T1 for the rest (see simd.h)."""
     if code_t is uint8_t:
-        return cypq_adc_u8(T, M, Ks, codes, n, thresh, out, idx)
+        return cypq_adc_u8(T0, T1, M, Ks, codes, n, thresh, out, idx)
     elif code_t is uint16_t:
-        return cypq_adc_u16(T, M, Ks, codes, n, thresh, out, idx)
+        return cypq_adc_u16(T0, T1, M, Ks, codes, n, thresh, out, idx)
     else:
-        return cypq_adc_u32(T, M, Ks, codes, n, thresh, out, idx)
+        return cypq_adc_u32(T0, T1, M, Ks, codes, n, thresh, out, idx)
 
 
-cdef inline void scan_topk(const float *T, int M, int Ks, const code_t *codes, int64_t n,
+cdef inline void scan_topk(const float *T0, const float *T1, int M, int Ks,
+                           const code_t *codes, int64_t n,
                            const int64_t *ids, int64_t id_offset,
                            float *heap_d, int64_t *heap_i, int k, float *buf,
                            int32_t *ibuf) noexcept nogil:
-    """Push the n codes into the top-k heap (heap_d, heap_i).
+    """Push the n codes into the top-k heap (heap_d, heap_i); tables T0, T1 as adc_block.
 
     A code's id is ids[i] when ids is not NULL, else id_offset + i. buf and ibuf hold
     SCAN_BLOCK entries each. Only codes beating the heap's root at the start of a block come
@@ -39,10 +50,11 @@ cdef inline void scan_topk(const float *T, int M, int Ks, const code_t *codes, i
         nb = n - b0
         if nb > SCAN_BLOCK:
             nb = SCAN_BLOCK
-        cnt = adc_block(T, M, Ks, codes + b0 * M, nb, heap_d[0], buf, ibuf)
+        cnt = adc_block(T0, T1, M, Ks, codes + b0 * M, nb, heap_d[0], buf, ibuf)
         for j in range(cnt):
             d = buf[j]
             if d < heap_d[0]:
                 i = b0 + ibuf[j]
-                heap_replace_top(heap_d, heap_i, k, d, ids[i] if ids != NULL else id_offset + i)
+                heap_replace_top(heap_d, heap_i, k, d,
+                                 load_id(ids, i) if ids != NULL else id_offset + i)
         b0 += nb

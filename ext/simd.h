@@ -178,6 +178,30 @@ static void cypq_l2sqr_ny(const float *x, const float *CT, int d, int K, float *
     }
 }
 
+/* out[k] = xnorm + cnorm[k] + sum_j x[j] * CTm2[j, k]: squared distances by the norm expansion
+ * (CTm2 = -2 * CT, cnorm = ||c||^2), one FMA per codeword and dimension. */
+CYPQ_CLONES
+static void cypq_l2sqr_ny_norm(const float *x, float xnorm, const float *CTm2,
+                               const float *cnorm, int d, int K, float *out) {
+    for (int k = 0; k < K; k++) out[k] = xnorm + cnorm[k];
+    for (int j = 0; j < d; j++) {
+        const float xj = x[j];
+        const float *row = CTm2 + (int64_t)j * K;
+        for (int k = 0; k < K; k++) out[k] += xj * row[k];
+    }
+}
+
+/* out = A @ z for A (d x d) given as AT (its transpose, row-major): a sum of AT's rows. */
+CYPQ_CLONES
+static void cypq_matvec_t(const float *AT, const float *z, int d, float *out) {
+    for (int a = 0; a < d; a++) out[a] = 0.f;
+    for (int b = 0; b < d; b++) {
+        const float zb = z[b];
+        const float *row = AT + (int64_t)b * d;
+        for (int a = 0; a < d; a++) out[a] += zb * row[a];
+    }
+}
+
 /* out[k] = sum_j x[j] * CT[j, k] for all K codewords. */
 CYPQ_CLONES
 static void cypq_ip_ny(const float *x, const float *CT, int d, int K, float *out) {
@@ -190,28 +214,25 @@ static void cypq_ip_ny(const float *x, const float *CT, int d, int K, float *out
 }
 
 /*
- * Asymmetric distances of n codes (n x M, row-major) for one table T (M x Ks),
- * d_i = sum_m T[m, codes[i, m]], keeping only those below thresh: they go to out[0 .. cnt) with
- * their row numbers in idx, and cnt is returned (thresh = INFINITY keeps all). Four partial sums break the serial chain of adds, so
- * several codes' lookups are in flight at once.
+ * Asymmetric distances of n codes (n x M, row-major), d_i = sum_m T_m[codes[i, m]], where the
+ * table of subspace m is T0 + m * Ks for m < M/2 and T1 + (m - M/2) * Ks after (one table:
+ * T1 = T0 + (M/2) * Ks; LOPQ: the tables of the cell's two halves, each from its own cache).
+ * Only distances below thresh are kept: they go to out[0 .. cnt) with their row numbers in
+ * idx, and cnt is returned (thresh = INFINITY keeps all).
  */
 #define CYPQ_ADC(NAME, CODE_T)                                                              \
     CYPQ_CLONES                                                                             \
-    static int64_t NAME(const float *T, int M, int Ks, const CODE_T *codes, int64_t n,      \
-                        float thresh, float *out, int32_t *idx) {                           \
+    static int64_t NAME(const float *T0, const float *T1, int M, int Ks,                    \
+                        const CODE_T *codes, int64_t n, float thresh, float *out,           \
+                        int32_t *idx) {                                                     \
+        const int Mh = M / 2;                                                               \
         int64_t cnt = 0;                                                                    \
         for (int64_t i = 0; i < n; i++) {                                                   \
             const CODE_T *c = codes + i * (int64_t)M;                                       \
-            float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;                                   \
-            int m = 0;                                                                      \
-            for (; m + 4 <= M; m += 4) {                                                    \
-                s0 += T[(int64_t)m * Ks + c[m]];                                            \
-                s1 += T[(int64_t)(m + 1) * Ks + c[m + 1]];                                  \
-                s2 += T[(int64_t)(m + 2) * Ks + c[m + 2]];                                  \
-                s3 += T[(int64_t)(m + 3) * Ks + c[m + 3]];                                  \
-            }                                                                               \
-            for (; m < M; m++) s0 += T[(int64_t)m * Ks + c[m]];                             \
-            float s = (s0 + s1) + (s2 + s3);                                                \
+            float s0 = 0.f, s1 = 0.f;                                                       \
+            for (int m = 0; m < Mh; m++) s0 += T0[(int64_t)m * Ks + c[m]];                  \
+            for (int m = Mh; m < M; m++) s1 += T1[(int64_t)(m - Mh) * Ks + c[m]];           \
+            float s = s0 + s1;                                                              \
             if (s < thresh) {                                                               \
                 out[cnt] = s;                                                               \
                 idx[cnt++] = (int32_t)i;                                                    \
@@ -221,21 +242,22 @@ static void cypq_ip_ny(const float *x, const float *CT, int d, int K, float *out
     }
 
 /* uint8 codes with Ks = 256 and M = 8 or 16 (the common shapes): with M and Ks known at compile
- * time every table offset folds into the load's address, one load per lookup. */
+ * time every table offset folds into the load's address, one load per lookup; two codes per
+ * step, one add chain per half each, keep four short chains in flight. */
 #define CYPQ_ADC_FIXED(NAME, MM)                                                            \
     CYPQ_CLONES                                                                             \
-    static int64_t NAME(const float *T, const uint8_t *codes, int64_t n, float thresh,     \
-                        float *out, int32_t *idx) {                                         \
+    static int64_t NAME(const float *T0, const float *T1, const uint8_t *codes, int64_t n,  \
+                        float thresh, float *out, int32_t *idx) {                           \
+        enum { H = MM / 2 };                                                                \
         int64_t cnt = 0, i = 0;                                                             \
-        /* Two codes per step, two partial sums each: four short add chains in flight. */   \
         for (; i + 2 <= n; i += 2) {                                                        \
             const uint8_t *c = codes + i * MM, *e = c + MM;                                 \
             float a0 = 0.f, a1 = 0.f, b0 = 0.f, b1 = 0.f;                                   \
-            for (int m = 0; m < MM; m += 2) {                                               \
-                a0 += T[m * 256 + c[m]];                                                    \
-                a1 += T[(m + 1) * 256 + c[m + 1]];                                          \
-                b0 += T[m * 256 + e[m]];                                                    \
-                b1 += T[(m + 1) * 256 + e[m + 1]];                                          \
+            for (int m = 0; m < H; m++) {                                                   \
+                a0 += T0[m * 256 + c[m]];                                                   \
+                a1 += T1[m * 256 + c[H + m]];                                               \
+                b0 += T0[m * 256 + e[m]];                                                   \
+                b1 += T1[m * 256 + e[H + m]];                                               \
             }                                                                               \
             float sa = a0 + a1, sb = b0 + b1;                                               \
             if (sa < thresh) {                                                              \
@@ -250,9 +272,9 @@ static void cypq_ip_ny(const float *x, const float *CT, int d, int K, float *out
         for (; i < n; i++) {                                                                \
             const uint8_t *c = codes + i * MM;                                              \
             float a0 = 0.f, a1 = 0.f;                                                       \
-            for (int m = 0; m < MM; m += 2) {                                               \
-                a0 += T[m * 256 + c[m]];                                                    \
-                a1 += T[(m + 1) * 256 + c[m + 1]];                                          \
+            for (int m = 0; m < H; m++) {                                                   \
+                a0 += T0[m * 256 + c[m]];                                                   \
+                a1 += T1[m * 256 + c[H + m]];                                               \
             }                                                                               \
             float s = a0 + a1;                                                              \
             if (s < thresh) {                                                               \
@@ -265,15 +287,15 @@ static void cypq_ip_ny(const float *x, const float *CT, int d, int K, float *out
 CYPQ_ADC_FIXED(cypq_adc_u8_m8k256, 8)
 CYPQ_ADC_FIXED(cypq_adc_u8_m16k256, 16)
 CYPQ_ADC(cypq_adc_u8_any, uint8_t)
-
-static inline int64_t cypq_adc_u8(const float *T, int M, int Ks, const uint8_t *codes,
-                                  int64_t n, float thresh, float *out, int32_t *idx) {
-    if (Ks == 256 && M == 16) return cypq_adc_u8_m16k256(T, codes, n, thresh, out, idx);
-    if (Ks == 256 && M == 8) return cypq_adc_u8_m8k256(T, codes, n, thresh, out, idx);
-    return cypq_adc_u8_any(T, M, Ks, codes, n, thresh, out, idx);
-}
-
 CYPQ_ADC(cypq_adc_u16, uint16_t)
 CYPQ_ADC(cypq_adc_u32, uint32_t)
+
+static inline int64_t cypq_adc_u8(const float *T0, const float *T1, int M, int Ks,
+                                  const uint8_t *codes, int64_t n, float thresh, float *out,
+                                  int32_t *idx) {
+    if (Ks == 256 && M == 16) return cypq_adc_u8_m16k256(T0, T1, codes, n, thresh, out, idx);
+    if (Ks == 256 && M == 8) return cypq_adc_u8_m8k256(T0, T1, codes, n, thresh, out, idx);
+    return cypq_adc_u8_any(T0, T1, M, Ks, codes, n, thresh, out, idx);
+}
 
 #endif

@@ -1,0 +1,308 @@
+"""The inverted multi-index: an LOPQ model joined to a storage of its codes."""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Optional
+
+import numpy as np
+
+from ._checks import as_codes, as_vectors, positive_int
+from ._threads import resolve
+from .lopq import LOPQCode, LOPQModel
+from .pq import NotFittedError
+from .search import SearchStats, search as _search
+from .storage.base import Storage
+from .storage.memory import MemoryStorage
+
+DEFAULT_QUOTA = 10000
+
+
+class Index:
+    """Search index of LOPQ codes: add, remove, search by multi-sequence + ADC.
+
+    Make one with :meth:`create` (on disk), :meth:`open` (an existing one) or
+    :meth:`in_memory`; not by calling the class.
+    """
+
+    def __init__(self, model: LOPQModel, storage: Storage, path: Optional[str] = None,
+                 readonly: bool = False, n_threads: Optional[int] = None):
+        self._model = model
+        self._storage = storage
+        self.path = path
+        self.readonly = readonly
+        self.n_threads = n_threads
+        # In-memory lists are resized by adds; searches must not run meanwhile. (LMDB readers
+        # see a snapshot and need no lock.)
+        self._lock = threading.RLock() if isinstance(storage, MemoryStorage) else None
+        self._closed = False
+
+    # ------------------------------------------------------------------ making one
+    @classmethod
+    def in_memory(cls, model: LOPQModel, n_threads: Optional[int] = None) -> "Index":
+        """An index held in RAM.
+
+        Parameters
+        ----------
+        model : LOPQModel
+            Trained.
+        n_threads : int, optional
+            Threads of the kernels (None: all cores).
+        """
+        _require_trained(model)
+        storage = MemoryStorage(model.V * model.V, model.M, model.fine_code_dtype)
+        return cls(model, storage, n_threads=n_threads)
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, model: LOPQModel, n_threads: Optional[int] = None,
+               **options) -> "Index":
+        """Create an on-disk index (an LMDB environment in the directory ``path``).
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            A directory that does not exist or is empty.
+        model : LOPQModel
+            Trained; stored inside the index.
+        n_threads : int, optional
+        **options
+            Storage options, see :class:`cypq.storage.lmdb.LMDBStorage`.
+        """
+        _require_trained(model)
+        from .storage.lmdb import LMDBStorage
+        storage = LMDBStorage.create(os.fspath(path), model, **options)
+        return cls(model, storage, os.fspath(path), n_threads=n_threads)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, readonly: bool = False,
+             n_threads: Optional[int] = None, **options) -> "Index":
+        """Open an on-disk index; the model comes from inside it.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+        readonly : bool
+            Open for searching only (no writer lock is taken).
+        n_threads : int, optional
+        """
+        from .storage.lmdb import LMDBStorage
+        storage = LMDBStorage.open(os.fspath(path), readonly=readonly, **options)
+        return cls(storage.model, storage, os.fspath(path), readonly, n_threads)
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def model(self) -> LOPQModel:
+        """LOPQModel: the model whose codes the index holds."""
+        return self._model
+
+    def __len__(self) -> int:
+        self._check_open()
+        return len(self._storage)
+
+    def __enter__(self) -> "Index":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the storage; the index cannot be used afterwards. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._storage.close()
+
+    def __repr__(self) -> str:
+        where = self.path or "memory"
+        state = "closed" if self._closed else f"{len(self)} vectors"
+        return f"<cypq.Index {where}: {state}, V={self._model.V}, M={self._model.M}>"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("this index is closed")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self.readonly:
+            raise PermissionError("this index was opened read-only: open it with "
+                                  "readonly=False to change it")
+
+    def _threads(self) -> int:
+        return resolve(self.n_threads)
+
+    def _locked(self):
+        return self._lock if self._lock is not None else _NoLock
+
+    def stats(self) -> dict:
+        """Counts: vectors, non-empty cells, largest cell, cells, bytes on disk (0 in memory)."""
+        self._check_open()
+        sizes = self._storage.cell_sizes()
+        out = {"vectors": len(self._storage), "cells": int(sizes.size),
+               "non_empty_cells": int(np.count_nonzero(sizes)),
+               "largest_cell": int(sizes.max()) if sizes.size else 0,
+               "bytes_on_disk": 0}
+        out.update(getattr(self._storage, "disk_stats", lambda: {})())
+        return out
+
+    # ------------------------------------------------------------------ changes
+    def add(self, vectors, ids=None, replace: bool = False) -> np.ndarray:
+        """Encode and add vectors in one transaction.
+
+        Parameters
+        ----------
+        vectors : array_like (N, D) or (D,)
+        ids : array_like of int64 (N,), optional
+            Unique; generated (continuing after the largest id so far) when omitted.
+        replace : bool
+            Overwrite ids already in the index instead of failing.
+
+        Returns
+        -------
+        numpy.ndarray int64 (N,): the ids.
+        """
+        self._check_writable()
+        arr = np.asarray(vectors)
+        X = as_vectors(arr[None, :] if arr.ndim == 1 else arr, "vectors", dim=self._model.D,
+                       allow_empty=True)
+        code = self._model.predict(X)
+        return self._add(code.coarse, code.fine, ids, replace)
+
+    def add_codes(self, codes, ids, replace: bool = False) -> np.ndarray:
+        """Add precomputed LOPQ codes in one transaction.
+
+        Parameters
+        ----------
+        codes : LOPQCode or (coarse (N, 2), fine (N, M))
+            As returned by ``model.predict`` for a batch.
+        ids : array_like of int64 (N,)
+        replace : bool
+
+        Returns
+        -------
+        numpy.ndarray int64 (N,): the ids.
+        """
+        self._check_writable()
+        coarse, fine = codes
+        fine = np.asarray(fine)
+        if fine.ndim == 1:
+            fine, coarse = fine[None, :], np.asarray(coarse)[None, :]
+        fine = as_codes(fine, self._model.M, self._model.subquantizer_clusters, "fine codes")
+        coarse = self._model._check_coarse(coarse, fine.shape[0])
+        if ids is None:
+            raise ValueError("add_codes needs the ids of the codes")
+        return self._add(coarse, fine, ids, replace)
+
+    def _add(self, coarse, fine, ids, replace):
+        n = fine.shape[0]
+        with self._locked():
+            if ids is None:
+                ids = self._next_ids(n)
+            else:
+                ids = _as_ids(ids, n)
+            if n:
+                cells = coarse[:, 0].astype(np.int64) * self._model.V + coarse[:, 1]
+                self._storage.add(cells, ids, fine, replace=replace)
+        return ids
+
+    def _next_ids(self, n: int) -> np.ndarray:
+        start = getattr(self._storage, "next_id", None)
+        if start is None:
+            start = self._storage._next_id = getattr(self._storage, "_next_id", 0)
+            self._storage._next_id = start + n
+        else:
+            start = self._storage.reserve_ids(n)
+        return np.arange(start, start + n, dtype=np.int64)
+
+    def remove(self, ids) -> int:
+        """Remove vectors by id in one transaction; absent ids are ignored.
+
+        Returns
+        -------
+        int: how many were removed.
+        """
+        self._check_writable()
+        ids = _as_ids(ids, None, unique=False)
+        with self._locked():
+            return self._storage.remove(ids)
+
+    def contains(self, ids) -> np.ndarray:
+        """bool array (N,): which ids are in the index."""
+        self._check_open()
+        return self._storage.lookup(_as_ids(ids, None, unique=False))[0]
+
+    def lookup(self, ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Where ids are: (found (N,) bool, cells (N,) int64, -1 if absent, fine codes (N, M))."""
+        self._check_open()
+        return self._storage.lookup(_as_ids(ids, None, unique=False))
+
+    # ------------------------------------------------------------------ search
+    def search(self, queries, k: int = 10, quota: Optional[int] = None, w: Optional[int] = None,
+               return_stats: bool = False):
+        """Approximate nearest neighbours by LOPQ: whole cells in multi-sequence order until
+        they hold at least ``quota`` vectors (or ``w`` cells were visited), ranked by
+        asymmetric distance.
+
+        Parameters
+        ----------
+        queries : array_like (nq, D) or (D,)
+        k : int
+            Results per query.
+        quota : int, optional
+            Candidates to gather (default 10000; 0 scans every cell).
+        w : int, optional
+            Cap on the cells visited, empty ones included.
+        return_stats : bool
+            Also return a SearchStats (cells scanned and visited, codes scanned per query).
+
+        Returns
+        -------
+        D : numpy.ndarray float32 (nq, k)
+            Squared L2 distances from the query to the vectors' reconstructions, ascending;
+            inf where a query has fewer than k results.
+        I : numpy.ndarray int64 (nq, k)
+            Ids; -1 where a query has fewer than k results.
+        """
+        self._check_open()
+        k = positive_int(k, "k")
+        quota = DEFAULT_QUOTA if quota is None else int(quota)
+        if quota < 0:
+            raise ValueError("quota must be >= 0")
+        if w is not None:
+            w = positive_int(w, "w")
+        Q, _ = self._model._prepare(queries, "queries")
+        with self._locked():
+            D, I, stats = _search(self._model, self._storage, Q, k, quota, w, self._threads())
+        return (D, I, stats) if return_stats else (D, I)
+
+
+class _NoLockType:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NoLock = _NoLockType()
+
+
+def _require_trained(model) -> None:
+    if not isinstance(model, LOPQModel):
+        raise TypeError(f"expected a cypq.LOPQModel, got {type(model).__name__}")
+    if not model.is_trained:
+        raise NotFittedError("the model is not fully trained: call model.fit() first")
+
+
+def _as_ids(ids, n: Optional[int], unique: bool = True) -> np.ndarray:
+    arr = np.asarray(ids)
+    if arr.ndim == 0:
+        arr = arr[None]
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"ids must be integers, got dtype {arr.dtype}")
+    if arr.ndim != 1 or (n is not None and arr.shape[0] != n):
+        raise ValueError(f"ids must have shape ({n if n is not None else 'N'},), got {arr.shape}")
+    arr = arr.astype(np.int64)
+    if arr.size and arr.min() < 0:
+        raise ValueError("ids must be non-negative (-1 marks a missing result)")
+    if unique and len(np.unique(arr)) != len(arr):
+        raise ValueError("ids must be unique within one call")
+    return arr

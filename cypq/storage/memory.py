@@ -1,0 +1,125 @@
+"""Inverted lists in RAM: per cell, growable arrays of ids and codes."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+
+from .base import Segments, Storage
+
+
+class _Cell:
+    __slots__ = ("ids", "codes", "n")
+
+    def __init__(self, M, dtype, cap):
+        self.ids = np.empty(cap, dtype=np.int64)
+        self.codes = np.empty((cap, M), dtype=dtype)
+        self.n = 0
+
+    def append(self, ids, codes):
+        need = self.n + len(ids)
+        if need > len(self.ids):
+            cap = max(need, 2 * len(self.ids))
+            self.ids = np.resize(self.ids, cap)
+            grown = np.empty((cap, self.codes.shape[1]), dtype=self.codes.dtype)
+            grown[:self.n] = self.codes[:self.n]
+            self.codes = grown
+        self.ids[self.n:need] = ids
+        self.codes[self.n:need] = codes
+        self.n = need
+
+
+class MemoryStorage(Storage):
+    """Inverted lists held in memory.
+
+    Parameters
+    ----------
+    n_cells : int
+    code_width : int
+        Codes per entry (M).
+    code_dtype : numpy dtype
+    """
+
+    def __init__(self, n_cells: int, code_width: int, code_dtype):
+        self.n_cells = int(n_cells)
+        self.code_width = int(code_width)
+        self.code_dtype = np.dtype(code_dtype)
+        self._cells: dict[int, _Cell] = {}
+        self._where: dict[int, tuple[int, int]] = {}   # id -> (cell, position)
+        self._sizes = np.zeros(self.n_cells, dtype=np.int64)
+        # Addresses of each cell's arrays, so a search finds its cells' segments in NumPy.
+        self._codes_at = np.zeros(self.n_cells, dtype=np.uintp)
+        self._ids_at = np.zeros(self.n_cells, dtype=np.uintp)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def cell_sizes(self) -> np.ndarray:
+        return self._sizes
+
+    def add(self, cells, ids, codes, replace=False):
+        ids = np.asarray(ids, dtype=np.int64)
+        present = [int(i) for i in ids if int(i) in self._where]
+        if present and not replace:
+            raise KeyError(f"{len(present)} ids are already in the index (first: {present[0]}); "
+                           "pass replace=True to overwrite them")
+        if present:
+            self.remove(np.asarray(present, dtype=np.int64))
+        cells = np.asarray(cells, dtype=np.int64)
+        codes = np.asarray(codes, dtype=self.code_dtype)
+        order = np.argsort(cells, kind="stable")
+        bounds = np.flatnonzero(np.diff(cells[order])) + 1
+        for grp in np.split(order, bounds):
+            if not len(grp):
+                continue
+            c = int(cells[grp[0]])
+            cell = self._cells.get(c)
+            if cell is None:
+                cell = self._cells[c] = _Cell(self.code_width, self.code_dtype, max(4, len(grp)))
+            start = cell.n
+            cell.append(ids[grp], codes[grp])
+            self._codes_at[c] = cell.codes.ctypes.data
+            self._ids_at[c] = cell.ids.ctypes.data
+            for j, i in enumerate(ids[grp].tolist()):
+                self._where[i] = (c, start + j)
+            self._sizes[c] += len(grp)
+
+    def remove(self, ids):
+        removed = 0
+        for i in np.asarray(ids, dtype=np.int64).tolist():
+            loc = self._where.pop(i, None)
+            if loc is None:
+                continue
+            c, pos = loc
+            cell = self._cells[c]
+            last = cell.n - 1
+            if pos != last:  # move the last entry into the hole
+                moved = int(cell.ids[last])
+                cell.ids[pos] = moved
+                cell.codes[pos] = cell.codes[last]
+                self._where[moved] = (c, pos)
+            cell.n = last
+            self._sizes[c] -= 1
+            removed += 1
+        return removed
+
+    def lookup(self, ids):
+        ids = np.asarray(ids, dtype=np.int64)
+        found = np.zeros(len(ids), dtype=bool)
+        cells = np.full(len(ids), -1, dtype=np.int64)
+        codes = np.zeros((len(ids), self.code_width), dtype=self.code_dtype)
+        for j, i in enumerate(ids.tolist()):
+            loc = self._where.get(i)
+            if loc is not None:
+                found[j] = True
+                cells[j] = loc[0]
+                codes[j] = self._cells[loc[0]].codes[loc[1]]
+        return found, cells, codes
+
+    @contextmanager
+    def segments(self, cells):
+        cells = np.asarray(cells, dtype=np.int64)
+        # One segment per cell; the arrays stay referenced by self while the caller scans
+        # (the Index keeps adds and searches of a MemoryStorage apart).
+        yield Segments(cells, np.arange(len(cells) + 1, dtype=np.int64), self._codes_at[cells],
+                       self._ids_at[cells], self._sizes[cells])

@@ -1,0 +1,262 @@
+"""LOPQModel against NumPy references of LOPQ's formulas and the LOPQ reference fixtures."""
+import io
+import pickle
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cypq
+from cypq import LOPQModel, ModelFileError, NotFittedError
+
+from conftest import clustered
+
+LOPQ_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "lopq"
+needs_lopq_data = pytest.mark.skipif(not (LOPQ_DATA / "random_test_model.lopq").exists(),
+                                     reason="LOPQ reference fixtures not present")
+
+
+@pytest.fixture(scope="module")
+def data():
+    return clustered(6000, 32, n_clusters=30, seed=31)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["nopca", "pca"])
+def model(request, data):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return LOPQModel(V=8, M=8, subquantizer_clusters=32, pca=request.param).fit(
+            data, random_state=1)
+
+
+def ref_project(m, x, coarse):
+    """LOPQ's formula, per half: R[c] @ (x_half - C[c] - mu[c])."""
+    x = m._apply_pca(np.asarray(x, np.float32)[None])[0]
+    h = len(x) // 2
+    return np.concatenate([m.Rs[s][coarse[s]] @ (x[s * h:(s + 1) * h] - m.Cs[s][coarse[s]]
+                                                  - m.mus[s][coarse[s]]) for s in range(2)])
+
+
+def test_predict_matches_reference(model, data):
+    X = data[:300]
+    code = model.predict(X)
+    Xp = model._apply_pca(X)
+    h = Xp.shape[1] // 2
+    for s in range(2):
+        d = ((Xp[:, None, s * h:(s + 1) * h] - model.Cs[s][None]) ** 2).sum(-1)
+        np.testing.assert_array_equal(code.coarse[:, s], d.argmin(1))
+    subs = list(model.subquantizers[0]) + list(model.subquantizers[1])
+    ds = subs[0].shape[1]
+    for i in range(0, 300, 37):
+        px = ref_project(model, X[i], code.coarse[i])
+        np.testing.assert_allclose(model.project(X[i], code.coarse[i]), px, rtol=1e-4, atol=1e-4)
+        want = [((px[m * ds:(m + 1) * ds] - subs[m]) ** 2).sum(1).argmin() for m in range(8)]
+        assert tuple(want) == tuple(code.fine[i])
+        # single-vector calls give LOPQ's tuples and agree with the batch
+        one = model.predict(X[i])
+        assert one.coarse == tuple(code.coarse[i]) and one.fine == tuple(code.fine[i])
+        assert isinstance(one.coarse[0], int)
+
+
+def test_reconstruct_matches_reference(model, data):
+    code = model.predict(data[:50])
+    rec = model.reconstruct(code)
+    subs = list(model.subquantizers[0]) + list(model.subquantizers[1])
+    for i in range(0, 50, 7):
+        c, f = code.coarse[i], code.fine[i]
+        sx = np.concatenate([subs[m][f[m]] for m in range(8)])
+        h = len(sx) // 2
+        x = np.concatenate([model.Rs[s][c[s]].T @ sx[s * h:(s + 1) * h] + model.mus[s][c[s]]
+                            + model.Cs[s][c[s]] for s in range(2)])
+        if model.pca_matrix is not None:
+            x = x @ model.pca_matrix.T + model.pca_mean
+        np.testing.assert_allclose(rec[i], x, rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(model.reconstruct((tuple(c), tuple(f))), rec[i], atol=1e-4)
+    # a good model: reconstruction error far below the data's variance
+    assert ((rec - data[:50]) ** 2).sum(1).mean() < 0.2 * data[:50].var(0).sum()
+
+
+def test_subquantizer_distances(model, data):
+    x = data[7]
+    c = model.predict_coarse(x)
+    dists = model.get_subquantizer_distances(x, c)
+    px = ref_project(model, x, c)
+    subs = list(model.subquantizers[0]) + list(model.subquantizers[1])
+    ds = subs[0].shape[1]
+    assert len(dists) == 8
+    for m in range(8):
+        np.testing.assert_allclose(dists[m], ((px[m * ds:(m + 1) * ds] - subs[m]) ** 2).sum(1),
+                                   rtol=1e-3, atol=1e-3)
+    half = model.get_subquantizer_distances(x, c, coarse_split=1)
+    assert len(half) == 4
+    np.testing.assert_allclose(half[0], dists[4], rtol=1e-5)
+    assert model.project(x, c, coarse_split=0).shape == (16,)
+
+
+def test_cell_ids(model):
+    assert model.get_cell_id_for_coarse_codes((3, 5)) == 3 * 8 + 5
+    assert model.get_coarse_codes_for_cell_id(29) == (3, 5)
+    ids = model.get_cell_id_for_coarse_codes(np.array([[1, 2], [7, 7]]))
+    np.testing.assert_array_equal(ids, [10, 63])
+    np.testing.assert_array_equal(model.get_coarse_codes_for_cell_id(ids), [[1, 2], [7, 7]])
+
+
+def test_local_rotations_are_orthogonal(model):
+    for R in model.Rs:
+        for r in R:
+            np.testing.assert_allclose(r @ r.T, np.eye(r.shape[0]), atol=1e-4)
+
+
+def test_fit_deterministic_and_partial(data):
+    a = LOPQModel(V=8, M=4, subquantizer_clusters=16).fit(data, random_state=3)
+    b = LOPQModel(V=8, M=4, subquantizer_clusters=16, n_threads=1).fit(data, random_state=3)
+    assert a == b
+    # Only the missing parts are trained; given ones are kept as they are.
+    part = LOPQModel(parameters=(a.Cs, None, None, None), M=4, subquantizer_clusters=16)
+    part.fit(data, random_state=3)
+    assert part.Cs[0] is not None and np.array_equal(part.Cs[0], a.Cs[0])
+    assert part == a
+    only_subs = LOPQModel(parameters=(a.Cs, a.Rs, a.mus, None), M=4, subquantizer_clusters=16)
+    only_subs.fit(data, random_state=3)
+    assert only_subs == a
+
+
+def test_small_and_empty_clusters_warn_not_nan():
+    rng = np.random.default_rng(0)
+    X = np.concatenate([rng.normal(0, 1, (400, 16)), rng.normal(30, 1, (3, 16))]).astype(
+        np.float32)
+    with pytest.warns(RuntimeWarning, match="fewer points than dimensions"):
+        m = LOPQModel(V=16, M=4, subquantizer_clusters=8).fit(X, random_state=0)
+    for part in (m.Rs, m.mus):
+        assert all(np.isfinite(p).all() for p in part)
+    assert np.isfinite(m.reconstruct(m.predict(X))).all()
+
+
+def test_pickle(model, data):
+    again = pickle.loads(pickle.dumps(model))
+    assert again == model
+    np.testing.assert_array_equal(again.predict(data[:20]).fine, model.predict(data[:20]).fine)
+
+
+def test_errors(data):
+    with pytest.raises(ValueError, match="even"):
+        LOPQModel(V=8, M=3)
+    with pytest.raises(ValueError, match="fewer than V"):
+        LOPQModel(V=64, M=4).fit(data[:10])
+    with pytest.raises(ValueError, match="divisible by M"):
+        LOPQModel(V=4, M=6, subquantizer_clusters=8).fit(data[:, :20])
+    with pytest.raises(NotFittedError, match="fit()"):
+        LOPQModel(V=4, M=4).predict(data[:2])
+    m = LOPQModel(V=4, M=4, subquantizer_clusters=8).fit(data[:500])
+    with pytest.raises(ValueError, match="dimension"):
+        m.predict(data[:3, :16])
+    with pytest.raises(ValueError, match="NaN"):
+        m.predict(np.full((2, 32), np.nan))
+    with pytest.raises(ValueError, match="coarse codes"):
+        m.reconstruct(((9, 0), (0, 0, 0, 0)))
+    with pytest.raises(ValueError, match="Ks=8"):
+        m.reconstruct(((1, 0), (0, 0, 0, 99)))
+
+
+# ---------------------------------------------------------------- model files
+
+def test_proto_roundtrip(model, tmp_path):
+    path = tmp_path / "m.lopq"
+    model.export_proto(str(path))
+    again = LOPQModel.load_proto(str(path))
+    assert again == model
+    buf = io.BytesIO()
+    again.export_proto(buf)
+    assert buf.getvalue() == path.read_bytes()
+
+
+@needs_lopq_data
+def test_reference_model_reconstruction():
+    m = LOPQModel.load_proto(str(LOPQ_DATA / "random_test_model.lopq"))
+    assert (m.V, m.M, m.subquantizer_clusters, m.D) == (5, 4, 10, 8)  # header says 256
+    np.testing.assert_allclose(
+        m.reconstruct(((0, 1), (0, 1, 2, 3))),
+        [-2.27444688, 6.47126941, 4.5042611, 4.76683476, 0.83671082, 9.36027283, 8.11780532,
+         6.34846377], rtol=1e-6)
+
+
+@needs_lopq_data
+def test_reference_model_bytes_both_ways():
+    """Our export equals LOPQ's re-export of the file: the same bytes, except that
+    num_subquantizers is taken from the arrays (10), as LOPQ's exporter does."""
+    orig = (LOPQ_DATA / "random_test_model.lopq").read_bytes()
+    buf = io.BytesIO()
+    LOPQModel.load_proto(io.BytesIO(orig)).export_proto(buf)
+    field4_256, field4_10 = bytes([0x20, 0x80, 0x02]), bytes([0x20, 0x0A])
+    assert orig.count(field4_256) == 1
+    assert buf.getvalue() == orig.replace(field4_256, field4_10)
+
+
+def test_partial_model_loads(data, tmp_path):
+    m = LOPQModel(V=4, M=4, subquantizer_clusters=8).fit(data[:500])
+    part = LOPQModel(parameters=(m.Cs, None, None, None))
+    path = tmp_path / "coarse.lopq"
+    part.export_proto(str(path))
+    loaded = LOPQModel.load_proto(str(path))
+    assert loaded.Rs is None and np.array_equal(loaded.Cs[0], m.Cs[0])
+    assert loaded.predict_coarse(data[0]) == m.predict_coarse(data[0])
+    with pytest.raises(NotFittedError):
+        loaded.predict(data[0])
+
+
+def test_pca_model_file_readable_by_lopq_readers(data, tmp_path):
+    """LOPQ readers skip cypq's PCA fields and see a model of the PCA'd vectors."""
+    m = LOPQModel(V=4, M=4, subquantizer_clusters=8, pca=True).fit(data[:800])
+    path = tmp_path / "pca.lopq"
+    m.export_proto(str(path))
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+    # A reader built from LOPQ's schema alone (fields 1-8), as LOPQ's own code has it.
+    fdp = descriptor_pb2.FileDescriptorProto(name="lopq_ref.proto", package="lopqref",
+                                             syntax="proto2")
+    for name, fields in [("Vector", [("values", 1, 2, 3, True)]),
+                         ("Matrix", [("values", 1, 2, 3, True), ("shape", 2, 13, 3, False)])]:
+        msg = fdp.message_type.add(name=name)
+        for fname, num, typ, label, packed in fields:
+            f = msg.field.add(name=fname, number=num, type=typ, label=label)
+            if packed:
+                f.options.packed = True
+    p = fdp.message_type.add(name="LOPQModelParams")
+    for i, fname in enumerate(["D", "V", "M", "num_subquantizers"], start=1):
+        p.field.add(name=fname, number=i, type=13, label=1)
+    for i, (fname, t) in enumerate([("Cs", "Matrix"), ("Rs", "Matrix"), ("mus", "Vector"),
+                                    ("subs", "Matrix")], start=5):
+        p.field.add(name=fname, number=i, type=11, label=3, type_name=f".lopqref.{t}")
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fdp)
+    cls = message_factory.GetMessageClass(pool.FindMessageTypeByName("lopqref.LOPQModelParams"))
+    ref = cls()
+    ref.ParseFromString(path.read_bytes())
+    assert ref.D == 32 and len(ref.Cs) == 2 and len(ref.Rs) == 8 and len(ref.subs) == 4
+    C0 = np.array(ref.Cs[0].values, np.float32).reshape(tuple(ref.Cs[0].shape))
+    np.testing.assert_array_equal(C0, m.Cs[0])
+    # what such a reader must do: apply the PCA, then use the model as stored
+    again = LOPQModel.load_proto(str(path))
+    assert again == m
+
+
+@pytest.mark.parametrize("mutate,msg", [
+    (lambda b: b[: len(b) // 2], "truncated or corrupt"),
+    (lambda b: b"", "no LOPQ model parameters"),
+    (lambda b: b"\xff\xff\xff\xff garbage", "truncated or corrupt|no LOPQ"),
+])
+def test_corrupt_files(model, mutate, msg):
+    buf = io.BytesIO()
+    model.export_proto(buf)
+    with pytest.raises(ModelFileError, match=msg):
+        LOPQModel.load_proto(mutate(buf.getvalue()))
+
+
+def test_inconsistent_file():
+    from cypq.proto import lopq_model_pb2 as pb
+    p = pb.LOPQModelParams()
+    c = p.Cs.add()
+    c.values.extend([1.0, 2.0, 3.0])
+    c.shape.extend([2, 2])
+    with pytest.raises(ModelFileError, match="shape"):
+        LOPQModel.load_proto(p.SerializeToString())

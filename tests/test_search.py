@@ -1,0 +1,175 @@
+"""LOPQ search (multi-sequence + ADC) against the pure-Python reference and LOPQ's facts."""
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cypq
+from cypq import Index, LOPQModel
+
+import lopq_reference as ref
+from conftest import clustered
+
+LOPQ_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "lopq"
+needs_lopq_data = pytest.mark.skipif(not (LOPQ_DATA / "searcher_data.npy").exists(),
+                                     reason="LOPQ reference fixtures not present")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    X = clustered(3000, 16, n_clusters=12, seed=41)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        model = LOPQModel(V=6, M=4, subquantizer_clusters=16).fit(X, random_state=2)
+    Q = clustered(25, 16, n_clusters=12, seed=42)
+    return model, X, Q
+
+
+def _entries(model, X, ids):
+    code = model.predict(X)
+    entries = {}
+    for i, c, f in zip(ids, code.coarse, code.fine):
+        entries.setdefault(int(c[0]) * model.V + int(c[1]), []).append((int(i), c, f))
+    return entries
+
+
+@pytest.mark.parametrize("quota,k", [(50, 10), (300, 25), (5000, 40), (1, 5)])
+def test_search_equals_reference(setup, quota, k, n_threads):
+    model, X, Q = setup
+    ids = np.arange(len(X)) * 3 + 7
+    index = Index.in_memory(model, n_threads=n_threads)
+    index.add(X, ids)
+    D, I, st = index.search(Q, k=k, quota=quota, return_stats=True)
+    entries = _entries(model, X, ids)
+    for qi, q in enumerate(Q):
+        dists, rids, n_cells, n_cand, every = ref.search(model, entries, q, k, quota)
+        assert st.visited[qi] == n_cells
+        assert st.scanned[qi] == n_cand
+        n = len(rids)
+        np.testing.assert_allclose(D[qi, :n], dists, rtol=1e-4, atol=1e-3)
+        assert (I[qi, n:] == -1).all() and np.isinf(D[qi, n:]).all()
+        # every id returned is a candidate at the distance returned (ids differ only on ties)
+        got = [every[int(i)] for i in I[qi, :n]]
+        np.testing.assert_allclose(got, D[qi, :n], rtol=1e-4, atol=1e-3)
+        assert len(set(I[qi, :n].tolist())) == n
+        # ids strictly closer than the k-th distance are the same set (ties may swap)
+        if n:
+            cut = D[qi, n - 1] - 1e-3 * max(1.0, abs(D[qi, n - 1]))
+            assert set(I[qi, :n][D[qi, :n] < cut].tolist()) == \
+                {i for s, i in zip(dists, rids) if s < cut}
+
+
+def test_multisequence_order(setup):
+    """Cells come in non-decreasing d0 + d1 and match LOPQ's rule."""
+    model, _, Q = setup
+    seq = list(ref.multisequence(model, Q[0]))
+    assert len(seq) == model.V ** 2 and len({(a, b) for a, b, _ in seq}) == model.V ** 2
+    d = [s for _, _, s in seq]
+    assert all(d[i] <= d[i + 1] + 1e-4 for i in range(len(d) - 1))
+    # the kernel visits the same cells (it returns the non-empty ones, sorted by id)
+    from cypq import _search
+    sizes = np.ones(model.V ** 2, dtype=np.int64)
+    cells = np.empty((1, 20), np.int64)
+    nc, nv, ncand = (np.empty(1, np.int64) for _ in range(3))
+    _search.cell_order(np.ascontiguousarray(Q[:1]), model.Cs[0], model.Cs[1], sizes, 20, 0,
+                       cells, nc, nv, ncand, 1)
+    assert nv[0] == 20
+    assert sorted(cells[0]) == sorted(a * model.V + b for a, b, _ in seq[:20])
+
+
+def test_w_caps_visited_cells(setup):
+    model, X, Q = setup
+    index = Index.in_memory(model)
+    index.add(X)
+    _, _, st = index.search(Q, k=5, quota=10**9, w=3, return_stats=True)
+    assert (st.visited <= 3).all()
+    _, _, st = index.search(Q, k=5, quota=0, return_stats=True)  # every cell
+    assert (st.scanned == len(X)).all()
+
+
+def test_data_and_codes_give_same_results(setup):
+    model, X, Q = setup
+    a, b = Index.in_memory(model), Index.in_memory(model)
+    ids = a.add(X)
+    b.add_codes(model.predict(X), ids)
+    Da, Ia = a.search(Q, k=10, quota=200)
+    Db, Ib = b.search(Q, k=10, quota=200)
+    np.testing.assert_array_equal(Ia, Ib)
+    np.testing.assert_array_equal(Da, Db)
+
+
+def test_remove_and_replace_keep_search_consistent(setup):
+    model, X, Q = setup
+    index = Index.in_memory(model)
+    ids = index.add(X)
+    assert len(index) == len(X) and index.contains(ids[:3]).all()
+    gone = ids[::2]
+    assert index.remove(gone) == len(gone)
+    assert index.remove(gone) == 0
+    assert len(index) == len(X) - len(gone) and not index.contains(gone).any()
+    D, I = index.search(Q, k=20, quota=0)
+    assert not np.isin(I, gone).any()
+    # same as an index built from the kept vectors only
+    fresh = Index.in_memory(model)
+    fresh.add(X[1::2], ids[1::2])
+    D2, I2 = fresh.search(Q, k=20, quota=0)
+    np.testing.assert_allclose(D, D2, rtol=1e-6)
+    # replace: id 1 now holds the vector of row 0
+    with pytest.raises(KeyError, match="replace=True"):
+        index.add(X[:1], [ids[1]])
+    index.add(X[:1], [ids[1]], replace=True)
+    found, cells, codes = index.lookup([ids[1]])
+    code = model.predict(X[0])
+    assert found[0] and cells[0] == model.get_cell_id_for_coarse_codes(code.coarse)
+    assert tuple(codes[0]) == code.fine
+
+
+def test_generated_ids_continue(setup):
+    model, X, _ = setup
+    index = Index.in_memory(model)
+    a = index.add(X[:5])
+    b = index.add(X[5:9])
+    np.testing.assert_array_equal(np.concatenate([a, b]), np.arange(9))
+
+
+def test_search_errors(setup):
+    model, X, Q = setup
+    index = Index.in_memory(model)
+    index.add(X[:100])
+    with pytest.raises(ValueError, match="dimension"):
+        index.search(Q[:, :8])
+    with pytest.raises(ValueError, match="k must be positive"):
+        index.search(Q, k=0)
+    with pytest.raises(ValueError, match="unique"):
+        index.add(X[:2], [5, 5])
+    with pytest.raises(ValueError, match="non-negative"):
+        index.add(X[:1], [-3])
+    with pytest.raises(TypeError, match="LOPQModel"):
+        Index.in_memory("model")
+    with pytest.raises(cypq.NotFittedError):
+        Index.in_memory(LOPQModel(V=4, M=4))
+    D, I = Index.in_memory(model).search(Q[:2], k=3)  # empty index
+    assert (I == -1).all() and np.isinf(D).all()
+    index.close()
+    with pytest.raises(ValueError, match="closed"):
+        index.search(Q)
+
+
+@needs_lopq_data
+@pytest.mark.parametrize("as_codes", [False, True])
+def test_lopq_searcher_facts(as_codes):
+    model = LOPQModel.load_proto(str(LOPQ_DATA / "random_test_model.lopq"))
+    data = np.load(LOPQ_DATA / "searcher_data.npy")
+    index = Index.in_memory(model)
+    if as_codes:
+        index.add_codes(model.predict(data), np.arange(len(data)))
+    else:
+        index.add(data)
+    q = np.ones(8)
+    for quota, limit, n_results, n_items, n_cells in [(10, None, 10, 12, 3),
+                                                     (20, None, 20, 28, 5),
+                                                     (20, 10, 10, 28, 5)]:
+        D, I, st = index.search(q, k=limit or quota, quota=quota, return_stats=True)
+        assert st.scanned[0] == n_items and st.visited[0] == n_cells
+        assert (I[0] >= 0).sum() == n_results
