@@ -135,7 +135,8 @@ class Index:
     def stats(self) -> dict:
         """Counts: vectors, non-empty cells, largest cell, cells, bytes on disk (0 in memory)."""
         self._check_open()
-        sizes = self._storage.cell_sizes()
+        with self._storage.snapshot() as snap:
+            sizes = snap.cell_sizes().copy()
         out = {"vectors": len(self._storage), "cells": int(sizes.size),
                "non_empty_cells": int(np.count_nonzero(sizes)),
                "largest_cell": int(sizes.max()) if sizes.size else 0,
@@ -193,24 +194,13 @@ class Index:
 
     def _add(self, coarse, fine, ids, replace):
         n = fine.shape[0]
+        if ids is not None:
+            ids = _as_ids(ids, n)
+        if not n:
+            return np.empty(0, dtype=np.int64)
+        cells = coarse[:, 0].astype(np.int64) * self._model.V + coarse[:, 1]
         with self._locked():
-            if ids is None:
-                ids = self._next_ids(n)
-            else:
-                ids = _as_ids(ids, n)
-            if n:
-                cells = coarse[:, 0].astype(np.int64) * self._model.V + coarse[:, 1]
-                self._storage.add(cells, ids, fine, replace=replace)
-        return ids
-
-    def _next_ids(self, n: int) -> np.ndarray:
-        start = getattr(self._storage, "next_id", None)
-        if start is None:
-            start = self._storage._next_id = getattr(self._storage, "_next_id", 0)
-            self._storage._next_id = start + n
-        else:
-            start = self._storage.reserve_ids(n)
-        return np.arange(start, start + n, dtype=np.int64)
+            return self._storage.add(cells, ids, fine, replace=replace)
 
     def remove(self, ids) -> int:
         """Remove vectors by id in one transaction; absent ids are ignored.

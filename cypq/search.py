@@ -58,28 +58,36 @@ def search(model, storage: Storage, Q: np.ndarray, k: int, quota: int, w: int | 
     if w:
         cap = min(cap, w)
     C0, C1 = model.Cs
-    R0, R1 = model._rotations_transposed()
+    RT0, RT1 = model._rotations_transposed()
     mu0, mu1 = model.mus
     subs = model._fine_stack()
     code_bytes = np.dtype(model.fine_code_dtype).itemsize
     D = np.empty((nq, k), dtype=np.float32)
     I = np.empty((nq, k), dtype=np.int64)
     stats = SearchStats(np.zeros(nq, np.int64), np.zeros(nq, np.int64), np.zeros(nq, np.int64))
-    sizes = storage.cell_sizes()
     batch = max(1, min(_BATCH, (1 << 22) // cap))  # cell lists of at most 32 MB
-    for q0 in range(0, nq, batch):
-        q1 = min(nq, q0 + batch)
-        Qb = Q[q0:q1]
-        cells = np.empty((q1 - q0, cap), dtype=np.int64)
-        n_cand = np.empty(q1 - q0, dtype=np.int64)
-        _search.cell_order(Qb, C0, C1, sizes, quota, w or 0, cells, stats.cells[q0:q1],
-                           stats.visited[q0:q1], n_cand, n_threads)
-        used = np.arange(cap)[None, :] < stats.cells[q0:q1, None]
-        distinct = np.unique(cells[used])
-        slot = np.full(cells.shape, -1, dtype=np.int64)
-        slot[used] = np.searchsorted(distinct, cells[used])
-        with storage.segments(distinct) as seg:
-            _search.scan_cells(Qb, C0, C1, R0, R1, mu0, mu1, subs, cells, stats.cells[q0:q1],
-                               slot, seg.start, seg.codes, seg.ids, seg.length, code_bytes,
-                               D[q0:q1], I[q0:q1], stats.scanned[q0:q1], n_threads)
+    with storage.snapshot() as snap:
+        sizes = snap.cell_sizes()
+        for q0 in range(0, nq, batch):
+            _search_batch(model, snap, sizes, Q, q0, min(nq, q0 + batch), k, quota, w, cap,
+                          (C0, C1, RT0, RT1, mu0, mu1, subs, code_bytes), D, I, stats, n_threads)
     return D, I, stats
+
+
+def _search_batch(model, snap, sizes, Q, q0, q1, k, quota, w, cap, params, D, I, stats,
+                  n_threads):
+    """Search queries q0:q1 (phase A, the snapshot's segments, phase C)."""
+    C0, C1, RT0, RT1, mu0, mu1, subs, code_bytes = params
+    Qb = Q[q0:q1]
+    cells = np.empty((q1 - q0, cap), dtype=np.int64)
+    n_cand = np.empty(q1 - q0, dtype=np.int64)
+    _search.cell_order(Qb, C0, C1, sizes, quota, w or 0, cells, stats.cells[q0:q1],
+                       stats.visited[q0:q1], n_cand, n_threads)
+    used = np.arange(cap)[None, :] < stats.cells[q0:q1, None]
+    distinct = np.unique(cells[used])
+    slot = np.full(cells.shape, -1, dtype=np.int64)
+    slot[used] = np.searchsorted(distinct, cells[used])
+    seg = snap.segments(distinct)
+    _search.scan_cells(Qb, C0, C1, RT0, RT1, mu0, mu1, subs, cells, stats.cells[q0:q1], slot,
+                       seg.start, seg.codes, seg.ids, seg.length, code_bytes, D[q0:q1],
+                       I[q0:q1], stats.scanned[q0:q1], n_threads)

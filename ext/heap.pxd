@@ -1,5 +1,7 @@
 # A bounded max-heap of (distance, id) pairs kept in caller-owned arrays: the top-k of a scan.
 # The root holds the worst of the k best so far; a candidate enters only if it beats the root.
+# Pairs are ordered by distance, then id, so equal distances never make results depend on the
+# order entries were scanned in (or stored in).
 from libc.math cimport INFINITY
 from libc.stdint cimport int64_t
 
@@ -11,6 +13,13 @@ cdef inline void heap_init(float *dist, int64_t *ids, int k) noexcept nogil:
         ids[i] = -1
 
 
+cdef inline bint heap_worse(float d1, int64_t i1, float d2, int64_t i2) noexcept nogil:
+    """(d1, i1) ranks after (d2, i2). Empty slots (inf, -1) rank after every entry."""
+    if d1 != d2:
+        return d1 > d2
+    return (i1 > i2) if (i1 >= 0 and i2 >= 0) else (i1 < 0 and i2 >= 0)
+
+
 cdef inline void heap_replace_top(float *dist, int64_t *ids, int k, float d, int64_t idx) noexcept nogil:
     """Replace the root by (d, idx) and sift it down."""
     cdef int i = 0, child
@@ -18,9 +27,9 @@ cdef inline void heap_replace_top(float *dist, int64_t *ids, int k, float d, int
         child = 2 * i + 1
         if child >= k:
             break
-        if child + 1 < k and dist[child + 1] > dist[child]:
+        if child + 1 < k and heap_worse(dist[child + 1], ids[child + 1], dist[child], ids[child]):
             child += 1
-        if dist[child] <= d:
+        if not heap_worse(dist[child], ids[child], d, idx):
             break
         dist[i] = dist[child]
         ids[i] = ids[child]

@@ -4,7 +4,7 @@ from libc.math cimport INFINITY
 from libc.string cimport memcpy
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t
 
-from heap cimport heap_replace_top
+from heap cimport heap_replace_top, heap_worse
 from simd cimport cypq_adc_u8, cypq_adc_u16, cypq_adc_u32
 from types cimport code_t
 
@@ -41,8 +41,9 @@ cdef inline void scan_topk(const float *T0, const float *T1, int M, int Ks,
     """Push the n codes into the top-k heap (heap_d, heap_i); tables T0, T1 as adc_block.
 
     A code's id is ids[i] when ids is not NULL, else id_offset + i. buf and ibuf hold
-    SCAN_BLOCK entries each. Only codes beating the heap's root at the start of a block come
-    back from the SIMD loop; they are checked again against the root as it tightens.
+    SCAN_BLOCK entries each. Only codes at most the heap root's distance at the start of a
+    block come back from the SIMD loop; they are checked again, (distance, id), against the
+    root as it tightens.
     """
     cdef int64_t b0 = 0, j, nb, cnt, i
     cdef float d
@@ -53,8 +54,9 @@ cdef inline void scan_topk(const float *T0, const float *T1, int M, int Ks,
         cnt = adc_block(T0, T1, M, Ks, codes + b0 * M, nb, heap_d[0], buf, ibuf)
         for j in range(cnt):
             d = buf[j]
-            if d < heap_d[0]:
+            if d <= heap_d[0]:
                 i = b0 + ibuf[j]
-                heap_replace_top(heap_d, heap_i, k, d,
-                                 load_id(ids, i) if ids != NULL else id_offset + i)
+                idv = load_id(ids, i) if ids != NULL else id_offset + i
+                if heap_worse(heap_d[0], heap_i[0], d, idv):
+                    heap_replace_top(heap_d, heap_i, k, d, idv)
         b0 += nb

@@ -217,7 +217,7 @@ static void cypq_ip_ny(const float *x, const float *CT, int d, int K, float *out
  * Asymmetric distances of n codes (n x M, row-major), d_i = sum_m T_m[codes[i, m]], where the
  * table of subspace m is T0 + m * Ks for m < M/2 and T1 + (m - M/2) * Ks after (one table:
  * T1 = T0 + (M/2) * Ks; LOPQ: the tables of the cell's two halves, each from its own cache).
- * Only distances below thresh are kept: they go to out[0 .. cnt) with their row numbers in
+ * Only distances at most thresh are kept: they go to out[0 .. cnt) with their row numbers in
  * idx, and cnt is returned (thresh = INFINITY keeps all).
  */
 #define CYPQ_ADC(NAME, CODE_T)                                                              \
@@ -233,7 +233,7 @@ static void cypq_ip_ny(const float *x, const float *CT, int d, int K, float *out
             for (int m = 0; m < Mh; m++) s0 += T0[(int64_t)m * Ks + c[m]];                  \
             for (int m = Mh; m < M; m++) s1 += T1[(int64_t)(m - Mh) * Ks + c[m]];           \
             float s = s0 + s1;                                                              \
-            if (s < thresh) {                                                               \
+            if (s <= thresh) {                                                               \
                 out[cnt] = s;                                                               \
                 idx[cnt++] = (int32_t)i;                                                    \
             }                                                                               \
@@ -260,11 +260,11 @@ static void cypq_ip_ny(const float *x, const float *CT, int d, int K, float *out
                 b1 += T1[m * 256 + e[H + m]];                                               \
             }                                                                               \
             float sa = a0 + a1, sb = b0 + b1;                                               \
-            if (sa < thresh) {                                                              \
+            if (sa <= thresh) {                                                              \
                 out[cnt] = sa;                                                              \
                 idx[cnt++] = (int32_t)i;                                                    \
             }                                                                               \
-            if (sb < thresh) {                                                              \
+            if (sb <= thresh) {                                                              \
                 out[cnt] = sb;                                                              \
                 idx[cnt++] = (int32_t)(i + 1);                                              \
             }                                                                               \
@@ -277,7 +277,7 @@ static void cypq_ip_ny(const float *x, const float *CT, int d, int K, float *out
                 a1 += T1[m * 256 + c[H + m]];                                               \
             }                                                                               \
             float s = a0 + a1;                                                              \
-            if (s < thresh) {                                                               \
+            if (s <= thresh) {                                                               \
                 out[cnt] = s;                                                               \
                 idx[cnt++] = (int32_t)i;                                                    \
             }                                                                               \

@@ -24,6 +24,18 @@ class Segments:
     length: np.ndarray   # (n_segments,) int64
 
 
+class Snapshot(ABC):
+    """What a search reads, all from one committed state."""
+
+    @abstractmethod
+    def cell_sizes(self) -> np.ndarray:
+        """(n_cells,) int64 entries per cell."""
+
+    @abstractmethod
+    def segments(self, cells: np.ndarray) -> Segments:
+        """Segments of the ascending, distinct cells (valid while the snapshot is open)."""
+
+
 class Storage(ABC):
     """Inverted lists of fine codes, keyed by cell id, with an id -> cell table."""
 
@@ -36,13 +48,10 @@ class Storage(ABC):
         """Number of stored entries."""
 
     @abstractmethod
-    def cell_sizes(self) -> np.ndarray:
-        """(n_cells,) int64 entries per cell (a snapshot; the caller must not modify it)."""
-
-    @abstractmethod
-    def add(self, cells: np.ndarray, ids: np.ndarray, codes: np.ndarray,
-            replace: bool = False) -> None:
-        """Store entries: cells (n,) int64, ids (n,) int64 unique, codes (n, M).
+    def add(self, cells: np.ndarray, ids: np.ndarray | None, codes: np.ndarray,
+            replace: bool = False) -> np.ndarray:
+        """Store entries: cells (n,) int64, ids (n,) int64 unique (None: fresh ids after the
+        largest so far), codes (n, M). Returns the ids.
 
         An id already stored is an error (KeyError, nothing stored) unless replace is true,
         in which case its old entry is removed first. All or nothing.
@@ -57,8 +66,8 @@ class Storage(ABC):
         """(found (n,) bool, cells (n,) int64 (-1 if absent), codes (n, M))."""
 
     @abstractmethod
-    def segments(self, cells: np.ndarray) -> AbstractContextManager[Segments]:
-        """Context manager giving the Segments of the ascending, distinct cells."""
+    def snapshot(self) -> AbstractContextManager["Snapshot"]:
+        """A consistent read view for one search: sizes and segments of the same state."""
 
     def close(self) -> None:
         """Release resources."""

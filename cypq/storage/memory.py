@@ -5,7 +5,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from .base import Segments, Storage
+from .base import Segments, Snapshot, Storage
 
 
 class _Cell:
@@ -47,6 +47,7 @@ class MemoryStorage(Storage):
         self._cells: dict[int, _Cell] = {}
         self._where: dict[int, tuple[int, int]] = {}   # id -> (cell, position)
         self._sizes = np.zeros(self.n_cells, dtype=np.int64)
+        self._next_id = 0
         # Addresses of each cell's arrays, so a search finds its cells' segments in NumPy.
         self._codes_at = np.zeros(self.n_cells, dtype=np.uintp)
         self._ids_at = np.zeros(self.n_cells, dtype=np.uintp)
@@ -54,10 +55,9 @@ class MemoryStorage(Storage):
     def __len__(self) -> int:
         return len(self._where)
 
-    def cell_sizes(self) -> np.ndarray:
-        return self._sizes
-
     def add(self, cells, ids, codes, replace=False):
+        if ids is None:
+            ids = np.arange(self._next_id, self._next_id + len(cells), dtype=np.int64)
         ids = np.asarray(ids, dtype=np.int64)
         present = [int(i) for i in ids if int(i) in self._where]
         if present and not replace:
@@ -83,6 +83,9 @@ class MemoryStorage(Storage):
             for j, i in enumerate(ids[grp].tolist()):
                 self._where[i] = (c, start + j)
             self._sizes[c] += len(grp)
+        if len(ids):
+            self._next_id = max(self._next_id, int(ids.max()) + 1)
+        return ids
 
     def remove(self, ids):
         removed = 0
@@ -117,9 +120,21 @@ class MemoryStorage(Storage):
         return found, cells, codes
 
     @contextmanager
+    def snapshot(self):
+        # The Index keeps adds and searches of a MemoryStorage apart, so the live arrays are
+        # a consistent view for the duration.
+        yield _MemorySnapshot(self)
+
+
+class _MemorySnapshot(Snapshot):
+    def __init__(self, storage: MemoryStorage):
+        self._s = storage
+
+    def cell_sizes(self):
+        return self._s._sizes
+
     def segments(self, cells):
         cells = np.asarray(cells, dtype=np.int64)
-        # One segment per cell; the arrays stay referenced by self while the caller scans
-        # (the Index keeps adds and searches of a MemoryStorage apart).
-        yield Segments(cells, np.arange(len(cells) + 1, dtype=np.int64), self._codes_at[cells],
-                       self._ids_at[cells], self._sizes[cells])
+        s = self._s
+        return Segments(cells, np.arange(len(cells) + 1, dtype=np.int64), s._codes_at[cells],
+                        s._ids_at[cells], s._sizes[cells])

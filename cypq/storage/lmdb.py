@@ -1,0 +1,508 @@
+"""Inverted lists on disk in an LMDB environment (one directory per index).
+
+Layout (all integers big-endian in keys, so LMDB's byte order is numeric order):
+
+- ``meta``: ``format`` (b"cypq-index" + u32 version), ``model`` (the LOPQ protobuf, cypq's
+  PCA fields included), ``config`` (JSON: block capacity, code width and dtype),
+  ``gen`` (u64, bumped by every write transaction), ``count`` (u64), ``next_id`` (u64).
+- ``blocks``: key = cell (u64) + block number (u32); value = u32 n, u32 pad, n int64 ids
+  (little-endian), n codes. A cell's blocks are numbered 0 .. nb-1 and all but the last are
+  full, so adding a vector rewrites one block (the last) and a search reads a cell's blocks
+  zero-copy.
+- ``cells``: key = cell (u64); value = u64 entries, u32 blocks.
+- ``ids``: key = id (u64); value = cell (u64) + block (u32): remove / replace / duplicate
+  checks touch one block, never scan.
+- ``log``: key = generation (u64); value = the cells that write touched (int64). Other
+  processes bring their in-memory cell sizes up to date from it instead of reloading all.
+
+Every ``add`` / ``remove`` is one write transaction (LMDB: atomic, durable at commit with
+``sync=True``, the default). The map grows by itself: on MapFullError the transaction is
+abandoned, the map doubled and the call retried.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+import weakref
+from contextlib import contextmanager
+
+import lmdb
+import numpy as np
+
+from .. import _buffers
+from .base import Segments, Snapshot, Storage
+
+FORMAT = b"cypq-index"
+VERSION = 1
+_U64 = struct.Struct(">Q")
+_CELL_BLOCK = struct.Struct(">QI")
+_CELLINFO = struct.Struct(">QI")
+_LOG_KEEP = 4096                  # generations of change log kept for other processes
+_DEFAULT_MAP = 1 << 30
+
+
+class IndexFormatError(ValueError):
+    """The directory is not a cypq index, or one this version cannot read."""
+
+
+# LMDB forbids opening one environment twice in a process; indexes opened twice share it.
+_ENVS: dict[str, tuple[lmdb.Environment, int]] = {}
+_ENVS_LOCK = threading.Lock()
+
+
+def _acquire_env(path: str, readonly: bool, create: bool, map_size: int, sync: bool):
+    real = os.path.realpath(path)
+    with _ENVS_LOCK:
+        if real in _ENVS:
+            env, refs = _ENVS[real]
+            if not readonly and env.flags().get("readonly"):
+                raise ValueError(f"{path} is already open read-only in this process; close it "
+                                 "before opening it for writing")
+            _ENVS[real] = (env, refs + 1)
+            return env, real
+        if not create and not os.path.exists(os.path.join(path, "data.mdb")):
+            raise IndexFormatError(f"{path} is not a cypq index (no LMDB data file): create "
+                                   "one with cypq.Index.create")
+        env = lmdb.open(path, map_size=map_size, max_dbs=8, subdir=True, readonly=readonly,
+                        create=create, sync=sync, metasync=sync, max_readers=512,
+                        lock=True, readahead=False)
+        env.reader_check()  # drop reader slots left by processes that died
+        _ENVS[real] = (env, 1)
+        return env, real
+
+
+def _release_env(real: str) -> None:
+    with _ENVS_LOCK:
+        env, refs = _ENVS[real]
+        if refs > 1:
+            _ENVS[real] = (env, refs - 1)
+        else:
+            del _ENVS[real]
+            env.close()
+
+
+class LMDBStorage(Storage):
+    """The LMDB inverted lists. Make with :meth:`create` / :meth:`open`."""
+
+    def __init__(self, env, real, model, config, readonly):
+        self._env, self._real, self.model, self.readonly = env, real, model, readonly
+        self.n_cells = model.V * model.V
+        self.code_width = int(config["M"])
+        self.code_dtype = np.dtype(config["code_dtype"])
+        self.block_capacity = int(config["block_capacity"])
+        self._entry_bytes = 8 + self.code_width * self.code_dtype.itemsize
+        self._db = {name: env.open_db(name.encode(), create=False)
+                    for name in ("meta", "blocks", "cells", "ids", "log")}
+        self._lock = threading.Lock()      # guards the caches below
+        self._sizes = np.zeros(self.n_cells, dtype=np.int64)
+        self._gen = -1
+        self._cache = None                 # _SegmentCache of generation self._gen
+        self._closed = False
+        with self._read() as txn:
+            self._refresh(txn)
+        self._finalizer = weakref.finalize(self, _release_env, real)
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def create(cls, path: str, model, block_capacity: int = 128, map_size: int = _DEFAULT_MAP,
+               sync: bool = True) -> "LMDBStorage":
+        """Create an empty index in directory ``path`` (created; must be empty if it exists).
+
+        Parameters
+        ----------
+        path : str
+        model : cypq.LOPQModel
+            Stored inside the index.
+        block_capacity : int
+            Entries per block (a block is rewritten whole when a vector is added to it).
+        map_size : int
+            Initial LMDB map size in bytes; it doubles whenever full.
+        sync : bool
+            fsync at every commit (durable against power loss; a killed process loses
+            nothing committed either way).
+        """
+        from ..model_io import model_to_proto
+        if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+            raise FileExistsError(f"{path} exists and is not an empty directory: cypq will "
+                                  "not create an index over existing files")
+        os.makedirs(path, exist_ok=True)
+        if block_capacity < 1 or block_capacity > 65535:
+            raise ValueError("block_capacity must be in [1, 65535]")
+        env, real = _acquire_env(path, False, True, map_size, sync)
+        try:
+            config = {"M": model.M, "code_dtype": np.dtype(model.fine_code_dtype).name,
+                      "block_capacity": int(block_capacity)}
+            meta = env.open_db(b"meta")
+            for name in (b"blocks", b"cells", b"ids", b"log"):
+                env.open_db(name)
+            with env.begin(write=True, db=meta) as txn:
+                txn.put(b"format", FORMAT + struct.pack(">I", VERSION))
+                txn.put(b"model", model_to_proto(model).SerializeToString())
+                txn.put(b"config", json.dumps(config).encode())
+                for key in (b"gen", b"count", b"next_id"):
+                    txn.put(key, _U64.pack(0))
+        except BaseException:
+            _release_env(real)
+            raise
+        return cls(env, real, model, config, False)
+
+    @classmethod
+    def open(cls, path: str, readonly: bool = False, map_size: int = _DEFAULT_MAP,
+             sync: bool = True) -> "LMDBStorage":
+        """Open an existing index; the model is read from it."""
+        from ..model_io import proto_to_model
+        if not os.path.isdir(path):
+            raise IndexFormatError(f"{path} is not a cypq index directory")
+        env, real = _acquire_env(path, readonly, False, map_size, sync)
+        try:
+            try:
+                meta = env.open_db(b"meta", create=False)
+            except lmdb.NotFoundError:
+                raise IndexFormatError(f"{path} is an LMDB environment but not a cypq index") \
+                    from None
+            with env.begin(db=meta) as txn:
+                fmt = txn.get(b"format")
+                if fmt is None or not fmt.startswith(FORMAT):
+                    raise IndexFormatError(f"{path} is not a cypq index (no format record)")
+                version = struct.unpack(">I", fmt[len(FORMAT):])[0]
+                if version > VERSION:
+                    raise IndexFormatError(f"{path} was written by a newer cypq (index format "
+                                           f"{version}, this cypq reads {VERSION}): upgrade "
+                                           "cypq")
+                model = proto_to_model(txn.get(b"model"), f"the model inside {path}")
+                config = json.loads(txn.get(b"config"))
+        except BaseException:
+            _release_env(real)
+            raise
+        return cls(env, real, model, config, readonly)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._cache = None
+            self._finalizer()
+
+    # ------------------------------------------------------------------ transactions
+    @contextmanager
+    def _read(self):
+        try:
+            txn = self._env.begin(buffers=True)
+        except lmdb.MapResizedError:  # another process grew the map
+            self._env.set_mapsize(0)
+            txn = self._env.begin(buffers=True)
+        try:
+            yield txn
+        finally:
+            txn.abort()
+
+    def _write(self, body):
+        """Run body(txn) in one write transaction; grow the map and retry when it is full."""
+        if self.readonly:
+            raise PermissionError("the index is open read-only")
+        while True:
+            txn = self._env.begin(write=True)
+            try:
+                result = body(txn)
+                gen = _U64.unpack(txn.get(b"gen", db=self._db["meta"]))[0]
+                txn.commit()
+            except lmdb.MapFullError:
+                txn.abort()
+                with self._lock:
+                    self._cache = None  # cached addresses die with the old mapping
+                    self._env.set_mapsize(self._env.info()["map_size"] * 2)
+                continue
+            except lmdb.MapResizedError:
+                txn.abort()
+                with self._lock:
+                    self._cache = None
+                    self._env.set_mapsize(0)
+                continue
+            except BaseException:
+                txn.abort()
+                raise
+            with self._lock:
+                self._cache = None
+            return result, gen
+
+    def _refresh(self, txn) -> int:
+        """Bring cell sizes up to the snapshot of txn; returns its generation."""
+        gen = _U64.unpack(bytes(txn.get(b"gen", db=self._db["meta"])))[0]
+        if gen == self._gen:
+            return gen
+        touched = None
+        if self._gen >= 0 and gen - self._gen <= _LOG_KEEP:
+            parts = []
+            for g in range(self._gen + 1, gen + 1):
+                rec = txn.get(_U64.pack(g), db=self._db["log"])
+                if rec is None:
+                    parts = None
+                    break
+                parts.append(np.frombuffer(rec, dtype="<i8"))
+            if parts is not None:
+                touched = np.unique(np.concatenate(parts)) if parts else np.empty(0, np.int64)
+        if touched is None:  # first load, or too far behind the log: read every cell
+            sizes = np.zeros(self.n_cells, dtype=np.int64)
+            with txn.cursor(db=self._db["cells"]) as cur:
+                for k, v in cur.iternext():
+                    sizes[_U64.unpack(bytes(k))[0]] = _CELLINFO.unpack(bytes(v))[0]
+        else:
+            sizes = self._sizes.copy()  # searches in flight keep reading the old array
+            cells_db = self._db["cells"]
+            for c in touched.tolist():
+                v = txn.get(_U64.pack(c), db=cells_db)
+                sizes[c] = 0 if v is None else _CELLINFO.unpack(bytes(v))[0]
+        self._sizes, self._gen, self._cache = sizes, gen, None
+        return gen
+
+    # ------------------------------------------------------------------ reading
+    def __len__(self) -> int:
+        with self._read() as txn:
+            return _U64.unpack(bytes(txn.get(b"count", db=self._db["meta"])))[0]
+
+    def cell_sizes(self) -> np.ndarray:
+        with self._read() as txn, self._lock:
+            self._refresh(txn)
+            return self._sizes
+
+    @contextmanager
+    def snapshot(self):
+        with self._read() as txn:
+            with self._lock:
+                self._refresh(txn)
+                snap = _LMDBSnapshot(self, txn, self._sizes)
+            yield snap
+
+    def _segments(self, txn, cells: np.ndarray) -> Segments:
+        with self._lock:
+            if self._cache is None:
+                self._cache = _SegmentCache(self.n_cells)
+            cache = self._cache
+            missing = cells[~cache.has(cells)]
+            if len(missing):
+                self._fill(txn, cache, missing)
+            return cache.segments(cells)
+
+    def _fill(self, txn, cache, cells) -> None:
+        """Read the blocks of cells (zero-copy) into the cache."""
+        info_db, blocks_db = self._db["cells"], self._db["blocks"]
+        bufs, owner = [], []
+        for c in cells.tolist():
+            v = txn.get(_U64.pack(c), db=info_db)
+            nb = 0 if v is None else _CELLINFO.unpack(bytes(v))[1]
+            for b in range(nb):
+                bufs.append(txn.get(_CELL_BLOCK.pack(c, b), db=blocks_db))
+                owner.append(c)
+        addr = np.empty(len(bufs), dtype=np.uintp)
+        length = np.empty(len(bufs), dtype=np.int64)
+        _buffers.addresses(bufs, addr, length)
+        n = np.empty(len(bufs), dtype=np.int64)
+        for j, buf in enumerate(bufs):
+            n[j] = int.from_bytes(buf[:4], "little")
+        cache.add(cells, np.asarray(owner, dtype=np.int64), addr + 8,
+                  addr + 8 + 8 * n.astype(np.uintp), n)
+
+    def lookup(self, ids):
+        ids = np.asarray(ids, dtype=np.int64)
+        found = np.zeros(len(ids), dtype=bool)
+        cells = np.full(len(ids), -1, dtype=np.int64)
+        codes = np.zeros((len(ids), self.code_width), dtype=self.code_dtype)
+        with self._read() as txn:
+            for j, i in enumerate(ids.tolist()):
+                loc = txn.get(_U64.pack(i), db=self._db["ids"])
+                if loc is None:
+                    continue
+                c, b = _CELL_BLOCK.unpack(bytes(loc))
+                blk_ids, blk_codes = self._decode(txn.get(_CELL_BLOCK.pack(c, b),
+                                                          db=self._db["blocks"]))
+                pos = int(np.flatnonzero(blk_ids == i)[0])
+                found[j], cells[j], codes[j] = True, c, blk_codes[pos]
+        return found, cells, codes
+
+    def _decode(self, value):
+        """(ids (n,) int64, codes (n, M)) copies of a block value."""
+        raw = bytes(value)
+        n = int.from_bytes(raw[:4], "little")
+        ids = np.frombuffer(raw, dtype="<i8", count=n, offset=8).copy()
+        codes = np.frombuffer(raw, dtype=self.code_dtype, count=n * self.code_width,
+                              offset=8 + 8 * n).reshape(n, self.code_width).copy()
+        return ids, codes
+
+    def _encode(self, ids, codes) -> bytes:
+        n = len(ids)
+        return (n.to_bytes(4, "little") + b"\0\0\0\0" + ids.astype("<i8").tobytes()
+                + np.ascontiguousarray(codes, dtype=self.code_dtype).tobytes())
+
+    def disk_stats(self) -> dict:
+        """Bytes on disk and the map size."""
+        size = os.path.getsize(os.path.join(self._real, "data.mdb"))
+        return {"bytes_on_disk": size, "map_size": self._env.info()["map_size"]}
+
+    # ------------------------------------------------------------------ writing
+    def add(self, cells, ids, codes, replace=False):
+        cells = np.asarray(cells, dtype=np.int64)
+        codes = np.ascontiguousarray(codes, dtype=self.code_dtype)
+
+        def body(txn):
+            nonlocal ids
+            if ids is None:  # fresh ids, continuing after the largest so far
+                start = _U64.unpack(txn.get(b"next_id", db=self._db["meta"]))[0]
+                ids = np.arange(start, start + len(cells), dtype=np.int64)
+            ids = np.asarray(ids, dtype=np.int64)
+            ids_db = self._db["ids"]
+            present = [i for i in ids.tolist() if txn.get(_U64.pack(i), db=ids_db) is not None]
+            if present and not replace:
+                raise KeyError(f"{len(present)} ids are already in the index (first: "
+                               f"{present[0]}); pass replace=True to overwrite them")
+            touched = [self._remove_in(txn, np.asarray(present, np.int64))] if present else []
+            touched.append(self._add_in(txn, cells, ids, codes))
+            self._bump(txn, np.concatenate(touched), len(ids) - len(present),
+                       int(ids.max()) + 1 if len(ids) else 0)
+            return ids
+        return self._write(body)[0]
+
+    def _add_in(self, txn, cells, ids, codes) -> np.ndarray:
+        order = np.argsort(cells, kind="stable")
+        cells, ids, codes = cells[order], ids[order], codes[order]
+        bounds = np.flatnonzero(np.diff(cells)) + 1
+        starts = np.concatenate([[0], bounds])
+        ends = np.concatenate([bounds, [len(cells)]])
+        info_db, blocks_db, ids_db = self._db["cells"], self._db["blocks"], self._db["ids"]
+        B = self.block_capacity
+        id_items = []
+        for s, e in zip(starts.tolist(), ends.tolist()):
+            c = int(cells[s])
+            ckey = _U64.pack(c)
+            v = txn.get(ckey, db=info_db)
+            count, nb = (0, 0) if v is None else _CELLINFO.unpack(bytes(v))
+            new_ids, new_codes = ids[s:e], codes[s:e]
+            if nb and count - (nb - 1) * B < B:  # fill the last block first
+                b = nb - 1
+                old_ids, old_codes = self._decode(txn.get(_CELL_BLOCK.pack(c, b), db=blocks_db))
+                room = B - len(old_ids)
+                blk_ids = np.concatenate([old_ids, new_ids[:room]])
+                blk_codes = np.concatenate([old_codes, new_codes[:room]])
+                txn.put(_CELL_BLOCK.pack(c, b), self._encode(blk_ids, blk_codes), db=blocks_db)
+                id_items += [(i, c, b) for i in new_ids[:room].tolist()]
+                new_ids, new_codes = new_ids[room:], new_codes[room:]
+            for j in range(0, len(new_ids), B):  # then new blocks
+                txn.put(_CELL_BLOCK.pack(c, nb), self._encode(new_ids[j:j + B],
+                                                              new_codes[j:j + B]), db=blocks_db)
+                id_items += [(i, c, nb) for i in new_ids[j:j + B].tolist()]
+                nb += 1
+            txn.put(ckey, _CELLINFO.pack(count + (e - s), nb), db=info_db)
+        id_items.sort()
+        with txn.cursor(db=ids_db) as cur:
+            cur.putmulti([(_U64.pack(i), _CELL_BLOCK.pack(c, b)) for i, c, b in id_items])
+        return cells[starts]
+
+    def remove(self, ids):
+        ids = np.unique(np.asarray(ids, dtype=np.int64))
+
+        def body(txn):
+            ids_db = self._db["ids"]
+            present = np.asarray([i for i in ids.tolist()
+                                  if txn.get(_U64.pack(i), db=ids_db) is not None], np.int64)
+            touched = self._remove_in(txn, present) if len(present) else np.empty(0, np.int64)
+            self._bump(txn, touched, -len(present))
+            return len(present)
+        return self._write(body)[0]
+
+    def _remove_in(self, txn, ids) -> np.ndarray:
+        """Remove present ids: each hole is filled with the last entry of its cell's last
+        block, so all blocks but the last stay full. Returns the touched cells."""
+        info_db, blocks_db, ids_db = self._db["cells"], self._db["blocks"], self._db["ids"]
+        touched = set()
+        for i in ids.tolist():
+            c, b = _CELL_BLOCK.unpack(bytes(txn.get(_U64.pack(i), db=ids_db)))
+            ckey = _U64.pack(c)
+            count, nb = _CELLINFO.unpack(bytes(txn.get(ckey, db=info_db)))
+            last = nb - 1
+            blk_ids, blk_codes = self._decode(txn.get(_CELL_BLOCK.pack(c, b), db=blocks_db))
+            pos = int(np.flatnonzero(blk_ids == i)[0])
+            if b == last:
+                blk_ids = np.delete(blk_ids, pos)
+                blk_codes = np.delete(blk_codes, pos, axis=0)
+            else:
+                t_ids, t_codes = self._decode(txn.get(_CELL_BLOCK.pack(c, last), db=blocks_db))
+                moved = int(t_ids[-1])
+                blk_ids[pos], blk_codes[pos] = moved, t_codes[-1]
+                txn.put(_U64.pack(moved), _CELL_BLOCK.pack(c, b), db=ids_db)
+                if len(t_ids) > 1:
+                    txn.put(_CELL_BLOCK.pack(c, last), self._encode(t_ids[:-1], t_codes[:-1]),
+                            db=blocks_db)
+                else:
+                    txn.delete(_CELL_BLOCK.pack(c, last), db=blocks_db)
+                    nb -= 1
+            if len(blk_ids):
+                txn.put(_CELL_BLOCK.pack(c, b), self._encode(blk_ids, blk_codes), db=blocks_db)
+            else:  # only the last block can empty: drop it
+                txn.delete(_CELL_BLOCK.pack(c, b), db=blocks_db)
+                nb -= 1
+            txn.delete(_U64.pack(i), db=ids_db)
+            if count - 1:
+                txn.put(ckey, _CELLINFO.pack(count - 1, nb), db=info_db)
+            else:
+                txn.delete(ckey, db=info_db)
+            touched.add(c)
+        return np.fromiter(touched, dtype=np.int64, count=len(touched))
+
+    def _bump(self, txn, touched, dcount: int = 0, min_next_id: int = 0) -> None:
+        """Close a write: generation + 1, its change-log record, counters."""
+        meta, log = self._db["meta"], self._db["log"]
+        gen = _U64.unpack(txn.get(b"gen", db=meta))[0] + 1
+        txn.put(b"gen", _U64.pack(gen), db=meta)
+        txn.put(_U64.pack(gen), np.unique(touched).astype("<i8").tobytes(), db=log)
+        if gen > _LOG_KEEP:
+            txn.delete(_U64.pack(gen - _LOG_KEEP), db=log)
+        count = _U64.unpack(txn.get(b"count", db=meta))[0]
+        txn.put(b"count", _U64.pack(count + dcount), db=meta)
+        nxt = _U64.unpack(txn.get(b"next_id", db=meta))[0]
+        if min_next_id > nxt:
+            txn.put(b"next_id", _U64.pack(min_next_id), db=meta)
+
+
+class _LMDBSnapshot(Snapshot):
+    def __init__(self, storage, txn, sizes):
+        self._s, self._txn, self._sizes = storage, txn, sizes
+
+    def cell_sizes(self):
+        return self._sizes
+
+    def segments(self, cells):
+        return self._s._segments(self._txn, np.asarray(cells, dtype=np.int64))
+
+
+class _SegmentCache:
+    """cell -> its blocks' (codes, ids, length) addresses, valid for one generation."""
+
+    def __init__(self, n_cells: int):
+        self.first = np.full(n_cells, -1, dtype=np.int64)   # first segment of the cell
+        self.count = np.zeros(n_cells, dtype=np.int64)
+        self.codes = np.empty(0, dtype=np.uintp)
+        self.ids = np.empty(0, dtype=np.uintp)
+        self.length = np.empty(0, dtype=np.int64)
+
+    def has(self, cells):
+        return self.first[cells] >= 0
+
+    def add(self, cells, owner, ids_addr, codes_addr, n):
+        base = len(self.codes)
+        self.codes = np.concatenate([self.codes, codes_addr])
+        self.ids = np.concatenate([self.ids, ids_addr])
+        self.length = np.concatenate([self.length, n])
+        # owner lists each segment's cell in the order of cells: segments of a cell are
+        # consecutive.
+        counts = np.bincount(np.searchsorted(cells, owner), minlength=len(cells)) \
+            if len(owner) else np.zeros(len(cells), np.int64)
+        starts = base + np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        self.first[cells] = starts
+        self.count[cells] = counts
+
+    def segments(self, cells) -> Segments:
+        counts = self.count[cells]
+        start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        seg = np.repeat(self.first[cells], counts) + (
+            np.arange(start[-1]) - np.repeat(start[:-1], counts))
+        return Segments(cells, start, self.codes[seg], self.ids[seg], self.length[seg])

@@ -1,0 +1,21 @@
+# cython: freethreading_compatible = True
+"""Addresses of Python buffers (the zero-copy values LMDB returns), for the storage layer."""
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from libc.stdint cimport int64_t, uintptr_t
+
+
+def addresses(list buffers, uintptr_t[::1] addr, int64_t[::1] length):
+    """addr[i], length[i] = start address and size in bytes of buffers[i].
+
+    The addresses stay valid only while the objects' memory does (for LMDB: while the read
+    transaction that returned them is open and the snapshot unchanged).
+    """
+    cdef Py_ssize_t i, n = len(buffers)
+    cdef Py_buffer view
+    if addr.shape[0] < n or length.shape[0] < n:
+        raise ValueError("addresses: outputs too short")
+    for i in range(n):
+        PyObject_GetBuffer(buffers[i], &view, PyBUF_SIMPLE)
+        addr[i] = <uintptr_t> view.buf
+        length[i] = view.len
+        PyBuffer_Release(&view)
