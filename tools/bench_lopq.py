@@ -1,0 +1,115 @@
+"""LOPQ on REALSIFT1M: train, encode, search (multi-sequence + ADC) at several quotas, side by
+side with faiss IVF / IMI / OPQ+IMI at the same code size.
+
+    python tools/bench_lopq.py [--data DIR] [--M 16 8] [--V 1024] [--nq 1000] [--threads 1]
+
+Prints recall@1/10/100 and ms/query per setting, and training / encoding times.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_codecs.py
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _data import DEFAULT_DATA, Timer, load_sift, recalls  # noqa: E402
+
+import cypq  # noqa: E402
+
+try:
+    import faiss
+except ImportError:
+    faiss = None
+
+
+def row(system, setting, train_s, encode_s, ms, rec):
+    return (f"| {system} | {setting} | {train_s:.1f} | {encode_s:.1f} | {ms:.3f} | "
+            f"{rec[1]:.3f} | {rec[10]:.3f} | {rec[100]:.3f} |")
+
+
+def best_search(fn, repeat):
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        with Timer() as t:
+            out = fn()
+        best = min(best, t.s)
+    return best, out
+
+
+def bench_cypq(M, args, xt, xb, xq, gt, rows):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with Timer() as t:
+            model = cypq.LOPQModel(V=args.V, M=M).fit(xt, random_state=1)
+    train_s = t.s
+    with Timer() as t:
+        code = model.predict(xb)
+    encode_s = t.s
+    index = cypq.Index.in_memory(model, n_threads=args.threads)
+    index.add_codes(code, np.arange(len(xb)))
+    for quota in args.quotas:
+        s, (D, I) = best_search(lambda: index.search(xq, k=100, quota=quota), args.repeat)
+        rows.append(row("cypq LOPQ", f"V={args.V}, M={M}, quota={quota}", train_s, encode_s,
+                        s / len(xq) * 1e3, recalls(I, gt)))
+        print(rows[-1], flush=True)
+
+
+def bench_faiss(M, args, xt, xb, xq, gt, rows):
+    faiss.omp_set_num_threads(2)
+    logv = int(np.log2(args.V))
+    specs = [(f"IVF{args.V},PQ{M}", [f"nprobe={p}" for p in (8, 16, 32, 64, 128)]),
+             (f"IMI2x{logv},PQ{M}", [f"nprobe={p},max_codes={q}" for p, q in
+                                     ((16384, 2000), (16384, 5000), (65536, 10000),
+                                      (65536, 20000))]),
+             (f"OPQ{M},IMI2x{logv},PQ{M}", [f"nprobe={p},max_codes={q}" for p, q in
+                                           ((16384, 5000), (65536, 10000), (65536, 20000))])]
+    for key, settings in specs:
+        index = faiss.index_factory(xb.shape[1], key)
+        with Timer() as t:
+            index.train(xt)
+        train_s = t.s
+        with Timer() as t:
+            index.add(xb)
+        encode_s = t.s
+        faiss.omp_set_num_threads(args.threads)
+        ps = faiss.ParameterSpace()
+        for setting in settings:
+            ps.set_index_parameters(index, setting)
+            s, (D, I) = best_search(lambda: index.search(xq, 100), args.repeat)
+            rows.append(row("faiss " + key, setting, train_s, encode_s, s / len(xq) * 1e3,
+                            recalls(I, gt)))
+            print(rows[-1], flush=True)
+        faiss.omp_set_num_threads(2)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--M", type=int, nargs="+", default=[16, 8])
+    p.add_argument("--V", type=int, default=1024)
+    p.add_argument("--nq", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=1, help="search threads (training: all)")
+    p.add_argument("--quotas", type=int, nargs="+", default=[1000, 2000, 5000, 10000, 20000])
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--skip-faiss", action="store_true")
+    args = p.parse_args(argv)
+    xt, xb, xq, gt = load_sift(args.data, args.nq)
+    print(f"cypq {cypq.__version__}, faiss {getattr(faiss, '__version__', '-')}; "
+          f"{len(xb)} base, {len(xq)} queries, search threads {args.threads}")
+    rows = []
+    for M in args.M:
+        bench_cypq(M, args, xt, xb, xq, gt, rows)
+        if faiss and not args.skip_faiss:
+            bench_faiss(M, args, xt, xb, xq, gt, rows)
+    print("\n| system | setting | train s | encode 1M s | ms/query | R@1 | R@10 | R@100 |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
