@@ -3,6 +3,7 @@
 ``import cypq as nanopq`` runs nanopq 0.2.2 code unchanged: PQ, OPQ, DistanceTable,
 nanopq_to_faiss and faiss_to_nanopq keep their names, arguments and semantics.
 """
+from . import demo
 from .convert_faiss import faiss_to_nanopq, nanopq_to_faiss
 from .index import Index
 from .lopq import LOPQCode, LOPQModel

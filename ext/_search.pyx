@@ -61,40 +61,36 @@ cdef inline Entry _pop(Entry *h, int *n) noexcept nogil:
     return top
 
 
+cdef inline bint _after(const float *d, int a, int b) noexcept nogil:
+    """Index a sorts after index b: by value, then index."""
+    return d[a] > d[b] or (d[a] == d[b] and a > b)
+
+
+cdef inline void _sift_down(const float *d, int *idx, int k, int end) noexcept nogil:
+    """Restore the max-heap below position k of idx[0:end] (ordered by _after)."""
+    cdef int c, t
+    while True:
+        c = 2 * k + 1
+        if c >= end:
+            return
+        if c + 1 < end and _after(d, idx[c + 1], idx[c]):
+            c += 1
+        if not _after(d, idx[c], idx[k]):
+            return
+        t = idx[k]; idx[k] = idx[c]; idx[c] = t
+        k = c
+
+
 cdef inline void _argsort(const float *d, int *idx, int n) noexcept nogil:
-    """Indices of d ascending (stable insertion into a merge sort's runs would be overkill:
-    V is at most a few thousand, so a simple heap sort of (value, index) is used)."""
-    cdef int i, k, c, end, t
+    """Indices of d ascending, ties by index (heap sort: V is a few thousand at most)."""
+    cdef int i, end, t
     for i in range(n):
         idx[i] = i
-    # heap sort on idx by (d, index) - max-heap, then pop to the back
     for i in range(n // 2 - 1, -1, -1):
-        k = i
-        while True:
-            c = 2 * k + 1
-            if c >= n:
-                break
-            if c + 1 < n and (d[idx[c + 1]] > d[idx[c]] or
-                              (d[idx[c + 1]] == d[idx[c]] and idx[c + 1] > idx[c])):
-                c += 1
-            if d[idx[k]] > d[idx[c]] or (d[idx[k]] == d[idx[c]] and idx[k] > idx[c]):
-                break
-            t = idx[k]; idx[k] = idx[c]; idx[c] = t
-            k = c
+        _sift_down(d, idx, i, n)
     for end in range(n - 1, 0, -1):
         t = idx[0]; idx[0] = idx[end]; idx[end] = t
-        k = 0
-        while True:
-            c = 2 * k + 1
-            if c >= end:
-                break
-            if c + 1 < end and (d[idx[c + 1]] > d[idx[c]] or
-                                (d[idx[c + 1]] == d[idx[c]] and idx[c + 1] > idx[c])):
-                c += 1
-            if d[idx[k]] > d[idx[c]] or (d[idx[k]] == d[idx[c]] and idx[k] > idx[c]):
-                break
-            t = idx[k]; idx[k] = idx[c]; idx[c] = t
-            k = c
+        _sift_down(d, idx, 0, end)
 
 
 def cell_order(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1] C1,

@@ -124,3 +124,56 @@ def test_kmeanspp_matches_reference(n_threads):
     C = np.empty((64, 4), np.float32)
     _kmeans.kmeanspp(X, 4, u, 17, C, n_threads)
     np.testing.assert_allclose(C, ref.kmeanspp(X, 4, 4, u, 17, 64), rtol=1e-6)
+
+
+# ---------------------------------------------------------------- LOPQ kernels
+
+def test_group_rows_matches_argsort():
+    from cypq import _lopq
+    labels = np.random.default_rng(9).integers(0, 7, 500).astype(np.int32)
+    order, offsets = _lopq.group_rows(labels, 9)
+    np.testing.assert_array_equal(order, np.argsort(labels, kind="stable"))
+    np.testing.assert_array_equal(offsets, np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=9))]))
+    with pytest.raises(ValueError):
+        _lopq.group_rows(np.array([0, 9], np.int32), 9)
+
+
+def test_residual_stats_match_reference(n_threads):
+    from cypq import _lopq
+    rng = np.random.default_rng(10)
+    X = rng.normal(5, 2, (800, 12)).astype(np.float32)
+    C = rng.normal(5, 2, (6, 4)).astype(np.float32)
+    labels = rng.integers(0, 5, 800).astype(np.int32)  # cluster 5 stays empty
+    order, offsets = _lopq.group_rows(labels, 6)
+    mean, cov = np.empty((6, 4)), np.empty((6, 4, 4))
+    _lopq.residual_stats(X, 8, C, order, offsets, mean, cov, n_threads)
+    for c in range(6):
+        r = X[labels == c, 8:12].astype(np.float64) - C[c]
+        if len(r):
+            np.testing.assert_allclose(mean[c], r.mean(0), rtol=1e-6, atol=1e-9)
+            np.testing.assert_allclose(cov[c], np.cov(r, rowvar=False, bias=True), rtol=1e-5,
+                                       atol=1e-9)
+        else:
+            assert not mean[c].any() and not cov[c].any()
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_project_matches_reference(inverse, n_threads):
+    from cypq import _lopq
+    rng = np.random.default_rng(11)
+    X = rng.normal(0, 1, (700, 16)).astype(np.float32)   # 700 rows: several sgemm blocks
+    C = rng.normal(0, 1, (5, 8)).astype(np.float32)
+    R = np.stack([np.linalg.qr(rng.normal(size=(8, 8)))[0] for _ in range(5)]).astype(np.float32)
+    mu = rng.normal(0, 0.1, (5, 8)).astype(np.float32)
+    labels = rng.integers(0, 5, 700).astype(np.int32)
+    order, offsets = _lopq.group_rows(labels, 5)
+    out = np.full((700, 24), np.nan, np.float32)
+    _lopq.project(X, 8, C, R, mu, order, offsets, out, 16, inverse, n_threads)
+    x = X[:, 8:16]
+    c = labels
+    if inverse:
+        want = np.einsum("nba,nb->na", R[c], x) + mu[c] + C[c]
+    else:
+        want = np.einsum("nab,nb->na", R[c], x - C[c] - mu[c])
+    np.testing.assert_allclose(out[:, 16:], want, rtol=1e-4, atol=1e-5)
+    assert np.isnan(out[:, :16]).all()   # other columns untouched

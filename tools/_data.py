@@ -37,3 +37,13 @@ class Timer:
 
     def __exit__(self, *exc):
         self.s = time.perf_counter() - self.t0
+
+
+def best_of(fn, repeat: int):
+    """(least wall time over repeat runs of fn, fn's last result)."""
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        with Timer() as t:
+            out = fn()
+        best = min(best, t.s)
+    return best, out

@@ -17,7 +17,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_codecs.py
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _data import DEFAULT_DATA, Timer, load_sift, recalls  # noqa: E402
+from _data import DEFAULT_DATA, Timer, best_of, load_sift, recalls  # noqa: E402
 
 import cypq  # noqa: E402
 
@@ -32,15 +32,6 @@ def row(system, setting, train_s, encode_s, ms, rec):
             f"{rec[1]:.3f} | {rec[10]:.3f} | {rec[100]:.3f} |")
 
 
-def best_search(fn, repeat):
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        with Timer() as t:
-            out = fn()
-        best = min(best, t.s)
-    return best, out
-
-
 def bench_cypq(M, args, xt, xb, xq, gt, rows):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -53,7 +44,7 @@ def bench_cypq(M, args, xt, xb, xq, gt, rows):
     index = cypq.Index.in_memory(model, n_threads=args.threads)
     index.add_codes(code, np.arange(len(xb)))
     for quota in args.quotas:
-        s, (D, I) = best_search(lambda: index.search(xq, k=100, quota=quota), args.repeat)
+        s, (D, I) = best_of(lambda: index.search(xq, k=100, quota=quota), args.repeat)
         rows.append(row("cypq LOPQ", f"V={args.V}, M={M}, quota={quota}", train_s, encode_s,
                         s / len(xq) * 1e3, recalls(I, gt)))
         print(rows[-1], flush=True)
@@ -80,7 +71,7 @@ def bench_faiss(M, args, xt, xb, xq, gt, rows):
         ps = faiss.ParameterSpace()
         for setting in settings:
             ps.set_index_parameters(index, setting)
-            s, (D, I) = best_search(lambda: index.search(xq, 100), args.repeat)
+            s, (D, I) = best_of(lambda: index.search(xq, 100), args.repeat)
             rows.append(row("faiss " + key, setting, train_s, encode_s, s / len(xq) * 1e3,
                             recalls(I, gt)))
             print(rows[-1], flush=True)
