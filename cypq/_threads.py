@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 
 def available_cores() -> int:
@@ -24,8 +24,14 @@ def resolve(n_threads: int | None) -> int:
     return n_threads
 
 
+_controller = None
+
+
 @contextmanager
 def single_threaded_blas():
     """Keep BLAS on one thread while an OpenMP kernel calls it from its own threads."""
-    with threadpool_limits(limits=1, user_api="blas"):
+    global _controller
+    if _controller is None:  # finding the BLAS libraries is slow: do it once
+        _controller = ThreadpoolController()
+    with _controller.limit(limits=1, user_api="blas"):
         yield

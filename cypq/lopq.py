@@ -336,10 +336,11 @@ class LOPQModel:
             groups = [_lopq.group_rows(np.ascontiguousarray(coarse[:, h]), self.V)
                       for h in range(2)]
         out = np.empty_like(X)
+        RT = self._rotations_transposed()
         with single_threaded_blas():
             for h in range(2):
-                _lopq.project(X, h * Dh, self.Cs[h], self.Rs[h], self.mus[h], *groups[h], out,
-                              h * Dh, inverse, nt)
+                _lopq.project(X, h * Dh, self.Cs[h], self.Rs[h], RT[h], self.mus[h],
+                              *groups[h], out, h * Dh, inverse, nt)
         return out
 
     # ------------------------------------------------------------------ encoding

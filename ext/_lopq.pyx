@@ -11,8 +11,11 @@ from libc.stdint cimport int32_t, int64_t
 from libc.stdlib cimport free, malloc
 from scipy.linalg.cython_blas cimport sgemm
 
+from simd cimport cypq_matvec_t
+
 cdef enum:
-    BLOCK = 256   # rows per sgemm
+    BLOCK = 256       # rows per sgemm
+    SGEMM_MIN = 8     # fewer rows than this: per-row matvec (sgemm's call overhead dominates)
 
 
 def group_rows(const int32_t[::1] labels, int n_clusters):
@@ -104,12 +107,14 @@ def residual_stats(const float[:, ::1] X, int col0, const float[:, ::1] C,
 
 
 def project(const float[:, ::1] X, int col0, const float[:, ::1] C, const float[:, :, ::1] R,
-            const float[:, ::1] mu, const int64_t[::1] order, const int64_t[::1] offsets,
-            float[:, ::1] out, int out_col0, bint inverse, int n_threads):
+            const float[:, :, ::1] RT, const float[:, ::1] mu, const int64_t[::1] order,
+            const int64_t[::1] offsets, float[:, ::1] out, int out_col0, bint inverse,
+            int n_threads):
     """Local projection of every row in its cluster's frame, or its inverse.
 
-    X (n, D) float32 (columns col0 : col0 + d); C (V, d) centroids; R (V, d, d) rotations;
-    mu (V, d) residual means; order, offsets from group_rows; out (n, E) float32 output, columns
+    X (n, D) float32 (columns col0 : col0 + d); C (V, d) centroids; R (V, d, d) rotations and
+    RT the same transposed; mu (V, d) residual means; order, offsets from group_rows;
+    out (n, E) float32 output, columns
     out_col0 : out_col0 + d written. Forward: out = R[c] @ (x - C[c] - mu[c]).
     Inverse: out = R[c].T @ x + mu[c] + C[c]. Uses sgemm: hold BLAS to one thread around it.
     """
@@ -123,7 +128,8 @@ def project(const float[:, ::1] X, int col0, const float[:, ::1] C, const float[
     cdef int *fail = &failed
     if col0 < 0 or col0 + d > X.shape[1] or out_col0 < 0 or out_col0 + d > out.shape[1]:
         raise ValueError("project: column range outside the arrays")
-    if (R.shape[0] != V or R.shape[1] != d or R.shape[2] != d or mu.shape[0] != V
+    if (R.shape[0] != V or R.shape[1] != d or R.shape[2] != d or RT.shape[0] != V
+            or RT.shape[1] != d or RT.shape[2] != d or mu.shape[0] != V
             or mu.shape[1] != d or offsets.shape[0] != V + 1 or out.shape[0] != n):
         raise ValueError("project: inconsistent shapes")
     with nogil, parallel(num_threads=n_threads):
@@ -143,10 +149,15 @@ def project(const float[:, ::1] X, int col0, const float[:, ::1] C, const float[
                             Z[t * d + a] = X[i, col0 + a]
                         else:
                             Z[t * d + a] = X[i, col0 + a] - C[c, a] - mu[c, a]
-                # Row-major Y = Z @ R[c]^T (forward) or Z @ R[c] (inverse), in column-major
-                # terms Y^T = R[c] Z^T or R[c]^T Z^T; R[c] row-major is R[c]^T column-major.
-                sgemm(&transa, &transb, &d, &nb, &d, &one, <float *> &R[c, 0, 0], &d, Z, &d,
-                      &zero, Y, &d)
+                if nb >= SGEMM_MIN:
+                    # Row-major Y = Z @ R[c]^T (forward) or Z @ R[c] (inverse); in column-major
+                    # terms Y^T = R[c] Z^T or R[c]^T Z^T; R[c] row-major is R[c]^T col-major.
+                    sgemm(&transa, &transb, &d, &nb, &d, &one, <float *> &R[c, 0, 0], &d, Z,
+                          &d, &zero, Y, &d)
+                else:  # y = R[c] z (given R[c]^T) or R[c]^T z (given R[c])
+                    for t in range(nb):
+                        cypq_matvec_t(&RT[c, 0, 0] if not inverse else &R[c, 0, 0],
+                                      Z + t * d, d, Y + t * d)
                 for t in range(nb):
                     i = order[t0 + t]
                     for a in range(d):

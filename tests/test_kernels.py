@@ -168,7 +168,14 @@ def test_project_matches_reference(inverse, n_threads):
     labels = rng.integers(0, 5, 700).astype(np.int32)
     order, offsets = _lopq.group_rows(labels, 5)
     out = np.full((700, 24), np.nan, np.float32)
-    _lopq.project(X, 8, C, R, mu, order, offsets, out, 16, inverse, n_threads)
+    RT = np.ascontiguousarray(R.transpose(0, 2, 1))
+    _lopq.project(X, 8, C, R, RT, mu, order, offsets, out, 16, inverse, n_threads)
+    # small groups take the matvec path: check it too
+    few = np.flatnonzero(labels < 2)[:9]
+    o2, off2 = _lopq.group_rows(np.ascontiguousarray(labels[few]), 5)
+    out2 = np.empty((len(few), 8), np.float32)
+    _lopq.project(np.ascontiguousarray(X[few]), 8, C, R, RT, mu, o2, off2, out2, 0, inverse,
+                  n_threads)
     x = X[:, 8:16]
     c = labels
     if inverse:
@@ -177,3 +184,4 @@ def test_project_matches_reference(inverse, n_threads):
         want = np.einsum("nab,nb->na", R[c], x - C[c] - mu[c])
     np.testing.assert_allclose(out[:, 16:], want, rtol=1e-4, atol=1e-5)
     assert np.isnan(out[:, :16]).all()   # other columns untouched
+    np.testing.assert_allclose(out2, want[few], rtol=1e-4, atol=1e-5)

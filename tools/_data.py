@@ -23,6 +23,14 @@ def load_sift(data_dir: str | os.PathLike = DEFAULT_DATA, nq: int | None = None)
     return f32("learn.u8.npy"), f32("base.u8.npy"), xq, gt
 
 
+def load_queries(data_dir: str | os.PathLike = DEFAULT_DATA, nq: int | None = None):
+    """(queries float32, groundtruth int64) only: what a searching process needs."""
+    d = Path(data_dir)
+    xq = np.load(d / "query.u8.npy").astype(np.float32)
+    gt = np.load(d / "groundtruth.i32.npy").astype(np.int64)
+    return (xq, gt) if nq is None else (xq[:nq], gt[:nq])
+
+
 def recalls(I: np.ndarray, gt: np.ndarray, Rs=(1, 10, 100)) -> dict[int, float]:
     """recall@R as in the PQ paper: share of queries whose true nearest neighbour is in the top R."""
     return {R: float(np.mean((I[:, :R] == gt[:, :1]).any(axis=1))) for R in Rs if R <= I.shape[1]}

@@ -26,7 +26,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_codecs.py
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _data import DEFAULT_DATA, Timer, load_sift, recalls  # noqa: E402
+from _data import DEFAULT_DATA, Timer, load_queries, load_sift, recalls  # noqa: E402
 
 import cypq  # noqa: E402
 
@@ -50,7 +50,7 @@ def drop_cache(path: str) -> None:
 
 def child_cold(path: str, data: str, nq: int, quota: int, threads: int) -> dict:
     """Run in a fresh process: open, search cold, report times and memory."""
-    _, _, xq, gt = load_sift(data, nq)
+    xq, gt = load_queries(data, nq)   # not the base: only the index should use memory
     out = {"rss_start": rss_anon_mb()}
     with Timer() as t:
         index = cypq.Index.open(path, readonly=True, n_threads=threads)

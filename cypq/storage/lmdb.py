@@ -366,35 +366,46 @@ class LMDBStorage(Storage):
         order = np.argsort(cells, kind="stable")
         cells, ids, codes = cells[order], ids[order], codes[order]
         bounds = np.flatnonzero(np.diff(cells)) + 1
-        starts = np.concatenate([[0], bounds])
-        ends = np.concatenate([bounds, [len(cells)]])
+        starts = np.concatenate([[0], bounds]).tolist()
+        ends = np.concatenate([bounds, [len(cells)]]).tolist()
         info_db, blocks_db, ids_db = self._db["cells"], self._db["blocks"], self._db["ids"]
         B = self.block_capacity
+        cw = self.code_width * self.code_dtype.itemsize
+        # Blocks are spliced as bytes: a few thousand tiny cells per call make NumPy's
+        # per-array overhead the cost otherwise.
+        id_bytes = ids.astype("<i8").tobytes()
+        code_bytes = codes.tobytes()
+        cell_list = cells.tolist()
         id_items = []
-        for s, e in zip(starts.tolist(), ends.tolist()):
-            c = int(cells[s])
+        for s, e in zip(starts, ends):
+            c = cell_list[s]
             ckey = _U64.pack(c)
             v = txn.get(ckey, db=info_db)
             count, nb = (0, 0) if v is None else _CELLINFO.unpack(bytes(v))
-            new_ids, new_codes = ids[s:e], codes[s:e]
+            j = s
             if nb and count - (nb - 1) * B < B:  # fill the last block first
                 b = nb - 1
-                old_ids, old_codes = self._decode(txn.get(_CELL_BLOCK.pack(c, b), db=blocks_db))
-                room = B - len(old_ids)
-                blk_ids = np.concatenate([old_ids, new_ids[:room]])
-                blk_codes = np.concatenate([old_codes, new_codes[:room]])
-                txn.put(_CELL_BLOCK.pack(c, b), self._encode(blk_ids, blk_codes), db=blocks_db)
-                id_items += [(i, c, b) for i in new_ids[:room].tolist()]
-                new_ids, new_codes = new_ids[room:], new_codes[room:]
-            for j in range(0, len(new_ids), B):  # then new blocks
-                txn.put(_CELL_BLOCK.pack(c, nb), self._encode(new_ids[j:j + B],
-                                                              new_codes[j:j + B]), db=blocks_db)
-                id_items += [(i, c, nb) for i in new_ids[j:j + B].tolist()]
+                key = _CELL_BLOCK.pack(c, b)
+                old = bytes(txn.get(key, db=blocks_db))
+                n_old = int.from_bytes(old[:4], "little")
+                take = min(B - n_old, e - s)
+                txn.put(key, _splice(old, n_old, id_bytes[8 * j:8 * (j + take)],
+                                     code_bytes[cw * j:cw * (j + take)]), db=blocks_db)
+                id_items += [(i, c, b) for i in range(j, j + take)]
+                j += take
+            while j < e:                        # then new blocks
+                take = min(B, e - j)
+                txn.put(_CELL_BLOCK.pack(c, nb),
+                        take.to_bytes(4, "little") + b"\0\0\0\0" + id_bytes[8 * j:8 * (j + take)]
+                        + code_bytes[cw * j:cw * (j + take)], db=blocks_db)
+                id_items += [(i, c, nb) for i in range(j, j + take)]
+                j += take
                 nb += 1
             txn.put(ckey, _CELLINFO.pack(count + (e - s), nb), db=info_db)
-        id_items.sort()
+        id_list = ids.tolist()
+        items = sorted((_U64.pack(id_list[i]), _CELL_BLOCK.pack(c, b)) for i, c, b in id_items)
         with txn.cursor(db=ids_db) as cur:
-            cur.putmulti([(_U64.pack(i), _CELL_BLOCK.pack(c, b)) for i, c, b in id_items])
+            cur.putmulti(items)
         return cells[starts]
 
     def remove(self, ids):
@@ -461,6 +472,13 @@ class LMDBStorage(Storage):
         nxt = _U64.unpack(txn.get(b"next_id", db=meta))[0]
         if min_next_id > nxt:
             txn.put(b"next_id", _U64.pack(min_next_id), db=meta)
+
+
+def _splice(old: bytes, n_old: int, new_ids: bytes, new_codes: bytes) -> bytes:
+    """A block value with entries appended: header, old ids, new ids, old codes, new codes."""
+    n = n_old + len(new_ids) // 8
+    return (n.to_bytes(4, "little") + b"\0\0\0\0" + old[8:8 + 8 * n_old] + new_ids
+            + old[8 + 8 * n_old:] + new_codes)
 
 
 class _LMDBSnapshot(Snapshot):
