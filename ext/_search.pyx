@@ -335,6 +335,10 @@ def scan_cells(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1
                     T1 = _frame_table(f, 1, <int> (cell % V), &Q[q, Dh], C1, RT1, mu1,
                                       subT + <Py_ssize_t> Mh * Ds * S, subnorm + Mh * S,
                                       Mh, S, Ds)
+                    # Making T1 may have grown (moved) the table store: look T0 up again
+                    # (cached now, so this cannot move it).
+                    T0 = _frame_table(f, 0, <int> (cell // V), &Q[q, 0], C0, RT0, mu0, subT,
+                                      subnorm, Mh, S, Ds)
                     if T0 == NULL or T1 == NULL:
                         fail[0] = 1
                         break

@@ -44,7 +44,7 @@ def search(model, entries, q, k, quota):
     for c0, c1, _ in multisequence(model, q):
         n_cells += 1
         cand += entries.get(c0 * model.V + c1, [])
-        if len(cand) >= quota:
+        if quota > 0 and len(cand) >= quota:
             break
     every = {i: adc(model, q, co, fi) for i, co, fi in cand}
     scored = sorted((s, i) for i, s in every.items())[:k]

@@ -60,6 +60,24 @@ def test_search_equals_reference(setup, quota, k, n_threads):
                 {i for s, i in zip(dists, rids) if s < cut}
 
 
+def test_many_tables_per_query(n_threads):
+    """Queries that need more local-frame tables than the kernel's initial store (16 per
+    half), so the store grows while a query is being scanned."""
+    X = clustered(6000, 16, n_clusters=40, seed=43)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        model = LOPQModel(V=40, M=4, subquantizer_clusters=16).fit(X, random_state=3)
+    Q = clustered(6, 16, n_clusters=40, seed=44)
+    index = Index.in_memory(model, n_threads=n_threads)
+    index.add(X)
+    D, I = index.search(Q, k=30, quota=0)
+    entries = _entries(model, X, np.arange(len(X)))
+    for qi, q in enumerate(Q):
+        dists, rids, _, n_cand, every = ref.search(model, entries, q, 30, 0)
+        np.testing.assert_allclose(D[qi], dists, rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose([every[int(i)] for i in I[qi]], D[qi], rtol=1e-4, atol=1e-3)
+
+
 def test_multisequence_order(setup):
     """Cells come in non-decreasing d0 + d1 and match LOPQ's rule."""
     model, _, Q = setup
