@@ -12,7 +12,6 @@ from cython.parallel cimport parallel, prange
 from libc.math cimport INFINITY
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uintptr_t
 from libc.stdlib cimport free, malloc, qsort, realloc
-from libc.string cimport memcpy
 
 from heap cimport heap_init, heap_sort_ascending
 from scan cimport SCAN_BLOCK, scan_topk
@@ -193,7 +192,6 @@ cdef struct Frames:       # per-thread cache of local-frame tables of one query
     float *tables         # (cap, M/2, S)
     float *z              # (Dh) scratch
     float *pz             # (Dh) scratch
-    float *cell_table     # (M, S)
 
 
 cdef inline void _frames_reset(Frames *f) noexcept nogil:
@@ -313,14 +311,12 @@ def scan_cells(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1
                 f.tables = <float *> malloc(<Py_ssize_t> f.cap * Mh * S * sizeof(float))
                 f.z = <float *> malloc(2 * Dh * sizeof(float))
                 f.pz = f.z + Dh if f.z != NULL else NULL
-                f.cell_table = <float *> malloc(<Py_ssize_t> M * S * sizeof(float))
                 if f.slot != NULL:
                     for a in range(2 * V):
                         f.slot[a] = -1
             for q in prange(nq, schedule="dynamic"):
                 if (f == NULL or buf == NULL or ibuf == NULL or f.slot == NULL
-                        or f.touched == NULL or f.tables == NULL or f.z == NULL
-                        or f.cell_table == NULL):
+                        or f.touched == NULL or f.tables == NULL or f.z == NULL):
                     fail[0] = 1
                     continue
                 heap_init(&D[q, 0], &I[q, 0], k)
@@ -360,7 +356,6 @@ def scan_cells(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1
                 free(f.touched)
                 free(f.tables)
                 free(f.z)
-                free(f.cell_table)
             free(f)
             free(buf)
             free(ibuf)
