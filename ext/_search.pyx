@@ -65,31 +65,47 @@ cdef inline bint _after(const float *d, int a, int b) noexcept nogil:
     return d[a] > d[b] or (d[a] == d[b] and a > b)
 
 
-cdef inline void _sift_down(const float *d, int *idx, int k, int end) noexcept nogil:
-    """Restore the max-heap below position k of idx[0:end] (ordered by _after)."""
+cdef inline void _sift_down_min(const float *d, int *h, int k, int end) noexcept nogil:
+    """Restore the min-heap below position k of h[0:end] (ordered by _after)."""
     cdef int c, t
     while True:
         c = 2 * k + 1
         if c >= end:
             return
-        if c + 1 < end and _after(d, idx[c + 1], idx[c]):
+        if c + 1 < end and _after(d, h[c], h[c + 1]):
             c += 1
-        if not _after(d, idx[c], idx[k]):
+        if not _after(d, h[k], h[c]):
             return
-        t = idx[k]; idx[k] = idx[c]; idx[c] = t
+        t = h[k]; h[k] = h[c]; h[c] = t
         k = c
 
 
-cdef inline void _argsort(const float *d, int *idx, int n) noexcept nogil:
-    """Indices of d ascending, ties by index (heap sort: V is a few thousand at most)."""
-    cdef int i, end, t
-    for i in range(n):
-        idx[i] = i
-    for i in range(n // 2 - 1, -1, -1):
-        _sift_down(d, idx, i, n)
-    for end in range(n - 1, 0, -1):
-        t = idx[0]; idx[0] = idx[end]; idx[end] = t
-        _sift_down(d, idx, 0, end)
+cdef struct Sorted:       # indices of a distance list in ascending order, sorted lazily
+    int *order            # order[0:n] is the sorted prefix
+    int *heap             # the rest, as a min-heap of size hn
+    int n, hn
+
+
+cdef inline void _sorted_init(Sorted *s, const float *d, int V) noexcept nogil:
+    cdef int i
+    for i in range(V):
+        s.heap[i] = i
+    for i in range(V // 2 - 1, -1, -1):
+        _sift_down_min(d, s.heap, i, V)
+    s.n = 0
+    s.hn = V
+
+
+cdef inline int _sorted_at(Sorted *s, const float *d, int i) noexcept nogil:
+    """The index with rank i: the multi-sequence walk reads only a short prefix, so entries
+    are popped from the heap as it gets there instead of sorting the whole list."""
+    while s.n <= i:
+        s.order[s.n] = s.heap[0]
+        s.n += 1
+        s.hn -= 1
+        s.heap[0] = s.heap[s.hn]
+        _sift_down_min(d, s.heap, 0, s.hn)
+    return s.order[i]
 
 
 def cell_order(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1] C1,
@@ -115,7 +131,8 @@ def cell_order(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1
     cdef float *d0
     cdef float *d1
     cdef int *o0
-    cdef int *o1
+    cdef Sorted *s0
+    cdef Sorted *s1
     cdef int *lim       # lim[i]: cells (i, 0 .. lim[i]-1) of the sorted lists are visited
     cdef Entry *frontier
     cdef float *CT
@@ -136,41 +153,47 @@ def cell_order(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1
         with parallel(num_threads=n_threads):
             d0 = <float *> malloc(2 * V * sizeof(float))
             d1 = d0 + V
-            o0 = <int *> malloc(3 * V * sizeof(int))
-            o1 = o0 + V
-            lim = o1 + V
+            o0 = <int *> malloc(5 * V * sizeof(int))
+            lim = o0 + 4 * V
+            s0 = <Sorted *> malloc(2 * sizeof(Sorted))
+            s1 = s0 + 1 if s0 != NULL else NULL
+            if s0 != NULL and o0 != NULL:
+                s0.order, s0.heap = o0, o0 + V
+                s1.order, s1.heap = o0 + 2 * V, o0 + 3 * V
             frontier = <Entry *> malloc((V + 2) * sizeof(Entry))
             for q in prange(nq, schedule="dynamic"):
-                if d0 == NULL or o0 == NULL or frontier == NULL:
+                if d0 == NULL or o0 == NULL or frontier == NULL or s0 == NULL:
                     fail[0] = 1
                     continue
                 cypq_l2sqr_ny(&Q[q, 0], CT, Dh, V, d0)
                 cypq_l2sqr_ny(&Q[q, Dh], CT + V * Dh, Dh, V, d1)
-                _argsort(d0, o0, V)
-                _argsort(d1, o1, V)
+                _sorted_init(s0, d0, V)
+                _sorted_init(s1, d1, V)
                 for i in range(V):
                     lim[i] = 0
                 nh = 0
                 nc = 0
                 nv = 0
                 cand = 0
-                _push(frontier, &nh, d0[o0[0]] + d1[o1[0]], 0, 0)
+                _push(frontier, &nh, d0[_sorted_at(s0, d0, 0)] + d1[_sorted_at(s1, d1, 0)], 0, 0)
                 while (nh > 0 and (max_visits <= 0 or nv < max_visits)
                        and (quota <= 0 or cand < quota) and nc < cap):
                     e = _pop(frontier, &nh)
                     i = e.i
                     j = e.j
                     lim[i] = j + 1
-                    cell = <int64_t> o0[i] * V + o1[j]
+                    cell = <int64_t> _sorted_at(s0, d0, i) * V + _sorted_at(s1, d1, j)
                     nv = nv + 1
                     if cell_sizes[cell] > 0:
                         cells[q, nc] = cell
                         nc = nc + 1
                         cand = cand + cell_sizes[cell]
                     if i + 1 < V and (j == 0 or lim[i + 1] > j - 1):
-                        _push(frontier, &nh, d0[o0[i + 1]] + d1[o1[j]], i + 1, j)
+                        _push(frontier, &nh, d0[_sorted_at(s0, d0, i + 1)]
+                              + d1[_sorted_at(s1, d1, j)], i + 1, j)
                     if j + 1 < V and (i == 0 or lim[i - 1] > j + 1):
-                        _push(frontier, &nh, d0[o0[i]] + d1[o1[j + 1]], i, j + 1)
+                        _push(frontier, &nh, d0[_sorted_at(s0, d0, i)]
+                              + d1[_sorted_at(s1, d1, j + 1)], i, j + 1)
                 # Scan order does not change the result; by cell id (c0-major), consecutive
                 # cells share their half-0 table, which then stays in cache.
                 qsort(&cells[q, 0], nc, sizeof(int64_t), _cmp_i64)
@@ -179,6 +202,7 @@ def cell_order(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1
                 n_candidates[q] = cand
             free(d0)
             free(o0)
+            free(s0)
             free(frontier)
     free(CT)
     if failed:
