@@ -272,3 +272,35 @@ def test_reader_process_while_writer_adds(setup, tmp_path):
         out, err = reader.communicate(timeout=120)
         assert reader.returncode == 0, err
         assert out.startswith("ok")
+
+
+def test_threads_search_while_a_thread_adds(setup, tmp_path):
+    """Searches in one process see consistent snapshots while another thread writes."""
+    model, X, Q = setup
+    with Index.create(tmp_path / "ix", model, block_capacity=8) as ix:
+        ix.add(X[:200])
+        errors = []
+        done = threading.Event()
+
+        def searcher():
+            try:
+                while not done.is_set():
+                    D, I = ix.search(Q, k=10, quota=300)
+                    valid = I[I >= 0]
+                    assert (valid < len(X)).all() and np.isfinite(D[I >= 0]).all()
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+        threads = [threading.Thread(target=searcher) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for s in range(200, len(X), 200):
+            ix.add(X[s:s + 200])
+        done.set()
+        for t in threads:
+            t.join()
+        assert not errors, errors[0]
+        mem = Index.in_memory(model)
+        mem.add(X)
+        for quota in (0, 300):
+            np.testing.assert_array_equal(ix.search(Q, k=10, quota=quota)[1],
+                                          mem.search(Q, k=10, quota=quota)[1])

@@ -226,11 +226,13 @@ class LMDBStorage(Storage):
                 self._cache = None
             return result, gen
 
-    def _refresh(self, txn) -> int:
-        """Bring cell sizes up to the snapshot of txn; returns its generation."""
+    def _refresh(self, txn) -> tuple[int, np.ndarray]:
+        """(generation, cell sizes) of txn's snapshot; the shared copy only moves forward."""
         gen = _U64.unpack(bytes(txn.get(b"gen", db=self._db["meta"])))[0]
         if gen == self._gen:
-            return gen
+            return gen, self._sizes
+        if gen < self._gen:  # a snapshot older than one already seen: read it privately
+            return gen, self._load_sizes(txn)
         touched = None
         if self._gen >= 0 and gen - self._gen <= _LOG_KEEP:
             parts = []
@@ -243,10 +245,7 @@ class LMDBStorage(Storage):
             if parts is not None:
                 touched = np.unique(np.concatenate(parts)) if parts else np.empty(0, np.int64)
         if touched is None:  # first load, or too far behind the log: read every cell
-            sizes = np.zeros(self.n_cells, dtype=np.int64)
-            with txn.cursor(db=self._db["cells"]) as cur:
-                for k, v in cur.iternext():
-                    sizes[_U64.unpack(bytes(k))[0]] = _CELLINFO.unpack(bytes(v))[0]
+            sizes = self._load_sizes(txn)
         else:
             sizes = self._sizes.copy()  # searches in flight keep reading the old array
             cells_db = self._db["cells"]
@@ -254,7 +253,14 @@ class LMDBStorage(Storage):
                 v = txn.get(_U64.pack(c), db=cells_db)
                 sizes[c] = 0 if v is None else _CELLINFO.unpack(bytes(v))[0]
         self._sizes, self._gen, self._cache = sizes, gen, None
-        return gen
+        return gen, sizes
+
+    def _load_sizes(self, txn) -> np.ndarray:
+        sizes = np.zeros(self.n_cells, dtype=np.int64)
+        with txn.cursor(db=self._db["cells"]) as cur:
+            for k, v in cur.iternext():
+                sizes[_U64.unpack(bytes(k))[0]] = _CELLINFO.unpack(bytes(v))[0]
+        return sizes
 
     # ------------------------------------------------------------------ reading
     def __len__(self) -> int:
@@ -263,22 +269,25 @@ class LMDBStorage(Storage):
 
     def cell_sizes(self) -> np.ndarray:
         with self._read() as txn, self._lock:
-            self._refresh(txn)
-            return self._sizes
+            return self._refresh(txn)[1]
 
     @contextmanager
     def snapshot(self):
         with self._read() as txn:
             with self._lock:
-                self._refresh(txn)
-                snap = _LMDBSnapshot(self, txn, self._sizes)
+                gen, sizes = self._refresh(txn)
+                snap = _LMDBSnapshot(self, txn, sizes, gen)
             yield snap
 
-    def _segments(self, txn, cells: np.ndarray) -> Segments:
+    def _segments(self, txn, gen: int, cells: np.ndarray) -> Segments:
         with self._lock:
-            if self._cache is None:
-                self._cache = _SegmentCache(self.n_cells)
             cache = self._cache
+            if cache is None or cache.gen != gen:
+                # Addresses are only valid within their own generation's pages: a snapshot
+                # older than the latest keeps its cache to itself.
+                cache = _SegmentCache(self.n_cells, gen)
+                if gen == self._gen:
+                    self._cache = cache
             missing = cells[~cache.has(cells)]
             if len(missing):
                 self._fill(txn, cache, missing)
@@ -482,20 +491,21 @@ def _splice(old: bytes, n_old: int, new_ids: bytes, new_codes: bytes) -> bytes:
 
 
 class _LMDBSnapshot(Snapshot):
-    def __init__(self, storage, txn, sizes):
-        self._s, self._txn, self._sizes = storage, txn, sizes
+    def __init__(self, storage, txn, sizes, gen):
+        self._s, self._txn, self._sizes, self._gen = storage, txn, sizes, gen
 
     def cell_sizes(self):
         return self._sizes
 
     def segments(self, cells):
-        return self._s._segments(self._txn, np.asarray(cells, dtype=np.int64))
+        return self._s._segments(self._txn, self._gen, np.asarray(cells, dtype=np.int64))
 
 
 class _SegmentCache:
     """cell -> its blocks' (codes, ids, length) addresses, valid for one generation."""
 
-    def __init__(self, n_cells: int):
+    def __init__(self, n_cells: int, gen: int):
+        self.gen = gen
         self.first = np.full(n_cells, -1, dtype=np.int64)   # first segment of the cell
         self.count = np.zeros(n_cells, dtype=np.int64)
         self.codes = np.empty(0, dtype=np.uintp)
