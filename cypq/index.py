@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import threading
 from typing import Optional
 
 import numpy as np
@@ -32,9 +31,6 @@ class Index:
         self.path = path
         self.readonly = readonly
         self.n_threads = n_threads
-        # In-memory lists are resized by adds; searches must not run meanwhile. (LMDB readers
-        # see a snapshot and need no lock.)
-        self._lock = threading.RLock() if isinstance(storage, MemoryStorage) else None
         self._closed = False
 
     # ------------------------------------------------------------------ making one
@@ -129,9 +125,6 @@ class Index:
     def _threads(self) -> int:
         return resolve(self.n_threads)
 
-    def _locked(self):
-        return self._lock if self._lock is not None else _NoLock
-
     def stats(self) -> dict:
         """Counts: vectors, non-empty cells, largest cell, cells, bytes on disk (0 in memory)."""
         self._check_open()
@@ -199,8 +192,7 @@ class Index:
         if not n:
             return np.empty(0, dtype=np.int64)
         cells = coarse[:, 0].astype(np.int64) * self._model.V + coarse[:, 1]
-        with self._locked():
-            return self._storage.add(cells, ids, fine, replace=replace)
+        return self._storage.add(cells, ids, fine, replace=replace)
 
     def remove(self, ids) -> int:
         """Remove vectors by id in one transaction; absent ids are ignored.
@@ -211,8 +203,7 @@ class Index:
         """
         self._check_writable()
         ids = _as_ids(ids, None, unique=False)
-        with self._locked():
-            return self._storage.remove(ids)
+        return self._storage.remove(ids)
 
     def contains(self, ids) -> np.ndarray:
         """bool array (N,): which ids are in the index."""
@@ -259,20 +250,8 @@ class Index:
         if w is not None:
             w = positive_int(w, "w")
         Q, _ = self._model._prepare(queries, "queries")
-        with self._locked():
-            D, I, stats = _search(self._model, self._storage, Q, k, quota, w, self._threads())
+        D, I, stats = _search(self._model, self._storage, Q, k, quota, w, self._threads())
         return (D, I, stats) if return_stats else (D, I)
-
-
-class _NoLockType:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-_NoLock = _NoLockType()
 
 
 def _require_trained(model) -> None:

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from . import _lopq, _quantize
-from ._checks import as_vectors, code_dtype_for, positive_int
+from ._checks import as_codes, as_vectors, code_dtype_for, positive_int
 from ._threads import resolve, single_threaded_blas
 from .kmeans import subspace_kmeans
 from .opq import eigenvalue_allocation_matrix
@@ -246,8 +246,7 @@ class LOPQModel:
                                     n_threads=nt, verbose=verbose, label="coarse k-means")
                 self.Cs = (C[0], C[1])
             coarse = self._coarse(X, nt)
-            groups = [_lopq.group_rows(np.ascontiguousarray(coarse[:, h]), self.V)
-                      for h in range(2)]
+            groups = self._groups(coarse)
             if self.Rs is None or self.mus is None:
                 log("LOPQ: local rotations")
                 Rs, mus = [], []
@@ -264,7 +263,7 @@ class LOPQModel:
                     rng = np.random.default_rng(seed + 1)
                     n = max(self.subquantizer_clusters, int(N * subquantizer_sample_ratio))
                     rows = np.sort(rng.choice(N, n, replace=False))
-                PX = self._project_grouped(X, coarse, groups, nt, rows)
+                PX = self._project_grouped(X, coarse, nt, groups, rows)
                 log(f"LOPQ: {self.M} fine subquantizers of {self.subquantizer_clusters}")
                 subs = subspace_kmeans(PX, self.M, self.subquantizer_clusters,
                                        iter=kmeans_local_iters, seed=seed + 2, n_threads=nt,
@@ -327,14 +326,20 @@ class LOPQModel:
             raise ValueError(f"coarse codes must be in [0, {self.V})")
         return np.ascontiguousarray(c, dtype=np.int32)
 
-    def _project_grouped(self, X, coarse, groups, nt, rows=None, inverse=False):
-        """Forward (or inverse) local projection of the rows of X; rows selects a subset."""
+    def _groups(self, coarse):
+        """Rows grouped by coarse centroid, per half: [(order, offsets), (order, offsets)]."""
+        return [_lopq.group_rows(np.ascontiguousarray(coarse[:, h]), self.V) for h in range(2)]
+
+    def _project_grouped(self, X, coarse, nt, groups=None, rows=None, inverse=False):
+        """Forward (or inverse) local projection of the rows of X; rows selects a subset;
+        groups (from _groups) when the caller has them already."""
         Dh = X.shape[1] // 2
         if rows is not None:
             X = np.ascontiguousarray(X[rows])
             coarse = coarse[rows]
-            groups = [_lopq.group_rows(np.ascontiguousarray(coarse[:, h]), self.V)
-                      for h in range(2)]
+            groups = None
+        if groups is None:
+            groups = self._groups(coarse)
         out = np.empty_like(X)
         RT = self._rotations_transposed()
         with single_threaded_blas():
@@ -378,8 +383,7 @@ class LOPQModel:
         self._require("Cs", "Rs", "mus")
         X, single = self._prepare(x)
         coarse = self._check_coarse(coarse_codes, X.shape[0])
-        groups = [_lopq.group_rows(np.ascontiguousarray(coarse[:, h]), self.V) for h in range(2)]
-        P = self._project_grouped(X, coarse, groups, self._threads())
+        P = self._project_grouped(X, coarse, self._threads())
         if coarse_split is not None:
             if coarse_split not in (0, 1):
                 raise ValueError("coarse_split must be 0 or 1")
@@ -408,8 +412,7 @@ class LOPQModel:
         return tuple(int(c) for c in fine[0]) if single else fine
 
     def _fine(self, X, coarse, nt):
-        groups = [_lopq.group_rows(np.ascontiguousarray(coarse[:, h]), self.V) for h in range(2)]
-        PX = self._project_grouped(X, coarse, groups, nt)
+        PX = self._project_grouped(X, coarse, nt)
         fine = np.empty((X.shape[0], self.M), dtype=self.fine_code_dtype)
         _quantize.encode(PX, self._fine_stack(), fine, np.empty(0, np.float32), nt)
         return fine
@@ -451,13 +454,11 @@ class LOPQModel:
         single = np.ndim(fine) == 1
         fine = np.asarray(fine)[None, :] if single else np.asarray(fine)
         coarse = self._check_coarse(coarse, fine.shape[0])
-        from ._checks import as_codes
         fine = as_codes(fine, self.M, self.subquantizer_clusters, "fine codes")
         sub = np.empty((fine.shape[0], self.model_dim), dtype=np.float32)
         nt = self._threads()
         _quantize.decode(fine, self._fine_stack(), sub, nt)
-        groups = [_lopq.group_rows(np.ascontiguousarray(coarse[:, h]), self.V) for h in range(2)]
-        X = self._project_grouped(sub, coarse, groups, nt, inverse=True)
+        X = self._project_grouped(sub, coarse, nt, inverse=True)
         if self.pca_matrix is not None:
             X = X @ self.pca_matrix.T + self.pca_mean
         return X[0] if single else X
@@ -480,8 +481,7 @@ class LOPQModel:
         self._require("Cs", "Rs", "mus", "subquantizers")
         X, single = self._prepare(x)
         coarse = self._check_coarse(coarse_codes, X.shape[0])
-        groups = [_lopq.group_rows(np.ascontiguousarray(coarse[:, h]), self.V) for h in range(2)]
-        PX = self._project_grouped(X, coarse, groups, self._threads())
+        PX = self._project_grouped(X, coarse, self._threads())
         T = np.empty((X.shape[0], self.M, self.subquantizer_clusters), dtype=np.float32)
         _quantize.tables(PX, self._fine_stack(), T, False, self._threads())
         if coarse_split is not None:

@@ -1,6 +1,7 @@
 """Inverted lists in RAM: per cell, growable arrays of ids and codes."""
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 
 import numpy as np
@@ -48,6 +49,9 @@ class MemoryStorage(Storage):
         self._where: dict[int, tuple[int, int]] = {}   # id -> (cell, position)
         self._sizes = np.zeros(self.n_cells, dtype=np.int64)
         self._next_id = 0
+        # Adds move and resize the cells' arrays, so writes wait for searches in progress
+        # and the reverse (LMDB readers have snapshots and need no such lock).
+        self._lock = threading.RLock()
         # Addresses of each cell's arrays, so a search finds its cells' segments in NumPy.
         self._codes_at = np.zeros(self.n_cells, dtype=np.uintp)
         self._ids_at = np.zeros(self.n_cells, dtype=np.uintp)
@@ -56,6 +60,10 @@ class MemoryStorage(Storage):
         return len(self._where)
 
     def add(self, cells, ids, codes, replace=False):
+        with self._lock:
+            return self._add(cells, ids, codes, replace)
+
+    def _add(self, cells, ids, codes, replace):
         if ids is None:
             ids = np.arange(self._next_id, self._next_id + len(cells), dtype=np.int64)
         ids = np.asarray(ids, dtype=np.int64)
@@ -64,7 +72,7 @@ class MemoryStorage(Storage):
             raise KeyError(f"{len(present)} ids are already in the index (first: {present[0]}); "
                            "pass replace=True to overwrite them")
         if present:
-            self.remove(np.asarray(present, dtype=np.int64))
+            self._remove(np.asarray(present, dtype=np.int64))
         cells = np.asarray(cells, dtype=np.int64)
         codes = np.asarray(codes, dtype=self.code_dtype)
         order = np.argsort(cells, kind="stable")
@@ -88,6 +96,10 @@ class MemoryStorage(Storage):
         return ids
 
     def remove(self, ids):
+        with self._lock:
+            return self._remove(ids)
+
+    def _remove(self, ids):
         removed = 0
         for i in np.asarray(ids, dtype=np.int64).tolist():
             loc = self._where.pop(i, None)
@@ -107,6 +119,10 @@ class MemoryStorage(Storage):
         return removed
 
     def lookup(self, ids):
+        with self._lock:
+            return self._lookup(ids)
+
+    def _lookup(self, ids):
         ids = np.asarray(ids, dtype=np.int64)
         found = np.zeros(len(ids), dtype=bool)
         cells = np.full(len(ids), -1, dtype=np.int64)
@@ -121,9 +137,8 @@ class MemoryStorage(Storage):
 
     @contextmanager
     def snapshot(self):
-        # The Index keeps adds and searches of a MemoryStorage apart, so the live arrays are
-        # a consistent view for the duration.
-        yield _MemorySnapshot(self)
+        with self._lock:  # the live arrays are the snapshot: no writes meanwhile
+            yield _MemorySnapshot(self)
 
 
 class _MemorySnapshot(Snapshot):
