@@ -107,7 +107,7 @@ class LMDBStorage(Storage):
     # ------------------------------------------------------------------ opening
     @classmethod
     def create(cls, path: str, model, block_capacity: int = 128, map_size: int = _DEFAULT_MAP,
-               sync: bool = True) -> "LMDBStorage":
+               sync: bool = True, bulk_state: bytes | None = None) -> "LMDBStorage":
         """Create an empty index in directory ``path`` (created; must be empty if it exists).
 
         Parameters
@@ -122,6 +122,9 @@ class LMDBStorage(Storage):
         sync : bool
             fsync at every commit (durable against power loss; a killed process loses
             nothing committed either way).
+        bulk_state : bytes, optional
+            Marks the index as a bulk load in progress (see :meth:`bulk_append`): until
+            :meth:`finish_bulk`, :meth:`open` refuses it unless ``allow_incomplete``.
         """
         from ..model_io import model_to_proto
         if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
@@ -143,6 +146,8 @@ class LMDBStorage(Storage):
                 txn.put(b"config", json.dumps(config).encode())
                 for key in (b"gen", b"count", b"next_id"):
                     txn.put(key, _U64.pack(0))
+                if bulk_state is not None:
+                    txn.put(b"bulk", bulk_state)
         except BaseException:
             _release_env(real)
             raise
@@ -150,8 +155,11 @@ class LMDBStorage(Storage):
 
     @classmethod
     def open(cls, path: str, readonly: bool = False, map_size: int = _DEFAULT_MAP,
-             sync: bool = True) -> "LMDBStorage":
-        """Open an existing index; the model is read from it."""
+             sync: bool = True, allow_incomplete: bool = False) -> "LMDBStorage":
+        """Open an existing index; the model is read from it.
+
+        An unfinished bulk load is refused (IndexFormatError) unless ``allow_incomplete``.
+        """
         from ..model_io import proto_to_model
         if not os.path.isdir(path):
             raise IndexFormatError(f"{path} is not a cypq index directory")
@@ -171,6 +179,10 @@ class LMDBStorage(Storage):
                     raise IndexFormatError(f"{path} was written by a newer cypq (index format "
                                            f"{version}, this cypq reads {VERSION}): upgrade "
                                            "cypq")
+                if txn.get(b"bulk") is not None and not allow_incomplete:
+                    raise IndexFormatError(
+                        f"{path} is an unfinished bulk load: run the same `cypq build` "
+                        "command again to finish it, or delete the directory")
                 model = proto_to_model(txn.get(b"model"), f"the model inside {path}")
                 config = json.loads(txn.get(b"config"))
         except BaseException:
@@ -377,45 +389,106 @@ class LMDBStorage(Storage):
         bounds = np.flatnonzero(np.diff(cells)) + 1
         starts = np.concatenate([[0], bounds]).tolist()
         ends = np.concatenate([bounds, [len(cells)]]).tolist()
-        info_db, blocks_db, ids_db = self._db["cells"], self._db["blocks"], self._db["ids"]
+        info_db, blocks_db = self._db["cells"], self._db["blocks"]
         B = self.block_capacity
         cw = self.code_width * self.code_dtype.itemsize
-        # Blocks are spliced as bytes: a few thousand tiny cells per call make NumPy's
-        # per-array overhead the cost otherwise.
+        # The last, partly filled block of a cell is spliced as bytes; the rest of the
+        # entries go to new blocks laid out by _pack_blocks in one NumPy pass.
         id_bytes = ids.astype("<i8").tobytes()
         code_bytes = codes.tobytes()
         cell_list = cells.tolist()
-        id_items = []
+        blocks = np.empty(len(cells), dtype=np.int64)     # block of each entry
+        first = np.empty(len(cells), dtype=np.int64)      # first new block of its cell
+        rest = np.ones(len(cells), dtype=bool)            # entries going to new blocks
+        info = []
         for s, e in zip(starts, ends):
             c = cell_list[s]
-            ckey = _U64.pack(c)
-            v = txn.get(ckey, db=info_db)
+            v = txn.get(_U64.pack(c), db=info_db)
             count, nb = (0, 0) if v is None else _CELLINFO.unpack(bytes(v))
-            j = s
+            take = 0
             if nb and count - (nb - 1) * B < B:  # fill the last block first
-                b = nb - 1
-                key = _CELL_BLOCK.pack(c, b)
+                key = _CELL_BLOCK.pack(c, nb - 1)
                 old = bytes(txn.get(key, db=blocks_db))
                 n_old = int.from_bytes(old[:4], "little")
                 take = min(B - n_old, e - s)
-                txn.put(key, _splice(old, n_old, id_bytes[8 * j:8 * (j + take)],
-                                     code_bytes[cw * j:cw * (j + take)]), db=blocks_db)
-                id_items += [(i, c, b) for i in range(j, j + take)]
-                j += take
-            while j < e:                        # then new blocks
-                take = min(B, e - j)
-                txn.put(_CELL_BLOCK.pack(c, nb),
-                        take.to_bytes(4, "little") + b"\0\0\0\0" + id_bytes[8 * j:8 * (j + take)]
-                        + code_bytes[cw * j:cw * (j + take)], db=blocks_db)
-                id_items += [(i, c, nb) for i in range(j, j + take)]
-                j += take
-                nb += 1
-            txn.put(ckey, _CELLINFO.pack(count + (e - s), nb), db=info_db)
-        id_list = ids.tolist()
-        items = sorted((_U64.pack(id_list[i]), _CELL_BLOCK.pack(c, b)) for i, c, b in id_items)
-        with txn.cursor(db=ids_db) as cur:
+                txn.put(key, _splice(old, n_old, id_bytes[8 * s:8 * (s + take)],
+                                     code_bytes[cw * s:cw * (s + take)]), db=blocks_db)
+                blocks[s:s + take] = nb - 1
+                rest[s:s + take] = False
+            first[s:e] = nb
+            info.append((c, count + (e - s), nb + -(-(e - s - take) // B)))
+        items, new_blocks = _pack_blocks(cells[rest], ids[rest], codes[rest], B, first[rest])
+        blocks[rest] = new_blocks
+        with txn.cursor(db=blocks_db) as cur:
             cur.putmulti(items)
+        with txn.cursor(db=info_db) as cur:
+            cur.putmulti([(_U64.pack(c), _CELLINFO.pack(n, nb)) for c, n, nb in info])
+        with txn.cursor(db=self._db["ids"]) as cur:
+            cur.putmulti(_pack_ids(ids, cells, blocks))
         return cells[starts]
+
+    def bulk_state(self) -> bytes | None:
+        """The marker of an unfinished bulk load (None when the index is complete)."""
+        with self._read() as txn:
+            v = txn.get(b"bulk", db=self._db["meta"])
+            return None if v is None else bytes(v)
+
+    def bulk_append(self, cells, ids, codes, state: bytes) -> None:
+        """Append entries whose cells all come after every stored cell, in one transaction,
+        writing in key order (LMDB's append mode: no page splits, no search). ``state``
+        replaces the bulk marker in the same transaction, so it always describes exactly
+        what is committed.
+
+        Parameters
+        ----------
+        cells : numpy.ndarray int64 (n,)
+            Ascending.
+        ids : numpy.ndarray int64 (n,)
+            Not in the index (KeyError, nothing written, otherwise).
+        codes : numpy.ndarray (n, M)
+        state : bytes
+        """
+        cells = np.asarray(cells, dtype=np.int64)
+        ids = np.asarray(ids, dtype=np.int64)
+        codes = np.ascontiguousarray(codes, dtype=self.code_dtype)
+        if len(cells) and np.any(cells[1:] < cells[:-1]):
+            raise ValueError("bulk_append needs cells in ascending order")
+
+        def body(txn):
+            meta = self._db["meta"]
+            if txn.get(b"bulk", db=meta) is None:
+                raise ValueError("bulk_append is only for an index created for a bulk load")
+            if len(cells):
+                with txn.cursor(db=self._db["cells"]) as cur:
+                    if cur.last() and _U64.unpack(bytes(cur.key()))[0] >= cells[0]:
+                        raise ValueError("bulk_append cells must come after every stored cell")
+                items, blocks = _pack_blocks(cells, ids, codes, self.block_capacity)
+                with txn.cursor(db=self._db["blocks"]) as cur:
+                    cur.putmulti(items, append=True)
+                starts = np.flatnonzero(np.r_[True, cells[1:] != cells[:-1]])
+                counts = np.diff(np.append(starts, len(cells)))
+                info = np.empty(len(starts), dtype=[("n", ">u8"), ("nb", ">u4")])
+                info["n"], info["nb"] = counts, -(-counts // self.block_capacity)
+                keys, vals, k = cells[starts].astype(">u8").tobytes(), info.tobytes(), \
+                    _CELLINFO.size
+                with txn.cursor(db=self._db["cells"]) as cur:
+                    cur.putmulti([(keys[8 * j:8 * j + 8], vals[k * j:k * j + k])
+                                  for j in range(len(starts))], append=True)
+                with txn.cursor(db=self._db["ids"]) as cur:
+                    consumed, added = cur.putmulti(_pack_ids(ids, cells, blocks),
+                                                   overwrite=False)
+                if added != consumed:
+                    raise KeyError(f"{consumed - added} ids of this batch are already in the "
+                                   "index or repeated in it: ids must be unique")
+            txn.put(b"bulk", state, db=meta)
+            # Too many cells for the change log: other processes reload all sizes.
+            self._bump(txn, None, len(ids), int(ids.max()) + 1 if len(ids) else 0)
+        self._write(body)
+
+    def finish_bulk(self) -> None:
+        """Drop the bulk marker: the index opens normally from now on."""
+        self._write(lambda txn: (txn.delete(b"bulk", db=self._db["meta"]),
+                                 self._bump(txn, None)))
 
     def remove(self, ids):
         ids = np.unique(np.asarray(ids, dtype=np.int64))
@@ -469,11 +542,13 @@ class LMDBStorage(Storage):
         return np.fromiter(touched, dtype=np.int64, count=len(touched))
 
     def _bump(self, txn, touched, dcount: int = 0, min_next_id: int = 0) -> None:
-        """Close a write: generation + 1, its change-log record, counters."""
+        """Close a write: generation + 1, its change-log record (touched cells, or None for
+        "reload everything"), counters."""
         meta, log = self._db["meta"], self._db["log"]
         gen = _U64.unpack(txn.get(b"gen", db=meta))[0] + 1
         txn.put(b"gen", _U64.pack(gen), db=meta)
-        txn.put(_U64.pack(gen), np.unique(touched).astype("<i8").tobytes(), db=log)
+        if touched is not None:  # no record: readers reload every cell size
+            txn.put(_U64.pack(gen), np.unique(touched).astype("<i8").tobytes(), db=log)
         if gen > _LOG_KEEP:
             txn.delete(_U64.pack(gen - _LOG_KEEP), db=log)
         count = _U64.unpack(txn.get(b"count", db=meta))[0]
@@ -481,6 +556,68 @@ class LMDBStorage(Storage):
         nxt = _U64.unpack(txn.get(b"next_id", db=meta))[0]
         if min_next_id > nxt:
             txn.put(b"next_id", _U64.pack(min_next_id), db=meta)
+
+
+def _pack_blocks(cells, ids, codes, capacity, first_block=None):
+    """Lay entries out as new blocks, vectorised (one NumPy pass instead of one per cell).
+
+    Parameters
+    ----------
+    cells : numpy.ndarray int64 (n,)
+        Ascending; each cell's entries go to blocks ``first_block[cell] ...`` in this order.
+    ids : numpy.ndarray int64 (n,)
+    codes : numpy.ndarray (n, M)
+    capacity : int
+        Entries per block.
+    first_block : numpy.ndarray int64 (n,), optional
+        Block number of the first new block of each entry's cell (default 0).
+
+    Returns
+    -------
+    items : list of (key bytes, value memoryview), in key order
+    entry_block : numpy.ndarray int64 (n,)
+        The block number each entry landed in.
+    """
+    n = len(cells)
+    if not n:
+        return [], np.empty(0, np.int64)
+    new_cell = np.empty(n, dtype=bool)
+    new_cell[0] = True
+    np.not_equal(cells[1:], cells[:-1], out=new_cell[1:])
+    cell_start = np.flatnonzero(new_cell)
+    rank = np.arange(n) - np.repeat(cell_start, np.diff(np.append(cell_start, n)))
+    pos = rank % capacity
+    bstart = np.flatnonzero(pos == 0)
+    bcount = np.diff(np.append(bstart, n))
+    bidx = np.repeat(np.arange(len(bstart)), bcount)          # block of each entry
+    block_no = rank // capacity + (0 if first_block is None else first_block)
+    cw = codes.shape[1] * codes.dtype.itemsize
+    off = np.zeros(len(bstart) + 1, dtype=np.int64)
+    np.cumsum(8 + bcount * (8 + cw), out=off[1:])
+    buf = np.zeros(int(off[-1]), dtype=np.uint8)
+    # Header (u32 count, u32 pad), then the ids, then the codes of each block.
+    buf[off[:-1, None] + np.arange(4)] = bcount.astype("<u4").view(np.uint8).reshape(-1, 4)
+    at = off[bidx] + 8 + 8 * pos
+    buf[at[:, None] + np.arange(8)] = ids.astype("<i8").view(np.uint8).reshape(n, 8)
+    at = off[bidx] + 8 + 8 * bcount[bidx] + cw * pos
+    buf[at[:, None] + np.arange(cw)] = \
+        np.ascontiguousarray(codes).view(np.uint8).reshape(n, cw)
+    keys = np.empty(len(bstart), dtype=[("cell", ">u8"), ("block", ">u4")])
+    keys["cell"], keys["block"] = cells[bstart], block_no[bstart]
+    kb, mv, k = keys.tobytes(), memoryview(buf), _CELL_BLOCK.size
+    bounds = off.tolist()
+    items = [(kb[k * j:k * j + k], mv[bounds[j]:bounds[j + 1]]) for j in range(len(bstart))]
+    return items, block_no
+
+
+def _pack_ids(ids, cells, blocks):
+    """ids-table items (id -> cell + block) sorted by id."""
+    order = np.argsort(ids, kind="stable")
+    keys = ids[order].astype(">u8").tobytes()
+    vals = np.empty(len(ids), dtype=[("cell", ">u8"), ("block", ">u4")])
+    vals["cell"], vals["block"] = cells[order], blocks[order]
+    vb, k = vals.tobytes(), _CELL_BLOCK.size
+    return [(keys[8 * j:8 * j + 8], vb[k * j:k * j + k]) for j in range(len(ids))]
 
 
 def _splice(old: bytes, n_old: int, new_ids: bytes, new_codes: bytes) -> bytes:

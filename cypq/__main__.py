@@ -1,0 +1,4 @@
+"""``python -m cypq``: the ``cypq`` command."""
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,319 @@
+"""Offline bulk loading: encode a large input in chunks and write a new on-disk index in key
+order, resumably, with memory bounded by the chunk size.
+
+Two passes, both restartable at the last thing committed:
+
+1. *encode*: chunk k of the input (rows ``k * chunk .. (k + 1) * chunk``) is encoded with all
+   cores, sorted by cell and written to ``<index>/bulk-runs/run-<k>.npy`` (a temporary file
+   renamed when complete). Chunks whose run file exists are skipped.
+2. *write*: the sorted runs are merged cell range by cell range (each range holds about one
+   chunk of entries) and appended to LMDB in key order, one transaction per range. The
+   transaction also records the next cell to write, so a rerun continues from there.
+
+Until the end the index carries a marker that makes :meth:`cypq.Index.open` refuse it; the
+marker also names the input, so a rerun with another input is refused instead of mixed in.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+
+from .lopq import LOPQModel
+from .storage.lmdb import IndexFormatError, LMDBStorage
+from .vector_files import VectorSource, read_ids
+
+RUNS_DIR = "bulk-runs"
+_STATE_VERSION = 1
+
+
+class BulkLoadError(ValueError):
+    """The bulk load cannot go on as asked (the message says what to do)."""
+
+
+@dataclass
+class BulkSummary:
+    """What a bulk load did."""
+    vectors: int
+    non_empty_cells: int
+    bytes_on_disk: int
+    seconds: float
+    encode_seconds: float
+    write_seconds: float
+    resumed: bool
+    peak_rss_anon_mb: float
+
+    def lines(self) -> list[str]:
+        return [f"vectors: {self.vectors:,}",
+                f"non-empty cells: {self.non_empty_cells:,}",
+                f"bytes on disk: {self.bytes_on_disk:,} ({self.bytes_on_disk / 1e6:.1f} MB)",
+                f"time: {self.seconds:.1f} s (encode {self.encode_seconds:.1f} s, write "
+                f"{self.write_seconds:.1f} s), {self.vectors / max(self.seconds, 1e-9):,.0f} "
+                "vectors/s" + (" [resumed]" if self.resumed else ""),
+                f"peak anonymous memory: {self.peak_rss_anon_mb:.0f} MB"]
+
+
+def rss_anon_mb() -> float:
+    """This process's anonymous resident memory in MB (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+class _Progress:
+    """tqdm when available and wanted, otherwise nothing."""
+
+    def __init__(self, enabled: bool, total: int, desc: str, initial: int = 0):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:  # pragma: no cover - tqdm is a dependency
+                return
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="vec",
+                            unit_scale=True, dynamic_ncols=True, smoothing=0.1)
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def encoded_chunks(source: VectorSource, model: LOPQModel, chunk: int, ids=None,
+                   start: int = 0) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    """(first row, ids (n,) int64, cells (n,) int64, fine codes (n, M)) per chunk of vectors.
+
+    ``ids``: array-like (N,) (e.g. a memmap) or None for row numbers.
+    """
+    for a, X in source.chunks(chunk, start):
+        code = model.predict(X)
+        cells = code.coarse[:, 0].astype(np.int64) * model.V + code.coarse[:, 1]
+        chunk_ids = (np.arange(a, a + len(X), dtype=np.int64) if ids is None
+                     else np.asarray(ids[a:a + len(X)], dtype=np.int64))
+        yield a, chunk_ids, cells, code.fine
+
+
+def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None,
+              train: Optional[Callable[[], LOPQModel]] = None, ids: Optional[str] = None,
+              chunk_size: int = 200_000, n_threads: Optional[int] = None,
+              block_capacity: int = 128, progress: bool = True,
+              out: Callable[[str], None] = print) -> BulkSummary:
+    """Build a new on-disk index from a large input, or finish one that was interrupted.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Index directory: new (or empty), or an unfinished bulk load of the same input.
+    source : VectorSource or code source
+        The vectors (:class:`cypq.vector_files.VectorSource`), or precomputed codes (an
+        object with ``identity()``, ``__len__`` and ``chunks(size, start)`` yielding
+        ``(first row, ids, cells, fine codes)``, e.g. :class:`cypq.code_files.CodeSource`).
+    model : LOPQModel, optional
+        Trained model. When resuming, the model inside the index is used (and must equal
+        this one if given).
+    train : callable, optional
+        Returns a trained model; called when neither ``model`` nor an unfinished load gives
+        one.
+    ids : str, optional
+        A .npy file of N int64 ids (vectors input only; default: row numbers).
+    chunk_size : int
+        Vectors per chunk: memory use is a small multiple of chunk_size * (D * 4 + 32) bytes.
+    n_threads : int, optional
+        Threads of the encoder (None: all cores).
+    block_capacity : int
+        See :class:`cypq.storage.lmdb.LMDBStorage`.
+    progress : bool
+        Show tqdm progress bars (vectors/s and ETA).
+    out : callable
+        Where messages go.
+
+    Returns
+    -------
+    BulkSummary
+    """
+    t_start = time.perf_counter()
+    path = os.fspath(path)
+    if chunk_size < 1:
+        raise BulkLoadError("chunk size must be >= 1")
+    N = len(source)
+    ids_arr = None
+    if ids is not None:
+        if not isinstance(source, VectorSource):
+            raise BulkLoadError("an ids file goes with vector input only (codes carry ids)")
+        ids_arr = read_ids(ids, N)
+    identity = {"version": _STATE_VERSION, "input": source.identity(), "rows": N,
+                "ids": None if ids is None else [os.path.abspath(ids), os.path.getsize(ids)],
+                "chunk": int(chunk_size)}
+    storage, resumed, next_cell = _open_or_create(path, identity, model, train,
+                                                  block_capacity, out)
+    try:
+        model = storage.model
+        if n_threads is not None:
+            model.n_threads = n_threads
+        runs_dir = os.path.join(path, RUNS_DIR)
+        os.makedirs(runs_dir, exist_ok=True)
+        n_runs = -(-N // chunk_size)
+        run_files = [os.path.join(runs_dir, f"run-{k:06d}.npy") for k in range(n_runs)]
+        peak = rss_anon_mb()
+
+        # ---- pass 1: encode into sorted runs
+        t0 = time.perf_counter()
+        todo = [k for k in range(n_runs) if not os.path.exists(run_files[k])]
+        if next_cell is None:  # the write pass has not started
+            bar = _Progress(progress, N, "encode", initial=N - _rows_in(todo, chunk_size, N))
+            dtype = _run_dtype(model)
+            for k in todo:
+                a = k * chunk_size
+                chunks = (encoded_chunks(source, model, chunk_size, ids_arr, a)
+                          if isinstance(source, VectorSource) else source.chunks(chunk_size, a))
+                _, c_ids, cells, fine = next(iter(chunks))
+                _check_codes(model, cells, fine, source)
+                order = np.argsort(cells, kind="stable")
+                run = np.empty(len(cells), dtype=dtype)
+                run["cell"], run["id"], run["code"] = cells[order], c_ids[order], fine[order]
+                _write_atomic(run_files[k], run)
+                del run, cells, fine, c_ids, order
+                peak = max(peak, rss_anon_mb())
+                bar.update(min(chunk_size, N - a))
+            bar.close()
+        encode_s = time.perf_counter() - t0
+
+        # ---- pass 2: merge the runs in cell order and append
+        t0 = time.perf_counter()
+        runs = [np.load(f, mmap_mode="r") for f in run_files]
+        n_cells = model.V * model.V
+        hist = np.zeros(n_cells, dtype=np.int64)
+        for run in runs:
+            hist += np.bincount(run["cell"], minlength=n_cells)
+        ends = _cell_ranges(hist, chunk_size)
+        first = 0 if next_cell is None else next_cell
+        done = int(hist[:first].sum())
+        bar = _Progress(progress, N, "write", initial=done)
+        lo_cell = first
+        for hi_cell in ends:
+            if hi_cell <= first:
+                continue
+            parts = []
+            for run in runs:
+                cells_col = run["cell"]
+                lo, hi = np.searchsorted(cells_col, [lo_cell, hi_cell])
+                if hi > lo:
+                    parts.append(np.asarray(run[lo:hi]))
+            batch = np.concatenate(parts) if parts else np.empty(0, _run_dtype(model))
+            # Runs are in input order and each is sorted: a stable sort keeps, within a
+            # cell, the input order, as an uninterrupted or incremental load would.
+            batch = batch[np.argsort(batch["cell"], kind="stable")]
+            state = dict(identity, next_cell=int(hi_cell))
+            try:
+                storage.bulk_append(batch["cell"], batch["id"], batch["code"],
+                                    json.dumps(state).encode())
+            except KeyError as e:
+                raise BulkLoadError(f"{e.args[0]}; fix the input and start again in an "
+                                    "empty directory") from None
+            peak = max(peak, rss_anon_mb())
+            bar.update(len(batch))
+            lo_cell = hi_cell
+            del batch, parts
+        bar.close()
+        del runs
+        storage.finish_bulk()
+        shutil.rmtree(runs_dir, ignore_errors=True)
+        write_s = time.perf_counter() - t0
+        sizes = storage.cell_sizes()
+        summary = BulkSummary(len(storage), int(np.count_nonzero(sizes)),
+                              storage.disk_stats()["bytes_on_disk"],
+                              time.perf_counter() - t_start, encode_s, write_s, resumed, peak)
+    finally:
+        storage.close()
+    return summary
+
+
+def _open_or_create(path, identity, model, train, block_capacity, out):
+    """(storage, resumed, next cell of the write pass or None)."""
+    if os.path.isdir(path) and os.listdir(path):
+        try:
+            storage = LMDBStorage.open(path, allow_incomplete=True)
+        except IndexFormatError:
+            raise BulkLoadError(f"{path} exists and is not an unfinished bulk load: build into a "
+                                "new directory") from None
+        state = storage.bulk_state()
+        if state is None:
+            storage.close()
+            raise BulkLoadError(f"{path} is a complete index: build into a new directory, or "
+                                "add to this one with `cypq add`")
+        state = json.loads(state)
+        mine = {k: state.get(k) for k in identity}
+        if mine != identity:
+            storage.close()
+            changed = [k for k in identity if mine[k] != identity[k]]
+            raise BulkLoadError(f"{path} is an unfinished bulk load of a different input or "
+                                f"settings ({', '.join(changed)} changed): rerun it with the "
+                                "same input and chunk size, or delete the directory")
+        if model is not None and model != storage.model:
+            storage.close()
+            raise BulkLoadError(f"{path} is an unfinished bulk load with another model: rerun "
+                                "with the same model (or none: the one inside is used)")
+        out(f"resuming the unfinished bulk load in {path}")
+        return storage, True, state.get("next_cell")
+    if model is None:
+        if train is None:
+            raise BulkLoadError("a model is needed: pass a trained model or train one")
+        model = train()
+    storage = LMDBStorage.create(path, model, block_capacity=block_capacity,
+                                 bulk_state=json.dumps(identity).encode())
+    return storage, False, None
+
+
+def _run_dtype(model) -> np.dtype:
+    return np.dtype([("cell", "<i8"), ("id", "<i8"),
+                     ("code", np.dtype(model.fine_code_dtype), (model.M,))])
+
+
+def _rows_in(chunks: list[int], size: int, N: int) -> int:
+    return sum(min(size, N - k * size) for k in chunks)
+
+
+def _check_codes(model, cells, fine, source) -> None:
+    if fine.ndim != 2 or fine.shape[1] != model.M:
+        raise BulkLoadError(f"the codes have {fine.shape[-1]} fine codes per vector but the "
+                            f"model has M={model.M}")
+    if len(cells) and (cells.min() < 0 or cells.max() >= model.V * model.V):
+        raise BulkLoadError(f"cell ids outside 0 .. {model.V ** 2 - 1}: the codes were not "
+                            "made with this model")
+    if fine.size and int(fine.max()) >= model.subquantizer_clusters:
+        raise BulkLoadError("fine codes beyond the model's subquantizer clusters: the codes "
+                            "were not made with this model")
+
+
+def _write_atomic(path: str, arr: np.ndarray) -> None:
+    """Write arr as .npy under a temporary name, flush to disk, then rename."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        np.save(f, arr)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _cell_ranges(hist: np.ndarray, per_range: int) -> list[int]:
+    """Exclusive end cells of consecutive cell ranges holding about per_range entries each
+    (a range holds at least one cell, so one huge cell makes a big range)."""
+    cum = np.cumsum(hist)
+    total = int(cum[-1]) if len(cum) else 0
+    targets = np.arange(per_range, total, per_range)
+    ends = np.unique(np.searchsorted(cum, targets, side="left") + 1)
+    ends = ends[ends < len(hist)]
+    return ends.tolist() + [len(hist)]
