@@ -30,6 +30,7 @@ from .vector_files import VectorSource, read_ids
 
 RUNS_DIR = "bulk-runs"
 _STATE_VERSION = 1
+_FINISHED = -1
 
 
 class BulkLoadError(ValueError):
@@ -159,6 +160,14 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
                 "chunk": int(chunk_size)}
     storage, resumed, next_cell = _open_or_create(path, identity, model, train,
                                                   block_capacity, out)
+    if next_cell == _FINISHED:  # killed after the last commit: only the clean-up was left
+        shutil.rmtree(os.path.join(path, RUNS_DIR), ignore_errors=True)
+        try:
+            return BulkSummary(len(storage), int(np.count_nonzero(storage.cell_sizes())),
+                               storage.disk_stats()["bytes_on_disk"],
+                               time.perf_counter() - t_start, 0.0, 0.0, True, rss_anon_mb())
+        finally:
+            storage.close()
     try:
         model = storage.model
         if n_threads is not None:
@@ -250,15 +259,18 @@ def _open_or_create(path, identity, model, train, block_capacity, out):
             raise BulkLoadError(f"{path} exists and is not an unfinished bulk load: build into a "
                                 "new directory") from None
         state = storage.bulk_state()
+        done = storage.bulk_state(finished=True)
+        if state is None and done is not None and _same_input(json.loads(done), identity):
+            out(f"{path} was already built from this input")
+            return storage, True, _FINISHED
         if state is None:
             storage.close()
             raise BulkLoadError(f"{path} is a complete index: build into a new directory, or "
                                 "add to this one with `cypq add`")
         state = json.loads(state)
-        mine = {k: state.get(k) for k in identity}
-        if mine != identity:
+        if not _same_input(state, identity):
             storage.close()
-            changed = [k for k in identity if mine[k] != identity[k]]
+            changed = [k for k in identity if state.get(k) != identity[k]]
             raise BulkLoadError(f"{path} is an unfinished bulk load of a different input or "
                                 f"settings ({', '.join(changed)} changed): rerun it with the "
                                 "same input and chunk size, or delete the directory")
@@ -275,6 +287,10 @@ def _open_or_create(path, identity, model, train, block_capacity, out):
     storage = LMDBStorage.create(path, model, block_capacity=block_capacity,
                                  bulk_state=json.dumps(identity).encode())
     return storage, False, None
+
+
+def _same_input(state: dict, identity: dict) -> bool:
+    return {k: state.get(k) for k in identity} == identity
 
 
 def _run_dtype(model) -> np.dtype:

@@ -126,6 +126,11 @@ def test_bulk_equals_incremental(data, reference, tmp_path):
     assert s.vectors == len(X) and not s.resumed
     assert not (tmp_path / "ix" / bulk_mod.RUNS_DIR).exists()
     _same_index(tmp_path / "ix", reference, np.arange(len(X)), Q)
+    # the same command again (e.g. after a kill during the clean-up) is a no-op
+    msgs = []
+    again = bulk_load(tmp_path / "ix", src, model, chunk_size=700, progress=False,
+                      out=msgs.append)
+    assert again.resumed and again.vectors == len(X) and "already built" in msgs[0]
     # the bulk-built index takes incremental changes like any other
     with Index.open(tmp_path / "ix") as ix:
         new = ix.add(X[:10])
@@ -230,10 +235,12 @@ LOADER = textwrap.dedent("""
     from cypq.vector_files import VectorSource
     import cypq.bulk as b
     from cypq.storage.lmdb import LMDBStorage
-    # Announce each committed step, so the test can kill at a random one of them.
+    import time
+    # Announce each committed step and pause a little, so the test can kill at a random
+    # moment in a random step.
     w, a = b._write_atomic, LMDBStorage.bulk_append
-    b._write_atomic = lambda *x: (w(*x), print("run", flush=True))
-    LMDBStorage.bulk_append = lambda *x: (a(*x), print("batch", flush=True))
+    b._write_atomic = lambda *x: (time.sleep(0.01), w(*x), print("run", flush=True))
+    LMDBStorage.bulk_append = lambda *x: (time.sleep(0.01), a(*x), print("batch", flush=True))
     model = LOPQModel.load_proto(sys.argv[3])
     bulk_load(sys.argv[1], VectorSource.open(sys.argv[2]), model, chunk_size=int(sys.argv[4]),
               block_capacity=4, progress=False, out=lambda m: print(m, flush=True))

@@ -427,10 +427,11 @@ class LMDBStorage(Storage):
             cur.putmulti(_pack_ids(ids, cells, blocks))
         return cells[starts]
 
-    def bulk_state(self) -> bytes | None:
-        """The marker of an unfinished bulk load (None when the index is complete)."""
+    def bulk_state(self, finished: bool = False) -> bytes | None:
+        """The marker of an unfinished bulk load (None when there is none); with
+        ``finished``, the marker of the bulk load that built the index, if one did."""
         with self._read() as txn:
-            v = txn.get(b"bulk", db=self._db["meta"])
+            v = txn.get(b"bulk_done" if finished else b"bulk", db=self._db["meta"])
             return None if v is None else bytes(v)
 
     def bulk_append(self, cells, ids, codes, state: bytes) -> None:
@@ -486,9 +487,14 @@ class LMDBStorage(Storage):
         self._write(body)
 
     def finish_bulk(self) -> None:
-        """Drop the bulk marker: the index opens normally from now on."""
-        self._write(lambda txn: (txn.delete(b"bulk", db=self._db["meta"]),
-                                 self._bump(txn, None)))
+        """Retire the bulk marker (kept as ``bulk_state(finished=True)``): the index opens
+        normally from now on."""
+        def body(txn):
+            meta = self._db["meta"]
+            txn.put(b"bulk_done", txn.get(b"bulk", db=meta), db=meta)
+            txn.delete(b"bulk", db=meta)
+            self._bump(txn, None)
+        self._write(body)
 
     def remove(self, ids):
         ids = np.unique(np.asarray(ids, dtype=np.int64))
