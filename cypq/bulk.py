@@ -1,14 +1,18 @@
 """Offline bulk loading: encode a large input in chunks and write a new on-disk index in key
 order, resumably, with memory bounded by the chunk size.
 
-Two passes, both restartable at the last thing committed:
+Three passes, each restartable at the last thing committed:
 
 1. *encode*: chunk k of the input (rows ``k * chunk .. (k + 1) * chunk``) is encoded with all
    cores, sorted by cell and written to ``<index>/bulk-runs/run-<k>.npy`` (a temporary file
    renamed when complete). Chunks whose run file exists are skipped.
 2. *write*: the sorted runs are merged cell range by cell range (each range holds about one
-   chunk of entries) and appended to LMDB in key order, one transaction per range. The
-   transaction also records the next cell to write, so a rerun continues from there.
+   chunk of entries) and the cells' blocks appended to LMDB in key order, one transaction per
+   range. The transaction also records the next cell to write, so a rerun continues from
+   there. Where each id went is spilled to an id run per range, sorted by id.
+3. *ids*: the id runs are merged id range by id range and the id table appended in key order
+   (random-order inserts would dirty the whole id tree in every transaction: memory and
+   time growing with the index).
 
 Until the end the index carries a marker that makes :meth:`cypq.Index.open` refuse it; the
 marker also names the input, so a rerun with another input is refused instead of mixed in.
@@ -158,8 +162,8 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
     identity = {"version": _STATE_VERSION, "input": source.identity(), "rows": N,
                 "ids": None if ids is None else [os.path.abspath(ids), os.path.getsize(ids)],
                 "chunk": int(chunk_size)}
-    storage, resumed, next_cell = _open_or_create(path, identity, model, train,
-                                                  block_capacity, out)
+    storage, resumed, next_cell, state_ids_done = _open_or_create(
+        path, identity, model, train, block_capacity, out)
     if next_cell == _FINISHED:  # killed after the last commit: only the clean-up was left
         shutil.rmtree(os.path.join(path, RUNS_DIR), ignore_errors=True)
         try:
@@ -200,44 +204,55 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
             bar.close()
         encode_s = time.perf_counter() - t0
 
-        # ---- pass 2: merge the runs in cell order and append
+        # ---- pass 2: merge the runs in cell order and append the cells' blocks
         t0 = time.perf_counter()
         runs = [np.load(f, mmap_mode="r") for f in run_files]
         n_cells = model.V * model.V
         hist = np.zeros(n_cells, dtype=np.int64)
         for run in runs:
             hist += np.bincount(run["cell"], minlength=n_cells)
-        ends = _cell_ranges(hist, chunk_size)
+        ends = _ranges(np.cumsum(hist), chunk_size)
         first = 0 if next_cell is None else next_cell
-        done = int(hist[:first].sum())
-        bar = _Progress(progress, N, "write", initial=done)
-        lo_cell = first
-        for hi_cell in ends:
-            if hi_cell <= first:
-                continue
-            parts = []
-            for run in runs:
-                cells_col = run["cell"]
-                lo, hi = np.searchsorted(cells_col, [lo_cell, hi_cell])
-                if hi > lo:
-                    parts.append(np.asarray(run[lo:hi]))
-            batch = np.concatenate(parts) if parts else np.empty(0, _run_dtype(model))
-            # Runs are in input order and each is sorted: a stable sort keeps, within a
-            # cell, the input order, as an uninterrupted or incremental load would.
-            batch = batch[np.argsort(batch["cell"], kind="stable")]
-            state = dict(identity, next_cell=int(hi_cell))
-            try:
+        bar = _Progress(progress, N, "write", initial=int(hist[:first].sum()))
+        lo_cell = 0
+        for j, hi_cell in enumerate(ends):
+            if hi_cell > first:
+                batch = _gather(runs, "cell", lo_cell, hi_cell, _run_dtype(model))
+                # Where each id goes, sorted by id, for pass 3; written before the commit,
+                # so a rerun after a kill in between rewrites the same file.
+                _write_id_run(runs_dir, j, batch, storage.bulk_block_numbers(batch["cell"]))
+                state = dict(identity, next_cell=int(hi_cell), ids_done=0)
                 storage.bulk_append(batch["cell"], batch["id"], batch["code"],
                                     json.dumps(state).encode())
-            except KeyError as e:
-                raise BulkLoadError(f"{e.args[0]}; fix the input and start again in an "
-                                    "empty directory") from None
-            peak = max(peak, rss_anon_mb())
-            bar.update(len(batch))
+                peak = max(peak, rss_anon_mb())
+                bar.update(len(batch))
+                del batch
             lo_cell = hi_cell
-            del batch, parts
         bar.close()
         del runs
+
+        # ---- pass 3: the id table, merged from the id runs in id order and appended
+        id_runs = [np.load(_id_run_file(runs_dir, j), mmap_mode="r") for j in range(len(ends))]
+        bounds = _id_ranges(id_runs, chunk_size)
+        ids_done = 0 if next_cell is None else state_ids_done
+        bar = _Progress(progress, len(bounds), "ids", initial=ids_done)
+        lo_id = np.iinfo(np.int64).min
+        for r, hi_id in enumerate(bounds):
+            if r >= ids_done:
+                part = _gather(id_runs, "id", lo_id, hi_id, _ID_RUN)
+                state = dict(identity, next_cell=n_cells, ids_done=r + 1)
+                try:
+                    storage.bulk_append_ids(part["id"], part["cell"], part["block"],
+                                            json.dumps(state).encode())
+                except KeyError as e:
+                    raise BulkLoadError(f"{e.args[0]}; fix the input and start again in an "
+                                        "empty directory") from None
+                peak = max(peak, rss_anon_mb())
+                del part
+            bar.update(1)
+            lo_id = hi_id
+        bar.close()
+        del id_runs
         storage.finish_bulk()
         shutil.rmtree(runs_dir, ignore_errors=True)
         write_s = time.perf_counter() - t0
@@ -262,7 +277,7 @@ def _open_or_create(path, identity, model, train, block_capacity, out):
         done = storage.bulk_state(finished=True)
         if state is None and done is not None and _same_input(json.loads(done), identity):
             out(f"{path} was already built from this input")
-            return storage, True, _FINISHED
+            return storage, True, _FINISHED, 0
         if state is None:
             storage.close()
             raise BulkLoadError(f"{path} is a complete index: build into a new directory, or "
@@ -279,14 +294,14 @@ def _open_or_create(path, identity, model, train, block_capacity, out):
             raise BulkLoadError(f"{path} is an unfinished bulk load with another model: rerun "
                                 "with the same model (or none: the one inside is used)")
         out(f"resuming the unfinished bulk load in {path}")
-        return storage, True, state.get("next_cell")
+        return storage, True, state.get("next_cell"), state.get("ids_done", 0)
     if model is None:
         if train is None:
             raise BulkLoadError("a model is needed: pass a trained model or train one")
         model = train()
     storage = LMDBStorage.create(path, model, block_capacity=block_capacity,
                                  bulk_state=json.dumps(identity).encode())
-    return storage, False, None
+    return storage, False, None, 0
 
 
 def _same_input(state: dict, identity: dict) -> bool:
@@ -324,12 +339,47 @@ def _write_atomic(path: str, arr: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _cell_ranges(hist: np.ndarray, per_range: int) -> list[int]:
-    """Exclusive end cells of consecutive cell ranges holding about per_range entries each
-    (a range holds at least one cell, so one huge cell makes a big range)."""
-    cum = np.cumsum(hist)
+def _ranges(cum: np.ndarray, per_range: int) -> list[int]:
+    """Exclusive ends of consecutive ranges of a histogram's bins holding about per_range
+    entries each (``cum``: its cumulative sum); a range holds at least one bin."""
     total = int(cum[-1]) if len(cum) else 0
     targets = np.arange(per_range, total, per_range)
     ends = np.unique(np.searchsorted(cum, targets, side="left") + 1)
-    ends = ends[ends < len(hist)]
-    return ends.tolist() + [len(hist)]
+    ends = ends[ends < len(cum)]
+    return ends.tolist() + [len(cum)]
+
+
+def _gather(runs, key: str, lo, hi, dtype) -> np.ndarray:
+    """The entries with lo <= key < hi of runs sorted by key, merged stably (run order
+    within equal keys: the input order)."""
+    parts = []
+    for run in runs:
+        a, b = np.searchsorted(run[key], [lo, hi])
+        if b > a:
+            parts.append(np.asarray(run[a:b]))
+    batch = np.concatenate(parts) if parts else np.empty(0, dtype)
+    return batch[np.argsort(batch[key], kind="stable")]
+
+
+_ID_RUN = np.dtype([("id", "<i8"), ("cell", "<i8"), ("block", "<i8")])
+
+
+def _id_run_file(runs_dir: str, j: int) -> str:
+    return os.path.join(runs_dir, f"ids-{j:06d}.npy")
+
+
+def _write_id_run(runs_dir: str, j: int, batch: np.ndarray, blocks: np.ndarray) -> None:
+    rec = np.empty(len(batch), dtype=_ID_RUN)
+    rec["id"], rec["cell"], rec["block"] = batch["id"], batch["cell"], blocks
+    _write_atomic(_id_run_file(runs_dir, j), rec[np.argsort(rec["id"], kind="stable")])
+
+
+def _id_ranges(id_runs, per_range: int) -> list[int]:
+    """Exclusive upper ids of consecutive id ranges of about per_range ids each, from a
+    strided sample of the sorted id runs (memory: N / stride ids)."""
+    stride = max(1, per_range // 64)
+    sample = np.sort(np.concatenate([np.asarray(r["id"][::stride]) for r in id_runs]
+                                    + [np.empty(0, np.int64)]))
+    step = max(1, per_range // stride)
+    bounds = [int(b) for b in np.unique(sample[step::step])]
+    return bounds + [np.iinfo(np.int64).max]

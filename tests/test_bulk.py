@@ -1,5 +1,6 @@
 """Vector files, and the bulk loader: same index as incremental adds, resumable after an
 interruption in either pass (exception, full disk, SIGKILL), refusing mixed inputs."""
+import json
 import os
 import signal
 import subprocess
@@ -238,9 +239,10 @@ LOADER = textwrap.dedent("""
     import time
     # Announce each committed step and pause a little, so the test can kill at a random
     # moment in a random step.
-    w, a = b._write_atomic, LMDBStorage.bulk_append
+    w, a, i = b._write_atomic, LMDBStorage.bulk_append, LMDBStorage.bulk_append_ids
     b._write_atomic = lambda *x: (time.sleep(0.01), w(*x), print("run", flush=True))
     LMDBStorage.bulk_append = lambda *x: (time.sleep(0.01), a(*x), print("batch", flush=True))
+    LMDBStorage.bulk_append_ids = lambda *x: (time.sleep(0.01), i(*x), print("ids", flush=True))
     model = LOPQModel.load_proto(sys.argv[3])
     bulk_load(sys.argv[1], VectorSource.open(sys.argv[2]), model, chunk_size=int(sys.argv[4]),
               block_capacity=4, progress=False, out=lambda m: print(m, flush=True))
@@ -260,13 +262,14 @@ def test_resume_after_kill9_at_random_moments(data, tmp_path):
         proc = subprocess.Popen([sys.executable, "-c", LOADER, str(path),
                                  str(tmp_path / "big.npy"), str(tmp_path / "m.lopq"), "2000"],
                                 stdout=subprocess.PIPE, text=True, cwd=HERE)
-        # 20 runs + about 20 batches: kill after a random number of them, a moment later
-        wanted, got = int(rng.integers(1, 15)), 0
+        # 20 runs, ~20 cell ranges (+ their id runs), ~20 id ranges: kill after a random
+        # number of steps, a random moment later
+        wanted, got = int(rng.integers(1, 20)), 0
         while got < wanted:
             line = proc.stdout.readline()
             if not line or line.startswith("done"):
                 break
-            got += line.strip() in ("run", "batch")
+            got += line.strip() in ("run", "batch", "ids")
         time.sleep(float(rng.uniform(0, 0.02)))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
@@ -280,13 +283,15 @@ def test_resume_after_kill9_at_random_moments(data, tmp_path):
             else None
         if state is not None:
             st = state.bulk_state()
-            seen.add("write" if st and b"next_cell" in st else "encode")
+            st = json.loads(st) if st else {}
+            seen.add("ids" if st.get("ids_done") else "write" if "next_cell" in st
+                     else "encode")
             state.close()
         if runs.exists():
             assert not any(f.endswith(".npy") and os.path.getsize(runs / f) < 128
                            for f in os.listdir(runs)), "a partial run file was kept"
     assert "done" in out, "the load never finished"
-    assert kills >= 2 and seen == {"encode", "write"}, (kills, seen)
+    assert kills >= 3 and seen == {"encode", "write", "ids"}, (kills, seen)
     ref = Index.in_memory(model)
     for a in range(0, len(big), 5000):
         ref.add(big[a:a + 5000], np.arange(a, a + 5000))

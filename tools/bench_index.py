@@ -3,7 +3,7 @@
     python tools/bench_index.py [--data DIR] [--M 16 8] [--big] [--dir DIR]
 
 Per M: train LOPQ (V=1024) on the learn set; build the 1M-vector LMDB index incrementally
-(batches of 1000 through ``Index.add``, which encodes too); search 1000 queries at several
+(batches of 1000 through ``Index.add``, which encodes too) and with the bulk loader; search 1000 queries at several
 quotas, LMDB vs in memory, 1 and 2 threads, with a warm page cache; then, in a fresh process
 after dropping the index file from the page cache (posix_fadvise DONTNEED), the cold search
 time and the process's anonymous memory (RssAnon). ``--big`` grows the index to 10M vectors
@@ -29,14 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _data import DEFAULT_DATA, Timer, load_queries, load_sift, recalls  # noqa: E402
 
 import cypq  # noqa: E402
-
-
-def rss_anon_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from cypq.bulk import bulk_load, rss_anon_mb  # noqa: E402
+from cypq.vector_files import VectorSource  # noqa: E402
 
 
 def drop_cache(path: str) -> None:
@@ -92,6 +86,20 @@ def bench(M, args, xt, xb, xq, gt, root, lines):
     lines.append(f"| M={M} incremental add, batches of 1000 (encode + write) | "
                  f"{len(xb) / build_s:,.0f} vectors/s overall; per 100k: "
                  f"{min(rates):,.0f} .. {max(rates):,.0f} |")
+    print(lines[-1], flush=True)
+    bulk_path = path + "-bulk"
+    summary = bulk_load(bulk_path, VectorSource.open(os.path.join(str(args.data), "base.u8.npy")),
+                        model, progress=False, out=lambda m: None)
+    with cypq.Index.open(bulk_path, readonly=True) as bulk_ix:
+        same = all(np.array_equal(bulk_ix.search(xq[:200], k=100, quota=q)[1],
+                                  index.search(xq[:200], k=100, quota=q)[1])
+                   for q in args.quotas)
+    shutil.rmtree(bulk_path, ignore_errors=True)
+    rate = summary.vectors / summary.seconds
+    lines.append(f"| M={M} bulk load (cypq build), 1M from base.u8.npy | {rate:,.0f} "
+                 f"vectors/s ({summary.seconds:.1f} s), "
+                 f"{summary.bytes_on_disk / 1e6:.0f} MB on disk; same search results as the "
+                 f"incremental index: {same} |")
     print(lines[-1], flush=True)
     mem = cypq.Index.in_memory(model)
     code = model.predict(xb)

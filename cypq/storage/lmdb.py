@@ -434,20 +434,24 @@ class LMDBStorage(Storage):
             v = txn.get(b"bulk_done" if finished else b"bulk", db=self._db["meta"])
             return None if v is None else bytes(v)
 
-    def bulk_append(self, cells, ids, codes, state: bytes) -> None:
+    def bulk_append(self, cells, ids, codes, state: bytes) -> np.ndarray:
         """Append entries whose cells all come after every stored cell, in one transaction,
-        writing in key order (LMDB's append mode: no page splits, no search). ``state``
-        replaces the bulk marker in the same transaction, so it always describes exactly
-        what is committed.
+        in key order (LMDB's append mode: no searches, no page splits, no half-empty pages).
+        The id table is not written: that is :meth:`bulk_append_ids`, in id order, once
+        every entry is stored. ``state`` replaces the bulk marker in the same transaction,
+        so it always describes exactly what is committed.
 
         Parameters
         ----------
         cells : numpy.ndarray int64 (n,)
             Ascending.
         ids : numpy.ndarray int64 (n,)
-            Not in the index (KeyError, nothing written, otherwise).
         codes : numpy.ndarray (n, M)
         state : bytes
+
+        Returns
+        -------
+        numpy.ndarray int64 (n,): the block number each entry went to.
         """
         cells = np.asarray(cells, dtype=np.int64)
         ids = np.asarray(ids, dtype=np.int64)
@@ -456,14 +460,12 @@ class LMDBStorage(Storage):
             raise ValueError("bulk_append needs cells in ascending order")
 
         def body(txn):
-            meta = self._db["meta"]
-            if txn.get(b"bulk", db=meta) is None:
-                raise ValueError("bulk_append is only for an index created for a bulk load")
+            self._check_bulk(txn)
+            items, blocks = _pack_blocks(cells, ids, codes, self.block_capacity)
             if len(cells):
                 with txn.cursor(db=self._db["cells"]) as cur:
                     if cur.last() and _U64.unpack(bytes(cur.key()))[0] >= cells[0]:
                         raise ValueError("bulk_append cells must come after every stored cell")
-                items, blocks = _pack_blocks(cells, ids, codes, self.block_capacity)
                 with txn.cursor(db=self._db["blocks"]) as cur:
                     cur.putmulti(items, append=True)
                 starts = np.flatnonzero(np.r_[True, cells[1:] != cells[:-1]])
@@ -475,16 +477,45 @@ class LMDBStorage(Storage):
                 with txn.cursor(db=self._db["cells"]) as cur:
                     cur.putmulti([(keys[8 * j:8 * j + 8], vals[k * j:k * j + k])
                                   for j in range(len(starts))], append=True)
-                with txn.cursor(db=self._db["ids"]) as cur:
-                    consumed, added = cur.putmulti(_pack_ids(ids, cells, blocks),
-                                                   overwrite=False)
-                if added != consumed:
-                    raise KeyError(f"{consumed - added} ids of this batch are already in the "
-                                   "index or repeated in it: ids must be unique")
-            txn.put(b"bulk", state, db=meta)
+            txn.put(b"bulk", state, db=self._db["meta"])
             # Too many cells for the change log: other processes reload all sizes.
-            self._bump(txn, None, len(ids), int(ids.max()) + 1 if len(ids) else 0)
+            self._bump(txn, None, len(ids))
+            return blocks
+        return self._write(body)[0]
+
+    def bulk_block_numbers(self, cells) -> np.ndarray:
+        """The block numbers :meth:`bulk_append` will give entries of these ascending cells
+        (n,) int64, returned before writing anything."""
+        return _cell_ranks(np.asarray(cells, dtype=np.int64)) // self.block_capacity
+
+    def bulk_append_ids(self, ids, cells, blocks, state: bytes) -> None:
+        """Append id-table records (id -> cell, block) for ids all larger than every stored
+        id, in one transaction, in append mode; ``state`` as in :meth:`bulk_append`.
+
+        Raises KeyError (nothing written) when an id repeats.
+        """
+        ids = np.asarray(ids, dtype=np.int64)
+        order = np.argsort(ids, kind="stable")
+        if len(ids) > 1 and not np.all(np.diff(ids[order])):
+            dup = int(ids[order][np.flatnonzero(np.diff(ids[order]) == 0)[0]])
+            raise KeyError(f"id {dup} occurs more than once: ids must be unique")
+
+        def body(txn):
+            self._check_bulk(txn)
+            if len(ids):
+                with txn.cursor(db=self._db["ids"]) as cur:
+                    if cur.last() and _U64.unpack(bytes(cur.key()))[0] >= ids[order[0]]:
+                        raise ValueError("bulk_append_ids ids must come after every stored id")
+                    cur.putmulti(_pack_ids(ids, np.asarray(cells, np.int64),
+                                           np.asarray(blocks, np.int64)), append=True)
+            txn.put(b"bulk", state, db=self._db["meta"])
+            self._bump(txn, np.empty(0, np.int64), 0,
+                       int(ids.max()) + 1 if len(ids) else 0)
         self._write(body)
+
+    def _check_bulk(self, txn) -> None:
+        if txn.get(b"bulk", db=self._db["meta"]) is None:
+            raise ValueError("bulk appends are only for an index created for a bulk load")
 
     def finish_bulk(self) -> None:
         """Retire the bulk marker (kept as ``bulk_state(finished=True)``): the index opens
@@ -564,6 +595,18 @@ class LMDBStorage(Storage):
             txn.put(b"next_id", _U64.pack(min_next_id), db=meta)
 
 
+def _cell_ranks(cells: np.ndarray) -> np.ndarray:
+    """Position of each entry within its cell, for ascending cells (n,) int64."""
+    n = len(cells)
+    if not n:
+        return np.empty(0, np.int64)
+    new_cell = np.empty(n, dtype=bool)
+    new_cell[0] = True
+    np.not_equal(cells[1:], cells[:-1], out=new_cell[1:])
+    start = np.flatnonzero(new_cell)
+    return np.arange(n) - np.repeat(start, np.diff(np.append(start, n)))
+
+
 def _pack_blocks(cells, ids, codes, capacity, first_block=None):
     """Lay entries out as new blocks, vectorised (one NumPy pass instead of one per cell).
 
@@ -587,11 +630,7 @@ def _pack_blocks(cells, ids, codes, capacity, first_block=None):
     n = len(cells)
     if not n:
         return [], np.empty(0, np.int64)
-    new_cell = np.empty(n, dtype=bool)
-    new_cell[0] = True
-    np.not_equal(cells[1:], cells[:-1], out=new_cell[1:])
-    cell_start = np.flatnonzero(new_cell)
-    rank = np.arange(n) - np.repeat(cell_start, np.diff(np.append(cell_start, n)))
+    rank = _cell_ranks(cells)
     pos = rank % capacity
     bstart = np.flatnonzero(pos == 0)
     bcount = np.diff(np.append(bstart, n))
