@@ -272,7 +272,10 @@ def cmd_bench(args, out) -> int:
 
 
 def cmd_demo(args, out) -> int:
-    from .demo import run
+    from .demo import run, write_sample
+    if args.write_sample:
+        write_sample(args.write_sample, out=out)
+        return 0
     run(args.dir, out=out)
     return 0
 
@@ -375,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train LOPQ on a SIFT sample shipped with cypq, build an "
                        "on-disk index, search it, print recall and ms/query.")
     s.add_argument("--dir", help="build the index here (default: a temporary directory)")
+    s.add_argument("--write-sample", metavar="DIR", help="only write the sample as TEXMEX "
+                   "files (learn/base/query .bvecs, groundtruth .ivecs) into DIR")
     s.set_defaults(func=cmd_demo)
     return p
 
@@ -396,6 +401,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(line, flush=True)
     try:
         return args.func(args, out)
+    except BrokenPipeError:  # `cypq search ... | head`: the reader left, not an error
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except KeyboardInterrupt:
         print("cypq: interrupted (a `cypq build` continues where it stopped when run again)",
               file=sys.stderr)

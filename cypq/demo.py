@@ -86,6 +86,21 @@ def run(directory: str | None = None, V: int = 64, M: int = 16, quotas=(500, 100
     return results
 
 
+def write_sample(directory: str, out=print) -> list[str]:
+    """Write the packaged sample as TEXMEX files (learn/base/query .bvecs, groundtruth .ivecs)
+    into ``directory``, to try the ``cypq`` command on; returns the paths."""
+    from .vector_files import write_vector_file
+    os.makedirs(directory, exist_ok=True)
+    data = load_sample()
+    paths = []
+    for name, suffix in (("learn", ".bvecs"), ("base", ".bvecs"), ("query", ".bvecs"),
+                         ("groundtruth", ".ivecs")):
+        paths.append(os.path.join(directory, name + suffix))
+        write_vector_file(paths[-1], data[name])
+        out(f"wrote {paths[-1]} {data[name].shape}")
+    return paths
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m cypq.demo", description=__doc__.split("\n")[0])
     p.add_argument("--dir", help="build the index here (default: a temporary directory)")

@@ -68,6 +68,35 @@ def open_vector_file(path: str | os.PathLike) -> np.ndarray:
     return raw[:, 4:].view(dtype)
 
 
+def write_vector_file(path: str | os.PathLike, X) -> None:
+    """Write (N, D) vectors as .npy or TEXMEX (.fvecs float32, .bvecs uint8, .ivecs int32).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The suffix picks the format; TEXMEX values are converted to its dtype (uint8 and
+        int32 must already fit).
+    X : array_like (N, D)
+    """
+    path = os.fspath(path)
+    suffix = os.path.splitext(path)[1].lower()
+    X = np.asarray(X)
+    if X.ndim != 2:
+        raise ValueError(f"vectors must have shape (N, D), got {X.shape}")
+    if suffix == ".npy":
+        np.save(path, X)
+        return
+    if suffix not in _TEXMEX:
+        raise VectorFileError(f"{path}: unknown vector file type {suffix!r}")
+    dtype = _TEXMEX[suffix]
+    if dtype.kind in "iu" and X.size and (X.min() < np.iinfo(dtype).min
+                                          or X.max() > np.iinfo(dtype).max):
+        raise ValueError(f"values outside the range of {dtype} for {suffix}")
+    rec = np.empty(len(X), dtype=[("d", "<i4"), ("x", dtype, (X.shape[1],))])
+    rec["d"], rec["x"] = X.shape[1], X
+    rec.tofile(path)
+
+
 def find_vector_files(spec: str | os.PathLike) -> list[str]:
     """The files a path, a directory or a glob names, sorted by name.
 

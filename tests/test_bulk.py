@@ -16,7 +16,8 @@ from cypq import Index, LOPQModel
 from cypq import bulk as bulk_mod
 from cypq.bulk import BulkLoadError, bulk_load
 from cypq.storage.lmdb import IndexFormatError, LMDBStorage
-from cypq.vector_files import VectorFileError, VectorSource, open_vector_file
+from cypq.vector_files import (VectorFileError, VectorSource, open_vector_file,
+                               write_vector_file)
 
 from conftest import clustered
 
@@ -40,6 +41,8 @@ def test_texmex_files_read_back(tmp_path, suffix, dtype):
     write_texmex(tmp_path / f"x{suffix}", X, dtype)
     got = open_vector_file(tmp_path / f"x{suffix}")
     assert got.shape == (37, 12) and np.array_equal(got, X)
+    write_vector_file(tmp_path / f"w{suffix}", X)     # cypq's writer: the same bytes
+    assert (tmp_path / f"w{suffix}").read_bytes() == (tmp_path / f"x{suffix}").read_bytes()
     # truncated file, or a record with another dimension: a clear error
     raw = (tmp_path / f"x{suffix}").read_bytes()
     (tmp_path / f"t{suffix}").write_bytes(raw[:-3])

@@ -1,5 +1,10 @@
-"""Every Python code block of README.md runs, in order, in one namespace."""
+"""Every code block of README.md runs: the Python blocks in order in one namespace, the shell
+blocks in order in one directory; the set-up and test commands are the ones CI runs."""
+import os
 import re
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,3 +31,34 @@ def test_readme_commands_match_ci():
     ci = (README.parent / ".ci" / "run").read_text()
     assert 'pip install -e ".[test]"' in text and 'pip install -e ".[test]"' in ci
     assert "\npytest\n" in text and "pytest -q" in ci
+
+
+def _is_setup(block: str) -> bool:
+    return "pip install" in block or block.strip() == "pytest"
+
+
+def test_readme_shell_blocks_run(tmp_path):
+    """The shell blocks (main job, shell quick start, ...) run with `cypq` being this
+    interpreter's cypq; set-up blocks are what .ci/run runs (test above)."""
+    blocks = [b for b in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+              if not _is_setup(b)]
+    assert any("cypq demo" in b for b in blocks) and any("cypq build" in b for b in blocks)
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    for name, arg in (("cypq", ""), ("cypq-bulk-load", "build ")):
+        (shim / name).write_text(f'#!/bin/sh\nexec "{sys.executable}" -m cypq {arg}"$@"\n')
+        (shim / name).chmod(stat.S_IRWXU)
+    env = dict(os.environ, PATH=f"{shim}{os.pathsep}{os.environ.get('PATH', '')}",
+               MPLBACKEND="Agg")
+    work = tmp_path / "work"
+    work.mkdir()
+    for i, block in enumerate(blocks):
+        r = subprocess.run(["bash", "-e", "-c", block], cwd=work, env=env, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, f"README shell block {i + 1} failed:\n{block}\n{r.stderr}"
+    if (work / "sift-index").exists():  # the shell quick start left what it says
+        from cypq import Index, LOPQModel
+        with Index.open(work / "sift-index", readonly=True) as ix:
+            assert len(ix) == 30000
+            assert ix.model == LOPQModel.load_proto(work / "sift.lopq")
+        assert (work / "recall.png").exists() and (work / "model-copy.lopq").exists()
