@@ -125,7 +125,8 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
     source : VectorSource or code source
         The vectors (:class:`cypq.vector_files.VectorSource`), or precomputed codes (an
         object with ``identity()``, ``__len__`` and ``chunks(size, start)`` yielding
-        ``(first row, ids, cells, fine codes)``, e.g. :class:`cypq.code_files.CodeSource`).
+        ``(first row, ids, cells, fine codes)``, e.g. :class:`cypq.code_files.CodeSource`,
+        with ``chunks(size, start, code_dtype)``).
     model : LOPQModel, optional
         Trained model. When resuming, the model inside the index is used (and must equal
         this one if given).
@@ -191,7 +192,8 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
             for k in todo:
                 a = k * chunk_size
                 chunks = (encoded_chunks(source, model, chunk_size, ids_arr, a)
-                          if isinstance(source, VectorSource) else source.chunks(chunk_size, a))
+                          if isinstance(source, VectorSource) else
+                          source.chunks(chunk_size, a, model.fine_code_dtype))
                 _, c_ids, cells, fine = next(iter(chunks))
                 _check_codes(model, cells, fine, source)
                 order = np.argsort(cells, kind="stable")

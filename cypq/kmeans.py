@@ -88,6 +88,41 @@ def subspace_kmeans(X: np.ndarray, M: int, Ks: int, *, iter: int = 20, seed: int
     return C
 
 
+def lloyd_sums(X: np.ndarray, C: np.ndarray, n_threads: int = 1):
+    """The assignment half of a Lloyd step on one part of the data, as sums that add up
+    across parts (distributed k-means: sum them, then :func:`centroids_from_sums`).
+
+    Parameters
+    ----------
+    X : numpy.ndarray float32 (N, D), C-contiguous
+    C : numpy.ndarray float32 (M, Ks, D // M)
+
+    Returns
+    -------
+    sums : numpy.ndarray float64 (M, Ks, D // M)
+    counts : numpy.ndarray int64 (M, Ks)
+    """
+    M, Ks, Ds = C.shape
+    codes = np.empty((X.shape[0], M), dtype=code_dtype_for(Ks))
+    means = np.zeros_like(C)
+    counts = np.empty((M, Ks), dtype=np.int64)
+    with single_threaded_blas():
+        _quantize.encode(X, C, codes, np.empty(0, dtype=np.float32), n_threads)
+        _kmeans.update_centroids(X, codes, means, counts, n_threads)
+    return means.astype(np.float64) * counts[:, :, None], counts
+
+
+def centroids_from_sums(sums: np.ndarray, counts: np.ndarray, C: np.ndarray) -> np.ndarray:
+    """New centroids (M, Ks, Ds) float32 from summed :func:`lloyd_sums`; an empty cluster
+    splits the largest of its subspace, as in :func:`subspace_kmeans`."""
+    new = np.array(C, dtype=np.float32, copy=True)
+    full = counts > 0
+    new[full] = (sums[full] / counts[full][:, None]).astype(np.float32)
+    counts = counts.copy()
+    _split_empty(new, counts)
+    return new
+
+
 def _initial_centroids(X: np.ndarray, M: int, Ks: int, minit: str, rng: np.random.Generator,
                        n_threads: int) -> np.ndarray:
     N, D = X.shape

@@ -532,13 +532,61 @@ def train_pca(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     mean = X.mean(axis=0, dtype=np.float64)
     Xc = X - mean.astype(np.float32)
-    cov = (Xc.T @ Xc).astype(np.float64) / max(1, X.shape[0] - 1)
-    P = eigenvalue_allocation_matrix(cov, 2)
-    return mean.astype(np.float32), np.ascontiguousarray(P, dtype=np.float32)
+    return pca_from_moments(X.shape[0], mean, (Xc.T @ Xc).astype(np.float64))
+
+
+def pca_from_moments(n: int, mean: np.ndarray, m2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`train_pca` from the data's moments (what a distributed pass aggregates).
+
+    Parameters
+    ----------
+    n : int
+        Number of vectors.
+    mean : numpy.ndarray float64 (D,)
+    m2 : numpy.ndarray float64 (D, D)
+        Sum of the outer products of the centred vectors.
+    """
+    P = eigenvalue_allocation_matrix(m2 / max(1, n - 1), 2)
+    return np.asarray(mean, dtype=np.float32), np.ascontiguousarray(P, dtype=np.float32)
+
+
+def residual_moments(X, col0, C, order, offsets, n_threads):
+    """Per coarse cluster of one half: (counts (V,) int64, mean (V, d) float64, m2 (V, d, d)
+    float64) of the residuals x - C[c], m2 being the sum of the centred outer products.
+
+    Moments of disjoint parts of the data combine exactly (:func:`combine_moments`).
+    """
+    V, d = C.shape
+    mean = np.empty((V, d))
+    cov = np.empty((V, d, d))
+    _lopq.residual_stats(X, col0, C, order, offsets, mean, cov, n_threads)
+    counts = np.diff(offsets).astype(np.int64)
+    return counts, mean, cov * counts[:, None, None]
+
+
+def combine_moments(a, b):
+    """Moments (counts, mean, m2) of the union of two disjoint parts (Chan et al.), with
+    counts, means and m2 batched over any leading axes."""
+    na, ma, m2a = a
+    nb, mb, m2b = b
+    n = na + nb
+    w = np.where(n > 0, nb / np.maximum(n, 1), 0.0)[..., None]
+    delta = mb - ma
+    mean = ma + delta * w
+    m2 = m2a + m2b + (delta[..., :, None] * delta[..., None, :]) * (
+        (na * w[..., 0]))[..., None, None]
+    return n, mean, m2
 
 
 def local_rotations(X, col0, C, order, offsets, num_buckets, n_threads):
-    """Local rotations and residual means of one half's coarse clusters.
+    """Local rotations and residual means of one half's coarse clusters (see
+    :func:`rotations_from_moments`)."""
+    return rotations_from_moments(*residual_moments(X, col0, C, order, offsets, n_threads),
+                                  num_buckets)
+
+
+def rotations_from_moments(counts, mean, m2, num_buckets):
+    """Local rotations from the residual moments of one half's clusters.
 
     Returns
     -------
@@ -548,21 +596,17 @@ def local_rotations(X, col0, C, order, offsets, num_buckets, n_threads):
     mu : numpy.ndarray float32 (V, d)
         Mean residual (zero for empty clusters).
     """
-    V, d = C.shape
-    mean = np.empty((V, d))
-    cov = np.empty((V, d, d))
-    _lopq.residual_stats(X, col0, C, order, offsets, mean, cov, n_threads)
-    counts = np.diff(offsets)
+    V, d = mean.shape
     R = np.empty((V, d, d), dtype=np.float32)
     small = counts < d
     for c in np.flatnonzero(~small):
-        R[c] = eigenvalue_allocation_matrix(cov[c], num_buckets).T
+        R[c] = eigenvalue_allocation_matrix(m2[c] / counts[c], num_buckets).T
     R[small] = np.eye(d, dtype=np.float32)
     if small.any():
         warnings.warn(f"{int(small.sum())} of {V} coarse clusters have fewer points than "
                       f"dimensions ({d}): their local rotation is the identity", RuntimeWarning,
                       stacklevel=3)
-    return R, mean.astype(np.float32)
+    return R, np.asarray(mean, dtype=np.float32)
 
 
 def _f32(a, name, ndim):

@@ -167,3 +167,13 @@ def test_demo_reports_true_recall(tmp_path, capsys):
     r10 = np.mean((I[:, :10] == data["groundtruth"][:, :1]).any(1))
     row = [r for r in out.splitlines() if r.startswith("| 2000 |")][0].split("|")
     assert float(row[3]) == pytest.approx(r10, abs=1e-3) and r10 > 0.9
+
+
+def test_import_needs_no_pyspark():
+    """cypq and its command import without pyspark; cypq.spark says what to install."""
+    code = ("import sys; sys.modules['pyspark'] = None\n"
+            "import cypq, cypq.cli, cypq.bulk\n"
+            "try:\n    import cypq.spark\nexcept ImportError as e:\n    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "pip install 'cypq[spark]'" in r.stdout

@@ -1,0 +1,140 @@
+"""LOPQ codes in Parquet, as :func:`cypq.spark.encode` writes them, read in chunks for the bulk
+loader (needs pyarrow: ``pip install cypq[spark]``).
+
+Columns: ``id`` int64, ``cell`` int64 (= c0 * V + c1), ``c0`` / ``c1`` int32 (the coarse codes),
+``fine`` binary (the M fine codes, little-endian, 1 byte each for up to 256 clusters, 2 for up
+to 65536). Files are read in name order.
+"""
+from __future__ import annotations
+
+import glob as _glob
+import os
+from typing import Iterator, Sequence
+
+import numpy as np
+
+CODE_COLUMNS = ("id", "cell", "c0", "c1", "fine")
+
+
+def _pq():
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError("reading Parquet codes needs pyarrow: pip install 'cypq[spark]'") \
+            from None
+    return pq
+
+
+def find_code_files(spec: str | os.PathLike) -> list[str]:
+    """Parquet files of a file, a directory (Spark's output: its part files) or a glob."""
+    spec = os.fspath(spec)
+    if os.path.isdir(spec):
+        files = _glob.glob(os.path.join(spec, "*.parquet"))
+    elif os.path.exists(spec):
+        files = [spec]
+    else:
+        files = _glob.glob(spec)
+    files = sorted(f for f in files if f.endswith(".parquet"))
+    if not files:
+        raise FileNotFoundError(f"{spec}: no .parquet files there")
+    return files
+
+
+class CodeSource:
+    """Parquet code files read as one sequence of rows.
+
+    Parameters
+    ----------
+    files : sequence of str
+    """
+
+    def __init__(self, files: Sequence[str]):
+        pq = _pq()
+        self.files = list(files)
+        rows = []
+        for f in self.files:
+            meta = pq.ParquetFile(f)
+            names = set(meta.schema_arrow.names)
+            missing = [c for c in ("id", "cell", "fine") if c not in names]
+            if missing:
+                raise ValueError(f"{f}: not a cypq codes file (no column {', '.join(missing)})")
+            rows.append(meta.metadata.num_rows)
+        self._ends = np.cumsum(rows).astype(np.int64)
+
+    @classmethod
+    def open(cls, spec: str | os.PathLike) -> "CodeSource":
+        return cls(find_code_files(spec))
+
+    def __len__(self) -> int:
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    def identity(self) -> list:
+        """(name, size, mtime) of each file: what a resumed load compares."""
+        return [[os.path.abspath(f), os.path.getsize(f), int(os.path.getmtime(f))]
+                for f in self.files]
+
+    def _batches(self, start: int, size: int):
+        """Record batches of about ``size`` rows from row ``start`` on, as (ids, cells, fine
+        bytes) arrays."""
+        pq = _pq()
+        for k, f in enumerate(self.files):
+            first = int(self._ends[k - 1]) if k else 0
+            if self._ends[k] <= start:
+                continue
+            skip = max(0, start - first)
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=size,
+                                                        columns=["id", "cell", "fine"]):
+                if skip >= batch.num_rows:
+                    skip -= batch.num_rows
+                    continue
+                batch = batch.slice(skip)
+                skip = 0
+                yield (batch.column(0).to_numpy().astype(np.int64),
+                       batch.column(1).to_numpy().astype(np.int64),
+                       _fixed_width(batch.column(2), f))
+
+    def chunks(self, size: int, start: int = 0, code_dtype=np.uint8
+               ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+        """(first row, ids (n,) int64, cells (n,) int64, fine (n, M) code_dtype) per chunk of
+        ``size`` rows from ``start``."""
+        code_dtype = np.dtype(code_dtype).newbyteorder("<")
+        parts, have, pos = [], 0, start
+        for part in self._batches(start, size):
+            parts.append(part)
+            have += len(part[0])
+            while have >= size:
+                ids, cells, fine = (np.concatenate(x) for x in zip(*parts))
+                yield pos, ids[:size], cells[:size], _codes(fine[:size], code_dtype)
+                parts = [(ids[size:], cells[size:], fine[size:])]
+                have -= size
+                pos += size
+        if have:
+            ids, cells, fine = (np.concatenate(x) for x in zip(*parts))
+            yield pos, ids, cells, _codes(fine, code_dtype)
+
+
+def _fixed_width(col, name) -> np.ndarray:
+    """A binary column of equal-length values as a (n, width) uint8 array (no copy per row)."""
+    import pyarrow as pa
+    if isinstance(col, pa.ChunkedArray):
+        col = pa.concat_arrays(col.chunks)
+    n = len(col)
+    if col.null_count:
+        raise ValueError(f"{name}: fine codes column has nulls")
+    bufs = col.buffers()
+    off_type = np.int64 if pa.types.is_large_binary(col.type) else np.int32
+    offsets = np.frombuffer(bufs[1], dtype=off_type)[col.offset:col.offset + n + 1]
+    if n == 0:
+        return np.empty((0, 0), dtype=np.uint8)
+    width = int(offsets[1] - offsets[0])
+    if not np.all(np.diff(offsets) == width):
+        raise ValueError(f"{name}: fine codes of different lengths")
+    data = np.frombuffer(bufs[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
+    return data.reshape(n, width)
+
+
+def _codes(fine_bytes: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if fine_bytes.shape[1] % dtype.itemsize:
+        raise ValueError(f"fine codes of {fine_bytes.shape[1]} bytes do not split into "
+                         f"{dtype} codes")
+    return np.ascontiguousarray(fine_bytes).view(dtype).astype(dtype.newbyteorder("="))

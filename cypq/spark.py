@@ -1,0 +1,353 @@
+"""LOPQ on Spark: train and encode when the data outgrows one machine (``pip install
+'cypq[spark]'``; importing cypq does not need pyspark, this module does).
+
+The data never comes to the driver: every pass runs cypq's kernels on blocks of rows inside
+``mapPartitions`` (one kernel thread per task: Spark's tasks are the parallelism) and brings
+back only sums, tree-aggregated:
+
+- PCA (optional): the data's moments (count, mean, centred second moment), merged exactly;
+- coarse k-means per half: Lloyd steps with the centroids broadcast and per-centroid sums
+  and counts aggregated; empty clusters split the largest, as in :meth:`LOPQModel.fit`;
+- local rotations: per-cluster residual moments, merged exactly, then the eigen-decompositions
+  on the driver (:func:`cypq.lopq.rotations_from_moments`, the same code as the local fit);
+- fine subquantizers: on a sample collected to the driver (``sample_fraction``) with
+  :meth:`LOPQModel.fit`, which trains only what is missing.
+
+Input: a DataFrame with an id column and a vector column (array<float/double> or an ML
+``Vector``), an RDD of (id, vector), or LOPQ's Spark text format (:func:`read_lopq_text`).
+"""
+from __future__ import annotations
+
+import base64
+import copy
+import pickle
+from typing import Optional
+
+import numpy as np
+
+from ._checks import as_vectors
+from .kmeans import centroids_from_sums, lloyd_sums
+from .lopq import (LOPQModel, combine_moments, pca_from_moments, residual_moments,
+                   rotations_from_moments)
+
+try:
+    import pyspark  # noqa: F401
+except ImportError:  # pragma: no cover - the message is the point
+    raise ImportError("cypq.spark needs pyspark: pip install 'cypq[spark]'") from None
+
+BLOCK_ROWS = 16384
+CODES_SCHEMA = "id long, cell long, c0 int, c1 int, fine binary"
+
+
+# ---------------------------------------------------------------------------- input
+def _as_row_vector(v) -> np.ndarray:
+    return np.asarray(v.toArray() if hasattr(v, "toArray") else v, dtype=np.float32)
+
+
+def _rows(data, id_col: str, vector_col: str):
+    """RDD of (id, vector) from a DataFrame or an RDD of pairs."""
+    if hasattr(data, "rdd") and hasattr(data, "columns"):
+        missing = [c for c in (id_col, vector_col) if c not in data.columns]
+        if missing:
+            raise ValueError(f"the DataFrame has no column {', '.join(missing)} (columns: "
+                             f"{', '.join(data.columns)}): pass id_col= / vector_col=")
+        return data.select(id_col, vector_col).rdd.map(lambda r: (r[0], r[1]))
+    if hasattr(data, "mapPartitions"):
+        return data
+    raise TypeError(f"expected a Spark DataFrame or an RDD of (id, vector), got "
+                    f"{type(data).__name__}")
+
+
+def _to_blocks(rows, block_rows: int = BLOCK_ROWS):
+    """Partition rows (id, vector) -> blocks (ids int64 (n,), X float32 (n, D))."""
+    ids, vecs = [], []
+    for i, v in rows:
+        ids.append(i)
+        vecs.append(_as_row_vector(v))
+        if len(ids) == block_rows:
+            yield _block(ids, vecs)
+            ids, vecs = [], []
+    if ids:
+        yield _block(ids, vecs)
+
+
+def _block(ids, vecs):
+    if len({len(v) for v in vecs}) > 1:
+        raise ValueError("vectors of different lengths in the input")
+    return np.asarray(ids, dtype=np.int64), as_vectors(np.stack(vecs), "vectors")
+
+
+def blocks(data, id_col: str = "id", vector_col: str = "vector",
+           block_rows: int = BLOCK_ROWS):
+    """RDD of blocks (ids int64 (n,), vectors float32 (n, D)), each from one partition."""
+    return _rows(data, id_col, vector_col).mapPartitions(
+        lambda rows: _to_blocks(rows, block_rows))
+
+
+def read_lopq_text(sc, path: str, min_partitions: Optional[int] = None, parse_id=int):
+    """The LOPQ Spark scripts' data format: one line per vector, ``id<TAB>base64(pickled
+    numpy array)`` (pickles of Python 2 included).
+
+    Parameters
+    ----------
+    sc : SparkContext
+    path : str
+        Text file(s), as ``sc.textFile`` takes them.
+    min_partitions : int, optional
+    parse_id : callable
+        Turns the id text into the id (default int: cypq indexes use int64 ids; map string
+        ids to numbers first, e.g. with ``zipWithIndex``).
+
+    Returns
+    -------
+    RDD of (id, numpy.ndarray)
+    """
+    def parse(line):
+        key, _, payload = line.partition("\t")
+        vec = pickle.loads(base64.b64decode(payload), encoding="latin1")
+        return parse_id(key), np.asarray(vec)
+    return sc.textFile(path, min_partitions).filter(lambda s: s.strip()).map(parse)
+
+
+def write_lopq_text(rdd, path: str) -> None:
+    """Write an RDD of (id, numpy array) in the LOPQ Spark scripts' text format."""
+    rdd.map(lambda kv: f"{kv[0]}\t"
+            + base64.b64encode(pickle.dumps(np.asarray(kv[1]), protocol=2)).decode()) \
+        .saveAsTextFile(path)
+
+
+# ---------------------------------------------------------------------------- training
+def _add(a, b):
+    return tuple(x + y for x, y in zip(a, b))
+
+
+def _moments(X: np.ndarray):
+    X64 = X.astype(np.float64)
+    mean = X64.mean(axis=0)
+    Xc = X64 - mean
+    return np.int64(len(X)), mean, Xc.T @ Xc
+
+
+def train_lopq(data, V: int, M: int, subquantizer_clusters: int = 256, pca: bool = False,
+               sample_fraction: Optional[float] = None, seed: int = 0,
+               kmeans_coarse_iters: int = 10, kmeans_local_iters: int = 20,
+               model: Optional[LOPQModel] = None, id_col: str = "id",
+               vector_col: str = "vector", verbose: bool = False) -> LOPQModel:
+    """Train an LOPQ model on a Spark DataFrame or RDD (see the module docstring).
+
+    Parameters
+    ----------
+    data : DataFrame (id_col, vector_col) or RDD of (id, vector)
+    V, M, subquantizer_clusters : int
+        As :class:`cypq.LOPQModel`.
+    pca : bool
+        PCA + eigenvalue-balanced halves first (off by default, as in LOPQModel: on SIFT it
+        costs recall).
+    sample_fraction : float, optional
+        Share of the rows the fine subquantizers train on (collected to the driver); default:
+        enough for about 200,000 rows (all rows when there are fewer).
+    seed : int
+        Seed of every sample and initialisation.
+    kmeans_coarse_iters, kmeans_local_iters : int
+        Lloyd iterations of the coarse and fine k-means.
+    model : LOPQModel, optional
+        A partly trained model (e.g. loaded from an LOPQ file with only Cs): only its missing
+        parts are trained, as by :meth:`LOPQModel.fit`. It is copied, not changed.
+    id_col, vector_col : str
+        DataFrame columns.
+    verbose : bool
+        Print progress.
+
+    Returns
+    -------
+    LOPQModel
+    """
+    log = print if verbose else (lambda *a: None)
+    model = copy.deepcopy(model) if model is not None else LOPQModel(
+        V=V, M=M, subquantizer_clusters=subquantizer_clusters, pca=pca)
+    if model.is_trained:
+        return model
+    raw = blocks(data, id_col, vector_col).persist(_storage_level())
+    try:
+        n, D = raw.map(lambda b: (len(b[0]), b[1].shape[1])).reduce(
+            lambda a, b: (a[0] + b[0], a[1] if a[1] == b[1] else -1))
+        if D < 0:
+            raise ValueError("vectors of different lengths in the input")
+        if model.D is not None and D != model.D:
+            raise ValueError(f"the vectors have dimension {D} but the model expects {model.D}")
+        if D % 2 or D % model.M:
+            raise ValueError(f"dimension {D} must be even and divisible by M={model.M}")
+        if n < max(model.V, model.subquantizer_clusters):
+            raise ValueError(f"{n} training vectors are fewer than V={model.V} or "
+                             f"subquantizer_clusters={model.subquantizer_clusters}")
+        sc = raw.context
+        if model.pca and model.pca_matrix is None and model.Cs is None:
+            log("cypq.spark: PCA moments")
+            m = raw.map(lambda b: _moments(b[1])).treeReduce(combine_moments)
+            model.pca_mean, model.pca_matrix = pca_from_moments(int(m[0]), m[1], m[2])
+        X = raw
+        if model.pca_matrix is not None:
+            pbc = sc.broadcast((model.pca_mean, model.pca_matrix))
+            X = raw.map(lambda b: (b[0], np.ascontiguousarray(
+                (b[1] - pbc.value[0]) @ pbc.value[1], dtype=np.float32))) \
+                .persist(_storage_level())
+        if model.Cs is None:
+            model.Cs = _coarse_kmeans(X, n, model.V, kmeans_coarse_iters, seed, log)
+        if model.Rs is None or model.mus is None:
+            log("cypq.spark: residual moments per coarse cluster")
+            mbc = sc.broadcast(_coarse_only(model))
+            per_half = X.map(lambda b: _residual_moments(mbc.value, b[1])).treeReduce(
+                lambda a, b: tuple(combine_moments(x, y) for x, y in zip(a, b)))
+            Rs, mus = zip(*(rotations_from_moments(*h, model.num_fine_splits)
+                            for h in per_half))
+            model.Rs = model.Rs if model.Rs is not None else tuple(Rs)
+            model.mus = model.mus if model.mus is not None else tuple(mus)
+            mbc.unpersist()
+        if model.subquantizers is None:
+            frac = sample_fraction if sample_fraction is not None else min(1.0, 200_000 / n)
+            if not 0 < frac <= 1:
+                raise ValueError("sample_fraction must be in (0, 1]")
+            log(f"cypq.spark: fine subquantizers on a {frac:.3g} sample")
+            sample = _sample_rows(raw, frac, seed + 2)
+            if len(sample) < model.subquantizer_clusters:
+                raise ValueError(f"the sample has {len(sample)} rows, fewer than "
+                                 f"{model.subquantizer_clusters}: raise sample_fraction")
+            fit_model = model
+            if len(sample) < model.V:  # fit() insists on V rows; the coarse part is done
+                sample = np.concatenate([sample] * (-(-model.V // len(sample))))
+            fit_model.fit(sample, kmeans_local_iters=kmeans_local_iters, random_state=seed)
+        if X is not raw:
+            X.unpersist()
+    finally:
+        raw.unpersist()
+    return model
+
+
+def _storage_level():
+    from pyspark import StorageLevel
+    return StorageLevel.MEMORY_AND_DISK
+
+
+def _sample_rows(rdd_blocks, fraction: float, seed: int) -> np.ndarray:
+    """Rows drawn independently with probability ``fraction`` (seeded per partition)."""
+    def pick(index, it):
+        rng = np.random.default_rng([seed, index])
+        for _, X in it:
+            keep = rng.random(len(X)) < fraction
+            if keep.any():
+                yield X[keep]
+    parts = rdd_blocks.mapPartitionsWithIndex(pick).collect()
+    return np.concatenate(parts) if parts else np.empty((0, 0), np.float32)
+
+
+def _coarse_kmeans(X, n: int, V: int, iters: int, seed: int, log):
+    """Distributed Lloyd on the two halves at once: (C0, C1), each (V, D/2) float32.
+    Stops early when no centroid moves (no assignment changed)."""
+    sc = X.context
+    # Initial centroids: V distinct rows per half drawn exactly as subspace_kmeans's
+    # minit='points' draws them, by row number, so the same data in the same order and seed
+    # start (and, up to float rounding of the sums, end) where LOPQModel.fit does.
+    rng = np.random.default_rng(seed)
+    picks = [rng.choice(n, V, replace=False) for _ in range(2)]
+    rows = _rows_at(X, np.concatenate(picks))
+    Dh = rows.shape[1] // 2
+    C = np.stack([rows[h * V:(h + 1) * V, h * Dh:(h + 1) * Dh] for h in range(2)])
+    C = np.ascontiguousarray(C, dtype=np.float32)
+    for it in range(iters):
+        bc = sc.broadcast(C)
+        sums, counts = X.map(lambda b: lloyd_sums(b[1], bc.value, 1)).treeReduce(_add)
+        bc.unpersist()
+        new = centroids_from_sums(sums, counts, C)
+        moved = float(np.abs(new - C).max())
+        C = new
+        log(f"cypq.spark: coarse k-means iteration {it + 1}/{iters}, largest move {moved:.3g}")
+        if moved == 0.0:
+            break
+    return C[0], C[1]
+
+
+def _rows_at(X, index: np.ndarray) -> np.ndarray:
+    """Rows by global row number (blocks in RDD order), collected to the driver."""
+    sizes = np.asarray(X.map(lambda b: len(b[1])).collect(), dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    want = np.unique(index)
+    bc = X.context.broadcast((starts, want))
+
+    def pick(pair):
+        (_, block), k = pair
+        starts, want = bc.value
+        lo, hi = np.searchsorted(want, [starts[k], starts[k] + len(block)])
+        return [(int(r), block[r - starts[k]]) for r in want[lo:hi]]
+    found = dict(X.zipWithIndex().flatMap(pick).collect())
+    bc.unpersist()
+    return np.stack([found[int(r)] for r in index])
+
+
+def _coarse_only(model: LOPQModel) -> LOPQModel:
+    """A model with the coarse quantizers only, to ship to the executors."""
+    return LOPQModel(V=model.V, M=model.M, subquantizer_clusters=model.subquantizer_clusters,
+                     parameters=(model.Cs, None, None, None))
+
+
+def _residual_moments(model: LOPQModel, X: np.ndarray):
+    """Per half: (counts, mean, m2) of the residuals of X's rows to their coarse centroids."""
+    coarse = model._coarse(X, 1)
+    Dh = X.shape[1] // 2
+    return tuple(residual_moments(X, h * Dh, model.Cs[h], *model._groups(coarse)[h], 1)
+                 for h in range(2))
+
+
+# ---------------------------------------------------------------------------- encoding
+def encode(data, model: LOPQModel, path: Optional[str] = None, id_col: str = "id",
+           vector_col: str = "vector", num_partitions: Optional[int] = None,
+           mode: str = "errorifexists", spark=None):
+    """LOPQ codes of every row, computed by cypq's encoder inside ``mapPartitions`` with the
+    model broadcast once.
+
+    Parameters
+    ----------
+    data : DataFrame (id_col, vector_col) or RDD of (id, vector)
+        Ids must be integers (int64).
+    model : LOPQModel
+        Trained.
+    path : str, optional
+        Write the codes there as Parquet, range-partitioned by cell and sorted by (cell, id)
+        within each file: ``cypq build INDEX path --model MODEL`` loads it directly.
+    num_partitions : int, optional
+        Output files (default: the input's partitions).
+    mode : str
+        Spark's save mode for ``path``.
+    spark : SparkSession, optional
+
+    Returns
+    -------
+    DataFrame with columns id long, cell long (= c0 * V + c1), c0 int, c1 int, fine binary
+    (the M fine codes as bytes, little-endian).
+    """
+    from pyspark.sql import SparkSession
+    if not model.is_trained:
+        from .pq import NotFittedError
+        raise NotFittedError("the model is not fully trained: train it first")
+    rows = _rows(data, id_col, vector_col)
+    spark = spark or SparkSession.builder.getOrCreate()
+    bc = rows.context.broadcast(model)
+
+    def enc(it):
+        m = bc.value
+        m.n_threads = 1  # one kernel thread per task: Spark's tasks are the parallelism
+        for ids, X in _to_blocks(it):
+            code = m.predict(X)
+            c0 = code.coarse[:, 0].astype(np.int64)
+            c1 = code.coarse[:, 1].astype(np.int64)
+            cells = c0 * m.V + c1
+            fine = np.ascontiguousarray(code.fine.astype(code.fine.dtype.newbyteorder("<")))
+            raw, w = fine.tobytes(), fine.shape[1] * fine.itemsize
+            for j, (i, c, a, b) in enumerate(zip(ids.tolist(), cells.tolist(), c0.tolist(),
+                                                 c1.tolist())):
+                yield i, c, a, b, raw[j * w:(j + 1) * w]
+    df = spark.createDataFrame(rows.mapPartitions(enc), CODES_SCHEMA)
+    if path is not None:
+        n = num_partitions or rows.getNumPartitions()
+        df.repartitionByRange(n, "cell").sortWithinPartitions("cell", "id") \
+            .write.mode(mode).parquet(path)
+    return df
