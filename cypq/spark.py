@@ -328,26 +328,85 @@ def encode(data, model: LOPQModel, path: Optional[str] = None, id_col: str = "id
     if not model.is_trained:
         from .pq import NotFittedError
         raise NotFittedError("the model is not fully trained: train it first")
-    rows = _rows(data, id_col, vector_col)
-    spark = spark or SparkSession.builder.getOrCreate()
-    bc = rows.context.broadcast(model)
+    if _arrow_vectors(data, id_col, vector_col):
+        # Columnar path: Arrow batches in and out, no Python object per row.
+        bc = data.sparkSession.sparkContext.broadcast(model)
+        df = data.select(id_col, vector_col).mapInArrow(
+            lambda batches: _encode_arrow(bc.value, batches), CODES_SCHEMA)
+        n_in = data.rdd.getNumPartitions() if num_partitions is None else num_partitions
+    else:
+        rows = _rows(data, id_col, vector_col)
+        spark = spark or SparkSession.builder.getOrCreate()
+        bc = rows.context.broadcast(model)
 
-    def enc(it):
-        m = bc.value
-        m.n_threads = 1  # one kernel thread per task: Spark's tasks are the parallelism
-        for ids, X in _to_blocks(it):
-            code = m.predict(X)
-            c0 = code.coarse[:, 0].astype(np.int64)
-            c1 = code.coarse[:, 1].astype(np.int64)
-            cells = c0 * m.V + c1
-            fine = np.ascontiguousarray(code.fine.astype(code.fine.dtype.newbyteorder("<")))
-            raw, w = fine.tobytes(), fine.shape[1] * fine.itemsize
-            for j, (i, c, a, b) in enumerate(zip(ids.tolist(), cells.tolist(), c0.tolist(),
-                                                 c1.tolist())):
-                yield i, c, a, b, raw[j * w:(j + 1) * w]
-    df = spark.createDataFrame(rows.mapPartitions(enc), CODES_SCHEMA)
+        def enc(it):
+            for ids, X in _to_blocks(it):
+                for rec in _encode_rows(bc.value, ids, X):
+                    yield rec
+        df = spark.createDataFrame(rows.mapPartitions(enc), CODES_SCHEMA)
+        n_in = rows.getNumPartitions() if num_partitions is None else num_partitions
     if path is not None:
-        n = num_partitions or rows.getNumPartitions()
-        df.repartitionByRange(n, "cell").sortWithinPartitions("cell", "id") \
+        df.repartitionByRange(n_in, "cell").sortWithinPartitions("cell", "id") \
             .write.mode(mode).parquet(path)
     return df
+
+
+def _arrow_vectors(data, id_col: str, vector_col: str) -> bool:
+    """Whether data is a DataFrame whose vector column Arrow can carry as a list of floats."""
+    if not (hasattr(data, "schema") and hasattr(data, "mapInArrow")):
+        return False
+    try:
+        import pandas  # noqa: F401  (Spark's Arrow functions insist on it)
+        import pyarrow  # noqa: F401
+        from pyspark.sql.types import ArrayType, DoubleType, FloatType, IntegralType
+        fields = {f.name: f.dataType for f in data.schema.fields}
+    except ImportError:
+        return False
+    vt, it = fields.get(vector_col), fields.get(id_col)
+    return (isinstance(vt, ArrayType) and isinstance(vt.elementType, (FloatType, DoubleType))
+            and isinstance(it, IntegralType))
+
+
+def _codes_of(model: LOPQModel, X: np.ndarray):
+    """(cells, c0, c1 int64 (n,), fine as little-endian bytes (n, width) uint8) of X."""
+    model.n_threads = 1  # one kernel thread per task: Spark's tasks are the parallelism
+    code = model.predict(X)
+    c0 = code.coarse[:, 0].astype(np.int64)
+    c1 = code.coarse[:, 1].astype(np.int64)
+    fine = np.ascontiguousarray(code.fine.astype(code.fine.dtype.newbyteorder("<")))
+    return c0 * model.V + c1, c0, c1, fine.view(np.uint8).reshape(len(X), -1)
+
+
+def _encode_rows(model, ids, X):
+    """Row tuples (id, cell, c0, c1, fine bytes)."""
+    cells, c0, c1, fine = _codes_of(model, X)
+    raw, w = fine.tobytes(), fine.shape[1]
+    for j, rec in enumerate(zip(ids.tolist(), cells.tolist(), c0.tolist(), c1.tolist())):
+        yield (*rec, raw[j * w:(j + 1) * w])
+
+
+def _encode_arrow(model, batches):
+    """Arrow record batches (id, vector list<float>) -> (id, cell, c0, c1, fine binary)."""
+    import pyarrow as pa
+    for rb in batches:
+        n = rb.num_rows
+        if not n:
+            continue
+        vec = rb.column(1)
+        if vec.null_count:
+            raise ValueError("null vectors in the input")
+        offsets = vec.offsets.to_numpy()
+        D = int(offsets[1] - offsets[0])
+        if not np.all(np.diff(offsets) == D):
+            raise ValueError("vectors of different lengths in the input")
+        X = as_vectors(vec.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
+                       .reshape(n, D), "vectors")
+        ids = rb.column(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        cells, c0, c1, fine = _codes_of(model, X)
+        w = fine.shape[1]
+        fine_col = pa.Array.from_buffers(
+            pa.binary(), n, [None, pa.py_buffer(np.arange(0, (n + 1) * w, w, dtype=np.int32)),
+                             pa.py_buffer(fine.tobytes())])
+        yield pa.RecordBatch.from_arrays(
+            [pa.array(ids), pa.array(cells), pa.array(c0.astype(np.int32)),
+             pa.array(c1.astype(np.int32)), fine_col], names=["id", "cell", "c0", "c1", "fine"])

@@ -72,7 +72,12 @@ def test_readme_shell_blocks_run(tmp_path):
         with Index.open(work / "sift-index", readonly=True) as ix:
             assert len(ix) == 30000
             assert ix.model == LOPQModel.load_proto(work / "sift.lopq")
-        assert (work / "recall.png").exists() and (work / "model-copy.lopq").exists()
+        assert (work / "model-copy.lopq").exists()
+        try:
+            import matplotlib  # noqa: F401
+            assert (work / "recall.png").read_bytes()[:4] == b"\x89PNG"
+        except ImportError:  # cypq bench says so and writes no plot
+            pass
     if (work / "spark-index").exists():  # the Spark path built an index from Spark's codes
         from cypq import Index
         with Index.open(work / "spark-index", readonly=True) as ix:
