@@ -7,11 +7,12 @@ to 65536). Files are read in name order.
 """
 from __future__ import annotations
 
-import glob as _glob
 import os
 from typing import Iterator, Sequence
 
 import numpy as np
+
+from .vector_files import ShardedSource, find_files
 
 CODE_COLUMNS = ("id", "cell", "c0", "c1", "fine")
 
@@ -27,20 +28,10 @@ def _pq():
 
 def find_code_files(spec: str | os.PathLike) -> list[str]:
     """Parquet files of a file, a directory (Spark's output: its part files) or a glob."""
-    spec = os.fspath(spec)
-    if os.path.isdir(spec):
-        files = _glob.glob(os.path.join(spec, "*.parquet"))
-    elif os.path.exists(spec):
-        files = [spec]
-    else:
-        files = _glob.glob(spec)
-    files = sorted(f for f in files if f.endswith(".parquet"))
-    if not files:
-        raise FileNotFoundError(f"{spec}: no .parquet files there")
-    return files
+    return find_files(spec, (".parquet",))
 
 
-class CodeSource:
+class CodeSource(ShardedSource):
     """Parquet code files read as one sequence of rows.
 
     Parameters
@@ -64,14 +55,6 @@ class CodeSource:
     @classmethod
     def open(cls, spec: str | os.PathLike) -> "CodeSource":
         return cls(find_code_files(spec))
-
-    def __len__(self) -> int:
-        return int(self._ends[-1]) if len(self._ends) else 0
-
-    def identity(self) -> list:
-        """(name, size, mtime) of each file: what a resumed load compares."""
-        return [[os.path.abspath(f), os.path.getsize(f), int(os.path.getmtime(f))]
-                for f in self.files]
 
     def _batches(self, start: int, size: int):
         """Record batches of about ``size`` rows from row ``start`` on, as (ids, cells, fine

@@ -80,8 +80,37 @@ def _block(ids, vecs):
 def blocks(data, id_col: str = "id", vector_col: str = "vector",
            block_rows: int = BLOCK_ROWS):
     """RDD of blocks (ids int64 (n,), vectors float32 (n, D)), each from one partition."""
+    if _arrow_vectors(data, id_col, vector_col):
+        # Columnar: Arrow batches become blocks on the executors, and each block crosses to
+        # Python as one pickled value instead of a Python object per row.
+        return data.select(id_col, vector_col).mapInArrow(
+            _arrow_blocks, "block binary").rdd.map(lambda r: pickle.loads(r[0]))
     return _rows(data, id_col, vector_col).mapPartitions(
         lambda rows: _to_blocks(rows, block_rows))
+
+
+def _arrow_blocks(batches):
+    import pyarrow as pa
+    for rb in batches:
+        if rb.num_rows:
+            block = (rb.column(0).to_numpy(zero_copy_only=False).astype(np.int64),
+                     _arrow_matrix(rb.column(1)))
+            yield pa.RecordBatch.from_arrays(
+                [pa.array([pickle.dumps(block, protocol=pickle.HIGHEST_PROTOCOL)],
+                          pa.binary())], names=["block"])
+
+
+def _arrow_matrix(vec) -> np.ndarray:
+    """An Arrow list<float> column of equal-length lists as float32 (n, D)."""
+    n = len(vec)
+    if vec.null_count:
+        raise ValueError("null vectors in the input")
+    offsets = vec.offsets.to_numpy()
+    D = int(offsets[1] - offsets[0])
+    if not np.all(np.diff(offsets) == D):
+        raise ValueError("vectors of different lengths in the input")
+    return as_vectors(vec.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
+                      .reshape(n, D), "vectors")
 
 
 def read_lopq_text(sc, path: str, min_partitions: Optional[int] = None, parse_id=int):
@@ -392,15 +421,7 @@ def _encode_arrow(model, batches):
         n = rb.num_rows
         if not n:
             continue
-        vec = rb.column(1)
-        if vec.null_count:
-            raise ValueError("null vectors in the input")
-        offsets = vec.offsets.to_numpy()
-        D = int(offsets[1] - offsets[0])
-        if not np.all(np.diff(offsets) == D):
-            raise ValueError("vectors of different lengths in the input")
-        X = as_vectors(vec.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
-                       .reshape(n, D), "vectors")
+        X = _arrow_matrix(rb.column(1))
         ids = rb.column(0).to_numpy(zero_copy_only=False).astype(np.int64)
         cells, c0, c1, fine = _codes_of(model, X)
         w = fine.shape[1]

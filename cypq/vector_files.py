@@ -97,11 +97,9 @@ def write_vector_file(path: str | os.PathLike, X) -> None:
     rec.tofile(path)
 
 
-def find_vector_files(spec: str | os.PathLike) -> list[str]:
-    """The files a path, a directory or a glob names, sorted by name.
-
-    A directory means every vector file directly inside it.
-    """
+def find_files(spec: str | os.PathLike, suffixes: tuple[str, ...]) -> list[str]:
+    """The files with one of ``suffixes`` that a path, a directory (the files directly in it)
+    or a glob names, sorted by name."""
     spec = os.fspath(spec)
     if os.path.isdir(spec):
         files = [os.path.join(spec, f) for f in os.listdir(spec)]
@@ -111,15 +109,34 @@ def find_vector_files(spec: str | os.PathLike) -> list[str]:
         files = _glob.glob(spec)
         if not files:
             raise FileNotFoundError(f"no such file, directory or glob match: {spec}")
-    files = sorted(f for f in files
-                   if os.path.isfile(f) and f.lower().endswith(VECTOR_SUFFIXES))
+    files = sorted(f for f in files if os.path.isfile(f) and f.lower().endswith(suffixes))
     if not files:
-        raise FileNotFoundError(f"{spec}: no {', '.join(VECTOR_SUFFIXES)} files there")
+        raise FileNotFoundError(f"{spec}: no {', '.join(suffixes)} files there")
     return files
 
 
+def find_vector_files(spec: str | os.PathLike) -> list[str]:
+    """The vector files a path, a directory or a glob names (:func:`find_files`)."""
+    return find_files(spec, VECTOR_SUFFIXES)
+
+
+class ShardedSource:
+    """Rows spread over files read in order: ``files`` and the cumulative row counts
+    ``_ends`` are set by the subclass."""
+    files: list
+    _ends: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    def identity(self) -> list:
+        """(name, size, mtime) of each file: what a resumed load compares."""
+        return [[os.path.abspath(f), os.path.getsize(f), int(os.path.getmtime(f))]
+                for f in self.files]
+
+
 @dataclass
-class VectorSource:
+class VectorSource(ShardedSource):
     """Shards read as one (N, D) sequence of rows, in order.
 
     Parameters
@@ -142,14 +159,6 @@ class VectorSource:
     def open(cls, spec: str | os.PathLike) -> "VectorSource":
         """A source from a file, a directory or a glob (:func:`find_vector_files`)."""
         return cls(find_vector_files(spec))
-
-    def __len__(self) -> int:
-        return int(self._ends[-1]) if len(self._ends) else 0
-
-    def identity(self) -> list:
-        """(name, size, mtime) of each file: what a resumed load compares."""
-        return [[os.path.abspath(f), os.path.getsize(f), int(os.path.getmtime(f))]
-                for f in self.files]
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Rows start .. stop-1 as float32 (stop - start, D), read from the shards."""

@@ -86,7 +86,9 @@ def test_spark_training_resumes_from_a_partial_model(spark, data):
         full = LOPQModel(V=16, M=8, subquantizer_clusters=32).fit(X, random_state=1)
         partial = LOPQModel(parameters=(full.Cs, None, None, None), M=8,
                             subquantizer_clusters=32)
-        sm = train_lopq(_df(spark, X), V=16, M=8, subquantizer_clusters=32, model=partial,
+        # an RDD of (id, ndarray) this time: the row-by-row input path
+        rdd = spark.sparkContext.parallelize([(i, X[i]) for i in range(len(X))], 3)
+        sm = train_lopq(rdd, V=16, M=8, subquantizer_clusters=32, model=partial,
                         seed=1, sample_fraction=1.0)
     assert partial.Rs is None, "the given model was changed"
     assert all(np.array_equal(a, b) for a, b in zip(sm.Cs, full.Cs))
