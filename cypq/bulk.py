@@ -104,7 +104,10 @@ def encoded_chunks(source: VectorSource, model: LOPQModel, chunk: int, ids=None,
     ``ids``: array-like (N,) (e.g. a memmap) or None for row numbers.
     """
     for a, X in source.chunks(chunk, start):
-        code = model.predict(X)
+        try:
+            code = model.predict(X)
+        except ValueError as e:  # NaN, wrong dimension: say where
+            raise BulkLoadError(f"input rows {a}..{a + len(X) - 1}: {e}") from None
         cells = code.coarse[:, 0].astype(np.int64) * model.V + code.coarse[:, 1]
         chunk_ids = (np.arange(a, a + len(X), dtype=np.int64) if ids is None
                      else np.asarray(ids[a:a + len(X)], dtype=np.int64))
@@ -155,6 +158,8 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
     if chunk_size < 1:
         raise BulkLoadError("chunk size must be >= 1")
     N = len(source)
+    if N == 0:
+        raise BulkLoadError("the input holds no vectors: nothing to load")
     ids_arr = None
     if ids is not None:
         if not isinstance(source, VectorSource):

@@ -166,6 +166,16 @@ def test_ids_file_and_duplicates(data, tmp_path):
 
 def test_bad_inputs_are_refused(data, tmp_path):
     model, X, _ = data
+    bad = X[:500].copy()
+    bad[321, 5] = np.nan
+    np.save(tmp_path / "nan.npy", bad)
+    with pytest.raises(BulkLoadError, match="input rows 300..399: .*NaN"):
+        bulk_load(tmp_path / "ixn", VectorSource.open(tmp_path / "nan.npy"), model,
+                  chunk_size=100, progress=False, out=lambda m: None)
+    np.save(tmp_path / "empty.npy", X[:0])
+    with pytest.raises(BulkLoadError, match="no vectors"):
+        bulk_load(tmp_path / "ixe", VectorSource.open(tmp_path / "empty.npy"), model,
+                  progress=False, out=lambda m: None)
     np.save(tmp_path / "x.npy", X[:100, :8])
     with pytest.raises(ValueError, match="dimension 8"):
         bulk_load(tmp_path / "ix", VectorSource.open(tmp_path / "x.npy"), model,
