@@ -357,6 +357,12 @@ def encode(data, model: LOPQModel, path: Optional[str] = None, id_col: str = "id
     if not model.is_trained:
         from .pq import NotFittedError
         raise NotFittedError("the model is not fully trained: train it first")
+    if hasattr(data, "schema") and id_col in data.columns:
+        from pyspark.sql.types import IntegralType
+        id_type = data.schema[id_col].dataType
+        if not isinstance(id_type, IntegralType):
+            raise TypeError(f"the id column {id_col!r} is {id_type.simpleString()}: cypq ids "
+                            "are int64; map them to numbers first (e.g. zipWithIndex)")
     if _arrow_vectors(data, id_col, vector_col):
         # Columnar path: Arrow batches in and out, no Python object per row.
         bc = data.sparkSession.sparkContext.broadcast(model)

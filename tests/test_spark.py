@@ -124,6 +124,9 @@ def test_spark_codes_equal_predict(spark, data, model, vector_type):
     assert np.array_equal([rows[j].c1 for j in order], code.coarse[:, 1])
     assert np.array_equal([rows[j].cell for j in order],
                           code.coarse[:, 0] * model.V + code.coarse[:, 1])
+    strings = spark.createDataFrame([("a", X[0].tolist())], "id string, vector array<float>")
+    with pytest.raises(TypeError, match="int64"):
+        encode(strings, model)
 
 
 def test_bulk_load_from_spark_parquet_equals_python_index(spark, data, model, tmp_path):
