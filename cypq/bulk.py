@@ -200,7 +200,7 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
                           if isinstance(source, VectorSource) else
                           source.chunks(chunk_size, a, model.fine_code_dtype))
                 _, c_ids, cells, fine = next(iter(chunks))
-                _check_codes(model, cells, fine, source)
+                _check_codes(model, cells, fine)
                 order = np.argsort(cells, kind="stable")
                 run = np.empty(len(cells), dtype=dtype)
                 run["cell"], run["id"], run["code"] = cells[order], c_ids[order], fine[order]
@@ -255,8 +255,8 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
                     raise BulkLoadError(f"{e.args[0]}; fix the input and start again in an "
                                         "empty directory") from None
                 peak = max(peak, rss_anon_mb())
+                bar.update(1)
                 del part
-            bar.update(1)
             lo_id = hi_id
         bar.close()
         del id_runs
@@ -324,7 +324,7 @@ def _rows_in(chunks: list[int], size: int, N: int) -> int:
     return sum(min(size, N - k * size) for k in chunks)
 
 
-def _check_codes(model, cells, fine, source) -> None:
+def _check_codes(model, cells, fine) -> None:
     if fine.ndim != 2 or fine.shape[1] != model.M:
         raise BulkLoadError(f"the codes have {fine.shape[-1]} fine codes per vector but the "
                             f"model has M={model.M}")
