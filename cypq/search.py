@@ -14,6 +14,8 @@ from .storage.base import Storage
 
 # Queries per kernel call: bounds the (batch, quota) cell lists kept in memory.
 _BATCH = 256
+# Up to this many cells, distinct cells are found through a table over all cells.
+_DENSE_CELLS = 1 << 22
 
 
 @dataclass
@@ -84,9 +86,20 @@ def _search_batch(model, snap, sizes, Q, q0, q1, k, quota, w, cap, params, D, I,
     _search.cell_order(Qb, C0, C1, sizes, quota, w or 0, cells, stats.cells[q0:q1],
                        stats.visited[q0:q1], n_cand, n_threads)
     used = np.arange(cap)[None, :] < stats.cells[q0:q1, None]
-    distinct = np.unique(cells[used])
+    flat = cells[used]
     slot = np.full(cells.shape, -1, dtype=np.int64)
-    slot[used] = np.searchsorted(distinct, cells[used])
+    if len(sizes) <= _DENSE_CELLS:
+        # Distinct cells and their positions through a table over all cells: linear, where
+        # np.unique sorts (it was ~10% of a search at quota 4000).
+        seen = np.zeros(len(sizes), dtype=bool)
+        seen[flat] = True
+        distinct = np.flatnonzero(seen)
+        where = np.empty(len(sizes), dtype=np.int64)
+        where[distinct] = np.arange(len(distinct))
+        slot[used] = where[flat]
+    else:
+        distinct = np.unique(flat)
+        slot[used] = np.searchsorted(distinct, flat)
     seg = snap.segments(distinct)
     _search.scan_cells(Qb, C0, C1, RT0, RT1, mu0, mu1, subs, cells, stats.cells[q0:q1], slot,
                        seg.start, seg.codes, seg.ids, seg.length, code_bytes, D[q0:q1],

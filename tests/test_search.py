@@ -34,8 +34,14 @@ def _entries(model, X, ids):
     return entries
 
 
+@pytest.mark.parametrize("distinct", ["table", "unique"])
 @pytest.mark.parametrize("quota,k", [(50, 10), (300, 25), (5000, 40), (1, 5)])
-def test_search_equals_reference(setup, quota, k, n_threads):
+def test_search_equals_reference(setup, quota, k, n_threads, distinct, monkeypatch):
+    """Both ways of finding a batch's distinct cells: a table over all cells (up to 4M
+    cells) and np.unique (beyond)."""
+    if distinct == "unique":
+        import cypq.search
+        monkeypatch.setattr(cypq.search, "_DENSE_CELLS", 0)
     model, X, Q = setup
     ids = np.arange(len(X)) * 3 + 7
     index = Index.in_memory(model, n_threads=n_threads)
