@@ -108,7 +108,7 @@ def encoded_chunks(source: VectorSource, model: LOPQModel, chunk: int, ids=None,
             code = model.predict(X)
         except ValueError as e:  # NaN, wrong dimension: say where
             raise BulkLoadError(f"input rows {a}..{a + len(X) - 1}: {e}") from None
-        cells = code.coarse[:, 0].astype(np.int64) * model.V + code.coarse[:, 1]
+        cells = model.get_cell_id_for_coarse_codes(code.coarse)
         chunk_ids = (np.arange(a, a + len(X), dtype=np.int64) if ids is None
                      else np.asarray(ids[a:a + len(X)], dtype=np.int64))
         yield a, chunk_ids, cells, code.fine

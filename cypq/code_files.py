@@ -74,7 +74,7 @@ class CodeSource(ShardedSource):
                 skip = 0
                 yield (batch.column(0).to_numpy().astype(np.int64),
                        batch.column(1).to_numpy().astype(np.int64),
-                       _fixed_width(batch.column(2), f))
+                       fixed_rows(batch.column(2), f"{f}: fine codes"))
 
     def chunks(self, size: int, start: int = 0, code_dtype=np.uint8
                ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
@@ -96,24 +96,29 @@ class CodeSource(ShardedSource):
             yield pos, ids, cells, _codes(fine, code_dtype)
 
 
-def _fixed_width(col, name) -> np.ndarray:
-    """A binary column of equal-length values as a (n, width) uint8 array (no copy per row)."""
+def fixed_rows(col, name: str) -> np.ndarray:
+    """An Arrow column of equal-length values - binary (fine codes) or list<number>
+    (vectors) - as one (n, width) array over its values buffer, no copy per row."""
     import pyarrow as pa
     if isinstance(col, pa.ChunkedArray):
         col = pa.concat_arrays(col.chunks)
     n = len(col)
     if col.null_count:
-        raise ValueError(f"{name}: fine codes column has nulls")
-    bufs = col.buffers()
-    off_type = np.int64 if pa.types.is_large_binary(col.type) else np.int32
-    offsets = np.frombuffer(bufs[1], dtype=off_type)[col.offset:col.offset + n + 1]
+        raise ValueError(f"{name}: the column has nulls")
+    if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+        offsets = col.offsets.to_numpy()
+        values = col.values.to_numpy(zero_copy_only=False)
+    else:
+        bufs = col.buffers()
+        off_type = np.int64 if pa.types.is_large_binary(col.type) else np.int32
+        offsets = np.frombuffer(bufs[1], dtype=off_type)[col.offset:col.offset + n + 1]
+        values = np.frombuffer(bufs[2], dtype=np.uint8)
     if n == 0:
-        return np.empty((0, 0), dtype=np.uint8)
+        return values[:0].reshape(0, 0)
     width = int(offsets[1] - offsets[0])
     if not np.all(np.diff(offsets) == width):
-        raise ValueError(f"{name}: fine codes of different lengths")
-    data = np.frombuffer(bufs[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
-    return data.reshape(n, width)
+        raise ValueError(f"{name}: values of different lengths")
+    return values[offsets[0]:offsets[-1]].reshape(n, width)
 
 
 def _codes(fine_bytes: np.ndarray, dtype: np.dtype) -> np.ndarray:

@@ -191,7 +191,7 @@ class Index:
             ids = _as_ids(ids, n)
         if not n:
             return np.empty(0, dtype=np.int64)
-        cells = coarse[:, 0].astype(np.int64) * self._model.V + coarse[:, 1]
+        cells = self._model.get_cell_id_for_coarse_codes(coarse)
         return self._storage.add(cells, ids, fine, replace=replace)
 
     def remove(self, ids) -> int:

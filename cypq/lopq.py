@@ -230,7 +230,9 @@ class LOPQModel:
         N, D = X.shape
         if D % 2 or D % self.M:
             raise ValueError(f"dimension {D} must be even and divisible by M={self.M}")
-        if N < max(self.V, self.subquantizer_clusters):
+        need = max(self.V if self.Cs is None else 1,
+                   self.subquantizer_clusters if self.subquantizers is None else 1)
+        if N < need:
             raise ValueError(f"{N} training vectors are fewer than V={self.V} or "
                              f"subquantizer_clusters={self.subquantizer_clusters}")
         log = print if verbose else (lambda *a, **k: None)
@@ -530,9 +532,15 @@ def train_pca(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mean : numpy.ndarray float32 (D,)
     P : numpy.ndarray float32 (D, D), orthogonal; the first D/2 columns span half 0.
     """
+    return pca_from_moments(*data_moments(X))
+
+
+def data_moments(X: np.ndarray):
+    """(n, mean (D,) float64, m2 (D, D) float64: sum of the centred outer products) of
+    float32 rows X (N, D); moments of parts combine exactly (:func:`combine_moments`)."""
     mean = X.mean(axis=0, dtype=np.float64)
     Xc = X - mean.astype(np.float32)
-    return pca_from_moments(X.shape[0], mean, (Xc.T @ Xc).astype(np.float64))
+    return np.int64(X.shape[0]), mean, (Xc.T @ Xc).astype(np.float64)
 
 
 def pca_from_moments(n: int, mean: np.ndarray, m2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -27,8 +27,8 @@ import numpy as np
 
 from ._checks import as_vectors
 from .kmeans import centroids_from_sums, lloyd_sums
-from .lopq import (LOPQModel, combine_moments, pca_from_moments, residual_moments,
-                   rotations_from_moments)
+from .lopq import (LOPQModel, combine_moments, data_moments, pca_from_moments,
+                   residual_moments, rotations_from_moments)
 
 try:
     import pyspark  # noqa: F401
@@ -102,15 +102,8 @@ def _arrow_blocks(batches):
 
 def _arrow_matrix(vec) -> np.ndarray:
     """An Arrow list<float> column of equal-length lists as float32 (n, D)."""
-    n = len(vec)
-    if vec.null_count:
-        raise ValueError("null vectors in the input")
-    offsets = vec.offsets.to_numpy()
-    D = int(offsets[1] - offsets[0])
-    if not np.all(np.diff(offsets) == D):
-        raise ValueError("vectors of different lengths in the input")
-    return as_vectors(vec.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
-                      .reshape(n, D), "vectors")
+    from .code_files import fixed_rows
+    return as_vectors(fixed_rows(vec, "vectors"), "vectors")
 
 
 def read_lopq_text(sc, path: str, min_partitions: Optional[int] = None, parse_id=int):
@@ -148,13 +141,6 @@ def write_lopq_text(rdd, path: str) -> None:
 # ---------------------------------------------------------------------------- training
 def _add(a, b):
     return tuple(x + y for x, y in zip(a, b))
-
-
-def _moments(X: np.ndarray):
-    X64 = X.astype(np.float64)
-    mean = X64.mean(axis=0)
-    Xc = X64 - mean
-    return np.int64(len(X)), mean, Xc.T @ Xc
 
 
 def train_lopq(data, V: int, M: int, subquantizer_clusters: int = 256, pca: bool = False,
@@ -212,14 +198,12 @@ def train_lopq(data, V: int, M: int, subquantizer_clusters: int = 256, pca: bool
         sc = raw.context
         if model.pca and model.pca_matrix is None and model.Cs is None:
             log("cypq.spark: PCA moments")
-            m = raw.map(lambda b: _moments(b[1])).treeReduce(combine_moments)
+            m = raw.map(lambda b: data_moments(b[1])).treeReduce(combine_moments)
             model.pca_mean, model.pca_matrix = pca_from_moments(int(m[0]), m[1], m[2])
         X = raw
         if model.pca_matrix is not None:
-            pbc = sc.broadcast((model.pca_mean, model.pca_matrix))
-            X = raw.map(lambda b: (b[0], np.ascontiguousarray(
-                (b[1] - pbc.value[0]) @ pbc.value[1], dtype=np.float32))) \
-                .persist(_storage_level())
+            pbc = sc.broadcast(model)  # the model's own PCA step, on the executors
+            X = raw.map(lambda b: (b[0], pbc.value._apply_pca(b[1]))).persist(_storage_level())
         if model.Cs is None:
             model.Cs = _coarse_kmeans(X, n, model.V, kmeans_coarse_iters, seed, log)
         if model.Rs is None or model.mus is None:
@@ -241,10 +225,7 @@ def train_lopq(data, V: int, M: int, subquantizer_clusters: int = 256, pca: bool
             if len(sample) < model.subquantizer_clusters:
                 raise ValueError(f"the sample has {len(sample)} rows, fewer than "
                                  f"{model.subquantizer_clusters}: raise sample_fraction")
-            fit_model = model
-            if len(sample) < model.V:  # fit() insists on V rows; the coarse part is done
-                sample = np.concatenate([sample] * (-(-model.V // len(sample))))
-            fit_model.fit(sample, kmeans_local_iters=kmeans_local_iters, random_state=seed)
+            model.fit(sample, kmeans_local_iters=kmeans_local_iters, random_state=seed)
         if X is not raw:
             X.unpersist()
     finally:
@@ -406,10 +387,9 @@ def _codes_of(model: LOPQModel, X: np.ndarray):
     """(cells, c0, c1 int64 (n,), fine as little-endian bytes (n, width) uint8) of X."""
     model.n_threads = 1  # one kernel thread per task: Spark's tasks are the parallelism
     code = model.predict(X)
-    c0 = code.coarse[:, 0].astype(np.int64)
-    c1 = code.coarse[:, 1].astype(np.int64)
     fine = np.ascontiguousarray(code.fine.astype(code.fine.dtype.newbyteorder("<")))
-    return c0 * model.V + c1, c0, c1, fine.view(np.uint8).reshape(len(X), -1)
+    return (model.get_cell_id_for_coarse_codes(code.coarse), code.coarse[:, 0].astype(np.int64),
+            code.coarse[:, 1].astype(np.int64), fine.view(np.uint8).reshape(len(X), -1))
 
 
 def _encode_rows(model, ids, X):

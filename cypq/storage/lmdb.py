@@ -434,7 +434,7 @@ class LMDBStorage(Storage):
             v = txn.get(b"bulk_done" if finished else b"bulk", db=self._db["meta"])
             return None if v is None else bytes(v)
 
-    def bulk_append(self, cells, ids, codes, state: bytes) -> np.ndarray:
+    def bulk_append(self, cells, ids, codes, state: bytes) -> None:
         """Append entries whose cells all come after every stored cell, in one transaction,
         in key order (LMDB's append mode: no searches, no page splits, no half-empty pages).
         The id table is not written: that is :meth:`bulk_append_ids`, in id order, once
@@ -449,9 +449,7 @@ class LMDBStorage(Storage):
         codes : numpy.ndarray (n, M)
         state : bytes
 
-        Returns
-        -------
-        numpy.ndarray int64 (n,): the block number each entry went to.
+        The entries' block numbers are :meth:`bulk_block_numbers` of ``cells``.
         """
         cells = np.asarray(cells, dtype=np.int64)
         ids = np.asarray(ids, dtype=np.int64)
@@ -461,7 +459,7 @@ class LMDBStorage(Storage):
 
         def body(txn):
             self._check_bulk(txn)
-            items, blocks = _pack_blocks(cells, ids, codes, self.block_capacity)
+            items, _ = _pack_blocks(cells, ids, codes, self.block_capacity)
             if len(cells):
                 with txn.cursor(db=self._db["cells"]) as cur:
                     if cur.last() and _U64.unpack(bytes(cur.key()))[0] >= cells[0]:
@@ -480,8 +478,7 @@ class LMDBStorage(Storage):
             txn.put(b"bulk", state, db=self._db["meta"])
             # Too many cells for the change log: other processes reload all sizes.
             self._bump(txn, None, len(ids))
-            return blocks
-        return self._write(body)[0]
+        self._write(body)
 
     def bulk_block_numbers(self, cells) -> np.ndarray:
         """The block numbers :meth:`bulk_append` will give entries of these ascending cells
