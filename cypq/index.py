@@ -194,6 +194,13 @@ class Index:
         cells = self._model.get_cell_id_for_coarse_codes(coarse)
         return self._storage.add(cells, ids, fine, replace=replace)
 
+    def merge(self) -> int:
+        """Move the entries staged by recent adds into their cells' blocks now (on disk;
+        adds do it by themselves once ``stage_capacity`` entries are staged, so this only
+        chooses when the pause happens). Returns how many entries moved (0 in memory)."""
+        self._check_writable()
+        return getattr(self._storage, "merge", lambda: 0)()
+
     def remove(self, ids) -> int:
         """Remove vectors by id in one transaction; absent ids are ignored.
 

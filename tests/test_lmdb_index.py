@@ -30,16 +30,23 @@ def setup():
     return model, X, clustered(30, 16, n_clusters=12, seed=52)
 
 
-def test_lmdb_equals_memory_and_persists(setup, tmp_path, n_threads):
+# stage_capacity: 0 = adds write blocks; 1300 = merges every 2 adds and a partial stage at
+# the end; default (1M) = everything staged
+@pytest.mark.parametrize("stage", [0, 1300, None])
+def test_lmdb_equals_memory_and_persists(setup, tmp_path, n_threads, stage, monkeypatch):
     model, X, Q = setup
+    import cypq.storage.lmdb as L
+    monkeypatch.setattr(L, "_MERGE_CHUNK", 97)  # merges of several transactions
     mem = Index.in_memory(model, n_threads=n_threads)
     ids = np.random.default_rng(0).permutation(10 * len(X))[:len(X)]
     mem.add(X, ids)
     path = tmp_path / "ix"
-    with Index.create(path, model, block_capacity=16, n_threads=n_threads) as disk:
+    opts = {} if stage is None else {"stage_capacity": stage}
+    with Index.create(path, model, block_capacity=16, n_threads=n_threads, **opts) as disk:
         for s in range(0, len(X), 700):  # several transactions, blocks filling up
             disk.add(X[s:s + 700], ids[s:s + 700])
         assert len(disk) == len(X)
+        assert disk.stats()["staged"] == {0: 0, 1300: 1200, None: len(X)}[stage]
         for quota in (0, 50, 400):
             Dm, Im = mem.search(Q, k=15, quota=quota)
             Dd, Id = disk.search(Q, k=15, quota=quota)
@@ -60,10 +67,12 @@ def test_lmdb_equals_memory_and_persists(setup, tmp_path, n_threads):
         np.testing.assert_array_equal(cells, model.get_cell_id_for_coarse_codes(code.coarse))
 
 
-def test_remove_replace_on_disk(setup, tmp_path):
+@pytest.mark.parametrize("stage", [0, None])
+def test_remove_replace_on_disk(setup, tmp_path, stage):
     model, X, Q = setup
     mem = Index.in_memory(model)
-    with Index.create(tmp_path / "ix", model, block_capacity=4) as disk:
+    opts = {} if stage is None else {"stage_capacity": stage}
+    with Index.create(tmp_path / "ix", model, block_capacity=4, **opts) as disk:
         ids = disk.add(X)
         mem.add(X, ids)
         rng = np.random.default_rng(1)
@@ -179,7 +188,8 @@ def test_threads_search_at_once(setup, tmp_path):
 
 
 WRITER = textwrap.dedent("""
-    import sys, numpy as np, cypq
+    import sys, numpy as np, cypq, cypq.storage.lmdb
+    cypq.storage.lmdb._MERGE_CHUNK = 16   # merges of many transactions, for kills to land in
     path = sys.argv[1]
     ix = cypq.Index.open(path)
     X = np.load(sys.argv[2])
@@ -201,17 +211,27 @@ def _consistent(path, X, returned):
         assert batches <= returned + 1
         ids = np.arange(batches * 50)
         assert ix.contains(ids).all() and not ix.contains([batches * 50]).any()
-        D, I = ix.search(X[:3], k=5, quota=0)
-        assert (I[:, 0] >= 0).all() if n else True
         st = ix.stats()
         assert st["vectors"] == n
+        # every entry findable, exactly where a fresh in-memory index has it
+        mem = Index.in_memory(ix.model)
+        if n:
+            mem.add(X[ids % len(X)], ids)
+        for quota in (0, 200):
+            np.testing.assert_array_equal(ix.search(X[:20], k=10, quota=quota)[1],
+                                          mem.search(X[:20], k=10, quota=quota)[1])
+        found, cells, codes = ix.lookup(ids)
+        np.testing.assert_array_equal(codes, mem.lookup(ids)[2])
+        np.testing.assert_array_equal(cells, mem.lookup(ids)[1])
     return batches
 
 
-def test_kill9_during_adds_leaves_consistent_index(setup, tmp_path):
+# stage 120 with batches of 50: a merge (of many transactions) every third add
+@pytest.mark.parametrize("stage", [0, 120])
+def test_kill9_during_adds_leaves_consistent_index(setup, tmp_path, stage):
     model, X, _ = setup
     path = tmp_path / "ix"
-    Index.create(path, model, block_capacity=8).close()
+    Index.create(path, model, block_capacity=8, stage_capacity=stage).close()
     np.save(tmp_path / "x.npy", X)
     rng = np.random.default_rng(7)
     total = 0
@@ -258,11 +278,13 @@ READER = textwrap.dedent("""
 """)
 
 
-def test_reader_process_while_writer_adds(setup, tmp_path):
+@pytest.mark.parametrize("stage", [250, None])
+def test_reader_process_while_writer_adds(setup, tmp_path, stage):
     model, X, Q = setup
     path = tmp_path / "ix"
     np.save(tmp_path / "q.npy", Q)
-    with Index.create(path, model) as ix:
+    opts = {} if stage is None else {"stage_capacity": stage}
+    with Index.create(path, model, **opts) as ix:
         ix.add(X[:100])
         reader = subprocess.Popen([sys.executable, "-c", READER, str(path), str(tmp_path / "q.npy")],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -274,10 +296,12 @@ def test_reader_process_while_writer_adds(setup, tmp_path):
         assert out.startswith("ok")
 
 
-def test_threads_search_while_a_thread_adds(setup, tmp_path):
+@pytest.mark.parametrize("stage", [0, 500, None])
+def test_threads_search_while_a_thread_adds(setup, tmp_path, stage):
     """Searches in one process see consistent snapshots while another thread writes."""
     model, X, Q = setup
-    with Index.create(tmp_path / "ix", model, block_capacity=8) as ix:
+    opts = {} if stage is None else {"stage_capacity": stage}
+    with Index.create(tmp_path / "ix", model, block_capacity=8, **opts) as ix:
         ix.add(X[:200])
         errors = []
         done = threading.Event()
@@ -304,3 +328,80 @@ def test_threads_search_while_a_thread_adds(setup, tmp_path):
         for quota in (0, 300):
             np.testing.assert_array_equal(ix.search(Q, k=10, quota=quota)[1],
                                           mem.search(Q, k=10, quota=quota)[1])
+
+
+def test_merge_cut_short_is_finished_by_the_next_write(setup, tmp_path, monkeypatch):
+    """A merge interrupted between its transactions (here: a full disk) leaves an index that
+    reads exactly as before, and the next write finishes the merge."""
+    import cypq.storage.lmdb as L
+    model, X, Q = setup
+    monkeypatch.setattr(L, "_MERGE_CHUNK", 200)
+    mem = Index.in_memory(model)
+    mem.add(X[:2500])
+    path = tmp_path / "ix"
+    real = L.LMDBStorage._merge_in
+    done = []
+
+    def fail_third(self, *args):
+        if len(done) == 2:
+            raise OSError(28, "No space left on device")
+        done.append(1)
+        return real(self, *args)
+    with Index.create(path, model, block_capacity=8) as ix:
+        for s in range(0, 2500, 500):
+            ix.add(X[s:s + 500])
+        assert ix.stats()["staged"] == 2500
+        monkeypatch.setattr(L.LMDBStorage, "_merge_in", fail_third)
+        with pytest.raises(OSError, match="No space"):
+            ix.merge()
+    monkeypatch.setattr(L.LMDBStorage, "_merge_in", real)
+
+    def same(ix):
+        assert len(ix) == len(mem)
+        for quota in (0, 100, 400):
+            np.testing.assert_array_equal(ix.search(Q, k=10, quota=quota)[1],
+                                          mem.search(Q, k=10, quota=quota)[1])
+        ids = np.arange(2700)  # absent ones included
+        for got, want in zip(ix.lookup(ids), mem.lookup(ids)):
+            np.testing.assert_array_equal(got, want)
+        cells = mem.lookup(ids)[1]
+        sizes = np.bincount(cells[cells >= 0], minlength=model.V ** 2)
+        assert ix.stats()["largest_cell"] == sizes.max()
+    with Index.open(path, readonly=True) as ro:
+        st = ro.stats()
+        assert st["merge_pending"] and 0 < st["staged"] < 2500
+        same(ro)
+    with Index.open(path) as ix:
+        ix.add(X[2500:2600])
+        mem.add(X[2500:2600])
+        st = ix.stats()
+        assert not st["merge_pending"] and st["staged"] == 100
+        same(ix)
+        assert ix.merge() == 100 and ix.stats()["staged"] == 0
+        same(ix)
+        assert ix.remove(np.arange(0, 2600, 3)) == mem.remove(np.arange(0, 2600, 3))
+        same(ix)
+
+
+def test_version1_index_is_upgraded_when_written(setup, tmp_path):
+    """An index written before the stage existed (format 1) reads as it is and gains a
+    stage when opened for writing."""
+    import lmdb
+    model, X, Q = setup
+    path = tmp_path / "ix"
+    with Index.create(path, model, stage_capacity=0) as ix:
+        ix.add(X[:1000])
+        want = ix.search(Q, k=10)[1]
+    env = lmdb.open(str(path), max_dbs=8)
+    meta = env.open_db(b"meta")
+    with env.begin(write=True) as txn:
+        txn.drop(env.open_db(b"stage", txn=txn), delete=True)
+        txn.delete(b"stage", db=meta)
+        txn.put(b"format", b"cypq-index" + (1).to_bytes(4, "big"), db=meta)
+    env.close()
+    with Index.open(path, readonly=True) as ro:
+        np.testing.assert_array_equal(ro.search(Q, k=10)[1], want)
+        assert ro.stats()["staged"] == 0
+    with Index.open(path) as ix:
+        ix.add(X[1000:1100])
+        assert len(ix) == 1100 and ix.contains(np.arange(1000, 1100)).all()

@@ -1,10 +1,12 @@
 """Incremental adds from 0 to 10M vectors: vectors/s per 1M added, with and without fsync.
 
     python tools/bench_add.py [--data DIR] [--sync both|on|off] [--reps 10] [--batch 1000]
+                              [--stage 1048576]
 
 Trains LOPQ (V=1024, M=16) on the learn set, encodes the 1M base once, then grows an on-disk
 index with ``Index.add_codes`` in batches (the base's codes ``--reps`` times, fresh ids each
-time), printing the rate of every 1M added.
+time), printing the rate of every 1M added and the median and slowest add call (the slowest
+is an add that merged the stage).
 """
 from __future__ import annotations
 
@@ -24,19 +26,26 @@ from _data import DEFAULT_DATA  # noqa: E402
 import cypq  # noqa: E402
 
 
-def grow(model, code, n, reps, batch, sync, root) -> list[float]:
+def grow(model, code, n, reps, batch, sync, root, stage) -> list[float]:
     path = tempfile.mkdtemp(dir=root)
     rates = []
     t0 = time.perf_counter()
-    with cypq.Index.create(os.path.join(path, "ix"), model, sync=sync) as ix:
+    with cypq.Index.create(os.path.join(path, "ix"), model, sync=sync,
+                           stage_capacity=stage) as ix:
         for rep in range(reps):
             t = time.perf_counter()
+            calls = []
             for b in range(0, n, batch):
                 e = min(n, b + batch)
+                tc = time.perf_counter()
                 ix.add_codes((code.coarse[b:e], code.fine[b:e]), np.arange(b, e) + rep * n)
+                calls.append(time.perf_counter() - tc)
             rates.append(n / (time.perf_counter() - t))
+            calls = np.sort(calls)
             print(f"sync={sync} {len(ix):,}: last {n:,} at {rates[-1]:,.0f}/s, overall "
-                  f"{len(ix) / (time.perf_counter() - t0):,.0f}/s", flush=True)
+                  f"{len(ix) / (time.perf_counter() - t0):,.0f}/s; add calls: median "
+                  f"{calls[len(calls) // 2] * 1e3:.2f} ms, slowest {calls[-1]:.2f} s; "
+                  f"{ix.stats()['staged']:,} staged", flush=True)
     shutil.rmtree(path, ignore_errors=True)
     return rates
 
@@ -47,6 +56,8 @@ def main():
     p.add_argument("--sync", choices=["both", "on", "off"], default="both")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--batch", type=int, default=1000)
+    p.add_argument("--stage", type=int, default=1 << 20,
+                   help="stage_capacity of the index (0: adds write the blocks directly)")
     p.add_argument("--dir", default=None, help="where to build (default: the temp directory)")
     args = p.parse_args()
     with warnings.catch_warnings():
@@ -56,7 +67,7 @@ def main():
     xb = np.load(os.path.join(str(args.data), "base.u8.npy")).astype(np.float32)
     code = model.predict(xb)
     for sync in {"both": (True, False), "on": (True,), "off": (False,)}[args.sync]:
-        grow(model, code, len(xb), args.reps, args.batch, sync, args.dir)
+        grow(model, code, len(xb), args.reps, args.batch, sync, args.dir, args.stage)
 
 
 if __name__ == "__main__":

@@ -3,19 +3,29 @@
 Layout (all integers big-endian in keys, so LMDB's byte order is numeric order):
 
 - ``meta``: ``format`` (b"cypq-index" + u32 version), ``model`` (the LOPQ protobuf, cypq's
-  PCA fields included), ``config`` (JSON: block capacity, code width and dtype),
-  ``gen`` (u64, bumped by every write transaction), ``count`` (u64), ``next_id`` (u64).
+  PCA fields included), ``config`` (JSON: block capacity, stage capacity, code width and
+  dtype), ``gen`` (u64, bumped by every write transaction), ``count`` (u64, staged entries
+  included), ``next_id`` (u64), ``stage`` (u64 epoch, u64 next record number, u64 cell below
+  which a merge in progress has moved the staged entries, u64 staged entries).
 - ``blocks``: key = cell (u64) + block number (u32); value = u32 n, u32 pad, n int64 ids
   (little-endian), n codes. A cell's blocks are numbered 0 .. nb-1 and all but the last are
   full, so adding a vector rewrites one block (the last) and a search reads a cell's blocks
   zero-copy.
 - ``cells``: key = cell (u64); value = u64 entries, u32 blocks.
-- ``ids``: key = id (u64); value = cell (u64) + block (u32): remove / replace / duplicate
-  checks touch one block, never scan.
+- ``ids``: key = id (u64); value = cell (u64) + block (u32), or ``2**31 | record number``
+  for a staged entry: remove / replace / duplicate checks touch one block, never scan.
+- ``stage``: key = record number (u64); value = the entries of one add (stage.py). An add
+  appends one record (a few sequential pages whatever the number of cells it touches) and
+  its id-table entries; when ``stage_capacity`` entries are staged they are merged into the
+  blocks, cell range by cell range, one transaction each (``merged_below`` records how far it
+  got, so a merge cut short is finished by the next write and readers skip what moved).
+  Searches read the staged entries from a process-local copy sorted by cell. A remove (or a
+  replace of an id) merges the stage first, so removal keeps one rule: the cell's last entry
+  fills the hole.
 - ``log``: key = generation (u64); value = the cells that write touched (int64). Other
   processes bring their in-memory cell sizes up to date from it instead of reloading all.
 
-Every ``add`` / ``remove`` is one write transaction (LMDB: atomic, durable at commit with
+Every ``add`` / ``remove`` is one write transaction (a merge that follows it: a few more) (LMDB: atomic, durable at commit with
 ``sync=True``, the default). The map grows by itself: on MapFullError the transaction is
 abandoned, the map doubled and the call retried.
 """
@@ -33,10 +43,15 @@ import numpy as np
 
 from .. import _buffers
 from .base import Segments, Snapshot, Storage
+from .stage import StageView, pack_record, unpack_record
 
 FORMAT = b"cypq-index"
-VERSION = 1
+VERSION = 2                       # 2: the stage (version 1 indexes are upgraded when written)
 _U64 = struct.Struct(">Q")
+_STAGE_META = struct.Struct(">QQQQ")
+_STAGED = 1 << 31                 # id-table block field of a staged entry: | record number
+_MERGE_CHUNK = 1 << 17            # staged entries merged per transaction
+_DEFAULT_STAGE = 1 << 20
 _CELL_BLOCK = struct.Struct(">QI")
 _CELLINFO = struct.Struct(">QI")
 _LOG_KEEP = 4096                  # generations of change log kept for other processes
@@ -45,6 +60,14 @@ _DEFAULT_MAP = 1 << 30
 
 class IndexFormatError(ValueError):
     """The directory is not a cypq index, or one this version cannot read."""
+
+
+class _MergeFirst(Exception):
+    """Raised inside a write: the stage must be merged before this write can proceed."""
+
+
+class _StageMoved(Exception):
+    """Another writer changed the stage while a merge was between transactions."""
 
 
 # LMDB forbids opening one environment twice in a process; indexes opened twice share it.
@@ -92,11 +115,17 @@ class LMDBStorage(Storage):
         self.code_width = int(config["M"])
         self.code_dtype = np.dtype(config["code_dtype"])
         self.block_capacity = int(config["block_capacity"])
-        self._entry_bytes = 8 + self.code_width * self.code_dtype.itemsize
+        self.stage_capacity = int(config.get("stage_capacity", _DEFAULT_STAGE))
         self._db = {name: env.open_db(name.encode(), create=False)
                     for name in ("meta", "blocks", "cells", "ids", "log")}
+        try:
+            self._db["stage"] = env.open_db(b"stage", create=False)
+        except lmdb.NotFoundError:  # a version 1 index opened read-only: nothing staged
+            self._db["stage"] = None
         self._lock = threading.Lock()      # guards the caches below
-        self._sizes = np.zeros(self.n_cells, dtype=np.int64)
+        self._main_sizes = np.zeros(self.n_cells, dtype=np.int64)   # in blocks
+        self._stage = StageView.empty(-1, self.code_width, self.code_dtype)
+        self._sizes = self._main_sizes     # blocks + stage
         self._gen = -1
         self._cache = None                 # _SegmentCache of generation self._gen
         self._closed = False
@@ -107,7 +136,8 @@ class LMDBStorage(Storage):
     # ------------------------------------------------------------------ opening
     @classmethod
     def create(cls, path: str, model, block_capacity: int = 128, map_size: int = _DEFAULT_MAP,
-               sync: bool = True, bulk_state: bytes | None = None) -> "LMDBStorage":
+               sync: bool = True, bulk_state: bytes | None = None,
+               stage_capacity: int = _DEFAULT_STAGE) -> "LMDBStorage":
         """Create an empty index in directory ``path`` (created; must be empty if it exists).
 
         Parameters
@@ -122,6 +152,11 @@ class LMDBStorage(Storage):
         sync : bool
             fsync at every commit (durable against power loss; a killed process loses
             nothing committed either way).
+        stage_capacity : int
+            Adds are staged (one sequential record per add) and merged into the cells'
+            blocks once this many entries are staged; 0 writes every add into the blocks
+            at once. Larger: faster adds (a merge costs about one pass over the blocks), more
+            memory in every process that searches (about 40 bytes per staged entry).
         bulk_state : bytes, optional
             Marks the index as a bulk load in progress (see :meth:`bulk_append`): until
             :meth:`finish_bulk`, :meth:`open` refuses it unless ``allow_incomplete``.
@@ -133,12 +168,15 @@ class LMDBStorage(Storage):
         os.makedirs(path, exist_ok=True)
         if block_capacity < 1 or block_capacity > 65535:
             raise ValueError("block_capacity must be in [1, 65535]")
+        if not 0 <= stage_capacity <= 1 << 30:
+            raise ValueError("stage_capacity must be in [0, 2**30]")
         env, real = _acquire_env(path, False, True, map_size, sync)
         try:
             config = {"M": model.M, "code_dtype": np.dtype(model.fine_code_dtype).name,
-                      "block_capacity": int(block_capacity)}
+                      "block_capacity": int(block_capacity),
+                      "stage_capacity": int(stage_capacity)}
             meta = env.open_db(b"meta")
-            for name in (b"blocks", b"cells", b"ids", b"log"):
+            for name in (b"blocks", b"cells", b"ids", b"log", b"stage"):
                 env.open_db(name)
             with env.begin(write=True, db=meta) as txn:
                 txn.put(b"format", FORMAT + struct.pack(">I", VERSION))
@@ -146,6 +184,7 @@ class LMDBStorage(Storage):
                 txn.put(b"config", json.dumps(config).encode())
                 for key in (b"gen", b"count", b"next_id"):
                     txn.put(key, _U64.pack(0))
+                txn.put(b"stage", _STAGE_META.pack(0, 0, 0, 0))
                 if bulk_state is not None:
                     txn.put(b"bulk", bulk_state)
         except BaseException:
@@ -185,6 +224,11 @@ class LMDBStorage(Storage):
                         "command again to finish it, or delete the directory")
                 model = proto_to_model(txn.get(b"model"), f"the model inside {path}")
                 config = json.loads(txn.get(b"config"))
+            if version < VERSION and not readonly:  # 1 -> 2: an empty stage
+                with env.begin(write=True) as txn:
+                    env.open_db(b"stage", txn=txn)
+                    txn.put(b"stage", _STAGE_META.pack(0, 0, 0, 0), db=meta)
+                    txn.put(b"format", FORMAT + struct.pack(">I", VERSION), db=meta)
         except BaseException:
             _release_env(real)
             raise
@@ -238,13 +282,15 @@ class LMDBStorage(Storage):
                 self._cache = None
             return result, gen
 
-    def _refresh(self, txn) -> tuple[int, np.ndarray]:
-        """(generation, cell sizes) of txn's snapshot; the shared copy only moves forward."""
+    def _refresh(self, txn) -> tuple[int, np.ndarray, StageView]:
+        """(generation, cell sizes, staged entries) of txn's snapshot; the shared copy only
+        moves forward."""
         gen = _U64.unpack(bytes(txn.get(b"gen", db=self._db["meta"])))[0]
         if gen == self._gen:
-            return gen, self._sizes
+            return gen, self._sizes, self._stage
         if gen < self._gen:  # a snapshot older than one already seen: read it privately
-            return gen, self._load_sizes(txn)
+            stage = self._load_stage(txn, None)
+            return gen, stage.add_counts(self._load_sizes(txn)), stage
         touched = None
         if self._gen >= 0 and gen - self._gen <= _LOG_KEEP:
             parts = []
@@ -257,15 +303,46 @@ class LMDBStorage(Storage):
             if parts is not None:
                 touched = np.unique(np.concatenate(parts)) if parts else np.empty(0, np.int64)
         if touched is None:  # first load, or too far behind the log: read every cell
-            sizes = self._load_sizes(txn)
-        else:
-            sizes = self._sizes.copy()  # searches in flight keep reading the old array
+            main = self._load_sizes(txn)
+        elif len(touched):
+            main = self._main_sizes.copy()  # searches in flight keep reading the old array
             cells_db = self._db["cells"]
             for c in touched.tolist():
                 v = txn.get(_U64.pack(c), db=cells_db)
-                sizes[c] = 0 if v is None else _CELLINFO.unpack(bytes(v))[0]
-        self._sizes, self._gen, self._cache = sizes, gen, None
-        return gen, sizes
+                main[c] = 0 if v is None else _CELLINFO.unpack(bytes(v))[0]
+        else:
+            main = self._main_sizes
+        stage = self._load_stage(txn, self._stage)
+        if main is not self._main_sizes or stage is not self._stage:
+            self._sizes = stage.add_counts(main)
+        self._main_sizes, self._stage, self._gen, self._cache = main, stage, gen, None
+        return gen, self._sizes, stage
+
+    def _stage_meta(self, txn) -> tuple[int, int, int, int]:
+        """(epoch, next record number, merged below cell, staged entries)."""
+        v = txn.get(b"stage", db=self._db["meta"])
+        return (0, 0, 0, 0) if v is None else _STAGE_META.unpack(bytes(v))
+
+    def _read_records(self, txn, lo: int, hi: int) -> list:
+        """Stage records lo .. hi-1, each (cells, ids, codes)."""
+        out = []
+        if hi <= lo or self._db["stage"] is None:
+            return out
+        with txn.cursor(db=self._db["stage"]) as cur:
+            ok = cur.set_range(_U64.pack(lo))
+            while ok and _U64.unpack(bytes(cur.key()))[0] < hi:
+                out.append(unpack_record(cur.value(), self.code_width, self.code_dtype))
+                ok = cur.next()
+        return out
+
+    def _load_stage(self, txn, base: StageView | None) -> StageView:
+        """The staged entries of txn's state, reading only the records base lacks."""
+        epoch, nxt, below, _ = self._stage_meta(txn)
+        if base is None or base.epoch != epoch:
+            base = StageView.empty(epoch, self.code_width, self.code_dtype)
+        if base.next_seq == nxt and base.merged_below == below:
+            return base
+        return base.extended(nxt, below, self._read_records(txn, base.next_seq, nxt))
 
     def _load_sizes(self, txn) -> np.ndarray:
         sizes = np.zeros(self.n_cells, dtype=np.int64)
@@ -287,17 +364,17 @@ class LMDBStorage(Storage):
     def snapshot(self):
         with self._read() as txn:
             with self._lock:
-                gen, sizes = self._refresh(txn)
-                snap = _LMDBSnapshot(self, txn, sizes, gen)
+                gen, sizes, stage = self._refresh(txn)
+                snap = _LMDBSnapshot(self, txn, sizes, gen, stage)
             yield snap
 
-    def _segments(self, txn, gen: int, cells: np.ndarray) -> Segments:
+    def _segments(self, txn, gen: int, stage: StageView, cells: np.ndarray) -> Segments:
         with self._lock:
             cache = self._cache
             if cache is None or cache.gen != gen:
                 # Addresses are only valid within their own generation's pages: a snapshot
                 # older than the latest keeps its cache to itself.
-                cache = _SegmentCache(self.n_cells, gen)
+                cache = _SegmentCache(self.n_cells, gen, stage)
                 if gen == self._gen:
                     self._cache = cache
             missing = cells[~cache.has(cells)]
@@ -306,35 +383,64 @@ class LMDBStorage(Storage):
             return cache.segments(cells)
 
     def _fill(self, txn, cache, cells) -> None:
-        """Read the blocks of cells (zero-copy) into the cache."""
+        """Read the blocks of cells (zero-copy) into the cache; a cell's staged entries
+        are one more segment after its blocks."""
         info_db, blocks_db = self._db["cells"], self._db["blocks"]
-        bufs, owner = [], []
-        for c in cells.tolist():
+        stage = cache.stage
+        staged, s_start, s_count = stage.locate(cells)
+        bufs, owner, is_stage = [], [], []
+        for c, st in zip(cells.tolist(), staged.tolist()):
             v = txn.get(_U64.pack(c), db=info_db)
             nb = 0 if v is None else _CELLINFO.unpack(bytes(v))[1]
             for b in range(nb):
                 bufs.append(txn.get(_CELL_BLOCK.pack(c, b), db=blocks_db))
                 owner.append(c)
+                is_stage.append(False)
+            if st:
+                owner.append(c)
+                is_stage.append(True)
         addr = np.empty(len(bufs), dtype=np.uintp)
         length = np.empty(len(bufs), dtype=np.int64)
         _buffers.addresses(bufs, addr, length)
         n = np.empty(len(bufs), dtype=np.int64)
         for j, buf in enumerate(bufs):
             n[j] = int.from_bytes(buf[:4], "little")
-        cache.add(cells, np.asarray(owner, dtype=np.int64), addr + 8,
-                  addr + 8 + 8 * n.astype(np.uintp), n)
+        is_stage = np.asarray(is_stage, dtype=bool)
+        ids_at = np.empty(len(owner), dtype=np.uintp)
+        codes_at = np.empty(len(owner), dtype=np.uintp)
+        count = np.empty(len(owner), dtype=np.int64)
+        ids_at[~is_stage], codes_at[~is_stage], count[~is_stage] = \
+            addr + 8, addr + 8 + 8 * n.astype(np.uintp), n
+        if staged.any():
+            first = s_start[staged].astype(np.uintp)
+            ids_at[is_stage] = stage.ids.ctypes.data + 8 * first
+            codes_at[is_stage] = stage.codes.ctypes.data + \
+                first * np.uintp(stage.codes.strides[0])
+            count[is_stage] = s_count[staged]
+        cache.add(cells, np.asarray(owner, dtype=np.int64), ids_at, codes_at, count)
 
     def lookup(self, ids):
         ids = np.asarray(ids, dtype=np.int64)
         found = np.zeros(len(ids), dtype=bool)
         cells = np.full(len(ids), -1, dtype=np.int64)
         codes = np.zeros((len(ids), self.code_width), dtype=self.code_dtype)
+        records = {}  # stage record number -> (codes, {id: row}), read once per call
         with self._read() as txn:
             for j, i in enumerate(ids.tolist()):
                 loc = txn.get(_U64.pack(i), db=self._db["ids"])
                 if loc is None:
                     continue
                 c, b = _CELL_BLOCK.unpack(bytes(loc))
+                if b & _STAGED:
+                    seq = b & ~_STAGED
+                    if seq not in records:
+                        _, r_ids, r_codes = unpack_record(
+                            txn.get(_U64.pack(seq), db=self._db["stage"]), self.code_width,
+                            self.code_dtype)
+                        records[seq] = r_codes, {x: k for k, x in enumerate(r_ids.tolist())}
+                    r_codes, row = records[seq]
+                    found[j], cells[j], codes[j] = True, c, r_codes[row[i]]
+                    continue
                 blk_ids, blk_codes = self._decode(txn.get(_CELL_BLOCK.pack(c, b),
                                                           db=self._db["blocks"]))
                 pos = int(np.flatnonzero(blk_ids == i)[0])
@@ -356,9 +462,13 @@ class LMDBStorage(Storage):
                 + np.ascontiguousarray(codes, dtype=self.code_dtype).tobytes())
 
     def disk_stats(self) -> dict:
-        """Bytes on disk and the map size."""
+        """Bytes on disk, the map size, entries staged (not yet merged into blocks) and
+        whether a merge was cut short (the next write finishes it)."""
         size = os.path.getsize(os.path.join(self._real, "data.mdb"))
-        return {"bytes_on_disk": size, "map_size": self._env.info()["map_size"]}
+        with self._read() as txn:
+            _, nxt, below, staged = self._stage_meta(txn)
+        return {"bytes_on_disk": size, "map_size": self._env.info()["map_size"],
+                "staged": staged, "merge_pending": bool(below)}
 
     # ------------------------------------------------------------------ writing
     def add(self, cells, ids, codes, replace=False):
@@ -376,12 +486,86 @@ class LMDBStorage(Storage):
             if present and not replace:
                 raise KeyError(f"{len(present)} ids are already in the index (first: "
                                f"{present[0]}); pass replace=True to overwrite them")
+            epoch, seq, below, staged = self._stage_meta(txn)
+            if below or (present and seq) or seq >= _STAGED - 1:
+                raise _MergeFirst  # a merge cut short, or a replace: removes need no stage
             touched = [self._remove_in(txn, np.asarray(present, np.int64))] if present else []
-            touched.append(self._add_in(txn, cells, ids, codes))
-            self._bump(txn, np.concatenate(touched), len(ids) - len(present),
-                       int(ids.max()) + 1 if len(ids) else 0)
-            return ids
-        return self._write(body)[0]
+            if self.stage_capacity and len(ids):
+                txn.put(_U64.pack(seq), pack_record(cells, ids, codes), db=self._db["stage"])
+                with txn.cursor(db=ids_db) as cur:
+                    cur.putmulti(_pack_ids(ids, cells, np.full(len(ids), _STAGED | seq)))
+                staged += len(ids)
+                txn.put(b"stage", _STAGE_META.pack(epoch, seq + 1, 0, staged),
+                        db=self._db["meta"])
+            else:
+                touched.append(self._add_in(txn, cells, ids, codes))
+            self._bump(txn, np.concatenate(touched) if touched else np.empty(0, np.int64),
+                       len(ids) - len(present), int(ids.max()) + 1 if len(ids) else 0)
+            return ids, staged
+        ids, staged = self._write_merging(body)
+        if staged >= self.stage_capacity > 0:
+            self.merge()
+        return ids
+
+    def _write_merging(self, body):
+        """_write(body), merging the stage first when body asks for it."""
+        while True:
+            try:
+                return self._write(body)[0]
+            except _MergeFirst:
+                self.merge()
+
+    def merge(self) -> int:
+        """Move every staged entry into the blocks of its cell, in transactions of about
+        ``_MERGE_CHUNK`` entries over ranges of cells. Returns how many entries moved.
+
+        Readers see the index unchanged throughout: each transaction moves entries from the
+        stage to the blocks. Interrupted (a crash, a full disk), the next write resumes it.
+        """
+        moved = 0
+        while True:
+            with self._read() as txn:
+                epoch, nxt, below, staged = self._stage_meta(txn)
+                if not nxt:
+                    return moved
+                records = self._read_records(txn, 0, nxt)
+            view = StageView.empty(epoch, self.code_width, self.code_dtype).extended(
+                nxt, below, records)
+            del records
+            cells, ids, codes = view.cells, view.ids, view.codes
+            n = len(cells)
+            bounds = [0]
+            while bounds[-1] < n:  # chunks end where a cell ends
+                t = min(bounds[-1] + _MERGE_CHUNK, n)
+                bounds.append(n if t == n else int(np.searchsorted(cells, cells[t - 1],
+                                                                   side="right")))
+            if n == 0:
+                bounds.append(0)
+            expect = (epoch, nxt, below)
+            try:
+                for s, e in zip(bounds[:-1], bounds[1:]):
+                    last = e == n
+                    after = (epoch + 1, 0, 0) if last else (epoch, nxt, int(cells[e - 1]) + 1)
+                    self._write(lambda txn, s=s, e=e, after=after, expect=expect:
+                                self._merge_in(txn, cells[s:e], ids[s:e], codes[s:e],
+                                               expect, after))
+                    expect = after
+                    moved += e - s
+                return moved
+            except _StageMoved:  # another writer got in between: start over from its state
+                continue
+
+    def _merge_in(self, txn, cells, ids, codes, expect, after) -> None:
+        """One merge transaction: entries of a range of cells from the stage to blocks."""
+        epoch, nxt, below, staged = self._stage_meta(txn)
+        if (epoch, nxt, below) != expect:
+            raise _StageMoved
+        touched = self._add_in(txn, cells, ids, codes) if len(cells) else np.empty(0, np.int64)
+        if after[1] == 0:  # the last range: the records go
+            txn.drop(self._db["stage"], delete=False)
+        txn.put(b"stage", _STAGE_META.pack(*after, staged - len(cells) if after[1] else 0),
+                db=self._db["meta"])
+        self._bump(txn, touched)
 
     def _add_in(self, txn, cells, ids, codes) -> np.ndarray:
         order = np.argsort(cells, kind="stable")
@@ -531,10 +715,12 @@ class LMDBStorage(Storage):
             ids_db = self._db["ids"]
             present = np.asarray([i for i in ids.tolist()
                                   if txn.get(_U64.pack(i), db=ids_db) is not None], np.int64)
+            if len(present) and self._stage_meta(txn)[1]:
+                raise _MergeFirst
             touched = self._remove_in(txn, present) if len(present) else np.empty(0, np.int64)
             self._bump(txn, touched, -len(present))
             return len(present)
-        return self._write(body)[0]
+        return self._write_merging(body)
 
     def _remove_in(self, txn, ids) -> np.ndarray:
         """Remove present ids: each hole is filled with the last entry of its cell's last
@@ -670,21 +856,23 @@ def _splice(old: bytes, n_old: int, new_ids: bytes, new_codes: bytes) -> bytes:
 
 
 class _LMDBSnapshot(Snapshot):
-    def __init__(self, storage, txn, sizes, gen):
+    def __init__(self, storage, txn, sizes, gen, stage):
         self._s, self._txn, self._sizes, self._gen = storage, txn, sizes, gen
+        self._stage = stage  # holds the staged arrays the segments point into
 
     def cell_sizes(self):
         return self._sizes
 
     def segments(self, cells):
-        return self._s._segments(self._txn, self._gen, np.asarray(cells, dtype=np.int64))
+        return self._s._segments(self._txn, self._gen, self._stage,
+                                 np.asarray(cells, dtype=np.int64))
 
 
 class _SegmentCache:
     """cell -> its blocks' (codes, ids, length) addresses, valid for one generation."""
 
-    def __init__(self, n_cells: int, gen: int):
-        self.gen = gen
+    def __init__(self, n_cells: int, gen: int, stage: StageView):
+        self.gen, self.stage = gen, stage
         self.first = np.full(n_cells, -1, dtype=np.int64)   # first segment of the cell
         self.count = np.zeros(n_cells, dtype=np.int64)
         self.codes = np.empty(0, dtype=np.uintp)
