@@ -206,6 +206,11 @@ def cmd_info(args, out) -> int:
             return 0
         out(f"index: {st['vectors']:,} vectors in {st['non_empty_cells']:,} non-empty cells, "
             f"largest cell {st['largest_cell']:,}, {st['bytes_on_disk'] / 1e6:.1f} MB on disk")
+        if st.get("staged") or st.get("merge_pending"):
+            pending = "; a merge was cut short, the next write finishes it" \
+                if st["merge_pending"] else ""
+            out(f"  {st['staged']:,} of them staged by recent adds (moved into their cells' "
+                f"blocks when the stage fills, or by Index.merge){pending}")
     return 0
 
 

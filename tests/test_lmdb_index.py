@@ -405,3 +405,23 @@ def test_version1_index_is_upgraded_when_written(setup, tmp_path):
     with Index.open(path) as ix:
         ix.add(X[1000:1100])
         assert len(ix) == 1100 and ix.contains(np.arange(1000, 1100)).all()
+
+
+def test_search_after_every_add_equals_memory(setup, tmp_path, monkeypatch):
+    """A process that searches between adds takes the stage in step by step (both tiers of
+    its copy, folds, merges) and always answers as the in-memory index does."""
+    from cypq.storage import stage as S
+    monkeypatch.setattr(S.StageView, "FOLD_MIN", 100)
+    model, X, Q = setup
+    mem = Index.in_memory(model)
+    path = tmp_path / "ix"
+    with Index.create(path, model, block_capacity=8, stage_capacity=1500) as ix, \
+            Index.open(path, readonly=True) as reader:
+        for s in range(0, 2900, 130):
+            ix.add(X[s:s + 130])
+            mem.add(X[s:s + 130])
+            for who in (ix, reader):
+                np.testing.assert_array_equal(who.search(Q, k=10, quota=150)[1],
+                                              mem.search(Q, k=10, quota=150)[1])
+            assert reader.stats()["largest_cell"] == mem.stats()["largest_cell"]
+        assert 0 < ix.stats()["staged"] < 1500

@@ -125,6 +125,7 @@ class LMDBStorage(Storage):
         self._lock = threading.Lock()      # guards the caches below
         self._main_sizes = np.zeros(self.n_cells, dtype=np.int64)   # in blocks
         self._stage = StageView.empty(-1, self.code_width, self.code_dtype)
+        self._base_sizes = self._main_sizes  # blocks + the stage's base tier
         self._sizes = self._main_sizes     # blocks + stage
         self._gen = -1
         self._cache = None                 # _SegmentCache of generation self._gen
@@ -290,7 +291,8 @@ class LMDBStorage(Storage):
             return gen, self._sizes, self._stage
         if gen < self._gen:  # a snapshot older than one already seen: read it privately
             stage = self._load_stage(txn, None)
-            return gen, stage.add_counts(self._load_sizes(txn)), stage
+            base, recent = stage.tiers
+            return gen, recent.add_counts(base.add_counts(self._load_sizes(txn))), stage
         touched = None
         if self._gen >= 0 and gen - self._gen <= _LOG_KEEP:
             parts = []
@@ -313,8 +315,10 @@ class LMDBStorage(Storage):
         else:
             main = self._main_sizes
         stage = self._load_stage(txn, self._stage)
+        if main is not self._main_sizes or stage.tiers[0] is not self._stage.tiers[0]:
+            self._base_sizes = stage.tiers[0].add_counts(main)
         if main is not self._main_sizes or stage is not self._stage:
-            self._sizes = stage.add_counts(main)
+            self._sizes = stage.tiers[1].add_counts(self._base_sizes)
         self._main_sizes, self._stage, self._gen, self._cache = main, stage, gen, None
         return gen, self._sizes, stage
 
@@ -386,37 +390,36 @@ class LMDBStorage(Storage):
         """Read the blocks of cells (zero-copy) into the cache; a cell's staged entries
         are one more segment after its blocks."""
         info_db, blocks_db = self._db["cells"], self._db["blocks"]
-        stage = cache.stage
-        staged, s_start, s_count = stage.locate(cells)
-        bufs, owner, is_stage = [], [], []
-        for c, st in zip(cells.tolist(), staged.tolist()):
+        tiers = cache.stage.tiers
+        found = [t.locate(cells) for t in tiers]   # (has, start, count) per tier
+        bufs, owner, kind = [], [], []             # kind: -1 a block, else the stage tier
+        for c, in_base, in_recent in zip(cells.tolist(), found[0][0].tolist(),
+                                         found[1][0].tolist()):
             v = txn.get(_U64.pack(c), db=info_db)
             nb = 0 if v is None else _CELLINFO.unpack(bytes(v))[1]
             for b in range(nb):
                 bufs.append(txn.get(_CELL_BLOCK.pack(c, b), db=blocks_db))
-                owner.append(c)
-                is_stage.append(False)
-            if st:
-                owner.append(c)
-                is_stage.append(True)
+            owner.extend([c] * (nb + in_base + in_recent))
+            kind.extend([-1] * nb + [0] * in_base + [1] * in_recent)
         addr = np.empty(len(bufs), dtype=np.uintp)
         length = np.empty(len(bufs), dtype=np.int64)
         _buffers.addresses(bufs, addr, length)
         n = np.empty(len(bufs), dtype=np.int64)
         for j, buf in enumerate(bufs):
             n[j] = int.from_bytes(buf[:4], "little")
-        is_stage = np.asarray(is_stage, dtype=bool)
+        kind = np.asarray(kind, dtype=np.int64)
         ids_at = np.empty(len(owner), dtype=np.uintp)
         codes_at = np.empty(len(owner), dtype=np.uintp)
         count = np.empty(len(owner), dtype=np.int64)
-        ids_at[~is_stage], codes_at[~is_stage], count[~is_stage] = \
+        block = kind < 0
+        ids_at[block], codes_at[block], count[block] = \
             addr + 8, addr + 8 + 8 * n.astype(np.uintp), n
-        if staged.any():
-            first = s_start[staged].astype(np.uintp)
-            ids_at[is_stage] = stage.ids.ctypes.data + 8 * first
-            codes_at[is_stage] = stage.codes.ctypes.data + \
-                first * np.uintp(stage.codes.strides[0])
-            count[is_stage] = s_count[staged]
+        for t, (tier, (has, start, cnt)) in enumerate(zip(tiers, found)):
+            if has.any():
+                first, at = start[has].astype(np.uintp), kind == t
+                ids_at[at] = tier.ids.ctypes.data + 8 * first
+                codes_at[at] = tier.codes.ctypes.data + first * np.uintp(tier.codes.strides[0])
+                count[at] = cnt[has]
         cache.add(cells, np.asarray(owner, dtype=np.int64), ids_at, codes_at, count)
 
     def lookup(self, ids):
@@ -532,7 +535,7 @@ class LMDBStorage(Storage):
             view = StageView.empty(epoch, self.code_width, self.code_dtype).extended(
                 nxt, below, records)
             del records
-            cells, ids, codes = view.cells, view.ids, view.codes
+            cells, ids, codes = view.entries()
             n = len(cells)
             bounds = [0]
             while bounds[-1] < n:  # chunks end where a cell ends

@@ -28,11 +28,60 @@ def unpack_record(value, width: int, dtype: np.dtype):
     return cells, ids, codes
 
 
+class _Tier:
+    """Entries sorted by cell (stably), with the ranges of the distinct cells."""
+
+    __slots__ = ("cells", "ids", "codes", "ucells", "ustart")
+
+    def __init__(self, cells, ids, codes):
+        self.cells, self.ids, self.codes = cells, ids, codes
+        n = len(cells)
+        first = np.flatnonzero(np.r_[True, cells[1:] != cells[:-1]]) if n \
+            else np.empty(0, np.int64)
+        self.ucells = cells[first]
+        self.ustart = np.append(first, n).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.cells)
+
+    def inserted(self, cells, ids, codes) -> "_Tier":
+        """A tier with these entries (sorted by cell) after this tier's entries of their
+        cells."""
+        if not len(cells):
+            return self
+        at = np.searchsorted(self.cells, cells, side="right")
+        return _Tier(np.insert(self.cells, at, cells), np.insert(self.ids, at, ids),
+                     np.insert(self.codes, at, codes, axis=0))
+
+    def below_dropped(self, cell: int) -> "_Tier":
+        start = int(np.searchsorted(self.cells, cell, side="left"))
+        return self if not start else _Tier(self.cells[start:], self.ids[start:],
+                                            self.codes[start:])
+
+    def add_counts(self, sizes: np.ndarray) -> np.ndarray:
+        if not len(self.cells):
+            return sizes
+        out = sizes.copy()
+        out[self.ucells] += np.diff(self.ustart)
+        return out
+
+    def locate(self, cells: np.ndarray):
+        if not len(self.ucells):
+            zero = np.zeros(len(cells), dtype=np.int64)
+            return zero.astype(bool), zero, zero
+        j = np.minimum(np.searchsorted(self.ucells, cells), len(self.ucells) - 1)
+        has = self.ucells[j] == cells
+        start = self.ustart[j]
+        return has, start, np.where(has, self.ustart[j + 1] - start, 0)
+
+
 class StageView:
     """The staged entries of one committed state, sorted by cell (stably: in add order).
 
-    Immutable: a newer state is a new view, so a search holding a view can read its arrays
-    by address while other threads move on.
+    Two tiers, so that taking in one more add costs about the size of the recent tier, not
+    of the whole stage: ``recent`` (the latest adds) is folded into ``base`` when it grows
+    past a quarter of it. Immutable: a newer state is a new view, so a search holding a view
+    can read its arrays by address while other threads move on.
 
     Attributes
     ----------
@@ -43,66 +92,47 @@ class StageView:
     merged_below : int
         Entries of cells below this are already merged into the blocks (a merge in
         progress); they are left out.
-    cells, ids : numpy.ndarray int64 (n,)
-    codes : numpy.ndarray (n, M)
-    ucells : numpy.ndarray int64 (u,)
-        The distinct cells, ascending; ``ustart`` (u + 1,) their ranges in the arrays.
+    tiers : tuple of (base, recent)
+        Each with ``cells``, ``ids`` (n,) int64, ``codes`` (n, M), sorted by cell; the
+        distinct cells ``ucells`` and their ranges ``ustart``. A cell's entries in base come
+        before (are older than) its entries in recent.
     """
 
-    __slots__ = ("epoch", "next_seq", "merged_below", "cells", "ids", "codes", "ucells",
-                 "ustart")
+    __slots__ = ("epoch", "next_seq", "merged_below", "tiers")
+    FOLD_MIN = 1 << 16
 
-    def __init__(self, epoch, next_seq, merged_below, cells, ids, codes):
+    def __init__(self, epoch, next_seq, merged_below, base: _Tier, recent: _Tier):
         self.epoch, self.next_seq, self.merged_below = epoch, next_seq, merged_below
-        start = int(np.searchsorted(cells, merged_below, side="left"))
-        self.cells, self.ids, self.codes = cells[start:], ids[start:], codes[start:]
-        n = len(self.cells)
-        if n:
-            first = np.flatnonzero(np.r_[True, self.cells[1:] != self.cells[:-1]])
-        else:
-            first = np.empty(0, np.int64)
-        self.ucells = self.cells[first]
-        self.ustart = np.append(first, n).astype(np.int64)
+        self.tiers = (base, recent)
 
     @classmethod
     def empty(cls, epoch: int, width: int, dtype) -> "StageView":
-        return cls(epoch, 0, 0, np.empty(0, np.int64), np.empty(0, np.int64),
-                   np.empty((0, width), dtype=dtype))
+        tier = _Tier(np.empty(0, np.int64), np.empty(0, np.int64),
+                     np.empty((0, width), dtype=dtype))
+        return cls(epoch, 0, 0, tier, tier)
 
     def __len__(self) -> int:
-        return len(self.cells)
+        return len(self.tiers[0]) + len(self.tiers[1])
 
     def extended(self, next_seq: int, merged_below: int, records) -> "StageView":
         """This view with ``records`` (list of (cells, ids, codes), in record order) added
         and the entries of cells below ``merged_below`` dropped."""
-        cells, ids, codes = self.cells, self.ids, self.codes
+        base, recent = self.tiers
         if records:
             rc = np.concatenate([r[0] for r in records])
             order = np.argsort(rc, kind="stable")
-            rc = rc[order]
-            ri = np.concatenate([r[1] for r in records])[order]
-            rx = np.concatenate([r[2] for r in records])[order]
-            # after every staged entry of the same cell: the cell keeps add order
-            at = np.searchsorted(cells, rc, side="right")
-            cells, ids = np.insert(cells, at, rc), np.insert(ids, at, ri)
-            codes = np.insert(codes, at, rx, axis=0)
-        return StageView(self.epoch, next_seq, merged_below, cells, ids, codes)
+            recent = recent.inserted(rc[order], np.concatenate([r[1] for r in records])[order],
+                                     np.concatenate([r[2] for r in records])[order])
+            if len(recent) > max(self.FOLD_MIN, len(base) // 4):
+                base = base.inserted(recent.cells, recent.ids, recent.codes)
+                recent = _Tier(recent.cells[:0], recent.ids[:0], recent.codes[:0])
+        if merged_below != self.merged_below:
+            base, recent = base.below_dropped(merged_below), recent.below_dropped(merged_below)
+        return StageView(self.epoch, next_seq, merged_below, base, recent)
 
-    def add_counts(self, sizes: np.ndarray) -> np.ndarray:
-        """Cell sizes (n_cells,) int64 plus the staged entries (a new array when any)."""
-        if not len(self.cells):
-            return sizes
-        out = sizes.copy()
-        out[self.ucells] += np.diff(self.ustart)
-        return out
-
-    def locate(self, cells: np.ndarray):
-        """For ascending cells (n,): (has (n,) bool, start (n,), count (n,)) of their staged
-        entries in this view's arrays."""
-        if not len(self.ucells):
-            zero = np.zeros(len(cells), dtype=np.int64)
-            return zero.astype(bool), zero, zero
-        j = np.minimum(np.searchsorted(self.ucells, cells), len(self.ucells) - 1)
-        has = self.ucells[j] == cells
-        start = self.ustart[j]
-        return has, start, np.where(has, self.ustart[j + 1] - start, 0)
+    def entries(self):
+        """(cells, ids, codes) of every staged entry, sorted by cell, each cell's in add
+        order."""
+        base, recent = self.tiers
+        t = base.inserted(recent.cells, recent.ids, recent.codes)
+        return t.cells, t.ids, t.codes
