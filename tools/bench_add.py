@@ -1,7 +1,7 @@
 """Incremental adds from 0 to 10M vectors: vectors/s per 1M added, with and without fsync.
 
     python tools/bench_add.py [--data DIR] [--sync both|on|off] [--reps 10] [--batch 1000]
-                              [--stage 1048576]
+                              [--stage 1048576] [--ids ascending|random]
 
 Trains LOPQ (V=1024, M=16) on the learn set, encodes the 1M base once, then grows an on-disk
 index with ``Index.add_codes`` in batches (the base's codes ``--reps`` times, fresh ids each
@@ -26,8 +26,12 @@ from _data import DEFAULT_DATA  # noqa: E402
 import cypq  # noqa: E402
 
 
-def grow(model, code, n, reps, batch, sync, root, stage) -> list[float]:
+def grow(model, code, n, reps, batch, sync, root, stage, random_ids) -> list[float]:
     path = tempfile.mkdtemp(dir=root)
+    # ascending fresh ids append to the id table; random ones land on random pages of it
+    ids = np.random.default_rng(0).integers(0, 2 ** 62, n * reps) if random_ids \
+        else np.arange(n * reps)
+    assert len(np.unique(ids)) == len(ids)
     rates = []
     t0 = time.perf_counter()
     with cypq.Index.create(os.path.join(path, "ix"), model, sync=sync,
@@ -38,7 +42,7 @@ def grow(model, code, n, reps, batch, sync, root, stage) -> list[float]:
             for b in range(0, n, batch):
                 e = min(n, b + batch)
                 tc = time.perf_counter()
-                ix.add_codes((code.coarse[b:e], code.fine[b:e]), np.arange(b, e) + rep * n)
+                ix.add_codes((code.coarse[b:e], code.fine[b:e]), ids[rep * n + b:rep * n + e])
                 calls.append(time.perf_counter() - tc)
             rates.append(n / (time.perf_counter() - t))
             calls = np.sort(calls)
@@ -58,6 +62,7 @@ def main():
     p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--stage", type=int, default=1 << 20,
                    help="stage_capacity of the index (0: adds write the blocks directly)")
+    p.add_argument("--ids", choices=["ascending", "random"], default="ascending")
     p.add_argument("--dir", default=None, help="where to build (default: the temp directory)")
     args = p.parse_args()
     with warnings.catch_warnings():
@@ -67,7 +72,8 @@ def main():
     xb = np.load(os.path.join(str(args.data), "base.u8.npy")).astype(np.float32)
     code = model.predict(xb)
     for sync in {"both": (True, False), "on": (True,), "off": (False,)}[args.sync]:
-        grow(model, code, len(xb), args.reps, args.batch, sync, args.dir, args.stage)
+        grow(model, code, len(xb), args.reps, args.batch, sync, args.dir, args.stage,
+             args.ids == "random")
 
 
 if __name__ == "__main__":
