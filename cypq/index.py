@@ -139,7 +139,8 @@ class Index:
 
     # ------------------------------------------------------------------ changes
     def add(self, vectors, ids=None, replace: bool = False) -> np.ndarray:
-        """Encode and add vectors in one transaction.
+        """Encode and add vectors in one transaction (on disk: staged, and followed by a
+        merge of the stage when it reaches ``stage_capacity``; see :meth:`merge`).
 
         Parameters
         ----------
