@@ -25,9 +25,10 @@ Layout (all integers big-endian in keys, so LMDB's byte order is numeric order):
 - ``log``: key = generation (u64); value = the cells that write touched (int64). Other
   processes bring their in-memory cell sizes up to date from it instead of reloading all.
 
-Every ``add`` / ``remove`` is one write transaction (a merge that follows it: a few more) (LMDB: atomic, durable at commit with
-``sync=True``, the default). The map grows by itself: on MapFullError the transaction is
-abandoned, the map doubled and the call retried.
+Every ``add`` / ``remove`` is one write transaction (LMDB: atomic, durable at commit with
+``sync=True``, the default); a merge it triggers runs in transactions of its own after it. The
+map grows by itself: on MapFullError the transaction is abandoned, the map doubled and the
+call retried.
 """
 from __future__ import annotations
 
