@@ -21,6 +21,11 @@ from conftest import clustered
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def _stage(stage):
+    """Index.create options for a stage_capacity parameter (None: the default)."""
+    return {} if stage is None else {"stage_capacity": stage}
+
+
 @pytest.fixture(scope="module")
 def setup():
     X = clustered(4000, 16, n_clusters=12, seed=51)
@@ -41,8 +46,7 @@ def test_lmdb_equals_memory_and_persists(setup, tmp_path, n_threads, stage, monk
     ids = np.random.default_rng(0).permutation(10 * len(X))[:len(X)]
     mem.add(X, ids)
     path = tmp_path / "ix"
-    opts = {} if stage is None else {"stage_capacity": stage}
-    with Index.create(path, model, block_capacity=16, n_threads=n_threads, **opts) as disk:
+    with Index.create(path, model, block_capacity=16, n_threads=n_threads, **_stage(stage)) as disk:
         for s in range(0, len(X), 700):  # several transactions, blocks filling up
             disk.add(X[s:s + 700], ids[s:s + 700])
         assert len(disk) == len(X)
@@ -71,8 +75,7 @@ def test_lmdb_equals_memory_and_persists(setup, tmp_path, n_threads, stage, monk
 def test_remove_replace_on_disk(setup, tmp_path, stage):
     model, X, Q = setup
     mem = Index.in_memory(model)
-    opts = {} if stage is None else {"stage_capacity": stage}
-    with Index.create(tmp_path / "ix", model, block_capacity=4, **opts) as disk:
+    with Index.create(tmp_path / "ix", model, block_capacity=4, **_stage(stage)) as disk:
         ids = disk.add(X)
         mem.add(X, ids)
         rng = np.random.default_rng(1)
@@ -283,8 +286,7 @@ def test_reader_process_while_writer_adds(setup, tmp_path, stage):
     model, X, Q = setup
     path = tmp_path / "ix"
     np.save(tmp_path / "q.npy", Q)
-    opts = {} if stage is None else {"stage_capacity": stage}
-    with Index.create(path, model, **opts) as ix:
+    with Index.create(path, model, **_stage(stage)) as ix:
         ix.add(X[:100])
         reader = subprocess.Popen([sys.executable, "-c", READER, str(path), str(tmp_path / "q.npy")],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -300,8 +302,7 @@ def test_reader_process_while_writer_adds(setup, tmp_path, stage):
 def test_threads_search_while_a_thread_adds(setup, tmp_path, stage):
     """Searches in one process see consistent snapshots while another thread writes."""
     model, X, Q = setup
-    opts = {} if stage is None else {"stage_capacity": stage}
-    with Index.create(tmp_path / "ix", model, block_capacity=8, **opts) as ix:
+    with Index.create(tmp_path / "ix", model, block_capacity=8, **_stage(stage)) as ix:
         ix.add(X[:200])
         errors = []
         done = threading.Event()

@@ -14,7 +14,8 @@ Layout (all integers big-endian in keys, so LMDB's byte order is numeric order):
 - ``cells``: key = cell (u64); value = u64 entries, u32 blocks.
 - ``ids``: key = id (u64); value = cell (u64) + block (u32), or ``2**31 | record number``
   for a staged entry: remove / replace / duplicate checks touch one block, never scan.
-- ``stage``: key = record number (u64); value = the entries of one add (stage.py). An add
+- ``stage``: key = record number (u64); value = the entries of one add: u32 n, u32 pad, n
+  cells, n ids (int64 little-endian), n codes (the block layout with one more column). An add
   appends one record (a few sequential pages whatever the number of cells it touches) and
   its id-table entries; when ``stage_capacity`` entries are staged they are merged into the
   blocks, cell range by cell range, one transaction each (``merged_below`` records how far it
@@ -44,7 +45,7 @@ import numpy as np
 
 from .. import _buffers
 from .base import Segments, Snapshot, Storage
-from .stage import StageView, pack_record, unpack_record
+from .stage import StageView, cell_runs
 
 FORMAT = b"cypq-index"
 VERSION = 2                       # 2: the stage (version 1 indexes are upgraded when written)
@@ -292,8 +293,7 @@ class LMDBStorage(Storage):
             return gen, self._sizes, self._stage
         if gen < self._gen:  # a snapshot older than one already seen: read it privately
             stage = self._load_stage(txn, None)
-            base, recent = stage.tiers
-            return gen, recent.add_counts(base.add_counts(self._load_sizes(txn))), stage
+            return gen, stage.add_counts(self._load_sizes(txn)), stage
         touched = None
         if self._gen >= 0 and gen - self._gen <= _LOG_KEEP:
             parts = []
@@ -336,7 +336,7 @@ class LMDBStorage(Storage):
         with txn.cursor(db=self._db["stage"]) as cur:
             ok = cur.set_range(_U64.pack(lo))
             while ok and _U64.unpack(bytes(cur.key()))[0] < hi:
-                out.append(unpack_record(cur.value(), self.code_width, self.code_dtype))
+                out.append(self._decode(cur.value(), 2))
                 ok = cur.next()
         return out
 
@@ -438,9 +438,8 @@ class LMDBStorage(Storage):
                 if b & _STAGED:
                     seq = b & ~_STAGED
                     if seq not in records:
-                        _, r_ids, r_codes = unpack_record(
-                            txn.get(_U64.pack(seq), db=self._db["stage"]), self.code_width,
-                            self.code_dtype)
+                        _, r_ids, r_codes = self._decode(
+                            txn.get(_U64.pack(seq), db=self._db["stage"]), 2)
                         records[seq] = r_codes, {x: k for k, x in enumerate(r_ids.tolist())}
                     r_codes, row = records[seq]
                     found[j], cells[j], codes[j] = True, c, r_codes[row[i]]
@@ -451,18 +450,23 @@ class LMDBStorage(Storage):
                 found[j], cells[j], codes[j] = True, c, blk_codes[pos]
         return found, cells, codes
 
-    def _decode(self, value):
-        """(ids (n,) int64, codes (n, M)) copies of a block value."""
+    def _decode(self, value, n_columns: int = 1):
+        """Copies of the int64 columns (n,) and the codes (n, M) of a value in the layout
+        of :meth:`_encode`: a block (ids, codes) or, with 2 columns, a stage record (cells,
+        ids, codes)."""
         raw = bytes(value)
         n = int.from_bytes(raw[:4], "little")
-        ids = np.frombuffer(raw, dtype="<i8", count=n, offset=8).copy()
+        columns = [np.frombuffer(raw, dtype="<i8", count=n, offset=8 + 8 * n * j)
+                   .astype(np.int64) for j in range(n_columns)]
         codes = np.frombuffer(raw, dtype=self.code_dtype, count=n * self.code_width,
-                              offset=8 + 8 * n).reshape(n, self.code_width).copy()
-        return ids, codes
+                              offset=8 + 8 * n * n_columns).reshape(n, self.code_width).copy()
+        return (*columns, codes)
 
-    def _encode(self, ids, codes) -> bytes:
-        n = len(ids)
-        return (n.to_bytes(4, "little") + b"\0\0\0\0" + ids.astype("<i8").tobytes()
+    def _encode(self, columns, codes) -> bytes:
+        """u32 n, u32 pad, each int64 column (n,) little-endian, then the codes (n, M)."""
+        n = len(codes)
+        return (n.to_bytes(4, "little") + b"\0\0\0\0"
+                + b"".join(np.asarray(c).astype("<i8").tobytes() for c in columns)
                 + np.ascontiguousarray(codes, dtype=self.code_dtype).tobytes())
 
     def disk_stats(self) -> dict:
@@ -495,7 +499,7 @@ class LMDBStorage(Storage):
                 raise _MergeFirst  # a merge cut short, or a replace: removes need no stage
             touched = [self._remove_in(txn, np.asarray(present, np.int64))] if present else []
             if self.stage_capacity and len(ids):
-                txn.put(_U64.pack(seq), pack_record(cells, ids, codes), db=self._db["stage"])
+                txn.put(_U64.pack(seq), self._encode((cells, ids), codes), db=self._db["stage"])
                 with txn.cursor(db=ids_db) as cur:
                     cur.putmulti(_pack_ids(ids, cells, np.full(len(ids), _STAGED | seq)))
                 staged += len(ids)
@@ -574,9 +578,8 @@ class LMDBStorage(Storage):
     def _add_in(self, txn, cells, ids, codes) -> np.ndarray:
         order = np.argsort(cells, kind="stable")
         cells, ids, codes = cells[order], ids[order], codes[order]
-        bounds = np.flatnonzero(np.diff(cells)) + 1
-        starts = np.concatenate([[0], bounds]).tolist()
-        ends = np.concatenate([bounds, [len(cells)]]).tolist()
+        runs = cell_runs(cells)
+        starts, ends = runs[:-1].tolist(), runs[1:].tolist()
         info_db, blocks_db = self._db["cells"], self._db["blocks"]
         B = self.block_capacity
         cw = self.code_width * self.code_dtype.itemsize
@@ -654,8 +657,8 @@ class LMDBStorage(Storage):
                         raise ValueError("bulk_append cells must come after every stored cell")
                 with txn.cursor(db=self._db["blocks"]) as cur:
                     cur.putmulti(items, append=True)
-                starts = np.flatnonzero(np.r_[True, cells[1:] != cells[:-1]])
-                counts = np.diff(np.append(starts, len(cells)))
+                runs = cell_runs(cells)
+                starts, counts = runs[:-1], np.diff(runs)
                 info = np.empty(len(starts), dtype=[("n", ">u8"), ("nb", ">u4")])
                 info["n"], info["nb"] = counts, -(-counts // self.block_capacity)
                 keys, vals, k = cells[starts].astype(">u8").tobytes(), info.tobytes(), \
@@ -747,13 +750,13 @@ class LMDBStorage(Storage):
                 blk_ids[pos], blk_codes[pos] = moved, t_codes[-1]
                 txn.put(_U64.pack(moved), _CELL_BLOCK.pack(c, b), db=ids_db)
                 if len(t_ids) > 1:
-                    txn.put(_CELL_BLOCK.pack(c, last), self._encode(t_ids[:-1], t_codes[:-1]),
+                    txn.put(_CELL_BLOCK.pack(c, last), self._encode((t_ids[:-1],), t_codes[:-1]),
                             db=blocks_db)
                 else:
                     txn.delete(_CELL_BLOCK.pack(c, last), db=blocks_db)
                     nb -= 1
             if len(blk_ids):
-                txn.put(_CELL_BLOCK.pack(c, b), self._encode(blk_ids, blk_codes), db=blocks_db)
+                txn.put(_CELL_BLOCK.pack(c, b), self._encode((blk_ids,), blk_codes), db=blocks_db)
             else:  # only the last block can empty: drop it
                 txn.delete(_CELL_BLOCK.pack(c, b), db=blocks_db)
                 nb -= 1
@@ -784,14 +787,8 @@ class LMDBStorage(Storage):
 
 def _cell_ranks(cells: np.ndarray) -> np.ndarray:
     """Position of each entry within its cell, for ascending cells (n,) int64."""
-    n = len(cells)
-    if not n:
-        return np.empty(0, np.int64)
-    new_cell = np.empty(n, dtype=bool)
-    new_cell[0] = True
-    np.not_equal(cells[1:], cells[:-1], out=new_cell[1:])
-    start = np.flatnonzero(new_cell)
-    return np.arange(n) - np.repeat(start, np.diff(np.append(start, n)))
+    runs = cell_runs(cells)
+    return np.arange(len(cells)) - np.repeat(runs[:-1], np.diff(runs))
 
 
 def _pack_blocks(cells, ids, codes, capacity, first_block=None):

@@ -1,4 +1,4 @@
-"""The staging area of an LMDB index: the record format and the view searches read.
+"""The staging area of an LMDB index: the view of the staged entries that searches read.
 
 An add writes its entries as one record (key: record number) instead of into the blocks of
 up to one cell per entry, so a commit writes a few sequential pages however many cells the
@@ -10,22 +10,13 @@ from __future__ import annotations
 import numpy as np
 
 
-def pack_record(cells: np.ndarray, ids: np.ndarray, codes: np.ndarray) -> bytes:
-    """A stage record: u32 n, u32 pad, n cells (<i8), n ids (<i8), n codes (n, M)."""
+def cell_runs(cells: np.ndarray) -> np.ndarray:
+    """Bounds of the runs of equal cells in an ascending (n,) array: (runs + 1,) int64, the
+    start of each run, then n."""
     n = len(cells)
-    return (n.to_bytes(4, "little") + b"\0\0\0\0" + cells.astype("<i8").tobytes()
-            + ids.astype("<i8").tobytes() + np.ascontiguousarray(codes).tobytes())
-
-
-def unpack_record(value, width: int, dtype: np.dtype):
-    """(cells (n,) int64, ids (n,) int64, codes (n, width)) copies of a stage record."""
-    raw = bytes(value)
-    n = int.from_bytes(raw[:4], "little")
-    cells = np.frombuffer(raw, dtype="<i8", count=n, offset=8).astype(np.int64)
-    ids = np.frombuffer(raw, dtype="<i8", count=n, offset=8 + 8 * n).astype(np.int64)
-    codes = np.frombuffer(raw, dtype=dtype, count=n * width,
-                          offset=8 + 16 * n).reshape(n, width).copy()
-    return cells, ids, codes
+    if not n:
+        return np.zeros(1, dtype=np.int64)
+    return np.append(np.flatnonzero(np.r_[True, cells[1:] != cells[:-1]]), n).astype(np.int64)
 
 
 class _Tier:
@@ -35,11 +26,8 @@ class _Tier:
 
     def __init__(self, cells, ids, codes):
         self.cells, self.ids, self.codes = cells, ids, codes
-        n = len(cells)
-        first = np.flatnonzero(np.r_[True, cells[1:] != cells[:-1]]) if n \
-            else np.empty(0, np.int64)
-        self.ucells = cells[first]
-        self.ustart = np.append(first, n).astype(np.int64)
+        self.ustart = cell_runs(cells)
+        self.ucells = cells[self.ustart[:-1]]
 
     def __len__(self) -> int:
         return len(self.cells)
@@ -129,6 +117,11 @@ class StageView:
         if merged_below != self.merged_below:
             base, recent = base.below_dropped(merged_below), recent.below_dropped(merged_below)
         return StageView(self.epoch, next_seq, merged_below, base, recent)
+
+    def add_counts(self, sizes: np.ndarray) -> np.ndarray:
+        """Cell sizes (n_cells,) int64 plus the staged entries (a new array when any)."""
+        base, recent = self.tiers
+        return recent.add_counts(base.add_counts(sizes))
 
     def entries(self):
         """(cells, ids, codes) of every staged entry, sorted by cell, each cell's in add
