@@ -344,10 +344,9 @@ class LOPQModel:
             groups = self._groups(coarse)
         out = np.empty_like(X)
         RT = self._rotations_transposed()
-        with single_threaded_blas():
-            for h in range(2):
-                _lopq.project(X, h * Dh, self.Cs[h], self.Rs[h], RT[h], self.mus[h],
-                              *groups[h], out, h * Dh, inverse, nt)
+        for h in range(2):
+            _lopq.project(X, h * Dh, self.Cs[h], self.Rs[h], RT[h], self.mus[h],
+                          *groups[h], out, h * Dh, inverse, nt)
         return out
 
     # ------------------------------------------------------------------ encoding

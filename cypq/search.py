@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _search
+from . import _lopq, _search
 from .storage.base import Storage
 
 # Queries per kernel call: bounds the (batch, quota) cell lists kept in memory.
@@ -59,9 +59,6 @@ def search(model, storage: Storage, Q: np.ndarray, k: int, quota: int, w: int | 
         cap = min(cap, quota)
     if w:
         cap = min(cap, w)
-    C0, C1 = model.Cs
-    RT0, RT1 = model._rotations_transposed()
-    mu0, mu1 = model.mus
     subs = model._fine_stack()
     code_bytes = np.dtype(model.fine_code_dtype).itemsize
     D = np.empty((nq, k), dtype=np.float32)
@@ -72,35 +69,67 @@ def search(model, storage: Storage, Q: np.ndarray, k: int, quota: int, w: int | 
         sizes = snap.cell_sizes()
         for q0 in range(0, nq, batch):
             _search_batch(model, snap, sizes, Q, q0, min(nq, q0 + batch), k, quota, w, cap,
-                          (C0, C1, RT0, RT1, mu0, mu1, subs, code_bytes), D, I, stats, n_threads)
+                          (subs, code_bytes), D, I, stats, n_threads)
     return D, I, stats
 
 
 def _search_batch(model, snap, sizes, Q, q0, q1, k, quota, w, cap, params, D, I, stats,
                   n_threads):
-    """Search queries q0:q1 (phase A, the snapshot's segments, phase C)."""
-    C0, C1, RT0, RT1, mu0, mu1, subs, code_bytes = params
+    """Search queries q0:q1 (phase A, the snapshot's segments and local frames, phase C)."""
+    subs, code_bytes = params
     Qb = Q[q0:q1]
-    cells = np.empty((q1 - q0, cap), dtype=np.int64)
-    n_cand = np.empty(q1 - q0, dtype=np.int64)
-    _search.cell_order(Qb, C0, C1, sizes, quota, w or 0, cells, stats.cells[q0:q1],
+    nb = q1 - q0
+    cells = np.empty((nb, cap), dtype=np.int64)
+    n_cand = np.empty(nb, dtype=np.int64)
+    n_cells = stats.cells[q0:q1]
+    _search.cell_order(Qb, model.Cs[0], model.Cs[1], sizes, quota, w or 0, cells, n_cells,
                        stats.visited[q0:q1], n_cand, n_threads)
-    used = np.arange(cap)[None, :] < stats.cells[q0:q1, None]
+    used = np.arange(cap)[None, :] < n_cells[:, None]
     flat = cells[used]
     slot = np.full(cells.shape, -1, dtype=np.int64)
-    if len(sizes) <= _DENSE_CELLS:
-        # Distinct cells and their positions through a table over all cells: linear, where
-        # np.unique sorts (it was ~10% of a search at quota 4000).
-        seen = np.zeros(len(sizes), dtype=bool)
-        seen[flat] = True
-        distinct = np.flatnonzero(seen)
-        where = np.empty(len(sizes), dtype=np.int64)
-        where[distinct] = np.arange(len(distinct))
-        slot[used] = where[flat]
-    else:
-        distinct = np.unique(flat)
-        slot[used] = np.searchsorted(distinct, flat)
+    distinct, slot[used] = _distinct(flat, len(sizes))
     seg = snap.segments(distinct)
-    _search.scan_cells(Qb, C0, C1, RT0, RT1, mu0, mu1, subs, cells, stats.cells[q0:q1], slot,
+    query_of = np.repeat(np.arange(nb), n_cells)
+    P0, start0, tab0 = _local_frames(model, 0, Qb, query_of, flat // model.V, used, n_threads)
+    P1, start1, tab1 = _local_frames(model, 1, Qb, query_of, flat % model.V, used, n_threads)
+    _search.scan_cells(P0, P1, start0, start1, subs, tab0, tab1, n_cells, slot,
                        seg.start, seg.codes, seg.ids, seg.length, code_bytes, D[q0:q1],
                        I[q0:q1], stats.scanned[q0:q1], n_threads)
+
+
+def _distinct(values: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted distinct values, position of each value in them) of int64 values in [0, size)."""
+    if size <= _DENSE_CELLS:
+        # Through a table over all values: linear, where np.unique sorts (it was ~10% of a
+        # search at quota 4000).
+        seen = np.zeros(size, dtype=bool)
+        seen[values] = True
+        distinct = np.flatnonzero(seen)
+        where = np.empty(size, dtype=np.int64)
+        where[distinct] = np.arange(len(distinct))
+        return distinct, where[values]
+    distinct = np.unique(values)
+    return distinct, np.searchsorted(distinct, values)
+
+
+def _local_frames(model, h, Qb, query_of, centroid, used, n_threads):
+    """Half h of every query projected into the local frame of each centroid it visits.
+
+    Returns P (n, Dh) float32, one row per distinct (query, centroid), query-major; start
+    (nq + 1,) int64, query q's rows P[start[q]:start[q + 1]]; and tab (nq, L) int32, for each
+    visited cell the row of its half-h centroid among its query's rows. The rows are projected
+    grouped by centroid, so each rotation is read once per batch, not once per query.
+    """
+    nb, V = len(Qb), model.V
+    Dh = Qb.shape[1] // 2
+    keys, row = _distinct(query_of * V + centroid, nb * V)
+    key_query = keys // V
+    X = np.ascontiguousarray(Qb[key_query, h * Dh:(h + 1) * Dh])
+    P = np.empty_like(X)
+    order, offsets = _lopq.group_rows((keys % V).astype(np.int32), V)
+    _lopq.project(X, 0, model.Cs[h], model.Rs[h], model._rotations_transposed()[h],
+                  model.mus[h], order, offsets, P, 0, False, n_threads)
+    start = np.searchsorted(key_query, np.arange(nb + 1))
+    tab = np.zeros(used.shape, dtype=np.int32)
+    tab[used] = row - start[query_of]
+    return P, start, tab

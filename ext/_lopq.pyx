@@ -9,13 +9,11 @@ rows with one sgemm and each cluster's statistics are summed by one thread, in r
 from cython.parallel cimport parallel, prange
 from libc.stdint cimport int32_t, int64_t
 from libc.stdlib cimport free, malloc
-from scipy.linalg.cython_blas cimport sgemm
 
-from simd cimport cypq_matvec_t
+from simd cimport cypq_matmul_t
 
 cdef enum:
-    BLOCK = 256       # rows per sgemm
-    SGEMM_MIN = 8     # fewer rows than this: per-row matvec (sgemm's call overhead dominates)
+    BLOCK = 256       # rows gathered per block (scratch of 2 * BLOCK * d floats per thread)
 
 
 def group_rows(const int32_t[::1] labels, int n_clusters):
@@ -116,12 +114,11 @@ def project(const float[:, ::1] X, int col0, const float[:, ::1] C, const float[
     RT the same transposed; mu (V, d) residual means; order, offsets from group_rows;
     out (n, E) float32 output, columns
     out_col0 : out_col0 + d written. Forward: out = R[c] @ (x - C[c] - mu[c]).
-    Inverse: out = R[c].T @ x + mu[c] + C[c]. Uses sgemm: hold BLAS to one thread around it.
+    Inverse: out = R[c].T @ x + mu[c] + C[c]. A row's result does not depend on the rows it
+    is grouped with (see cypq_matmul_t).
     """
     cdef int V = C.shape[0], d = C.shape[1], c, a, nb
     cdef Py_ssize_t t0, t, i, n = X.shape[0]
-    cdef float one = 1.0, zero = 0.0
-    cdef char transa = b'N' if inverse else b'T', transb = b'N'
     cdef float *Z
     cdef float *Y
     cdef int failed = 0
@@ -149,15 +146,8 @@ def project(const float[:, ::1] X, int col0, const float[:, ::1] C, const float[
                             Z[t * d + a] = X[i, col0 + a]
                         else:
                             Z[t * d + a] = X[i, col0 + a] - C[c, a] - mu[c, a]
-                if nb >= SGEMM_MIN:
-                    # Row-major Y = Z @ R[c]^T (forward) or Z @ R[c] (inverse); in column-major
-                    # terms Y^T = R[c] Z^T or R[c]^T Z^T; R[c] row-major is R[c]^T col-major.
-                    sgemm(&transa, &transb, &d, &nb, &d, &one, <float *> &R[c, 0, 0], &d, Z,
-                          &d, &zero, Y, &d)
-                else:  # y = R[c] z (given R[c]^T) or R[c]^T z (given R[c])
-                    for t in range(nb):
-                        cypq_matvec_t(&RT[c, 0, 0] if not inverse else &R[c, 0, 0],
-                                      Z + t * d, d, Y + t * d)
+                # y = R[c] z is a sum of the rows of R[c]^T (given), R[c]^T z of R[c]'s.
+                cypq_matmul_t(&RT[c, 0, 0] if not inverse else &R[c, 0, 0], Z, nb, d, Y)
                 for t in range(nb):
                     i = order[t0 + t]
                     for a in range(d):

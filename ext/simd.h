@@ -191,14 +191,85 @@ static void cypq_l2sqr_ny_norm(const float *x, float xnorm, const float *CTm2,
     }
 }
 
-/* out = A @ z for A (d x d) given as AT (its transpose, row-major): a sum of AT's rows. */
+/* Four rows of cypq_l2sqr_ny_norm at once: out_p[k] = xnorm[p] + cnorm[k] + <x_p, CTm2[:, k]>.
+ * One pass over the codebook serves four accumulation chains (as cypq_nearest_x4): the LOPQ
+ * search makes a query's tables for many centroids against the same fine codebooks. */
+CYPQ_INLINE void cypq_l2sqr_ny_norm_x4_body(const float *const *x, const float *xnorm,
+                                            const float *CTm2, const float *cnorm, const int d,
+                                            int K, float *const *out) {
+    int k0 = 0;
+    for (; k0 + CYPQ_VW <= K; k0 += CYPQ_VW) {
+        cypq_vf c0 = cypq_vload(cnorm + k0);
+        cypq_vf a0 = c0 + xnorm[0], a1 = c0 + xnorm[1], a2 = c0 + xnorm[2], a3 = c0 + xnorm[3];
+        for (int j = 0; j < d; j++) {
+            cypq_vf c = cypq_vload(CTm2 + (int64_t)j * K + k0);
+            a0 += x[0][j] * c;
+            a1 += x[1][j] * c;
+            a2 += x[2][j] * c;
+            a3 += x[3][j] * c;
+        }
+        memcpy(out[0] + k0, &a0, sizeof a0);
+        memcpy(out[1] + k0, &a1, sizeof a1);
+        memcpy(out[2] + k0, &a2, sizeof a2);
+        memcpy(out[3] + k0, &a3, sizeof a3);
+    }
+    for (int p = 0; p < 4; p++)
+        for (int k = k0; k < K; k++) {
+            float acc = xnorm[p] + cnorm[k];
+            for (int j = 0; j < d; j++) acc += x[p][j] * CTm2[(int64_t)j * K + k];
+            out[p][k] = acc;
+        }
+}
+
 CYPQ_CLONES
-static void cypq_matvec_t(const float *AT, const float *z, int d, float *out) {
-    for (int a = 0; a < d; a++) out[a] = 0.f;
-    for (int b = 0; b < d; b++) {
-        const float zb = z[b];
-        const float *row = AT + (int64_t)b * d;
-        for (int a = 0; a < d; a++) out[a] += zb * row[a];
+static void cypq_l2sqr_ny_norm_x4(const float *const *x, const float *xnorm, const float *CTm2,
+                                  const float *cnorm, int d, int K, float *const *out) {
+    switch (d) {
+        case 4: cypq_l2sqr_ny_norm_x4_body(x, xnorm, CTm2, cnorm, 4, K, out); break;
+        case 8: cypq_l2sqr_ny_norm_x4_body(x, xnorm, CTm2, cnorm, 8, K, out); break;
+        case 16: cypq_l2sqr_ny_norm_x4_body(x, xnorm, CTm2, cnorm, 16, K, out); break;
+        default: cypq_l2sqr_ny_norm_x4_body(x, xnorm, CTm2, cnorm, d, K, out);
+    }
+}
+
+/*
+ * Y[i] = A @ Z[i] for the n rows of Z (n x d), A (d x d) given as AT (its transpose,
+ * row-major): each row is a sum of AT's rows weighted by its entries, in order. Four rows share
+ * each pass over AT (LOPQ projects every row of a coarse cluster by that cluster's rotation).
+ * A row's arithmetic is the same whichever rows it is batched with, so a vector's projection
+ * does not depend on the batch it came in (BLAS would change blocking with n).
+ */
+CYPQ_INLINE void cypq_matvec_t_block(const float *AT, const float *const *z, float *const *y,
+                                     const int rows, const int d) {
+    int a0 = 0;
+    for (; a0 + CYPQ_VW <= d; a0 += CYPQ_VW) {
+        cypq_vf s[4] = {{0}, {0}, {0}, {0}};
+        for (int b = 0; b < d; b++) {
+            cypq_vf r = cypq_vload(AT + (int64_t)b * d + a0);
+            for (int p = 0; p < rows; p++) s[p] += z[p][b] * r;
+        }
+        for (int p = 0; p < rows; p++) memcpy(y[p] + a0, &s[p], sizeof s[p]);
+    }
+    for (int p = 0; p < rows; p++)
+        for (int a = a0; a < d; a++) {
+            float acc = 0.f;
+            for (int b = 0; b < d; b++) acc += z[p][b] * AT[(int64_t)b * d + a];
+            y[p][a] = acc;
+        }
+}
+
+CYPQ_CLONES
+static void cypq_matmul_t(const float *AT, const float *Z, int64_t n, int d, float *Y) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        const float *z[4] = {Z + i * d, Z + (i + 1) * d, Z + (i + 2) * d, Z + (i + 3) * d};
+        float *y[4] = {Y + i * d, Y + (i + 1) * d, Y + (i + 2) * d, Y + (i + 3) * d};
+        cypq_matvec_t_block(AT, z, y, 4, d);
+    }
+    for (; i < n; i++) {
+        const float *z[1] = {Z + i * d};
+        float *y[1] = {Y + i * d};
+        cypq_matvec_t_block(AT, z, y, 1, d);
     }
 }
 

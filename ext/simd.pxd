@@ -9,7 +9,9 @@ cdef extern from "simd.h" nogil:
     void cypq_l2sqr_ny(const float *x, const float *CT, int d, int K, float *out) noexcept
     void cypq_l2sqr_ny_norm(const float *x, float xnorm, const float *CTm2, const float *cnorm,
                             int d, int K, float *out) noexcept
-    void cypq_matvec_t(const float *AT, const float *z, int d, float *out) noexcept
+    void cypq_l2sqr_ny_norm_x4(const float **x, const float *xnorm, const float *CTm2,
+                               const float *cnorm, int d, int K, float **out) noexcept
+    void cypq_matmul_t(const float *AT, const float *Z, int64_t n, int d, float *Y) noexcept
     void cypq_ip_ny(const float *x, const float *CT, int d, int K, float *out) noexcept
     int64_t cypq_adc_u8(const float *T0, const float *T1, int M, int Ks, const uint8_t *codes,
                          int64_t n, float thresh, float *out, int32_t *idx) noexcept

@@ -67,8 +67,8 @@ def test_search_equals_reference(setup, quota, k, n_threads, distinct, monkeypat
 
 
 def test_many_tables_per_query(n_threads):
-    """Queries that need more local-frame tables than the kernel's initial store (16 per
-    half), so the store grows while a query is being scanned."""
+    """Queries that visit every cell: tables for all 2 x 40 centroids, built four rows at a
+    time with a tail."""
     X = clustered(6000, 16, n_clusters=40, seed=43)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -82,6 +82,25 @@ def test_many_tables_per_query(n_threads):
         dists, rids, _, n_cand, every = ref.search(model, entries, q, 30, 0)
         np.testing.assert_allclose(D[qi], dists, rtol=1e-4, atol=1e-3)
         np.testing.assert_allclose([every[int(i)] for i in I[qi]], D[qi], rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("D,M,S", [(12, 4, 20), (32, 2, 256)])
+def test_table_shapes_equal_reference(D, M, S, n_threads):
+    """Subquantizers of 3 dimensions (no fixed-size copy in the table kernel) and of 16, S
+    not a multiple of the SIMD width (20) and the full 256."""
+    X = clustered(2500, D, n_clusters=10, seed=45)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        model = LOPQModel(V=5, M=M, subquantizer_clusters=S).fit(X, random_state=4)
+    Q = clustered(9, D, n_clusters=10, seed=46)
+    index = Index.in_memory(model, n_threads=n_threads)
+    index.add(X)
+    D_, I = index.search(Q, k=15, quota=400)
+    entries = _entries(model, X, np.arange(len(X)))
+    for qi, q in enumerate(Q):
+        dists, rids, _, _, every = ref.search(model, entries, q, 15, 400)
+        np.testing.assert_allclose(D_[qi], dists, rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose([every[int(i)] for i in I[qi]], D_[qi], rtol=1e-4, atol=1e-3)
 
 
 def test_multisequence_order(setup):
@@ -100,6 +119,15 @@ def test_multisequence_order(setup):
                        cells, nc, nv, ncand, 1)
     assert nv[0] == 20
     assert sorted(cells[0]) == sorted(a * model.V + b for a, b, _ in seq[:20])
+    # with empty cells, up to every cell: the non-empty ones, ascending, each once
+    sizes = np.random.default_rng(5).integers(0, 3, model.V ** 2)
+    cells = np.empty((1, model.V ** 2), np.int64)
+    for visits in (7, 17, 30, model.V ** 2):
+        _search.cell_order(np.ascontiguousarray(Q[:1]), model.Cs[0], model.Cs[1], sizes, 0,
+                           visits, cells, nc, nv, ncand, 1)
+        want = sorted(c for c in (a * model.V + b for a, b, _ in seq[:visits]) if sizes[c])
+        assert nv[0] == visits and cells[0, :nc[0]].tolist() == want
+        assert ncand[0] == sizes[want].sum()
 
 
 def test_w_caps_visited_cells(setup):
