@@ -242,6 +242,22 @@ static void cypq_l2sqr_ny_norm_x4(const float *const *x, const float *xnorm, con
 CYPQ_INLINE void cypq_matvec_t_block(const float *AT, const float *const *z, float *const *y,
                                      const int rows, const int d) {
     int a0 = 0;
+    /* Two column blocks at once: eight independent FMA chains keep both FMA units busy. */
+    for (; a0 + 2 * CYPQ_VW <= d; a0 += 2 * CYPQ_VW) {
+        cypq_vf s[4] = {{0}, {0}, {0}, {0}}, t[4] = {{0}, {0}, {0}, {0}};
+        for (int b = 0; b < d; b++) {
+            cypq_vf r = cypq_vload(AT + (int64_t)b * d + a0);
+            cypq_vf u = cypq_vload(AT + (int64_t)b * d + a0 + CYPQ_VW);
+            for (int p = 0; p < rows; p++) {
+                s[p] += z[p][b] * r;
+                t[p] += z[p][b] * u;
+            }
+        }
+        for (int p = 0; p < rows; p++) {
+            memcpy(y[p] + a0, &s[p], sizeof s[p]);
+            memcpy(y[p] + a0 + CYPQ_VW, &t[p], sizeof t[p]);
+        }
+    }
     for (; a0 + CYPQ_VW <= d; a0 += CYPQ_VW) {
         cypq_vf s[4] = {{0}, {0}, {0}, {0}};
         for (int b = 0; b < d; b++) {
