@@ -84,15 +84,17 @@ def _search_batch(model, snap, sizes, Q, q0, q1, k, quota, w, cap, params, D, I,
     n_cells = stats.cells[q0:q1]
     _search.cell_order(Qb, model.Cs[0], model.Cs[1], sizes, quota, w or 0, cells, n_cells,
                        stats.visited[q0:q1], n_cand, n_threads)
-    used = np.arange(cap)[None, :] < n_cells[:, None]
-    flat = cells[used]
-    slot = np.full(cells.shape, -1, dtype=np.int64)
-    distinct, slot[used] = _distinct(flat, len(sizes))
+    # From here on the visited cells are flat, query-major: query q's are
+    # flat[cell_start[q]:cell_start[q + 1]].
+    flat = cells[np.arange(cap)[None, :] < n_cells[:, None]]
+    cell_start = np.zeros(nb + 1, dtype=np.int64)
+    np.cumsum(n_cells, out=cell_start[1:])
+    distinct, slot = _distinct(flat, len(sizes))
     seg = snap.segments(distinct)
     query_of = np.repeat(np.arange(nb), n_cells)
-    P0, start0, tab0 = _local_frames(model, 0, Qb, query_of, flat // model.V, used, n_threads)
-    P1, start1, tab1 = _local_frames(model, 1, Qb, query_of, flat % model.V, used, n_threads)
-    _search.scan_cells(P0, P1, start0, start1, subs, tab0, tab1, n_cells, slot,
+    P0, start0, tab0 = _local_frames(model, 0, Qb, query_of, flat // model.V, n_threads)
+    P1, start1, tab1 = _local_frames(model, 1, Qb, query_of, flat % model.V, n_threads)
+    _search.scan_cells(P0, P1, start0, start1, subs, cell_start, tab0, tab1, slot,
                        seg.start, seg.codes, seg.ids, seg.length, code_bytes, D[q0:q1],
                        I[q0:q1], stats.scanned[q0:q1], n_threads)
 
@@ -112,12 +114,13 @@ def _distinct(values: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     return distinct, np.searchsorted(distinct, values)
 
 
-def _local_frames(model, h, Qb, query_of, centroid, used, n_threads):
+def _local_frames(model, h, Qb, query_of, centroid, n_threads):
     """Half h of every query projected into the local frame of each centroid it visits.
 
-    Returns P (n, Dh) float32, one row per distinct (query, centroid), query-major; start
-    (nq + 1,) int64, query q's rows P[start[q]:start[q + 1]]; and tab (nq, L) int32, for each
-    visited cell the row of its half-h centroid among its query's rows. The rows are projected
+    query_of, centroid (n,) int64: the query and half-h centroid of each visited cell.
+    Returns P (m, Dh) float32, one row per distinct (query, centroid), query-major; start
+    (nq + 1,) int64, query q's rows P[start[q]:start[q + 1]]; and tab (n,) int32, for each
+    visited cell the row of its centroid among its query's rows. The rows are projected
     grouped by centroid, so each rotation is read once per batch, not once per query.
     """
     nb, V = len(Qb), model.V
@@ -130,6 +133,4 @@ def _local_frames(model, h, Qb, query_of, centroid, used, n_threads):
     _lopq.project(X, 0, model.Cs[h], model.Rs[h], model._rotations_transposed()[h],
                   model.mus[h], order, offsets, P, 0, False, n_threads)
     start = np.searchsorted(key_query, np.arange(nb + 1))
-    tab = np.zeros(used.shape, dtype=np.int32)
-    tab[used] = row - start[query_of]
-    return P, start, tab
+    return P, start, (row - start[query_of]).astype(np.int32)

@@ -301,23 +301,24 @@ cdef void _half_tables(const float *P, int n, int Dh, int Mh, int Ds, int S,
 
 def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
                const int64_t[::1] pstart0, const int64_t[::1] pstart1,
-               const float[:, :, ::1] subs,
-               const int32_t[:, ::1] tab0, const int32_t[:, ::1] tab1,
-               const int64_t[::1] n_cells, const int64_t[:, ::1] cell_slot,
-               const int64_t[::1] seg_start, const uintptr_t[::1] seg_codes,
-               const uintptr_t[::1] seg_ids, const int64_t[::1] seg_len, int code_bytes,
+               const float[:, :, ::1] subs, const int64_t[::1] cell_start,
+               const int32_t[::1] tab0, const int32_t[::1] tab1,
+               const int64_t[::1] cell_slot, const int64_t[::1] seg_start,
+               const uintptr_t[::1] seg_codes, const uintptr_t[::1] seg_ids,
+               const int64_t[::1] seg_len, int code_bytes,
                float[:, ::1] D, int64_t[:, ::1] I, int64_t[::1] n_scanned, int n_threads):
     """ADC top-k of every query over the codes of its visited cells.
 
     P0, P1 (n0, Dh), (n1, Dh) float32: the query halves projected into the local frames of
     the centroids each query visits, R[c] @ (q_h - C[c] - mu[c]); query q's rows are
     pstart0[q] : pstart0[q + 1] (pstart1 likewise), (nq + 1,) int64. subs (M, S, D/M) fine
-    codebooks (the first M/2 for half 0). For visited cell t of query q (n_cells (nq,) of
-    them): tab0[q, t], tab1[q, t] (nq, L) int32 its centroids' rows among the query's rows;
-    cell_slot[q, t] (nq, L) its entry in seg_start (-1: no entries); segments
-    seg_start[s] : seg_start[s+1] of the flat arrays seg_codes (address of (len, M) codes,
-    uint8 or uint16 as code_bytes says), seg_ids (address of (len,) int64 ids) and seg_len.
-    The memory behind those addresses must stay valid for the call.
+    codebooks (the first M/2 for half 0). Visited cells, flat: query q's are
+    cell_start[q] : cell_start[q + 1] ((nq + 1,) int64); for each, tab0[t], tab1[t] (n,)
+    int32 the rows of its two centroids among its query's rows and cell_slot[t] (n,) int64
+    its entry in seg_start; segments seg_start[s] : seg_start[s+1] of the flat arrays
+    seg_codes (address of (len, M) codes, uint8 or uint16 as code_bytes says), seg_ids
+    (address of (len,) int64 ids) and seg_len. The memory behind those addresses must stay
+    valid for the call.
     Outputs: D (nq, k) float32 ascending squared distances, I (nq, k) int64 ids (inf / -1
     padding); n_scanned (nq,) codes scanned.
     Per query: every table of its centroids first (four rows per codebook pass), then the
@@ -325,8 +326,9 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
     """
     cdef Py_ssize_t nq = D.shape[0], q
     cdef int M = subs.shape[0], S = subs.shape[1], Ds = subs.shape[2], Mh = M // 2
-    cdef int Dh = P0.shape[1], k = D.shape[1], t, a, m, j, n0, n1
-    cdef int64_t sl, g, scanned, need, nc, maxrows = 0
+    cdef int Dh = P0.shape[1], k = D.shape[1], a, m, j, n0, n1
+    cdef int64_t t, t1, sl, g, scanned, need, maxrows = 0
+    cdef int64_t n_slots = seg_start.shape[0] - 1
     cdef Py_ssize_t tsize = <Py_ssize_t> Mh * S
     cdef const float *T0
     cdef const float *T1
@@ -345,19 +347,27 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
     if code_bytes not in (1, 2) or (code_bytes == 1 and S > 256):
         raise ValueError("scan_cells: codes must be uint8 (S <= 256) or uint16")
     if (I.shape[0] != nq or I.shape[1] != k or n_scanned.shape[0] != nq
-            or n_cells.shape[0] != nq or pstart0.shape[0] != nq + 1
-            or pstart1.shape[0] != nq + 1 or tab0.shape[0] != nq or tab1.shape[0] != nq
-            or cell_slot.shape[0] != nq):
-        raise ValueError("scan_cells: per-query arrays must have nq rows")
+            or pstart0.shape[0] != nq + 1 or pstart1.shape[0] != nq + 1
+            or cell_start.shape[0] != nq + 1):
+        raise ValueError("scan_cells: per-query arrays must have nq (+ 1) rows")
+    if tab0.shape[0] != cell_slot.shape[0] or tab1.shape[0] != cell_slot.shape[0]:
+        raise ValueError("scan_cells: tab0, tab1 and cell_slot must have one entry per cell")
     if k == 0 or nq == 0:
         return
     for q in range(nq):
         if (pstart0[q + 1] < pstart0[q] or pstart1[q + 1] < pstart1[q]
-                or pstart0[q + 1] > P0.shape[0] or pstart1[q + 1] > P1.shape[0]):
-            raise ValueError("scan_cells: pstart0 / pstart1 outside P0 / P1")
+                or pstart0[q + 1] > P0.shape[0] or pstart1[q + 1] > P1.shape[0]
+                or cell_start[q] < 0 or cell_start[q + 1] < cell_start[q]
+                or cell_start[q + 1] > cell_slot.shape[0]):
+            raise ValueError("scan_cells: pstart0 / pstart1 / cell_start out of range")
         need = pstart0[q + 1] - pstart0[q] + pstart1[q + 1] - pstart1[q]
         if need > maxrows:
             maxrows = need
+        for t in range(cell_start[q], cell_start[q + 1]):
+            if (cell_slot[t] < 0 or cell_slot[t] >= n_slots or tab0[t] < 0
+                    or tab0[t] >= pstart0[q + 1] - pstart0[q] or tab1[t] < 0
+                    or tab1[t] >= pstart1[q + 1] - pstart1[q]):
+                raise ValueError("scan_cells: a cell's slot or table row is out of range")
     p0 = &P0[0, 0] if P0.shape[0] else NULL
     p1 = &P1[0, 0] if P1.shape[0] else NULL
     subT = <float *> malloc(<Py_ssize_t> M * S * (Ds + 1) * sizeof(float))
@@ -389,28 +399,26 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
                              tables + n0 * tsize)
                 heap_init(&D[q, 0], &I[q, 0], k)
                 scanned = 0
-                nc = n_cells[q]
-                for t in range(nc):
+                t1 = cell_start[q + 1]
+                for t in range(cell_start[q], t1):
                     # The cells' segment records and entries are scattered: fetch them a few
                     # cells ahead, each step using what an earlier step fetched (the misses
                     # were a third of the scan's time).
-                    if t + 3 * AHEAD < nc and cell_slot[q, t + 3 * AHEAD] >= 0:
-                        cypq_prefetch(&seg_start[cell_slot[q, t + 3 * AHEAD]])
-                    if t + 2 * AHEAD < nc and cell_slot[q, t + 2 * AHEAD] >= 0:
-                        g = seg_start[cell_slot[q, t + 2 * AHEAD]]
+                    if t + 3 * AHEAD < t1:
+                        cypq_prefetch(&seg_start[cell_slot[t + 3 * AHEAD]])
+                    if t + 2 * AHEAD < t1:
+                        g = seg_start[cell_slot[t + 2 * AHEAD]]
                         cypq_prefetch(&seg_len[g])
                         cypq_prefetch(&seg_codes[g])
                         cypq_prefetch(&seg_ids[g])
-                    if t + AHEAD < nc and cell_slot[q, t + AHEAD] >= 0:
-                        g = seg_start[cell_slot[q, t + AHEAD]]
-                        if seg_start[cell_slot[q, t + AHEAD] + 1] > g:
+                    if t + AHEAD < t1:
+                        g = seg_start[cell_slot[t + AHEAD]]
+                        if seg_start[cell_slot[t + AHEAD] + 1] > g:
                             cypq_prefetch(<const void *> seg_codes[g])
                             cypq_prefetch(<const void *> seg_ids[g])
-                    sl = cell_slot[q, t]
-                    if sl < 0:
-                        continue
-                    T0 = tables + tab0[q, t] * tsize
-                    T1 = tables + (n0 + tab1[q, t]) * tsize
+                    sl = cell_slot[t]
+                    T0 = tables + tab0[t] * tsize
+                    T1 = tables + (n0 + tab1[t]) * tsize
                     for g in range(seg_start[sl], seg_start[sl + 1]):
                         scanned = scanned + seg_len[g]
                         if code_bytes == 1:

@@ -85,7 +85,8 @@ def main(argv=None):
     p.add_argument("--V", type=int, default=1024)
     p.add_argument("--nq", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1, help="search threads (training: all)")
-    p.add_argument("--quotas", type=int, nargs="+", default=[1000, 2000, 5000, 10000, 20000])
+    p.add_argument("--quotas", type=int, nargs="+",
+                   default=[1000, 2000, 3000, 3500, 4000, 5000, 10000, 20000])
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--skip-faiss", action="store_true")
     args = p.parse_args(argv)
