@@ -10,7 +10,8 @@ Phase C, ``scan_cells``: per query, the ADC tables of all its centroids, then AD
 cells' codes into a top-k heap. Phases A and C run queries in parallel with the GIL released.
 """
 from cython.parallel cimport parallel, prange
-from libc.math cimport INFINITY
+from libc.math cimport INFINITY, nextafterf, sqrt
+from libc.string cimport memcpy
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uintptr_t
 from libc.stdlib cimport free, malloc
 
@@ -26,133 +27,200 @@ cdef extern from *:
     void cypq_prefetch(const void *p) noexcept nogil
 
 
-cdef void _sort_i64(int64_t *a, int64_t n) noexcept nogil:
-    """Sort a[0:n] ascending: quicksort (middle pivot) down to runs of 16, then insertion
-    sort; inlined comparisons, where qsort's callback per comparison cost ~5% of a search."""
-    cdef int64_t lo = 0, hi, i, j, p, t
-    cdef int64_t stack[128]
-    cdef int top = 0
-    hi = n - 1
-    while True:
-        while hi - lo >= 16:
-            p = a[lo + (hi - lo) // 2]
-            i = lo
-            j = hi
-            while i <= j:
-                while a[i] < p:
-                    i = i + 1
-                while a[j] > p:
-                    j = j - 1
-                if i <= j:
-                    t = a[i]; a[i] = a[j]; a[j] = t
-                    i = i + 1
-                    j = j - 1
-            # Recurse into (push) the larger part, loop on the smaller: the stack stays
-            # within 2 * log2(n) entries.
-            if j - lo > hi - i:
-                stack[top] = lo; stack[top + 1] = j
-                lo = i
-            else:
-                stack[top] = i; stack[top + 1] = hi
-                hi = j
-            top = top + 2
-        if top == 0:
-            break
-        top = top - 2
-        lo = stack[top]
-        hi = stack[top + 1]
-    for i in range(1, n):
-        t = a[i]
-        j = i - 1
-        while j >= 0 and a[j] > t:
-            a[j + 1] = a[j]
-            j = j - 1
-        a[j + 1] = t
+cdef void _radix_sort(uint32_t *key, int32_t *val, int64_t n, uint32_t *tkey,
+                      int32_t *tval) noexcept nogil:
+    """Sort key[0:n] ascending, carrying val along (val may be NULL), stable: LSD radix sort,
+    one pass per byte, skipping bytes all keys share. tkey, tval: scratch of n entries.
+    Non-negative floats sort as their bit patterns, so this sorts distances too."""
+    cdef int64_t cnt[256]
+    cdef int64_t i, pos, c
+    cdef int shift, b
+    cdef uint32_t *sk = key
+    cdef uint32_t *dk = tkey
+    cdef int32_t *sv = val
+    cdef int32_t *dv = tval
+    cdef uint32_t *xk
+    cdef int32_t *xv
+    for shift in range(0, 32, 8):
+        for b in range(256):
+            cnt[b] = 0
+        for i in range(n):
+            cnt[(sk[i] >> shift) & 255] += 1
+        if cnt[(sk[0] >> shift) & 255] == n:     # one value of this byte: nothing to do
+            continue
+        pos = 0
+        for b in range(256):
+            c = cnt[b]
+            cnt[b] = pos
+            pos = pos + c
+        for i in range(n):
+            b = (sk[i] >> shift) & 255
+            dk[cnt[b]] = sk[i]
+            if val != NULL:
+                dv[cnt[b]] = sv[i]
+            cnt[b] += 1
+        xk = sk; sk = dk; dk = xk
+        xv = sv; sv = dv; dv = xv
+    if sk != key:
+        memcpy(key, sk, n * sizeof(uint32_t))
+        if val != NULL:
+            memcpy(val, sv, n * sizeof(int32_t))
 
 
-cdef struct Entry:        # multi-sequence frontier: cell (i, j) of the sorted lists
-    float d
-    int i, j
+cdef inline uint32_t _float_bits(float x) noexcept nogil:
+    cdef uint32_t u
+    memcpy(&u, &x, 4)
+    return u
 
 
-cdef inline void _push(Entry *h, int *n, float d, int i, int j) noexcept nogil:
-    cdef int k = n[0], p
-    n[0] += 1
-    while k > 0:
-        p = (k - 1) // 2
-        if h[p].d <= d:
-            break
-        h[k] = h[p]
-        k = p
-    h[k].d, h[k].i, h[k].j = d, i, j
+cdef enum:
+    BAND_CAP = 4096     # cells enumerated per band at most (a larger band is redone narrower)
+    BAND_AIM = 256      # cells a band aims at
 
 
-cdef inline Entry _pop(Entry *h, int *n) noexcept nogil:
-    cdef Entry top = h[0], last
-    cdef int k = 0, c
-    n[0] -= 1
-    last = h[n[0]]
-    while True:
-        c = 2 * k + 1
-        if c >= n[0]:
-            break
-        if c + 1 < n[0] and h[c + 1].d < h[c].d:
-            c += 1
-        if last.d <= h[c].d:
-            break
-        h[k] = h[c]
-        k = c
-    if n[0] > 0:
-        h[k] = last
-    return top
+cdef struct Walk:         # per-thread scratch of _walk (V entries each unless said)
+    float *D0             # the halves' distances, ascending
+    float *D1
+    int32_t *o0           # their centroids
+    int32_t *o1
+    int32_t *lim          # row i: columns 0 .. lim[i]-1 enumerated
+    int32_t *nlim             # the same for the band being enumerated
+    float *bd             # (BAND_CAP) the band's cells: sum of the halves' distances,
+    int64_t *bc           # (BAND_CAP) cell id,
+    int64_t *bs           # (BAND_CAP) entries
+    uint32_t *key         # (max(V, BAND_CAP, cap)) sort keys,
+    int32_t *val          # (max(V, BAND_CAP)) values
+    uint32_t *tkey        # (same) sort scratch
+    int32_t *tval
+    int64_t res[3]        # _walk's results
 
 
-cdef inline bint _after(const float *d, int a, int b) noexcept nogil:
-    """Index a sorts after index b: by value, then index."""
-    return d[a] > d[b] or (d[a] == d[b] and a > b)
-
-
-cdef inline void _sift_down_min(const float *d, int *h, int k, int end) noexcept nogil:
-    """Restore the min-heap below position k of h[0:end] (ordered by _after)."""
-    cdef int c, t
-    while True:
-        c = 2 * k + 1
-        if c >= end:
-            return
-        if c + 1 < end and _after(d, h[c], h[c + 1]):
-            c += 1
-        if not _after(d, h[k], h[c]):
-            return
-        t = h[k]; h[k] = h[c]; h[c] = t
-        k = c
-
-
-cdef struct Sorted:       # indices of a distance list in ascending order, sorted lazily
-    int *order            # order[0:n] is the sorted prefix
-    int *heap             # the rest, as a min-heap of size hn
-    int n, hn
-
-
-cdef inline void _sorted_init(Sorted *s, const float *d, int V) noexcept nogil:
+cdef void _sort_half(Walk *w, const float *d, int V, float *D, int32_t *o) noexcept nogil:
+    """D, o = d ascending and the order (ties by index)."""
     cdef int i
     for i in range(V):
-        s.heap[i] = i
-    for i in range(V // 2 - 1, -1, -1):
-        _sift_down_min(d, s.heap, i, V)
-    s.n = 0
-    s.hn = V
+        w.key[i] = _float_bits(d[i])
+        w.val[i] = i
+    _radix_sort(w.key, w.val, V, w.tkey, w.tval)
+    for i in range(V):
+        o[i] = w.val[i]
+        D[i] = d[o[i]]
 
 
-cdef inline int _sorted_at(Sorted *s, const float *d, int i) noexcept nogil:
-    """The index with rank i: the multi-sequence walk reads only a short prefix, so entries
-    are popped from the heap as it gets there instead of sorting the whole list."""
-    while s.n <= i:
-        s.order[s.n] = s.heap[0]
-        s.n += 1
-        s.hn -= 1
-        s.heap[0] = s.heap[s.hn]
-        _sift_down_min(d, s.heap, 0, s.hn)
-    return s.order[i]
+cdef void _walk(Walk *w, int V, const int64_t *sizes, int64_t quota, int64_t max_visits,
+                int64_t cap, int64_t *cells, int64_t *out) noexcept nogil:
+    """Cells in order of D0[i] + D1[j] (w's sorted halves) until they hold quota entries or
+    max_visits cells were visited (<= 0: no limit); the non-empty ones go to cells[0:n],
+    n <= cap. out = (n, cells visited, entries in them).
+
+    The order is the multi-sequence one (non-decreasing sum), found band by band rather than
+    cell by cell through a heap: every cell with a sum in (t_done, t_next] is enumerated row
+    by row (row i's next column is lim[i]), which needs no order among them; only the band
+    where a limit falls is sorted (by sum, then enumeration order) to cut it exactly. Band
+    widths aim at ~BAND_AIM cells; a band over BAND_CAP cells is redone narrower, and one of
+    a single sum value is taken BAND_CAP cells at a time (all its cells tie, so any order of
+    them is in order).
+    """
+    cdef int i, j, nrows
+    cdef int64_t nb, e, nv = 0, nc = 0, cand = 0, band_entries, band_full, last_nb = 0
+    cdef int64_t total = <int64_t> V * V
+    cdef float a, sm, base, t_done, t_next, width, last_width = 0, retry = INFINITY
+    cdef const float *D0 = w.D0
+    cdef const float *D1 = w.D1
+    cdef bint final, overflow, whole
+    for i in range(V):
+        w.lim[i] = 0
+    base = D0[0] + D1[0]
+    t_done = nextafterf(base, -INFINITY)    # every sum is above it
+    while True:
+        if nv == 0:   # first band: the cells within the halves' first gaps
+            width = D0[1] - D0[0] + D1[1] - D1[0] if V > 1 else 0
+        else:
+            # ~BAND_AIM cells at the last band's density (which only grows, so this errs
+            # narrow), and at most half the radius so far (early bands are too sparse to
+            # extrapolate from).
+            width = 0.5 * (t_done - base)
+            if last_nb > 0 and BAND_AIM * last_width / last_nb < width:
+                width = BAND_AIM * last_width / last_nb
+        if width > retry:
+            width = retry
+        t_next = t_done + width
+        if not t_next > t_done:
+            t_next = nextafterf(t_done, INFINITY)
+        # Enumerate the band (t_done, t_next].
+        nb = 0
+        overflow = False
+        nrows = 0
+        for i in range(V):
+            a = D0[i]
+            if a + D1[0] > t_next:
+                break
+            j = w.lim[i]
+            while j < V:
+                sm = a + D1[j]
+                if sm > t_next:
+                    break
+                if nb == BAND_CAP:
+                    overflow = True
+                    break
+                w.bd[nb] = sm
+                w.bc[nb] = <int64_t> w.o0[i] * V + w.o1[j]
+                nb = nb + 1
+                j = j + 1
+            w.nlim[i] = j
+            nrows = i + 1
+            if overflow:
+                break
+        whole = True
+        if overflow:
+            if t_next > nextafterf(t_done, INFINITY):   # redo narrower
+                retry = 0.25 * (t_next - t_done)
+                continue
+            whole = False   # one sum value: take these cells, the rest of it next time
+        retry = INFINITY
+        for i in range(nrows):
+            w.lim[i] = w.nlim[i]
+        # The band's sizes in a loop of their own: independent random reads, many in flight
+        # (inside the enumeration they were half of its time).
+        band_entries = 0
+        band_full = 0
+        for e in range(nb):
+            if e + 16 < nb:
+                cypq_prefetch(&sizes[w.bc[e + 16]])
+            w.bs[e] = sizes[w.bc[e]]
+            band_entries = band_entries + w.bs[e]
+            band_full = band_full + (w.bs[e] > 0)
+        final = ((quota > 0 and cand + band_entries >= quota)
+                 or (max_visits > 0 and nv + nb >= max_visits)
+                 or nc + band_full >= cap or nv + nb == total)
+        if final:
+            # A limit falls in this band: its cells in order (sum, then enumeration).
+            for e in range(nb):
+                w.key[e] = _float_bits(w.bd[e])
+                w.val[e] = <int32_t> e
+            _radix_sort(w.key, w.val, nb, w.tkey, w.tval)
+            for e in range(nb):
+                i = w.val[e]
+                nv = nv + 1
+                cells[nc] = w.bc[i]
+                nc = nc + (w.bs[i] > 0)
+                cand = cand + w.bs[i]
+                if ((quota > 0 and cand >= quota) or (max_visits > 0 and nv >= max_visits)
+                        or nc >= cap):
+                    break
+            break
+        for e in range(nb):
+            cells[nc] = w.bc[e]
+            nc = nc + (w.bs[e] > 0)
+        nv = nv + nb
+        cand = cand + band_entries
+        if whole:
+            last_width = t_next - t_done
+            last_nb = nb
+            t_done = t_next
+    out[0] = nc
+    out[1] = nv
+    out[2] = cand
 
 
 def cell_order(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1] C1,
@@ -165,23 +233,18 @@ def cell_order(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1
     cell_sizes (V*V,) int64 entries per cell (cell id = c0 * V + c1); quota: stop once the
     visited cells hold at least this many entries (<= 0: no quota); max_visits: visit at most
     this many cells, empty ones included (<= 0: no cap). Outputs: cells (nq, L) int64 the
-    non-empty visited cells in visiting order (L >= min(quota, max_visits) suffices: each
-    adds at least one candidate), n_cells (nq,) how many, n_visited (nq,) cells visited
-    including empty ones, n_candidates (nq,) entries in them.
-    Order: non-decreasing d0[c0] + d1[c1]; from (0, 0), (i+1, j) is pushed when j == 0 or
-    (i+1, j-1) was visited, (i, j+1) when i == 0 or (i-1, j+1) was visited (LOPQ's rule).
+    non-empty visited cells, ascending (L >= min(quota, max_visits) suffices: each adds at
+    least one candidate; a smaller L stops the walk at L), n_cells (nq,) how many,
+    n_visited (nq,) cells visited including empty ones, n_candidates (nq,) entries in them.
+    Order: non-decreasing d0[c0] + d1[c1], ties by (rank of c0, rank of c1), a rank being
+    the position in ascending distance, ties by index (see _walk).
     """
     cdef Py_ssize_t nq = Q.shape[0], q
-    cdef int V = C0.shape[0], Dh = C0.shape[1], i, j, k, nh, a, b
-    cdef int64_t cand, cell, nc, nv, sz, cap = cells.shape[1]
-    cdef Entry e
-    cdef float *d0
-    cdef float *d1
-    cdef int *o0
-    cdef Sorted *s0
-    cdef Sorted *s1
-    cdef int *lim       # lim[i]: cells (i, 0 .. lim[i]-1) of the sorted lists are visited
-    cdef Entry *frontier
+    cdef int V = C0.shape[0], Dh = C0.shape[1], i, k
+    cdef int64_t cap = cells.shape[1], e, nkey
+    cdef float *fl
+    cdef int32_t *ints
+    cdef Walk *wk
     cdef float *CT
     cdef int failed = 0
     cdef int *fail = &failed
@@ -189,6 +252,13 @@ def cell_order(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1
         raise ValueError("cell_order: inconsistent shapes")
     if cell_sizes.shape[0] != <Py_ssize_t> V * V or cells.shape[0] != nq:
         raise ValueError("cell_order: cell_sizes must be (V*V,), cells (nq, L)")
+    if <int64_t> V * V > (<int64_t> 1 << 32):
+        raise ValueError("cell_order: at most 2^32 cells")
+    if nq == 0:
+        return
+    if cap == 0:
+        raise ValueError("cell_order: cells must have room for at least one cell")
+    nkey = max(V, BAND_CAP, cap)
     CT = <float *> malloc(2 * V * Dh * sizeof(float))
     if CT == NULL:
         raise MemoryError()
@@ -198,66 +268,48 @@ def cell_order(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1
                 CT[i * V + k] = C0[k, i]
                 CT[V * Dh + i * V + k] = C1[k, i]
         with parallel(num_threads=n_threads):
-            d0 = <float *> malloc(2 * V * sizeof(float))
-            d1 = d0 + V
-            o0 = <int *> malloc(5 * V * sizeof(int))
-            lim = o0 + 4 * V
-            s0 = <Sorted *> malloc(2 * sizeof(Sorted))
-            s1 = s0 + 1 if s0 != NULL else NULL
-            if s0 != NULL and o0 != NULL:
-                s0.order, s0.heap = o0, o0 + V
-                s1.order, s1.heap = o0 + 2 * V, o0 + 3 * V
-            frontier = <Entry *> malloc((V + 2) * sizeof(Entry))
+            fl = <float *> malloc((4 * V + BAND_CAP) * sizeof(float))
+            ints = <int32_t *> malloc(4 * V * sizeof(int32_t))
+            wk = <Walk *> malloc(sizeof(Walk))
+            if wk != NULL:
+                wk.bc = <int64_t *> malloc(2 * BAND_CAP * sizeof(int64_t))
+                wk.key = <uint32_t *> malloc(2 * nkey * sizeof(uint32_t))
+                wk.val = <int32_t *> malloc(2 * nkey * sizeof(int32_t))
+                if wk.bc != NULL and wk.key != NULL and wk.val != NULL:
+                    wk.bs = wk.bc + BAND_CAP
+                    wk.tkey = wk.key + nkey
+                    wk.tval = wk.val + nkey
+                if fl != NULL and ints != NULL:
+                    wk.D0, wk.D1, wk.bd = fl + 2 * V, fl + 3 * V, fl + 4 * V
+                    wk.o0, wk.o1 = ints, ints + V
+                    wk.lim, wk.nlim = ints + 2 * V, ints + 3 * V
             for q in prange(nq, schedule="dynamic"):
-                if d0 == NULL or o0 == NULL or frontier == NULL or s0 == NULL:
+                if (fl == NULL or ints == NULL or wk == NULL or wk.bc == NULL
+                        or wk.key == NULL or wk.val == NULL):
                     fail[0] = 1
                     continue
-                cypq_l2sqr_ny(&Q[q, 0], CT, Dh, V, d0)
-                cypq_l2sqr_ny(&Q[q, Dh], CT + V * Dh, Dh, V, d1)
-                _sorted_init(s0, d0, V)
-                _sorted_init(s1, d1, V)
-                for i in range(V):
-                    lim[i] = 0
-                nh = 0
-                nc = 0
-                nv = 0
-                cand = 0
-                _push(frontier, &nh, d0[_sorted_at(s0, d0, 0)] + d1[_sorted_at(s1, d1, 0)], 0, 0)
-                while (nh > 0 and (max_visits <= 0 or nv < max_visits)
-                       and (quota <= 0 or cand < quota) and nc < cap):
-                    e = _pop(frontier, &nh)
-                    i = e.i
-                    j = e.j
-                    lim[i] = j + 1
-                    cell = <int64_t> _sorted_at(s0, d0, i) * V + _sorted_at(s1, d1, j)
-                    nv = nv + 1
-                    # Branch-free: whether a cell is empty is a coin toss to the predictor.
-                    sz = cell_sizes[cell]
-                    cells[q, nc] = cell
-                    nc = nc + (sz > 0)
-                    cand = cand + sz
-                    # A pushed cell's size is read when it is popped: fetch it now, the
-                    # random reads into cell_sizes were half of this loop's time.
-                    if i + 1 < V and (j == 0 or lim[i + 1] > j - 1):
-                        a = _sorted_at(s0, d0, i + 1)
-                        b = _sorted_at(s1, d1, j)
-                        _push(frontier, &nh, d0[a] + d1[b], i + 1, j)
-                        cypq_prefetch(&cell_sizes[<int64_t> a * V + b])
-                    if j + 1 < V and (i == 0 or lim[i - 1] > j + 1):
-                        a = _sorted_at(s0, d0, i)
-                        b = _sorted_at(s1, d1, j + 1)
-                        _push(frontier, &nh, d0[a] + d1[b], i, j + 1)
-                        cypq_prefetch(&cell_sizes[<int64_t> a * V + b])
+                cypq_l2sqr_ny(&Q[q, 0], CT, Dh, V, fl)
+                cypq_l2sqr_ny(&Q[q, Dh], CT + V * Dh, Dh, V, fl + V)
+                _sort_half(wk, fl, V, wk.D0, wk.o0)
+                _sort_half(wk, fl + V, V, wk.D1, wk.o1)
+                _walk(wk, V, &cell_sizes[0], quota, max_visits, cap, &cells[q, 0], wk.res)
                 # Scan order does not change the result; by cell id (c0-major), consecutive
                 # cells share their half-0 table, which then stays in cache.
-                _sort_i64(&cells[q, 0], nc)
-                n_cells[q] = nc
-                n_visited[q] = nv
-                n_candidates[q] = cand
-            free(d0)
-            free(o0)
-            free(s0)
-            free(frontier)
+                for e in range(wk.res[0]):
+                    wk.key[e] = <uint32_t> cells[q, e]
+                _radix_sort(wk.key, NULL, wk.res[0], wk.tkey, NULL)
+                for e in range(wk.res[0]):
+                    cells[q, e] = wk.key[e]
+                n_cells[q] = wk.res[0]
+                n_visited[q] = wk.res[1]
+                n_candidates[q] = wk.res[2]
+            free(fl)
+            free(ints)
+            if wk != NULL:
+                free(wk.bc)
+                free(wk.key)
+                free(wk.val)
+            free(wk)
     free(CT)
     if failed:
         raise MemoryError()

@@ -130,6 +130,57 @@ def test_multisequence_order(setup):
         assert ncand[0] == sizes[want].sum()
 
 
+def _cell_order_reference(d0, d1, sizes, quota, w, cap):
+    """Every cell in order of (d0 + d1 in float32, rank in half 0, rank in half 1), ranks by
+    (distance, index); cut where the first limit is reached. Returns (cells, visited, cand)."""
+    V = len(d0)
+    o0, o1 = np.argsort(d0, kind="stable"), np.argsort(d1, kind="stable")
+    r0, r1 = np.meshgrid(np.arange(V), np.arange(V), indexing="ij")
+    r0, r1 = r0.ravel(), r1.ravel()
+    sums = (d0[o0][r0] + d1[o1][r1]).astype(np.float32)
+    order = np.lexsort((r1, r0, sums))
+    cell = o0[r0[order]] * V + o1[r1[order]]
+    cum = np.cumsum(sizes[cell])
+    full = np.cumsum(sizes[cell] > 0)
+    stop = np.zeros(len(cell), bool)
+    if quota > 0:
+        stop |= cum >= quota
+    if w > 0:
+        stop |= np.arange(1, len(cell) + 1) >= w
+    stop |= full >= cap
+    n = int(np.argmax(stop)) + 1 if stop.any() else len(cell)
+    visited = cell[:n]
+    return np.sort(visited[sizes[visited] > 0]), n, int(cum[n - 1])
+
+
+@pytest.mark.parametrize("kind", ["integer", "tied"])
+def test_cell_order_equals_reference(kind):
+    """Against a full sort of all cells, V = 90 (more cells than a band holds, 4096): integer
+    coordinates give exact distances and many equal sums; identical centroids make every
+    sum equal (one band of a single value, taken 4096 cells at a time)."""
+    from cypq import _search
+    rng = np.random.default_rng(7)
+    V, Dh = 90, 3
+    if kind == "integer":
+        C0, C1 = (rng.integers(0, 6, (V, Dh)).astype(np.float32) for _ in range(2))
+    else:
+        C0 = C1 = np.ones((V, Dh), np.float32)
+    Q = rng.integers(0, 6, (5, 2 * Dh)).astype(np.float32)
+    sizes = rng.integers(0, 3, V * V) * rng.integers(0, 2, V * V)
+    for quota, w in [(1, 0), (40, 0), (3000, 0), (int(sizes.sum()), 0), (0, 5000), (0, 0),
+                     (2000, 700), (10 ** 9, 0)]:
+        cap = min(V * V, quota if quota > 0 else V * V, w if w > 0 else V * V)
+        cells = np.empty((len(Q), cap), np.int64)
+        nc, nv, ncand = (np.empty(len(Q), np.int64) for _ in range(3))
+        _search.cell_order(Q, C0, C1, sizes, quota, w, cells, nc, nv, ncand, 2)
+        for qi, q in enumerate(Q):
+            d0 = ((q[:Dh] - C0) ** 2).sum(1).astype(np.float32)
+            d1 = ((q[Dh:] - C1) ** 2).sum(1).astype(np.float32)
+            want, visited, cand = _cell_order_reference(d0, d1, sizes, quota, w, cap)
+            assert (nv[qi], ncand[qi]) == (visited, cand), (quota, w, qi)
+            assert cells[qi, :nc[qi]].tolist() == want.tolist()
+
+
 def test_w_caps_visited_cells(setup):
     model, X, Q = setup
     index = Index.in_memory(model)
