@@ -14,7 +14,8 @@ from .storage.base import Storage
 
 # Queries per kernel call: bounds the (batch, quota) cell lists kept in memory.
 _BATCH = 256
-# Up to this many cells, distinct cells are found through a table over all cells.
+# Up to this many possible values, _distinct finds the distinct ones through a table over all
+# of them (cells; (query, centroid) pairs of a batch).
 _DENSE_CELLS = 1 << 22
 
 
