@@ -66,41 +66,36 @@ def test_search_equals_reference(setup, quota, k, n_threads, distinct, monkeypat
                 {i for s, i in zip(dists, rids) if s < cut}
 
 
+def _fit_search_vs_reference(dim, V, M, S, n_clusters, seed, k, quota, n_threads):
+    """Fit a model on clustered data, search it, check every query against the reference."""
+    X = clustered(250 * n_clusters // 2 + 1000, dim, n_clusters=n_clusters, seed=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        model = LOPQModel(V=V, M=M, subquantizer_clusters=S).fit(X, random_state=seed)
+    Q = clustered(7, dim, n_clusters=n_clusters, seed=seed + 1)
+    index = Index.in_memory(model, n_threads=n_threads)
+    index.add(X)
+    D, I = index.search(Q, k=k, quota=quota)
+    entries = _entries(model, X, np.arange(len(X)))
+    for qi, q in enumerate(Q):
+        dists, rids, _, _, every = ref.search(model, entries, q, k, quota)
+        np.testing.assert_allclose(D[qi], dists, rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose([every[int(i)] for i in I[qi]], D[qi], rtol=1e-4, atol=1e-3)
+
+
 def test_many_tables_per_query(n_threads):
     """Queries that visit every cell: tables for all 2 x 40 centroids, built four rows at a
     time with a tail."""
-    X = clustered(6000, 16, n_clusters=40, seed=43)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        model = LOPQModel(V=40, M=4, subquantizer_clusters=16).fit(X, random_state=3)
-    Q = clustered(6, 16, n_clusters=40, seed=44)
-    index = Index.in_memory(model, n_threads=n_threads)
-    index.add(X)
-    D, I = index.search(Q, k=30, quota=0)
-    entries = _entries(model, X, np.arange(len(X)))
-    for qi, q in enumerate(Q):
-        dists, rids, _, n_cand, every = ref.search(model, entries, q, 30, 0)
-        np.testing.assert_allclose(D[qi], dists, rtol=1e-4, atol=1e-3)
-        np.testing.assert_allclose([every[int(i)] for i in I[qi]], D[qi], rtol=1e-4, atol=1e-3)
+    _fit_search_vs_reference(16, V=40, M=4, S=16, n_clusters=40, seed=43, k=30, quota=0,
+                             n_threads=n_threads)
 
 
 @pytest.mark.parametrize("D,M,S", [(12, 4, 20), (32, 2, 256)])
 def test_table_shapes_equal_reference(D, M, S, n_threads):
     """Subquantizers of 3 dimensions (no fixed-size copy in the table kernel) and of 16, S
     not a multiple of the SIMD width (20) and the full 256."""
-    X = clustered(2500, D, n_clusters=10, seed=45)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        model = LOPQModel(V=5, M=M, subquantizer_clusters=S).fit(X, random_state=4)
-    Q = clustered(9, D, n_clusters=10, seed=46)
-    index = Index.in_memory(model, n_threads=n_threads)
-    index.add(X)
-    D_, I = index.search(Q, k=15, quota=400)
-    entries = _entries(model, X, np.arange(len(X)))
-    for qi, q in enumerate(Q):
-        dists, rids, _, _, every = ref.search(model, entries, q, 15, 400)
-        np.testing.assert_allclose(D_[qi], dists, rtol=1e-4, atol=1e-3)
-        np.testing.assert_allclose([every[int(i)] for i in I[qi]], D_[qi], rtol=1e-4, atol=1e-3)
+    _fit_search_vs_reference(D, V=5, M=M, S=S, n_clusters=10, seed=45, k=15, quota=400,
+                             n_threads=n_threads)
 
 
 def test_multisequence_order(setup):
