@@ -41,6 +41,8 @@ cdef void _radix_sort(uint32_t *key, int32_t *val, int64_t n, uint32_t *tkey,
     cdef int32_t *dv = tval
     cdef uint32_t *xk
     cdef int32_t *xv
+    if n < 2:
+        return
     for shift in range(0, 32, 8):
         for b in range(256):
             cnt[b] = 0
@@ -84,13 +86,13 @@ cdef struct Walk:         # per-thread scratch of _walk (V entries each unless s
     int32_t *o0           # their centroids
     int32_t *o1
     int32_t *lim          # row i: columns 0 .. lim[i]-1 enumerated
-    int32_t *nlim             # the same for the band being enumerated
+    int32_t *nlim         # the same for the band being enumerated
     float *bd             # (BAND_CAP) the band's cells: sum of the halves' distances,
     int64_t *bc           # (BAND_CAP) cell id,
     int64_t *bs           # (BAND_CAP) entries
-    uint32_t *key         # (max(V, BAND_CAP, cap)) sort keys,
-    int32_t *val          # (max(V, BAND_CAP)) values
-    uint32_t *tkey        # (same) sort scratch
+    uint32_t *key         # (max(V, BAND_CAP, cap) each) radix sort keys, values
+    int32_t *val
+    uint32_t *tkey        # and their scratch
     int32_t *tval
     int64_t res[3]        # _walk's results
 
