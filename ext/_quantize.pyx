@@ -45,7 +45,7 @@ def encode(const float[:, ::1] X, const float[:, :, ::1] C, code_t[:, ::1] codes
         return
     try:
         with nogil:
-            if codebooks_init(&cb, &C[0, 0, 0], M, Ks, Ds) != 0:
+            if codebooks_init(&cb, &C[0, 0, 0], M, Ks, Ds, Ds < _BLAS_MIN_DIM) != 0:
                 fail[0] = 1
         if failed:
             raise MemoryError()

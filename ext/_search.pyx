@@ -16,6 +16,7 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uintptr_
 from libc.stdlib cimport free, malloc
 
 from heap cimport heap_init, heap_sort_ascending
+from nearest cimport Codebooks, codebooks_free, codebooks_init
 from scan cimport SCAN_BLOCK, scan_topk
 from simd cimport cypq_l2sqr_ny, cypq_l2sqr_ny_norm, cypq_l2sqr_ny_norm_x4
 
@@ -380,7 +381,7 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
     """
     cdef Py_ssize_t nq = D.shape[0], q
     cdef int M = subs.shape[0], S = subs.shape[1], Ds = subs.shape[2], Mh = M // 2
-    cdef int Dh = P0.shape[1], k = D.shape[1], a, m, j, n0, n1
+    cdef int Dh = P0.shape[1], k = D.shape[1], n0, n1
     cdef int64_t t, t1, sl, g, scanned, need, maxrows = 0
     cdef int64_t n_slots = seg_start.shape[0] - 1
     cdef Py_ssize_t tsize = <Py_ssize_t> Mh * S
@@ -388,9 +389,7 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
     cdef const float *T1
     cdef const float *p0
     cdef const float *p1
-    cdef float *subT
-    cdef float *subnorm
-    cdef float acc
+    cdef Codebooks cb
     cdef float *buf
     cdef float *tables
     cdef int32_t *ibuf
@@ -424,18 +423,10 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
                 raise ValueError("scan_cells: a cell's slot or table row is out of range")
     p0 = &P0[0, 0] if P0.shape[0] else NULL
     p1 = &P1[0, 0] if P1.shape[0] else NULL
-    subT = <float *> malloc(<Py_ssize_t> M * S * (Ds + 1) * sizeof(float))
-    if subT == NULL:
+    if codebooks_init(&cb, &subs[0, 0, 0], M, S, Ds, True) != 0:
+        codebooks_free(&cb)
         raise MemoryError()
-    subnorm = subT + <Py_ssize_t> M * S * Ds
     with nogil:
-        for m in range(M):
-            for a in range(S):
-                acc = 0
-                for j in range(Ds):
-                    subT[(<Py_ssize_t> m * Ds + j) * S + a] = -2 * subs[m, a, j]
-                    acc = acc + subs[m, a, j] * subs[m, a, j]
-                subnorm[m * S + a] = acc
         with parallel(num_threads=n_threads):
             buf = <float *> malloc(SCAN_BLOCK * sizeof(float))
             ibuf = <int32_t *> malloc(SCAN_BLOCK * sizeof(int32_t))
@@ -446,10 +437,10 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
                     continue
                 n0 = <int> (pstart0[q + 1] - pstart0[q])
                 n1 = <int> (pstart1[q + 1] - pstart1[q])
-                _half_tables(p0 + pstart0[q] * Dh, n0, Dh, Mh, Ds, S, subT, subnorm,
+                _half_tables(p0 + pstart0[q] * Dh, n0, Dh, Mh, Ds, S, cb.CTm2, cb.cnorm,
                              tables)
                 _half_tables(p1 + pstart1[q] * Dh, n1, Dh, Mh, Ds, S,
-                             subT + <Py_ssize_t> Mh * Ds * S, subnorm + Mh * S,
+                             cb.CTm2 + <Py_ssize_t> Mh * Ds * S, cb.cnorm + Mh * S,
                              tables + n0 * tsize)
                 heap_init(&D[q, 0], &I[q, 0], k)
                 scanned = 0
@@ -488,6 +479,6 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
             free(buf)
             free(ibuf)
             free(tables)
-    free(subT)
+    codebooks_free(&cb)
     if failed:
         raise MemoryError()

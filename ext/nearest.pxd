@@ -26,9 +26,11 @@ cdef struct Scratch:     # per thread
     float *Xg            # (ROW_CHUNK, Ds) gathered rows (sgemm path)
 
 
-cdef inline int codebooks_init(Codebooks *cb, const float *C, int M, int Ks,
-                               int Ds) noexcept nogil:
-    """Precompute for C (M, Ks, Ds); -1 when out of memory (then codebooks_free is safe)."""
+cdef inline int codebooks_init(Codebooks *cb, const float *C, int M, int Ks, int Ds,
+                               bint transposed) noexcept nogil:
+    """Precompute for C (M, Ks, Ds): the squared norms, and CTm2 if transposed (the SIMD
+    path here; the LOPQ search's tables); -1 when out of memory (then codebooks_free is
+    safe)."""
     cdef Py_ssize_t m, k, j
     cdef float s
     cb.M, cb.Ks, cb.Ds, cb.C = M, Ks, Ds, C
@@ -36,7 +38,7 @@ cdef inline int codebooks_init(Codebooks *cb, const float *C, int M, int Ks,
     cb.cnorm = <float *> malloc(<Py_ssize_t> M * Ks * sizeof(float))
     if cb.cnorm == NULL:
         return -1
-    if Ds < BLAS_MIN_DIM:
+    if transposed:
         cb.CTm2 = <float *> malloc(<Py_ssize_t> M * Ks * Ds * sizeof(float))
         if cb.CTm2 == NULL:
             return -1
