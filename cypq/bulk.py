@@ -7,12 +7,11 @@ Three passes, each restartable at the last thing committed:
    cores, sorted by cell and written to ``<index>/bulk-runs/run-<k>.npy`` (a temporary file
    renamed when complete). Chunks whose run file exists are skipped.
 2. *write*: the sorted runs are merged cell range by cell range (each range holds about one
-   chunk of entries) and the cells' blocks appended to LMDB in key order, one transaction per
-   range. The transaction also records the next cell to write, so a rerun continues from
-   there. Where each id went is spilled to an id run per range, sorted by id.
-3. *ids*: the id runs are merged id range by id range and the id table appended in key order
-   (random-order inserts would dirty the whole id tree in every transaction: memory and
-   time growing with the index).
+   chunk of entries) and handed to the storage's bulk writer
+   (:meth:`cypq.storage.Storage.bulk_writer`), one step per range; each step also commits
+   the next cell to write, so a rerun continues from there.
+3. *ids*: the bulk writer completes the storage (for LMDB: the id table, appended in id
+   order from what it spilled in pass 2), resumably too.
 
 Until the end the index carries a marker that makes :meth:`cypq.Index.open` refuse it; the
 marker also names the input, so a rerun with another input is refused instead of mixed in.
@@ -28,8 +27,10 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
+from ._runs import gather, write_atomic
+from .index import Index
 from .lopq import LOPQModel
-from .storage.lmdb import IndexFormatError, LMDBStorage
+from .storage.base import IndexFormatError
 from .vector_files import VectorSource, read_ids
 
 RUNS_DIR = "bulk-runs"
@@ -168,22 +169,24 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
     identity = {"version": _STATE_VERSION, "input": source.identity(), "rows": N,
                 "ids": None if ids is None else [os.path.abspath(ids), os.path.getsize(ids)],
                 "chunk": int(chunk_size)}
-    storage, resumed, next_cell, state_ids_done = _open_or_create(
-        path, identity, model, train, block_capacity, out)
+    index, resumed, next_cell = _open_or_create(path, identity, model, train, block_capacity,
+                                                out)
+    storage = index.storage
     if next_cell == _FINISHED:  # killed after the last commit: only the clean-up was left
         shutil.rmtree(os.path.join(path, RUNS_DIR), ignore_errors=True)
         try:
-            return BulkSummary(len(storage), int(np.count_nonzero(storage.cell_sizes())),
-                               storage.disk_stats()["bytes_on_disk"],
+            st = index.stats()
+            return BulkSummary(st["vectors"], st["non_empty_cells"], st["bytes_on_disk"],
                                time.perf_counter() - t_start, 0.0, 0.0, True, rss_anon_mb())
         finally:
-            storage.close()
+            index.close()
     try:
-        model = storage.model
+        model = index.model
         if n_threads is not None:
             model.n_threads = n_threads
         runs_dir = os.path.join(path, RUNS_DIR)
         os.makedirs(runs_dir, exist_ok=True)
+        writer = storage.bulk_writer(runs_dir, step=chunk_size)
         n_runs = -(-N // chunk_size)
         run_files = [os.path.join(runs_dir, f"run-{k:06d}.npy") for k in range(n_runs)]
         peak = rss_anon_mb()
@@ -204,17 +207,17 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
                 order = np.argsort(cells, kind="stable")
                 run = np.empty(len(cells), dtype=dtype)
                 run["cell"], run["id"], run["code"] = cells[order], c_ids[order], fine[order]
-                _write_atomic(run_files[k], run)
+                write_atomic(run_files[k], run)
                 del run, cells, fine, c_ids, order
                 peak = max(peak, rss_anon_mb())
                 bar.update(min(chunk_size, N - a))
             bar.close()
         encode_s = time.perf_counter() - t0
 
-        # ---- pass 2: merge the runs in cell order and append the cells' blocks
+        # ---- pass 2: merge the runs in cell order and append the cells' entries
         t0 = time.perf_counter()
         runs = [np.load(f, mmap_mode="r") for f in run_files]
-        n_cells = model.V * model.V
+        n_cells = storage.n_cells
         hist = np.zeros(n_cells, dtype=np.int64)
         for run in runs:
             hist += np.bincount(run["cell"], minlength=n_cells)
@@ -222,15 +225,12 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
         first = 0 if next_cell is None else next_cell
         bar = _Progress(progress, N, "write", initial=int(hist[:first].sum()))
         lo_cell = 0
-        for j, hi_cell in enumerate(ends):
+        for hi_cell in ends:
             if hi_cell > first:
-                batch = _gather(runs, "cell", lo_cell, hi_cell, _run_dtype(model))
-                # Where each id goes, sorted by id, for pass 3; written before the commit,
-                # so a rerun after a kill in between rewrites the same file.
-                _write_id_run(runs_dir, j, batch, storage.bulk_block_numbers(batch["cell"]))
-                state = dict(identity, next_cell=int(hi_cell), ids_done=0)
-                storage.bulk_append(batch["cell"], batch["id"], batch["code"],
-                                    json.dumps(state).encode())
+                batch = gather(runs, "cell", lo_cell, hi_cell, _run_dtype(model))
+                state = dict(identity, next_cell=int(hi_cell))
+                writer.append(batch["cell"], batch["id"], batch["code"],
+                              json.dumps(state).encode())
                 peak = max(peak, rss_anon_mb())
                 bar.update(len(batch))
                 del batch
@@ -238,77 +238,66 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
         bar.close()
         del runs
 
-        # ---- pass 3: the id table, merged from the id runs in id order and appended
-        id_runs = [np.load(_id_run_file(runs_dir, j), mmap_mode="r") for j in range(len(ends))]
-        bounds = _id_ranges(id_runs, chunk_size)
-        ids_done = 0 if next_cell is None else state_ids_done
-        bar = _Progress(progress, len(bounds), "ids", initial=ids_done)
-        lo_id = np.iinfo(np.int64).min
-        for r, hi_id in enumerate(bounds):
-            if r >= ids_done:
-                part = _gather(id_runs, "id", lo_id, hi_id, _ID_RUN)
-                state = dict(identity, next_cell=n_cells, ids_done=r + 1)
-                try:
-                    storage.bulk_append_ids(part["id"], part["cell"], part["block"],
-                                            json.dumps(state).encode())
-                except KeyError as e:
-                    raise BulkLoadError(f"{e.args[0]}; fix the input and start again in an "
-                                        "empty directory") from None
-                peak = max(peak, rss_anon_mb())
-                bar.update(1)
-                del part
-            lo_id = hi_id
-        bar.close()
-        del id_runs
-        storage.finish_bulk()
+        # ---- pass 3: the storage completes itself (the id table), resumably
+        bar = _Progress(progress, N, "ids")
+        try:
+            writer.finish(json.dumps(dict(identity, next_cell=n_cells)).encode(),
+                          progress=bar.update)
+        except KeyError as e:
+            raise BulkLoadError(f"{e.args[0]}; fix the input and start again in an "
+                                "empty directory") from None
+        finally:
+            bar.close()
+        peak = max(peak, rss_anon_mb())
         shutil.rmtree(runs_dir, ignore_errors=True)
         write_s = time.perf_counter() - t0
-        sizes = storage.cell_sizes()
-        summary = BulkSummary(len(storage), int(np.count_nonzero(sizes)),
-                              storage.disk_stats()["bytes_on_disk"],
+        st = index.stats()
+        summary = BulkSummary(st["vectors"], st["non_empty_cells"], st["bytes_on_disk"],
                               time.perf_counter() - t_start, encode_s, write_s, resumed, peak)
     finally:
-        storage.close()
+        index.close()
     return summary
 
 
 def _open_or_create(path, identity, model, train, block_capacity, out):
-    """(storage, resumed, next cell of the write pass or None)."""
-    if os.path.isdir(path) and os.listdir(path):
+    """(index, resumed, next cell of the write pass or None, or _FINISHED)."""
+    if Index.exists(path):
         try:
-            storage = LMDBStorage.open(path, allow_incomplete=True)
-        except IndexFormatError:
-            raise BulkLoadError(f"{path} exists and is not an unfinished bulk load: build into a "
-                                "new directory") from None
-        state = storage.bulk_state()
-        done = storage.bulk_state(finished=True)
+            index = Index.open(path, allow_incomplete=True)
+        except IndexFormatError as e:
+            raise BulkLoadError(f"{path} exists and is not an unfinished bulk load ({e}): "
+                                "build into a new directory") from None
+        state = index.storage.bulk_state()
+        done = index.storage.bulk_state(finished=True)
         if state is None and done is not None and _same_input(json.loads(done), identity):
             out(f"{path} was already built from this input")
-            return storage, True, _FINISHED, 0
+            return index, True, _FINISHED
         if state is None:
-            storage.close()
+            index.close()
             raise BulkLoadError(f"{path} is a complete index: build into a new directory, or "
                                 "add to this one with `cypq add`")
         state = json.loads(state)
         if not _same_input(state, identity):
-            storage.close()
+            index.close()
             changed = [k for k in identity if state.get(k) != identity[k]]
             raise BulkLoadError(f"{path} is an unfinished bulk load of a different input or "
                                 f"settings ({', '.join(changed)} changed): rerun it with the "
                                 "same input and chunk size, or delete the directory")
-        if model is not None and model != storage.model:
-            storage.close()
+        if model is not None and model != index.model:
+            index.close()
             raise BulkLoadError(f"{path} is an unfinished bulk load with another model: rerun "
                                 "with the same model (or none: the one inside is used)")
         out(f"resuming the unfinished bulk load in {path}")
-        return storage, True, state.get("next_cell"), state.get("ids_done", 0)
+        return index, True, state.get("next_cell")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise BulkLoadError(f"{path} exists and is not a directory")
     if model is None:
         if train is None:
             raise BulkLoadError("a model is needed: pass a trained model or train one")
         model = train()
-    storage = LMDBStorage.create(path, model, block_capacity=block_capacity,
-                                 bulk_state=json.dumps(identity).encode())
-    return storage, False, None, 0
+    index = Index.create(path, model, block_capacity=block_capacity,
+                         bulk_state=json.dumps(identity).encode())
+    return index, False, None
 
 
 def _same_input(state: dict, identity: dict) -> bool:
@@ -336,16 +325,6 @@ def _check_codes(model, cells, fine) -> None:
                             "were not made with this model")
 
 
-def _write_atomic(path: str, arr: np.ndarray) -> None:
-    """Write arr as .npy under a temporary name, flush to disk, then rename."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _ranges(cum: np.ndarray, per_range: int) -> list[int]:
     """Exclusive ends of consecutive ranges of a histogram's bins holding about per_range
     entries each (``cum``: its cumulative sum); a range holds at least one bin."""
@@ -356,37 +335,3 @@ def _ranges(cum: np.ndarray, per_range: int) -> list[int]:
     return ends.tolist() + [len(cum)]
 
 
-def _gather(runs, key: str, lo, hi, dtype) -> np.ndarray:
-    """The entries with lo <= key < hi of runs sorted by key, merged stably (run order
-    within equal keys: the input order)."""
-    parts = []
-    for run in runs:
-        a, b = np.searchsorted(run[key], [lo, hi])
-        if b > a:
-            parts.append(np.asarray(run[a:b]))
-    batch = np.concatenate(parts) if parts else np.empty(0, dtype)
-    return batch[np.argsort(batch[key], kind="stable")]
-
-
-_ID_RUN = np.dtype([("id", "<i8"), ("cell", "<i8"), ("block", "<i8")])
-
-
-def _id_run_file(runs_dir: str, j: int) -> str:
-    return os.path.join(runs_dir, f"ids-{j:06d}.npy")
-
-
-def _write_id_run(runs_dir: str, j: int, batch: np.ndarray, blocks: np.ndarray) -> None:
-    rec = np.empty(len(batch), dtype=_ID_RUN)
-    rec["id"], rec["cell"], rec["block"] = batch["id"], batch["cell"], blocks
-    _write_atomic(_id_run_file(runs_dir, j), rec[np.argsort(rec["id"], kind="stable")])
-
-
-def _id_ranges(id_runs, per_range: int) -> list[int]:
-    """Exclusive upper ids of consecutive id ranges of about per_range ids each, from a
-    strided sample of the sorted id runs (memory: N / stride ids)."""
-    stride = max(1, per_range // 64)
-    sample = np.sort(np.concatenate([np.asarray(r["id"][::stride]) for r in id_runs]
-                                    + [np.empty(0, np.int64)]))
-    step = max(1, per_range // stride)
-    bounds = [int(b) for b in np.unique(sample[step::step])]
-    return bounds + [np.iinfo(np.int64).max]

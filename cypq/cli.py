@@ -27,15 +27,11 @@ class UserError(Exception):
 # ---------------------------------------------------------------------------- inputs
 def load_model(path: str):
     """A model from a .lopq protobuf file, a pickle, or an index directory."""
+    from .index import Index
     from .lopq import LOPQModel
-    from .model_io import load_proto
     if os.path.isdir(path):
-        from .storage.lmdb import LMDBStorage
-        storage = LMDBStorage.open(path, readonly=True, allow_incomplete=True)
-        try:
-            return storage.model
-        finally:
-            storage.close()
+        with Index.open(path, readonly=True, allow_incomplete=True) as index:
+            return index.model
     if not os.path.exists(path):
         raise UserError(f"no such model file: {path}")
     if path.endswith((".pkl", ".pickle")):
@@ -47,7 +43,7 @@ def load_model(path: str):
         if not isinstance(model, LOPQModel):
             raise UserError(f"{path} holds a {type(model).__name__}, not a cypq.LOPQModel")
         return model
-    return load_proto(path)
+    return LOPQModel.load_proto(path)
 
 
 def read_queries(spec: str) -> np.ndarray:

@@ -8,10 +8,10 @@ import numpy as np
 
 from ._checks import as_codes, as_vectors, positive_int
 from ._threads import resolve
-from .lopq import LOPQCode, LOPQModel
+from .lopq import LOPQModel
 from .pq import NotFittedError
 from .search import SearchStats, search as _search
-from .storage.base import Storage
+from .storage.base import IndexCorruptError, IndexFormatError, Storage
 from .storage.memory import MemoryStorage
 
 DEFAULT_QUOTA = 10000
@@ -46,7 +46,8 @@ class Index:
             Threads of the kernels (None: all cores).
         """
         _require_trained(model)
-        storage = MemoryStorage(model.V * model.V, model.M, model.fine_code_dtype)
+        storage = MemoryStorage(model.V * model.V, model.M, model.fine_code_dtype,
+                                meta={"model": model.to_proto_bytes()})
         return cls(model, storage, n_threads=n_threads)
 
     @classmethod
@@ -62,11 +63,14 @@ class Index:
             Trained; stored inside the index.
         n_threads : int, optional
         **options
-            Storage options, see :class:`cypq.storage.lmdb.LMDBStorage`.
+            Storage options (``block_capacity``, ``stage_capacity``, ``map_size``, ``sync``,
+            ``bulk_state``), see :meth:`cypq.storage.lmdb.LMDBStorage.create`.
         """
         _require_trained(model)
         from .storage.lmdb import LMDBStorage
-        storage = LMDBStorage.create(os.fspath(path), model, **options)
+        storage = LMDBStorage.create(os.fspath(path), model.V * model.V, model.M,
+                                     model.fine_code_dtype,
+                                     meta={"model": model.to_proto_bytes()}, **options)
         return cls(model, storage, os.fspath(path), n_threads=n_threads)
 
     @classmethod
@@ -80,16 +84,46 @@ class Index:
         readonly : bool
             Open for searching only (no writer lock is taken).
         n_threads : int, optional
+        **options
+            ``map_size``, ``sync``, ``allow_incomplete`` (open an unfinished bulk load), see
+            :meth:`cypq.storage.lmdb.LMDBStorage.open`.
+
+        Raises
+        ------
+        cypq.IndexFormatError
+            Not an index, a format this cypq cannot read, an unfinished bulk load, or a
+            model inside that does not fit the stored codes (IndexCorruptError when the
+            data is damaged).
         """
         from .storage.lmdb import LMDBStorage
-        storage = LMDBStorage.open(os.fspath(path), readonly=readonly, **options)
-        return cls(storage.model, storage, os.fspath(path), readonly, n_threads)
+        path = os.fspath(path)
+        storage = LMDBStorage.open(path, readonly=readonly, n_cells_of=_legacy_n_cells,
+                                   **options)
+        try:
+            model = _stored_model(storage, path)
+        except BaseException:
+            storage.close()
+            raise
+        return cls(model, storage, path, readonly, n_threads)
+
+    @staticmethod
+    def exists(path: str | os.PathLike) -> bool:
+        """Whether ``path`` holds an on-disk index (complete, or a bulk load in progress),
+        as opposed to nothing or what an interrupted :meth:`create` leaves."""
+        from .storage.lmdb import LMDBStorage
+        return LMDBStorage.holds_index(os.fspath(path))
 
     # ------------------------------------------------------------------ basics
     @property
     def model(self) -> LOPQModel:
         """LOPQModel: the model whose codes the index holds."""
         return self._model
+
+    @property
+    def storage(self) -> Storage:
+        """The storage behind the index, through its interface (:class:`cypq.storage.Storage`:
+        bulk writing, merge, stats); the index's own methods are the way to change it."""
+        return self._storage
 
     def __len__(self) -> int:
         self._check_open()
@@ -126,15 +160,16 @@ class Index:
         return resolve(self.n_threads)
 
     def stats(self) -> dict:
-        """Counts: vectors, non-empty cells, largest cell, cells, bytes on disk (0 in memory)."""
+        """Counts: vectors, cells, non-empty cells, largest cell; and the storage's
+        (:meth:`cypq.storage.Storage.stats`): bytes on disk (0 in memory), entries staged,
+        whether a merge is pending."""
         self._check_open()
         with self._storage.snapshot() as snap:
-            sizes = snap.cell_sizes().copy()
-        out = {"vectors": len(self._storage), "cells": int(sizes.size),
-               "non_empty_cells": int(np.count_nonzero(sizes)),
-               "largest_cell": int(sizes.max()) if sizes.size else 0,
-               "bytes_on_disk": 0}
-        out.update(getattr(self._storage, "disk_stats", lambda: {})())
+            sizes = snap.cell_sizes()
+            out = {"vectors": len(self._storage), "cells": int(sizes.size),
+                   "non_empty_cells": int(np.count_nonzero(sizes)),
+                   "largest_cell": int(sizes.max()) if sizes.size else 0}
+        out.update(self._storage.stats())
         return out
 
     # ------------------------------------------------------------------ changes
@@ -181,7 +216,7 @@ class Index:
         if fine.ndim == 1:
             fine, coarse = fine[None, :], np.asarray(coarse)[None, :]
         fine = as_codes(fine, self._model.M, self._model.subquantizer_clusters, "fine codes")
-        coarse = self._model._check_coarse(coarse, fine.shape[0])
+        coarse = self._model.check_coarse_codes(coarse, fine.shape[0])
         if ids is None:
             raise ValueError("add_codes needs the ids of the codes")
         return self._add(coarse, fine, ids, replace)
@@ -200,7 +235,7 @@ class Index:
         adds do it by themselves once ``stage_capacity`` entries are staged, so this only
         chooses when the pause happens). Returns how many entries moved (0 in memory)."""
         self._check_writable()
-        return getattr(self._storage, "merge", lambda: 0)()
+        return self._storage.merge()
 
     def remove(self, ids) -> int:
         """Remove vectors by id in one transaction; absent ids are ignored.
@@ -257,9 +292,34 @@ class Index:
             raise ValueError("quota must be >= 0")
         if w is not None:
             w = positive_int(w, "w")
-        Q, _ = self._model._prepare(queries, "queries")
+        Q = self._model.to_model_space(queries, "queries")
         D, I, stats = _search(self._model, self._storage, Q, k, quota, w, self._threads())
         return (D, I, stats) if return_stats else (D, I)
+
+
+def _stored_model(storage: Storage, path: str) -> LOPQModel:
+    """The model inside an index, checked against the layout of its codes."""
+    data = storage.meta("model")
+    if data is None:
+        raise IndexCorruptError(f"{path} holds no model (meta[model] is missing)")
+    model = LOPQModel.from_proto_bytes(data, f"the model inside {path}")
+    _require_trained(model)
+    if (model.V * model.V, model.M, np.dtype(model.fine_code_dtype)) != (
+            storage.n_cells, storage.code_width, storage.code_dtype):
+        raise IndexFormatError(
+            f"the model inside {path} (V={model.V}, M={model.M}, "
+            f"{model.subquantizer_clusters} codewords) does not fit its codes "
+            f"({storage.n_cells} cells, {storage.code_width} x {storage.code_dtype}): the "
+            "index is damaged")
+    return model
+
+
+def _legacy_n_cells(meta) -> int:
+    """Cells of an index written by cypq 0.1 (format 1 or 2): V * V of its model."""
+    data = meta("model")
+    if data is None:
+        raise IndexCorruptError("the index holds no model (meta[model] is missing)")
+    return LOPQModel.from_proto_bytes(bytes(data), "the model inside the index").V ** 2
 
 
 def _require_trained(model) -> None:

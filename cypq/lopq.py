@@ -9,17 +9,17 @@ directions are dealt to the two halves so both carry a balanced share of the var
 """
 from __future__ import annotations
 
-import warnings
 from collections import namedtuple
 from typing import Optional, Sequence
 
 import numpy as np
 
-from . import _lopq, _quantize
+from . import _quantize, model_io
 from ._checks import as_codes, as_vectors, code_dtype_for, positive_int
-from ._threads import resolve, single_threaded_blas
-from .kmeans import subspace_kmeans
-from .opq import eigenvalue_allocation_matrix
+from ._threads import resolve
+from .lopq_parts import check_parts, f32, pair, same
+from .lopq_training import residual_moments, train_missing_parts
+from .lopq_view import KernelView
 from .pq import NotFittedError
 
 LOPQCode = namedtuple("LOPQCode", ["coarse", "fine"])
@@ -67,15 +67,15 @@ class LOPQModel:
                  parameters: Optional[Sequence] = None, pca: bool = False,
                  n_threads: Optional[int] = None):
         Cs, Rs, mus, subs = parameters if parameters is not None else (None,) * 4
-        self.Cs = _pair(Cs, "Cs", 2)
-        self.Rs = _pair(Rs, "Rs", 3)
-        self.mus = _pair(mus, "mus", 2)
+        self.Cs = pair(Cs, "Cs", 2)
+        self.Rs = pair(Rs, "Rs", 3)
+        self.mus = pair(mus, "mus", 2)
         self.subquantizers = None
         if subs is not None:
             if len(subs) != 2 or len(subs[0]) != len(subs[1]) or len(subs[0]) == 0:
                 raise ValueError("subquantizers must be two equally long sequences of "
                                  "(S, D/M) arrays")
-            self.subquantizers = tuple([_f32(s, "subquantizer", 2) for s in half]
+            self.subquantizers = tuple([f32(s, "subquantizer", 2) for s in half]
                                        for half in subs)
         self.V = int(self.Cs[0].shape[0]) if self.Cs is not None else positive_int(V, "V")
         if self.subquantizers is not None:
@@ -129,33 +129,7 @@ class LOPQModel:
         return None not in (self.Cs, self.Rs, self.mus, self.subquantizers)
 
     def _check_consistent(self) -> None:
-        dims = set()
-        if self.Cs is not None:
-            if self.Cs[0].shape != self.Cs[1].shape:
-                raise ValueError(f"Cs halves differ in shape: {self.Cs[0].shape} vs "
-                                 f"{self.Cs[1].shape}")
-            dims.add(self.Cs[0].shape[1])
-        if self.Rs is not None:
-            V, a, b = self.Rs[0].shape
-            if a != b or self.Rs[1].shape != (V, a, b) or V != self.V:
-                raise ValueError(f"Rs must be two (V={self.V}, D/2, D/2) arrays, got "
-                                 f"{self.Rs[0].shape} and {self.Rs[1].shape}")
-            dims.add(a)
-        if self.mus is not None:
-            if self.mus[0].shape != self.mus[1].shape or self.mus[0].shape[0] != self.V:
-                raise ValueError(f"mus must be two (V={self.V}, D/2) arrays, got "
-                                 f"{self.mus[0].shape} and {self.mus[1].shape}")
-            dims.add(self.mus[0].shape[1])
-        if self.subquantizers is not None:
-            shapes = {s.shape for half in self.subquantizers for s in half}
-            if len(shapes) != 1:
-                raise ValueError(f"subquantizers differ in shape: {sorted(shapes)}")
-            S, ds = shapes.pop()
-            dims.add(ds * self.num_fine_splits)
-        if len(dims) > 1:
-            raise ValueError(f"model parts disagree on the half dimension D/2: {sorted(dims)}")
-        if self.pca_matrix is not None and dims and self.pca_matrix.shape[1] != 2 * dims.pop():
-            raise ValueError("the PCA's output dimension does not match the model")
+        check_parts(self)
 
     def _require(self, *parts: str) -> None:
         missing = [p for p in parts if getattr(self, p) is None]
@@ -178,13 +152,14 @@ class LOPQModel:
         if (self.V, self.M, self.subquantizer_clusters) != (other.V, other.M,
                                                             other.subquantizer_clusters):
             return False
-        return all(_same(getattr(self, a), getattr(other, a))
+        return all(same(getattr(self, a), getattr(other, a))
                    for a in ("Cs", "Rs", "mus", "subquantizers", "pca_mean", "pca_matrix"))
 
     __hash__ = None
 
     def __setstate__(self, state):
         state.setdefault("n_threads", None)
+        state.pop("_rt_cache", None)       # pickles of cypq 0.1.0 carry this old cache
         self.__dict__.update(state)
 
     def get_split_parameters(self, split: int):
@@ -235,45 +210,102 @@ class LOPQModel:
         if N < need:
             raise ValueError(f"{N} training vectors are fewer than V={self.V} or "
                              f"subquantizer_clusters={self.subquantizer_clusters}")
-        log = print if verbose else (lambda *a, **k: None)
-        if self.pca and self.pca_matrix is None and self.Cs is None:
-            log("LOPQ: PCA")
-            self.pca_mean, self.pca_matrix = train_pca(X)
-        X = self._apply_pca(X)
-        Dh = X.shape[1] // 2
-        with single_threaded_blas():
-            if self.Cs is None:
-                log(f"LOPQ: coarse quantizers, 2 x {self.V} centroids")
-                C = subspace_kmeans(X, 2, self.V, iter=kmeans_coarse_iters, seed=seed,
-                                    n_threads=nt, verbose=verbose, label="coarse k-means")
-                self.Cs = (C[0], C[1])
-            coarse = self._coarse(X, nt)
-            groups = self._groups(coarse)
-            if self.Rs is None or self.mus is None:
-                log("LOPQ: local rotations")
-                Rs, mus = [], []
-                for h in range(2):
-                    R, mu = local_rotations(X, h * Dh, self.Cs[h], *groups[h],
-                                            self.num_fine_splits, nt)
-                    Rs.append(R)
-                    mus.append(mu)
-                self.Rs = self.Rs if self.Rs is not None else tuple(Rs)
-                self.mus = self.mus if self.mus is not None else tuple(mus)
-            if self.subquantizers is None:
-                rows = None
-                if subquantizer_sample_ratio < 1:
-                    rng = np.random.default_rng(seed + 1)
-                    n = max(self.subquantizer_clusters, int(N * subquantizer_sample_ratio))
-                    rows = np.sort(rng.choice(N, n, replace=False))
-                PX = self._project_grouped(X, coarse, nt, groups, rows)
-                log(f"LOPQ: {self.M} fine subquantizers of {self.subquantizer_clusters}")
-                subs = subspace_kmeans(PX, self.M, self.subquantizer_clusters,
-                                       iter=kmeans_local_iters, seed=seed + 2, n_threads=nt,
-                                       verbose=verbose, label="fine k-means")
-                h = self.num_fine_splits
-                self.subquantizers = ([s for s in subs[:h]], [s for s in subs[h:]])
+        train_missing_parts(self, X, kmeans_coarse_iters, kmeans_local_iters,
+                            subquantizer_sample_ratio, seed, verbose, nt)
         self._check_consistent()
         return self
+
+    def set_pca(self, mean: np.ndarray, matrix: np.ndarray) -> None:
+        """Set a trained PCA (from a model file, or a distributed training): vectors then
+        enter the model as ``(x - mean) @ matrix``.
+
+        Parameters
+        ----------
+        mean : array_like (D_in,)
+        matrix : array_like (D_in, model_dim)
+        """
+        mean, matrix = f32(mean, "pca_mean", 1), f32(matrix, "pca_matrix", 2)
+        if mean.shape != (matrix.shape[0],):
+            raise ValueError("the PCA mean and matrix disagree in dimension")
+        self.pca, self.pca_mean, self.pca_matrix = True, mean, matrix
+        self._check_consistent()
+
+    # ------------------------------------------------------------------ public face for the
+    # layers above (index, search, Spark): model space, coarse codes -> cells, kernel view
+    def to_model_space(self, x, name: str = "x") -> np.ndarray:
+        """Vectors brought into the model's space: validated, float32, PCA applied.
+
+        Parameters
+        ----------
+        x : array_like, shape (D,) or (N, D)
+            Finite numbers; D the model's input dimension.
+        name : str
+            What to call x in error messages.
+
+        Returns
+        -------
+        numpy.ndarray float32, shape (N, model_dim) (N = 1 for one vector), C-contiguous.
+        """
+        return self._prepare(x, name)[0]
+
+    def check_coarse_codes(self, coarse, n: int) -> np.ndarray:
+        """Coarse codes validated against the model.
+
+        Parameters
+        ----------
+        coarse : array_like of int, shape (2,) or (n, 2)
+        n : int
+            Expected number of rows.
+
+        Returns
+        -------
+        numpy.ndarray int32, shape (n, 2), each in [0, V).
+        """
+        c = np.asarray(coarse)
+        if c.ndim == 1:
+            c = c[None, :]
+        if c.shape != (n, 2):
+            raise ValueError(f"coarse codes must have shape ({n}, 2), got {np.shape(coarse)}")
+        if not np.issubdtype(c.dtype, np.integer):
+            raise TypeError(f"coarse codes must be integers, got {c.dtype}")
+        if c.size and (c.min() < 0 or c.max() >= self.V):
+            raise ValueError(f"coarse codes must be in [0, {self.V})")
+        return np.ascontiguousarray(c, dtype=np.int32)
+
+    def kernel_view(self) -> "KernelView":
+        """The model's arrays laid out as the kernels read them, built once per set of
+        parameters (rebuilt only when a part is replaced, e.g. by ``fit``).
+
+        Returns
+        -------
+        KernelView
+        """
+        parts = (self.Cs, self.Rs, self.mus, self.subquantizers)
+        cached = self.__dict__.get("_kernel_view")
+        if cached is None or any(a is not b for a, b in zip(cached[0], parts)):
+            cached = (parts, KernelView.of(self))
+            self.__dict__["_kernel_view"] = cached
+        return cached[1]
+
+    def residual_moments(self, X: np.ndarray, n_threads: Optional[int] = None):
+        """Per half, the moments of the residuals of X's rows to their coarse centroids.
+
+        Parameters
+        ----------
+        X : numpy.ndarray float32 (N, model_dim)
+            Vectors in the model's space (:meth:`to_model_space`).
+        n_threads : int, optional
+
+        Returns
+        -------
+        tuple of two (counts (V,) int64, mean (V, D/2) float64, m2 (V, D/2, D/2) float64);
+        moments of disjoint parts combine exactly with :func:`combine_moments`.
+        """
+        self._require("Cs")
+        nt = resolve(n_threads) if n_threads is not None else self._threads()
+        groups = self.kernel_view().groups(self.kernel_view().coarse_codes(X, nt))
+        Dh = X.shape[1] // 2
+        return tuple(residual_moments(X, h * Dh, self.Cs[h], *groups[h], nt) for h in range(2))
 
     # ------------------------------------------------------------------ helpers
     def _apply_pca(self, X: np.ndarray) -> np.ndarray:
@@ -289,65 +321,10 @@ class LOPQModel:
                        allow_empty=allow_empty)
         return self._apply_pca(X), single
 
-    def _coarse_stack(self) -> np.ndarray:
-        return np.ascontiguousarray(np.stack(self.Cs), dtype=np.float32)
-
-    def _coarse(self, X: np.ndarray, nt: int) -> np.ndarray:
-        codes = np.empty((X.shape[0], 2), dtype=np.int32 if self.V > 65536 else
-                         code_dtype_for(self.V))
-        with single_threaded_blas():
-            _quantize.encode(X, self._coarse_stack(), codes, np.empty(0, np.float32), nt)
-        return codes.astype(np.int32)
-
-    def _rotations_transposed(self) -> tuple[np.ndarray, np.ndarray]:
-        """Rs with each rotation transposed (what the search kernel reads), cached."""
-        cache = getattr(self, "_rt_cache", None)
-        if cache is None or cache[0] is not self.Rs:
-            rt = tuple(np.ascontiguousarray(R.transpose(0, 2, 1)) for R in self.Rs)
-            self._rt_cache = cache = (self.Rs, rt)
-        return cache[1]
-
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.pop("_rt_cache", None)
+        state.pop("_kernel_view", None)
         return state
-
-    def _fine_stack(self) -> np.ndarray:
-        return np.ascontiguousarray(np.stack(list(self.subquantizers[0])
-                                             + list(self.subquantizers[1])), dtype=np.float32)
-
-    def _check_coarse(self, coarse, n: int) -> np.ndarray:
-        c = np.asarray(coarse)
-        if c.ndim == 1:
-            c = c[None, :]
-        if c.shape != (n, 2):
-            raise ValueError(f"coarse codes must have shape ({n}, 2), got {np.shape(coarse)}")
-        if not np.issubdtype(c.dtype, np.integer):
-            raise TypeError(f"coarse codes must be integers, got {c.dtype}")
-        if c.size and (c.min() < 0 or c.max() >= self.V):
-            raise ValueError(f"coarse codes must be in [0, {self.V})")
-        return np.ascontiguousarray(c, dtype=np.int32)
-
-    def _groups(self, coarse):
-        """Rows grouped by coarse centroid, per half: [(order, offsets), (order, offsets)]."""
-        return [_lopq.group_rows(np.ascontiguousarray(coarse[:, h]), self.V) for h in range(2)]
-
-    def _project_grouped(self, X, coarse, nt, groups=None, rows=None, inverse=False):
-        """Forward (or inverse) local projection of the rows of X; rows selects a subset;
-        groups (from _groups) when the caller has them already."""
-        Dh = X.shape[1] // 2
-        if rows is not None:
-            X = np.ascontiguousarray(X[rows])
-            coarse = coarse[rows]
-            groups = None
-        if groups is None:
-            groups = self._groups(coarse)
-        out = np.empty_like(X)
-        RT = self._rotations_transposed()
-        for h in range(2):
-            _lopq.project(X, h * Dh, self.Cs[h], self.Rs[h], RT[h], self.mus[h],
-                          *groups[h], out, h * Dh, inverse, nt)
-        return out
 
     # ------------------------------------------------------------------ encoding
     def predict_coarse(self, x):
@@ -363,7 +340,7 @@ class LOPQModel:
         """
         self._require("Cs")
         X, single = self._prepare(x)
-        codes = self._coarse(X, self._threads())
+        codes = self.kernel_view().coarse_codes(X, self._threads())
         return tuple(int(c) for c in codes[0]) if single else codes
 
     def project(self, x, coarse_codes, coarse_split: Optional[int] = None):
@@ -383,8 +360,8 @@ class LOPQModel:
         """
         self._require("Cs", "Rs", "mus")
         X, single = self._prepare(x)
-        coarse = self._check_coarse(coarse_codes, X.shape[0])
-        P = self._project_grouped(X, coarse, self._threads())
+        coarse = self.check_coarse_codes(coarse_codes, X.shape[0])
+        P = self.kernel_view().project(X, coarse, self._threads())
         if coarse_split is not None:
             if coarse_split not in (0, 1):
                 raise ValueError("coarse_split must be 0 or 1")
@@ -407,15 +384,15 @@ class LOPQModel:
         self._require("Cs", "Rs", "mus", "subquantizers")
         X, single = self._prepare(x)
         nt = self._threads()
-        coarse = (self._coarse(X, nt) if coarse_codes is None
-                  else self._check_coarse(coarse_codes, X.shape[0]))
+        coarse = (self.kernel_view().coarse_codes(X, nt) if coarse_codes is None
+                  else self.check_coarse_codes(coarse_codes, X.shape[0]))
         fine = self._fine(X, coarse, nt)
         return tuple(int(c) for c in fine[0]) if single else fine
 
     def _fine(self, X, coarse, nt):
-        PX = self._project_grouped(X, coarse, nt)
+        PX = self.kernel_view().project(X, coarse, nt)
         fine = np.empty((X.shape[0], self.M), dtype=self.fine_code_dtype)
-        _quantize.encode(PX, self._fine_stack(), fine, np.empty(0, np.float32), nt)
+        _quantize.encode(PX, self.kernel_view().fine, fine, np.empty(0, np.float32), nt)
         return fine
 
     def predict(self, x) -> LOPQCode:
@@ -433,7 +410,7 @@ class LOPQModel:
         self._require("Cs", "Rs", "mus", "subquantizers")
         X, single = self._prepare(x)
         nt = self._threads()
-        coarse = self._coarse(X, nt)
+        coarse = self.kernel_view().coarse_codes(X, nt)
         fine = self._fine(X, coarse, nt)
         if single:
             return LOPQCode(tuple(int(c) for c in coarse[0]), tuple(int(c) for c in fine[0]))
@@ -454,12 +431,12 @@ class LOPQModel:
         coarse, fine = codes
         single = np.ndim(fine) == 1
         fine = np.asarray(fine)[None, :] if single else np.asarray(fine)
-        coarse = self._check_coarse(coarse, fine.shape[0])
+        coarse = self.check_coarse_codes(coarse, fine.shape[0])
         fine = as_codes(fine, self.M, self.subquantizer_clusters, "fine codes")
         sub = np.empty((fine.shape[0], self.model_dim), dtype=np.float32)
         nt = self._threads()
-        _quantize.decode(fine, self._fine_stack(), sub, nt)
-        X = self._project_grouped(sub, coarse, nt, inverse=True)
+        _quantize.decode(fine, self.kernel_view().fine, sub, nt)
+        X = self.kernel_view().project(sub, coarse, nt, inverse=True)
         if self.pca_matrix is not None:
             X = X @ self.pca_matrix.T + self.pca_mean
         return X[0] if single else X
@@ -481,10 +458,10 @@ class LOPQModel:
         """
         self._require("Cs", "Rs", "mus", "subquantizers")
         X, single = self._prepare(x)
-        coarse = self._check_coarse(coarse_codes, X.shape[0])
-        PX = self._project_grouped(X, coarse, self._threads())
+        coarse = self.check_coarse_codes(coarse_codes, X.shape[0])
+        PX = self.kernel_view().project(X, coarse, self._threads())
         T = np.empty((X.shape[0], self.M, self.subquantizer_clusters), dtype=np.float32)
-        _quantize.tables(PX, self._fine_stack(), T, False, self._threads())
+        _quantize.tables(PX, self.kernel_view().fine, T, False, self._threads())
         if coarse_split is not None:
             if coarse_split not in (0, 1):
                 raise ValueError("coarse_split must be 0 or 1")
@@ -507,135 +484,37 @@ class LOPQModel:
         return np.stack([ids // self.V, ids % self.V], axis=1)
 
     # ------------------------------------------------------------------ model files
+    def to_proto_bytes(self) -> bytes:
+        """The model as serialized LOPQ protobuf (the bytes of :meth:`export_proto`)."""
+        return model_io.model_to_bytes(self)
+
+    @classmethod
+    def from_proto_bytes(cls, data: bytes, name: str = "model bytes") -> "LOPQModel":
+        """A model from serialized LOPQ protobuf (see :meth:`load_proto`); raises
+        :class:`cypq.ModelFileError` for corrupt or inconsistent bytes, naming ``name``."""
+        return model_io.model_from_bytes(cls, data, name)
+
     def export_proto(self, path_or_file) -> None:
-        """Write the LOPQ protobuf model file (see cypq.model_io)."""
-        from .model_io import export_proto
-        export_proto(self, path_or_file)
+        """Write the LOPQ protobuf model file (layout: :mod:`cypq.model_io`).
 
-    @staticmethod
-    def load_proto(path_or_file) -> "LOPQModel":
-        """Read an LOPQ protobuf model file (see cypq.model_io)."""
-        from .model_io import load_proto
-        return load_proto(path_or_file)
+        Parameters
+        ----------
+        path_or_file : str, os.PathLike or binary file object
+            A path is written atomically (temporary file, then rename).
+        """
+        model_io.write_bytes(self.to_proto_bytes(), path_or_file)
 
+    @classmethod
+    def load_proto(cls, path_or_file) -> "LOPQModel":
+        """Read an LOPQ protobuf model file, written by LOPQ's Python/Spark code or by cypq.
 
-def train_pca(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """PCA whose directions are dealt to the two halves by eigenvalue allocation.
+        Parameters
+        ----------
+        path_or_file : str, os.PathLike, binary file object, or the file's bytes
 
-    Parameters
-    ----------
-    X : numpy.ndarray float32 (N, D), D even
-
-    Returns
-    -------
-    mean : numpy.ndarray float32 (D,)
-    P : numpy.ndarray float32 (D, D), orthogonal; the first D/2 columns span half 0.
-    """
-    return pca_from_moments(*data_moments(X))
-
-
-def data_moments(X: np.ndarray):
-    """(n, mean (D,) float64, m2 (D, D) float64: sum of the centred outer products) of
-    float32 rows X (N, D); moments of parts combine exactly (:func:`combine_moments`)."""
-    mean = X.mean(axis=0, dtype=np.float64)
-    Xc = X - mean.astype(np.float32)
-    return np.int64(X.shape[0]), mean, (Xc.T @ Xc).astype(np.float64)
-
-
-def pca_from_moments(n: int, mean: np.ndarray, m2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`train_pca` from the data's moments (what a distributed pass aggregates).
-
-    Parameters
-    ----------
-    n : int
-        Number of vectors.
-    mean : numpy.ndarray float64 (D,)
-    m2 : numpy.ndarray float64 (D, D)
-        Sum of the outer products of the centred vectors.
-    """
-    P = eigenvalue_allocation_matrix(m2 / max(1, n - 1), 2)
-    return np.asarray(mean, dtype=np.float32), np.ascontiguousarray(P, dtype=np.float32)
-
-
-def residual_moments(X, col0, C, order, offsets, n_threads):
-    """Per coarse cluster of one half: (counts (V,) int64, mean (V, d) float64, m2 (V, d, d)
-    float64) of the residuals x - C[c], m2 being the sum of the centred outer products.
-
-    Moments of disjoint parts of the data combine exactly (:func:`combine_moments`).
-    """
-    V, d = C.shape
-    mean = np.empty((V, d))
-    cov = np.empty((V, d, d))
-    _lopq.residual_stats(X, col0, C, order, offsets, mean, cov, n_threads)
-    counts = np.diff(offsets).astype(np.int64)
-    return counts, mean, cov * counts[:, None, None]
-
-
-def combine_moments(a, b):
-    """Moments (counts, mean, m2) of the union of two disjoint parts (Chan et al.), with
-    counts, means and m2 batched over any leading axes."""
-    na, ma, m2a = a
-    nb, mb, m2b = b
-    n = na + nb
-    w = np.where(n > 0, nb / np.maximum(n, 1), 0.0)[..., None]
-    delta = mb - ma
-    mean = ma + delta * w
-    m2 = m2a + m2b + (delta[..., :, None] * delta[..., None, :]) * (
-        (na * w[..., 0]))[..., None, None]
-    return n, mean, m2
-
-
-def local_rotations(X, col0, C, order, offsets, num_buckets, n_threads):
-    """Local rotations and residual means of one half's coarse clusters (see
-    :func:`rotations_from_moments`)."""
-    return rotations_from_moments(*residual_moments(X, col0, C, order, offsets, n_threads),
-                                  num_buckets)
-
-
-def rotations_from_moments(counts, mean, m2, num_buckets):
-    """Local rotations from the residual moments of one half's clusters.
-
-    Returns
-    -------
-    R : numpy.ndarray float32 (V, d, d)
-        Rows: eigenvectors of the cluster's residual covariance, eigenvalue-allocated into
-        num_buckets groups (identity for clusters with fewer points than dimensions).
-    mu : numpy.ndarray float32 (V, d)
-        Mean residual (zero for empty clusters).
-    """
-    V, d = mean.shape
-    R = np.empty((V, d, d), dtype=np.float32)
-    small = counts < d
-    for c in np.flatnonzero(~small):
-        R[c] = eigenvalue_allocation_matrix(m2[c] / counts[c], num_buckets).T
-    R[small] = np.eye(d, dtype=np.float32)
-    if small.any():
-        warnings.warn(f"{int(small.sum())} of {V} coarse clusters have fewer points than "
-                      f"dimensions ({d}): their local rotation is the identity", RuntimeWarning,
-                      stacklevel=3)
-    return R, np.asarray(mean, dtype=np.float32)
-
-
-def _f32(a, name, ndim):
-    arr = np.ascontiguousarray(a, dtype=np.float32)
-    if arr.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {arr.shape}")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{name} contains NaN or infinity")
-    return arr
-
-
-def _pair(p, name, ndim):
-    if p is None:
-        return None
-    if len(p) != 2:
-        raise ValueError(f"{name} must hold two arrays, one per half; got {len(p)}")
-    return (_f32(p[0], name, ndim), _f32(p[1], name, ndim))
-
-
-def _same(a, b) -> bool:
-    if a is None or b is None:
-        return a is b
-    if isinstance(a, np.ndarray):
-        return isinstance(b, np.ndarray) and np.array_equal(a, b)
-    return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        Returns
+        -------
+        LOPQModel
+            Possibly partly trained (e.g. only Cs), as the file holds.
+        """
+        return cls.from_proto_bytes(*model_io.read_bytes(path_or_file))

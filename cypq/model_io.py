@@ -1,4 +1,8 @@
-"""The LOPQ protobuf model file: read and write it byte-compatibly with the LOPQ code.
+"""The LOPQ protobuf model file: bytes <-> the model's arrays, byte-compatible with LOPQ.
+
+This module knows the file, not the model class: it reads a model's public attributes and
+makes one through the class it is given, so the import runs one way, lopq -> model_io
+(``LOPQModel.to_proto_bytes`` / ``from_proto_bytes`` / ``export_proto`` / ``load_proto``).
 
 Writing follows LOPQ's ``export_proto``: header fields D, V, M, num_subquantizers, then the
 parts that exist, row-major float32, Rs / mus / subs of half 0 before those of half 1. Reading
@@ -9,9 +13,9 @@ vectors themselves (as the LOPQ Spark pipeline does with its separate PCA parame
 """
 from __future__ import annotations
 
-import io
 import os
-from typing import BinaryIO, Union
+from dataclasses import dataclass
+from typing import BinaryIO, Optional, Union
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -25,90 +29,61 @@ class ModelFileError(ValueError):
     """A model file that cannot be read: truncated, corrupt, or inconsistent."""
 
 
-def model_to_proto(model) -> pb.LOPQModelParams:
-    """The LOPQModelParams message of a model (see module docstring for the layout)."""
-    params = pb.LOPQModelParams()
-    if model.model_dim is not None:
-        params.D = model.model_dim
-    params.V = model.V
-    params.M = model.M
-    params.num_subquantizers = model.subquantizer_clusters
-    if model.Cs is not None:
-        for C in model.Cs:
-            _put_matrix(params.Cs.add(), C)
-    if model.Rs is not None:
-        for R in model.Rs:
-            for r in R:
-                _put_matrix(params.Rs.add(), r)
-    if model.mus is not None:
-        for mu in model.mus:
-            for m in mu:
-                params.mus.add().values.extend(np.asarray(m, np.float32).ravel().tolist())
-    if model.subquantizers is not None:
-        for half in model.subquantizers:
-            for s in half:
-                _put_matrix(params.subs.add(), s)
-    if model.pca_matrix is not None:
-        params.pca_mean.values.extend(model.pca_mean.ravel().tolist())
-        _put_matrix(params.pca_matrix, model.pca_matrix)
-    return params
+@dataclass
+class ModelParts:
+    """What a model file holds; any array part may be None (a partly trained model).
 
-
-def export_proto(model, path_or_file: PathOrFile) -> None:
-    """Write a model as an LOPQ protobuf file.
-
-    Parameters
-    ----------
-    model : cypq.LOPQModel
-    path_or_file : str, os.PathLike or binary file object
-        A path is written atomically (temporary file, then rename).
+    Header fields D, V, M, S (num_subquantizers) are 0 where unknown. Cs: two (V, D/2);
+    Rs: two (V, D/2, D/2); mus: two (V, D/2); subs: two sequences of M/2 (S, D/M) arrays;
+    pca_mean (D_in,), pca_matrix (D_in, D). All float32.
     """
-    data = model_to_proto(model).SerializeToString()
-    if isinstance(path_or_file, (str, os.PathLike)):
-        tmp = f"{os.fspath(path_or_file)}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path_or_file)
-    else:
-        path_or_file.write(data)
+    D: int = 0
+    V: int = 0
+    M: int = 0
+    S: int = 0
+    Cs: Optional[tuple] = None
+    Rs: Optional[tuple] = None
+    mus: Optional[tuple] = None
+    subs: Optional[tuple] = None
+    pca_mean: Optional[np.ndarray] = None
+    pca_matrix: Optional[np.ndarray] = None
 
 
-def load_proto(path_or_file: PathOrFile):
-    """Read an LOPQ protobuf model file (written by LOPQ's Python/Spark code or by cypq).
+def parts_to_bytes(parts: ModelParts) -> bytes:
+    """Serialized LOPQModelParams of a model's parts (see the module docstring)."""
+    params = pb.LOPQModelParams()
+    if parts.D:
+        params.D = parts.D
+    params.V, params.M, params.num_subquantizers = parts.V, parts.M, parts.S
+    for C in parts.Cs or ():
+        _put_matrix(params.Cs.add(), C)
+    for R in parts.Rs or ():
+        for r in R:
+            _put_matrix(params.Rs.add(), r)
+    for mu in parts.mus or ():
+        for m in mu:
+            params.mus.add().values.extend(np.asarray(m, np.float32).ravel().tolist())
+    for half in parts.subs or ():
+        for s in half:
+            _put_matrix(params.subs.add(), s)
+    if parts.pca_matrix is not None:
+        params.pca_mean.values.extend(np.asarray(parts.pca_mean, np.float32).ravel().tolist())
+        _put_matrix(params.pca_matrix, parts.pca_matrix)
+    return params.SerializeToString()
 
-    Parameters
-    ----------
-    path_or_file : str, os.PathLike, binary file object, or the file's bytes
 
-    Returns
-    -------
-    cypq.LOPQModel
-        Possibly partly trained (e.g. only Cs), as the file holds.
+def bytes_to_parts(data: bytes, name: str = "model bytes") -> ModelParts:
+    """The parts held by serialized LOPQModelParams.
 
     Raises
     ------
     ModelFileError
-        Truncated or corrupt file, or arrays whose sizes do not fit together.
+        Truncated or corrupt bytes, no parameters, or arrays whose sizes do not fit the
+        layout; ``name`` says where the bytes came from.
     """
-    if isinstance(path_or_file, (bytes, bytearray, memoryview)):
-        data, name = bytes(path_or_file), "model bytes"
-    elif isinstance(path_or_file, (str, os.PathLike)):
-        name = os.fspath(path_or_file)
-        with open(name, "rb") as f:
-            data = f.read()
-    else:
-        data, name = path_or_file.read(), getattr(path_or_file, "name", "model file")
-    return proto_to_model(data, name)
-
-
-def proto_to_model(data: bytes, name: str = "model bytes"):
-    """cypq.LOPQModel from serialized LOPQModelParams (see load_proto)."""
-    from .lopq import LOPQModel
     params = pb.LOPQModelParams()
     try:
-        params.ParseFromString(data)
+        params.ParseFromString(bytes(data))
     except DecodeError as e:
         raise ModelFileError(f"{name} is not a readable LOPQ model file (truncated or corrupt: "
                              f"{e})") from None
@@ -122,23 +97,71 @@ def proto_to_model(data: bytes, name: str = "model bytes"):
         Rs = _halves([_get_matrix(m, 2) for m in params.Rs], "Rs")
         mus = _halves([np.asarray(v.values, dtype=np.float32) for v in params.mus], "mus")
         subs = _halves([_get_matrix(m, 2) for m in params.subs], "subs")
-        model = LOPQModel(parameters=(
-            Cs, None if Rs is None else tuple(np.stack(h) for h in Rs),
-            None if mus is None else tuple(np.stack(h) for h in mus), subs),
-            V=params.V or 8, M=params.M or 4,
-            subquantizer_clusters=params.num_subquantizers or 256, pca=False)
+        parts = ModelParts(
+            D=params.D, V=params.V, M=params.M, S=params.num_subquantizers,
+            Cs=None if Cs is None else tuple(Cs),
+            Rs=None if Rs is None else tuple(np.stack(h) for h in Rs),
+            mus=None if mus is None else tuple(np.stack(h) for h in mus),
+            subs=None if subs is None else tuple(subs))
         if params.HasField("pca_matrix"):
-            P = _get_matrix(params.pca_matrix, 2)
-            mean = np.asarray(params.pca_mean.values, dtype=np.float32)
-            if mean.shape != (P.shape[0],):
-                raise ModelFileError("the PCA mean and matrix disagree in dimension")
-            model.pca, model.pca_mean, model.pca_matrix = True, mean, P
-            model._check_consistent()
+            parts.pca_matrix = _get_matrix(params.pca_matrix, 2)
+            parts.pca_mean = np.asarray(params.pca_mean.values, dtype=np.float32)
     except ModelFileError as e:
         raise ModelFileError(f"{name}: {e}") from None
+    return parts
+
+
+def model_to_bytes(model) -> bytes:
+    """Serialized LOPQModelParams of an LOPQ model (anything with LOPQModel's attributes)."""
+    return parts_to_bytes(ModelParts(
+        D=model.model_dim or 0, V=model.V, M=model.M, S=model.subquantizer_clusters,
+        Cs=model.Cs, Rs=model.Rs, mus=model.mus,
+        subs=None if model.subquantizers is None else tuple(model.subquantizers),
+        pca_mean=model.pca_mean, pca_matrix=model.pca_matrix))
+
+
+def model_from_bytes(cls, data: bytes, name: str = "model bytes"):
+    """A model of class ``cls`` (cypq.LOPQModel) from serialized LOPQModelParams.
+
+    Raises
+    ------
+    ModelFileError
+        Corrupt bytes, or parts that do not fit together.
+    """
+    parts = bytes_to_parts(data, name)
+    try:
+        model = cls(parameters=(parts.Cs, parts.Rs, parts.mus, parts.subs), V=parts.V or 8,
+                    M=parts.M or 4, subquantizer_clusters=parts.S or 256, pca=False)
+        if parts.pca_matrix is not None:
+            model.set_pca(parts.pca_mean, parts.pca_matrix)
     except ValueError as e:  # shapes that do not fit together
         raise ModelFileError(f"{name} is inconsistent: {e}") from None
     return model
+
+
+def write_bytes(data: bytes, path_or_file: PathOrFile) -> None:
+    """Write model bytes to a path (atomically: temporary file, fsync, rename) or a binary
+    file object."""
+    if isinstance(path_or_file, (str, os.PathLike)):
+        tmp = f"{os.fspath(path_or_file)}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path_or_file)
+    else:
+        path_or_file.write(data)
+
+
+def read_bytes(path_or_file) -> tuple[bytes, str]:
+    """(bytes, a name for messages) of a path, a binary file object, or bytes."""
+    if isinstance(path_or_file, (bytes, bytearray, memoryview)):
+        return bytes(path_or_file), "model bytes"
+    if isinstance(path_or_file, (str, os.PathLike)):
+        name = os.fspath(path_or_file)
+        with open(name, "rb") as f:
+            return f.read(), name
+    return path_or_file.read(), getattr(path_or_file, "name", "model file")
 
 
 def _put_matrix(m, a) -> None:

@@ -34,7 +34,7 @@ def search(model, storage: Storage, Q: np.ndarray, k: int, quota: int, w: int | 
     Parameters
     ----------
     model : cypq.LOPQModel
-        Trained.
+        Trained (its kernel view is what the kernels read).
     storage : Storage
     Q : numpy.ndarray float32 (nq, model_dim)
         Queries already in the model's space (after its PCA).
@@ -60,8 +60,7 @@ def search(model, storage: Storage, Q: np.ndarray, k: int, quota: int, w: int | 
         cap = min(cap, quota)
     if w:
         cap = min(cap, w)
-    subs = model._fine_stack()
-    code_bytes = np.dtype(model.fine_code_dtype).itemsize
+    view = model.kernel_view()
     D = np.empty((nq, k), dtype=np.float32)
     I = np.empty((nq, k), dtype=np.int64)
     stats = SearchStats(np.zeros(nq, np.int64), np.zeros(nq, np.int64), np.zeros(nq, np.int64))
@@ -69,21 +68,19 @@ def search(model, storage: Storage, Q: np.ndarray, k: int, quota: int, w: int | 
     with storage.snapshot() as snap:
         sizes = snap.cell_sizes()
         for q0 in range(0, nq, batch):
-            _search_batch(model, snap, sizes, Q, q0, min(nq, q0 + batch), k, quota, w, cap,
-                          (subs, code_bytes), D, I, stats, n_threads)
+            _search_batch(view, snap, sizes, Q, q0, min(nq, q0 + batch), k, quota, w, cap,
+                          D, I, stats, n_threads)
     return D, I, stats
 
 
-def _search_batch(model, snap, sizes, Q, q0, q1, k, quota, w, cap, params, D, I, stats,
-                  n_threads):
+def _search_batch(view, snap, sizes, Q, q0, q1, k, quota, w, cap, D, I, stats, n_threads):
     """Search queries q0:q1 (phase A, the snapshot's segments and local frames, phase C)."""
-    subs, code_bytes = params
     Qb = Q[q0:q1]
     nb = q1 - q0
     cells = np.empty((nb, cap), dtype=np.int64)
     n_cand = np.empty(nb, dtype=np.int64)
     n_cells = stats.cells[q0:q1]
-    _search.cell_order(Qb, model.Cs[0], model.Cs[1], sizes, quota, w or 0, cells, n_cells,
+    _search.cell_order(Qb, view.Cs[0], view.Cs[1], sizes, quota, w or 0, cells, n_cells,
                        stats.visited[q0:q1], n_cand, n_threads)
     # From here on the visited cells are flat, query-major: query q's are
     # flat[cell_start[q]:cell_start[q + 1]].
@@ -93,10 +90,11 @@ def _search_batch(model, snap, sizes, Q, q0, q1, k, quota, w, cap, params, D, I,
     distinct, slot = _distinct(flat, len(sizes))
     seg = snap.segments(distinct)
     query_of = np.repeat(np.arange(nb), n_cells)
-    P0, start0, tab0 = _local_frames(model, 0, Qb, query_of, flat // model.V, n_threads)
-    P1, start1, tab1 = _local_frames(model, 1, Qb, query_of, flat % model.V, n_threads)
-    _search.scan_cells(P0, P1, start0, start1, subs, cell_start, tab0, tab1, slot,
-                       seg.start, seg.codes, seg.ids, seg.length, code_bytes, D[q0:q1],
+    P0, start0, tab0 = _local_frames(view, 0, Qb, query_of, flat // view.V, n_threads)
+    P1, start1, tab1 = _local_frames(view, 1, Qb, query_of, flat % view.V, n_threads)
+    _search.scan_cells(P0, P1, start0, start1, view.fine, cell_start, tab0, tab1, slot,
+                       seg.start, seg.codes, seg.ids, seg.length, view.code_dtype.itemsize,
+                       D[q0:q1],
                        I[q0:q1], stats.scanned[q0:q1], n_threads)
 
 
@@ -115,7 +113,7 @@ def _distinct(values: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     return distinct, np.searchsorted(distinct, values)
 
 
-def _local_frames(model, h, Qb, query_of, centroid, n_threads):
+def _local_frames(view, h, Qb, query_of, centroid, n_threads):
     """Half h of every query projected into the local frame of each centroid it visits.
 
     query_of, centroid (n,) int64: the query and half-h centroid of each visited cell.
@@ -124,14 +122,14 @@ def _local_frames(model, h, Qb, query_of, centroid, n_threads):
     visited cell the row of its centroid among its query's rows. The rows are projected
     grouped by centroid, so each rotation is read once per batch, not once per query.
     """
-    nb, V = len(Qb), model.V
+    nb, V = len(Qb), view.V
     Dh = Qb.shape[1] // 2
     keys, row = _distinct(query_of * V + centroid, nb * V)
     key_query = keys // V
     X = np.ascontiguousarray(Qb[key_query, h * Dh:(h + 1) * Dh])
     P = np.empty_like(X)
     order, offsets = _lopq.group_rows((keys % V).astype(np.int32), V)
-    _lopq.project(X, 0, model.Cs[h], model.Rs[h], model._rotations_transposed()[h],
-                  model.mus[h], order, offsets, P, 0, False, n_threads)
+    _lopq.project(X, 0, view.Cs[h], view.Rs[h], view.RT[h], view.mus[h], order, offsets, P,
+                  0, False, n_threads)
     start = np.searchsorted(key_query, np.arange(nb + 1))
     return P, start, (row - start[query_of]).astype(np.int32)

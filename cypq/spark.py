@@ -9,7 +9,7 @@ back only sums, tree-aggregated:
 - coarse k-means per half: Lloyd steps with the centroids broadcast and per-centroid sums
   and counts aggregated; empty clusters split the largest, as in :meth:`LOPQModel.fit`;
 - local rotations: per-cluster residual moments, merged exactly, then the eigen-decompositions
-  on the driver (:func:`cypq.lopq.rotations_from_moments`, the same code as the local fit);
+  on the driver (:func:`cypq.lopq_training.rotations_from_moments`, the same code as the local fit);
 - fine subquantizers: on a sample collected to the driver (``sample_fraction``) with
   :meth:`LOPQModel.fit`, which trains only what is missing.
 
@@ -27,8 +27,9 @@ import numpy as np
 
 from ._checks import as_vectors
 from .kmeans import centroids_from_sums, lloyd_sums
-from .lopq import (LOPQModel, combine_moments, data_moments, pca_from_moments,
-                   residual_moments, rotations_from_moments)
+from .lopq import LOPQModel
+from .lopq_training import (combine_moments, data_moments, pca_from_moments,
+                            rotations_from_moments)
 
 try:
     import pyspark  # noqa: F401
@@ -199,17 +200,17 @@ def train_lopq(data, V: int, M: int, subquantizer_clusters: int = 256, pca: bool
         if model.pca and model.pca_matrix is None and model.Cs is None:
             log("cypq.spark: PCA moments")
             m = raw.map(lambda b: data_moments(b[1])).treeReduce(combine_moments)
-            model.pca_mean, model.pca_matrix = pca_from_moments(int(m[0]), m[1], m[2])
+            model.set_pca(*pca_from_moments(int(m[0]), m[1], m[2]))
         X = raw
         if model.pca_matrix is not None:
             pbc = sc.broadcast(model)  # the model's own PCA step, on the executors
-            X = raw.map(lambda b: (b[0], pbc.value._apply_pca(b[1]))).persist(_storage_level())
+            X = raw.map(lambda b: (b[0], pbc.value.to_model_space(b[1]))).persist(_storage_level())
         if model.Cs is None:
             model.Cs = _coarse_kmeans(X, n, model.V, kmeans_coarse_iters, seed, log)
         if model.Rs is None or model.mus is None:
             log("cypq.spark: residual moments per coarse cluster")
             mbc = sc.broadcast(_coarse_only(model))
-            per_half = X.map(lambda b: _residual_moments(mbc.value, b[1])).treeReduce(
+            per_half = X.map(lambda b: mbc.value.residual_moments(b[1], n_threads=1)).treeReduce(
                 lambda a, b: tuple(combine_moments(x, y) for x, y in zip(a, b)))
             Rs, mus = zip(*(rotations_from_moments(*h, model.num_fine_splits)
                             for h in per_half))
@@ -297,14 +298,6 @@ def _coarse_only(model: LOPQModel) -> LOPQModel:
     """A model with the coarse quantizers only, to ship to the executors."""
     return LOPQModel(V=model.V, M=model.M, subquantizer_clusters=model.subquantizer_clusters,
                      parameters=(model.Cs, None, None, None))
-
-
-def _residual_moments(model: LOPQModel, X: np.ndarray):
-    """Per half: (counts, mean, m2) of the residuals of X's rows to their coarse centroids."""
-    coarse = model._coarse(X, 1)
-    Dh = X.shape[1] // 2
-    return tuple(residual_moments(X, h * Dh, model.Cs[h], *model._groups(coarse)[h], 1)
-                 for h in range(2))
 
 
 # ---------------------------------------------------------------------------- encoding

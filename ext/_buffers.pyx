@@ -19,3 +19,25 @@ def addresses(list buffers, uintptr_t[::1] addr, int64_t[::1] length):
         addr[i] = <uintptr_t> view.buf
         length[i] = view.len
         PyBuffer_Release(&view)
+
+
+def headers(list buffers, uintptr_t[::1] addr, int64_t[::1] length, int64_t[::1] count):
+    """addresses() plus count[i] = the little-endian u32 at the start of buffers[i] (-1 for
+    a buffer shorter than 4 bytes): the entry count of an LMDB block value, read without a
+    Python object per value."""
+    cdef Py_ssize_t i, n = len(buffers)
+    cdef Py_buffer view
+    cdef const unsigned char* p
+    if addr.shape[0] < n or length.shape[0] < n or count.shape[0] < n:
+        raise ValueError("headers: outputs too short")
+    for i in range(n):
+        PyObject_GetBuffer(buffers[i], &view, PyBUF_SIMPLE)
+        addr[i] = <uintptr_t> view.buf
+        length[i] = view.len
+        if view.len >= 4:
+            p = <const unsigned char*> view.buf
+            count[i] = <int64_t> p[0] | (<int64_t> p[1] << 8) | (<int64_t> p[2] << 16) | \
+                (<int64_t> p[3] << 24)
+        else:
+            count[i] = -1
+        PyBuffer_Release(&view)

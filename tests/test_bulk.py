@@ -15,7 +15,8 @@ import pytest
 from cypq import Index, LOPQModel
 from cypq import bulk as bulk_mod
 from cypq.bulk import BulkLoadError, bulk_load
-from cypq.storage.lmdb import IndexFormatError, LMDBStorage
+from cypq.storage.lmdb import IndexFormatError
+from cypq.storage.lmdb.bulk import LMDBBulkWriter
 from cypq.vector_files import (VectorFileError, VectorSource, open_vector_file,
                                write_vector_file)
 
@@ -204,7 +205,7 @@ def test_resume_after_interruption(data, reference, tmp_path, monkeypatch, where
     src = _shards(tmp_path, X)
     calls = {"n": 0}
     if where == "encode":
-        real = bulk_mod._write_atomic
+        real = bulk_mod.write_atomic
 
         def failing(path, arr):
             calls["n"] += 1
@@ -213,17 +214,17 @@ def test_resume_after_interruption(data, reference, tmp_path, monkeypatch, where
                     f.write(b"\x93NUMPY partial")
                 raise OSError(28, "No space left on device")
             real(path, arr)
-        monkeypatch.setattr(bulk_mod, "_write_atomic", failing)
+        monkeypatch.setattr(bulk_mod, "write_atomic", failing)
         err = OSError
     else:
-        real = LMDBStorage.bulk_append
+        real = LMDBBulkWriter.append
 
         def failing(self, *a, **k):
             calls["n"] += 1
             if calls["n"] > after:
                 raise _Stop()
             real(self, *a, **k)
-        monkeypatch.setattr(LMDBStorage, "bulk_append", failing)
+        monkeypatch.setattr(LMDBBulkWriter, "append", failing)
         err = _Stop
     path = tmp_path / "ix"
     with pytest.raises(err):
@@ -248,14 +249,14 @@ LOADER = textwrap.dedent("""
     from cypq.bulk import bulk_load
     from cypq.vector_files import VectorSource
     import cypq.bulk as b
-    from cypq.storage.lmdb import LMDBStorage
+    from cypq.storage.lmdb.bulk import LMDBBulkWriter as W
     import time
     # Announce each committed step and pause a little, so the test can kill at a random
     # moment in a random step.
-    w, a, i = b._write_atomic, LMDBStorage.bulk_append, LMDBStorage.bulk_append_ids
-    b._write_atomic = lambda *x: (time.sleep(0.01), w(*x), print("run", flush=True))
-    LMDBStorage.bulk_append = lambda *x: (time.sleep(0.01), a(*x), print("batch", flush=True))
-    LMDBStorage.bulk_append_ids = lambda *x: (time.sleep(0.01), i(*x), print("ids", flush=True))
+    w, a, i = b.write_atomic, W.append, W._append_ids
+    b.write_atomic = lambda *x: (time.sleep(0.01), w(*x), print("run", flush=True))
+    W.append = lambda *x: (time.sleep(0.01), a(*x), print("batch", flush=True))
+    W._append_ids = lambda *x: (time.sleep(0.01), i(*x), print("ids", flush=True))
     model = LOPQModel.load_proto(sys.argv[3])
     bulk_load(sys.argv[1], VectorSource.open(sys.argv[2]), model, chunk_size=int(sys.argv[4]),
               block_capacity=4, progress=False, out=lambda m: print(m, flush=True))
@@ -292,13 +293,12 @@ def test_resume_after_kill9_at_random_moments(data, tmp_path):
             out = "done"
             break
         runs = path / bulk_mod.RUNS_DIR
-        state = LMDBStorage.open(str(path), allow_incomplete=True) if (path / "data.mdb").exists() \
-            else None
+        state = Index.open(path, allow_incomplete=True) if Index.exists(path) else None
         if state is not None:
-            st = state.bulk_state()
+            st = state.storage.bulk_state()
             st = json.loads(st) if st else {}
-            seen.add("ids" if st.get("ids_done") else "write" if "next_cell" in st
-                     else "encode")
+            seen.add("ids" if state.storage.meta("bulk_ids") else "write"
+                     if "next_cell" in st else "encode")
             state.close()
         if runs.exists():
             assert not any(f.endswith(".npy") and os.path.getsize(runs / f) < 128

@@ -40,8 +40,8 @@ def setup():
 @pytest.mark.parametrize("stage", [0, 1300, None])
 def test_lmdb_equals_memory_and_persists(setup, tmp_path, n_threads, stage, monkeypatch):
     model, X, Q = setup
-    import cypq.storage.lmdb as L
-    monkeypatch.setattr(L, "_MERGE_CHUNK", 97)  # merges of several transactions
+    import cypq.storage.lmdb.writer as W
+    monkeypatch.setattr(W, "MERGE_CHUNK", 97)  # merges of several transactions
     mem = Index.in_memory(model, n_threads=n_threads)
     ids = np.random.default_rng(0).permutation(10 * len(X))[:len(X)]
     mem.add(X, ids)
@@ -191,8 +191,8 @@ def test_threads_search_at_once(setup, tmp_path):
 
 
 WRITER = textwrap.dedent("""
-    import sys, numpy as np, cypq, cypq.storage.lmdb
-    cypq.storage.lmdb._MERGE_CHUNK = 16   # merges of many transactions, for kills to land in
+    import sys, numpy as np, cypq, cypq.storage.lmdb.writer
+    cypq.storage.lmdb.writer.MERGE_CHUNK = 16   # merges of many transactions, for kills to land in
     path = sys.argv[1]
     ix = cypq.Index.open(path)
     X = np.load(sys.argv[2])
@@ -334,13 +334,13 @@ def test_threads_search_while_a_thread_adds(setup, tmp_path, stage):
 def test_merge_cut_short_is_finished_by_the_next_write(setup, tmp_path, monkeypatch):
     """A merge interrupted between its transactions (here: a full disk) leaves an index that
     reads exactly as before, and the next write finishes the merge."""
-    import cypq.storage.lmdb as L
+    import cypq.storage.lmdb.writer as W
     model, X, Q = setup
-    monkeypatch.setattr(L, "_MERGE_CHUNK", 200)
+    monkeypatch.setattr(W, "MERGE_CHUNK", 200)
     mem = Index.in_memory(model)
     mem.add(X[:2500])
     path = tmp_path / "ix"
-    real = L.LMDBStorage._merge_in
+    real = W.WritePath._merge_in
     done = []
 
     def fail_third(self, *args):
@@ -352,10 +352,10 @@ def test_merge_cut_short_is_finished_by_the_next_write(setup, tmp_path, monkeypa
         for s in range(0, 2500, 500):
             ix.add(X[s:s + 500])
         assert ix.stats()["staged"] == 2500
-        monkeypatch.setattr(L.LMDBStorage, "_merge_in", fail_third)
+        monkeypatch.setattr(W.WritePath, "_merge_in", fail_third)
         with pytest.raises(OSError, match="No space"):
             ix.merge()
-    monkeypatch.setattr(L.LMDBStorage, "_merge_in", real)
+    monkeypatch.setattr(W.WritePath, "_merge_in", real)
 
     def same(ix):
         assert len(ix) == len(mem)
@@ -384,34 +384,48 @@ def test_merge_cut_short_is_finished_by_the_next_write(setup, tmp_path, monkeypa
         same(ix)
 
 
-def test_version1_index_is_upgraded_when_written(setup, tmp_path):
-    """An index written before the stage existed (format 1) reads as it is and gains a
-    stage when opened for writing."""
+@pytest.mark.parametrize("fixture,n_ids", [("legacy-v1", 1000), ("legacy-v2", 1300)])
+def test_legacy_index_reads_as_is_and_is_upgraded_when_written(setup, tmp_path, fixture,
+                                                               n_ids):
+    """Indexes written by cypq 0.1.0 (format 1: no stage; format 2: per-cell size records
+    and 300 staged entries; tests/data/make_legacy_indexes.py) read as they are read-only
+    and are upgraded to format 3 in one transaction when opened for writing."""
+    import shutil
     import lmdb
     model, X, Q = setup
     path = tmp_path / "ix"
-    with Index.create(path, model, stage_capacity=0) as ix:
-        ix.add(X[:1000])
-        want = ix.search(Q, k=10)[1]
-    env = lmdb.open(str(path), max_dbs=8)
-    meta = env.open_db(b"meta")
-    with env.begin(write=True) as txn:
-        txn.drop(env.open_db(b"stage", txn=txn), delete=True)
-        txn.delete(b"stage", db=meta)
-        txn.put(b"format", b"cypq-index" + (1).to_bytes(4, "big"), db=meta)
+    shutil.copytree(os.path.join(HERE, "data", fixture), path)
+    mem = Index.in_memory(model)
+    mem.add(X[:n_ids])
+    want = mem.search(Q, k=10, quota=200)
+    with Index.open(path, readonly=True) as ro:
+        assert ro.model == model and len(ro) == n_ids
+        got = ro.search(Q, k=10, quota=200)
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[0], want[0])
+        assert ro.stats()["staged"] == (300 if fixture == "legacy-v2" else 0)
+        assert ro.stats()["largest_cell"] == mem.stats()["largest_cell"]
+    with Index.open(path) as ix:
+        ix.add(X[n_ids:n_ids + 100])
+        mem.add(X[n_ids:n_ids + 100])
+        assert len(ix) == n_ids + 100 and ix.contains(np.arange(n_ids + 100)).all()
+        assert ix.remove(np.arange(0, n_ids, 7)) == mem.remove(np.arange(0, n_ids, 7))
+        np.testing.assert_array_equal(ix.search(Q, k=10, quota=200)[1],
+                                      mem.search(Q, k=10, quota=200)[1])
+    env = lmdb.open(str(path), max_dbs=8, readonly=True)
+    with env.begin() as txn:
+        meta = env.open_db(b"meta", txn=txn, create=False)
+        assert txn.get(b"format", db=meta) == b"cypq-index" + (3).to_bytes(4, "big")
     env.close()
     with Index.open(path, readonly=True) as ro:
-        np.testing.assert_array_equal(ro.search(Q, k=10)[1], want)
-        assert ro.stats()["staged"] == 0
-    with Index.open(path) as ix:
-        ix.add(X[1000:1100])
-        assert len(ix) == 1100 and ix.contains(np.arange(1000, 1100)).all()
+        np.testing.assert_array_equal(ro.search(Q, k=10, quota=200)[1],
+                                      mem.search(Q, k=10, quota=200)[1])
 
 
 def test_search_after_every_add_equals_memory(setup, tmp_path, monkeypatch):
     """A process that searches between adds takes the stage in step by step (both tiers of
     its copy, folds, merges) and always answers as the in-memory index does."""
-    from cypq.storage import stage as S
+    from cypq.storage.lmdb import stage as S
     monkeypatch.setattr(S.StageView, "FOLD_MIN", 100)
     model, X, Q = setup
     mem = Index.in_memory(model)

@@ -1,11 +1,43 @@
-"""The interface every storage implements, and the segment list the search kernel reads."""
+"""The storage interface: everything the index and the edges use of a storage, and its rules.
+
+A storage keeps inverted lists: for each cell id in ``[0, n_cells)``, entries of (int64 id,
+fine code of ``code_width`` values of ``code_dtype``), and an id -> cell table. It knows
+nothing of models or of how codes are made; it keeps opaque named metadata (bytes) for the
+layer above (the index stores its model there).
+
+Concurrency contract (what callers may rely on):
+
+- One storage object may be shared by the threads of a process. Any number of threads may
+  search (``snapshot``, ``cell_sizes``, ``lookup``, ``len``, ``stats``, ``meta``) while one
+  writes; write calls (``add``, ``remove``, ``merge``, bulk writing) are serialised by the
+  storage, never interleaved.
+- A snapshot is one committed state: its sizes and segments agree with each other and with
+  no later write. Segment addresses stay valid until the snapshot's context exits; nothing
+  may be kept past that.
+- Every write call is all or nothing: after an exception (or, on disk, a crash) the
+  storage holds either the whole call's effect or none of it. A merge or bulk load runs in
+  steps that are each all or nothing and are resumed by the next write (merge) or the same
+  command (bulk load).
+- On disk (LMDB) many processes may open the same storage: any number of readers and one
+  writer at a time (the others wait). A reader's next snapshot sees every write committed
+  before it started. In memory, writes and snapshots wait for each other.
+"""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import numpy as np
+
+
+class IndexFormatError(ValueError):
+    """The directory is not a cypq index, or one this version cannot read."""
+
+
+class IndexCorruptError(IndexFormatError):
+    """Stored data is damaged: a value or record does not parse as its layout says."""
 
 
 @dataclass
@@ -29,18 +61,65 @@ class Snapshot(ABC):
 
     @abstractmethod
     def cell_sizes(self) -> np.ndarray:
-        """(n_cells,) int64 entries per cell."""
+        """(n_cells,) int64 entries per cell (read-only; do not modify)."""
 
     @abstractmethod
     def segments(self, cells: np.ndarray) -> Segments:
         """Segments of the ascending, distinct cells (valid while the snapshot is open)."""
 
 
+class BulkWriter(ABC):
+    """Writes the entries of a storage created for a bulk load, in cell order, resumably.
+
+    The caller owns a ``state`` (bytes) that each step commits together with its data, so
+    after an interruption :attr:`state` says exactly what is stored.
+    """
+
+    @property
+    @abstractmethod
+    def state(self) -> Optional[bytes]:
+        """The caller's state committed by the last step (or given at creation)."""
+
+    @abstractmethod
+    def append(self, cells: np.ndarray, ids: np.ndarray, codes: np.ndarray,
+               state: bytes) -> None:
+        """Store entries whose cells all come after every cell stored so far, in one step.
+
+        Parameters
+        ----------
+        cells : numpy.ndarray int64 (n,)
+            Ascending.
+        ids : numpy.ndarray int64 (n,)
+        codes : numpy.ndarray (n, code_width) of code_dtype
+        state : bytes
+            Committed with these entries.
+        """
+
+    @abstractmethod
+    def finish(self, state: bytes, progress: Optional[Callable[[int], None]] = None) -> None:
+        """Complete the load (the id table, in steps each committing ``state``), then mark
+        the storage complete. ``progress(n)`` is called with the ids written by each step.
+
+        Raises
+        ------
+        KeyError
+            An id occurs more than once (nothing of the id table is kept).
+        """
+
+
 class Storage(ABC):
-    """Inverted lists of fine codes, keyed by cell id, with an id -> cell table."""
+    """Inverted lists of fine codes, keyed by cell id, with an id -> cell table.
+
+    Attributes
+    ----------
+    n_cells : int
+    code_width : int
+        Codes per entry (M).
+    code_dtype : numpy.dtype
+    """
 
     n_cells: int
-    code_width: int          # M
+    code_width: int
     code_dtype: np.dtype
 
     @abstractmethod
@@ -48,13 +127,13 @@ class Storage(ABC):
         """Number of stored entries."""
 
     @abstractmethod
-    def add(self, cells: np.ndarray, ids: np.ndarray | None, codes: np.ndarray,
+    def add(self, cells: np.ndarray, ids: Optional[np.ndarray], codes: np.ndarray,
             replace: bool = False) -> np.ndarray:
         """Store entries: cells (n,) int64, ids (n,) int64 unique (None: fresh ids after the
-        largest so far), codes (n, M). Returns the ids.
+        largest so far, :func:`fresh_ids`), codes (n, M). Returns the ids.
 
-        An id already stored is an error (KeyError, nothing stored) unless replace is true,
-        in which case its old entry is removed first. All or nothing.
+        An id already stored is an error (KeyError, :func:`refuse_present`, nothing stored)
+        unless replace is true, in which case its old entry is removed first. All or nothing.
         """
 
     @abstractmethod
@@ -66,8 +145,53 @@ class Storage(ABC):
         """(found (n,) bool, cells (n,) int64 (-1 if absent), codes (n, M))."""
 
     @abstractmethod
-    def snapshot(self) -> AbstractContextManager["Snapshot"]:
+    def snapshot(self) -> AbstractContextManager[Snapshot]:
         """A consistent read view for one search: sizes and segments of the same state."""
+
+    @abstractmethod
+    def meta(self, name: str) -> Optional[bytes]:
+        """The metadata stored under ``name`` at creation (None when there is none)."""
+
+    def merge(self) -> int:
+        """Finish deferred work of earlier adds now (on disk: move staged entries into
+        their cells' blocks). Returns how many entries moved; 0 where nothing is deferred."""
+        return 0
+
+    def stats(self) -> dict:
+        """Storage facts beside the counts the index computes: ``bytes_on_disk`` (0 in
+        memory), ``staged`` (entries not yet in their cells' blocks), ``merge_pending``
+        (a merge was cut short; the next write finishes it)."""
+        return {"bytes_on_disk": 0, "staged": 0, "merge_pending": False}
+
+    def bulk_state(self, finished: bool = False) -> Optional[bytes]:
+        """The state of an unfinished bulk load (None when there is none); with
+        ``finished``, the last state of the bulk load that built the storage, if one did."""
+        return None
+
+    def bulk_writer(self, scratch_dir: str, step: int = 200_000) -> BulkWriter:
+        """The writer of a storage created for a bulk load; ``scratch_dir`` (existing) is
+        where it may keep temporary files between steps and across restarts; ``step``: about
+        how many entries each step of :meth:`BulkWriter.finish` writes."""
+        raise ValueError("this storage was not created for a bulk load")
 
     def close(self) -> None:
         """Release resources."""
+
+
+# ---------------------------------------------------------------------------- id policy
+ID_MAX = np.iinfo(np.int64).max
+
+
+def fresh_ids(next_id: int, n: int) -> np.ndarray:
+    """n fresh ids continuing at ``next_id`` (one past the largest id ever stored)."""
+    if n and next_id > ID_MAX - n + 1:
+        raise OverflowError(f"no room for {n} fresh ids after {next_id - 1}: the ids would "
+                            "pass 2**63-1; give your own ids")
+    return np.arange(next_id, next_id + n, dtype=np.int64)
+
+
+def refuse_present(present) -> None:
+    """KeyError naming the ids of an add that are already stored (when there are any)."""
+    if len(present):
+        raise KeyError(f"{len(present)} ids are already in the index (first: "
+                       f"{int(present[0])}); pass replace=True to overwrite them")

@@ -6,7 +6,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from .base import Segments, Snapshot, Storage
+from .base import Segments, Snapshot, Storage, fresh_ids, refuse_present
 
 
 class _Cell:
@@ -39,9 +39,11 @@ class MemoryStorage(Storage):
     code_width : int
         Codes per entry (M).
     code_dtype : numpy dtype
+    meta : dict of str -> bytes, optional
+        Metadata kept for the layer above (see :meth:`Storage.meta`).
     """
 
-    def __init__(self, n_cells: int, code_width: int, code_dtype):
+    def __init__(self, n_cells: int, code_width: int, code_dtype, meta=None):
         self.n_cells = int(n_cells)
         self.code_width = int(code_width)
         self.code_dtype = np.dtype(code_dtype)
@@ -49,6 +51,7 @@ class MemoryStorage(Storage):
         self._where: dict[int, tuple[int, int]] = {}   # id -> (cell, position)
         self._sizes = np.zeros(self.n_cells, dtype=np.int64)
         self._next_id = 0
+        self._meta = {k: bytes(v) for k, v in (meta or {}).items()}
         # Adds move and resize the cells' arrays, so writes wait for searches in progress
         # and the reverse (LMDB readers have snapshots and need no such lock).
         self._lock = threading.RLock()
@@ -59,18 +62,20 @@ class MemoryStorage(Storage):
     def __len__(self) -> int:
         return len(self._where)
 
+    def meta(self, name):
+        return self._meta.get(name)
+
     def add(self, cells, ids, codes, replace=False):
         with self._lock:
             return self._add(cells, ids, codes, replace)
 
     def _add(self, cells, ids, codes, replace):
         if ids is None:
-            ids = np.arange(self._next_id, self._next_id + len(cells), dtype=np.int64)
+            ids = fresh_ids(self._next_id, len(cells))
         ids = np.asarray(ids, dtype=np.int64)
-        present = [int(i) for i in ids if int(i) in self._where]
-        if present and not replace:
-            raise KeyError(f"{len(present)} ids are already in the index (first: {present[0]}); "
-                           "pass replace=True to overwrite them")
+        present = [i for i in ids.tolist() if i in self._where]
+        if not replace:
+            refuse_present(present)
         if present:
             self._remove(np.asarray(present, dtype=np.int64))
         cells = np.asarray(cells, dtype=np.int64)

@@ -2,21 +2,14 @@
 
 An add writes its entries as one record (key: record number) instead of into the blocks of
 up to one cell per entry, so a commit writes a few sequential pages however many cells the
-batch spreads over. Records are merged into the cells' blocks in large batches (lmdb.py).
+batch spreads over. Records are merged into the cells' blocks in large batches (writer.py).
 Searches read staged entries from a process-local copy sorted by cell: one segment per cell.
 """
 from __future__ import annotations
 
 import numpy as np
 
-
-def cell_runs(cells: np.ndarray) -> np.ndarray:
-    """Bounds of the runs of equal cells in an ascending (n,) array: (runs + 1,) int64, the
-    start of each run, then n."""
-    n = len(cells)
-    if not n:
-        return np.zeros(1, dtype=np.int64)
-    return np.append(np.flatnonzero(np.r_[True, cells[1:] != cells[:-1]]), n).astype(np.int64)
+from .layout import cell_runs
 
 
 class _Tier:

@@ -1,0 +1,65 @@
+"""The parts of an LOPQ model (coarse quantizers, rotations, means, subquantizers, PCA):
+validation on the way in, consistency with each other, equality."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def check_parts(model) -> None:
+    """Raise ValueError unless an LOPQ model's parts agree in shape with each other, with
+    V, and with the PCA's output dimension."""
+    dims = set()
+    if model.Cs is not None:
+        if model.Cs[0].shape != model.Cs[1].shape:
+            raise ValueError(f"Cs halves differ in shape: {model.Cs[0].shape} vs "
+                             f"{model.Cs[1].shape}")
+        dims.add(model.Cs[0].shape[1])
+    if model.Rs is not None:
+        V, a, b = model.Rs[0].shape
+        if a != b or model.Rs[1].shape != (V, a, b) or V != model.V:
+            raise ValueError(f"Rs must be two (V={model.V}, D/2, D/2) arrays, got "
+                             f"{model.Rs[0].shape} and {model.Rs[1].shape}")
+        dims.add(a)
+    if model.mus is not None:
+        if model.mus[0].shape != model.mus[1].shape or model.mus[0].shape[0] != model.V:
+            raise ValueError(f"mus must be two (V={model.V}, D/2) arrays, got "
+                             f"{model.mus[0].shape} and {model.mus[1].shape}")
+        dims.add(model.mus[0].shape[1])
+    if model.subquantizers is not None:
+        shapes = {s.shape for half in model.subquantizers for s in half}
+        if len(shapes) != 1:
+            raise ValueError(f"subquantizers differ in shape: {sorted(shapes)}")
+        S, ds = shapes.pop()
+        dims.add(ds * model.num_fine_splits)
+    if len(dims) > 1:
+        raise ValueError(f"model parts disagree on the half dimension D/2: {sorted(dims)}")
+    if model.pca_matrix is not None and dims and model.pca_matrix.shape[1] != 2 * dims.pop():
+        raise ValueError("the PCA's output dimension does not match the model")
+
+
+def f32(a, name, ndim):
+    """a as a C-contiguous float32 array of ndim dimensions, all finite."""
+    arr = np.ascontiguousarray(a, dtype=np.float32)
+    if arr.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or infinity")
+    return arr
+
+
+def pair(p, name, ndim):
+    """A part given per half: None, or a tuple of two f32 arrays."""
+    if p is None:
+        return None
+    if len(p) != 2:
+        raise ValueError(f"{name} must hold two arrays, one per half; got {len(p)}")
+    return (f32(p[0], name, ndim), f32(p[1], name, ndim))
+
+
+def same(a, b) -> bool:
+    """Whether two parts (arrays, nested sequences of arrays, or None) are equal."""
+    if a is None or b is None:
+        return a is b
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and np.array_equal(a, b)
+    return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))

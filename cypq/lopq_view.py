@@ -1,0 +1,77 @@
+"""The kernel view of a trained LOPQ model: its arrays laid out once as the kernels read them
+(what the index, the search and the encoders use, instead of re-stacking per call)."""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _lopq, _quantize
+from ._checks import code_dtype_for
+from ._threads import single_threaded_blas
+
+
+class KernelView:
+    """A trained model's arrays as the kernels read them (read-only, C-contiguous float32).
+
+    Attributes
+    ----------
+    V : int
+    coarse : numpy.ndarray (2, V, D/2): both halves' coarse centroids.
+    Cs, Rs, mus : tuple of two arrays (V, D/2), (V, D/2, D/2), (V, D/2); the model's own.
+    RT : tuple of two numpy.ndarray (V, D/2, D/2): each rotation transposed.
+    fine : numpy.ndarray (M, S, D/M): the fine subquantizers, half 0's first.
+    code_dtype : numpy.dtype of fine codes.
+    """
+
+    __slots__ = ("V", "coarse", "Cs", "Rs", "RT", "mus", "fine", "code_dtype")
+
+    @classmethod
+    def of(cls, model) -> "KernelView":
+        v = cls()
+        v.V, v.Cs, v.Rs, v.mus = model.V, model.Cs, model.Rs, model.mus
+        v.code_dtype = np.dtype(model.fine_code_dtype)
+        v.coarse = v.RT = v.fine = None
+        if model.Cs is not None:
+            v.coarse = _frozen(np.stack(model.Cs))
+        if model.Rs is not None:
+            v.RT = tuple(_frozen(R.transpose(0, 2, 1)) for R in model.Rs)
+        if model.subquantizers is not None:
+            v.fine = _frozen(np.stack(list(model.subquantizers[0])
+                                      + list(model.subquantizers[1])))
+        return v
+
+    # The numeric steps of encoding and training, on float32 rows in the model's space.
+    def coarse_codes(self, X: np.ndarray, n_threads: int) -> np.ndarray:
+        """(N, 2) int32 nearest coarse centroid of each half of X's rows (N, D)."""
+        codes = np.empty((X.shape[0], 2), dtype=np.int32 if self.V > 65536 else
+                         code_dtype_for(self.V))
+        with single_threaded_blas():
+            _quantize.encode(X, self.coarse, codes, np.empty(0, np.float32), n_threads)
+        return codes.astype(np.int32)
+
+    def groups(self, coarse: np.ndarray) -> list:
+        """Rows grouped by coarse centroid, per half: [(order, offsets), (order, offsets)]."""
+        return [_lopq.group_rows(np.ascontiguousarray(coarse[:, h]), self.V) for h in range(2)]
+
+    def project(self, X: np.ndarray, coarse: np.ndarray, n_threads: int, groups=None,
+                rows=None, inverse: bool = False) -> np.ndarray:
+        """Forward (or inverse) local projection (N, D) float32 of the rows of X (N, D) with
+        coarse codes (N, 2); ``rows`` selects a subset; ``groups`` (from :meth:`groups`)
+        when the caller has them already."""
+        Dh = X.shape[1] // 2
+        if rows is not None:
+            X = np.ascontiguousarray(X[rows])
+            coarse = coarse[rows]
+            groups = None
+        if groups is None:
+            groups = self.groups(coarse)
+        out = np.empty_like(X)
+        for h in range(2):
+            _lopq.project(X, h * Dh, self.Cs[h], self.Rs[h], self.RT[h], self.mus[h],
+                          *groups[h], out, h * Dh, inverse, n_threads)
+        return out
+
+
+def _frozen(a) -> np.ndarray:
+    out = np.ascontiguousarray(a, dtype=np.float32).copy()
+    out.flags.writeable = False
+    return out

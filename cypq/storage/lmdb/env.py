@@ -1,0 +1,342 @@
+"""The LMDB environment of an index: opening and creating it (format checks, upgrades), the
+per-process registry, transactions with map growth, and the bookkeeping every write closes
+with.
+
+Databases: ``meta`` (format, config, counters, stage state, bulk markers, the caller's
+metadata), ``blocks``, ``sizes``, ``ids``, ``stage``, ``log`` (see layout.py for their keys
+and values).
+
+Format versions: 1 (no stage), 2 (stage; per-cell ``cells`` records), 3 (cell sizes in
+chunks, the number of cells in the config). Older versions are upgraded, in one
+transaction, when opened for writing; read-only they are read as they are.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+from contextlib import contextmanager
+from typing import Callable, Optional
+
+import lmdb
+import numpy as np
+
+from ..base import IndexCorruptError, IndexFormatError
+from . import layout as L
+
+FORMAT = b"cypq-index"
+VERSION = 3
+DEFAULT_MAP = 1 << 30
+LOG_KEEP = 4096                   # generations of change log kept for other processes
+DEFAULT_STAGE = 1 << 20
+DATABASES = ("meta", "blocks", "sizes", "ids", "log", "stage")
+RESERVED = {b"format", b"config", b"gen", b"count", b"next_id", b"stage", b"bulk",
+            b"bulk_done", b"bulk_ids"}
+
+# LMDB forbids opening one environment twice in a process; indexes opened twice share it.
+_ENVS: dict[str, tuple[lmdb.Environment, int]] = {}
+_ENVS_LOCK = threading.Lock()
+
+
+def _acquire(path: str, readonly: bool, create: bool, map_size: int, sync: bool):
+    real = os.path.realpath(path)
+    with _ENVS_LOCK:
+        if real in _ENVS:
+            env, refs = _ENVS[real]
+            if not readonly and env.flags().get("readonly"):
+                raise ValueError(f"{path} is already open read-only in this process; close it "
+                                 "before opening it for writing")
+            _ENVS[real] = (env, refs + 1)
+            return env, real
+        if not create and not os.path.exists(os.path.join(path, "data.mdb")):
+            raise IndexFormatError(f"{path} is not a cypq index (no LMDB data file): create "
+                                   "one with cypq.Index.create")
+        env = lmdb.open(path, map_size=map_size, max_dbs=8, subdir=True, readonly=readonly,
+                        create=create, sync=sync, metasync=sync, max_readers=512,
+                        lock=True, readahead=False)
+        env.reader_check()  # drop reader slots left by processes that died
+        _ENVS[real] = (env, 1)
+        return env, real
+
+
+def _release(real: str) -> None:
+    with _ENVS_LOCK:
+        env, refs = _ENVS[real]
+        if refs > 1:
+            _ENVS[real] = (env, refs - 1)
+        else:
+            del _ENVS[real]
+            env.close()
+
+
+class Env:
+    """One opened index environment: its databases, its layout settings, its transactions.
+
+    Attributes
+    ----------
+    path, readonly, version
+    n_cells, code_width, code_dtype, block_capacity, stage_capacity
+        The layout settings from the config record.
+    db : dict of name -> LMDB database handle (``stage`` may be None: a read-only version 1
+        index has none).
+    """
+
+    def __init__(self, env, real: str, path: str, readonly: bool, version: int, config: dict):
+        self.lmdb, self.real, self.path, self.readonly = env, real, path, readonly
+        self.version = version
+        self.n_cells = int(config["n_cells"])
+        self.code_width = int(config["M"])
+        self.code_dtype = np.dtype(config["code_dtype"])
+        self.code_bytes = self.code_width * self.code_dtype.itemsize
+        self.block_capacity = int(config["block_capacity"])
+        self.stage_capacity = int(config.get("stage_capacity", DEFAULT_STAGE))
+        self.db = {}
+        for name in DATABASES + ("cells",):
+            try:
+                self.db[name] = env.open_db(name.encode(), create=False)
+            except lmdb.NotFoundError:
+                self.db[name] = None
+        self._released = False
+        # Called (under no lock of ours) after every commit and map change: caches of
+        # addresses or states die with them.
+        self.on_change: list[Callable[[], None]] = []
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            _release(self.real)
+
+    # ------------------------------------------------------------------ transactions
+    @contextmanager
+    def read(self):
+        """A read transaction (zero-copy values: ``buffers=True``) whose default database
+        is ``blocks``."""
+        try:
+            txn = self.lmdb.begin(buffers=True, db=self.db["blocks"])
+        except lmdb.MapResizedError:  # another process grew the map
+            self._changed()
+            self.lmdb.set_mapsize(0)
+            txn = self.lmdb.begin(buffers=True, db=self.db["blocks"])
+        try:
+            yield txn
+        finally:
+            txn.abort()
+
+    def write(self, body):
+        """(body(txn), generation) of one write transaction; on a full map, the map grows
+        (doubled) and body runs again in a new transaction."""
+        if self.readonly:
+            raise PermissionError("the index is open read-only")
+        while True:
+            txn = self.lmdb.begin(write=True)
+            try:
+                result = body(txn)
+                gen = L.read_u64(txn.get(b"gen", db=self.db["meta"]))
+                txn.commit()
+            except lmdb.MapFullError:
+                txn.abort()
+                self._changed()
+                self.lmdb.set_mapsize(self.lmdb.info()["map_size"] * 2)
+                continue
+            except lmdb.MapResizedError:
+                txn.abort()
+                self._changed()
+                self.lmdb.set_mapsize(0)
+                continue
+            except BaseException:
+                txn.abort()
+                raise
+            self._changed()
+            return result, gen
+
+    def _changed(self) -> None:
+        for hook in self.on_change:
+            hook()
+
+    # ------------------------------------------------------------------ records
+    def get_meta(self, txn, key: bytes):
+        return txn.get(key, db=self.db["meta"])
+
+    def counter(self, txn, key: bytes) -> int:
+        v = txn.get(key, db=self.db["meta"])
+        if v is None or len(v) != 8:
+            raise IndexCorruptError(f"meta[{key.decode()}]: missing or not a u64 counter")
+        return L.read_u64(v)
+
+    def stage_meta(self, txn) -> tuple[int, int, int, int]:
+        """(epoch, next record number, merged below cell, staged entries)."""
+        v = txn.get(b"stage", db=self.db["meta"])
+        if v is None:
+            return (0, 0, 0, 0)
+        if len(v) != L.STAGE_META.size:
+            raise IndexCorruptError("meta[stage]: not a stage record")
+        return L.STAGE_META.unpack(bytes(v))
+
+    def bump(self, txn, touched, dcount: int = 0, min_next_id: int = 0) -> None:
+        """Close a write: generation + 1, its change-log record (touched cells, or None for
+        "reload everything"), the entry count, the next fresh id."""
+        meta, log = self.db["meta"], self.db["log"]
+        gen = self.counter(txn, b"gen") + 1
+        txn.put(b"gen", L.u64(gen), db=meta)
+        if touched is not None:  # no record: readers reload every cell size
+            txn.put(L.u64(gen), np.unique(touched).astype("<i8").tobytes(), db=log)
+        if gen > LOG_KEEP:
+            txn.delete(L.u64(gen - LOG_KEEP), db=log)
+        txn.put(b"count", L.u64(self.counter(txn, b"count") + dcount), db=meta)
+        if min_next_id > self.counter(txn, b"next_id"):
+            txn.put(b"next_id", L.u64(min_next_id), db=meta)
+
+
+# ---------------------------------------------------------------------------- making one
+def holds_index(path: str) -> bool:
+    """Whether ``path`` holds an index (complete, or a bulk load in progress), as opposed
+    to nothing, or what an interrupted :func:`create` leaves."""
+    return os.path.isdir(path) and _has_files(path)
+
+
+def create(path: str, config: dict, meta: dict, bulk_state: Optional[bytes], map_size: int,
+           sync: bool) -> Env:
+    """A new index environment in directory ``path``, written in one transaction: a crash
+    leaves either no index (an empty LMDB file that :func:`open_env` reports as unfinished
+    and creating again accepts) or a complete empty one."""
+    if os.path.exists(path) and (not os.path.isdir(path) or _has_files(path)):
+        raise FileExistsError(f"{path} exists and is not an empty directory: cypq will "
+                              "not create an index over existing files")
+    bad = [k for k in meta if k.encode() in RESERVED]
+    if bad:
+        raise ValueError(f"metadata names {bad} are reserved by the storage")
+    os.makedirs(path, exist_ok=True)
+    env, real = _acquire(path, False, True, map_size, sync)
+    try:
+        with env.begin(write=True) as txn:
+            dbs = {name: env.open_db(name.encode(), txn=txn) for name in DATABASES}
+            put = lambda k, v: txn.put(k, v, db=dbs["meta"])  # noqa: E731
+            for name, value in meta.items():
+                put(name.encode(), bytes(value))
+            put(b"config", json.dumps(config).encode())
+            for key in (b"gen", b"count", b"next_id"):
+                put(key, L.u64(0))
+            put(b"stage", L.STAGE_META.pack(0, 0, 0, 0))
+            if bulk_state is not None:
+                put(b"bulk", bulk_state)
+            put(b"format", FORMAT + struct.pack(">I", VERSION))  # last: marks it complete
+        return Env(env, real, path, False, VERSION, config)
+    except BaseException:
+        _release(real)
+        raise
+
+
+def _has_files(path: str) -> bool:
+    """Whether a directory holds anything but what an interrupted create leaves: an LMDB
+    environment with no format record."""
+    names = set(os.listdir(path))
+    if not names:
+        return False
+    with _ENVS_LOCK:
+        if os.path.realpath(path) in _ENVS:  # open in this process: not to be replaced
+            return True
+    if names <= {"data.mdb", "lock.mdb"}:
+        try:
+            env = lmdb.open(path, readonly=True, max_dbs=8, lock=False)
+        except lmdb.Error:
+            return True
+        try:
+            with env.begin() as txn:
+                meta = env.open_db(b"meta", txn=txn, create=False)
+                return txn.get(b"format", db=meta) is not None
+        except lmdb.NotFoundError:
+            return False
+        finally:
+            env.close()
+    return True
+
+
+def open_env(path: str, readonly: bool, map_size: int, sync: bool, allow_incomplete: bool,
+             n_cells_of: Optional[Callable[[Callable[[str], Optional[bytes]]], int]]) -> Env:
+    """Open an existing index environment; check its format; upgrade it when writable.
+
+    ``n_cells_of(meta)``: for an index of format 1 or 2 (which did not record the number
+    of cells), computes it from the index's metadata (``meta(name) -> bytes``).
+    """
+    if not os.path.isdir(path):
+        raise IndexFormatError(f"{path} is not a cypq index directory")
+    env, real = _acquire(path, readonly, False, map_size, sync)
+    try:
+        try:
+            meta = env.open_db(b"meta", create=False)
+        except lmdb.NotFoundError:
+            raise IndexFormatError(f"{path} is an LMDB environment but not a cypq index "
+                                   "(or an index whose creation was interrupted: delete it "
+                                   "and create it again)") from None
+        with env.begin(db=meta) as txn:
+            fmt = txn.get(b"format")
+            if fmt is None or not fmt.startswith(FORMAT) or len(fmt) != len(FORMAT) + 4:
+                raise IndexFormatError(f"{path} is not a cypq index (no format record; an "
+                                       "interrupted creation leaves this: delete it and "
+                                       "create it again)")
+            version = struct.unpack(">I", fmt[len(FORMAT):])[0]
+            if version > VERSION:
+                raise IndexFormatError(f"{path} was written by a newer cypq (index format "
+                                       f"{version}, this cypq reads up to {VERSION}): "
+                                       "upgrade cypq")
+            if txn.get(b"bulk") is not None and not allow_incomplete:
+                raise IndexFormatError(
+                    f"{path} is an unfinished bulk load: run the same `cypq build` "
+                    "command again to finish it, or delete the directory")
+            try:
+                config = json.loads(txn.get(b"config"))
+            except (TypeError, ValueError):
+                raise IndexCorruptError(f"{path}: meta[config] is not readable") from None
+            if "n_cells" not in config:
+                if n_cells_of is None:
+                    raise IndexFormatError(f"{path} (format {version}) does not record its "
+                                           "number of cells: open it through cypq.Index")
+                config["n_cells"] = int(n_cells_of(lambda name: txn.get(name.encode())))
+        if version < VERSION and not readonly:
+            _upgrade(env, meta, version, config)
+            version = VERSION
+        return Env(env, real, path, readonly, version, config)
+    except BaseException:
+        _release(real)
+        raise
+
+
+def _upgrade(env, meta, version: int, config: dict) -> None:
+    """Format 1 or 2 -> 3 in one transaction: an empty stage (1 -> 2), cell sizes from the
+    per-cell records into chunks, the number of cells into the config."""
+    with env.begin(write=True) as txn:
+        if version < 2:
+            env.open_db(b"stage", txn=txn)
+            txn.put(b"stage", L.STAGE_META.pack(0, 0, 0, 0), db=meta)
+        sizes_db = env.open_db(b"sizes", txn=txn)
+        cells_db = env.open_db(b"cells", txn=txn, create=False)
+        sizes = legacy_sizes(txn, cells_db, config["n_cells"])
+        chunks = L.size_chunks(np.flatnonzero(sizes))
+        padded = np.zeros(-(-len(sizes) // L.SIZE_CHUNK) * L.SIZE_CHUNK, np.int64)
+        padded[:len(sizes)] = sizes
+        with txn.cursor(db=sizes_db) as cur:
+            cur.putmulti([(L.u64(c), L.sizes_value(padded.reshape(-1, L.SIZE_CHUNK)[c]))
+                          for c in chunks.tolist()], append=True)
+        txn.drop(cells_db, delete=True)
+        txn.put(b"config", json.dumps(config).encode(), db=meta)
+        gen = L.read_u64(txn.get(b"gen", db=meta)) + 1
+        txn.put(b"gen", L.u64(gen), db=meta)  # no log record: readers reload every size
+        txn.put(b"format", FORMAT + struct.pack(">I", VERSION), db=meta)
+
+
+_CELLINFO = struct.Struct(">QI")  # format <= 2: cells[cell] = u64 entries, u32 blocks
+
+
+def legacy_sizes(txn, cells_db, n_cells: int) -> np.ndarray:
+    """(n_cells,) int64 cell sizes from the per-cell records of format 1 and 2."""
+    sizes = np.zeros(n_cells, dtype=np.int64)
+    with txn.cursor(db=cells_db) as cur:
+        for k, v in cur.iternext():
+            sizes[L.read_u64(k)] = _CELLINFO.unpack(bytes(v))[0]
+    return sizes
+
+
+def legacy_size(txn, cells_db, cell: int) -> int:
+    v = txn.get(L.u64(cell), db=cells_db)
+    return 0 if v is None else _CELLINFO.unpack(bytes(v))[0]

@@ -1,0 +1,223 @@
+"""Keys and values of the LMDB index: the one place that writes and parses each layout.
+
+Pure NumPy and struct; nothing here opens a transaction. Integers in keys are big-endian, so
+LMDB's byte order is numeric order; integers inside values are little-endian.
+
+- entries (a block of ``blocks``, a record of ``stage``): u32 n, u32 pad, then
+  ``n_columns`` int64 columns of n (blocks: ids; stage records: cells, ids), then n codes
+  (n, M) of the code dtype. See :func:`encode_entries` / :func:`decode_entries`.
+- block key: cell (u64) + block number (u32). A cell's blocks are 0 .. nb-1, all but the last
+  full, so ``nb = ceil(entries / block_capacity)`` (:func:`blocks_for`).
+- id table (``ids``): key id (u64); value cell (u64) + block (u32), or ``STAGED | record``
+  for a staged entry.
+- cell sizes (``sizes``, format 3): key chunk number (u64); value ``SIZE_CHUNK`` u32
+  entry counts of cells ``chunk * SIZE_CHUNK ...``; an all-zero chunk is absent. One small
+  value per 256 cells, so opening reads a few thousand values, not one per cell.
+- ``log``: key generation (u64); value the cells that write touched, int64.
+"""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from ..base import IndexCorruptError
+
+U64 = struct.Struct(">Q")
+CELL_BLOCK = struct.Struct(">QI")
+STAGE_META = struct.Struct(">QQQQ")   # epoch, next record, merged below cell, staged entries
+STAGED = 1 << 31                      # id-table block field of a staged entry: | record number
+SIZE_CHUNK = 256                      # cells per value of the sizes database
+HEADER = 8                            # u32 n, u32 pad
+
+
+def u64(i: int) -> bytes:
+    return U64.pack(i)
+
+
+def read_u64(v) -> int:
+    return U64.unpack(bytes(v))[0]
+
+
+def block_key(cell: int, block: int) -> bytes:
+    return CELL_BLOCK.pack(cell, block)
+
+
+def block_keys(cells: np.ndarray, blocks: np.ndarray) -> list:
+    """Block keys (list of bytes) of parallel int64 arrays, vectorised."""
+    keys = np.empty(len(cells), dtype=[("cell", ">u8"), ("block", ">u4")])
+    keys["cell"], keys["block"] = cells, blocks
+    raw, k = keys.tobytes(), CELL_BLOCK.size
+    return [raw[k * j:k * j + k] for j in range(len(cells))]
+
+
+def blocks_for(counts, capacity: int):
+    """Blocks of cells holding ``counts`` entries (all but the last full)."""
+    return -(-counts // capacity)
+
+
+# ---------------------------------------------------------------------------- entries
+def entries_size(n: int, n_columns: int, code_bytes: int) -> int:
+    """Bytes of an entries value of n entries (code_bytes = M * itemsize)."""
+    return HEADER + n * (8 * n_columns + code_bytes)
+
+
+def entry_count(value, where: str, n_columns: int, code_bytes: int) -> int:
+    """The header count of an entries value, checked against the value's length.
+
+    Raises
+    ------
+    IndexCorruptError
+        The value is shorter than its header or its length disagrees with the count.
+    """
+    if len(value) < HEADER:
+        raise IndexCorruptError(f"{where}: value of {len(value)} bytes is shorter than its "
+                                "header")
+    n = int.from_bytes(bytes(value[:4]), "little")
+    if len(value) != entries_size(n, n_columns, code_bytes):
+        raise IndexCorruptError(f"{where}: header says {n} entries but the value has "
+                                f"{len(value)} bytes")
+    return n
+
+
+def encode_entries(columns, codes: np.ndarray, code_dtype) -> bytes:
+    """u32 n, u32 pad, each int64 column (n,) little-endian, then the codes (n, M)."""
+    n = len(codes)
+    return (n.to_bytes(4, "little") + b"\0\0\0\0"
+            + b"".join(np.asarray(c).astype("<i8").tobytes() for c in columns)
+            + np.ascontiguousarray(codes, dtype=code_dtype).tobytes())
+
+
+def decode_entries(value, n_columns: int, width: int, code_dtype, where: str = "a value"):
+    """Copies of the int64 columns (n,) and the codes (n, M) of an entries value."""
+    code_dtype = np.dtype(code_dtype)
+    raw = bytes(value)
+    n = entry_count(raw, where, n_columns, width * code_dtype.itemsize)
+    columns = [np.frombuffer(raw, dtype="<i8", count=n, offset=HEADER + 8 * n * j)
+               .astype(np.int64) for j in range(n_columns)]
+    codes = np.frombuffer(raw, dtype=code_dtype, count=n * width,
+                          offset=HEADER + 8 * n * n_columns).reshape(n, width).copy()
+    return (*columns, codes)
+
+
+def splice(old: bytes, n_old: int, new_ids: bytes, new_codes: bytes) -> bytes:
+    """A block value with entries appended: header, old ids, new ids, old codes, new codes."""
+    n = n_old + len(new_ids) // 8
+    return (n.to_bytes(4, "little") + b"\0\0\0\0" + old[HEADER:HEADER + 8 * n_old] + new_ids
+            + old[HEADER + 8 * n_old:] + new_codes)
+
+
+def cell_runs(cells: np.ndarray) -> np.ndarray:
+    """Bounds of the runs of equal cells in an ascending (n,) array: (runs + 1,) int64, the
+    start of each run, then n."""
+    n = len(cells)
+    if not n:
+        return np.zeros(1, dtype=np.int64)
+    return np.append(np.flatnonzero(np.r_[True, cells[1:] != cells[:-1]]), n).astype(np.int64)
+
+
+def cell_ranks(cells: np.ndarray) -> np.ndarray:
+    """Position of each entry within its cell, for ascending cells (n,) int64."""
+    runs = cell_runs(cells)
+    return np.arange(len(cells)) - np.repeat(runs[:-1], np.diff(runs))
+
+
+def pack_blocks(cells, ids, codes, capacity, first_block=None):
+    """Lay entries out as new blocks, vectorised (one NumPy pass instead of one per cell).
+
+    Parameters
+    ----------
+    cells : numpy.ndarray int64 (n,)
+        Ascending; each cell's entries go to blocks ``first_block[cell] ...`` in this order.
+    ids : numpy.ndarray int64 (n,)
+    codes : numpy.ndarray (n, M)
+    capacity : int
+        Entries per block.
+    first_block : numpy.ndarray int64 (n,), optional
+        Block number of the first new block of each entry's cell (default 0).
+
+    Returns
+    -------
+    items : list of (key bytes, value memoryview), in key order
+    entry_block : numpy.ndarray int64 (n,)
+        The block number each entry landed in.
+    """
+    n = len(cells)
+    if not n:
+        return [], np.empty(0, np.int64)
+    rank = cell_ranks(cells)
+    pos = rank % capacity
+    bstart = np.flatnonzero(pos == 0)
+    bcount = np.diff(np.append(bstart, n))
+    bidx = np.repeat(np.arange(len(bstart)), bcount)          # block of each entry
+    block_no = rank // capacity + (0 if first_block is None else first_block)
+    cw = codes.shape[1] * codes.dtype.itemsize
+    off = np.zeros(len(bstart) + 1, dtype=np.int64)
+    np.cumsum(HEADER + bcount * (8 + cw), out=off[1:])
+    buf = np.zeros(int(off[-1]), dtype=np.uint8)
+    # Header (u32 count, u32 pad), then the ids, then the codes of each block.
+    buf[off[:-1, None] + np.arange(4)] = bcount.astype("<u4").view(np.uint8).reshape(-1, 4)
+    at = off[bidx] + HEADER + 8 * pos
+    buf[at[:, None] + np.arange(8)] = ids.astype("<i8").view(np.uint8).reshape(n, 8)
+    at = off[bidx] + HEADER + 8 * bcount[bidx] + cw * pos
+    buf[at[:, None] + np.arange(cw)] = \
+        np.ascontiguousarray(codes).view(np.uint8).reshape(n, cw)
+    keys = block_keys(cells[bstart], block_no[bstart])
+    mv, bounds = memoryview(buf), off.tolist()
+    items = [(keys[j], mv[bounds[j]:bounds[j + 1]]) for j in range(len(bstart))]
+    return items, block_no
+
+
+# ---------------------------------------------------------------------------- id table
+def id_items(ids, cells, blocks) -> list:
+    """ids-table items (id -> cell + block) sorted by id."""
+    order = np.argsort(ids, kind="stable")
+    keys = np.asarray(ids)[order].astype(">u8").tobytes()
+    vals = np.empty(len(ids), dtype=[("cell", ">u8"), ("block", ">u4")])
+    vals["cell"], vals["block"] = np.asarray(cells)[order], np.asarray(blocks)[order]
+    vb, k = vals.tobytes(), CELL_BLOCK.size
+    return [(keys[8 * j:8 * j + 8], vb[k * j:k * j + k]) for j in range(len(ids))]
+
+
+def id_location(value, i: int) -> tuple[int, int]:
+    """(cell, block field) of an id-table value."""
+    if len(value) != CELL_BLOCK.size:
+        raise IndexCorruptError(f"ids[{i}]: value of {len(value)} bytes, expected "
+                                f"{CELL_BLOCK.size}")
+    return CELL_BLOCK.unpack(bytes(value))
+
+
+# ---------------------------------------------------------------------------- cell sizes
+def size_chunks(cells: np.ndarray) -> np.ndarray:
+    """Distinct chunk numbers (ascending int64) holding these cells."""
+    return np.unique(np.asarray(cells, dtype=np.int64) // SIZE_CHUNK)
+
+
+def parse_sizes(value, chunk: int) -> np.ndarray:
+    """The SIZE_CHUNK int64 counts of a sizes value."""
+    if len(value) != 4 * SIZE_CHUNK:
+        raise IndexCorruptError(f"sizes[{chunk}]: value of {len(value)} bytes, expected "
+                                f"{4 * SIZE_CHUNK}")
+    return np.frombuffer(value, dtype="<u4").astype(np.int64)
+
+
+def sizes_value(counts: np.ndarray) -> bytes:
+    """A sizes value of SIZE_CHUNK counts (int64, each < 2**32)."""
+    if counts.max(initial=0) >= 1 << 32:
+        raise ValueError("a cell would hold 2**32 entries or more")
+    return np.asarray(counts, dtype="<u4").tobytes()
+
+
+def sizes_from_chunks(keys: bytes, values: bytes, n_cells: int) -> np.ndarray:
+    """(n_cells,) int64 cell sizes from the concatenated keys and values of the whole sizes
+    database (as one cursor pass joins them)."""
+    sizes = np.zeros(-(-n_cells // SIZE_CHUNK) * SIZE_CHUNK, dtype=np.int64)
+    chunks = np.frombuffer(keys, dtype=">u8").astype(np.int64)
+    if len(values) != len(chunks) * 4 * SIZE_CHUNK:
+        raise IndexCorruptError("sizes: a value is not one chunk of cell counts long")
+    if len(chunks) and (chunks.max() * SIZE_CHUNK >= n_cells):
+        raise IndexCorruptError(f"sizes: chunk {int(chunks.max())} is past the index's "
+                                f"{n_cells} cells")
+    sizes.reshape(-1, SIZE_CHUNK)[chunks] = np.frombuffer(values, dtype="<u4").reshape(
+        -1, SIZE_CHUNK)
+    return sizes[:n_cells]

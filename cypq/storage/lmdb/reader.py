@@ -1,0 +1,334 @@
+"""The read path of the LMDB index: the committed state each process keeps (generation, cell
+sizes, staged entries), snapshots for searches, the segment cache, lookups.
+
+A process keeps the state of the newest generation it has seen and brings it forward from the
+change log (cells touched per generation) instead of reloading everything. The segment cache
+holds, per cell, the addresses of its blocks (zero-copy, inside LMDB's map) and of its staged
+entries (inside the process's stage view); addresses are valid only within the generation
+they were read in, so a new generation starts a new cache. Filling it is vectorised: block
+keys are computed from the cell sizes (a cell of n entries has ceil(n / capacity) blocks),
+fetched with one C-level loop, and every value's header and length are checked before any
+address reaches the kernel.
+"""
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+
+import numpy as np
+
+from ... import _buffers
+from ..base import IndexCorruptError, IndexFormatError, Segments, Snapshot
+from . import layout as L
+from .env import LOG_KEEP, VERSION, Env, legacy_size, legacy_sizes
+from .stage import StageView
+
+
+class State:
+    """One committed state as a process sees it (immutable)."""
+
+    __slots__ = ("gen", "main", "sizes", "stage")
+
+    def __init__(self, gen: int, main: np.ndarray, sizes: np.ndarray, stage: StageView):
+        self.gen = gen          # generation
+        self.main = main        # (n_cells,) int64 entries in blocks
+        self.sizes = sizes      # (n_cells,) int64 entries in blocks and stage
+        self.stage = stage      # staged entries, sorted by cell
+
+
+class ReadPath:
+    """State, snapshots and lookups of one opened index."""
+
+    def __init__(self, env: Env):
+        self.env = env
+        self._lock = threading.Lock()      # guards the state and the cache
+        zero = np.zeros(env.n_cells, dtype=np.int64)
+        self._state = State(-1, zero, zero, StageView.empty(-1, env.code_width,
+                                                            env.code_dtype))
+        self._base_sizes = zero            # blocks + the stage's base tier
+        self._cache = None                 # _SegmentCache of the newest state
+        env.on_change.append(self.invalidate)
+        with env.read() as txn, self._lock:
+            self.refresh(txn)
+
+    def invalidate(self) -> None:
+        """Drop the segment cache (after a commit or a change of the map)."""
+        with self._lock:
+            self._cache = None
+
+    # ------------------------------------------------------------------ state
+    def refresh(self, txn) -> State:
+        """The state of txn's snapshot (call with the lock held); the shared state only
+        moves forward."""
+        gen = self.env.counter(txn, b"gen")
+        st = self._state
+        if gen == st.gen:
+            return st
+        if gen < st.gen:  # a snapshot older than one already seen: read it privately
+            stage = self.load_stage(txn, None)
+            main = self._load_sizes(txn)
+            return State(gen, main, stage.add_counts(main), stage)
+        touched = self._touched(txn, st.gen, gen) if st.gen >= 0 else None
+        if touched is None:  # first load, or too far behind the log: read every size
+            main = self._load_sizes(txn)
+        elif len(touched):
+            main = st.main.copy()  # searches in flight keep reading the old array
+            self._update_sizes(txn, main, touched)
+        else:
+            main = st.main
+        stage = self.load_stage(txn, st.stage)
+        if main is not st.main or stage.tiers[0] is not st.stage.tiers[0]:
+            self._base_sizes = stage.tiers[0].add_counts(main)
+        sizes = st.sizes if (main is st.main and stage is st.stage) else \
+            stage.tiers[1].add_counts(self._base_sizes)
+        self._state, self._cache = State(gen, main, sizes, stage), None
+        return self._state
+
+    def _touched(self, txn, seen: int, gen: int):
+        """Cells touched by generations seen+1 .. gen, or None where the log does not
+        cover them all."""
+        if gen - seen > LOG_KEEP:
+            return None
+        parts, log = [], self.env.db["log"]
+        for g in range(seen + 1, gen + 1):
+            rec = txn.get(L.u64(g), db=log)
+            if rec is None:
+                return None
+            if len(rec) % 8:
+                raise IndexCorruptError(f"log[{g}]: value of {len(rec)} bytes is not a list "
+                                        "of cells")
+            parts.append(np.frombuffer(rec, dtype="<i8"))
+        touched = np.unique(np.concatenate(parts)) if parts else np.empty(0, np.int64)
+        if len(touched) and (touched[0] < 0 or touched[-1] >= self.env.n_cells):
+            raise IndexCorruptError("log: a cell outside the index")
+        return touched
+
+    def _format_of(self, txn) -> int:
+        fmt = self.env.get_meta(txn, b"format")
+        version = int.from_bytes(bytes(fmt)[-4:], "big") if fmt is not None else 0
+        if version != self.env.version:
+            raise IndexFormatError(f"{self.env.path} was upgraded to format {version} by "
+                                   "another process since it was opened here: open it again")
+        return version
+
+    def _load_sizes(self, txn) -> np.ndarray:
+        """(n_cells,) int64 entries in blocks, from every record (one cursor pass)."""
+        env = self.env
+        if self._format_of(txn) < VERSION:
+            return legacy_sizes(txn, env.db["cells"], env.n_cells)
+        with txn.cursor(db=env.db["sizes"]) as cur:
+            keys = b"".join(cur.iternext(keys=True, values=False))
+            cur.first()
+            values = b"".join(cur.iternext(keys=False, values=True))
+        return L.sizes_from_chunks(keys, values, env.n_cells)
+
+    def _update_sizes(self, txn, main: np.ndarray, touched: np.ndarray) -> None:
+        env = self.env
+        if self._format_of(txn) < VERSION:
+            for c in touched.tolist():
+                main[c] = legacy_size(txn, env.db["cells"], c)
+            return
+        for chunk in L.size_chunks(touched).tolist():
+            lo = chunk * L.SIZE_CHUNK
+            hi = min(lo + L.SIZE_CHUNK, env.n_cells)
+            v = txn.get(L.u64(chunk), db=env.db["sizes"])
+            main[lo:hi] = 0 if v is None else L.parse_sizes(v, chunk)[:hi - lo]
+
+    def read_records(self, txn, lo: int, hi: int) -> list:
+        """Stage records lo .. hi-1, each (cells, ids, codes)."""
+        out, env = [], self.env
+        if hi <= lo or env.db["stage"] is None:
+            return out
+        with txn.cursor(db=env.db["stage"]) as cur:
+            ok = cur.set_range(L.u64(lo))
+            while ok and L.read_u64(cur.key()) < hi:
+                rec = L.decode_entries(cur.value(), 2, env.code_width, env.code_dtype,
+                                       f"stage[{L.read_u64(cur.key())}]")
+                if len(rec[0]) and (rec[0].min() < 0 or rec[0].max() >= env.n_cells):
+                    raise IndexCorruptError(f"stage[{L.read_u64(cur.key())}]: a cell outside "
+                                            "the index")
+                out.append(rec)
+                ok = cur.next()
+        return out
+
+    def load_stage(self, txn, base: StageView | None) -> StageView:
+        """The staged entries of txn's state, reading only the records base lacks."""
+        env = self.env
+        epoch, nxt, below, _ = env.stage_meta(txn)
+        if base is None or base.epoch != epoch:
+            base = StageView.empty(epoch, env.code_width, env.code_dtype)
+        if base.next_seq == nxt and base.merged_below == below:
+            return base
+        return base.extended(nxt, below, self.read_records(txn, base.next_seq, nxt))
+
+    # ------------------------------------------------------------------ searching
+    def cell_sizes(self) -> np.ndarray:
+        with self.env.read() as txn, self._lock:
+            return self.refresh(txn).sizes
+
+    @contextmanager
+    def snapshot(self):
+        with self.env.read() as txn:
+            with self._lock:
+                state = self.refresh(txn)
+            yield _LMDBSnapshot(self, txn, state)
+
+    def segments(self, txn, state: State, cells: np.ndarray) -> Segments:
+        with self._lock:
+            cache = self._cache
+            if cache is None or cache.state is not state:
+                # Addresses are only valid within their own generation's pages: a snapshot
+                # older than the newest keeps its cache to itself.
+                cache = _SegmentCache(self.env.n_cells, state)
+                if state is self._state:
+                    self._cache = cache
+            missing = cells[~cache.has(cells)]
+            if len(missing):
+                self._fill(txn, cache, missing)
+            return cache.segments(cells)
+
+    def _fill(self, txn, cache: "_SegmentCache", cells: np.ndarray) -> None:
+        """Read the blocks of cells (ascending, zero-copy) into the cache; a cell's staged
+        entries are one more segment per stage tier after its blocks."""
+        env, state = self.env, cache.state
+        B = env.block_capacity
+        counts = state.main[cells]
+        nb = L.blocks_for(counts, B)
+        n_blocks = int(nb.sum())
+        first = np.zeros(len(cells) + 1, dtype=np.int64)
+        np.cumsum(nb, out=first[1:])
+        owner = np.repeat(cells, nb)
+        block = np.arange(n_blocks) - np.repeat(first[:-1], nb)
+        bufs = list(map(txn.get, L.block_keys(owner, block)))  # txn's default db: blocks
+        addr = np.empty(n_blocks, dtype=np.uintp)
+        length = np.empty(n_blocks, dtype=np.int64)
+        n = np.empty(n_blocks, dtype=np.int64)
+        try:
+            _buffers.headers(bufs, addr, length, n)
+        except TypeError:  # a None: a block the sizes promise is missing
+            j = next(j for j, b in enumerate(bufs) if b is None)
+            raise IndexCorruptError(f"blocks[cell {owner[j]}, block {block[j]}] is missing "
+                                    f"(the cell's size says {counts[np.searchsorted(cells, owner[j])]} "
+                                    "entries)") from None
+        last = np.repeat(counts - (nb - 1) * B, nb)
+        expect = np.where(block == np.repeat(nb - 1, nb), last, B)
+        bad = (n != expect) | (length != L.HEADER + n * (8 + env.code_bytes))
+        if bad.any():
+            j = int(np.flatnonzero(bad)[0])
+            raise IndexCorruptError(f"blocks[cell {owner[j]}, block {block[j]}]: header says "
+                                    f"{n[j]} entries in {length[j]} bytes; expected "
+                                    f"{expect[j]} entries")
+        # Segments of each cell: its blocks, then its entries in the base and recent tiers.
+        tiers = state.stage.tiers
+        found = [t.locate(cells) for t in tiers]   # (has, start, count) per tier
+        per_cell = nb + found[0][0] + found[1][0]
+        seg0 = np.zeros(len(cells) + 1, dtype=np.int64)
+        np.cumsum(per_cell, out=seg0[1:])
+        total = int(seg0[-1])
+        ids_at = np.empty(total, dtype=np.uintp)
+        codes_at = np.empty(total, dtype=np.uintp)
+        seg_len = np.empty(total, dtype=np.int64)
+        at = np.repeat(seg0[:-1], nb) + block
+        ids_at[at] = addr + np.uintp(L.HEADER)
+        codes_at[at] = addr + np.uintp(L.HEADER) + np.uintp(8) * n.astype(np.uintp)
+        seg_len[at] = n
+        after = seg0[:-1] + nb
+        for tier, (has, start, cnt) in zip(tiers, found):
+            if has.any():
+                at, first_entry = after[has], start[has].astype(np.uintp)
+                ids_at[at] = tier.ids.ctypes.data + np.uintp(8) * first_entry
+                codes_at[at] = tier.codes.ctypes.data + first_entry * np.uintp(
+                    tier.codes.strides[0])
+                seg_len[at] = cnt[has]
+                after = after + has
+        cache.add(cells, per_cell, ids_at, codes_at, seg_len)
+
+    # ------------------------------------------------------------------ lookups
+    def lookup(self, ids: np.ndarray):
+        env = self.env
+        found = np.zeros(len(ids), dtype=bool)
+        cells = np.full(len(ids), -1, dtype=np.int64)
+        codes = np.zeros((len(ids), env.code_width), dtype=env.code_dtype)
+        records = {}  # stage record number -> (codes, {id: row}), read once per call
+        with env.read() as txn:
+            for j, i in enumerate(ids.tolist()):
+                loc = txn.get(L.u64(i), db=env.db["ids"])
+                if loc is None:
+                    continue
+                c, b = L.id_location(loc, i)
+                if b & L.STAGED:
+                    seq = b & ~L.STAGED
+                    if seq not in records:
+                        rec = txn.get(L.u64(seq), db=env.db["stage"])
+                        if rec is None:
+                            raise IndexCorruptError(f"ids[{i}] points at stage record {seq}, "
+                                                    "which is missing")
+                        _, r_ids, r_codes = L.decode_entries(rec, 2, env.code_width,
+                                                             env.code_dtype, f"stage[{seq}]")
+                        records[seq] = r_codes, {x: k for k, x in enumerate(r_ids.tolist())}
+                    r_codes, row = records[seq]
+                    if i not in row:
+                        raise IndexCorruptError(f"ids[{i}] points at stage record {seq}, "
+                                                "which does not hold it")
+                    found[j], cells[j], codes[j] = True, c, r_codes[row[i]]
+                    continue
+                blk_ids, blk_codes = read_block(env, txn, c, b)
+                pos = np.flatnonzero(blk_ids == i)
+                if not len(pos):
+                    raise IndexCorruptError(f"ids[{i}] points at block ({c}, {b}), which "
+                                            "does not hold it")
+                found[j], cells[j], codes[j] = True, c, blk_codes[pos[0]]
+        return found, cells, codes
+
+
+def read_block(env: Env, txn, cell: int, block: int):
+    """Copies of (ids (n,) int64, codes (n, M)) of one block."""
+    v = txn.get(L.block_key(cell, block), db=env.db["blocks"])
+    if v is None:
+        raise IndexCorruptError(f"blocks[cell {cell}, block {block}] is missing")
+    return L.decode_entries(v, 1, env.code_width, env.code_dtype,
+                            f"blocks[cell {cell}, block {block}]")
+
+
+class _LMDBSnapshot(Snapshot):
+    def __init__(self, reader: ReadPath, txn, state: State):
+        self._r, self._txn, self._state = reader, txn, state  # state holds the stage arrays
+
+    def cell_sizes(self):
+        return self._state.sizes
+
+    def segments(self, cells):
+        return self._r.segments(self._txn, self._state, np.asarray(cells, dtype=np.int64))
+
+
+class _SegmentCache:
+    """cell -> its segments' (codes, ids, length) addresses, valid for one state."""
+
+    def __init__(self, n_cells: int, state: State):
+        self.state = state
+        self.first = np.full(n_cells, -1, dtype=np.int64)   # first segment of the cell
+        self.count = np.zeros(n_cells, dtype=np.int64)
+        self.codes = np.empty(0, dtype=np.uintp)
+        self.ids = np.empty(0, dtype=np.uintp)
+        self.length = np.empty(0, dtype=np.int64)
+
+    def has(self, cells):
+        return self.first[cells] >= 0
+
+    def add(self, cells, per_cell, ids_addr, codes_addr, n):
+        """Segments of ascending cells, per_cell[j] of them for cells[j], consecutive."""
+        base = len(self.codes)
+        self.codes = np.concatenate([self.codes, codes_addr])
+        self.ids = np.concatenate([self.ids, ids_addr])
+        self.length = np.concatenate([self.length, n])
+        starts = np.zeros(len(cells), dtype=np.int64)
+        np.cumsum(per_cell[:-1], out=starts[1:])
+        self.first[cells] = base + starts
+        self.count[cells] = per_cell
+
+    def segments(self, cells) -> Segments:
+        counts = self.count[cells]
+        start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        seg = np.repeat(self.first[cells], counts) + (
+            np.arange(start[-1]) - np.repeat(start[:-1], counts))
+        return Segments(cells, start, self.codes[seg], self.ids[seg], self.length[seg])
