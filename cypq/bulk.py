@@ -144,7 +144,7 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
     n_threads : int, optional
         Threads of the encoder (None: all cores).
     block_capacity : int
-        See :class:`cypq.storage.lmdb.LMDBStorage`.
+        Entries per block of the on-disk index (see :meth:`cypq.Index.create`).
     progress : bool
         Show tqdm progress bars (vectors/s and ETA).
     out : callable

@@ -440,3 +440,49 @@ def test_search_after_every_add_equals_memory(setup, tmp_path, monkeypatch):
                                               mem.search(Q, k=10, quota=150)[1])
             assert reader.stats()["largest_cell"] == mem.stats()["largest_cell"]
         assert 0 < ix.stats()["staged"] < 1500
+
+
+@pytest.mark.parametrize("stage", [0, 700])
+def test_segment_cache_carried_over_writes_equals_memory(setup, tmp_path, monkeypatch, stage):
+    """A searching process carries its segment cache across generations (re-reading only
+    the cells the log says were written, under pinned read transactions): after adds that
+    split blocks, removes that move entries between blocks, replaces, merges and a map
+    growth, every search still equals the in-memory index's; pins stay bounded and an idle
+    process releases them."""
+    import cypq.storage.lmdb.reader as R
+    monkeypatch.setattr(R, "MAX_PINS", 4)
+    model, X, Q = setup
+    mem = Index.in_memory(model)
+    path = tmp_path / "ix"
+    rng = np.random.default_rng(3)
+    with Index.create(path, model, block_capacity=4, stage_capacity=stage,
+                      map_size=1 << 16) as ix, Index.open(path, readonly=True) as reader:
+        pins = []
+        for step in range(14):
+            if step % 4 == 3:
+                gone = rng.choice(len(mem) + 1, 60, replace=False)
+                assert ix.remove(gone) == mem.remove(gone)
+            elif step % 4 == 2:
+                ids = rng.choice(len(mem), 40, replace=False)
+                ix.add(X[3000 + step * 40:3040 + step * 40], ids, replace=True)
+                mem.add(X[3000 + step * 40:3040 + step * 40], ids, replace=True)
+            else:
+                got = ix.add(X[step * 200:(step + 1) * 200])
+                mem.add(X[step * 200:(step + 1) * 200], got)
+            want = mem.search(Q, k=10, quota=120)
+            for who in (ix, reader):
+                got = who.search(Q, k=10, quota=120)
+                np.testing.assert_array_equal(got[1], want[1])
+                np.testing.assert_array_equal(got[0], want[0])
+            pins.append(len(reader.storage._reader._cache.pins))
+        # carried over (several pins), never more than MAX_PINS, and started afresh
+        assert 3 <= max(pins) <= 4 and 1 in pins[1:], pins
+        assert ix.stats()["map_size"] > 1 << 16        # the map grew on the way
+        monkeypatch.setattr(R, "IDLE_RELEASE", 0.05)
+        reader.storage._reader.invalidate()
+        reader.search(Q[:2], k=5, quota=50)
+        assert reader.storage._reader._cache is not None
+        time.sleep(0.5)
+        assert reader.storage._reader._cache is None    # an idle process holds no pins
+        np.testing.assert_array_equal(reader.search(Q, k=10, quota=120)[1],
+                                      mem.search(Q, k=10, quota=120)[1])

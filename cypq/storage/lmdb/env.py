@@ -98,8 +98,8 @@ class Env:
             except lmdb.NotFoundError:
                 self.db[name] = None
         self._released = False
-        # Called (under no lock of ours) after every commit and map change: caches of
-        # addresses or states die with them.
+        # Called (under no lock of ours) when the map changes (grown here or by another
+        # process): every address into it dies.
         self.on_change: list[Callable[[], None]] = []
 
     def release(self) -> None:
@@ -147,7 +147,6 @@ class Env:
             except BaseException:
                 txn.abort()
                 raise
-            self._changed()
             return result, gen
 
     def _changed(self) -> None:

@@ -2,19 +2,28 @@
 sizes, staged entries), snapshots for searches, the segment cache, lookups.
 
 A process keeps the state of the newest generation it has seen and brings it forward from the
-change log (cells touched per generation) instead of reloading everything. The segment cache
-holds, per cell, the addresses of its blocks (zero-copy, inside LMDB's map) and of its staged
-entries (inside the process's stage view); addresses are valid only within the generation
-they were read in, so a new generation starts a new cache. Filling it is vectorised: block
-keys are computed from the cell sizes (a cell of n entries has ceil(n / capacity) blocks),
-fetched with one C-level loop, and every value's header and length are checked before any
-address reaches the kernel.
+change log (cells touched per generation) instead of reloading everything.
+
+The segment cache holds, per cell, the addresses of its blocks (zero-copy, inside LMDB's map)
+and of its staged entries (inside the process's stage view). Block addresses are read under a
+*pin*: a read transaction the cache keeps open, so LMDB reuses none of the pages they point
+into (MVCC: pages freed after the pin's generation stay as they were). A newer generation
+therefore carries the cache over and re-reads only the cells the change log says were written
+since (and those whose staged entries changed): the first search after a write reads what the
+write touched, not every cell again. At most ``MAX_PINS`` generations are pinned at once
+(then the cache starts afresh), and a process that stops searching releases its pins after
+``IDLE_RELEASE`` seconds, so that pinned pages never make a writer's file grow for long.
+Filling is vectorised: block keys come from the cell sizes (a cell of n entries has
+ceil(n / capacity) blocks), are fetched in one C-level loop, and every value's header and
+length are checked before any address reaches the kernel.
 """
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import contextmanager
 
+import lmdb
 import numpy as np
 
 from ... import _buffers
@@ -22,6 +31,9 @@ from ..base import IndexCorruptError, IndexFormatError, Segments, Snapshot
 from . import layout as L
 from .env import LOG_KEEP, VERSION, Env, legacy_size, legacy_sizes
 from .stage import StageView
+
+MAX_PINS = 8            # generations a segment cache may keep pinned
+IDLE_RELEASE = 2.0      # seconds without a search after which pins are released
 
 
 class State:
@@ -47,14 +59,35 @@ class ReadPath:
                                                             env.code_dtype))
         self._base_sizes = zero            # blocks + the stage's base tier
         self._cache = None                 # _SegmentCache of the newest state
+        self._last_use = 0.0
+        self._timer = None                 # releases the pins of an idle process
         env.on_change.append(self.invalidate)
         with env.read() as txn, self._lock:
             self.refresh(txn)
 
     def invalidate(self) -> None:
-        """Drop the segment cache (after a commit or a change of the map)."""
+        """Drop the segment cache and its pins (the map changed; the index closes)."""
         with self._lock:
             self._cache = None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+    def _idle_check(self) -> None:
+        with self._lock:
+            self._timer = None
+            if self._cache is None:
+                return
+            if time.monotonic() - self._last_use >= IDLE_RELEASE:
+                self._cache = None      # its pins close once no search holds them
+            else:
+                self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        if self._timer is None:
+            self._timer = threading.Timer(IDLE_RELEASE, self._idle_check)
+            self._timer.daemon = True
+            self._timer.start()
 
     # ------------------------------------------------------------------ state
     def refresh(self, txn) -> State:
@@ -81,7 +114,7 @@ class ReadPath:
             self._base_sizes = stage.tiers[0].add_counts(main)
         sizes = st.sizes if (main is st.main and stage is st.stage) else \
             stage.tiers[1].add_counts(self._base_sizes)
-        self._state, self._cache = State(gen, main, sizes, stage), None
+        self._state = State(gen, main, sizes, stage)
         return self._state
 
     def _touched(self, txn, seen: int, gen: int):
@@ -173,19 +206,46 @@ class ReadPath:
                 state = self.refresh(txn)
             yield _LMDBSnapshot(self, txn, state)
 
-    def segments(self, txn, state: State, cells: np.ndarray) -> Segments:
+    def segments(self, txn, state: State, cells: np.ndarray):
+        """(cache, Segments) of ascending distinct cells in txn's state; the caller keeps
+        the cache (and with it the pins) referenced while it reads the addresses."""
         with self._lock:
             cache = self._cache
             if cache is None or cache.state is not state:
-                # Addresses are only valid within their own generation's pages: a snapshot
-                # older than the newest keeps its cache to itself.
-                cache = _SegmentCache(self.env.n_cells, state)
-                if state is self._state:
-                    self._cache = cache
+                if state is self._state:  # the newest state: carry the cache over
+                    cache = self._cache = self._next_cache(cache, state)
+                    self._last_use = time.monotonic()
+                    self._arm_timer()
+                else:  # an older snapshot keeps a cache of its own, read under its txn
+                    cache = _SegmentCache(self.env.n_cells, state, None)
             missing = cells[~cache.has(cells)]
             if len(missing):
-                self._fill(txn, cache, missing)
-            return cache.segments(cells)
+                self._fill(cache.pin.txn if cache.pin is not None else txn, cache, missing)
+            return cache, cache.segments(cells)
+
+    def _next_cache(self, old, state: State) -> "_SegmentCache":
+        """A cache for the newest state: the old one's segments of the cells unchanged
+        since, where the log tells which changed and the pins allow; else an empty one."""
+        env = self.env
+        try:
+            pin = _Pin(env.lmdb.begin(buffers=True, db=env.db["blocks"]))
+        except lmdb.MapResizedError:  # the snapshot's own transaction will do
+            return _SegmentCache(env.n_cells, state, None)
+        if env.counter(pin.txn, b"gen") != state.gen:   # a write came in between
+            return _SegmentCache(env.n_cells, state, None)
+        new = _SegmentCache(env.n_cells, state, pin)
+        if old is None or old.pin is None or len(old.pins) >= MAX_PINS or \
+                old.state.gen > state.gen or old.garbage() > 0.5:
+            return new
+        changed = self._touched(pin.txn, old.state.gen, state.gen)
+        if changed is None:
+            return new
+        parts = [changed]
+        for t_old, t_new in zip(old.state.stage.tiers, state.stage.tiers):
+            if t_old is not t_new:  # staged segments of these cells moved
+                parts += [t_old.ucells, t_new.ucells]
+        new.carry(old, np.concatenate(parts))
+        return new
 
     def _fill(self, txn, cache: "_SegmentCache", cells: np.ndarray) -> None:
         """Read the blocks of cells (ascending, zero-copy) into the cache; a cell's staged
@@ -293,24 +353,59 @@ def read_block(env: Env, txn, cell: int, block: int):
 class _LMDBSnapshot(Snapshot):
     def __init__(self, reader: ReadPath, txn, state: State):
         self._r, self._txn, self._state = reader, txn, state  # state holds the stage arrays
+        self._caches = []
 
     def cell_sizes(self):
         return self._state.sizes
 
     def segments(self, cells):
-        return self._r.segments(self._txn, self._state, np.asarray(cells, dtype=np.int64))
+        cache, seg = self._r.segments(self._txn, self._state,
+                                      np.asarray(cells, dtype=np.int64))
+        self._caches.append(cache)  # its pins stay open while this snapshot is
+        return seg
+
+
+class _Pin:
+    """An open read transaction that keeps the pages of its generation from being reused;
+    aborted when the last cache holding it goes."""
+
+    __slots__ = ("txn",)
+
+    def __init__(self, txn):
+        self.txn = txn
+
+    def __del__(self):
+        try:
+            self.txn.abort()
+        except Exception:  # the environment is already closed
+            pass
 
 
 class _SegmentCache:
-    """cell -> its segments' (codes, ids, length) addresses, valid for one state."""
+    """cell -> its segments' (codes, ids, length) addresses in one state. Block addresses
+    were read under one of ``pins``; ``pin`` (None for a private cache, read under its
+    snapshot's transaction) is where new ones are read."""
 
-    def __init__(self, n_cells: int, state: State):
-        self.state = state
+    def __init__(self, n_cells: int, state: State, pin):
+        self.state, self.pin = state, pin
+        self.pins = [] if pin is None else [pin]
         self.first = np.full(n_cells, -1, dtype=np.int64)   # first segment of the cell
         self.count = np.zeros(n_cells, dtype=np.int64)
         self.codes = np.empty(0, dtype=np.uintp)
         self.ids = np.empty(0, dtype=np.uintp)
         self.length = np.empty(0, dtype=np.int64)
+
+    def carry(self, old: "_SegmentCache", changed: np.ndarray) -> None:
+        """Take over old's segments but those of the changed cells, and its pins."""
+        self.first, self.count = old.first.copy(), old.count.copy()
+        self.first[changed] = -1
+        self.count[changed] = 0
+        self.codes, self.ids, self.length = old.codes, old.ids, old.length
+        self.pins = old.pins + self.pins
+
+    def garbage(self) -> float:
+        """Share of the segment arrays no cell refers to any more."""
+        return 1.0 - int(self.count.sum()) / max(1, len(self.codes))
 
     def has(self, cells):
         return self.first[cells] >= 0

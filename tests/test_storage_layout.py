@@ -1,0 +1,268 @@
+"""The LMDB value layouts on their own (pure NumPy), damaged values met by the read path, the
+storage interface's rules, and the layering the design asks for."""
+import ast
+import os
+import pathlib
+import shutil
+import warnings
+
+import lmdb
+import numpy as np
+import pytest
+
+from cypq import Index, IndexFormatError, LOPQModel
+from cypq.storage import IndexCorruptError
+from cypq.storage.lmdb import layout as L
+
+from conftest import clustered
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _entries(rng, n, M=4, dtype=np.uint8):
+    return (np.sort(rng.integers(0, 50, n)), rng.integers(0, 1 << 62, n),
+            rng.integers(0, 256, (n, M)).astype(dtype))
+
+
+# ---------------------------------------------------------------------------- layout
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_entries_round_trip_and_checked_length(dtype):
+    rng = np.random.default_rng(0)
+    cells, ids, codes = _entries(rng, 37, 6, dtype)
+    value = L.encode_entries((cells, ids), codes, dtype)
+    assert len(value) == L.entries_size(37, 2, 6 * np.dtype(dtype).itemsize)
+    c2, i2, k2 = L.decode_entries(value, 2, 6, dtype)
+    np.testing.assert_array_equal(c2, cells)
+    np.testing.assert_array_equal(i2, ids)
+    np.testing.assert_array_equal(k2, codes)
+    for bad in (value[:-1], value[:5], value + b"\0",
+                (38).to_bytes(4, "little") + value[4:],
+                (0xFFFFFFFF).to_bytes(4, "little") + value[4:]):
+        with pytest.raises(IndexCorruptError, match="stage"):
+            L.decode_entries(bad, 2, 6, dtype, "stage[3]")
+
+
+def test_pack_blocks_and_splice_against_a_per_cell_reference():
+    rng = np.random.default_rng(1)
+    cells, ids, codes = _entries(rng, 300)
+    first = rng.integers(0, 3, 50)[cells]  # each cell's first new block
+    items, block_no = L.pack_blocks(cells, ids, codes, 8, first)
+    got = {}
+    for key, value in items:
+        c, b = L.CELL_BLOCK.unpack(key)
+        got[c, b] = L.decode_entries(value, 1, 4, np.uint8)
+    assert [k for k, _ in items] == sorted(k for k, _ in items)   # key order: append mode
+    for c in np.unique(cells):
+        sel = np.flatnonzero(cells == c)
+        for j, e in enumerate(sel):   # reference: the j-th entry of a cell goes to block j // 8
+            b = first[e] + j // 8
+            assert block_no[e] == b
+            pos = j % 8
+            assert got[c, b][0][pos] == ids[e]
+            np.testing.assert_array_equal(got[c, b][1][pos], codes[e])
+    # splicing two entries onto a block equals packing them together
+    value = dict(items)[L.block_key(int(cells[0]), int(first[0]))]
+    n_old = L.entry_count(value, "b", 1, 4)
+    more_ids, more_codes = np.array([7, 9], np.int64), np.full((2, 4), 3, np.uint8)
+    spliced = L.splice(bytes(value), n_old, more_ids.astype("<i8").tobytes(),
+                       more_codes.tobytes())
+    old_ids, old_codes = L.decode_entries(value, 1, 4, np.uint8)
+    assert spliced == L.encode_entries((np.r_[old_ids, more_ids],),
+                                       np.r_[old_codes, more_codes], np.uint8)
+
+
+def test_cell_runs_ranks_and_size_chunks():
+    cells = np.array([2, 2, 5, 7, 7, 7], np.int64)
+    np.testing.assert_array_equal(L.cell_runs(cells), [0, 2, 3, 6])
+    np.testing.assert_array_equal(L.cell_ranks(cells), [0, 1, 0, 0, 1, 2])
+    np.testing.assert_array_equal(L.cell_runs(cells[:0]), [0])
+    n_cells = 3 * L.SIZE_CHUNK + 5
+    sizes = np.zeros(n_cells, np.int64)
+    sizes[[0, 300, n_cells - 1]] = [4, 2**32 - 1, 9]
+    chunks = L.size_chunks(np.flatnonzero(sizes))
+    padded = np.zeros(4 * L.SIZE_CHUNK, np.int64)
+    padded[:n_cells] = sizes
+    keys = b"".join(L.u64(c) for c in chunks.tolist())
+    values = b"".join(L.sizes_value(padded.reshape(-1, L.SIZE_CHUNK)[c]) for c in chunks)
+    np.testing.assert_array_equal(L.sizes_from_chunks(keys, values, n_cells), sizes)
+    with pytest.raises(IndexCorruptError):
+        L.sizes_from_chunks(keys, values[:-1], n_cells)
+    with pytest.raises(IndexCorruptError, match="past"):
+        L.sizes_from_chunks(keys, values, 2 * L.SIZE_CHUNK)
+    with pytest.raises(ValueError):
+        L.sizes_value(np.full(L.SIZE_CHUNK, 2**32))
+
+
+# ---------------------------------------------------------------------------- damage
+@pytest.fixture(scope="module")
+def small():
+    X = clustered(3000, 16, n_clusters=12, seed=61)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        model = LOPQModel(V=6, M=4, subquantizer_clusters=16).fit(X, random_state=2)
+    return model, X
+
+
+def _poke(path, db_name, change):
+    """Rewrite every value of one database with change(key, value) (None: leave it)."""
+    env = lmdb.open(str(path), max_dbs=8)
+    db = env.open_db(db_name)
+    with env.begin(write=True, db=db) as txn:
+        for k, v in list(txn.cursor()):
+            new = change(k, v)
+            if new is not None:
+                txn.put(k, new)
+    env.close()
+
+
+@pytest.mark.parametrize("damage", ["count_huge", "count_one_bit", "cut_short", "missing"])
+def test_damaged_block_is_an_error_not_a_crash(small, tmp_path, damage):
+    """A block whose header or length is wrong never reaches the kernel: the search raises
+    IndexCorruptError naming the block (before: segfault or a read past the value)."""
+    model, X = small
+    path = tmp_path / "ix"
+    with Index.create(path, model, block_capacity=16, stage_capacity=0) as ix:
+        ix.add(X)
+    hit = []
+
+    def change(k, v):
+        if hit:
+            return None
+        hit.append(k)
+        if damage == "count_huge":
+            return (0xFFFFFFFF).to_bytes(4, "little") + v[4:]
+        if damage == "count_one_bit":
+            n = int.from_bytes(v[:4], "little") | (1 << 16)
+            return n.to_bytes(4, "little") + v[4:]
+        return v[:len(v) // 2]
+    if damage == "missing":
+        env = lmdb.open(str(path), max_dbs=8)
+        with env.begin(write=True, db=env.open_db(b"blocks")) as txn:
+            txn.delete(next(iter(txn.cursor()))[0])
+        env.close()
+    else:
+        _poke(path, b"blocks", change)
+    with Index.open(path, readonly=True) as ix:
+        with pytest.raises(IndexCorruptError, match=r"blocks\[cell"):
+            ix.search(X[:20], k=10, quota=0)
+
+
+def test_failed_open_leaks_nothing_and_create_is_one_transaction(small, tmp_path):
+    """An open that raised leaves no environment behind in the process (a new index at the
+    same path is then a real one); a directory left by a create interrupted before its
+    transaction committed is reported as such and accepted by create."""
+    model, X = small
+    path = tmp_path / "ix"
+    with Index.create(path, model) as ix:
+        ix.add(X[:100])
+    _poke(path, b"meta", lambda k, v: b"not json" if k == b"config" else None)
+    with pytest.raises(IndexCorruptError, match="config"):
+        Index.open(path)
+    shutil.rmtree(path)
+    with Index.create(path, model) as ix:
+        ix.add(X[:50])
+    with Index.open(path, readonly=True) as ix:
+        assert len(ix) == 50
+    # what a create killed before its commit leaves: an LMDB file without a format record
+    half = tmp_path / "half"
+    lmdb.open(str(half), max_dbs=8).close()
+    assert not Index.exists(half)
+    with pytest.raises(IndexFormatError, match="interrupted"):
+        Index.open(half)
+    with Index.create(half, model) as ix:
+        ix.add(X[:10])
+        assert len(ix) == 10
+    assert Index.exists(half)
+    with pytest.raises(FileExistsError):
+        Index.create(half, model)
+
+
+def test_index_refuses_a_model_that_does_not_fit_its_codes(small, tmp_path):
+    model, X = small
+    path = tmp_path / "ix"
+    with Index.create(path, model) as ix:
+        ix.add(X[:100])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        other = LOPQModel(V=5, M=4, subquantizer_clusters=16).fit(X, random_state=2)
+    _poke(path, b"meta", lambda k, v: other.to_proto_bytes() if k == b"model" else None)
+    with pytest.raises(IndexFormatError, match="does not fit its codes"):
+        Index.open(path)
+
+
+def test_storage_metadata_and_reserved_names(small, tmp_path):
+    from cypq.storage.lmdb import LMDBStorage
+    model, _ = small
+    s = LMDBStorage.create(str(tmp_path / "s"), 36, 4, np.uint8, meta={"note": b"hello"})
+    try:
+        assert s.meta("note") == b"hello" and s.meta("absent") is None
+        assert s.stats()["staged"] == 0 and len(s) == 0
+    finally:
+        s.close()
+    with pytest.raises(ValueError, match="reserved"):
+        LMDBStorage.create(str(tmp_path / "t"), 36, 4, np.uint8, meta={"gen": b"x"})
+
+
+# ---------------------------------------------------------------------------- the model's face
+def test_kernel_view_is_built_once_and_follows_new_parts(small):
+    model, X = small
+    v = model.kernel_view()
+    assert model.kernel_view() is v
+    assert not v.fine.flags.writeable
+    np.testing.assert_array_equal(v.fine, np.stack(list(model.subquantizers[0])
+                                                   + list(model.subquantizers[1])))
+    np.testing.assert_array_equal(v.RT[1], model.Rs[1].transpose(0, 2, 1))
+    code = model.predict(X[:50])
+    m2 = LOPQModel(V=6, M=4, subquantizer_clusters=16,
+                   parameters=(model.Cs, model.Rs, model.mus, None))
+    first = m2.kernel_view()
+    m2.subquantizers = model.subquantizers        # a part replaced: a new view
+    assert m2.kernel_view() is not first
+    np.testing.assert_array_equal(m2.predict(X[:50]).fine, code.fine)
+    assert "_kernel_view" not in model.__getstate__()
+
+
+# ---------------------------------------------------------------------------- layering
+def _imports(path: pathlib.Path) -> set[str]:
+    """Modules a cypq source file imports, as absolute names."""
+    pkg = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = pkg.split(".")
+            base = base[:len(base) - node.level + 1] if node.level else []
+            mod = ".".join(base + ([node.module] if node.module else []))
+            if node.module:  # "from . import x" depends on x, not on the package's face
+                out.add(mod)
+            out |= {f"{mod}.{a.name}" for a in node.names}
+    return out
+
+
+def test_layering_storage_imports_no_codec_and_no_circles():
+    files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in (ROOT / "cypq").rglob("*.py") if "proto" not in p.parts}
+    graph = {m: {i for i in _imports(p) if i in files and i != m} for m, p in files.items()}
+    codec = {"cypq.model_io", "cypq.lopq", "cypq.pq", "cypq.opq", "cypq.index"}
+    for m, deps in graph.items():
+        if m.startswith("cypq.storage"):
+            assert not deps & codec, f"{m} imports {deps & codec}"
+    # no circle: every module reaches itself through no chain of imports (the package
+    # face cypq/__init__ excluded, since every submodule import passes through it)
+    graph = {m: d - {"cypq"} for m, d in graph.items() if m != "cypq"}
+
+    def reach(m, seen):
+        for d in graph.get(m, ()):
+            if d not in seen:
+                seen.add(d)
+                reach(d, seen)
+        return seen
+    for m in graph:
+        assert m not in reach(m, set()), f"import circle through {m}"
+    assert not {"cypq.demo", "cypq.cli", "cypq.spark", "cypq.bulk"} & _imports(
+        ROOT / "cypq" / "__init__.py")
+    for name in ("cli.py", "bulk.py"):
+        src = (ROOT / "cypq" / name).read_text()
+        assert "LMDBStorage" not in src and "storage.lmdb" not in src, name
+    assert all(len(p.read_text().splitlines()) <= 530 for p in files.values())
