@@ -478,11 +478,15 @@ def test_segment_cache_carried_over_writes_equals_memory(setup, tmp_path, monkey
         # carried over (several pins), never more than MAX_PINS, and started afresh
         assert 3 <= max(pins) <= 4 and 1 in pins[1:], pins
         assert ix.stats()["map_size"] > 1 << 16        # the map grew on the way
-        monkeypatch.setattr(R, "IDLE_RELEASE", 0.05)
+        monkeypatch.setattr(R, "IDLE_RELEASE", 0.2)
         reader.storage._reader.invalidate()
         reader.search(Q[:2], k=5, quota=50)
-        assert reader.storage._reader._cache is not None
-        time.sleep(0.5)
+        cache = reader.storage._reader._cache
+        for _ in range(6):  # a process that keeps searching keeps its cache
+            time.sleep(0.1)
+            reader.search(Q[:2], k=5, quota=50)
+            assert reader.storage._reader._cache is cache
+        time.sleep(1.0)
         assert reader.storage._reader._cache is None    # an idle process holds no pins
         np.testing.assert_array_equal(reader.search(Q, k=10, quota=120)[1],
                                       mem.search(Q, k=10, quota=120)[1])

@@ -211,10 +211,10 @@ class ReadPath:
         the cache (and with it the pins) referenced while it reads the addresses."""
         with self._lock:
             cache = self._cache
+            self._last_use = time.monotonic()
             if cache is None or cache.state is not state:
                 if state is self._state:  # the newest state: carry the cache over
                     cache = self._cache = self._next_cache(cache, state)
-                    self._last_use = time.monotonic()
                     self._arm_timer()
                 else:  # an older snapshot keeps a cache of its own, read under its txn
                     cache = _SegmentCache(self.env.n_cells, state, None)
