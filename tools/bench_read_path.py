@@ -2,9 +2,10 @@
 build and (with --old) an older cypq checkout side by side in one run.
 
     python tools/bench_read_path.py [--data DIR] [--old CHECKOUT] [--n 300000] [--big]
+    python tools/bench_read_path.py --data ../shared/data/manminilm --n 90000 [--old CHECKOUT]
 
-Part A (issue #12's measurement): train LOPQ (V=256, M=16) on REALSIFT1M's learn set, build an
-index of the first --n base vectors with staging off (stage_capacity=0: every add writes its
+Part A (issue #12's measurement): train LOPQ (V=256, M=16) on the learn set of REALSIFT1M (or
+of MANMINILM, 384-d, when --data names it), build an index of the first --n base vectors with staging off (stage_capacity=0: every add writes its
 cells' blocks), then, per quota (2000, 10000), 1000 queries, 1 thread: the warm search time
 (best of 3), and the first search after each of 5 adds of 1000 vectors (median), and the time
 to open the index read-only (best of 3). Each build runs in a child process of its own.
@@ -38,9 +39,18 @@ from _data import DEFAULT_DATA, Timer, best_of, load_sift  # noqa: E402
 QUOTAS = (2000, 10000)
 
 
+def load_set(data: str, nq: int):
+    """(learn, base, queries, groundtruth) of REALSIFT1M or MANMINILM (float16 files)."""
+    if os.path.exists(os.path.join(data, "base.f16.npy")):
+        f32 = lambda name: np.load(os.path.join(data, name)).astype(np.float32)  # noqa: E731
+        gt = np.load(os.path.join(data, "groundtruth.i32.npy"))[:nq].astype(np.int64)
+        return f32("learn.f16.npy"), f32("base.f16.npy"), f32("query.f16.npy")[:nq], gt
+    return load_sift(data, nq)
+
+
 def child_a(args) -> dict:
     import cypq
-    xt, xb, xq, _ = load_sift(args.data, 1000)
+    xt, xb, xq, _ = load_set(args.data, 1000)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         model = cypq.LOPQModel(V=256, M=16).fit(xt, random_state=1)
@@ -56,7 +66,7 @@ def child_a(args) -> dict:
             after = []
             for _ in range(5):
                 ix.add(xb[nxt:nxt + 1000])
-                nxt += 1000
+                nxt = nxt + 1000 if nxt + 2000 <= len(xb) else args.n
                 with Timer() as t:
                     ix.search(xq, k=100, quota=quota)
                 after.append(t.s)
@@ -141,8 +151,8 @@ def main() -> None:
     root = args.dir or tempfile.mkdtemp(prefix="cypq-readpath-")
     builds = ([("old", args.old)] if args.old else []) + [("new", None)]
     print(f"load before: {os.getloadavg()[0]:.2f}")
-    print(f"## Part A: {args.n:,} REALSIFT1M vectors, V=256, M=16, staging off, 1000 queries, "
-          "k=100, 1 thread")
+    print(f"## Part A: {args.n:,} vectors of {os.path.basename(os.path.normpath(args.data))}, "
+          "V=256, M=16, staging off, 1000 queries, k=100, 1 thread")
     print("| build | quota | warm ms/q | first search after a write ms/q | ratio | open s |")
     print("|---|---|---|---|---|---|")
     for name, build in builds:
