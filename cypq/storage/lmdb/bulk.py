@@ -60,7 +60,7 @@ class LMDBBulkWriter(BulkWriter):
         def body(txn):
             if len(cells):
                 with txn.cursor(db=env.db["blocks"]) as cur:
-                    if cur.last() and L.CELL_BLOCK.unpack(bytes(cur.key()))[0] >= cells[0]:
+                    if cur.last() and L.parse_block_key(cur.key())[0] >= cells[0]:
                         raise ValueError("bulk append cells must come after every stored cell")
                     cur.putmulti(items, append=True)
                 runs = L.cell_runs(cells)
@@ -85,7 +85,7 @@ class LMDBBulkWriter(BulkWriter):
             v = env.get_meta(txn, b"bulk_ids")
             done = 0 if v is None else L.read_u64(v)
             with txn.cursor(db=env.db["blocks"]) as cur:
-                last_cell = L.CELL_BLOCK.unpack(bytes(cur.key()))[0] if cur.last() else -1
+                last_cell = L.parse_block_key(cur.key())[0] if cur.last() else -1
         # Runs of appends that committed (a later one may have been written before a kill).
         runs = [np.load(f, mmap_mode="r") for f in sorted(glob.glob(
             os.path.join(self.scratch, "ids-*.npy"))) if _first_cell(f) <= last_cell]

@@ -43,6 +43,11 @@ def block_key(cell: int, block: int) -> bytes:
     return CELL_BLOCK.pack(cell, block)
 
 
+def parse_block_key(key) -> tuple[int, int]:
+    """(cell, block) of a block key."""
+    return CELL_BLOCK.unpack(bytes(key))
+
+
 def block_keys(cells: np.ndarray, blocks: np.ndarray) -> list:
     """Block keys (list of bytes) of parallel int64 arrays, vectorised."""
     keys = np.empty(len(cells), dtype=[("cell", ">u8"), ("block", ">u4")])
@@ -98,6 +103,24 @@ def decode_entries(value, n_columns: int, width: int, code_dtype, where: str = "
     codes = np.frombuffer(raw, dtype=code_dtype, count=n * width,
                           offset=HEADER + 8 * n * n_columns).reshape(n, width).copy()
     return (*columns, codes)
+
+
+def block_addresses(addr: np.ndarray, length: np.ndarray, count: np.ndarray,
+                    expect: np.ndarray, code_bytes: int):
+    """Where the ids and codes of block values are, from their start addresses (n,) uintp,
+    lengths (n,) int64 and header counts (n,) int64 (-1: shorter than a header), each
+    checked against the count the cell sizes promise (``expect``).
+
+    Returns
+    -------
+    ids_at, codes_at : numpy.ndarray uintp (n,)
+    bad : int
+        Index of the first value that does not check out, or -1.
+    """
+    ok = (count == expect) & (length == HEADER + count * (8 + code_bytes))
+    bad = -1 if ok.all() else int(np.flatnonzero(~ok)[0])
+    ids_at = addr + np.uintp(HEADER)
+    return ids_at, ids_at + np.uintp(8) * count.astype(np.uintp), bad
 
 
 def splice(old: bytes, n_old: int, new_ids: bytes, new_codes: bytes) -> bytes:
@@ -177,6 +200,11 @@ def id_items(ids, cells, blocks) -> list:
     vals["cell"], vals["block"] = np.asarray(cells)[order], np.asarray(blocks)[order]
     vb, k = vals.tobytes(), CELL_BLOCK.size
     return [(keys[8 * j:8 * j + 8], vb[k * j:k * j + k]) for j in range(len(ids))]
+
+
+def id_value(cell: int, block: int) -> bytes:
+    """The id-table value of an entry in a block."""
+    return CELL_BLOCK.pack(cell, block)
 
 
 def id_location(value, i: int) -> tuple[int, int]:

@@ -272,12 +272,11 @@ class ReadPath:
                                     "entries)") from None
         last = np.repeat(counts - (nb - 1) * B, nb)
         expect = np.where(block == np.repeat(nb - 1, nb), last, B)
-        bad = (n != expect) | (length != L.HEADER + n * (8 + env.code_bytes))
-        if bad.any():
-            j = int(np.flatnonzero(bad)[0])
-            raise IndexCorruptError(f"blocks[cell {owner[j]}, block {block[j]}]: header says "
-                                    f"{n[j]} entries in {length[j]} bytes; expected "
-                                    f"{expect[j]} entries")
+        blk_ids, blk_codes, bad = L.block_addresses(addr, length, n, expect, env.code_bytes)
+        if bad >= 0:
+            raise IndexCorruptError(f"blocks[cell {owner[bad]}, block {block[bad]}]: header "
+                                    f"says {n[bad]} entries in {length[bad]} bytes; expected "
+                                    f"{expect[bad]} entries")
         # Segments of each cell: its blocks, then its entries in the base and recent tiers.
         tiers = state.stage.tiers
         found = [t.locate(cells) for t in tiers]   # (has, start, count) per tier
@@ -289,9 +288,7 @@ class ReadPath:
         codes_at = np.empty(total, dtype=np.uintp)
         seg_len = np.empty(total, dtype=np.int64)
         at = np.repeat(seg0[:-1], nb) + block
-        ids_at[at] = addr + np.uintp(L.HEADER)
-        codes_at[at] = addr + np.uintp(L.HEADER) + np.uintp(8) * n.astype(np.uintp)
-        seg_len[at] = n
+        ids_at[at], codes_at[at], seg_len[at] = blk_ids, blk_codes, n
         after = seg0[:-1] + nb
         for tier, (has, start, cnt) in zip(tiers, found):
             if has.any():

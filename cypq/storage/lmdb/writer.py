@@ -260,7 +260,7 @@ class WritePath:
                 t_ids, t_codes = read_block(env, txn, c, last)
                 moved = int(t_ids[-1])
                 blk_ids[pos], blk_codes[pos] = moved, t_codes[-1]
-                txn.put(L.u64(moved), L.CELL_BLOCK.pack(c, b), db=ids_db)
+                txn.put(L.u64(moved), L.id_value(c, b), db=ids_db)
                 if len(t_ids) > 1:
                     txn.put(L.block_key(c, last),
                             L.encode_entries((t_ids[:-1],), t_codes[:-1], env.code_dtype),
