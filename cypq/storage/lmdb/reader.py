@@ -100,6 +100,7 @@ class ReadPath:
         if gen < st.gen:  # a snapshot older than one already seen: read it privately
             stage = self.load_stage(txn, None)
             main = self._load_sizes(txn)
+            self._check_count(txn, main, stage)
             return State(gen, main, stage.add_counts(main), stage)
         touched = self._touched(txn, st.gen, gen) if st.gen >= 0 else None
         if touched is None:  # first load, or too far behind the log: read every size
@@ -110,12 +111,24 @@ class ReadPath:
         else:
             main = st.main
         stage = self.load_stage(txn, st.stage)
+        if main is not st.main or stage is not st.stage:
+            self._check_count(txn, main, stage)
         if main is not st.main or stage.tiers[0] is not st.stage.tiers[0]:
             self._base_sizes = stage.tiers[0].add_counts(main)
         sizes = st.sizes if (main is st.main and stage is st.stage) else \
             stage.tiers[1].add_counts(self._base_sizes)
         self._state = State(gen, main, sizes, stage)
         return self._state
+
+    def _check_count(self, txn, main: np.ndarray, stage: StageView) -> None:
+        """Cell sizes and staged entries must add up to the entry count: a damaged size
+        would otherwise send a search after blocks that do not exist (billions of them)."""
+        count = self.env.counter(txn, b"count")
+        held = int(main.sum()) + len(stage)
+        if held != count or (len(main) and main.min() < 0):
+            raise IndexCorruptError(f"{self.env.path}: the cell sizes and the stage hold "
+                                    f"{held:,} entries but the index counts {count:,}: the "
+                                    "index is damaged")
 
     def _touched(self, txn, seen: int, gen: int):
         """Cells touched by generations seen+1 .. gen, or None where the log does not

@@ -7,8 +7,10 @@ and the bulk writer (bulk.py). The concurrency contract is the Storage interface
 """
 from __future__ import annotations
 
+import functools
 import os
 import weakref
+from contextlib import contextmanager
 from typing import Callable, Optional
 
 import numpy as np
@@ -18,6 +20,15 @@ from . import env as E
 from .bulk import LMDBBulkWriter
 from .reader import ReadPath
 from .writer import WritePath
+
+
+def _reports_damage(method):
+    """LMDB's own reports of a damaged file, raised as IndexCorruptError."""
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        with E.damage_reported(self.path):
+            return method(self, *args, **kwargs)
+    return wrapped
 
 
 class LMDBStorage(Storage):
@@ -83,7 +94,8 @@ class LMDBStorage(Storage):
         config = {"M": int(code_width), "code_dtype": np.dtype(code_dtype).name,
                   "block_capacity": int(block_capacity), "stage_capacity": int(stage_capacity),
                   "n_cells": int(n_cells)}
-        return cls(E.create(path, config, meta or {}, bulk_state, map_size, sync))
+        with E.damage_reported(path):
+            return cls(E.create(path, config, meta or {}, bulk_state, map_size, sync))
 
     @classmethod
     def open(cls, path: str, readonly: bool = False, map_size: int = E.DEFAULT_MAP,
@@ -102,7 +114,9 @@ class LMDBStorage(Storage):
             ``n_cells_of(meta)`` gives the number of cells of an index written by cypq 0.1
             (format 1 or 2, which did not record it) from its metadata.
         """
-        return cls(E.open_env(path, readonly, map_size, sync, allow_incomplete, n_cells_of))
+        with E.damage_reported(path):
+            return cls(E.open_env(path, readonly, map_size, sync, allow_incomplete,
+                                  n_cells_of))
 
     @staticmethod
     def holds_index(path: str) -> bool:
@@ -116,25 +130,32 @@ class LMDBStorage(Storage):
             self._finalizer()
 
     # ------------------------------------------------------------------ reading
+    @_reports_damage
     def __len__(self) -> int:
         with self._env.read() as txn:
             return self._env.counter(txn, b"count")
 
+    @_reports_damage
     def meta(self, name: str) -> Optional[bytes]:
         with self._env.read() as txn:
             v = self._env.get_meta(txn, name.encode())
             return None if v is None else bytes(v)
 
+    @_reports_damage
     def cell_sizes(self) -> np.ndarray:
         """(n_cells,) int64 entries per cell, of the newest committed state."""
         return self._reader.cell_sizes()
 
+    @contextmanager
     def snapshot(self):
-        return self._reader.snapshot()
+        with E.damage_reported(self.path), self._reader.snapshot() as snap:
+            yield snap
 
+    @_reports_damage
     def lookup(self, ids):
         return self._reader.lookup(np.asarray(ids, dtype=np.int64))
 
+    @_reports_damage
     def stats(self) -> dict:
         size = os.path.getsize(os.path.join(self._env.real, "data.mdb"))
         with self._env.read() as txn:
@@ -143,12 +164,15 @@ class LMDBStorage(Storage):
                 "staged": staged, "merge_pending": bool(below)}
 
     # ------------------------------------------------------------------ writing
+    @_reports_damage
     def add(self, cells, ids, codes, replace=False):
         return self._writer.add(cells, ids, codes, replace)
 
+    @_reports_damage
     def remove(self, ids):
         return self._writer.remove(ids)
 
+    @_reports_damage
     def merge(self) -> int:
         return self._writer.merge()
 

@@ -1,0 +1,135 @@
+"""Damaged copies of a small index never crash or hang a process: truncations of the data
+file, flipped bytes in LMDB's meta pages, flipped bytes in stored values of every database,
+values cut short. Each case runs in a subprocess (a crash would kill the test runner)."""
+import os
+import random
+import shutil
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import lmdb
+import numpy as np
+import pytest
+
+from cypq import Index, LOPQModel
+
+from conftest import clustered
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Everything a user does with an index; a damaged index may refuse with the documented errors
+# and nothing else (no other exception, no signal, no hang).
+USE = textwrap.dedent("""
+    import sys, numpy as np, cypq
+    from cypq.storage import IndexFormatError
+    from cypq.model_io import ModelFileError
+    Q = np.load(sys.argv[2])
+    try:
+        with cypq.Index.open(sys.argv[1], readonly=True) as ix:
+            n = len(ix)
+            ix.stats()
+            for quota in (0, 300):
+                D, I = ix.search(Q, k=10, quota=quota)
+            ix.lookup(np.arange(0, 2500, 7))
+            ix.contains(np.arange(3000))
+        with cypq.Index.open(sys.argv[1]) as ix:   # and a writer: upgrade, add, remove
+            ix.add(Q[:5])
+            ix.remove(np.arange(0, 40, 3))
+        print("ok")
+    except (IndexFormatError, ModelFileError) as e:
+        print("refused", type(e).__name__, str(e)[:200].replace("\\n", " "))
+""")
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    X = clustered(3000, 16, n_clusters=12, seed=71)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        model = LOPQModel(V=6, M=4, subquantizer_clusters=16).fit(X, random_state=3)
+    root = tmp_path_factory.mktemp("pristine")
+    path = root / "ix"
+    with Index.create(path, model, block_capacity=16, stage_capacity=1200) as ix:
+        for s in range(0, 2500, 500):
+            ix.add(X[s:s + 500])          # merges once, leaves 500 staged
+    np.save(root / "q.npy", X[2500:2520])
+    return path, root / "q.npy"
+
+
+def _values(path):
+    """(database, key, value length) of every stored value."""
+    env = lmdb.open(str(path), max_dbs=8, readonly=True, lock=False)
+    out = []
+    with env.begin() as txn:
+        for name in (b"meta", b"blocks", b"sizes", b"ids", b"stage", b"log"):
+            db = env.open_db(name, txn=txn, create=False)
+            out += [(name, bytes(k), len(v)) for k, v in txn.cursor(db=db)]
+    env.close()
+    return out
+
+
+def _rewrite(path, name, key, change):
+    env = lmdb.open(str(path), max_dbs=8)
+    db = env.open_db(name)
+    with env.begin(write=True, db=db) as txn:
+        txn.put(key, change(bytes(txn.get(key))))
+    env.close()
+
+
+def _cases(path, n_each=12, seed=5):
+    rng = random.Random(seed)
+    size = os.path.getsize(path / "data.mdb")
+    cases = [("truncate", f) for f in (0.02, 0.25, 0.5, 0.75, 0.9, 0.97)]
+    cases += [("meta", rng.randrange(16, 16 + 152) + rng.choice((0, 4096))) for _ in range(n_each)]
+    values = _values(path)
+    for kind in ("flip", "cut"):
+        for name in (b"blocks", b"sizes", b"ids", b"stage", b"meta", b"log"):
+            picks = [v for v in values if v[0] == name and v[2]]
+            for db, key, n in rng.sample(picks, min(3, len(picks))):
+                cases.append((kind, (db, key, rng.randrange(n))))
+    return cases, size
+
+
+def _damage(path, case, size):
+    kind, arg = case
+    data = path / "data.mdb"
+    if kind == "truncate":
+        os.truncate(data, int(size * arg))
+    elif kind == "meta":
+        with open(data, "r+b") as f:
+            f.seek(arg)
+            b = f.read(1)
+            f.seek(arg)
+            f.write(bytes([b[0] ^ 0x5A]))
+    else:
+        db, key, at = arg
+        if kind == "flip":
+            _rewrite(path, db, key, lambda v: v[:at] + bytes([v[at] ^ 0xFF]) + v[at + 1:])
+        else:
+            _rewrite(path, db, key, lambda v: v[:at])
+
+
+def test_damaged_copies_never_crash_or_hang(pristine, tmp_path):
+    path, queries = pristine
+    cases, size = _cases(path)
+    outcomes = {}
+    for j, case in enumerate(cases):
+        work = tmp_path / f"c{j}"
+        shutil.copytree(path, work, ignore=shutil.ignore_patterns("lock.mdb"))
+        _damage(work, case, size)
+        try:
+            res = subprocess.run([sys.executable, "-c", USE, str(work), str(queries)],
+                                 capture_output=True, text=True, timeout=60, cwd=HERE)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{case}: the process hung")
+        assert res.returncode >= 0, f"{case}: killed by signal {-res.returncode}"
+        assert res.returncode == 0, f"{case}: {res.stderr[-1500:]}"
+        outcomes[case[0]] = outcomes.get(case[0], []) + [res.stdout.split()[0]]
+        shutil.rmtree(work)
+    # the damage that can be seen is seen: truncations that cut used pages (a cut of the last
+    # 3% may take only free pages, which loses nothing), and damaged values of the tables
+    # whose layout is checked, are refused
+    assert outcomes["truncate"][:5] == ["refused"] * 5, outcomes["truncate"]
+    assert "refused" in outcomes["cut"] and "refused" in outcomes["flip"], outcomes
