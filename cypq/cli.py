@@ -7,6 +7,8 @@ Ctrl-C with status 130.
 from __future__ import annotations
 
 import argparse
+import errno
+import functools
 import os
 import pickle
 import sys
@@ -22,6 +24,28 @@ EXIT_INTERRUPTED = 130
 
 class UserError(Exception):
     """An error the user can fix; printed as one line, no traceback."""
+
+
+def _count(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _quota(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -284,26 +308,41 @@ def cmd_demo(args, out) -> int:
 # ---------------------------------------------------------------------------- parser
 def _train_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
-    g.add_argument("--V", type=int, help="coarse centroids per half (V^2 cells)")
-    g.add_argument("--M", type=int, help="fine subquantizers (bytes per code with S=256)")
-    g.add_argument("--S", type=int, default=256, help="codewords per subquantizer (256)")
-    g.add_argument("--sample", type=int, default=100_000,
-                   help="training vectors drawn from the input (100000)")
+    g.add_argument("--V", type=_count, help="coarse centroids per half (V^2 cells)")
+    g.add_argument("--M", type=_count, help="fine subquantizers (bytes per code with S=256)")
+    g.add_argument("--S", type=_count, default=256, help="codewords per subquantizer")
+    g.add_argument("--sample", type=_count, default=100_000,
+                   help="training vectors drawn from the input")
     g.add_argument("--pca", action="store_true", help="PCA + balanced halves before training")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--coarse-iters", type=int, default=10)
-    g.add_argument("--local-iters", type=int, default=20)
-    g.add_argument("--verbose", action="store_true")
+    g.add_argument("--seed", type=int, default=0, help="random seed (same seed, same model)")
+    g.add_argument("--coarse-iters", type=_count, default=10,
+                   help="k-means iterations of the coarse quantizers")
+    g.add_argument("--local-iters", type=_count, default=20,
+                   help="k-means iterations of the fine subquantizers")
+    g.add_argument("--verbose", action="store_true", help="print training progress")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that shows each option's default, except where there is none to show."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or \
+                "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
     p = argparse.ArgumentParser(
         prog="cypq", description="LOPQ models and on-disk inverted multi-indexes.",
         epilog="Vector files: .npy (N, D), .fvecs, .bvecs, .ivecs, or a directory / glob of "
                "them (read in name order). Run `cypq demo` for a one-minute tour.")
+    p.add_argument("--version", action="version", version=f"cypq {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub.add_parser = functools.partial(sub.add_parser, formatter_class=_Help)
     threads = argparse.ArgumentParser(add_help=False)
-    threads.add_argument("--threads", type=int, default=None,
+    threads.add_argument("--threads", type=_count, default=None,
                          help="threads of the kernels (default: all cores)")
 
     s = sub.add_parser("train", parents=[threads], help="train an LOPQ model on vectors",
@@ -323,8 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="trained model (.lopq, .pkl, or an index directory)")
     s.add_argument("--train", action="store_true", help="train a model on a sample of the input")
     s.add_argument("--ids", help=".npy of int64 ids, one per vector (default: row numbers)")
-    s.add_argument("--chunk", type=int, default=200_000,
-                   help="vectors per chunk; memory is bounded by this (200000)")
+    s.add_argument("--chunk", type=_count, default=200_000,
+                   help="vectors per chunk; memory is bounded by this")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     _train_options(s)
     s.set_defaults(func=cmd_build)
@@ -335,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("index")
     s.add_argument("input", help="vector file, directory or glob")
     s.add_argument("--ids", help=".npy of int64 ids (default: continue after the largest id)")
-    s.add_argument("--batch", type=int, default=10_000, help="vectors per transaction")
+    s.add_argument("--batch", type=_count, default=10_000, help="vectors per transaction")
     s.add_argument("--replace", action="store_true", help="overwrite ids already present")
     s.set_defaults(func=cmd_add)
 
@@ -344,9 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "then id:distance pairs, nearest first; or writes .npy files.")
     s.add_argument("index")
     s.add_argument("queries", help="vector file, or - for text on stdin (one vector per line)")
-    s.add_argument("-k", type=int, default=10, help="results per query (10)")
-    s.add_argument("--quota", type=int, default=None, help="candidates per query (10000)")
-    s.add_argument("--w", type=int, default=None, help="cap on cells visited")
+    s.add_argument("-k", type=_count, default=10, help="results per query")
+    s.add_argument("--quota", type=_quota, default=None,
+                   help="candidates per query (default: 10000; 0: every cell)")
+    s.add_argument("--w", type=_count, default=None, help="cap on cells visited")
     s.add_argument("--out", help="write the ids (nq, k) int64 to this .npy instead of printing")
     s.add_argument("--distances-out", help="with --out: write the distances here too")
     s.set_defaults(func=cmd_search)
@@ -369,9 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("index")
     s.add_argument("queries", help="vector file")
     s.add_argument("groundtruth", help=".npy or .ivecs: true neighbour ids, one row per query")
-    s.add_argument("--quotas", type=int, nargs="+", default=[1000, 2000, 5000, 10000])
-    s.add_argument("-k", type=int, default=100)
-    s.add_argument("--repeat", type=int, default=3, help="timed runs per quota (best is kept)")
+    s.add_argument("--quotas", type=_quota, nargs="+", default=[1000, 2000, 5000, 10000],
+                   help="candidate quotas to search with")
+    s.add_argument("-k", type=_count, default=100, help="results per query")
+    s.add_argument("--repeat", type=_count, default=3,
+                   help="timed runs per quota (the best is kept)")
     s.add_argument("--plot", help="write a recall-vs-ms/query PNG here")
     s.set_defaults(func=cmd_bench)
 
@@ -394,9 +436,9 @@ def _user_errors() -> tuple:
             KeyError, OSError, PermissionError, lmdb.Error)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, parser=None) -> int:
     """Run the ``cypq`` command; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    args = (parser or build_parser()).parse_args(argv)
 
     def out(line: str) -> None:
         print(line, flush=True)
@@ -413,13 +455,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if os.environ.get("CYPQ_DEBUG"):
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC and "disk" not in msg:
+            msg = (f"the disk is full ({e}): nothing that was acknowledged is lost; free some "
+                   "space and run the same command again (`cypq build` continues where it "
+                   "stopped)")
         print(f"cypq {args.command}: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
 
 
 def bulk_load_main(argv: Optional[Sequence[str]] = None) -> int:
     """``cypq-bulk-load``: the same as ``cypq build``."""
-    return main(["build", *(sys.argv[1:] if argv is None else argv)])
+    parser = build_parser()
+    build = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    build.choices["build"].prog = "cypq-bulk-load"
+    return main(["build", *(sys.argv[1:] if argv is None else argv)], parser)
 
 
 if __name__ == "__main__":

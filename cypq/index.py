@@ -15,6 +15,9 @@ from .storage.base import IndexCorruptError, IndexFormatError, Storage
 from .storage.memory import MemoryStorage
 
 DEFAULT_QUOTA = 10000
+# k above this and above the number of stored entries is refused before anything is
+# allocated, as is an output of more than 64 times this many results.
+_MAX_RESULTS = 1 << 20
 
 
 class Index:
@@ -269,7 +272,9 @@ class Index:
         ----------
         queries : array_like (nq, D) or (D,)
         k : int
-            Results per query.
+            Results per query. Above 2**20 it must not exceed the number of stored
+            entries, and nq * k must stay under 2**26 (ValueError, before anything is
+            allocated): an output the machine cannot hold is refused, not attempted.
         quota : int, optional
             Candidates to gather (default 10000; 0 scans every cell).
         w : int, optional
@@ -287,6 +292,11 @@ class Index:
         """
         self._check_open()
         k = positive_int(k, "k")
+        nq = np.shape(queries)[0] if np.ndim(queries) == 2 else 1
+        if k > _MAX_RESULTS and k > len(self) or nq * k > _MAX_RESULTS * 64:
+            raise ValueError(f"k={k} for {nq} queries asks for {nq * k:,} results from an index "
+                             f"of {len(self):,} entries: ask for at most {max(len(self), 1):,} "
+                             "per query (results past the stored entries are -1 / inf)")
         quota = DEFAULT_QUOTA if quota is None else int(quota)
         if quota < 0:
             raise ValueError("quota must be >= 0")

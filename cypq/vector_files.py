@@ -42,6 +42,9 @@ def open_vector_file(path: str | os.PathLike) -> np.ndarray:
             raise VectorFileError(f"{path}: not a readable .npy file ({e})") from None
         if arr.ndim != 2:
             raise VectorFileError(f"{path}: expected a 2-D array (N, D), got shape {arr.shape}")
+        if arr.dtype.kind not in "iuf":
+            raise VectorFileError(f"{path}: vectors must be real numbers (integer or float), "
+                                  f"got dtype {arr.dtype}")
         return arr
     if suffix not in _TEXMEX:
         raise VectorFileError(f"{path}: unknown vector file type {suffix!r} (expected one of "
@@ -201,4 +204,9 @@ def read_ids(path: str | os.PathLike, n: int) -> np.ndarray:
                               f"{ids.shape}")
     if not np.issubdtype(ids.dtype, np.integer):
         raise VectorFileError(f"{path}: ids must be integers, got dtype {ids.dtype}")
+    if len(ids):  # one pass over the file: int64 ids must be in [0, 2**63-1]
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi > np.iinfo(np.int64).max:
+            raise VectorFileError(f"{path}: ids must be in [0, 2**63-1], found "
+                                  f"{lo if lo < 0 else hi}")
     return ids

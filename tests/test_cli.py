@@ -177,3 +177,78 @@ def test_import_needs_no_pyspark():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "pip install 'cypq[spark]'" in r.stdout
+
+
+def test_numbers_and_inputs_at_the_edges(files, capsys):
+    """Counts below 1 are refused by the parser before anything is created; complex vectors
+    and ids outside [0, 2**63-1] are refused; id 2**63-1 itself is stored and found."""
+    tmp, X, Q = files
+    code, _, _ = run(capsys, "train", tmp / "base.npy", "-o", tmp / "m.lopq", "--V", 4,
+                     "--M", 4, "--S", 16, "--sample", 2000)
+    assert code == 0
+    for argv in (["bench", tmp / "ix", tmp / "q.fvecs", tmp / "gt.npy", "--repeat", 0],
+                 ["add", tmp / "ix", tmp / "base.npy", "--batch", 0],
+                 ["build", tmp / "ix", tmp / "base.npy", "--model", tmp / "m.lopq",
+                  "--threads", 0],
+                 ["search", tmp / "ix", tmp / "q.fvecs", "-k", 0]):
+        with pytest.raises(SystemExit) as e:
+            main([str(a) for a in argv])
+        assert e.value.code == 2 and "at least 1" in capsys.readouterr().err
+        assert not (tmp / "ix").exists()
+    np.save(tmp / "complex.npy", X[:100].astype(np.complex64))
+    code, _, err = run(capsys, "build", tmp / "ix", tmp / "complex.npy", "--model",
+                       tmp / "m.lopq", "-q")
+    assert code == 2 and "real numbers" in err and err.count("\n") == 1
+    top = np.iinfo(np.int64).max
+    for bad, shown in ((np.arange(6000, dtype=np.int64) - 1, "-1"),
+                       (np.arange(6000, dtype=np.uint64) + np.uint64(top - 10), str(top + 5989))):
+        np.save(tmp / "ids.npy", bad)
+        code, _, err = run(capsys, "build", tmp / "ix", tmp / "base.npy", "--model",
+                           tmp / "m.lopq", "--ids", tmp / "ids.npy", "-q")
+        assert code == 2 and "2**63-1" in err and shown in err
+        assert not Index.exists(tmp / "ix")
+    ids = np.arange(6000, dtype=np.int64)
+    ids[-1] = top
+    np.save(tmp / "ids.npy", ids)
+    code, _, _ = run(capsys, "build", tmp / "ix", tmp / "base.npy", "--model", tmp / "m.lopq",
+                     "--ids", tmp / "ids.npy", "-q")
+    assert code == 0
+    with Index.open(tmp / "ix") as ix:
+        assert ix.contains([top]).all() and len(ix) == 6000
+        assert top in ix.search(X[-1:], k=6000, quota=0)[1]   # every entry ranked
+        with pytest.raises(OverflowError, match="give your own ids"):
+            ix.add(X[:2])                         # no fresh ids after 2**63-1
+        assert len(ix) == 6000
+        with pytest.raises(ValueError, match="at most 6,000"):
+            ix.search(Q, k=10**9)                 # refused before anything is allocated
+        assert ix.remove([top]) == 1
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and "cypq 0." in capsys.readouterr().out
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_full_disk_is_said_and_loses_nothing(tmp_path):
+    """An add that does not fit on the disk says the disk is full; every add before it is
+    still there (a 1 MB tmpfs)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        X = clustered(60000, 16, n_clusters=12, seed=5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            model = LOPQModel(V=6, M=4, subquantizer_clusters=16).fit(X[:3000], random_state=1)
+        stored = 0
+        with Index.create(mnt / "ix", model, map_size=1 << 19, stage_capacity=0) as ix:
+            with pytest.raises(OSError, match="disk holding .* is full.*intact") as e:
+                for s in range(0, len(X), 2000):
+                    ix.add(X[s:s + 2000])
+                    stored += 2000
+            assert e.value.errno == 28 and 0 < stored < len(X) and len(ix) == stored
+        with Index.open(mnt / "ix", readonly=True) as ix:
+            assert len(ix) == stored and ix.contains(np.arange(stored)).all()
+    finally:
+        subprocess.run(["umount", str(mnt)])

@@ -12,6 +12,7 @@ transaction, when opened for writing; read-only they are read as they are.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -272,6 +273,15 @@ class Env:
                 self._changed()
                 self.lmdb.set_mapsize(0)
                 continue
+            except lmdb.Error as e:
+                txn.abort()
+                free = disk_free(self.real)
+                if free is not None and free < DISK_LOW:
+                    raise OSError(errno.ENOSPC, f"the disk holding {self.path} is full "
+                                  f"({free:,} bytes free; LMDB: {e}): this call stored "
+                                  "nothing and everything acknowledged before it is intact; "
+                                  "free some space and try again") from None
+                raise
             except BaseException:
                 txn.abort()
                 raise
@@ -313,6 +323,18 @@ class Env:
         txn.put(b"count", L.u64(self.counter(txn, b"count") + dcount), db=meta)
         if min_next_id > self.counter(txn, b"next_id"):
             txn.put(b"next_id", L.u64(min_next_id), db=meta)
+
+
+DISK_LOW = 256 << 20   # a write that fails with less free space than this: the disk is full
+
+
+def disk_free(path: str) -> Optional[int]:
+    """Bytes free for unprivileged writes on the file system holding path (None: unknown)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
 
 
 # ---------------------------------------------------------------------------- making one
