@@ -260,3 +260,39 @@ def test_inconsistent_file():
     c.shape.extend([2, 2])
     with pytest.raises(ModelFileError, match="shape"):
         LOPQModel.load_proto(p.SerializeToString())
+
+
+LOPQ_SIDE_BY_SIDE = """
+import sys
+from google.protobuf import descriptor_pb2, descriptor_pool
+
+def register_lopqs_module():
+    # what LOPQ's generated lopq_model_pb2 does: lopq_model.proto in the default pool
+    fd = descriptor_pb2.FileDescriptorProto(name="lopq_model.proto",
+                                            package="com.flickr.vision.lopq")
+    m = fd.message_type.add(name="Vector")
+    m.field.add(name="values", number=1, type=2, label=3)
+    descriptor_pool.Default().Add(fd)
+
+if sys.argv[1] == "lopq-first":
+    register_lopqs_module()
+import numpy as np, cypq
+if sys.argv[1] == "cypq-first":
+    register_lopqs_module()
+rng = np.random.default_rng(0)
+m = cypq.LOPQModel(V=4, M=4, subquantizer_clusters=8).fit(
+    rng.normal(size=(500, 8)).astype(np.float32), random_state=0)
+assert cypq.LOPQModel.from_proto_bytes(m.to_proto_bytes()) == m
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("order", ["lopq-first", "cypq-first"])
+def test_loads_beside_lopqs_generated_module(order):
+    """A process that also loads LOPQ's generated module (lopq_model.proto in protobuf's
+    default pool) imports cypq and reads and writes model files, in either order."""
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, "-c", LOPQ_SIDE_BY_SIDE, order],
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]

@@ -8,3 +8,6 @@ venv="$(mktemp -d)/venv"
 python3 -m venv "$venv"
 "$venv/bin/pip" install -q "grpcio-tools==1.49.1"
 "$venv/bin/python" -m grpc_tools.protoc -I. --python_out=. lopq_model.proto
+# cypq's messages live in a descriptor pool of their own, so that a process may also load LOPQ's
+# generated module (same file name in the default pool).
+sed -i 's/^DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(/POOL = _descriptor_pool.DescriptorPool()\nDESCRIPTOR = POOL.AddSerializedFile(/' lopq_model_pb2.py
