@@ -19,7 +19,8 @@ _SPLIT_EPS = 1.0 / 1024
 def subspace_kmeans(X: np.ndarray, M: int, Ks: int, *, iter: int = 20, seed: int = 123,
                     minit: str = "points", init: np.ndarray | None = None,
                     max_points_per_centroid: int | None = None, n_threads: int = 1,
-                    verbose: bool = False, label: str = "k-means") -> np.ndarray:
+                    verbose: bool = False, label: str = "k-means",
+                    scipy_points: bool = False) -> np.ndarray:
     """Train Ks centroids in each of the M subspaces of X.
 
     Parameters
@@ -45,6 +46,10 @@ def subspace_kmeans(X: np.ndarray, M: int, Ks: int, *, iter: int = 20, seed: int
         Print progress per iteration.
     label : str
         Prefix of the progress lines.
+    scipy_points : bool
+        With minit='points', start from the rows scipy's ``kmeans2(minit='points',
+        seed=seed)`` picks (``RandomState(seed).choice(N, Ks, replace=False)``, the same rows
+        in every subspace), as nanopq does: the nanopq API's initial centroids.
 
     Returns
     -------
@@ -64,6 +69,9 @@ def subspace_kmeans(X: np.ndarray, M: int, Ks: int, *, iter: int = 20, seed: int
         C = np.array(init, dtype=np.float32, order="C", copy=True)
         if C.shape != (M, Ks, Ds):
             raise ValueError(f"init must have shape {(M, Ks, Ds)}, got {C.shape}")
+    elif minit == "points" and scipy_points:
+        rows = np.random.RandomState(seed).choice(N, Ks, replace=False)
+        C = np.ascontiguousarray(X[rows].reshape(Ks, M, Ds).transpose(1, 0, 2))
     else:
         C = _initial_centroids(X, M, Ks, minit, rng, n_threads)
 

@@ -140,7 +140,7 @@ class PQ:
         self.codewords = subspace_kmeans(
             X, self.M, self.Ks, iter=iter, seed=seed, minit=minit, init=init,
             max_points_per_centroid=max_points_per_centroid, n_threads=self._threads(),
-            verbose=self.verbose, label="PQ k-means")
+            verbose=self.verbose, label="PQ k-means", scipy_points=True)
         self.Ds = D // self.M
         return self
 
@@ -211,6 +211,14 @@ class PQ:
         """
         self._require_fitted("dtable")
         q = as_vectors(query, "query", dim=self.D, ndim=1)
+        if self.metric == "dot":
+            # nanopq's own arithmetic, so that its users get the same float32 values to the
+            # bit (its tests compare them with ==); dtables / search are the fast path.
+            T = np.empty((self.M, self.Ks), dtype=np.float32)
+            for m in range(self.M):
+                sub = q[m * self.Ds:(m + 1) * self.Ds]
+                T[m] = np.matmul(self.codewords[m], sub[None, :].T).sum(axis=-1)
+            return DistanceTable(T, metric=self.metric)
         return DistanceTable(self.dtables(q[None, :])[0], metric=self.metric)
 
     def search(self, queries, codes, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
@@ -255,6 +263,9 @@ def adc_search(make_tables, queries, codes, k, M, Ks, metric, D, n_threads):
     return Dist, I
 
 
+_DOT_CHUNK = 1 << 16   # codes per NumPy step of a metric='dot' adist (bounds its memory)
+
+
 class DistanceTable:
     """Distances from one query to every codeword, for asymmetric distances to codes.
 
@@ -292,5 +303,11 @@ class DistanceTable:
         M, Ks = self.dtable.shape
         codes = as_codes(codes, M, Ks)
         out = np.empty(codes.shape[0], dtype=np.float32)
+        if self.metric == "dot":  # nanopq's sum, to the bit (see PQ.dtable)
+            rows = np.arange(M)
+            for a in range(0, len(codes), _DOT_CHUNK):
+                out[a:a + _DOT_CHUNK] = np.sum(self.dtable[rows, codes[a:a + _DOT_CHUNK]],
+                                               axis=1)
+            return out
         _adc.adc(self.dtable, codes, out, resolve(getattr(self, "n_threads", None)))
         return out

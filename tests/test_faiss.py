@@ -55,9 +55,12 @@ def test_dot_metric_equals_faiss(data):
     assert index.metric_type == faiss.METRIC_INNER_PRODUCT
     index.add(X)
     Df, If = index.search(Q, 10)
-    D, I = pq.search(Q, pq.encode(X), k=10)
+    codes = pq.encode(X)
+    D, I = pq.search(Q, codes, k=10)
     np.testing.assert_allclose(D, Df, rtol=1e-4, atol=1e-2)
-    assert (I == If).mean() > 0.99
+    # the same ids, but for ties between vectors with identical codes (any order is right)
+    same = (I == If) | (codes[I] == codes[If]).all(axis=-1)
+    assert same.mean() > 0.99
 
 
 def test_training_quality_matches_faiss(data):
