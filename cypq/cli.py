@@ -1,4 +1,5 @@
-"""The ``cypq`` command: train, build, add, search, info, export, bench, demo.
+"""The ``cypq`` command: train, build, add, search, info, export, bench, verify, backup,
+compact, demo.
 
 Every subcommand has ``--help``. A user error (bad file, wrong shape, missing index, ...) ends
 with a one-line message on stderr and exit status 2 (set CYPQ_DEBUG=1 for the traceback);
@@ -18,6 +19,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -296,6 +298,34 @@ def cmd_bench(args, out) -> int:
     return 0
 
 
+def cmd_verify(args, out) -> int:
+    from .index import Index
+    with Index.open(args.index, readonly=True) as index:
+        problems = index.verify()
+        n = len(index) if not problems else None
+    for line in problems:
+        out(line)
+    if problems:
+        return EXIT_PROBLEMS
+    out(f"{args.index}: sound ({n:,} vectors)")
+    return 0
+
+
+def cmd_backup(args, out) -> int:
+    from .index import Index
+    t0 = time.perf_counter()
+    with Index.open(args.index, readonly=True) as index:
+        if args.command == "compact":
+            index.compact(args.output).close()
+        else:
+            index.backup(args.output)
+    before = os.path.getsize(os.path.join(args.index, "data.mdb"))
+    after = os.path.getsize(os.path.join(args.output, "data.mdb"))
+    out(f"wrote {args.output} in {time.perf_counter() - t0:.1f} s: {after / 1e6:.1f} MB "
+        f"({before / 1e6:.1f} MB before)")
+    return 0
+
+
 def cmd_demo(args, out) -> int:
     from .demo import run, write_sample
     if args.write_sample:
@@ -416,6 +446,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timed runs per quota (the best is kept)")
     s.add_argument("--plot", help="write a recall-vs-ms/query PNG here")
     s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("verify", help="check an index for damage",
+                       description="Check every stored value of an index against its layout "
+                       "and against the others. Prints one line per problem and exits 1, or "
+                       "says the index is sound and exits 0.")
+    s.add_argument("index")
+    s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("backup", help="copy an index consistently while it is in use",
+                       description="Copy one committed state of an index into a new "
+                       "directory (LMDB's copy), while writers go on.")
+    s.add_argument("index")
+    s.add_argument("output", help="new (or empty) directory")
+    s.set_defaults(func=cmd_backup)
+
+    s = sub.add_parser("compact", help="write an index anew, compactly",
+                       description="Write an index anew into a new directory: entries in "
+                       "cell order with full pages, staged entries merged, the id table in id "
+                       "order (an incrementally built index shrinks to about the size of a "
+                       "bulk-built one). Writers may go on meanwhile; the copy is of one "
+                       "committed state.")
+    s.add_argument("index")
+    s.add_argument("output", help="new (or empty) directory")
+    s.set_defaults(func=cmd_backup)
 
     s = sub.add_parser("demo", help="train, build, search a packaged real sample",
                        description="Train LOPQ on a SIFT sample shipped with cypq, build an "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Optional
 
 import numpy as np
@@ -260,6 +261,60 @@ class Index:
         """Where ids are: (found (N,) bool, cells (N,) int64, -1 if absent, fine codes (N, M))."""
         self._check_open()
         return self._storage.lookup(_as_ids(ids, None, unique=False))
+
+    # ------------------------------------------------------------------ operating
+    def verify(self) -> list[str]:
+        """Check the whole index (see :meth:`cypq.storage.Storage.verify`): one line per
+        problem, an empty list when it is sound."""
+        self._check_open()
+        return self._storage.verify()
+
+    def backup(self, path: str | os.PathLike) -> None:
+        """A consistent copy of the index in directory ``path`` (new or empty), taken from
+        one committed state while writers go on; it opens like the original."""
+        self._check_open()
+        self._storage.backup(os.fspath(path))
+
+    def compact(self, path: str | os.PathLike, step: int = 200_000, **options) -> "Index":
+        """Write the index anew, compactly, into directory ``path`` (new or empty) and
+        return it open: entries in cell order through the bulk writer (full pages, staged
+        entries merged, the id table in id order), from one committed state while writers
+        go on. An incrementally built index shrinks to about the size of a bulk-built one.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+        step : int
+            Entries per write transaction.
+        **options
+            Storage options of the new index (default: this one's block and stage
+            capacities).
+        """
+        self._check_open()
+        path = os.fspath(path)
+        options = {**self._storage.options(), **options}
+        new = Index.create(path, self._model, n_threads=self.n_threads,
+                           bulk_state=b'{"compact": true}', **options)
+        try:
+            scratch = os.path.join(path, "compact-runs")
+            os.makedirs(scratch, exist_ok=True)
+            writer = new.storage.bulk_writer(scratch, step=step)
+            with self._storage.snapshot() as snap:
+                ends = np.searchsorted(np.cumsum(snap.cell_sizes()),
+                                       np.arange(step, len(self) + step, step), side="left")
+                lo = 0
+                for hi in np.unique(np.append(np.minimum(ends + 1, new.storage.n_cells),
+                                              new.storage.n_cells)).tolist():
+                    cells, ids, codes = snap.entries(lo, hi)
+                    if len(cells):
+                        writer.append(cells, ids, codes, b'{"compact": true}')
+                    lo = hi
+            writer.finish(b'{"compact": true}')
+            shutil.rmtree(scratch, ignore_errors=True)
+        except BaseException:
+            new.close()
+            raise
+        return new
 
     # ------------------------------------------------------------------ search
     def search(self, queries, k: int = 10, quota: Optional[int] = None, w: Optional[int] = None,

@@ -67,6 +67,11 @@ class Snapshot(ABC):
     def segments(self, cells: np.ndarray) -> Segments:
         """Segments of the ascending, distinct cells (valid while the snapshot is open)."""
 
+    @abstractmethod
+    def entries(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Copies of the entries of cells lo .. hi-1: (cells (n,) int64 ascending, ids (n,)
+        int64, codes (n, M)); each cell's in the order a search scans them."""
+
 
 class BulkWriter(ABC):
     """Writes the entries of a storage created for a bulk load, in cell order, resumably.
@@ -162,6 +167,21 @@ class Storage(ABC):
         memory), ``staged`` (entries not yet in their cells' blocks), ``merge_pending``
         (a merge was cut short; the next write finishes it)."""
         return {"bytes_on_disk": 0, "staged": 0, "merge_pending": False}
+
+    def options(self) -> dict:
+        """The layout options the storage was created with (to make another like it)."""
+        return {}
+
+    def verify(self) -> list[str]:
+        """Check everything stored against everything else (values against their headers,
+        cell sizes, block numbering, the id table, the stage, the counters); one line per
+        problem found, none when the storage is sound."""
+        return []
+
+    def backup(self, path: str, compact: bool = False) -> None:
+        """A consistent copy of the storage in directory ``path`` (new or empty), taken from
+        one committed state while writers go on."""
+        raise ValueError("only an on-disk storage can be backed up")
 
     def bulk_state(self, finished: bool = False) -> Optional[bytes]:
         """The state of an unfinished bulk load (None when there is none); with

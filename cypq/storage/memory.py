@@ -158,3 +158,13 @@ class _MemorySnapshot(Snapshot):
         s = self._s
         return Segments(cells, np.arange(len(cells) + 1, dtype=np.int64), s._codes_at[cells],
                         s._ids_at[cells], s._sizes[cells])
+
+    def entries(self, lo, hi):
+        s = self._s
+        cells = [c for c in sorted(s._cells) if lo <= c < hi and s._cells[c].n]
+        parts = [(np.full(s._cells[c].n, c, np.int64), s._cells[c].ids[:s._cells[c].n],
+                  s._cells[c].codes[:s._cells[c].n]) for c in cells]
+        if not parts:
+            return (np.empty(0, np.int64), np.empty(0, np.int64),
+                    np.empty((0, s.code_width), s.code_dtype))
+        return tuple(np.concatenate(p) for p in zip(*parts))

@@ -374,6 +374,26 @@ class _LMDBSnapshot(Snapshot):
         self._caches.append(cache)  # its pins stay open while this snapshot is
         return seg
 
+    def entries(self, lo, hi):
+        env = self._r.env
+        parts = []
+        with self._txn.cursor(db=env.db["blocks"]) as cur:
+            ok = cur.set_range(L.block_key(lo, 0))
+            while ok:
+                c, b = L.parse_block_key(cur.key())
+                if c >= hi:
+                    break
+                ids, codes = L.decode_entries(cur.value(), 1, env.code_width, env.code_dtype,
+                                              f"blocks[cell {c}, block {b}]")
+                parts.append((np.full(len(ids), c, np.int64), ids, codes))
+                ok = cur.next()
+        for tier in self._state.stage.tiers:  # after the blocks: a stable sort keeps that
+            a, b = np.searchsorted(tier.cells, [lo, hi])
+            parts.append((tier.cells[a:b], tier.ids[a:b], tier.codes[a:b]))
+        cells, ids, codes = (np.concatenate(p) for p in zip(*parts))
+        order = np.argsort(cells, kind="stable")
+        return cells[order], ids[order], codes[order]
+
 
 class _Pin:
     """An open read transaction that keeps the pages of its generation from being reused;

@@ -19,6 +19,7 @@ from ..base import Storage
 from . import env as E
 from .bulk import LMDBBulkWriter
 from .reader import ReadPath
+from .verify import verify
 from .writer import WritePath
 
 
@@ -175,6 +176,22 @@ class LMDBStorage(Storage):
     @_reports_damage
     def merge(self) -> int:
         return self._writer.merge()
+
+    def options(self) -> dict:
+        return {"block_capacity": self.block_capacity, "stage_capacity": self.stage_capacity}
+
+    @_reports_damage
+    def verify(self) -> list:
+        return verify(self._env)
+
+    @_reports_damage
+    def backup(self, path: str, compact: bool = False) -> None:
+        """LMDB's copy of one committed state into directory ``path`` (new or empty);
+        ``compact`` leaves out free pages. Writers go on meanwhile."""
+        if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+            raise FileExistsError(f"{path} exists and is not an empty directory")
+        os.makedirs(path, exist_ok=True)
+        self._env.lmdb.copy(path, compact=compact)
 
     def bulk_state(self, finished: bool = False) -> Optional[bytes]:
         return self.meta("bulk_done" if finished else "bulk")

@@ -1,0 +1,175 @@
+"""``verify``: every stored value checked against its layout and against the others.
+
+Reads one committed state: the data file against LMDB's meta pages; every cell-size chunk,
+block, stage record, id-table row and change-log record against its layout; each cell's blocks
+(numbered 0 .. nb-1, all but the last full, entries adding up to the cell's size); the id
+table against where each id is actually stored (blocks, or the stage above a merge in
+progress), both ways; the entry count and the stage's counters. Problems are returned, one
+line each (at most ``LIMIT`` of a kind, then a count).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..base import IndexCorruptError
+from . import layout as L
+from .env import Env, check_data_file
+
+LIMIT = 20
+
+
+class _Problems(list):
+    def __init__(self):
+        super().__init__()
+        self._kinds = {}
+
+    def add(self, kind: str, line: str) -> None:
+        n = self._kinds[kind] = self._kinds.get(kind, 0) + 1
+        if n <= LIMIT:
+            self.append(line)
+
+    def close(self) -> list:
+        for kind, n in self._kinds.items():
+            if n > LIMIT:
+                self.append(f"... and {n - LIMIT} more problems of the kind '{kind}'")
+        return list(self)
+
+
+def verify(env: Env) -> list:
+    out = _Problems()
+    try:
+        check_data_file(os.path.join(env.real, "data.mdb"))
+    except IndexCorruptError as e:
+        return [str(e)]
+    B, width, dtype = env.block_capacity, env.code_width, env.code_dtype
+    with env.read() as txn:
+        count = env.counter(txn, b"count")
+        epoch, nxt, below, staged = env.stage_meta(txn)
+        sizes = _sizes(env, txn, out)
+        # blocks: the entries of each cell, in order
+        ids_b, cells_b, blocks_b = [], [], []
+        held = np.zeros(env.n_cells, dtype=np.int64)
+        last_cell, expect_block = -1, 0
+        with txn.cursor(db=env.db["blocks"]) as cur:
+            for key, value in cur:
+                if len(key) != L.CELL_BLOCK.size:
+                    out.add("block key", f"blocks: a key of {len(key)} bytes")
+                    continue
+                c, b = L.parse_block_key(key)
+                where = f"blocks[cell {c}, block {b}]"
+                if c >= env.n_cells:
+                    out.add("block cell", f"{where}: the cell is outside the index")
+                    continue
+                if c != last_cell:
+                    last_cell, expect_block = c, 0
+                if b != expect_block:
+                    out.add("block numbering", f"{where}: expected block {expect_block}")
+                expect_block = b + 1
+                try:
+                    ids, _ = L.decode_entries(value, 1, width, dtype, where)
+                except IndexCorruptError as e:
+                    out.add("block value", str(e))
+                    continue
+                if b < L.blocks_for(sizes[c], B) - 1 and len(ids) != B:
+                    out.add("block fill", f"{where}: {len(ids)} entries in a block that is "
+                            f"not the cell's last (expected {B})")
+                held[c] += len(ids)
+                ids_b.append(ids)
+                cells_b.append(np.full(len(ids), c, np.int64))
+                blocks_b.append(np.full(len(ids), b, np.int64))
+        for c in np.flatnonzero(held != sizes)[:LIMIT + 1].tolist():
+            out.add("cell size", f"cell {c}: its blocks hold {held[c]} entries, its size "
+                    f"says {sizes[c]}")
+        # the stage: records 0 .. nxt-1; entries of cells below a merge in progress moved
+        ids_s, cells_s, seqs_s = [], [], []
+        if env.db["stage"] is not None:
+            seq_expect = 0
+            with txn.cursor(db=env.db["stage"]) as cur:
+                for key, value in cur:
+                    seq = L.read_u64(key)
+                    if seq != seq_expect:
+                        out.add("stage numbering", f"stage[{seq}]: expected record "
+                                f"{seq_expect}")
+                    seq_expect = seq + 1
+                    try:
+                        cells, ids, _ = L.decode_entries(value, 2, width, dtype,
+                                                         f"stage[{seq}]")
+                    except IndexCorruptError as e:
+                        out.add("stage value", str(e))
+                        continue
+                    keep = cells >= below
+                    ids_s.append(ids[keep])
+                    cells_s.append(cells[keep])
+                    seqs_s.append(np.full(int(keep.sum()), seq, np.int64))
+            if seq_expect != nxt:
+                out.add("stage count", f"stage: {seq_expect} records, the stage state says "
+                        f"{nxt}")
+        n_staged = int(sum(len(i) for i in ids_s))
+        if n_staged != staged:
+            out.add("stage count", f"stage: {n_staged} entries staged, the stage state says "
+                    f"{staged}")
+        if int(sizes.sum()) + n_staged != count:
+            out.add("count", f"meta[count] is {count:,}, but blocks and stage hold "
+                    f"{int(sizes.sum()) + n_staged:,}")
+        _id_table(env, txn, out, (ids_b, cells_b, blocks_b), (ids_s, cells_s, seqs_s))
+        with txn.cursor(db=env.db["log"]) as cur:
+            for key, value in cur:
+                if len(value) % 8:
+                    out.add("log", f"log[{L.read_u64(key)}]: not a list of cells")
+    return out.close()
+
+
+def _sizes(env: Env, txn, out: _Problems) -> np.ndarray:
+    sizes = np.zeros(-(-env.n_cells // L.SIZE_CHUNK) * L.SIZE_CHUNK, dtype=np.int64)
+    with txn.cursor(db=env.db["sizes"]) as cur:
+        for key, value in cur:
+            chunk = L.read_u64(key)
+            try:
+                if chunk * L.SIZE_CHUNK >= env.n_cells:
+                    raise IndexCorruptError(f"sizes[{chunk}]: past the index's cells")
+                sizes[chunk * L.SIZE_CHUNK:(chunk + 1) * L.SIZE_CHUNK] = \
+                    L.parse_sizes(value, chunk)
+            except IndexCorruptError as e:
+                out.add("sizes", str(e))
+    return sizes[:env.n_cells]
+
+
+def _id_table(env: Env, txn, out: _Problems, blocks, stage) -> None:
+    """The id table against where each id is stored: the same ids, each in one place."""
+    found_ids = np.concatenate(blocks[0] + stage[0] + [np.empty(0, np.int64)])
+    found_cell = np.concatenate(blocks[1] + stage[1] + [np.empty(0, np.int64)])
+    found_loc = np.concatenate(blocks[2] + [L.STAGED | s for s in stage[2]]
+                               + [np.empty(0, np.int64)])
+    order = np.argsort(found_ids, kind="stable")
+    found_ids, found_cell, found_loc = found_ids[order], found_cell[order], found_loc[order]
+    dup = found_ids[1:][found_ids[1:] == found_ids[:-1]]
+    for i in np.unique(dup)[:LIMIT + 1].tolist():
+        out.add("duplicate id", f"id {i} is stored more than once")
+    with txn.cursor(db=env.db["ids"]) as cur:
+        keys = b"".join(cur.iternext(keys=True, values=False))
+        cur.first()
+        values = b"".join(cur.iternext(keys=False, values=True))
+    n = len(keys) // 8
+    if len(keys) % 8 or len(values) != n * L.CELL_BLOCK.size:
+        out.add("id table", "ids: keys or values of the wrong size")
+        return
+    table_ids = np.frombuffer(keys, dtype=">u8").astype(np.int64)
+    rows = np.frombuffer(values, dtype=[("cell", ">u8"), ("block", ">u4")])
+    table_cell, table_loc = rows["cell"].astype(np.int64), rows["block"].astype(np.int64)
+    if len(dup):
+        keep = np.r_[True, found_ids[1:] != found_ids[:-1]]
+        found_ids, found_cell, found_loc = found_ids[keep], found_cell[keep], found_loc[keep]
+    missing = np.setdiff1d(found_ids, table_ids)
+    stray = np.setdiff1d(table_ids, found_ids)
+    for i in missing[:LIMIT + 1].tolist():
+        out.add("id missing", f"id {i} is stored but not in the id table")
+    for i in stray[:LIMIT + 1].tolist():
+        out.add("id stray", f"ids[{i}] names an entry that is not stored")
+    both, a, b = np.intersect1d(found_ids, table_ids, assume_unique=True, return_indices=True)
+    wrong = (found_cell[a] != table_cell[b]) | (found_loc[a] != table_loc[b])
+    for j in np.flatnonzero(wrong)[:LIMIT + 1].tolist():
+        out.add("id location", f"ids[{both[j]}] says cell {table_cell[b[j]]}, block field "
+                f"{table_loc[b[j]]}; it is stored in cell {found_cell[a[j]]}, block field "
+                f"{found_loc[a[j]]}")
