@@ -15,10 +15,21 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def resolve(n_threads: int | None) -> int:
-    """n_threads as a positive int; None or -1 means every available core."""
+# Rows per thread below which the default (n_threads=None) stays on one thread: a parallel
+# region for a few rows costs more than it saves, and on a machine kept busy by other
+# processes waking a second thread can take milliseconds (measured by
+# tools/bench_small_calls.py).
+ROWS_PER_THREAD = 64
+
+
+def resolve(n_threads: int | None, rows: int | None = None,
+            per_thread: int = ROWS_PER_THREAD) -> int:
+    """n_threads as a positive int; None or -1 means every available core, but no more than
+    one per ``per_thread`` rows of work when ``rows`` is given (small calls run on one
+    thread). An explicit count is taken as given."""
     if n_threads is None or n_threads == -1:
-        return available_cores()
+        cores = available_cores()
+        return cores if rows is None else max(1, min(cores, rows // per_thread))
     if isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads < 1:
         raise ValueError(f"n_threads must be a positive integer, -1 or None, got {n_threads!r}")
     return n_threads

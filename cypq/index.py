@@ -16,6 +16,7 @@ from .storage.base import IndexCorruptError, IndexFormatError, Storage
 from .storage.memory import MemoryStorage
 
 DEFAULT_QUOTA = 10000
+_QUERIES_PER_THREAD = 8   # default threads of a search: one per 8 queries (see _threads.py)
 # k above this and above the number of stored entries is refused before anything is
 # allocated, as is an output of more than 64 times this many results.
 _MAX_RESULTS = 1 << 20
@@ -160,8 +161,8 @@ class Index:
             raise PermissionError("this index was opened read-only: open it with "
                                   "readonly=False to change it")
 
-    def _threads(self) -> int:
-        return resolve(self.n_threads)
+    def _threads(self, rows: Optional[int] = None, per_thread: int = 64) -> int:
+        return resolve(self.n_threads, rows, per_thread)
 
     def stats(self) -> dict:
         """Counts: vectors, cells, non-empty cells, largest cell; and the storage's
@@ -358,7 +359,8 @@ class Index:
         if w is not None:
             w = positive_int(w, "w")
         Q = self._model.to_model_space(queries, "queries")
-        D, I, stats = _search(self._model, self._storage, Q, k, quota, w, self._threads())
+        D, I, stats = _search(self._model, self._storage, Q, k, quota, w,
+                              self._threads(len(Q), _QUERIES_PER_THREAD))
         return (D, I, stats) if return_stats else (D, I)
 
 

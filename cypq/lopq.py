@@ -137,8 +137,8 @@ class LOPQModel:
             raise NotFittedError(f"this LOPQ model has no {', '.join(missing)}: call fit() "
                                  "(it trains only the missing parts) or load a full model")
 
-    def _threads(self) -> int:
-        return resolve(getattr(self, "n_threads", None))
+    def _threads(self, rows: Optional[int] = None) -> int:
+        return resolve(getattr(self, "n_threads", None), rows)
 
     def __repr__(self) -> str:
         parts = [p for p in ("Cs", "Rs", "mus", "subquantizers") if getattr(self, p) is not None]
@@ -340,7 +340,7 @@ class LOPQModel:
         """
         self._require("Cs")
         X, single = self._prepare(x)
-        codes = self.kernel_view().coarse_codes(X, self._threads())
+        codes = self.kernel_view().coarse_codes(X, self._threads(len(X)))
         return tuple(int(c) for c in codes[0]) if single else codes
 
     def project(self, x, coarse_codes, coarse_split: Optional[int] = None):
@@ -361,7 +361,7 @@ class LOPQModel:
         self._require("Cs", "Rs", "mus")
         X, single = self._prepare(x)
         coarse = self.check_coarse_codes(coarse_codes, X.shape[0])
-        P = self.kernel_view().project(X, coarse, self._threads())
+        P = self.kernel_view().project(X, coarse, self._threads(len(X)))
         if coarse_split is not None:
             if coarse_split not in (0, 1):
                 raise ValueError("coarse_split must be 0 or 1")
@@ -383,7 +383,7 @@ class LOPQModel:
         """
         self._require("Cs", "Rs", "mus", "subquantizers")
         X, single = self._prepare(x)
-        nt = self._threads()
+        nt = self._threads(len(X))
         coarse = (self.kernel_view().coarse_codes(X, nt) if coarse_codes is None
                   else self.check_coarse_codes(coarse_codes, X.shape[0]))
         fine = self._fine(X, coarse, nt)
@@ -409,7 +409,7 @@ class LOPQModel:
         """
         self._require("Cs", "Rs", "mus", "subquantizers")
         X, single = self._prepare(x)
-        nt = self._threads()
+        nt = self._threads(len(X))
         coarse = self.kernel_view().coarse_codes(X, nt)
         fine = self._fine(X, coarse, nt)
         if single:
@@ -434,7 +434,7 @@ class LOPQModel:
         coarse = self.check_coarse_codes(coarse, fine.shape[0])
         fine = as_codes(fine, self.M, self.subquantizer_clusters, "fine codes")
         sub = np.empty((fine.shape[0], self.model_dim), dtype=np.float32)
-        nt = self._threads()
+        nt = self._threads(len(fine))
         _quantize.decode(fine, self.kernel_view().fine, sub, nt)
         X = self.kernel_view().project(sub, coarse, nt, inverse=True)
         if self.pca_matrix is not None:
@@ -459,9 +459,10 @@ class LOPQModel:
         self._require("Cs", "Rs", "mus", "subquantizers")
         X, single = self._prepare(x)
         coarse = self.check_coarse_codes(coarse_codes, X.shape[0])
-        PX = self.kernel_view().project(X, coarse, self._threads())
+        nt = self._threads(len(X))
+        PX = self.kernel_view().project(X, coarse, nt)
         T = np.empty((X.shape[0], self.M, self.subquantizer_clusters), dtype=np.float32)
-        _quantize.tables(PX, self.kernel_view().fine, T, False, self._threads())
+        _quantize.tables(PX, self.kernel_view().fine, T, False, nt)
         if coarse_split is not None:
             if coarse_split not in (0, 1):
                 raise ValueError("coarse_split must be 0 or 1")

@@ -191,7 +191,7 @@ class OPQ:
         """Exhaustive ADC search over codes; see :meth:`PQ.search`."""
         self._require_fitted("search")
         return adc_search(self.dtables, np.asarray(queries), codes, k, self.M, self.Ks,
-                          self.metric, self.pq.D, self.pq._threads())
+                          self.metric, self.pq.D, self.n_threads)
 
 
 def eigenvalue_allocation_matrix(cov: np.ndarray, M: int) -> np.ndarray:

@@ -91,8 +91,8 @@ class PQ:
         """int or None: input dimension, M * Ds."""
         return None if self.Ds is None else self.M * self.Ds
 
-    def _threads(self) -> int:
-        return resolve(getattr(self, "n_threads", None))
+    def _threads(self, rows: Optional[int] = None, per_thread: int = 64) -> int:
+        return resolve(getattr(self, "n_threads", None), rows, per_thread)
 
     def _require_fitted(self, what: str) -> None:
         if self.codewords is None or self.Ds is None:
@@ -158,7 +158,8 @@ class PQ:
         self._require_fitted("encode")
         X = as_vectors(vecs, "vecs", dim=self.D, allow_empty=True)
         codes = np.empty((X.shape[0], self.M), dtype=self.code_dtype)
-        _quantize.encode(X, self.codewords, codes, np.empty(0, np.float32), self._threads())
+        _quantize.encode(X, self.codewords, codes, np.empty(0, np.float32),
+                         self._threads(len(X)))
         return codes
 
     def decode(self, codes) -> np.ndarray:
@@ -175,7 +176,7 @@ class PQ:
         self._require_fitted("decode")
         codes = as_codes(codes, self.M, self.Ks)
         out = np.empty((codes.shape[0], self.D), dtype=np.float32)
-        _quantize.decode(codes, self.codewords, out, self._threads())
+        _quantize.decode(codes, self.codewords, out, self._threads(len(codes)))
         return out
 
     def dtables(self, queries) -> np.ndarray:
@@ -194,7 +195,8 @@ class PQ:
         self._require_fitted("dtables")
         Q = as_vectors(queries, "queries", dim=self.D, allow_empty=True)
         out = np.empty((Q.shape[0], self.M, self.Ks), dtype=np.float32)
-        _quantize.tables(Q, self.codewords, out, self.metric == "dot", self._threads())
+        _quantize.tables(Q, self.codewords, out, self.metric == "dot",
+                         self._threads(len(Q)))
         return out
 
     def dtable(self, query) -> "DistanceTable":
@@ -239,17 +241,19 @@ class PQ:
         """
         self._require_fitted("search")
         return adc_search(lambda Q: self.dtables(Q), np.asarray(queries), codes, k, self.M,
-                          self.Ks, self.metric, self.D, self._threads())
+                          self.Ks, self.metric, self.D, getattr(self, "n_threads", None))
 
 
 def adc_search(make_tables, queries, codes, k, M, Ks, metric, D, n_threads):
-    """Batched exhaustive ADC top-k shared by PQ and OPQ (make_tables: queries -> tables)."""
+    """Batched exhaustive ADC top-k shared by PQ and OPQ (make_tables: queries -> tables;
+    n_threads: the owner's setting, resolved here by the number of queries)."""
     k = positive_int(k, "k")
     if np.ndim(queries) == 1:
         queries = np.asarray(queries)[None, :]
     Q = as_vectors(queries, "queries", dim=D, allow_empty=True)
     codes = as_codes(codes, M, Ks)
     nq = Q.shape[0]
+    n_threads = resolve(n_threads, nq, 8)
     Dist = np.empty((nq, k), dtype=np.float32)
     I = np.empty((nq, k), dtype=np.int64)
     for q0 in range(0, nq, _SEARCH_BATCH):
@@ -263,6 +267,7 @@ def adc_search(make_tables, queries, codes, k, M, Ks, metric, D, n_threads):
     return Dist, I
 
 
+_ADC_PER_THREAD = 1 << 14   # codes per thread of one query's adist (default threads)
 _DOT_CHUNK = 1 << 16   # codes per NumPy step of a metric='dot' adist (bounds its memory)
 
 
@@ -309,5 +314,6 @@ class DistanceTable:
                 out[a:a + _DOT_CHUNK] = np.sum(self.dtable[rows, codes[a:a + _DOT_CHUNK]],
                                                axis=1)
             return out
-        _adc.adc(self.dtable, codes, out, resolve(getattr(self, "n_threads", None)))
+        _adc.adc(self.dtable, codes, out,
+                 resolve(getattr(self, "n_threads", None), len(codes), _ADC_PER_THREAD))
         return out
