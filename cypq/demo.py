@@ -83,6 +83,7 @@ def run(directory: str | None = None, V: int = 64, M: int = 16, quotas=(500, 100
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+            out(f"removed the temporary index {tmp} (keep one with --dir DIR)")
     return results
 
 
