@@ -57,6 +57,10 @@ class LOPQModel:
     pca_matrix : numpy.ndarray (D, D') float32 or None
         Vectors enter the model as ``(x - pca_mean) @ pca_matrix``.
     V, M, subquantizer_clusters, num_coarse_splits (2), num_fine_splits (M / 2)
+    rotation_sources : tuple of two numpy.ndarray int8 (V,) or None
+        How ``fit`` obtained each cluster's local rotation: 0 from its own residual
+        covariance (at least D/2 points), 1 shrunk toward the half's pooled covariance (fewer
+        points), 2 the pooled covariance (an empty cluster). Not stored in model files.
     n_threads : int or None
         Threads of the kernels (None: all cores).
     """
@@ -90,6 +94,9 @@ class LOPQModel:
         self.pca = bool(pca)
         self.pca_mean: Optional[np.ndarray] = None
         self.pca_matrix: Optional[np.ndarray] = None
+        # How training obtained each cluster's local rotation, per half: int8 (V,) of
+        # lopq_training.OWN / SHRUNK / POOLED (None when the rotations were not trained here).
+        self.rotation_sources: Optional[tuple] = None
         self.n_threads = n_threads
         resolve(n_threads)
         self._check_consistent()
@@ -159,6 +166,7 @@ class LOPQModel:
 
     def __setstate__(self, state):
         state.setdefault("n_threads", None)
+        state.setdefault("rotation_sources", None)
         state.pop("_rt_cache", None)       # pickles of cypq 0.1.0 carry this old cache
         self.__dict__.update(state)
 

@@ -29,7 +29,7 @@ from ._checks import as_vectors
 from .kmeans import centroids_from_sums, lloyd_sums
 from .lopq import LOPQModel
 from .lopq_training import (combine_moments, data_moments, pca_from_moments,
-                            rotations_from_moments)
+                            rotation_report, rotations_from_moments)
 
 try:
     import pyspark  # noqa: F401
@@ -204,7 +204,8 @@ def train_lopq(data, V: int, M: int, subquantizer_clusters: int = 256, pca: bool
         X = raw
         if model.pca_matrix is not None:
             pbc = sc.broadcast(model)  # the model's own PCA step, on the executors
-            X = raw.map(lambda b: (b[0], pbc.value.to_model_space(b[1]))).persist(_storage_level())
+            X = raw.map(lambda b: (b[0], pbc.value.to_model_space(b[1]))).persist(
+                _storage_level())
         if model.Cs is None:
             model.Cs = _coarse_kmeans(X, n, model.V, kmeans_coarse_iters, seed, log)
         if model.Rs is None or model.mus is None:
@@ -212,10 +213,12 @@ def train_lopq(data, V: int, M: int, subquantizer_clusters: int = 256, pca: bool
             mbc = sc.broadcast(_coarse_only(model))
             per_half = X.map(lambda b: mbc.value.residual_moments(b[1], n_threads=1)).treeReduce(
                 lambda a, b: tuple(combine_moments(x, y) for x, y in zip(a, b)))
-            Rs, mus = zip(*(rotations_from_moments(*h, model.num_fine_splits)
-                            for h in per_half))
+            Rs, mus, sources = zip(*(rotations_from_moments(*h, model.num_fine_splits,
+                                                            report=True) for h in per_half))
             model.Rs = model.Rs if model.Rs is not None else tuple(Rs)
             model.mus = model.mus if model.mus is not None else tuple(mus)
+            model.rotation_sources = tuple(sources)
+            log("cypq.spark: " + rotation_report(sources))
             mbc.unpersist()
         if model.subquantizers is None:
             frac = sample_fraction if sample_fraction is not None else min(1.0, 200_000 / n)

@@ -122,12 +122,41 @@ def test_fit_deterministic_and_partial(data):
     assert only_subs == a
 
 
-def test_small_and_empty_clusters_warn_not_nan():
+def test_small_and_empty_clusters_shrink_toward_pooled():
+    """A cluster with fewer points than dimensions gets the rotation of its covariance shrunk
+    toward the half's pooled within-cluster covariance (4d pseudo-points), an empty one the
+    pooled covariance's: checked against a NumPy computation of those covariances (each R
+    must be orthogonal and diagonalise its covariance)."""
+    from cypq.lopq_training import OWN, POOLED, SHRINK_POINTS_PER_DIM, SHRUNK
     rng = np.random.default_rng(0)
     X = np.concatenate([rng.normal(0, 1, (400, 16)), rng.normal(30, 1, (3, 16))]).astype(
         np.float32)
-    with pytest.warns(RuntimeWarning, match="fewer points than dimensions"):
-        m = LOPQModel(V=16, M=4, subquantizer_clusters=8).fit(X, random_state=0)
+    m = LOPQModel(V=16, M=4, subquantizer_clusters=8).fit(X, random_state=0)
+    coarse = m.predict_coarse(X)
+    d = 8
+    seen = set()
+    for h in range(2):
+        Xh = X[:, h * d:(h + 1) * d].astype(np.float64)
+        res = Xh - m.Cs[h][coarse[:, h]]
+        counts = np.bincount(coarse[:, h], minlength=m.V)
+        m2 = np.zeros((m.V, d, d))
+        for c in range(m.V):
+            r = res[coarse[:, h] == c]
+            if len(r):
+                m2[c] = (r - r.mean(0)).T @ (r - r.mean(0))
+        pooled = m2.sum(0) / counts.sum()
+        for c in range(m.V):
+            src = m.rotation_sources[h][c]
+            assert src == (OWN if counts[c] >= d else SHRUNK if counts[c] else POOLED)
+            seen.add(int(src))
+            k = SHRINK_POINTS_PER_DIM * d
+            cov = m2[c] / counts[c] if src == OWN else (m2[c] + k * pooled) / (counts[c] + k)
+            R = m.Rs[h][c].astype(np.float64)
+            np.testing.assert_allclose(R @ R.T, np.eye(d), atol=1e-5)
+            D = R @ cov @ R.T
+            off = D - np.diag(np.diag(D))
+            assert np.abs(off).max() < 1e-4 * np.abs(np.diag(D)).max()
+    assert SHRUNK in seen and OWN in seen       # the small cluster is shrunk, not the identity
     for part in (m.Rs, m.mus):
         assert all(np.isfinite(p).all() for p in part)
     assert np.isfinite(m.reconstruct(m.predict(X))).all()
