@@ -17,7 +17,7 @@ import numpy as np
 from . import _quantize, model_io
 from ._checks import as_codes, as_vectors, code_dtype_for, positive_int
 from ._threads import resolve
-from .lopq_parts import check_parts, f32, pair, same
+from .lopq_parts import check_parts, check_training_shape, f32, pair, same
 from .lopq_training import residual_moments, train_missing_parts
 from .lopq_view import KernelView
 from .pq import NotFittedError
@@ -48,6 +48,11 @@ class LOPQModel:
         every vector; its directions are balanced between the two halves. Off by default: on
         REALSIFT1M (V=1024, M=16) it lowers recall@10 from 0.94 to 0.89 at quota 5000, as
         the natural halves of SIFT are better coarse subspaces than balanced PCA halves.
+    pca_dim : int, optional
+        Keep only this many leading PCA directions (a dimension reduction, LOPQ's first phase;
+        implies ``pca``): even, divisible by M, less than the input dimension. The model
+        then works in pca_dim dimensions; its file is an LOPQ model of that dimension, with
+        the PCA in extra fields (see :mod:`cypq.model_io`).
 
     Attributes
     ----------
@@ -69,7 +74,7 @@ class LOPQModel:
 
     def __init__(self, V: int = 8, M: int = 4, subquantizer_clusters: int = 256,
                  parameters: Optional[Sequence] = None, pca: bool = False,
-                 n_threads: Optional[int] = None):
+                 n_threads: Optional[int] = None, pca_dim: Optional[int] = None):
         Cs, Rs, mus, subs = parameters if parameters is not None else (None,) * 4
         self.Cs = pair(Cs, "Cs", 2)
         self.Rs = pair(Rs, "Rs", 3)
@@ -91,7 +96,11 @@ class LOPQModel:
                                                       "subquantizer_clusters")
         if self.M % 2:
             raise ValueError(f"M must be even (M/2 subquantizers per half), got {self.M}")
-        self.pca = bool(pca)
+        self.pca = bool(pca) or pca_dim is not None
+        self.pca_dim = None if pca_dim is None else positive_int(pca_dim, "pca_dim")
+        if self.pca_dim is not None and (self.pca_dim % 2 or self.pca_dim % self.M):
+            raise ValueError(f"pca_dim={self.pca_dim} must be even and divisible by "
+                             f"M={self.M}")
         self.pca_mean: Optional[np.ndarray] = None
         self.pca_matrix: Optional[np.ndarray] = None
         # How training obtained each cluster's local rotation, per half: int8 (V,) of
@@ -166,6 +175,7 @@ class LOPQModel:
 
     def __setstate__(self, state):
         state.setdefault("n_threads", None)
+        state.setdefault("pca_dim", None)
         state.setdefault("rotation_sources", None)
         state.pop("_rt_cache", None)       # pickles of cypq 0.1.0 carry this old cache
         self.__dict__.update(state)
@@ -210,18 +220,16 @@ class LOPQModel:
         if not 0 < subquantizer_sample_ratio <= 1:
             raise ValueError("subquantizer_sample_ratio must be in (0, 1]")
         X = as_vectors(data, "data", dim=self.D)
-        N, D = X.shape
-        if D % 2 or D % self.M:
-            raise ValueError(f"dimension {D} must be even and divisible by M={self.M}")
-        need = max(self.V if self.Cs is None else 1,
-                   self.subquantizer_clusters if self.subquantizers is None else 1)
-        if N < need:
-            raise ValueError(f"{N} training vectors are fewer than V={self.V} or "
-                             f"subquantizer_clusters={self.subquantizer_clusters}")
+        self.check_training_shape(*X.shape)
         train_missing_parts(self, X, kmeans_coarse_iters, kmeans_local_iters,
                             subquantizer_sample_ratio, seed, verbose, nt)
         self._check_consistent()
         return self
+
+    def check_training_shape(self, n: int, dim: int) -> None:
+        """Raise ValueError unless n training vectors of dimension dim can train the missing
+        parts (:func:`cypq.lopq_parts.check_training_shape`)."""
+        check_training_shape(self, n, dim)
 
     def set_pca(self, mean: np.ndarray, matrix: np.ndarray) -> None:
         """Set a trained PCA (from a model file, or a distributed training): vectors then
@@ -236,6 +244,8 @@ class LOPQModel:
         if mean.shape != (matrix.shape[0],):
             raise ValueError("the PCA mean and matrix disagree in dimension")
         self.pca, self.pca_mean, self.pca_matrix = True, mean, matrix
+        if matrix.shape[1] < matrix.shape[0]:
+            self.pca_dim = int(matrix.shape[1])
         self._check_consistent()
 
     # ------------------------------------------------------------------ public face for the

@@ -37,6 +37,26 @@ def check_parts(model) -> None:
         raise ValueError("the PCA's output dimension does not match the model")
 
 
+def check_training_shape(model, n: int, dim: int) -> None:
+    """Raise ValueError unless n training vectors of dimension dim can train the missing
+    parts (the dimension after an untrained PCA's reduction even and divisible by M;
+    n at least V and subquantizer_clusters where those are to be trained)."""
+    if model.D is not None and dim != model.D:
+        raise ValueError(f"the vectors have dimension {dim} but the model expects {model.D}")
+    if model.pca_dim is not None and model.pca_matrix is None and not \
+            2 <= model.pca_dim < dim:
+        raise ValueError(f"pca_dim={model.pca_dim} must be less than the dimension {dim}")
+    inner = model.pca_dim if model.pca_dim is not None and model.pca_matrix is None else \
+        (model.model_dim or dim)
+    if inner % 2 or inner % model.M:
+        raise ValueError(f"dimension {inner} must be even and divisible by M={model.M}")
+    need = max(model.V if model.Cs is None else 1,
+               model.subquantizer_clusters if model.subquantizers is None else 1)
+    if n < need:
+        raise ValueError(f"{n} training vectors are fewer than V={model.V} or "
+                         f"subquantizer_clusters={model.subquantizer_clusters}")
+
+
 def f32(a, name, ndim):
     """a as a C-contiguous float32 array of ndim dimensions, all finite."""
     arr = np.ascontiguousarray(a, dtype=np.float32)

@@ -12,19 +12,21 @@ from .kmeans import subspace_kmeans
 from .opq import eigenvalue_allocation_matrix
 
 
-def train_pca(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def train_pca(X: np.ndarray, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """PCA whose directions are dealt to the two halves by eigenvalue allocation.
 
     Parameters
     ----------
-    X : numpy.ndarray float32 (N, D), D even
+    X : numpy.ndarray float32 (N, D)
+    dim : int, optional
+        Keep the ``dim`` leading directions (even, < D); default all D (D even).
 
     Returns
     -------
     mean : numpy.ndarray float32 (D,)
-    P : numpy.ndarray float32 (D, D), orthogonal; the first D/2 columns span half 0.
+    P : numpy.ndarray float32 (D, dim), orthonormal columns; the first dim/2 span half 0.
     """
-    return pca_from_moments(*data_moments(X))
+    return pca_from_moments(*data_moments(X), dim)
 
 
 def data_moments(X: np.ndarray):
@@ -35,7 +37,8 @@ def data_moments(X: np.ndarray):
     return np.int64(X.shape[0]), mean, (Xc.T @ Xc).astype(np.float64)
 
 
-def pca_from_moments(n: int, mean: np.ndarray, m2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def pca_from_moments(n: int, mean: np.ndarray, m2: np.ndarray,
+                     dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """:func:`train_pca` from the data's moments (what a distributed pass aggregates).
 
     Parameters
@@ -45,8 +48,10 @@ def pca_from_moments(n: int, mean: np.ndarray, m2: np.ndarray) -> tuple[np.ndarr
     mean : numpy.ndarray float64 (D,)
     m2 : numpy.ndarray float64 (D, D)
         Sum of the outer products of the centred vectors.
+    dim : int, optional
+        Directions kept (default all).
     """
-    P = eigenvalue_allocation_matrix(m2 / max(1, n - 1), 2)
+    P = eigenvalue_allocation_matrix(m2 / max(1, n - 1), 2, dim)
     return np.asarray(mean, dtype=np.float32), np.ascontiguousarray(P, dtype=np.float32)
 
 
@@ -157,7 +162,7 @@ def train_missing_parts(model, X: np.ndarray, kmeans_coarse_iters: int,
     log = print if verbose else (lambda *a, **k: None)
     if model.pca and model.pca_matrix is None and model.Cs is None:
         log("LOPQ: PCA")
-        model.set_pca(*train_pca(X))
+        model.set_pca(*train_pca(X, model.pca_dim))
     X = model.to_model_space(X, "data")
     Dh = X.shape[1] // 2
     with single_threaded_blas():

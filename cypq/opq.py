@@ -194,26 +194,31 @@ class OPQ:
                           self.metric, self.pq.D, self.n_threads)
 
 
-def eigenvalue_allocation_matrix(cov: np.ndarray, M: int) -> np.ndarray:
+def eigenvalue_allocation_matrix(cov: np.ndarray, M: int,
+                                 keep: int | None = None) -> np.ndarray:
     """Eigenvectors of a covariance, grouped into M buckets of balanced eigenvalue products.
 
     Parameters
     ----------
     cov : numpy.ndarray, shape (D, D)
-        Symmetric covariance; D divisible by M.
+        Symmetric covariance; D (or keep) divisible by M.
     M : int
         Number of buckets (subspaces).
+    keep : int, optional
+        Keep only the eigenvectors of the ``keep`` largest eigenvalues (a dimension
+        reduction); default all D.
 
     Returns
     -------
-    numpy.ndarray, float64, shape (D, D)
-        Columns: eigenvectors, bucket 0's first. Also used for LOPQ's local rotations.
+    numpy.ndarray, float64, shape (D, keep)
+        Columns: eigenvectors, bucket 0's first. Also used for LOPQ's local rotations and
+        its PCA.
     """
-    D = cov.shape[0]
-    Ds = D // M
     w, v = np.linalg.eigh(cov)
-    order = np.argsort(np.abs(w))[::-1]
+    order = np.argsort(np.abs(w))[::-1][:keep]
     w, v = w[order], v[:, order]
+    D = len(w)
+    Ds = D // M
     logs = np.log(np.abs(w) + 1e-10)
     logs = logs - logs.min() + 1
     buckets: list[list[int]] = [[] for _ in range(M)]

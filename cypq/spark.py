@@ -148,7 +148,8 @@ def train_lopq(data, V: int, M: int, subquantizer_clusters: int = 256, pca: bool
                sample_fraction: Optional[float] = None, seed: int = 0,
                kmeans_coarse_iters: int = 10, kmeans_local_iters: int = 20,
                model: Optional[LOPQModel] = None, id_col: str = "id",
-               vector_col: str = "vector", verbose: bool = False) -> LOPQModel:
+               vector_col: str = "vector", verbose: bool = False,
+               pca_dim: Optional[int] = None) -> LOPQModel:
     """Train an LOPQ model on a Spark DataFrame or RDD (see the module docstring).
 
     Parameters
@@ -159,6 +160,8 @@ def train_lopq(data, V: int, M: int, subquantizer_clusters: int = 256, pca: bool
     pca : bool
         PCA + eigenvalue-balanced halves first (off by default, as in LOPQModel: on SIFT it
         costs recall).
+    pca_dim : int, optional
+        Keep this many leading PCA directions (implies pca), as :class:`cypq.LOPQModel`.
     sample_fraction : float, optional
         Share of the rows the fine subquantizers train on (collected to the driver); default:
         enough for about 200,000 rows (all rows when there are fewer).
@@ -180,7 +183,7 @@ def train_lopq(data, V: int, M: int, subquantizer_clusters: int = 256, pca: bool
     """
     log = print if verbose else (lambda *a: None)
     model = copy.deepcopy(model) if model is not None else LOPQModel(
-        V=V, M=M, subquantizer_clusters=subquantizer_clusters, pca=pca)
+        V=V, M=M, subquantizer_clusters=subquantizer_clusters, pca=pca, pca_dim=pca_dim)
     if model.is_trained:
         return model
     raw = blocks(data, id_col, vector_col).persist(_storage_level())
@@ -189,18 +192,12 @@ def train_lopq(data, V: int, M: int, subquantizer_clusters: int = 256, pca: bool
             lambda a, b: (a[0] + b[0], a[1] if a[1] == b[1] else -1))
         if D < 0:
             raise ValueError("vectors of different lengths in the input")
-        if model.D is not None and D != model.D:
-            raise ValueError(f"the vectors have dimension {D} but the model expects {model.D}")
-        if D % 2 or D % model.M:
-            raise ValueError(f"dimension {D} must be even and divisible by M={model.M}")
-        if n < max(model.V, model.subquantizer_clusters):
-            raise ValueError(f"{n} training vectors are fewer than V={model.V} or "
-                             f"subquantizer_clusters={model.subquantizer_clusters}")
+        model.check_training_shape(n, D)
         sc = raw.context
         if model.pca and model.pca_matrix is None and model.Cs is None:
             log("cypq.spark: PCA moments")
             m = raw.map(lambda b: data_moments(b[1])).treeReduce(combine_moments)
-            model.set_pca(*pca_from_moments(int(m[0]), m[1], m[2]))
+            model.set_pca(*pca_from_moments(int(m[0]), m[1], m[2], model.pca_dim))
         X = raw
         if model.pca_matrix is not None:
             pbc = sc.broadcast(model)  # the model's own PCA step, on the executors

@@ -265,7 +265,7 @@ def test_layering_storage_imports_no_codec_and_no_circles():
     for name in ("cli.py", "bulk.py"):
         src = (ROOT / "cypq" / name).read_text()
         assert "LMDBStorage" not in src and "storage.lmdb" not in src, name
-    assert all(len(p.read_text().splitlines()) <= 530 for p in files.values())
+    assert all(len(p.read_text().splitlines()) <= 550 for p in files.values())
 
 
 def test_verify_backup_compact(small, tmp_path, capsys):

@@ -1,0 +1,305 @@
+"""What each ``cypq`` subcommand does (cli.py parses the command line and calls these): reading
+inputs, training, bulk loading, adding, searching, describing, benchmarking and operating an
+index. Every function takes the parsed arguments and a line printer and returns the exit
+status."""
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import time
+import warnings
+
+import numpy as np
+
+EXIT_PROBLEMS = 1
+
+
+class UserError(Exception):
+    """An error the user can fix; printed as one line, no traceback."""
+
+
+# ---------------------------------------------------------------------------- inputs
+def load_model(path: str):
+    """A model from a .lopq protobuf file, a pickle, or an index directory."""
+    from .index import Index
+    from .lopq import LOPQModel
+    if os.path.isdir(path):
+        with Index.open(path, readonly=True, allow_incomplete=True) as index:
+            return index.model
+    if not os.path.exists(path):
+        raise UserError(f"no such model file: {path}")
+    if path.endswith((".pkl", ".pickle")):
+        with open(path, "rb") as f:
+            try:
+                model = pickle.load(f)
+            except Exception as e:
+                raise UserError(f"{path}: not a readable pickle ({e})") from None
+        if not isinstance(model, LOPQModel):
+            raise UserError(f"{path} holds a {type(model).__name__}, not a cypq.LOPQModel")
+        return model
+    return LOPQModel.load_proto(path)
+
+
+def read_queries(spec: str) -> np.ndarray:
+    """Queries (nq, D) float32 from a vector file, or '-' for text on stdin (one vector per
+    line, numbers separated by spaces or commas)."""
+    from .vector_files import open_vector_file
+    if spec == "-":
+        rows = []
+        for lineno, line in enumerate(sys.stdin, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append([float(t) for t in line.replace(",", " ").split()])
+            except ValueError:
+                raise UserError(f"stdin line {lineno}: not a list of numbers") from None
+        if not rows:
+            raise UserError("no queries on stdin")
+        if len({len(r) for r in rows}) > 1:
+            raise UserError("stdin queries have different lengths")
+        return np.asarray(rows, dtype=np.float32)
+    return np.asarray(open_vector_file(spec), dtype=np.float32)
+
+
+def _is_code_input(spec: str) -> bool:
+    if spec.endswith(".parquet"):
+        return True
+    return os.path.isdir(spec) and any(f.endswith(".parquet") for f in os.listdir(spec))
+
+
+def open_input(spec: str):
+    """A VectorSource, or a CodeSource for Parquet codes written by ``cypq.spark.encode``."""
+    if _is_code_input(spec):
+        from .code_files import CodeSource
+        return CodeSource.open(spec)
+    from .vector_files import VectorSource
+    return VectorSource.open(spec)
+
+
+def _train_from(source, args, out):
+    """A model trained on a sample of a VectorSource with the train options of args."""
+    from .lopq import LOPQModel
+    if args.V is None or args.M is None:
+        raise UserError("training needs --V and --M")
+    X = source.sample(args.sample, seed=args.seed)
+    out(f"training LOPQ (V={args.V}, M={args.M}, S={args.S}, pca={args.pca}"
+        + (f", pca_dim={args.pca_dim}" if args.pca_dim else "") + ") on "
+        f"{len(X):,} vectors of {len(source):,}")
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # tiny local clusters: identity
+        model = LOPQModel(V=args.V, M=args.M, subquantizer_clusters=args.S, pca=args.pca,
+                          pca_dim=args.pca_dim, n_threads=args.threads).fit(
+            X, kmeans_coarse_iters=args.coarse_iters, kmeans_local_iters=args.local_iters,
+            random_state=args.seed, verbose=args.verbose)
+    out(f"trained in {time.perf_counter() - t0:.1f} s")
+    return model
+
+
+def _save_model(model, path: str) -> None:
+    if path.endswith((".pkl", ".pickle")):
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            pickle.dump(model, f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, path)
+    else:
+        model.export_proto(path)
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_train(args, out) -> int:
+    from .vector_files import VectorSource
+    source = VectorSource.open(args.input)
+    model = _train_from(source, args, out)
+    _save_model(model, args.output)
+    out(f"wrote {args.output}")
+    return 0
+
+
+def cmd_build(args, out) -> int:
+    from .bulk import bulk_load
+    source = open_input(args.input)
+    model = load_model(args.model) if args.model else None
+    if model is None and not args.train and not os.path.isdir(args.index):
+        raise UserError("give --model FILE, or --train with --V and --M")
+    if model is None and args.train and not hasattr(source, "sample"):
+        raise UserError("--train needs vectors as input, not codes")
+    summary = bulk_load(args.index, source, model=model,
+                        train=(lambda: _train_from(source, args, out)) if args.train else None,
+                        ids=args.ids, chunk_size=args.chunk, n_threads=args.threads,
+                        progress=not args.quiet, out=out)
+    out(f"built {args.index}")
+    for line in summary.lines():
+        out("  " + line)
+    return 0
+
+
+def cmd_add(args, out) -> int:
+    from .index import Index
+    from .vector_files import VectorSource, read_ids
+    source = VectorSource.open(args.input)
+    ids = read_ids(args.ids, len(source)) if args.ids else None
+    t0 = time.perf_counter()
+    with Index.open(args.index, n_threads=args.threads) as index:
+        if source.dim != index.model.D:
+            raise UserError(f"the vectors have dimension {source.dim} but the index's model "
+                            f"expects {index.model.D}")
+        first = last = None
+        for a, X in source.chunks(args.batch):
+            got = index.add(X, None if ids is None else np.asarray(ids[a:a + len(X)]),
+                            replace=args.replace)
+            if len(got):
+                first = got[0] if first is None else first
+                last = got[-1]
+        total = len(index)
+    el = time.perf_counter() - t0
+    out(f"added {len(source):,} vectors to {args.index} in {el:.1f} s "
+        f"({len(source) / max(el, 1e-9):,.0f} vectors/s); it now holds {total:,}"
+        + (f"; ids {first} .. {last}" if ids is None and first is not None else ""))
+    return 0
+
+
+def cmd_search(args, out) -> int:
+    from .index import Index
+    Q = read_queries(args.queries)
+    with Index.open(args.index, readonly=True, n_threads=args.threads) as index:
+        if Q.shape[1] != index.model.D:
+            raise UserError(f"the queries have dimension {Q.shape[1]} but the index's model "
+                            f"expects {index.model.D}")
+        D, I = index.search(Q, k=args.k, quota=args.quota, w=args.w)
+    if args.out:
+        np.save(args.out, I)
+        if args.distances_out:
+            np.save(args.distances_out, D)
+        out(f"wrote ids {I.shape} to {args.out}"
+            + (f" and distances to {args.distances_out}" if args.distances_out else ""))
+        return 0
+    for q in range(len(I)):
+        keep = I[q] >= 0
+        out(f"{q}\t" + " ".join(f"{i}:{d:.6g}" for i, d in zip(I[q][keep], D[q][keep])))
+    return 0
+
+
+def cmd_info(args, out) -> int:
+    model = load_model(args.path)
+    out(f"model: {model!r}")
+    out(f"  dimension {model.D}, V={model.V} ({model.V ** 2:,} cells), M={model.M}, "
+        f"{model.subquantizer_clusters} codewords per subquantizer, PCA "
+        f"{'on' if model.pca_matrix is not None else 'off'}, trained: {model.is_trained}")
+    if os.path.isdir(args.path):
+        from .index import Index
+        try:
+            with Index.open(args.path, readonly=True) as index:
+                st = index.stats()
+        except ValueError as e:
+            out(f"index: {e}")
+            return 0
+        out(f"index: {st['vectors']:,} vectors in {st['non_empty_cells']:,} non-empty cells, "
+            f"largest cell {st['largest_cell']:,}, {st['bytes_on_disk'] / 1e6:.1f} MB on disk")
+        if st.get("staged") or st.get("merge_pending"):
+            pending = "; a merge was cut short, the next write finishes it" \
+                if st["merge_pending"] else ""
+            out(f"  {st['staged']:,} of them staged by recent adds (moved into their cells' "
+                f"blocks when the stage fills, or by Index.merge){pending}")
+    return 0
+
+
+def cmd_export(args, out) -> int:
+    model = load_model(args.path)
+    _save_model(model, args.output)
+    out(f"wrote {args.output}")
+    return 0
+
+
+def cmd_bench(args, out) -> int:
+    from .index import Index
+    Q = read_queries(args.queries)
+    gt = np.asarray(read_queries(args.groundtruth) if not args.groundtruth.endswith(".npy")
+                    else np.load(args.groundtruth), dtype=np.int64)
+    if gt.ndim != 2 or len(gt) != len(Q):
+        raise UserError(f"groundtruth must have one row per query ({len(Q)}), got shape "
+                        f"{gt.shape}")
+    rows = []
+    with Index.open(args.index, readonly=True, n_threads=args.threads) as index:
+        if Q.shape[1] != index.model.D:
+            raise UserError(f"the queries have dimension {Q.shape[1]} but the index's model "
+                            f"expects {index.model.D}")
+        k = max(args.k, 1)
+        out(f"{len(Q)} queries, k={k}, {index.n_threads or 'all'} threads")
+        out("| quota | recall@1 | recall@10 | recall@100 | ms/query |")
+        out("|---|---|---|---|---|")
+        for quota in args.quotas:
+            index.search(Q[:10], k=k, quota=quota)  # warm up
+            best = float("inf")
+            for _ in range(args.repeat):
+                t0 = time.perf_counter()
+                _, I = index.search(Q, k=k, quota=quota)
+                best = min(best, time.perf_counter() - t0)
+            rec = [float(np.mean((I[:, :R] == gt[:, :1]).any(axis=1))) if R <= k else
+                   float("nan") for R in (1, 10, 100)]
+            ms = best / len(Q) * 1e3
+            rows.append((quota, *rec, ms))
+            out(f"| {quota} | " + " | ".join(f"{r:.3f}" for r in rec) + f" | {ms:.3f} |")
+    if args.plot:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            out("matplotlib is not installed: no plot written (pip install matplotlib)")
+            return 0
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ms = [r[4] for r in rows]
+        for j, R in enumerate((1, 10, 100)):
+            if R <= args.k:
+                ax.plot(ms, [r[1 + j] for r in rows], marker="o", label=f"recall@{R}")
+        for r in rows:
+            ax.annotate(str(r[0]), (r[4], r[2]), fontsize=7)
+        ax.set_xlabel("ms / query")
+        ax.set_ylabel("recall")
+        ax.set_title(f"cypq {os.path.basename(os.path.normpath(args.index))}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+        out(f"wrote {args.plot}")
+    return 0
+
+
+def cmd_verify(args, out) -> int:
+    from .index import Index
+    with Index.open(args.index, readonly=True) as index:
+        problems = index.verify()
+        n = len(index) if not problems else None
+    for line in problems:
+        out(line)
+    if problems:
+        return EXIT_PROBLEMS
+    out(f"{args.index}: sound ({n:,} vectors)")
+    return 0
+
+
+def cmd_backup(args, out) -> int:
+    from .index import Index
+    t0 = time.perf_counter()
+    with Index.open(args.index, readonly=True) as index:
+        if args.command == "compact":
+            index.compact(args.output).close()
+        else:
+            index.backup(args.output)
+    before = os.path.getsize(os.path.join(args.index, "data.mdb"))
+    after = os.path.getsize(os.path.join(args.output, "data.mdb"))
+    out(f"wrote {args.output} in {time.perf_counter() - t0:.1f} s: {after / 1e6:.1f} MB "
+        f"({before / 1e6:.1f} MB before)")
+    return 0
+
+
+def cmd_demo(args, out) -> int:
+    from .demo import run, write_sample
+    if args.write_sample:
+        write_sample(args.write_sample, out=out)
+        return 0
+    run(args.dir, out=out)
+    return 0
