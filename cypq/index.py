@@ -341,8 +341,9 @@ class Index:
         Returns
         -------
         D : numpy.ndarray float32 (nq, k)
-            Squared L2 distances from the query to the vectors' reconstructions, ascending;
-            inf where a query has fewer than k results.
+            Squared L2 distances from the query to the vectors' reconstructions, ascending,
+            inf where a query has fewer than k results; for a model with metric='cosine',
+            cosine similarities to the reconstructions, descending, -inf where fewer.
         I : numpy.ndarray int64 (nq, k)
             Ids; -1 where a query has fewer than k results.
         """
@@ -361,6 +362,10 @@ class Index:
         Q = self._model.to_model_space(queries, "queries")
         D, I, stats = _search(self._model, self._storage, Q, k, quota, w,
                               self._threads(len(Q), _QUERIES_PER_THREAD))
+        if self._model.metric == "cosine":
+            # unit vectors: |q - x|^2 = 2 - 2 cos(q, x); the order stays (largest first)
+            D = np.where(I >= 0, np.float32(1) - D * np.float32(0.5),
+                         -np.inf).astype(np.float32)
         return (D, I, stats) if return_stats else (D, I)
 
 

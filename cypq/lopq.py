@@ -17,10 +17,13 @@ import numpy as np
 from . import _quantize, model_io
 from ._checks import as_codes, as_vectors, code_dtype_for, positive_int
 from ._threads import resolve
-from .lopq_parts import check_parts, check_training_shape, f32, pair, same
+from .lopq_parts import (check_parts, check_training_shape, pair, pca_parts, same,
+                         subquantizer_parts, unit_rows)
 from .lopq_training import residual_moments, train_missing_parts
 from .lopq_view import KernelView
 from .pq import NotFittedError
+
+METRICS = ("l2", "cosine")
 
 LOPQCode = namedtuple("LOPQCode", ["coarse", "fine"])
 LOPQCode.__doc__ = """An LOPQ code: ``coarse`` = (c0, c1), ``fine`` = (f_0 .. f_{M-1}).
@@ -48,6 +51,10 @@ class LOPQModel:
         every vector; its directions are balanced between the two halves. Off by default: on
         REALSIFT1M (V=1024, M=16) it lowers recall@10 from 0.94 to 0.89 at quota 5000, as
         the natural halves of SIFT are better coarse subspaces than balanced PCA halves.
+    metric : {'l2', 'cosine'}
+        How vectors are compared. 'cosine' scales every vector (training, added, searched)
+        to unit norm first, so users never have to; a zero vector is an error. An index of a
+        cosine model returns cosine similarities, largest first.
     pca_dim : int, optional
         Keep only this many leading PCA directions (a dimension reduction, LOPQ's first phase;
         implies ``pca``): even, divisible by M, less than the input dimension. The model
@@ -74,18 +81,13 @@ class LOPQModel:
 
     def __init__(self, V: int = 8, M: int = 4, subquantizer_clusters: int = 256,
                  parameters: Optional[Sequence] = None, pca: bool = False,
-                 n_threads: Optional[int] = None, pca_dim: Optional[int] = None):
+                 n_threads: Optional[int] = None, pca_dim: Optional[int] = None,
+                 metric: str = "l2"):
         Cs, Rs, mus, subs = parameters if parameters is not None else (None,) * 4
         self.Cs = pair(Cs, "Cs", 2)
         self.Rs = pair(Rs, "Rs", 3)
         self.mus = pair(mus, "mus", 2)
-        self.subquantizers = None
-        if subs is not None:
-            if len(subs) != 2 or len(subs[0]) != len(subs[1]) or len(subs[0]) == 0:
-                raise ValueError("subquantizers must be two equally long sequences of "
-                                 "(S, D/M) arrays")
-            self.subquantizers = tuple([f32(s, "subquantizer", 2) for s in half]
-                                       for half in subs)
+        self.subquantizers = subquantizer_parts(subs)
         self.V = int(self.Cs[0].shape[0]) if self.Cs is not None else positive_int(V, "V")
         if self.subquantizers is not None:
             self.M = 2 * len(self.subquantizers[0])
@@ -96,6 +98,9 @@ class LOPQModel:
                                                       "subquantizer_clusters")
         if self.M % 2:
             raise ValueError(f"M must be even (M/2 subquantizers per half), got {self.M}")
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        self.metric = metric
         self.pca = bool(pca) or pca_dim is not None
         self.pca_dim = None if pca_dim is None else positive_int(pca_dim, "pca_dim")
         if self.pca_dim is not None and (self.pca_dim % 2 or self.pca_dim % self.M):
@@ -159,14 +164,15 @@ class LOPQModel:
     def __repr__(self) -> str:
         parts = [p for p in ("Cs", "Rs", "mus", "subquantizers") if getattr(self, p) is not None]
         return (f"LOPQModel(V={self.V}, M={self.M}, subquantizer_clusters="
-                f"{self.subquantizer_clusters}, D={self.D}, pca={self.pca_matrix is not None}, "
+                f"{self.subquantizer_clusters}, D={self.D}, metric={self.metric!r}, "
+                f"pca={self.pca_matrix is not None}, "
                 f"parts={parts})")
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, LOPQModel):
             return False
-        if (self.V, self.M, self.subquantizer_clusters) != (other.V, other.M,
-                                                            other.subquantizer_clusters):
+        if (self.V, self.M, self.subquantizer_clusters, self.metric) != (
+                other.V, other.M, other.subquantizer_clusters, other.metric):
             return False
         return all(same(getattr(self, a), getattr(other, a))
                    for a in ("Cs", "Rs", "mus", "subquantizers", "pca_mean", "pca_matrix"))
@@ -176,6 +182,7 @@ class LOPQModel:
     def __setstate__(self, state):
         state.setdefault("n_threads", None)
         state.setdefault("pca_dim", None)
+        state.setdefault("metric", "l2")
         state.setdefault("rotation_sources", None)
         state.pop("_rt_cache", None)       # pickles of cypq 0.1.0 carry this old cache
         self.__dict__.update(state)
@@ -240,10 +247,8 @@ class LOPQModel:
         mean : array_like (D_in,)
         matrix : array_like (D_in, model_dim)
         """
-        mean, matrix = f32(mean, "pca_mean", 1), f32(matrix, "pca_matrix", 2)
-        if mean.shape != (matrix.shape[0],):
-            raise ValueError("the PCA mean and matrix disagree in dimension")
-        self.pca, self.pca_mean, self.pca_matrix = True, mean, matrix
+        self.pca = True
+        self.pca_mean, self.pca_matrix = pca_parts(mean, matrix)
         if matrix.shape[1] < matrix.shape[0]:
             self.pca_dim = int(matrix.shape[1])
         self._check_consistent()
@@ -337,7 +342,12 @@ class LOPQModel:
         single = arr.ndim == 1
         X = as_vectors(arr[None, :] if single else arr, name, dim=self.D,
                        allow_empty=allow_empty)
-        return self._apply_pca(X), single
+        return self._apply_pca(self.normalize(X, name)), single
+
+    def normalize(self, X: np.ndarray, name: str = "x") -> np.ndarray:
+        """For metric='cosine', the rows of float32 X (N, D) scaled to unit norm (a zero row
+        is a ValueError); X itself otherwise."""
+        return unit_rows(X, name) if self.metric == "cosine" else X
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -443,7 +453,8 @@ class LOPQModel:
 
         Returns
         -------
-        numpy.ndarray float32, shape (D,) or (N, D), in the input space (PCA undone).
+        numpy.ndarray float32, shape (D,) or (N, D), in the input space (PCA undone; for
+        metric='cosine', of the vectors scaled to unit norm).
         """
         self._require("Cs", "Rs", "mus", "subquantizers")
         coarse, fine = codes

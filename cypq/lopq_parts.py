@@ -57,6 +57,36 @@ def check_training_shape(model, n: int, dim: int) -> None:
                          f"subquantizer_clusters={model.subquantizer_clusters}")
 
 
+def subquantizer_parts(subs):
+    """Fine subquantizers given per half (two equally long sequences of (S, D/M) arrays) as a
+    tuple of two lists of float32 arrays; None stays None."""
+    if subs is None:
+        return None
+    if len(subs) != 2 or len(subs[0]) != len(subs[1]) or len(subs[0]) == 0:
+        raise ValueError("subquantizers must be two equally long sequences of (S, D/M) arrays")
+    return tuple([f32(s, "subquantizer", 2) for s in half] for half in subs)
+
+
+def pca_parts(mean, matrix) -> tuple[np.ndarray, np.ndarray]:
+    """A PCA's mean (D_in,) and matrix (D_in, D) as validated float32 arrays."""
+    mean, matrix = f32(mean, "pca_mean", 1), f32(matrix, "pca_matrix", 2)
+    if mean.shape != (matrix.shape[0],):
+        raise ValueError("the PCA mean and matrix disagree in dimension")
+    return mean, matrix
+
+
+def unit_rows(X: np.ndarray, name: str = "x") -> np.ndarray:
+    """Rows of float32 X (N, D) scaled to unit norm; a zero row is a ValueError."""
+    if not len(X):
+        return X
+    norms = np.linalg.norm(X, axis=1)
+    zero = np.flatnonzero(norms == 0)
+    if len(zero):
+        raise ValueError(f"{name} holds {len(zero)} zero vector(s) (first: row {zero[0]}): "
+                         "metric='cosine' needs a direction; drop them")
+    return np.ascontiguousarray(X / norms[:, None], dtype=np.float32)
+
+
 def f32(a, name, ndim):
     """a as a C-contiguous float32 array of ndim dimensions, all finite."""
     arr = np.ascontiguousarray(a, dtype=np.float32)

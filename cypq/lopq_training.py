@@ -159,6 +159,7 @@ def train_missing_parts(model, X: np.ndarray, kmeans_coarse_iters: int,
     rotations and means, fine subquantizers) on float32 X (N, D), which the caller
     (``LOPQModel.fit``) has validated; sets them on the model."""
     N = X.shape[0]
+    X = model.normalize(X, "data")   # cosine: the PCA and all parts learn unit vectors
     log = print if verbose else (lambda *a, **k: None)
     if model.pca and model.pca_matrix is None and model.Cs is None:
         log("LOPQ: PCA")

@@ -35,7 +35,8 @@ class ModelParts:
 
     Header fields D, V, M, S (num_subquantizers) are 0 where unknown. Cs: two (V, D/2);
     Rs: two (V, D/2, D/2); mus: two (V, D/2); subs: two sequences of M/2 (S, D/M) arrays;
-    pca_mean (D_in,), pca_matrix (D_in, D). All float32.
+    pca_mean (D_in,), pca_matrix (D_in, D). All float32. metric: "l2" or "cosine" (field 102,
+    written only when not "l2", so l2 files are LOPQ's bytes exactly).
     """
     D: int = 0
     V: int = 0
@@ -47,6 +48,7 @@ class ModelParts:
     subs: Optional[tuple] = None
     pca_mean: Optional[np.ndarray] = None
     pca_matrix: Optional[np.ndarray] = None
+    metric: str = "l2"
 
 
 def parts_to_bytes(parts: ModelParts) -> bytes:
@@ -69,6 +71,8 @@ def parts_to_bytes(parts: ModelParts) -> bytes:
     if parts.pca_matrix is not None:
         params.pca_mean.values.extend(np.asarray(parts.pca_mean, np.float32).ravel().tolist())
         _put_matrix(params.pca_matrix, parts.pca_matrix)
+    if parts.metric != "l2":
+        params.metric = parts.metric
     return params.SerializeToString()
 
 
@@ -106,6 +110,8 @@ def bytes_to_parts(data: bytes, name: str = "model bytes") -> ModelParts:
         if params.HasField("pca_matrix"):
             parts.pca_matrix = _get_matrix(params.pca_matrix, 2)
             parts.pca_mean = np.asarray(params.pca_mean.values, dtype=np.float32)
+        if params.HasField("metric"):
+            parts.metric = params.metric
     except ModelFileError as e:
         raise ModelFileError(f"{name}: {e}") from None
     return parts
@@ -117,7 +123,7 @@ def model_to_bytes(model) -> bytes:
         D=model.model_dim or 0, V=model.V, M=model.M, S=model.subquantizer_clusters,
         Cs=model.Cs, Rs=model.Rs, mus=model.mus,
         subs=None if model.subquantizers is None else tuple(model.subquantizers),
-        pca_mean=model.pca_mean, pca_matrix=model.pca_matrix))
+        pca_mean=model.pca_mean, pca_matrix=model.pca_matrix, metric=model.metric))
 
 
 def model_from_bytes(cls, data: bytes, name: str = "model bytes"):
@@ -131,7 +137,8 @@ def model_from_bytes(cls, data: bytes, name: str = "model bytes"):
     parts = bytes_to_parts(data, name)
     try:
         model = cls(parameters=(parts.Cs, parts.Rs, parts.mus, parts.subs), V=parts.V or 8,
-                    M=parts.M or 4, subquantizer_clusters=parts.S or 256, pca=False)
+                    M=parts.M or 4, subquantizer_clusters=parts.S or 256, pca=False,
+                    metric=parts.metric)
         if parts.pca_matrix is not None:
             model.set_pca(parts.pca_mean, parts.pca_matrix)
     except ValueError as e:  # shapes that do not fit together

@@ -149,7 +149,7 @@ def train_lopq(data, V: int, M: int, subquantizer_clusters: int = 256, pca: bool
                kmeans_coarse_iters: int = 10, kmeans_local_iters: int = 20,
                model: Optional[LOPQModel] = None, id_col: str = "id",
                vector_col: str = "vector", verbose: bool = False,
-               pca_dim: Optional[int] = None) -> LOPQModel:
+               pca_dim: Optional[int] = None, metric: str = "l2") -> LOPQModel:
     """Train an LOPQ model on a Spark DataFrame or RDD (see the module docstring).
 
     Parameters
@@ -162,6 +162,8 @@ def train_lopq(data, V: int, M: int, subquantizer_clusters: int = 256, pca: bool
         costs recall).
     pca_dim : int, optional
         Keep this many leading PCA directions (implies pca), as :class:`cypq.LOPQModel`.
+    metric : {'l2', 'cosine'}
+        As :class:`cypq.LOPQModel` (cosine: vectors scaled to unit norm on the executors).
     sample_fraction : float, optional
         Share of the rows the fine subquantizers train on (collected to the driver); default:
         enough for about 200,000 rows (all rows when there are fewer).
@@ -183,7 +185,8 @@ def train_lopq(data, V: int, M: int, subquantizer_clusters: int = 256, pca: bool
     """
     log = print if verbose else (lambda *a: None)
     model = copy.deepcopy(model) if model is not None else LOPQModel(
-        V=V, M=M, subquantizer_clusters=subquantizer_clusters, pca=pca, pca_dim=pca_dim)
+        V=V, M=M, subquantizer_clusters=subquantizer_clusters, pca=pca, pca_dim=pca_dim,
+        metric=metric)
     if model.is_trained:
         return model
     raw = blocks(data, id_col, vector_col).persist(_storage_level())
@@ -196,11 +199,13 @@ def train_lopq(data, V: int, M: int, subquantizer_clusters: int = 256, pca: bool
         sc = raw.context
         if model.pca and model.pca_matrix is None and model.Cs is None:
             log("cypq.spark: PCA moments")
-            m = raw.map(lambda b: data_moments(b[1])).treeReduce(combine_moments)
+            nbc = sc.broadcast(model)
+            m = raw.map(lambda b: data_moments(nbc.value.normalize(b[1]))).treeReduce(
+                combine_moments)
             model.set_pca(*pca_from_moments(int(m[0]), m[1], m[2], model.pca_dim))
         X = raw
-        if model.pca_matrix is not None:
-            pbc = sc.broadcast(model)  # the model's own PCA step, on the executors
+        if model.pca_matrix is not None or model.metric != "l2":
+            pbc = sc.broadcast(model)  # the model's own steps (cosine, PCA), on the executors
             X = raw.map(lambda b: (b[0], pbc.value.to_model_space(b[1]))).persist(
                 _storage_level())
         if model.Cs is None:

@@ -10,4 +10,4 @@ python3 -m venv "$venv"
 "$venv/bin/python" -m grpc_tools.protoc -I. --python_out=. lopq_model.proto
 # cypq's messages live in a descriptor pool of their own, so that a process may also load LOPQ's
 # generated module (same file name in the default pool).
-sed -i 's/^DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(/POOL = _descriptor_pool.DescriptorPool()\nDESCRIPTOR = POOL.AddSerializedFile(/' lopq_model_pb2.py
+sed -i 's/^DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(/# cypq'"'"'s own pool (not the default one): LOPQ'"'"'s generated module registers a file of the same\n# name, lopq_model.proto, in the default pool, and both must load in one process.\nPOOL = _descriptor_pool.DescriptorPool()\nDESCRIPTOR = POOL.AddSerializedFile(/' lopq_model_pb2.py

@@ -31,6 +31,7 @@ def main(argv=None) -> int:
     t.add_argument("--S", type=int, default=256)
     t.add_argument("--pca", action="store_true")
     t.add_argument("--pca-dim", type=int, default=None, help="keep this many PCA directions")
+    t.add_argument("--metric", choices=("l2", "cosine"), default="l2")
     t.add_argument("--sample-fraction", type=float)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--coarse-iters", type=int, default=10)
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
         if args.step == "train":
             resume = cypq.LOPQModel.load_proto(args.resume) if args.resume else None
             model = cs.train_lopq(data, V=args.V, M=args.M, subquantizer_clusters=args.S,
-                                  pca=args.pca, pca_dim=args.pca_dim,
+                                  pca=args.pca, pca_dim=args.pca_dim, metric=args.metric,
                                   sample_fraction=args.sample_fraction,
                                   seed=args.seed, kmeans_coarse_iters=args.coarse_iters,
                                   kmeans_local_iters=args.local_iters, model=resume,

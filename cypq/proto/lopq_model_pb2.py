@@ -16,7 +16,7 @@ _sym_db = _symbol_database.Default()
 # cypq's own pool (not the default one): LOPQ's generated module registers a file of the same
 # name, lopq_model.proto, in the default pool, and both must load in one process.
 POOL = _descriptor_pool.DescriptorPool()
-DESCRIPTOR = POOL.AddSerializedFile(b'\n\x10lopq_model.proto\x12\tcypq.lopq\"\x1c\n\x06Vector\x12\x12\n\x06values\x18\x01 \x03(\x02\x42\x02\x10\x01\"+\n\x06Matrix\x12\x12\n\x06values\x18\x01 \x03(\x02\x42\x02\x10\x01\x12\r\n\x05shape\x18\x02 \x03(\r\"\x98\x02\n\x0fLOPQModelParams\x12\t\n\x01\x44\x18\x01 \x01(\r\x12\t\n\x01V\x18\x02 \x01(\r\x12\t\n\x01M\x18\x03 \x01(\r\x12\x19\n\x11num_subquantizers\x18\x04 \x01(\r\x12\x1d\n\x02\x43s\x18\x05 \x03(\x0b\x32\x11.cypq.lopq.Matrix\x12\x1d\n\x02Rs\x18\x06 \x03(\x0b\x32\x11.cypq.lopq.Matrix\x12\x1e\n\x03mus\x18\x07 \x03(\x0b\x32\x11.cypq.lopq.Vector\x12\x1f\n\x04subs\x18\x08 \x03(\x0b\x32\x11.cypq.lopq.Matrix\x12#\n\x08pca_mean\x18\x64 \x01(\x0b\x32\x11.cypq.lopq.Vector\x12%\n\npca_matrix\x18\x65 \x01(\x0b\x32\x11.cypq.lopq.Matrix')
+DESCRIPTOR = POOL.AddSerializedFile(b'\n\x10lopq_model.proto\x12\tcypq.lopq\"\x1c\n\x06Vector\x12\x12\n\x06values\x18\x01 \x03(\x02\x42\x02\x10\x01\"+\n\x06Matrix\x12\x12\n\x06values\x18\x01 \x03(\x02\x42\x02\x10\x01\x12\r\n\x05shape\x18\x02 \x03(\r\"\xa8\x02\n\x0fLOPQModelParams\x12\t\n\x01\x44\x18\x01 \x01(\r\x12\t\n\x01V\x18\x02 \x01(\r\x12\t\n\x01M\x18\x03 \x01(\r\x12\x19\n\x11num_subquantizers\x18\x04 \x01(\r\x12\x1d\n\x02\x43s\x18\x05 \x03(\x0b\x32\x11.cypq.lopq.Matrix\x12\x1d\n\x02Rs\x18\x06 \x03(\x0b\x32\x11.cypq.lopq.Matrix\x12\x1e\n\x03mus\x18\x07 \x03(\x0b\x32\x11.cypq.lopq.Vector\x12\x1f\n\x04subs\x18\x08 \x03(\x0b\x32\x11.cypq.lopq.Matrix\x12#\n\x08pca_mean\x18\x64 \x01(\x0b\x32\x11.cypq.lopq.Vector\x12%\n\npca_matrix\x18\x65 \x01(\x0b\x32\x11.cypq.lopq.Matrix\x12\x0e\n\x06metric\x18\x66 \x01(\t')
 
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, globals())
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lopq_model_pb2', globals())
@@ -32,5 +32,5 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _MATRIX._serialized_start=61
   _MATRIX._serialized_end=104
   _LOPQMODELPARAMS._serialized_start=107
-  _LOPQMODELPARAMS._serialized_end=387
+  _LOPQMODELPARAMS._serialized_end=403
 # @@protoc_insertion_point(module_scope)
