@@ -35,6 +35,12 @@ def test_entries_round_trip_and_checked_length(dtype):
     np.testing.assert_array_equal(c2, cells)
     np.testing.assert_array_equal(i2, ids)
     np.testing.assert_array_equal(k2, codes)
+    body_flip = value[:-3] + bytes([value[-3] ^ 0x10]) + value[-2:]
+    with pytest.raises(IndexCorruptError, match="checksum"):   # layout intact, data not
+        L.decode_entries(body_flip, 2, 6, dtype, "stage[3]")
+    legacy = value[:4] + b"\0\0\0\0" + value[8:]              # cypq 0.1: no checksum
+    assert L.checksum_ok(legacy) and L.decode_entries(legacy, 2, 6, dtype)[0].tolist() == \
+        cells.tolist()
     for bad in (value[:-1], value[:5], value + b"\0",
                 (38).to_bytes(4, "little") + value[4:],
                 (0xFFFFFFFF).to_bytes(4, "little") + value[4:]):
@@ -50,6 +56,7 @@ def test_pack_blocks_and_splice_against_a_per_cell_reference():
     got = {}
     for key, value in items:
         c, b = L.CELL_BLOCK.unpack(key)
+        assert L.checksum_ok(value) and bytes(value[4:8]) != b"\0\0\0\0"
         got[c, b] = L.decode_entries(value, 1, 4, np.uint8)
     assert [k for k, _ in items] == sorted(k for k, _ in items)   # key order: append mode
     for c in np.unique(cells):
@@ -313,10 +320,13 @@ def test_verify_backup_compact(small, tmp_path, capsys):
         counts[c] -= 1
         txn.put(k, L.sizes_value(counts), db=sizes)
         blocks = env.open_db(b"blocks", txn=txn)
-        bk, bv = next(iter(txn.cursor(db=blocks)))
+        cur = txn.cursor(db=blocks)
+        (bk, bv), (fk, fv) = next(iter(cur)), list(cur)[-1]
         txn.put(bk, bv[:-3], db=blocks)
+        txn.put(fk, fv[:-1] + bytes([fv[-1] ^ 1]), db=blocks)   # one code bit: layout intact
     env.close()
     assert main(["verify", str(path)]) == 1
     out = capsys.readouterr().out.splitlines()
     assert any(line.startswith("ids[7] names an entry that is not stored") for line in out)
     assert any("blocks[cell" in line and "bytes" in line for line in out)
+    assert any("blocks[cell" in line and "checksum" in line for line in out)

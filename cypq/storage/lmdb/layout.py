@@ -3,9 +3,11 @@
 Pure NumPy and struct; nothing here opens a transaction. Integers in keys are big-endian, so
 LMDB's byte order is numeric order; integers inside values are little-endian.
 
-- entries (a block of ``blocks``, a record of ``stage``): u32 n, u32 pad, then
+- entries (a block of ``blocks``, a record of ``stage``): u32 n, u32 checksum, then
   ``n_columns`` int64 columns of n (blocks: ids; stage records: cells, ids), then n codes
-  (n, M) of the code dtype. See :func:`encode_entries` / :func:`decode_entries`.
+  (n, M) of the code dtype. See :func:`encode_entries` / :func:`decode_entries`. The
+  checksum is the CRC-32 of everything after the header (1 where that is 0); 0 means none
+  (values written by cypq 0.1, whose header had a zero pad there).
 - block key: cell (u64) + block number (u32). A cell's blocks are 0 .. nb-1, all but the last
   full, so ``nb = ceil(entries / block_capacity)`` (:func:`blocks_for`).
 - id table (``ids``): key id (u64); value cell (u64) + block (u32), or ``STAGED | record``
@@ -18,6 +20,7 @@ LMDB's byte order is numeric order; integers inside values are little-endian.
 from __future__ import annotations
 
 import struct
+import zlib
 
 import numpy as np
 
@@ -28,7 +31,7 @@ CELL_BLOCK = struct.Struct(">QI")
 STAGE_META = struct.Struct(">QQQQ")   # epoch, next record, merged below cell, staged entries
 STAGED = 1 << 31                      # id-table block field of a staged entry: | record number
 SIZE_CHUNK = 256                      # cells per value of the sizes database
-HEADER = 8                            # u32 n, u32 pad
+HEADER = 8                            # u32 n, u32 checksum
 
 
 def u64(i: int) -> bytes:
@@ -85,12 +88,26 @@ def entry_count(value, where: str, n_columns: int, code_bytes: int) -> int:
     return n
 
 
+def checksum(body) -> int:
+    """The header's checksum of a value's body (never 0: 0 marks a value without one)."""
+    return zlib.crc32(body) or 1
+
+
+def checksum_ok(value) -> bool:
+    """Whether a value's body matches its header's checksum (or it carries none)."""
+    stored = int.from_bytes(bytes(value[4:8]), "little")
+    return stored == 0 or stored == checksum(value[HEADER:])
+
+
+def _with_header(n: int, body: bytes) -> bytes:
+    return n.to_bytes(4, "little") + checksum(body).to_bytes(4, "little") + body
+
+
 def encode_entries(columns, codes: np.ndarray, code_dtype) -> bytes:
-    """u32 n, u32 pad, each int64 column (n,) little-endian, then the codes (n, M)."""
-    n = len(codes)
-    return (n.to_bytes(4, "little") + b"\0\0\0\0"
-            + b"".join(np.asarray(c).astype("<i8").tobytes() for c in columns)
-            + np.ascontiguousarray(codes, dtype=code_dtype).tobytes())
+    """u32 n, u32 checksum, each int64 column (n,) little-endian, then the codes (n, M)."""
+    return _with_header(len(codes), b"".join(np.asarray(c).astype("<i8").tobytes()
+                                             for c in columns)
+                        + np.ascontiguousarray(codes, dtype=code_dtype).tobytes())
 
 
 def decode_entries(value, n_columns: int, width: int, code_dtype, where: str = "a value"):
@@ -98,6 +115,8 @@ def decode_entries(value, n_columns: int, width: int, code_dtype, where: str = "
     code_dtype = np.dtype(code_dtype)
     raw = bytes(value)
     n = entry_count(raw, where, n_columns, width * code_dtype.itemsize)
+    if not checksum_ok(raw):
+        raise IndexCorruptError(f"{where}: the checksum does not match the value (damaged)")
     columns = [np.frombuffer(raw, dtype="<i8", count=n, offset=HEADER + 8 * n * j)
                .astype(np.int64) for j in range(n_columns)]
     codes = np.frombuffer(raw, dtype=code_dtype, count=n * width,
@@ -125,9 +144,8 @@ def block_addresses(addr: np.ndarray, length: np.ndarray, count: np.ndarray,
 
 def splice(old: bytes, n_old: int, new_ids: bytes, new_codes: bytes) -> bytes:
     """A block value with entries appended: header, old ids, new ids, old codes, new codes."""
-    n = n_old + len(new_ids) // 8
-    return (n.to_bytes(4, "little") + b"\0\0\0\0" + old[HEADER:HEADER + 8 * n_old] + new_ids
-            + old[HEADER + 8 * n_old:] + new_codes)
+    return _with_header(n_old + len(new_ids) // 8, old[HEADER:HEADER + 8 * n_old] + new_ids
+                        + old[HEADER + 8 * n_old:] + new_codes)
 
 
 def cell_runs(cells: np.ndarray) -> np.ndarray:
@@ -178,15 +196,20 @@ def pack_blocks(cells, ids, codes, capacity, first_block=None):
     off = np.zeros(len(bstart) + 1, dtype=np.int64)
     np.cumsum(HEADER + bcount * (8 + cw), out=off[1:])
     buf = np.zeros(int(off[-1]), dtype=np.uint8)
-    # Header (u32 count, u32 pad), then the ids, then the codes of each block.
+    # Header (u32 count, u32 checksum), then the ids, then the codes of each block.
     buf[off[:-1, None] + np.arange(4)] = bcount.astype("<u4").view(np.uint8).reshape(-1, 4)
     at = off[bidx] + HEADER + 8 * pos
     buf[at[:, None] + np.arange(8)] = ids.astype("<i8").view(np.uint8).reshape(n, 8)
     at = off[bidx] + HEADER + 8 * bcount[bidx] + cw * pos
     buf[at[:, None] + np.arange(cw)] = \
         np.ascontiguousarray(codes).view(np.uint8).reshape(n, cw)
-    keys = block_keys(cells[bstart], block_no[bstart])
     mv, bounds = memoryview(buf), off.tolist()
+    crc = zlib.crc32
+    sums = np.array([crc(mv[a + HEADER:b]) for a, b in zip(bounds[:-1], bounds[1:])],
+                    dtype="<u4")
+    sums[sums == 0] = 1      # as checksum(): 0 marks a value without one
+    buf[off[:-1, None] + 4 + np.arange(4)] = sums.view(np.uint8).reshape(-1, 4)
+    keys = block_keys(cells[bstart], block_no[bstart])
     items = [(keys[j], mv[bounds[j]:bounds[j + 1]]) for j in range(len(bstart))]
     return items, block_no
 
