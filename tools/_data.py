@@ -23,6 +23,20 @@ def load_sift(data_dir: str | os.PathLike = DEFAULT_DATA, nq: int | None = None)
     return f32("learn.u8.npy"), f32("base.u8.npy"), xq, gt
 
 
+def load_set(data_dir: str | os.PathLike, nq: int | None = None):
+    """(learn, base, queries, groundtruth) as float32 / int64 arrays of REALSIFT1M (uint8
+    files) or of a float16 set such as MANMINILM (``base.f16.npy`` ...), whichever the
+    directory holds."""
+    d = Path(data_dir)
+    if not (d / "base.f16.npy").exists():
+        return load_sift(d, nq)
+    f32 = lambda name: np.load(d / name).astype(np.float32)  # noqa: E731
+    xq, gt = f32("query.f16.npy"), np.load(d / "groundtruth.i32.npy").astype(np.int64)
+    if nq is not None:
+        xq, gt = xq[:nq], gt[:nq]
+    return f32("learn.f16.npy"), f32("base.f16.npy"), xq, gt
+
+
 def load_queries(data_dir: str | os.PathLike = DEFAULT_DATA, nq: int | None = None):
     """(queries float32, groundtruth int64) only: what a searching process needs."""
     d = Path(data_dir)

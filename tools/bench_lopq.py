@@ -32,12 +32,16 @@ def row(system, setting, train_s, encode_s, ms, rec):
             f"{rec[1]:.3f} | {rec[10]:.3f} | {rec[100]:.3f} |")
 
 
-def bench_cypq(M, args, xt, xb, xq, gt, rows):
+def bench_cypq(M, args, xt, xb, xq, gt, rows, V=None, pca_dim=None, points=None):
+    """LOPQ (V, M, pca_dim) over args.quotas; rows get table lines, points (system,
+    setting, ms, recalls) tuples."""
+    V = V or args.V
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         with Timer() as t:
-            model = cypq.LOPQModel(V=args.V, M=M).fit(xt, random_state=1)
+            model = cypq.LOPQModel(V=V, M=M, pca_dim=pca_dim).fit(xt, random_state=1)
     train_s = t.s
+    system = f"cypq LOPQ V={V}, M={M}" + (f", pca_dim={pca_dim}" if pca_dim else "")
     with Timer() as t:
         code = model.predict(xb)
     encode_s = t.s
@@ -45,20 +49,25 @@ def bench_cypq(M, args, xt, xb, xq, gt, rows):
     index.add_codes(code, np.arange(len(xb)))
     for quota in args.quotas:
         s, (D, I) = best_of(lambda: index.search(xq, k=100, quota=quota), args.repeat)
-        rows.append(row("cypq LOPQ", f"V={args.V}, M={M}, quota={quota}", train_s, encode_s,
-                        s / len(xq) * 1e3, recalls(I, gt)))
+        rows.append(row(system, f"quota={quota}", train_s, encode_s, s / len(xq) * 1e3,
+                        recalls(I, gt)))
+        if points is not None:
+            points.append((system, f"quota={quota}", s / len(xq) * 1e3, recalls(I, gt)))
         print(rows[-1], flush=True)
 
 
-def bench_faiss(M, args, xt, xb, xq, gt, rows):
+def bench_faiss(M, args, xt, xb, xq, gt, rows, specs=None, points=None):
+    """faiss index_factory keys with their search settings (default: IVF / IMI / OPQ+IMI at
+    args.V); rows and points as in bench_cypq."""
     faiss.omp_set_num_threads(2)
     logv = int(np.log2(args.V))
-    specs = [(f"IVF{args.V},PQ{M}", [f"nprobe={p}" for p in (8, 16, 32, 64, 128)]),
-             (f"IMI2x{logv},PQ{M}", [f"nprobe={p},max_codes={q}" for p, q in
-                                     ((16384, 2000), (16384, 5000), (65536, 10000),
-                                      (65536, 20000))]),
-             (f"OPQ{M},IMI2x{logv},PQ{M}", [f"nprobe={p},max_codes={q}" for p, q in
-                                           ((16384, 5000), (65536, 10000), (65536, 20000))])]
+    specs = specs or [
+        (f"IVF{args.V},PQ{M}", [f"nprobe={p}" for p in (8, 16, 32, 64, 128)]),
+        (f"IMI2x{logv},PQ{M}", [f"nprobe={p},max_codes={q}" for p, q in
+                                ((16384, 2000), (16384, 5000), (65536, 10000),
+                                 (65536, 20000))]),
+        (f"OPQ{M},IMI2x{logv},PQ{M}", [f"nprobe={p},max_codes={q}" for p, q in
+                                      ((16384, 5000), (65536, 10000), (65536, 20000))])]
     for key, settings in specs:
         index = faiss.index_factory(xb.shape[1], key)
         with Timer() as t:
@@ -74,6 +83,8 @@ def bench_faiss(M, args, xt, xb, xq, gt, rows):
             s, (D, I) = best_of(lambda: index.search(xq, 100), args.repeat)
             rows.append(row("faiss " + key, setting, train_s, encode_s, s / len(xq) * 1e3,
                             recalls(I, gt)))
+            if points is not None:
+                points.append(("faiss " + key, setting, s / len(xq) * 1e3, recalls(I, gt)))
             print(rows[-1], flush=True)
         faiss.omp_set_num_threads(2)
 

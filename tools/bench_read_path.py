@@ -25,7 +25,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_codecs.py
@@ -34,18 +33,9 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _data import DEFAULT_DATA, Timer, load_sift  # noqa: E402
+from _data import DEFAULT_DATA, Timer, load_set, load_sift  # noqa: E402
 
 QUOTAS = (2000, 10000)
-
-
-def load_set(data: str, nq: int):
-    """(learn, base, queries, groundtruth) of REALSIFT1M or MANMINILM (float16 files)."""
-    if os.path.exists(os.path.join(data, "base.f16.npy")):
-        f32 = lambda name: np.load(os.path.join(data, name)).astype(np.float32)  # noqa: E731
-        gt = np.load(os.path.join(data, "groundtruth.i32.npy"))[:nq].astype(np.int64)
-        return f32("learn.f16.npy"), f32("base.f16.npy"), f32("query.f16.npy")[:nq], gt
-    return load_sift(data, nq)
 
 
 def child_a(args) -> dict:

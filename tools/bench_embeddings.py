@@ -1,0 +1,115 @@
+"""LOPQ on high-dimensional text embeddings against faiss, in one run.
+
+    python tools/bench_embeddings.py [--data ../shared/data/manminilm] [--M 16 32 48]
+                                     [--nq 2000] [--plot embeddings.png]
+
+Per code size M (bytes with 8-bit codes): cypq LOPQ (V=256, with and without pca_dim=D/2)
+over a quota sweep, and the faiss peers at the same code bytes: IVF{256,1024},PQ{M},
+OPQ{M},IVF{256,1024},PQ{M} over nprobe, OPQ{M},IMI2x8,PQ{M} over max_codes. All train on
+the learn set (MANMINILM: 20k) and index the base (100k); 1 search thread, k=100. Prints
+recall@1/10/100 and ms/query per point, then per code size whether every faiss point has a
+cypq point with recall@10 >= it at <= its ms/query, and the best recall@10 of each side;
+with --plot, recall@10 against ms/query (PNG, needs matplotlib). REALSIFT1M with --data.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_codecs.py
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _data import load_set  # noqa: E402
+from bench_lopq import bench_cypq, bench_faiss, faiss  # noqa: E402
+
+import cypq  # noqa: E402
+
+MINILM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
+                      "data", "manminilm")
+NPROBE = [f"nprobe={p}" for p in (1, 2, 4, 8, 16, 32, 64)]
+MAX_CODES = [f"nprobe={p},max_codes={q}" for p, q in
+             ((256, 500), (1024, 1000), (4096, 2000), (4096, 4000), (16384, 8000),
+              (65536, 16000))]
+
+
+def dominated(point, mine) -> bool:
+    """Whether one of mine has recall@10 >= point's at <= its ms/query."""
+    return any(r[10] >= point[3][10] and ms <= point[2] for _, _, ms, r in mine)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=MINILM)
+    p.add_argument("--M", type=int, nargs="+", default=[16, 32, 48])
+    p.add_argument("--V", type=int, default=256, help="cypq coarse centroids per half")
+    p.add_argument("--nq", type=int, default=2000)
+    p.add_argument("--threads", type=int, default=1, help="search threads (training: all)")
+    p.add_argument("--quotas", type=int, nargs="+",
+                   default=[250, 500, 1000, 2000, 4000, 8000, 16000])
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--plot", help="write recall@10 vs ms/query here (PNG)")
+    args = p.parse_args(argv)
+    xt, xb, xq, gt = load_set(args.data, args.nq)
+    D = xb.shape[1]
+    print(f"cypq {cypq.__version__}, faiss {getattr(faiss, '__version__', '-')}; "
+          f"{os.path.basename(os.path.normpath(args.data))}: learn {xt.shape}, base "
+          f"{xb.shape}, {len(xq)} queries, k=100, search threads {args.threads}")
+    rows, summary, by_m = [], [], {}
+    for M in args.M:
+        mine, theirs = [], []
+        for pca_dim in (None, D // 2):
+            if pca_dim is None or pca_dim % M == 0:
+                bench_cypq(M, args, xt, xb, xq, gt, rows, V=args.V, pca_dim=pca_dim,
+                           points=mine)
+        if faiss is not None:
+            specs = [(f"{pre}IVF{nlist},PQ{M}", NPROBE) for pre in ("", f"OPQ{M},")
+                     for nlist in (256, 1024)] + [(f"OPQ{M},IMI2x8,PQ{M}", MAX_CODES)]
+            bench_faiss(M, args, xt, xb, xq, gt, rows, specs=specs, points=theirs)
+        by_m[M] = (mine, theirs)
+        if theirs:
+            beaten = sum(dominated(t, mine) for t in theirs)
+            best_mine = max(r[10] for *_, r in mine)
+            best_theirs = max(r[10] for *_, r in theirs)
+            summary.append(f"| {M} B | {beaten} of {len(theirs)} | {best_mine:.3f} | "
+                           f"{best_theirs:.3f} | {best_mine - best_theirs:+.3f} |")
+    print("\n| system | setting | train s | encode s | ms/query | R@1 | R@10 | R@100 |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    if summary:
+        print("\n| code size | faiss points with a cypq point at >= R@10 and <= ms | "
+              "best cypq R@10 | best faiss R@10 | difference |")
+        print("|---|---|---|---|---|")
+        print("\n".join(summary))
+    if args.plot:
+        _plot(by_m, args.plot)
+
+
+def _plot(by_m, path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    fig, axes = plt.subplots(1, len(by_m), figsize=(5 * len(by_m), 4), squeeze=False)
+    for ax, (M, (mine, theirs)) in zip(axes[0], by_m.items()):
+        for points, style in ((mine, "-o"), (theirs, "--."),):
+            for system in dict.fromkeys(s for s, *_ in points):
+                pts = sorted((ms, r[10]) for s, _, ms, r in points if s == system)
+                ax.plot([a for a, _ in pts], [b for _, b in pts], style, ms=3,
+                        label=system.replace("cypq LOPQ ", "cypq ").replace("faiss ", ""))
+        ax.set_xscale("log")
+        ax.set_xlabel("ms / query (1 thread)")
+        ax.set_ylabel("recall@10")
+        ax.set_title(f"{M} bytes per code")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
