@@ -96,6 +96,7 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 def encoded_chunks(source: VectorSource, model: LOPQModel, chunk: int, ids=None,
@@ -180,6 +181,11 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
                                time.perf_counter() - t_start, 0.0, 0.0, True, rss_anon_mb())
         finally:
             index.close()
+    bars = []  # closed however the load ends: no half-drawn bar line after Ctrl-C
+
+    def progress_bar(*args, **kwargs) -> _Progress:
+        bars.append(_Progress(progress, *args, **kwargs))
+        return bars[-1]
     try:
         model = index.model
         if n_threads is not None:
@@ -195,7 +201,7 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
         t0 = time.perf_counter()
         todo = [k for k in range(n_runs) if not os.path.exists(run_files[k])]
         if next_cell is None:  # the write pass has not started
-            bar = _Progress(progress, N, "encode", initial=N - _rows_in(todo, chunk_size, N))
+            bar = progress_bar(N, "encode", initial=N - _rows_in(todo, chunk_size, N))
             dtype = _run_dtype(model)
             for k in todo:
                 a = k * chunk_size
@@ -223,7 +229,7 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
             hist += np.bincount(run["cell"], minlength=n_cells)
         ends = _ranges(np.cumsum(hist), chunk_size)
         first = 0 if next_cell is None else next_cell
-        bar = _Progress(progress, N, "write", initial=int(hist[:first].sum()))
+        bar = progress_bar(N, "write", initial=int(hist[:first].sum()))
         lo_cell = 0
         for hi_cell in ends:
             if hi_cell > first:
@@ -239,7 +245,7 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
         del runs
 
         # ---- pass 3: the storage completes itself (the id table), resumably
-        bar = _Progress(progress, N, "ids")
+        bar = progress_bar(N, "ids")
         try:
             writer.finish(json.dumps(dict(identity, next_cell=n_cells)).encode(),
                           progress=bar.update)
@@ -255,6 +261,8 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
         summary = BulkSummary(st["vectors"], st["non_empty_cells"], st["bytes_on_disk"],
                               time.perf_counter() - t_start, encode_s, write_s, resumed, peak)
     finally:
+        for bar in bars:
+            bar.close()
         index.close()
     return summary
 

@@ -309,3 +309,34 @@ def test_resume_after_kill9_at_random_moments(data, tmp_path):
     for a in range(0, len(big), 5000):
         ref.add(big[a:a + 5000], np.arange(a, a + 5000))
     _same_index(path, ref, np.arange(len(big)), Q)
+
+
+def test_interrupt_closes_the_progress_bars(data, tmp_path, monkeypatch):
+    """Ctrl-C in the middle of a pass closes the progress bar it was drawing before the
+    interrupt reaches the caller (whose traceback keeps the load's frames, and with them an
+    unclosed bar, alive while it prints its message: a half-drawn bar line), and the same call
+    later continues the load."""
+    model, X, Q = data
+    src = _shards(tmp_path, X)
+    real, calls = bulk_mod.write_atomic, {"n": 0}
+
+    def interrupted(path, arr):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        real(path, arr)
+    closed = []
+    close = bulk_mod._Progress.close
+    monkeypatch.setattr(bulk_mod, "write_atomic", interrupted)
+    monkeypatch.setattr(bulk_mod._Progress, "close",
+                        lambda self: (closed.append(self.bar is not None), close(self)))
+    try:
+        bulk_load(tmp_path / "ix", src, model, chunk_size=700, progress=True,
+                  out=lambda m: None)
+    except KeyboardInterrupt:
+        assert closed and closed[0], "the encode bar was left open"
+    else:
+        pytest.fail("the interrupt did not reach the caller")
+    monkeypatch.undo()
+    s = bulk_load(tmp_path / "ix", src, chunk_size=700, progress=False, out=lambda m: None)
+    assert s.resumed and s.vectors == len(X)
