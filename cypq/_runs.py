@@ -1,5 +1,5 @@
 """Sorted run files, for the bulk loader and the storage's bulk writer: written atomically,
-read memory-mapped, merged over a key range."""
+read memory-mapped, merged over a key range; and the cell ranges such writes go in."""
 from __future__ import annotations
 
 import os
@@ -29,3 +29,13 @@ def gather(runs, key: str, lo: int, hi: Optional[int], dtype) -> np.ndarray:
             parts.append(np.asarray(run[a:b]))
     batch = np.concatenate(parts) if parts else np.empty(0, dtype)
     return batch[np.argsort(batch[key], kind="stable")]
+
+
+def ranges(cum: np.ndarray, per_range: int) -> list[int]:
+    """Exclusive ends of consecutive ranges of a histogram's bins holding about per_range
+    entries each (``cum``: its cumulative sum); a range holds at least one bin."""
+    total = int(cum[-1]) if len(cum) else 0
+    targets = np.arange(per_range, total, per_range)
+    ends = np.unique(np.searchsorted(cum, targets, side="left") + 1)
+    ends = ends[ends < len(cum)]
+    return ends.tolist() + [len(cum)]

@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from ._runs import gather, write_atomic
+from ._runs import gather, ranges, write_atomic
 from .index import Index
 from .lopq import LOPQModel
 from .storage.base import IndexFormatError
@@ -227,7 +227,7 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
         hist = np.zeros(n_cells, dtype=np.int64)
         for run in runs:
             hist += np.bincount(run["cell"], minlength=n_cells)
-        ends = _ranges(np.cumsum(hist), chunk_size)
+        ends = ranges(np.cumsum(hist), chunk_size)
         first = 0 if next_cell is None else next_cell
         bar = progress_bar(N, "write", initial=int(hist[:first].sum()))
         lo_cell = 0
@@ -331,15 +331,3 @@ def _check_codes(model, cells, fine) -> None:
     if fine.size and int(fine.max()) >= model.subquantizer_clusters:
         raise BulkLoadError("fine codes beyond the model's subquantizer clusters: the codes "
                             "were not made with this model")
-
-
-def _ranges(cum: np.ndarray, per_range: int) -> list[int]:
-    """Exclusive ends of consecutive ranges of a histogram's bins holding about per_range
-    entries each (``cum``: its cumulative sum); a range holds at least one bin."""
-    total = int(cum[-1]) if len(cum) else 0
-    targets = np.arange(per_range, total, per_range)
-    ends = np.unique(np.searchsorted(cum, targets, side="left") + 1)
-    ends = ends[ends < len(cum)]
-    return ends.tolist() + [len(cum)]
-
-

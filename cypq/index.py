@@ -8,6 +8,7 @@ from typing import Optional
 import numpy as np
 
 from ._checks import as_codes, as_vectors, positive_int
+from ._runs import ranges
 from ._threads import resolve
 from .lopq import LOPQModel
 from .pq import NotFittedError
@@ -294,23 +295,21 @@ class Index:
         self._check_open()
         path = os.fspath(path)
         options = {**self._storage.options(), **options}
-        new = Index.create(path, self._model, n_threads=self.n_threads,
-                           bulk_state=b'{"compact": true}', **options)
+        state = b'{"compact": true}'   # the bulk marker until the copy is complete
+        new = Index.create(path, self._model, n_threads=self.n_threads, bulk_state=state,
+                           **options)
         try:
             scratch = os.path.join(path, "compact-runs")
             os.makedirs(scratch, exist_ok=True)
             writer = new.storage.bulk_writer(scratch, step=step)
             with self._storage.snapshot() as snap:
-                ends = np.searchsorted(np.cumsum(snap.cell_sizes()),
-                                       np.arange(step, len(self) + step, step), side="left")
                 lo = 0
-                for hi in np.unique(np.append(np.minimum(ends + 1, new.storage.n_cells),
-                                              new.storage.n_cells)).tolist():
+                for hi in ranges(np.cumsum(snap.cell_sizes()), step):
                     cells, ids, codes = snap.entries(lo, hi)
                     if len(cells):
-                        writer.append(cells, ids, codes, b'{"compact": true}')
+                        writer.append(cells, ids, codes, state)
                     lo = hi
-            writer.finish(b'{"compact": true}')
+            writer.finish(state)
             shutil.rmtree(scratch, ignore_errors=True)
         except BaseException:
             new.close()
