@@ -160,22 +160,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("index")
     s.set_defaults(func=cmd_verify)
 
-    s = sub.add_parser("backup", help="copy an index consistently while it is in use",
-                       description="Copy one committed state of an index into a new "
-                       "directory (LMDB's copy), while writers go on.")
-    s.add_argument("index")
-    s.add_argument("output", help="new (or empty) directory")
-    s.set_defaults(func=cmd_backup)
-
-    s = sub.add_parser("compact", help="write an index anew, compactly",
-                       description="Write an index anew into a new directory: entries in "
-                       "cell order with full pages, staged entries merged, the id table in id "
-                       "order (an incrementally built index shrinks to about the size of a "
-                       "bulk-built one). Writers may go on meanwhile; the copy is of one "
-                       "committed state.")
-    s.add_argument("index")
-    s.add_argument("output", help="new (or empty) directory")
-    s.set_defaults(func=cmd_backup)
+    copies = {"backup": ("copy an index consistently while it is in use",
+                         "Copy one committed state of an index into a new directory (LMDB's "
+                         "copy), while writers go on."),
+              "compact": ("write an index anew, compactly",
+                          "Write an index anew into a new directory: entries in cell order "
+                          "with full pages, staged entries merged, the id table in id order "
+                          "(an incrementally built index shrinks to about the size of a "
+                          "bulk-built one). Writers may go on meanwhile; the copy is of one "
+                          "committed state.")}
+    for name, (summary, description) in copies.items():
+        s = sub.add_parser(name, help=summary, description=description)
+        s.add_argument("index")
+        s.add_argument("output", help="new (or empty) directory")
+        s.set_defaults(func=cmd_backup)
 
     s = sub.add_parser("demo", help="train, build, search a packaged real sample",
                        description="Train LOPQ on a SIFT sample shipped with cypq, build an "

@@ -8,7 +8,6 @@ import os
 import pickle
 import sys
 import time
-import warnings
 
 import numpy as np
 
@@ -89,13 +88,11 @@ def _train_from(source, args, out):
         + (f", pca_dim={args.pca_dim}" if args.pca_dim else "") + ") on "
         f"{len(X):,} vectors of {len(source):,}")
     t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # tiny local clusters: identity
-        model = LOPQModel(V=args.V, M=args.M, subquantizer_clusters=args.S, pca=args.pca,
-                          pca_dim=args.pca_dim, metric=args.metric,
-                          n_threads=args.threads).fit(
-            X, kmeans_coarse_iters=args.coarse_iters, kmeans_local_iters=args.local_iters,
-            random_state=args.seed, verbose=args.verbose)
+    model = LOPQModel(V=args.V, M=args.M, subquantizer_clusters=args.S, pca=args.pca,
+                      pca_dim=args.pca_dim, metric=args.metric,
+                      n_threads=args.threads).fit(
+        X, kmeans_coarse_iters=args.coarse_iters, kmeans_local_iters=args.local_iters,
+        random_state=args.seed, verbose=args.verbose)
     out(f"trained in {time.perf_counter() - t0:.1f} s")
     return model
 

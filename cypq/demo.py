@@ -11,7 +11,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from importlib import resources
 
 import numpy as np
@@ -48,9 +47,7 @@ def run(directory: str | None = None, V: int = 64, M: int = 16, quotas=(500, 100
     out(f"cypq {cypq.__version__} demo: REALSIFT1M sample, learn {learn.shape}, "
         f"base {base.shape}, {len(query)} queries")
     t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        model = cypq.LOPQModel(V=V, M=M).fit(learn, random_state=0)
+    model = cypq.LOPQModel(V=V, M=M).fit(learn, random_state=0)
     out(f"trained LOPQ (V={V}, M={M}, {model.subquantizer_clusters} codewords) in "
         f"{time.perf_counter() - t0:.2f} s")
     tmp = None

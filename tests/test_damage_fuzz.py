@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import warnings
 
 import lmdb
 import numpy as np
@@ -46,9 +45,7 @@ USE = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
     X = clustered(3000, 16, n_clusters=12, seed=71)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        model = LOPQModel(V=6, M=4, subquantizer_clusters=16).fit(X, random_state=3)
+    model = LOPQModel(V=6, M=4, subquantizer_clusters=16).fit(X, random_state=3)
     root = tmp_path_factory.mktemp("pristine")
     path = root / "ix"
     with Index.create(path, model, block_capacity=16, stage_capacity=1200) as ix:

@@ -4,7 +4,6 @@ import ast
 import os
 import pathlib
 import shutil
-import warnings
 
 import lmdb
 import numpy as np
@@ -104,9 +103,7 @@ def test_cell_runs_ranks_and_size_chunks():
 @pytest.fixture(scope="module")
 def small():
     X = clustered(3000, 16, n_clusters=12, seed=61)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        model = LOPQModel(V=6, M=4, subquantizer_clusters=16).fit(X, random_state=2)
+    model = LOPQModel(V=6, M=4, subquantizer_clusters=16).fit(X, random_state=2)
     return model, X
 
 
@@ -189,9 +186,7 @@ def test_index_refuses_a_model_that_does_not_fit_its_codes(small, tmp_path):
     path = tmp_path / "ix"
     with Index.create(path, model) as ix:
         ix.add(X[:100])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        other = LOPQModel(V=5, M=4, subquantizer_clusters=16).fit(X, random_state=2)
+    other = LOPQModel(V=5, M=4, subquantizer_clusters=16).fit(X, random_state=2)
     _poke(path, b"meta", lambda k, v: other.to_proto_bytes() if k == b"model" else None)
     with pytest.raises(IndexFormatError, match="does not fit its codes"):
         Index.open(path)

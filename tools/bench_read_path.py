@@ -25,7 +25,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import warnings
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_codecs.py
 
@@ -41,9 +40,7 @@ QUOTAS = (2000, 10000)
 def child_a(args) -> dict:
     import cypq
     xt, xb, xq, _ = load_set(args.data, 1000)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        model = cypq.LOPQModel(V=256, M=16).fit(xt, random_state=1)
+    model = cypq.LOPQModel(V=256, M=16).fit(xt, random_state=1)
     path = os.path.join(args.dir, "ix")
     out = {"cypq": os.path.dirname(cypq.__file__)}
     with cypq.Index.create(path, model, stage_capacity=0, n_threads=1) as ix:
@@ -100,9 +97,7 @@ def child_build_big(args) -> dict:
     from cypq.bulk import bulk_load
     from cypq.vector_files import VectorSource
     xt, xb, _, _ = load_sift(args.data, 10)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        model = cypq.LOPQModel(V=1024, M=16).fit(xt, random_state=1)
+    model = cypq.LOPQModel(V=1024, M=16).fit(xt, random_state=1)
     src = os.path.join(args.dir, "base10x.npy")
     big = np.lib.format.open_memmap(src, mode="w+", dtype=np.uint8, shape=(10 * len(xb), 128))
     for r in range(10):

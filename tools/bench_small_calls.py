@@ -20,9 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 
-import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -34,9 +32,7 @@ HOG = "while True: pass"
 def child(args) -> dict:
     import cypq
     xt, xb, xq, _ = load_sift(args.data, 100)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        model = cypq.LOPQModel(V=64, M=16).fit(xt[:20000], random_state=1)
+    model = cypq.LOPQModel(V=64, M=16).fit(xt[:20000], random_state=1)
     pq = cypq.PQ(M=16, verbose=False).fit(xt[:20000], iter=5)
     path = os.path.join(args.dir, "ix")
     cypq.Index.create(path, model).close()
