@@ -23,6 +23,7 @@ from ..._runs import gather, write_atomic
 from ..base import BulkWriter
 from . import layout as L
 from .env import Env
+from .writer import CellSizes
 
 ID_RUN = np.dtype([("id", "<i8"), ("cell", "<i8"), ("block", "<i8")])
 
@@ -64,16 +65,9 @@ class LMDBBulkWriter(BulkWriter):
                         raise ValueError("bulk append cells must come after every stored cell")
                     cur.putmulti(items, append=True)
                 runs = L.cell_runs(cells)
-                ucells = cells[runs[:-1]]
-                padded = {}
-                for chunk in L.size_chunks(ucells).tolist():
-                    v = txn.get(L.u64(chunk), db=env.db["sizes"])  # a chunk straddling appends
-                    padded[chunk] = (np.zeros(L.SIZE_CHUNK, np.int64) if v is None
-                                     else L.parse_sizes(v, chunk))
-                for c, cnt in zip(ucells.tolist(), np.diff(runs).tolist()):
-                    padded[c // L.SIZE_CHUNK][c % L.SIZE_CHUNK] = cnt
-                with txn.cursor(db=env.db["sizes"]) as cur:
-                    cur.putmulti([(L.u64(k), L.sizes_value(a)) for k, a in padded.items()])
+                sizes = CellSizes(env, txn)  # a chunk may straddle two appends: read it first
+                sizes.set_ascending(cells[runs[:-1]], np.diff(runs))
+                sizes.flush()
             txn.put(b"bulk", state, db=env.db["meta"])
             # Too many cells for the change log: other processes reload all sizes.
             env.bump(txn, None, len(ids))

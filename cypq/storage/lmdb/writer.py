@@ -51,6 +51,15 @@ class CellSizes:
         self._chunk(chunk)[cell % L.SIZE_CHUNK] = count
         self.dirty.add(chunk)
 
+    def set_ascending(self, cells: np.ndarray, counts: np.ndarray) -> None:
+        """Set the counts (n,) of ascending cells (n,), a chunk at a time."""
+        chunks = cells // L.SIZE_CHUNK
+        runs = L.cell_runs(chunks)
+        for s, e in zip(runs[:-1].tolist(), runs[1:].tolist()):
+            chunk = int(chunks[s])
+            self._chunk(chunk)[cells[s:e] % L.SIZE_CHUNK] = counts[s:e]
+            self.dirty.add(chunk)
+
     def flush(self) -> None:
         """Write the changed chunks (an all-zero chunk is deleted)."""
         db = self.env.db["sizes"]
