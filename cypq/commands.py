@@ -198,7 +198,7 @@ def cmd_info(args, out) -> int:
         out(f"index: {st['vectors']:,} vectors in {st['non_empty_cells']:,} non-empty cells, "
             f"largest cell {st['largest_cell']:,}, {st['bytes_on_disk'] / 1e6:.1f} MB on disk")
         if st.get("staged") or st.get("merge_pending"):
-            pending = "; a merge was cut short, the next write finishes it" \
+            pending = "; a merge is under way (adds go on with it; `Index.merge()` finishes it)" \
                 if st["merge_pending"] else ""
             out(f"  {st['staged']:,} of them staged by recent adds (moved into their cells' "
                 f"blocks when the stage fills, or by Index.merge){pending}")

@@ -2,6 +2,7 @@
 """Addresses of Python buffers (the zero-copy values LMDB returns), for the storage layer."""
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from libc.stdint cimport int64_t, uintptr_t
+from libc.string cimport memcpy
 
 
 def addresses(list buffers, uintptr_t[::1] addr, int64_t[::1] length):
@@ -41,3 +42,21 @@ def headers(list buffers, uintptr_t[::1] addr, int64_t[::1] length, int64_t[::1]
         else:
             count[i] = -1
         PyBuffer_Release(&view)
+
+
+def scatter(const uintptr_t[::1] src, const int64_t[::1] dst, Py_ssize_t nbytes,
+            unsigned char[::1] out):
+    """out[dst[e] : dst[e] + nbytes] = the nbytes at address src[e], for every e.
+
+    The caller keeps the memory at the source addresses alive and at least nbytes long
+    (addresses of checked values, or of rows of arrays); destinations are checked.
+    """
+    cdef Py_ssize_t e, n = src.shape[0], size = out.shape[0]
+    if dst.shape[0] != n:
+        raise ValueError("scatter: src and dst differ in length")
+    for e in range(n):
+        if dst[e] < 0 or dst[e] + nbytes > size:
+            raise ValueError("scatter: a destination outside the output")
+    with nogil:
+        for e in range(n):
+            memcpy(&out[0] + dst[e], <const void*> src[e], nbytes)

@@ -41,7 +41,7 @@ def setup():
 def test_lmdb_equals_memory_and_persists(setup, tmp_path, n_threads, stage, monkeypatch):
     model, X, Q = setup
     import cypq.storage.lmdb.writer as W
-    monkeypatch.setattr(W, "MERGE_CHUNK", 97)  # merges of several transactions
+    monkeypatch.setattr(W, "MERGE_STEP", 97)  # merges of several steps
     mem = Index.in_memory(model, n_threads=n_threads)
     ids = np.random.default_rng(0).permutation(10 * len(X))[:len(X)]
     mem.add(X, ids)
@@ -192,7 +192,7 @@ def test_threads_search_at_once(setup, tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys, numpy as np, cypq, cypq.storage.lmdb.writer
-    cypq.storage.lmdb.writer.MERGE_CHUNK = 16   # merges of many transactions, for kills to land in
+    cypq.storage.lmdb.writer.MERGE_STEP = 16   # merges of many steps, for kills to land in
     path = sys.argv[1]
     ix = cypq.Index.open(path)
     X = np.load(sys.argv[2])
@@ -331,31 +331,32 @@ def test_threads_search_while_a_thread_adds(setup, tmp_path, stage):
                                           mem.search(Q, k=10, quota=quota)[1])
 
 
-def test_merge_cut_short_is_finished_by_the_next_write(setup, tmp_path, monkeypatch):
-    """A merge interrupted between its transactions (here: a full disk) leaves an index that
-    reads exactly as before, and the next write finishes the merge."""
+def test_merge_cut_short_goes_on_with_the_next_writes(setup, tmp_path, monkeypatch):
+    """A merge interrupted between its steps (here: a full disk) leaves an index that reads
+    exactly as before; later adds go on with it a bounded step at a time (staging meanwhile
+    into a new active stage), and merge() finishes it."""
     import cypq.storage.lmdb.writer as W
     model, X, Q = setup
-    monkeypatch.setattr(W, "MERGE_CHUNK", 200)
+    monkeypatch.setattr(W, "MERGE_STEP", 200)
     mem = Index.in_memory(model)
     mem.add(X[:2500])
     path = tmp_path / "ix"
-    real = W.WritePath._merge_in
+    real = W.WritePath._step
     done = []
 
-    def fail_third(self, *args):
-        if len(done) == 2:
+    def fail_fourth(self, txn, everything):
+        if len(done) == 3:  # a freeze, then two steps of the blocks phase
             raise OSError(28, "No space left on device")
         done.append(1)
-        return real(self, *args)
+        return real(self, txn, everything)
     with Index.create(path, model, block_capacity=8) as ix:
         for s in range(0, 2500, 500):
             ix.add(X[s:s + 500])
         assert ix.stats()["staged"] == 2500
-        monkeypatch.setattr(W.WritePath, "_merge_in", fail_third)
+        monkeypatch.setattr(W.WritePath, "_step", fail_fourth)
         with pytest.raises(OSError, match="No space"):
             ix.merge()
-    monkeypatch.setattr(W.WritePath, "_merge_in", real)
+    monkeypatch.setattr(W.WritePath, "_step", real)
 
     def same(ix):
         assert len(ix) == len(mem)
@@ -370,26 +371,31 @@ def test_merge_cut_short_is_finished_by_the_next_write(setup, tmp_path, monkeypa
         assert ix.stats()["largest_cell"] == sizes.max()
     with Index.open(path, readonly=True) as ro:
         st = ro.stats()
-        assert st["merge_pending"] and 0 < st["staged"] < 2500
+        # steps end where a cell ends: at least 200 entries each
+        assert st["merge_pending"] and 0 < st["staged"] <= 2500 - 2 * 200
         same(ro)
+        before = st["staged"]
     with Index.open(path) as ix:
-        ix.add(X[2500:2600])
+        ix.add(X[2500:2600])      # 3 x 100 entries of merge work: one more step
         mem.add(X[2500:2600])
         st = ix.stats()
-        assert not st["merge_pending"] and st["staged"] == 100
+        assert st["merge_pending"] and st["staged"] <= before - 200 + 100
         same(ix)
-        assert ix.merge() == 100 and ix.stats()["staged"] == 0
+        assert ix.merge() == st["staged"] and ix.stats()["staged"] == 0
+        assert not ix.stats()["merge_pending"]
         same(ix)
         assert ix.remove(np.arange(0, 2600, 3)) == mem.remove(np.arange(0, 2600, 3))
         same(ix)
 
 
-@pytest.mark.parametrize("fixture,n_ids", [("legacy-v1", 1000), ("legacy-v2", 1300)])
+@pytest.mark.parametrize("fixture,n_ids", [("legacy-v1", 1000), ("legacy-v2", 1300),
+                                           ("legacy-v3", 1300)])
 def test_legacy_index_reads_as_is_and_is_upgraded_when_written(setup, tmp_path, fixture,
                                                                n_ids):
-    """Indexes written by cypq 0.1.0 (format 1: no stage; format 2: per-cell size records
-    and 300 staged entries; tests/data/make_legacy_indexes.py) read as they are read-only
-    and are upgraded to format 3 in one transaction when opened for writing."""
+    """Indexes written by earlier cypq (format 1: no stage; format 2: per-cell size records
+    and 300 staged entries; format 3: id-table rows for staged entries, a merge cut short;
+    tests/data/make_legacy_indexes.py) read as they are read-only and are upgraded to
+    format 4 in one transaction when opened for writing."""
     import shutil
     import lmdb
     model, X, Q = setup
@@ -403,19 +409,28 @@ def test_legacy_index_reads_as_is_and_is_upgraded_when_written(setup, tmp_path, 
         got = ro.search(Q, k=10, quota=200)
         np.testing.assert_array_equal(got[1], want[1])
         np.testing.assert_array_equal(got[0], want[0])
-        assert ro.stats()["staged"] == (300 if fixture == "legacy-v2" else 0)
+        assert ro.stats()["staged"] == {"legacy-v2": 300, "legacy-v3": 135}.get(fixture, 0)
         assert ro.stats()["largest_cell"] == mem.stats()["largest_cell"]
+        for got, want in zip(ro.lookup(np.arange(n_ids + 5)), mem.lookup(np.arange(n_ids + 5))):
+            np.testing.assert_array_equal(got, want)
+        if fixture == "legacy-v3":
+            assert ro.verify() == []
     with Index.open(path) as ix:
         ix.add(X[n_ids:n_ids + 100])
         mem.add(X[n_ids:n_ids + 100])
         assert len(ix) == n_ids + 100 and ix.contains(np.arange(n_ids + 100)).all()
+        assert ix.verify() == []
+        for got, want in zip(ix.lookup(np.arange(n_ids + 105)),
+                             mem.lookup(np.arange(n_ids + 105))):
+            np.testing.assert_array_equal(got, want)
         assert ix.remove(np.arange(0, n_ids, 7)) == mem.remove(np.arange(0, n_ids, 7))
+        assert ix.verify() == []
         np.testing.assert_array_equal(ix.search(Q, k=10, quota=200)[1],
                                       mem.search(Q, k=10, quota=200)[1])
     env = lmdb.open(str(path), max_dbs=8, readonly=True)
     with env.begin() as txn:
         meta = env.open_db(b"meta", txn=txn, create=False)
-        assert txn.get(b"format", db=meta) == b"cypq-index" + (3).to_bytes(4, "big")
+        assert txn.get(b"format", db=meta) == b"cypq-index" + (4).to_bytes(4, "big")
     env.close()
     with Index.open(path, readonly=True) as ro:
         np.testing.assert_array_equal(ro.search(Q, k=10, quota=200)[1],
@@ -490,3 +505,47 @@ def test_segment_cache_carried_over_writes_equals_memory(setup, tmp_path, monkey
         assert reader.storage._reader._cache is None    # an idle process holds no pins
         np.testing.assert_array_equal(reader.search(Q, k=10, quota=120)[1],
                                       mem.search(Q, k=10, quota=120)[1])
+
+
+def test_random_id_adds_through_merge_steps_equal_memory(setup, tmp_path, monkeypatch):
+    """Adds of random ids while merges go on a step at a time: after every add (states in
+    both phases of a merge, a frozen and an active stage at once) searches, lookups and
+    verify agree with the in-memory index; a taken id is refused wherever it lives (id
+    table, frozen stage merged or not, active stage); a replace goes through a full merge."""
+    import cypq.storage.lmdb.writer as W
+    monkeypatch.setattr(W, "MERGE_STEP", 60)
+    model, X, Q = setup
+    ids = np.random.default_rng(3).choice(2 ** 62, len(X), replace=False).astype(np.int64)
+    mem = Index.in_memory(model)
+    phases = set()
+    with Index.create(tmp_path / "ix", model, block_capacity=8, stage_capacity=400) as ix, \
+            Index.open(tmp_path / "ix", readonly=True) as reader:
+        for s in range(0, 3000, 50):
+            ix.add(X[s:s + 50], ids[s:s + 50])
+            mem.add(X[s:s + 50], ids[s:s + 50])
+            with ix.storage._env.read() as txn:
+                st = ix.storage._env.stage_meta(txn)
+            phase = ("blocks" if st.below < model.V ** 2 else "ids") if st.frozen else "none"
+            phases.add((phase, st.n_active > 0))
+            if s % 150 == 0 or phase == "ids":
+                assert ix.verify() == [], (s, st)
+                some = np.r_[ids[:s + 50:7], [1, 2 ** 62 + 5]]
+                for got, want in zip(reader.lookup(some), mem.lookup(some)):
+                    np.testing.assert_array_equal(got, want)
+                np.testing.assert_array_equal(reader.search(Q, k=10, quota=150)[1],
+                                              mem.search(Q, k=10, quota=150)[1])
+                taken = np.unique(ids[[0, s // 2, s + 49]])
+                with pytest.raises(KeyError, match="already"):
+                    ix.add(X[:len(taken)], taken)
+        assert {("blocks", True), ("ids", True), ("none", True)} <= phases
+        # a replace (some of the ids frozen or staged) merges everything first
+        again = np.r_[ids[:10], ids[2980:3000]]   # in the blocks, and staged
+        ix.add(X[:30], again, replace=True)
+        mem.add(X[:30], again, replace=True)
+        assert ix.stats()["staged"] == 30 and ix.verify() == [] and len(ix) == 3000
+        np.testing.assert_array_equal(ix.search(Q, k=10, quota=300)[1],
+                                      mem.search(Q, k=10, quota=300)[1])
+        assert ix.remove(ids[::5]) == mem.remove(ids[::5])
+        assert ix.verify() == [] and len(ix) == len(mem)
+        for got, want in zip(ix.lookup(ids[:3000]), mem.lookup(ids[:3000])):
+            np.testing.assert_array_equal(got, want)

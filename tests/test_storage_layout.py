@@ -47,7 +47,7 @@ def test_entries_round_trip_and_checked_length(dtype):
             L.decode_entries(bad, 2, 6, dtype, "stage[3]")
 
 
-def test_pack_blocks_and_splice_against_a_per_cell_reference():
+def test_pack_and_unpack_blocks_against_a_per_cell_reference():
     rng = np.random.default_rng(1)
     cells, ids, codes = _entries(rng, 300)
     first = rng.integers(0, 3, 50)[cells]  # each cell's first new block
@@ -66,15 +66,26 @@ def test_pack_blocks_and_splice_against_a_per_cell_reference():
             pos = j % 8
             assert got[c, b][0][pos] == ids[e]
             np.testing.assert_array_equal(got[c, b][1][pos], codes[e])
-    # splicing two entries onto a block equals packing them together
-    value = dict(items)[L.block_key(int(cells[0]), int(first[0]))]
-    n_old = L.entry_count(value, "b", 1, 4)
-    more_ids, more_codes = np.array([7, 9], np.int64), np.full((2, 4), 3, np.uint8)
-    spliced = L.splice(bytes(value), n_old, more_ids.astype("<i8").tobytes(),
-                       more_codes.tobytes())
-    old_ids, old_codes = L.decode_entries(value, 1, 4, np.uint8)
-    assert spliced == L.encode_entries((np.r_[old_ids, more_ids],),
-                                       np.r_[old_codes, more_codes], np.uint8)
+    # the entries of many values, found at once and copied out, equal decoding each; a
+    # short or miscounted value is named
+    from cypq import _buffers
+    values = [bytes(v) for _, v in items]
+    counts = np.array([L.entry_count(v, "b", 1, 4) for v in values])
+    ids_at, codes_at = L.entry_addresses(values, counts, 4, lambda j: f"value {j}")
+    got_ids, got_codes = np.zeros(len(ids_at), "<i8"), np.zeros((len(ids_at), 4), np.uint8)
+    _buffers.scatter(ids_at, 8 * np.arange(len(ids_at)), 8, got_ids.view(np.uint8))
+    _buffers.scatter(codes_at, 4 * np.arange(len(ids_at)), 4, got_codes.reshape(-1))
+    each = [L.decode_entries(v, 1, 4, np.uint8) for v in values]
+    np.testing.assert_array_equal(got_ids, np.concatenate([e[0] for e in each]))
+    np.testing.assert_array_equal(got_codes, np.concatenate([e[1] for e in each]))
+    for bad, expect in ((values[:3] + [values[3][:-4]], counts[:4]),
+                        (values[:4], counts[:4] + np.r_[0, 0, 0, 1]),
+                        (values[:3] + [None], counts[:4])):
+        with pytest.raises(IndexCorruptError, match="value 3"):
+            L.entry_addresses(bad, expect, 4, lambda j: f"value {j}")
+    with pytest.raises(ValueError, match="outside"):
+        _buffers.scatter(ids_at[:2], np.array([0, len(ids_at) * 8 - 4]), 8,
+                         got_ids.view(np.uint8))
 
 
 def test_cell_runs_ranks_and_size_chunks():

@@ -1,12 +1,14 @@
 """The read path of the on-disk index: the first search after a write, and opening, for this
 build and (with --old) an older cypq checkout side by side in one run.
 
-    python tools/bench_read_path.py [--data DIR] [--old CHECKOUT] [--n 300000] [--big]
+    python tools/bench_read_path.py [--data DIR] [--old CHECKOUT] [--n 300000] [--stage 0]
+                                    [--big]
     python tools/bench_read_path.py --data ../shared/data/manminilm --n 90000 [--old CHECKOUT]
 
 Part A (issue #12's measurement): train LOPQ (V=256, M=16) on the learn set of REALSIFT1M (or
-of MANMINILM, 384-d, when --data names it), build an index of the first --n base vectors with staging off (stage_capacity=0: every add writes its
-cells' blocks), then, per quota (2000, 10000), 1000 queries, 1 thread: the warm search time
+of MANMINILM, 384-d, when --data names it), build an index of the first --n base vectors
+with staging off (stage_capacity=0: every add writes its cells' blocks; --stage N: with
+stage_capacity N, so that with N >= n every entry is read from the stage), then, per quota (2000, 10000), 1000 queries, 1 thread: the warm search time
 (median of 5 searches in a row), the first search after each of 5 adds of 1000 vectors
 (median of the 5), and the time to open the index read-only (best of 3). Each build runs in a child process of its own.
 
@@ -43,7 +45,7 @@ def child_a(args) -> dict:
     model = cypq.LOPQModel(V=256, M=16).fit(xt, random_state=1)
     path = os.path.join(args.dir, "ix")
     out = {"cypq": os.path.dirname(cypq.__file__)}
-    with cypq.Index.create(path, model, stage_capacity=0, n_threads=1) as ix:
+    with cypq.Index.create(path, model, stage_capacity=args.stage, n_threads=1) as ix:
         for s in range(0, args.n, 100_000):
             ix.add(xb[s:min(s + 100_000, args.n)])
         nxt = args.n
@@ -127,6 +129,7 @@ def main() -> None:
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--old", help="an older cypq checkout, built in place, to compare with")
     p.add_argument("--n", type=int, default=300_000)
+    p.add_argument("--stage", type=int, default=0, help="stage_capacity of part A's index")
     p.add_argument("--big", action="store_true")
     p.add_argument("--dir", help="work directory (default: a temporary one)")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -141,13 +144,15 @@ def main() -> None:
     builds = ([("old", args.old)] if args.old else []) + [("new", None)]
     print(f"load before: {os.getloadavg()[0]:.2f}")
     print(f"## Part A: {args.n:,} vectors of {os.path.basename(os.path.normpath(args.data))}, "
-          "V=256, M=16, staging off, 1000 queries, k=100, 1 thread")
+          f"V=256, M=16, {f'stage_capacity {args.stage:,}' if args.stage else 'staging off'}, "
+          "1000 queries, k=100, 1 thread")
     print("| build | quota | warm ms/q | first search after a write ms/q | ratio | open s |")
     print("|---|---|---|---|---|---|")
     for name, build in builds:
         work = os.path.join(root, f"a-{name}")
         os.makedirs(work, exist_ok=True)
-        r = run_child("a", build, ["--data", args.data, "--n", str(args.n), "--dir", work])
+        r = run_child("a", build, ["--data", args.data, "--n", str(args.n), "--dir", work,
+                                   "--stage", str(args.stage)])
         for quota in QUOTAS:
             w, a = r[f"warm_ms_{quota}"], r[f"after_write_ms_{quota}"]
             print(f"| {name} | {quota} | {w:.3f} | {a:.3f} | {a / w:.2f}x | "
@@ -169,7 +174,7 @@ def main() -> None:
             print(f"| new | 2 (read as it is) | {r['open_s']:.3f} |", flush=True)
         r = run_child("open", None, ["--index", index] + (["--upgrade"] if args.old else []))
         up = f" (after the upgrade, which took {r['upgrade_s']:.1f} s)" if args.old else ""
-        print(f"| new | 3{up} | {r['open_s']:.3f} |", flush=True)
+        print(f"| new | 4{up} | {r['open_s']:.3f} |", flush=True)
         shutil.rmtree(index, ignore_errors=True)
     print(f"load after: {os.getloadavg()[0]:.2f}")
     if not args.dir:

@@ -165,7 +165,8 @@ class Storage(ABC):
     def stats(self) -> dict:
         """Storage facts beside the counts the index computes: ``bytes_on_disk`` (0 in
         memory), ``staged`` (entries not yet in their cells' blocks), ``merge_pending``
-        (a merge was cut short; the next write finishes it)."""
+        (a merge is under way: later adds go on with it step by step, ``merge()`` finishes
+        it)."""
         return {"bytes_on_disk": 0, "staged": 0, "merge_pending": False}
 
     def options(self) -> dict:

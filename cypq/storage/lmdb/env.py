@@ -7,7 +7,8 @@ metadata), ``blocks``, ``sizes``, ``ids``, ``stage``, ``log`` (see layout.py for
 and values).
 
 Format versions: 1 (no stage), 2 (stage; per-cell ``cells`` records), 3 (cell sizes in
-chunks, the number of cells in the config). Older versions are upgraded, in one
+chunks, the number of cells in the config), 4 (a frozen and an active stage; no id-table rows
+for staged entries; see layout.py). Older versions are upgraded, in one
 transaction, when opened for writing; read-only they are read as they are.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 import struct
 import threading
 from contextlib import contextmanager
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import lmdb
 import numpy as np
@@ -27,11 +28,35 @@ from ..base import IndexCorruptError, IndexFormatError
 from . import layout as L
 
 FORMAT = b"cypq-index"
-VERSION = 3
+VERSION = 4
+SIZE_CHUNKS = 3                   # the first format with cell sizes in chunks
 DEFAULT_MAP = 1 << 30
 LOG_KEEP = 4096                   # generations of change log kept for other processes
 DEFAULT_STAGE = 1 << 20
 DATABASES = ("meta", "blocks", "sizes", "ids", "log", "stage")
+
+class StageState(NamedTuple):
+    """The stage state (layout.py): ``epoch`` is a format 3 index's merge count (0 in
+    format 4, where record numbers only grow)."""
+    epoch: int
+    lo: int
+    mid: int
+    nxt: int
+    below: int
+    ids_below: int
+    n_frozen: int
+    n_active: int
+
+    @property
+    def frozen(self) -> bool:
+        return self.lo < self.mid
+
+    @property
+    def staged(self) -> int:
+        return self.n_frozen + self.n_active
+
+
+EMPTY_STAGE = StageState(0, 0, 0, 0, 0, 0, 0, 0)
 RESERVED = {b"format", b"config", b"gen", b"count", b"next_id", b"stage", b"bulk",
             b"bulk_done", b"bulk_ids"}
 
@@ -301,14 +326,26 @@ class Env:
             raise IndexCorruptError(f"meta[{key.decode()}]: missing or not a u64 counter")
         return L.read_u64(v)
 
-    def stage_meta(self, txn) -> tuple[int, int, int, int]:
-        """(epoch, next record number, merged below cell, staged entries)."""
+    def stage_meta(self, txn) -> "StageState":
+        """The stage state of txn's snapshot (a format 3 stage reads as a frozen one)."""
         v = txn.get(b"stage", db=self.db["meta"])
         if v is None:
-            return (0, 0, 0, 0)
-        if len(v) != L.STAGE_META.size:
+            return EMPTY_STAGE
+        if self.version < 4:
+            if len(v) != L.STAGE_META_V3.size:
+                raise IndexCorruptError("meta[stage]: not a stage record")
+            epoch, nxt, below, staged = L.STAGE_META_V3.unpack(bytes(v))
+            return StageState(epoch, 0, nxt, nxt, below, 0, staged, 0)
+        if len(v) != L.STAGE_STATE.size:
             raise IndexCorruptError("meta[stage]: not a stage record")
-        return L.STAGE_META.unpack(bytes(v))
+        st = StageState(0, *L.STAGE_STATE.unpack(bytes(v)))
+        if not (st.lo <= st.mid <= st.nxt and st.below <= self.n_cells
+                and (st.lo < st.mid or st.n_frozen == 0)):
+            raise IndexCorruptError(f"meta[stage]: inconsistent stage state {st[1:]}")
+        return st
+
+    def put_stage(self, txn, st: "StageState") -> None:
+        txn.put(b"stage", L.STAGE_STATE.pack(*st[1:]), db=self.db["meta"])
 
     def bump(self, txn, touched, dcount: int = 0, min_next_id: int = 0) -> None:
         """Close a write: generation + 1, its change-log record (touched cells, or None for
@@ -366,7 +403,7 @@ def create(path: str, config: dict, meta: dict, bulk_state: Optional[bytes], map
             put(b"config", json.dumps(config).encode())
             for key in (b"gen", b"count", b"next_id"):
                 put(key, L.u64(0))
-            put(b"stage", L.STAGE_META.pack(0, 0, 0, 0))
+            put(b"stage", L.STAGE_STATE.pack(*EMPTY_STAGE[1:]))
             if bulk_state is not None:
                 put(b"bulk", bulk_state)
             put(b"format", FORMAT + struct.pack(">I", VERSION))  # last: marks it complete
@@ -453,23 +490,33 @@ def open_env(path: str, readonly: bool, map_size: int, sync: bool, allow_incompl
 
 
 def _upgrade(env, meta, version: int, config: dict) -> None:
-    """Format 1 or 2 -> 3 in one transaction: an empty stage (1 -> 2), cell sizes from the
-    per-cell records into chunks, the number of cells into the config."""
+    """Format 1, 2 or 3 -> 4 in one transaction: an empty stage (1 -> 2), cell sizes from the
+    per-cell records into chunks and the number of cells into the config (2 -> 3), the stage
+    state as a frozen stage (3 -> 4: its id rows are rewritten when its merge ends)."""
     with env.begin(write=True) as txn:
         if version < 2:
             env.open_db(b"stage", txn=txn)
-            txn.put(b"stage", L.STAGE_META.pack(0, 0, 0, 0), db=meta)
-        sizes_db = env.open_db(b"sizes", txn=txn)
-        cells_db = env.open_db(b"cells", txn=txn, create=False)
-        sizes = legacy_sizes(txn, cells_db, config["n_cells"])
-        chunks = L.size_chunks(np.flatnonzero(sizes))
-        padded = np.zeros(-(-len(sizes) // L.SIZE_CHUNK) * L.SIZE_CHUNK, np.int64)
-        padded[:len(sizes)] = sizes
-        with txn.cursor(db=sizes_db) as cur:
-            cur.putmulti([(L.u64(c), L.sizes_value(padded.reshape(-1, L.SIZE_CHUNK)[c]))
-                          for c in chunks.tolist()], append=True)
-        txn.drop(cells_db, delete=True)
-        txn.put(b"config", json.dumps(config).encode(), db=meta)
+        if version < 3:
+            sizes_db = env.open_db(b"sizes", txn=txn)
+            cells_db = env.open_db(b"cells", txn=txn, create=False)
+            sizes = legacy_sizes(txn, cells_db, config["n_cells"])
+            chunks = L.size_chunks(np.flatnonzero(sizes))
+            padded = np.zeros(-(-len(sizes) // L.SIZE_CHUNK) * L.SIZE_CHUNK, np.int64)
+            padded[:len(sizes)] = sizes
+            with txn.cursor(db=sizes_db) as cur:
+                cur.putmulti([(L.u64(c), L.sizes_value(padded.reshape(-1, L.SIZE_CHUNK)[c]))
+                              for c in chunks.tolist()], append=True)
+            txn.drop(cells_db, delete=True)
+            txn.put(b"config", json.dumps(config).encode(), db=meta)
+        old = txn.get(b"stage", db=meta)
+        st = EMPTY_STAGE
+        if old is not None:
+            if len(old) != L.STAGE_META_V3.size:
+                raise IndexCorruptError("meta[stage]: not a stage record")
+            _, nxt, below, staged = L.STAGE_META_V3.unpack(bytes(old))
+            if nxt:
+                st = StageState(0, 0, nxt, nxt, below, 0, staged, 0)
+        txn.put(b"stage", L.STAGE_STATE.pack(*st[1:]), db=meta)
         gen = L.read_u64(txn.get(b"gen", db=meta)) + 1
         txn.put(b"gen", L.u64(gen), db=meta)  # no log record: readers reload every size
         txn.put(b"format", FORMAT + struct.pack(">I", VERSION), db=meta)

@@ -1,6 +1,6 @@
 """Keys and values of the LMDB index: the one place that writes and parses each layout.
 
-Pure NumPy and struct; nothing here opens a transaction. Integers in keys are big-endian, so
+NumPy and struct (and the C copy loops of ``_buffers``); nothing here opens a transaction. Integers in keys are big-endian, so
 LMDB's byte order is numeric order; integers inside values are little-endian.
 
 - entries (a block of ``blocks``, a record of ``stage``): u32 n, u32 checksum, then
@@ -10,8 +10,17 @@ LMDB's byte order is numeric order; integers inside values are little-endian.
   (values written by cypq 0.1, whose header had a zero pad there).
 - block key: cell (u64) + block number (u32). A cell's blocks are 0 .. nb-1, all but the last
   full, so ``nb = ceil(entries / block_capacity)`` (:func:`blocks_for`).
-- id table (``ids``): key id (u64); value cell (u64) + block (u32), or ``STAGED | record``
-  for a staged entry.
+- id table (``ids``): key id (u64); value cell (u64) + block (u32) of an entry in the blocks.
+  Staged entries have no row (format 4): searches and writers find them in the stage, so a
+  batch of random ids costs no random id-table pages; a merge writes their rows in id order.
+  Rows ``STAGED | record`` were written for staged entries by format 3 and may remain from
+  an upgrade until the merge overwrites them: they read as "look in the stage".
+- stage state (``meta[stage]``, format 4, :data:`STAGE_STATE`): records ``lo .. mid-1`` are
+  the *frozen* stage, being merged (its entries of cells below ``below`` are in the blocks;
+  once ``below`` is the number of cells, the id rows of its ids below ``ids_below`` are
+  written; :data:`IDS_DONE` when all are), records ``mid .. nxt-1`` the *active* stage that
+  adds go to; then the frozen entries still staged and the active entries. Record numbers
+  only grow.
 - cell sizes (``sizes``, format 3): key chunk number (u64); value ``SIZE_CHUNK`` u32
   entry counts of cells ``chunk * SIZE_CHUNK ...``; an all-zero chunk is absent. One small
   value per 256 cells, so opening reads a few thousand values, not one per cell.
@@ -24,12 +33,15 @@ import zlib
 
 import numpy as np
 
+from ... import _buffers
 from ..base import IndexCorruptError
 
 U64 = struct.Struct(">Q")
 CELL_BLOCK = struct.Struct(">QI")
-STAGE_META = struct.Struct(">QQQQ")   # epoch, next record, merged below cell, staged entries
-STAGED = 1 << 31                      # id-table block field of a staged entry: | record number
+STAGE_META_V3 = struct.Struct(">QQQQ")  # format 3: epoch, next record, merged below, staged
+STAGE_STATE = struct.Struct(">7Q")     # lo, mid, nxt, below, ids_below, n_frozen, n_active
+STAGED = 1 << 31                      # format 3 id-table block field of a staged entry
+IDS_DONE = 1 << 63                    # ids_below once every frozen id has its row
 SIZE_CHUNK = 256                      # cells per value of the sizes database
 HEADER = 8                            # u32 n, u32 checksum
 
@@ -142,10 +154,37 @@ def block_addresses(addr: np.ndarray, length: np.ndarray, count: np.ndarray,
     return ids_at, ids_at + np.uintp(8) * count.astype(np.uintp), bad
 
 
-def splice(old: bytes, n_old: int, new_ids: bytes, new_codes: bytes) -> bytes:
-    """A block value with entries appended: header, old ids, new ids, old codes, new codes."""
-    return _with_header(n_old + len(new_ids) // 8, old[HEADER:HEADER + 8 * n_old] + new_ids
-                        + old[HEADER + 8 * n_old:] + new_codes)
+def entry_addresses(values: list, expect: np.ndarray, code_bytes: int, where):
+    """Where the entries of block values (list of n bytes-likes, kept alive by the caller)
+    are: (ids_at (e,) uintp, codes_at (e,) uintp), block after block, each value's length
+    checked against the count it must hold (``expect`` (n,) int64).
+
+    Raises
+    ------
+    IndexCorruptError
+        A value is missing or its header or length disagrees (``where(j)`` names it).
+    """
+    for j, v in enumerate(values):
+        if v is None:
+            raise IndexCorruptError(f"{where(j)} is missing")
+    n = len(values)
+    addr, length = np.empty(n, dtype=np.uintp), np.empty(n, dtype=np.int64)
+    count = np.empty(n, dtype=np.int64)
+    _buffers.headers(values, addr, length, count)
+    ids_at, codes_at, bad = block_addresses(addr, length, count, expect, code_bytes)
+    if bad >= 0:
+        raise IndexCorruptError(f"{where(bad)}: {length[bad]} bytes, header count "
+                                f"{count[bad]}; expected {expect[bad]} entries")
+    rank = (np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
+            ).astype(np.uintp)
+    return (np.repeat(ids_at, count) + np.uintp(8) * rank,
+            np.repeat(codes_at, count) + np.uintp(code_bytes) * rank)
+
+
+def row_addresses(a: np.ndarray) -> np.ndarray:
+    """(n,) uintp addresses of the rows of a C-contiguous (n, ...) array."""
+    return np.uintp(a.ctypes.data) + np.uintp(a.strides[0] if a.ndim else 0) * \
+        np.arange(len(a), dtype=np.uintp)
 
 
 def cell_runs(cells: np.ndarray) -> np.ndarray:
@@ -183,6 +222,16 @@ def pack_blocks(cells, ids, codes, capacity, first_block=None):
     entry_block : numpy.ndarray int64 (n,)
         The block number each entry landed in.
     """
+    ids = np.ascontiguousarray(ids, dtype="<i8")
+    codes = np.ascontiguousarray(codes)
+    return pack_entries(cells, row_addresses(ids), row_addresses(codes),
+                        codes.shape[1] * codes.dtype.itemsize, capacity, first_block)
+
+
+def pack_entries(cells, ids_at, codes_at, code_bytes: int, capacity, first_block=None):
+    """:func:`pack_blocks` of entries given by where their id (8 bytes, little-endian) and
+    code (``code_bytes``) are (``ids_at``, ``codes_at`` (n,) uintp: rows of arrays, or
+    entries of checked values, kept alive by the caller): bytes are copied once, in C."""
     n = len(cells)
     if not n:
         return [], np.empty(0, np.int64)
@@ -192,17 +241,14 @@ def pack_blocks(cells, ids, codes, capacity, first_block=None):
     bcount = np.diff(np.append(bstart, n))
     bidx = np.repeat(np.arange(len(bstart)), bcount)          # block of each entry
     block_no = rank // capacity + (0 if first_block is None else first_block)
-    cw = codes.shape[1] * codes.dtype.itemsize
+    cw = code_bytes
     off = np.zeros(len(bstart) + 1, dtype=np.int64)
     np.cumsum(HEADER + bcount * (8 + cw), out=off[1:])
     buf = np.zeros(int(off[-1]), dtype=np.uint8)
     # Header (u32 count, u32 checksum), then the ids, then the codes of each block.
     buf[off[:-1, None] + np.arange(4)] = bcount.astype("<u4").view(np.uint8).reshape(-1, 4)
-    at = off[bidx] + HEADER + 8 * pos
-    buf[at[:, None] + np.arange(8)] = ids.astype("<i8").view(np.uint8).reshape(n, 8)
-    at = off[bidx] + HEADER + 8 * bcount[bidx] + cw * pos
-    buf[at[:, None] + np.arange(cw)] = \
-        np.ascontiguousarray(codes).view(np.uint8).reshape(n, cw)
+    _buffers.scatter(ids_at, off[bidx] + HEADER + 8 * pos, 8, buf)
+    _buffers.scatter(codes_at, off[bidx] + HEADER + 8 * bcount[bidx] + cw * pos, cw, buf)
     mv, bounds = memoryview(buf), off.tolist()
     crc = zlib.crc32
     sums = np.array([crc(mv[a + HEADER:b]) for a, b in zip(bounds[:-1], bounds[1:])],
@@ -215,6 +261,12 @@ def pack_blocks(cells, ids, codes, capacity, first_block=None):
 
 
 # ---------------------------------------------------------------------------- id table
+def id_keys(ids) -> list:
+    """id-table keys (list of bytes) of ids (n,) int64, vectorised."""
+    raw = np.asarray(ids).astype(">u8").tobytes()
+    return [raw[8 * j:8 * j + 8] for j in range(len(ids))]
+
+
 def id_items(ids, cells, blocks) -> list:
     """ids-table items (id -> cell + block) sorted by id."""
     order = np.argsort(ids, kind="stable")

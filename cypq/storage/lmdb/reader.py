@@ -29,8 +29,8 @@ import numpy as np
 from ... import _buffers
 from ..base import IndexCorruptError, IndexFormatError, Segments, Snapshot
 from . import layout as L
-from .env import LOG_KEEP, VERSION, Env, legacy_size, legacy_sizes
-from .stage import StageView
+from .env import LOG_KEEP, SIZE_CHUNKS, Env, legacy_size, legacy_sizes
+from .stage import Stage, StageView
 
 MAX_PINS = 8            # generations a segment cache may keep pinned
 IDLE_RELEASE = 2.0      # seconds without a search after which pins are released
@@ -39,13 +39,32 @@ IDLE_RELEASE = 2.0      # seconds without a search after which pins are released
 class State:
     """One committed state as a process sees it (immutable)."""
 
-    __slots__ = ("gen", "main", "sizes", "stage")
+    __slots__ = ("gen", "main", "total", "stage", "_base", "_sizes")
 
-    def __init__(self, gen: int, main: np.ndarray, sizes: np.ndarray, stage: StageView):
+    def __init__(self, gen: int, main: np.ndarray, total: int, stage: Stage,
+                 prev: "State | None" = None):
         self.gen = gen          # generation
         self.main = main        # (n_cells,) int64 entries in blocks
-        self.sizes = sizes      # (n_cells,) int64 entries in blocks and stage
+        self.total = total      # main.sum()
         self.stage = stage      # staged entries, sorted by cell
+        # sizes with the stage are made when first asked for (a writer checking ids needs
+        # none); blocks + every tier but the last (``_base``, shared in a one-item list)
+        # carries over while those stay the same
+        self._base, self._sizes = [None], None
+        if prev is not None and prev.main is main:
+            if prev.stage is stage:
+                self._base, self._sizes = prev._base, prev._sizes
+            elif all(a is b for a, b in zip(stage.fixed_tiers, prev.stage.fixed_tiers)):
+                self._base = prev._base
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """(n_cells,) int64 entries in blocks and stage."""
+        if self._sizes is None:
+            if self._base[0] is None:
+                self._base[0] = self.stage.add_counts(self.main, self.stage.fixed_tiers)
+            self._sizes = self.stage.add_counts(self._base[0], (self.stage.active.recent,))
+        return self._sizes
 
 
 class ReadPath:
@@ -55,9 +74,7 @@ class ReadPath:
         self.env = env
         self._lock = threading.Lock()      # guards the state and the cache
         zero = np.zeros(env.n_cells, dtype=np.int64)
-        self._state = State(-1, zero, zero, StageView.empty(-1, env.code_width,
-                                                            env.code_dtype))
-        self._base_sizes = zero            # blocks + the stage's base tier
+        self._state = State(-1, zero, 0, Stage.empty(env.code_width, env.code_dtype))
         self._cache = None                 # _SegmentCache of the newest state
         self._last_use = 0.0
         self._timer = None                 # releases the pins of an idle process
@@ -100,35 +117,41 @@ class ReadPath:
         if gen < st.gen:  # a snapshot older than one already seen: read it privately
             stage = self.load_stage(txn, None)
             main = self._load_sizes(txn)
-            self._check_count(txn, main, stage)
-            return State(gen, main, stage.add_counts(main), stage)
+            return State(gen, main, self._check_count(txn, main, None, stage), stage)
         touched = self._touched(txn, st.gen, gen) if st.gen >= 0 else None
+        total = None
         if touched is None:  # first load, or too far behind the log: read every size
             main = self._load_sizes(txn)
         elif len(touched):
             main = st.main.copy()  # searches in flight keep reading the old array
-            self._update_sizes(txn, main, touched)
+            delta, low = self._update_sizes(txn, main, touched)
+            total = st.total + delta if low >= 0 else -1
         else:
-            main = st.main
+            main, total = st.main, st.total
         stage = self.load_stage(txn, st.stage)
         if main is not st.main or stage is not st.stage:
-            self._check_count(txn, main, stage)
-        if main is not st.main or stage.tiers[0] is not st.stage.tiers[0]:
-            self._base_sizes = stage.tiers[0].add_counts(main)
-        sizes = st.sizes if (main is st.main and stage is st.stage) else \
-            stage.tiers[1].add_counts(self._base_sizes)
-        self._state = State(gen, main, sizes, stage)
+            total = self._check_count(txn, main, total, stage)
+        else:
+            total = st.total
+        self._state = State(gen, main, total, stage, st)
         return self._state
 
-    def _check_count(self, txn, main: np.ndarray, stage: StageView) -> None:
+    def _check_count(self, txn, main: np.ndarray, total, stage: Stage) -> int:
         """Cell sizes and staged entries must add up to the entry count: a damaged size
-        would otherwise send a search after blocks that do not exist (billions of them)."""
+        would otherwise send a search after blocks that do not exist (billions of them).
+        Returns main.sum() (``total``: known already, -1 for a negative size; None:
+        to be summed)."""
         count = self.env.counter(txn, b"count")
-        held = int(main.sum()) + len(stage)
-        if held != count or (len(main) and main.min() < 0):
+        if total is None:
+            total = int(main.sum())
+            if len(main) and main.min() < 0:
+                total = -1
+        held = total + len(stage)
+        if held != count or total < 0:
             raise IndexCorruptError(f"{self.env.path}: the cell sizes and the stage hold "
                                     f"{held:,} entries but the index counts {count:,}: the "
                                     "index is damaged")
+        return total
 
     def _touched(self, txn, seen: int, gen: int):
         """Cells touched by generations seen+1 .. gen, or None where the log does not
@@ -160,7 +183,7 @@ class ReadPath:
     def _load_sizes(self, txn) -> np.ndarray:
         """(n_cells,) int64 entries in blocks, from every record (one cursor pass)."""
         env = self.env
-        if self._format_of(txn) < VERSION:
+        if self._format_of(txn) < SIZE_CHUNKS:
             return legacy_sizes(txn, env.db["cells"], env.n_cells)
         with txn.cursor(db=env.db["sizes"]) as cur:
             keys = b"".join(cur.iternext(keys=True, values=False))
@@ -168,17 +191,24 @@ class ReadPath:
             values = b"".join(cur.iternext(keys=False, values=True))
         return L.sizes_from_chunks(keys, values, env.n_cells)
 
-    def _update_sizes(self, txn, main: np.ndarray, touched: np.ndarray) -> None:
+    def _update_sizes(self, txn, main: np.ndarray, touched: np.ndarray):
+        """Re-read the sizes of the touched cells (their chunks) into main; returns (the
+        change of main's sum, the smallest size read)."""
         env = self.env
-        if self._format_of(txn) < VERSION:
+        delta, low = 0, 0
+        if self._format_of(txn) < SIZE_CHUNKS:
             for c in touched.tolist():
-                main[c] = legacy_size(txn, env.db["cells"], c)
-            return
+                old, main[c] = main[c], legacy_size(txn, env.db["cells"], c)
+                delta, low = delta + int(main[c] - old), min(low, int(main[c]))
+            return delta, low
         for chunk in L.size_chunks(touched).tolist():
             lo = chunk * L.SIZE_CHUNK
             hi = min(lo + L.SIZE_CHUNK, env.n_cells)
             v = txn.get(L.u64(chunk), db=env.db["sizes"])
+            old = int(main[lo:hi].sum())
             main[lo:hi] = 0 if v is None else L.parse_sizes(v, chunk)[:hi - lo]
+            delta, low = delta + int(main[lo:hi].sum()) - old, min(low, int(main[lo:hi].min()))
+        return delta, low
 
     def read_records(self, txn, lo: int, hi: int) -> list:
         """Stage records lo .. hi-1, each (cells, ids, codes)."""
@@ -197,15 +227,34 @@ class ReadPath:
                 ok = cur.next()
         return out
 
-    def load_stage(self, txn, base: StageView | None) -> StageView:
-        """The staged entries of txn's state, reading only the records base lacks."""
+    def load_stage(self, txn, prev: Stage | None) -> Stage:
+        """The stage of txn's state, reading only the records ``prev`` lacks."""
         env = self.env
-        epoch, nxt, below, _ = env.stage_meta(txn)
-        if base is None or base.epoch != epoch:
-            base = StageView.empty(epoch, env.code_width, env.code_dtype)
-        if base.next_seq == nxt and base.merged_below == below:
-            return base
-        return base.extended(nxt, below, self.read_records(txn, base.next_seq, nxt))
+        st = env.stage_meta(txn)
+        empty = lambda key: StageView.empty(key, env.code_width, env.code_dtype)  # noqa: E731
+        fkey, akey = (st.epoch, st.lo), (st.epoch, st.mid)
+        old_f = old_a = None
+        if prev is not None:
+            old_f, old_a = prev.frozen, prev.active
+        # the frozen part: the active part that was frozen, or unchanged, or read afresh
+        if not st.frozen:
+            frozen = old_f if old_f is not None and old_f.key == fkey else empty(fkey)
+        else:
+            base = old_a if old_a is not None and old_a.key == fkey else \
+                old_f if old_f is not None and old_f.key == fkey else empty(fkey)
+            if base.next_seq != st.mid:
+                base = base.extended(st.mid, self.read_records(txn, base.next_seq, st.mid))
+            frozen = base.folded(st.below)
+        base = old_a if old_a is not None and old_a.key == akey else empty(akey)
+        active = base if base.next_seq == st.nxt else \
+            base.extended(st.nxt, self.read_records(txn, base.next_seq, st.nxt))
+        if prev is not None and frozen is old_f and active is old_a:
+            return prev
+        if len(frozen) != st.n_frozen or len(active) != st.n_active:
+            raise IndexCorruptError(f"{env.path}: the stage records hold {len(frozen):,} + "
+                                    f"{len(active):,} staged entries but meta[stage] says "
+                                    f"{st.n_frozen:,} + {st.n_active:,}: the index is damaged")
+        return Stage(frozen, active)
 
     # ------------------------------------------------------------------ searching
     def cell_sizes(self) -> np.ndarray:
@@ -290,10 +339,10 @@ class ReadPath:
             raise IndexCorruptError(f"blocks[cell {owner[bad]}, block {block[bad]}]: header "
                                     f"says {n[bad]} entries in {length[bad]} bytes; expected "
                                     f"{expect[bad]} entries")
-        # Segments of each cell: its blocks, then its entries in the base and recent tiers.
+        # Segments of each cell: its blocks, then its entries in each stage tier in order.
         tiers = state.stage.tiers
         found = [t.locate(cells) for t in tiers]   # (has, start, count) per tier
-        per_cell = nb + found[0][0] + found[1][0]
+        per_cell = nb + sum(f[0] for f in found)
         seg0 = np.zeros(len(cells) + 1, dtype=np.int64)
         np.cumsum(per_cell, out=seg0[1:])
         total = int(seg0[-1])
@@ -315,40 +364,54 @@ class ReadPath:
 
     # ------------------------------------------------------------------ lookups
     def lookup(self, ids: np.ndarray):
+        """(found (n,) bool, cells (n,) int64, codes (n, M)) of ids (n,) int64: from the id
+        table, else from the stage; a frozen entry already merged (its row not written
+        yet) is looked for in its cell's blocks."""
         env = self.env
         found = np.zeros(len(ids), dtype=bool)
         cells = np.full(len(ids), -1, dtype=np.int64)
         codes = np.zeros((len(ids), env.code_width), dtype=env.code_dtype)
-        records = {}  # stage record number -> (codes, {id: row}), read once per call
         with env.read() as txn:
+            with self._lock:
+                state = self.refresh(txn)
+            rest = []
             for j, i in enumerate(ids.tolist()):
                 loc = txn.get(L.u64(i), db=env.db["ids"])
                 if loc is None:
+                    rest.append(j)
                     continue
                 c, b = L.id_location(loc, i)
-                if b & L.STAGED:
-                    seq = b & ~L.STAGED
-                    if seq not in records:
-                        rec = txn.get(L.u64(seq), db=env.db["stage"])
-                        if rec is None:
-                            raise IndexCorruptError(f"ids[{i}] points at stage record {seq}, "
-                                                    "which is missing")
-                        _, r_ids, r_codes = L.decode_entries(rec, 2, env.code_width,
-                                                             env.code_dtype, f"stage[{seq}]")
-                        records[seq] = r_codes, {x: k for k, x in enumerate(r_ids.tolist())}
-                    r_codes, row = records[seq]
-                    if i not in row:
-                        raise IndexCorruptError(f"ids[{i}] points at stage record {seq}, "
-                                                "which does not hold it")
-                    found[j], cells[j], codes[j] = True, c, r_codes[row[i]]
+                if b & L.STAGED:  # a format 3 row of a staged entry
+                    rest.append(j)
                     continue
-                blk_ids, blk_codes = read_block(env, txn, c, b)
-                pos = np.flatnonzero(blk_ids == i)
-                if not len(pos):
-                    raise IndexCorruptError(f"ids[{i}] points at block ({c}, {b}), which "
-                                            "does not hold it")
-                found[j], cells[j], codes[j] = True, c, blk_codes[pos[0]]
+                found[j], cells[j], codes[j] = True, c, _find_in_blocks(env, txn, i, c, b, b)
+            if not rest:
+                return found, cells, codes
+            rest = np.asarray(rest, dtype=np.int64)
+            part, s_cells, s_codes = state.stage.find(ids[rest])
+            below = state.stage.frozen.merged_below
+            for j, p, c, code in zip(rest.tolist(), part.tolist(), s_cells.tolist(), s_codes):
+                if not p:
+                    continue
+                found[j], cells[j] = True, c
+                if p == 1 and c < below:  # merged into the cell's blocks
+                    nb = L.blocks_for(int(state.main[c]), env.block_capacity)
+                    codes[j] = _find_in_blocks(env, txn, int(ids[j]), c, 0, nb - 1)
+                else:
+                    codes[j] = code
         return found, cells, codes
+
+
+def _find_in_blocks(env: Env, txn, i: int, cell: int, first: int, last: int) -> np.ndarray:
+    """The code of id i, looked for in blocks first .. last of its cell."""
+    for b in range(last, first - 1, -1):  # a merged entry sits near the cell's end
+        blk_ids, blk_codes = read_block(env, txn, cell, b)
+        pos = np.flatnonzero(blk_ids == i)
+        if len(pos):
+            return blk_codes[pos[0]]
+    where = f"block ({cell}, {first})" if first == last else \
+        f"blocks {first}..{last} of cell {cell}"
+    raise IndexCorruptError(f"id {i}: {where} does not hold it, though the index says so")
 
 
 def read_block(env: Env, txn, cell: int, block: int):

@@ -81,10 +81,13 @@ class LMDBStorage(Storage):
             Creates the storage for a bulk load (:meth:`bulk_writer`): until the writer
             finishes, :meth:`open` refuses it unless ``allow_incomplete``.
         stage_capacity : int
-            Adds are staged (one sequential record per add) and merged into the cells'
-            blocks once this many entries are staged; 0 writes every add into the blocks
-            at once. Larger: faster adds (a merge costs about one pass over the blocks), more
-            memory in every process that searches (about 40 bytes per staged entry).
+            Adds are staged (one sequential record per add, no id-table rows); once this
+            many entries are staged they are frozen and merged into the cells' blocks in
+            bounded steps that later adds do as they go (about 3 entries of merge work per
+            entry added), while new adds stage anew. 0 writes every add into the blocks at
+            once. Larger: faster adds (a merge costs about one pass over the blocks and the
+            id table), more memory in every process that searches or adds (about 40 bytes
+            per staged entry, up to twice the capacity while a merge is under way).
         """
         if not 1 <= block_capacity <= 65535:
             raise ValueError("block_capacity must be in [1, 65535]")
@@ -160,9 +163,9 @@ class LMDBStorage(Storage):
     def stats(self) -> dict:
         size = os.path.getsize(os.path.join(self._env.real, "data.mdb"))
         with self._env.read() as txn:
-            _, _, below, staged = self._env.stage_meta(txn)
+            stage = self._env.stage_meta(txn)
         return {"bytes_on_disk": size, "map_size": self._env.lmdb.info()["map_size"],
-                "staged": staged, "merge_pending": bool(below)}
+                "staged": stage.staged, "merge_pending": stage.frozen}
 
     # ------------------------------------------------------------------ writing
     @_reports_damage

@@ -3,8 +3,9 @@
 Reads one committed state: the data file against LMDB's meta pages; every cell-size chunk,
 block, stage record, id-table row and change-log record against its layout; each cell's blocks
 (numbered 0 .. nb-1, all but the last full, entries adding up to the cell's size); the id
-table against where each id is actually stored (blocks, or the stage above a merge in
-progress), both ways; the entry count and the stage's counters. Problems are returned, one
+table against where each id is stored, both ways (an entry in the blocks has its row, but a
+frozen one whose row the merge has not written yet; a staged entry has none, or a format 3
+row saying "staged"); the entry count and the stage's counters. Problems are returned, one
 line each (at most ``LIMIT`` of a kind, then a count).
 """
 from __future__ import annotations
@@ -46,7 +47,7 @@ def verify(env: Env) -> list:
     B, width, dtype = env.block_capacity, env.code_width, env.code_dtype
     with env.read() as txn:
         count = env.counter(txn, b"count")
-        epoch, nxt, below, staged = env.stage_meta(txn)
+        st = env.stage_meta(txn)
         sizes = _sizes(env, txn, out)
         # blocks: the entries of each cell, in order
         ids_b, cells_b, blocks_b = [], [], []
@@ -82,10 +83,12 @@ def verify(env: Env) -> list:
         for c in np.flatnonzero(held != sizes)[:LIMIT + 1].tolist():
             out.add("cell size", f"cell {c}: its blocks hold {held[c]} entries, its size "
                     f"says {sizes[c]}")
-        # the stage: records 0 .. nxt-1; entries of cells below a merge in progress moved
-        ids_s, cells_s, seqs_s = [], [], []
+        # the stage: frozen records lo .. mid-1 (entries of cells below `below` merged),
+        # active records mid .. nxt-1
+        frozen_ids, staged_ids, staged_cells = [], [], []
+        n_frozen = n_active = 0
         if env.db["stage"] is not None:
-            seq_expect = 0
+            seq_expect = st.lo
             with txn.cursor(db=env.db["stage"]) as cur:
                 for key, value in cur:
                     seq = L.read_u64(key)
@@ -99,21 +102,31 @@ def verify(env: Env) -> list:
                     except IndexCorruptError as e:
                         out.add("stage value", str(e))
                         continue
-                    keep = cells >= below
-                    ids_s.append(ids[keep])
-                    cells_s.append(cells[keep])
-                    seqs_s.append(np.full(int(keep.sum()), seq, np.int64))
-            if seq_expect != nxt:
-                out.add("stage count", f"stage: {seq_expect} records, the stage state says "
-                        f"{nxt}")
-        n_staged = int(sum(len(i) for i in ids_s))
-        if n_staged != staged:
-            out.add("stage count", f"stage: {n_staged} entries staged, the stage state says "
-                    f"{staged}")
+                    keep = cells >= st.below if seq < st.mid else np.ones(len(ids), bool)
+                    if seq < st.mid:
+                        frozen_ids.append(ids)
+                        n_frozen += int(keep.sum())
+                    else:
+                        n_active += len(ids)
+                    staged_ids.append(ids[keep])
+                    staged_cells.append(cells[keep])
+            if seq_expect != st.nxt:
+                out.add("stage count", f"stage: records up to {seq_expect - 1}, the stage "
+                        f"state says up to {st.nxt - 1}")
+        if (n_frozen, n_active) != (st.n_frozen, st.n_active):
+            out.add("stage count", f"stage: {n_frozen} + {n_active} entries staged (frozen + "
+                    f"active), the stage state says {st.n_frozen} + {st.n_active}")
+        n_staged = n_frozen + n_active
         if int(sizes.sum()) + n_staged != count:
             out.add("count", f"meta[count] is {count:,}, but blocks and stage hold "
                     f"{int(sizes.sum()) + n_staged:,}")
-        _id_table(env, txn, out, (ids_b, cells_b, blocks_b), (ids_s, cells_s, seqs_s))
+        # frozen ids whose rows are still to be written (any format 3 row of theirs says
+        # "staged")
+        unwritten = np.concatenate(frozen_ids + [np.empty(0, np.int64)])
+        unwritten = unwritten[unwritten >= st.ids_below] if st.ids_below < L.IDS_DONE \
+            else unwritten[:0]
+        _id_table(env, txn, out, (ids_b, cells_b, blocks_b),
+                  (staged_ids, staged_cells), unwritten)
         with txn.cursor(db=env.db["log"]) as cur:
             for key, value in cur:
                 if len(value) % 8:
@@ -136,15 +149,16 @@ def _sizes(env: Env, txn, out: _Problems) -> np.ndarray:
     return sizes[:env.n_cells]
 
 
-def _id_table(env: Env, txn, out: _Problems, blocks, stage) -> None:
-    """The id table against where each id is stored: the same ids, each in one place."""
-    found_ids = np.concatenate(blocks[0] + stage[0] + [np.empty(0, np.int64)])
-    found_cell = np.concatenate(blocks[1] + stage[1] + [np.empty(0, np.int64)])
-    found_loc = np.concatenate(blocks[2] + [L.STAGED | s for s in stage[2]]
-                               + [np.empty(0, np.int64)])
-    order = np.argsort(found_ids, kind="stable")
-    found_ids, found_cell, found_loc = found_ids[order], found_cell[order], found_loc[order]
-    dup = found_ids[1:][found_ids[1:] == found_ids[:-1]]
+def _id_table(env: Env, txn, out: _Problems, blocks, stage, unwritten) -> None:
+    """The id table against where each id is stored: every id in one place; an entry in
+    the blocks has its row (but the ``unwritten`` ones may have none, or a stale one), a
+    staged entry none but a format 3 row "staged"."""
+    b_ids = np.concatenate(blocks[0] + [np.empty(0, np.int64)])
+    b_cell = np.concatenate(blocks[1] + [np.empty(0, np.int64)])
+    b_loc = np.concatenate(blocks[2] + [np.empty(0, np.int64)])
+    s_ids = np.concatenate(stage[0] + [np.empty(0, np.int64)])
+    every = np.sort(np.concatenate([b_ids, s_ids]))
+    dup = every[1:][every[1:] == every[:-1]]
     for i in np.unique(dup)[:LIMIT + 1].tolist():
         out.add("duplicate id", f"id {i} is stored more than once")
     with txn.cursor(db=env.db["ids"]) as cur:
@@ -158,18 +172,25 @@ def _id_table(env: Env, txn, out: _Problems, blocks, stage) -> None:
     table_ids = np.frombuffer(keys, dtype=">u8").astype(np.int64)
     rows = np.frombuffer(values, dtype=[("cell", ">u8"), ("block", ">u4")])
     table_cell, table_loc = rows["cell"].astype(np.int64), rows["block"].astype(np.int64)
-    if len(dup):
-        keep = np.r_[True, found_ids[1:] != found_ids[:-1]]
-        found_ids, found_cell, found_loc = found_ids[keep], found_cell[keep], found_loc[keep]
-    missing = np.setdiff1d(found_ids, table_ids)
-    stray = np.setdiff1d(table_ids, found_ids)
+    legacy = (table_loc & L.STAGED) != 0      # format 3 rows of staged entries
+    loose = np.union1d(s_ids, unwritten)      # ids that need no (right) row
+    need = ~np.isin(b_ids, unwritten)         # entries in blocks whose row must be right
+    missing = np.setdiff1d(b_ids[need], table_ids)
+    stray = np.setdiff1d(table_ids, every)
     for i in missing[:LIMIT + 1].tolist():
         out.add("id missing", f"id {i} is stored but not in the id table")
     for i in stray[:LIMIT + 1].tolist():
         out.add("id stray", f"ids[{i}] names an entry that is not stored")
-    both, a, b = np.intersect1d(found_ids, table_ids, assume_unique=True, return_indices=True)
-    wrong = (found_cell[a] != table_cell[b]) | (found_loc[a] != table_loc[b])
+    for i in table_ids[legacy & ~np.isin(table_ids, loose)][:LIMIT + 1].tolist():
+        out.add("id location", f"ids[{i}] says the entry is staged; it is in the blocks")
+    for i in table_ids[~legacy & np.isin(table_ids, s_ids)][:LIMIT + 1].tolist():
+        out.add("id location", f"ids[{i}] names a block; the entry is staged")
+    order = np.argsort(b_ids[need], kind="stable")
+    f_ids, f_cell, f_loc = b_ids[need][order], b_cell[need][order], b_loc[need][order]
+    both, a, b = np.intersect1d(f_ids, table_ids, assume_unique=len(dup) == 0,
+                                return_indices=True)
+    wrong = (f_cell[a] != table_cell[b]) | (f_loc[a] != table_loc[b])
     for j in np.flatnonzero(wrong)[:LIMIT + 1].tolist():
         out.add("id location", f"ids[{both[j]}] says cell {table_cell[b[j]]}, block field "
-                f"{table_loc[b[j]]}; it is stored in cell {found_cell[a[j]]}, block field "
-                f"{found_loc[a[j]]}")
+                f"{table_loc[b[j]]}; it is stored in cell {f_cell[a[j]]}, block "
+                f"{f_loc[a[j]]}")

@@ -1,32 +1,37 @@
 """The write path of the LMDB index: add (staged or into blocks), remove, merge.
 
-Every ``add`` / ``remove`` is one write transaction; a merge it triggers runs in transactions
-of its own after it. Staged adds write one record (see stage.py) plus their id-table entries;
-once ``stage_capacity`` entries are staged they are merged into the blocks, cell range by cell
-range, one transaction each (``merged_below`` records how far it got, so a merge cut short is
-finished by the next write and readers skip what moved). A remove (or a replace of an id)
-merges the stage first, so removal keeps one rule: the cell's last entry fills the hole, and
-all blocks but a cell's last stay full.
+Every ``add`` / ``remove`` is one write transaction. Staged adds write one record (see
+stage.py) and no id-table rows: whether an id is taken is asked of the id table and of the
+process's copy of the stage. Once ``stage_capacity`` entries are staged, the active stage is
+frozen and merged in bounded steps, one transaction each, while adds go on into a new active
+stage: every add does merge work in proportion to what it added (``MERGE_PACE``), so no add
+waits for a whole merge. A merge has two phases: the frozen entries into their cells'
+blocks, a range of cells per step (``below`` records how far: readers skip what moved), then
+their id-table rows, a range of ids per step, in id order, so a step writes a run of
+neighbouring id-table pages however random the ids. A crash between steps leaves a state the
+next write goes on from. A remove (or a replace of an id) merges the whole stage first, so
+removal keeps one rule: the cell's last entry fills the hole, and all blocks but a cell's
+last stay full.
 """
 from __future__ import annotations
+
+from functools import partial
 
 import numpy as np
 
 from ..base import IndexCorruptError, fresh_ids, refuse_present
 from . import layout as L
-from .env import Env
+from .env import Env, StageState
 from .reader import ReadPath, read_block
-from .stage import StageView
 
-MERGE_CHUNK = 1 << 17             # staged entries merged per transaction
+MERGE_STEP = 1 << 13    # frozen entries (cells' blocks) or ids (id rows) per merge step
+MERGE_PACE = 3          # merge work per add: entries or ids merged per entry added (a merge
+                        # is 2 x the frozen entries of work, done before the next stage
+                        # fills); done a step at a time inside the adds' own commits
 
 
 class _MergeFirst(Exception):
     """Raised inside a write: the stage must be merged before this write can proceed."""
-
-
-class _StageMoved(Exception):
-    """Another writer changed the stage while a merge was between transactions."""
 
 
 class CellSizes:
@@ -45,6 +50,15 @@ class CellSizes:
 
     def get(self, cell: int) -> int:
         return int(self._chunk(cell // L.SIZE_CHUNK)[cell % L.SIZE_CHUNK])
+
+    def get_ascending(self, cells: np.ndarray) -> np.ndarray:
+        """The counts (n,) int64 of ascending cells (n,), a chunk at a time."""
+        out = np.empty(len(cells), dtype=np.int64)
+        chunks = cells // L.SIZE_CHUNK
+        runs = L.cell_runs(chunks)
+        for s, e in zip(runs[:-1].tolist(), runs[1:].tolist()):
+            out[s:e] = self._chunk(int(chunks[s]))[cells[s:e] % L.SIZE_CHUNK]
+        return out
 
     def set(self, cell: int, count: int) -> None:
         chunk = cell // L.SIZE_CHUNK
@@ -77,6 +91,7 @@ class WritePath:
 
     def __init__(self, env: Env, reader: ReadPath):
         self.env, self.reader = env, reader
+        self._credit = 0    # merge work this process's adds have earned and not yet done
 
     # ------------------------------------------------------------------ add
     def add(self, cells, ids, codes, replace: bool = False) -> np.ndarray:
@@ -89,31 +104,51 @@ class WritePath:
             if ids is None:  # fresh ids, continuing after the largest so far
                 ids = fresh_ids(env.counter(txn, b"next_id"), len(cells))
             ids = np.asarray(ids, dtype=np.int64)
-            ids_db = env.db["ids"]
-            present = [i for i in ids.tolist() if txn.get(L.u64(i), db=ids_db) is not None]
+            st = env.stage_meta(txn)
+            staged = st.frozen or st.nxt > st.mid
+            present = ids[self._present(txn, ids)]
             if not replace:
-                refuse_present(present)
-            epoch, seq, below, staged = env.stage_meta(txn)
-            if below or (present and seq) or seq >= L.STAGED - 1:
-                raise _MergeFirst  # a merge cut short, or a replace: removes need no stage
-            touched = [self._remove_in(txn, np.asarray(present, np.int64))] if present else []
+                refuse_present(present.tolist())
+            if staged and (len(present) or not env.stage_capacity):
+                raise _MergeFirst  # a replace (removes need no stage), or staging turned off
+            step = None
+            if st.frozen and self._credit + MERGE_PACE * len(ids) >= self._step_size():
+                step = self._step(txn, False)  # a merge step, in the same commit
+                st = env.stage_meta(txn)
+            touched = [self._remove_in(txn, present)] if len(present) else []
             if env.stage_capacity and len(ids):
-                txn.put(L.u64(seq), L.encode_entries((cells, ids), codes, env.code_dtype),
+                txn.put(L.u64(st.nxt), L.encode_entries((cells, ids), codes, env.code_dtype),
                         db=env.db["stage"])
-                with txn.cursor(db=ids_db) as cur:
-                    cur.putmulti(L.id_items(ids, cells, np.full(len(ids), L.STAGED | seq)))
-                staged += len(ids)
-                txn.put(b"stage", L.STAGE_META.pack(epoch, seq + 1, 0, staged),
-                        db=env.db["meta"])
+                st = st._replace(nxt=st.nxt + 1, n_active=st.n_active + len(ids))
+                if not st.frozen and st.n_active >= env.stage_capacity:
+                    st = _frozen(st)
+                env.put_stage(txn, st)
             else:
-                touched.append(self._add_in(txn, cells, ids, codes))
+                touched.append(self._add_in(txn, cells, ids, codes, True))
             env.bump(txn, np.concatenate(touched) if touched else np.empty(0, np.int64),
                      len(ids) - len(present), int(ids.max()) + 1 if len(ids) else 0)
-            return ids, staged
-        ids, staged = self._write_merging(body)
-        if staged >= env.stage_capacity > 0:
-            self.merge()
+            return ids, st, step
+        ids, st, step = self._write_merging(body)
+        self._credit = 0 if not st.frozen else \
+            self._credit + MERGE_PACE * len(ids) - (max(step[1], 1) if step else 0)
+        while self._credit >= self._step_size():  # a large add: more steps, each its own commit
+            step = env.write(lambda txn: self._step(txn, False, True))[0]
+            self._credit = 0 if step is None else self._credit - max(step[1], 1)
+        if st.frozen and st.n_active >= env.stage_capacity:
+            self._finish_frozen()  # adds outran the merge: no third stage
         return ids
+
+    def _present(self, txn, ids: np.ndarray) -> np.ndarray:
+        """(n,) bool: which ids (n,) int64 the index holds, in the id table or staged."""
+        order = np.argsort(ids)  # in key order, with one cursor: LMDB looks on the
+        present = np.empty(len(ids), dtype=bool)  # cursor's page before descending again
+        with txn.cursor(db=self.env.db["ids"]) as cur:
+            present[order] = np.fromiter(map(cur.set_key, L.id_keys(ids[order])),
+                                         dtype=bool, count=len(ids))
+        with self.reader._lock:
+            stage = self.reader.refresh(txn).stage
+        present[order] |= stage.holds(ids[order])
+        return present
 
     def _write_merging(self, body):
         """env.write(body), merging the stage first when body asks for it."""
@@ -123,107 +158,140 @@ class WritePath:
             except _MergeFirst:
                 self.merge()
 
-    def _add_in(self, txn, cells, ids, codes) -> np.ndarray:
-        """Entries into their cells' blocks: the last, partly filled block of a cell is
-        spliced as bytes; the rest go to new blocks laid out in one NumPy pass. Returns the
-        touched cells."""
+    def _add_in(self, txn, cells, ids, codes, id_rows: bool) -> np.ndarray:
+        """Entries into their cells' blocks, in one NumPy pass: each cell's last, partly
+        filled block is read and laid out again with the new entries after its own, the
+        rest go to new blocks; with ``id_rows``, their id-table rows. Returns the touched
+        cells."""
         env = self.env
+        B = env.block_capacity
         order = np.argsort(cells, kind="stable")
         cells, ids, codes = cells[order], ids[order], codes[order]
         runs = L.cell_runs(cells)
-        starts, ends = runs[:-1].tolist(), runs[1:].tolist()
-        blocks_db = env.db["blocks"]
-        B, cw = env.block_capacity, env.code_bytes
-        id_bytes = ids.astype("<i8").tobytes()
-        code_bytes = codes.tobytes()
-        cell_list = cells.tolist()
-        blocks = np.empty(len(cells), dtype=np.int64)     # block of each entry
-        first = np.empty(len(cells), dtype=np.int64)      # first new block of its cell
-        rest = np.ones(len(cells), dtype=bool)            # entries going to new blocks
+        ucells, added = cells[runs[:-1]], np.diff(runs)
         sizes = CellSizes(env, txn)
-        for s, e in zip(starts, ends):
-            c = cell_list[s]
-            count = sizes.get(c)
-            nb = L.blocks_for(count, B)
-            take = 0
-            if nb and count - (nb - 1) * B < B:  # fill the last block first
-                key = L.block_key(c, nb - 1)
-                old = txn.get(key, db=blocks_db)
-                if old is None:
-                    raise IndexCorruptError(f"blocks[cell {c}, block {nb - 1}] is missing")
-                old = bytes(old)
-                n_old = L.entry_count(old, f"blocks[cell {c}, block {nb - 1}]", 1, cw)
-                take = min(B - n_old, e - s)
-                txn.put(key, L.splice(old, n_old, id_bytes[8 * s:8 * (s + take)],
-                                      code_bytes[cw * s:cw * (s + take)]), db=blocks_db)
-                blocks[s:s + take] = nb - 1
-                rest[s:s + take] = False
-            first[s:e] = nb
-            sizes.set(c, count + (e - s))
-        items, new_blocks = L.pack_blocks(cells[rest], ids[rest], codes[rest], B, first[rest])
-        blocks[rest] = new_blocks
-        with txn.cursor(db=blocks_db) as cur:
+        old = sizes.get_ascending(ucells)
+        nb = L.blocks_for(old, B)
+        part = (old % B) != 0                    # cells whose last block has room
+        p_cells, p_block = ucells[part], nb[part] - 1
+        values = list(map(partial(txn.get, db=env.db["blocks"]),
+                          L.block_keys(p_cells, p_block)))
+        o_ids, o_codes = L.entry_addresses(
+            values, old[part] - p_block * B, env.code_bytes,
+            lambda j: f"blocks[cell {p_cells[j]}, block {p_block[j]}]")
+        n_old = len(o_ids)
+        # a cell's old entries first (the concatenation is stably sorted by cell)
+        all_cells = np.concatenate([np.repeat(p_cells, old[part] - p_block * B), cells])
+        keep = np.argsort(all_cells, kind="stable")
+        all_cells = all_cells[keep]
+        first = np.repeat(nb - part, np.diff(L.cell_runs(all_cells)))
+        ids = np.ascontiguousarray(ids, dtype="<i8")
+        items, blocks = L.pack_entries(
+            all_cells, np.concatenate([o_ids, L.row_addresses(ids)])[keep],
+            np.concatenate([o_codes, L.row_addresses(codes)])[keep], env.code_bytes, B,
+            first)
+        with txn.cursor(db=env.db["blocks"]) as cur:
             cur.putmulti(items)
+        del values  # the old values' bytes were copied by pack_entries
+        sizes.set_ascending(ucells, old + added)
         sizes.flush()
-        with txn.cursor(db=env.db["ids"]) as cur:
-            cur.putmulti(L.id_items(ids, cells, blocks))
-        return cells[starts]
+        if id_rows:
+            new = keep >= n_old
+            with txn.cursor(db=env.db["ids"]) as cur:
+                cur.putmulti(L.id_items(ids[keep[new] - n_old], all_cells[new], blocks[new]))
+        return ucells
 
     # ------------------------------------------------------------------ merge
     def merge(self) -> int:
-        """Move every staged entry into the blocks of its cell, in transactions of about
-        ``MERGE_CHUNK`` entries over ranges of cells. Returns how many entries moved.
+        """Merge every staged entry into the blocks of its cell (the active stage is
+        frozen first), step by step. Returns how many entries moved into the blocks.
 
-        Readers see the index unchanged throughout: each transaction moves entries from the
-        stage to the blocks. Interrupted (a crash, a full disk), the next write resumes it.
+        Readers see the index unchanged throughout. Interrupted (a crash, a full disk), the
+        next write goes on from where it stopped.
         """
-        env, moved = self.env, 0
-        if env.readonly:
+        if self.env.readonly:
             raise PermissionError("the index is open read-only")
+        moved = 0
         while True:
-            with env.read() as txn:
-                epoch, nxt, below, staged = env.stage_meta(txn)
-                if not nxt:
-                    return moved
-                records = self.reader.read_records(txn, 0, nxt)
-            view = StageView.empty(epoch, env.code_width, env.code_dtype).extended(
-                nxt, below, records)
-            del records
-            cells, ids, codes = view.entries()
-            n = len(cells)
-            bounds = [0]
-            while bounds[-1] < n:  # chunks end where a cell ends
-                t = min(bounds[-1] + MERGE_CHUNK, n)
-                bounds.append(n if t == n else int(np.searchsorted(cells, cells[t - 1],
-                                                                   side="right")))
-            if n == 0:
-                bounds.append(0)
-            expect = (epoch, nxt, below)
-            try:
-                for s, e in zip(bounds[:-1], bounds[1:]):
-                    last = e == n
-                    after = (epoch + 1, 0, 0) if last else (epoch, nxt, int(cells[e - 1]) + 1)
-                    env.write(lambda txn, s=s, e=e, after=after, expect=expect:
-                              self._merge_in(txn, cells[s:e], ids[s:e], codes[s:e],
-                                             expect, after))
-                    expect = after
-                    moved += e - s
+            step = self.env.write(lambda txn: self._step(txn, True))[0]
+            if step is None:
                 return moved
-            except _StageMoved:  # another writer got in between: start over from its state
-                continue
+            moved += step[0]
 
-    def _merge_in(self, txn, cells, ids, codes, expect, after) -> None:
-        """One merge transaction: entries of a range of cells from the stage to blocks."""
+    def _step_size(self) -> int:
+        """Entries (or ids) per merge step: an eighth of a small stage."""
+        return max(1, min(MERGE_STEP, self.env.stage_capacity // 8 or MERGE_STEP))
+
+    def _finish_frozen(self) -> None:
+        """Merge steps until no merge is under way."""
+        while True:
+            step = self.env.write(lambda txn: self._step(txn, False, True))[0]
+            if step is None:
+                return
+
+    def _step(self, txn, everything: bool, frozen_only: bool = False):
+        """One merge step: freeze the active stage (when it is full, or ``everything``;
+        never with ``frozen_only``), or move a range of cells' frozen entries into the
+        blocks, or write a range of frozen ids' rows (the last also drops the frozen
+        records). Returns None when there is nothing to do, else (entries moved into
+        blocks, work done)."""
         env = self.env
-        epoch, nxt, below, staged = env.stage_meta(txn)
-        if (epoch, nxt, below) != expect:
-            raise _StageMoved
-        touched = self._add_in(txn, cells, ids, codes) if len(cells) else np.empty(0, np.int64)
-        if after[1] == 0:  # the last range: the records go
-            txn.drop(env.db["stage"], delete=False)
-        txn.put(b"stage", L.STAGE_META.pack(*after, staged - len(cells) if after[1] else 0),
-                db=env.db["meta"])
-        env.bump(txn, touched)
+        st = env.stage_meta(txn)
+        if not st.frozen:
+            if frozen_only:
+                return None
+            if not st.n_active or not (everything or st.n_active >= env.stage_capacity):
+                return None
+            env.put_stage(txn, _frozen(st))
+            env.bump(txn, np.empty(0, np.int64))
+            return 0, 0
+        with self.reader._lock:
+            state = self.reader.refresh(txn)
+        frozen = state.stage.frozen.all_tiers[0]  # folded: every frozen entry, by cell
+        if st.below < env.n_cells:  # phase 1: a range of cells into their blocks
+            a = int(np.searchsorted(frozen.cells, st.below))
+            b = min(a + self._step_size(), len(frozen))
+            if b < len(frozen):  # end where a cell ends
+                b = int(np.searchsorted(frozen.cells, frozen.cells[b - 1], side="right"))
+            below = env.n_cells if b == len(frozen) else int(frozen.cells[b - 1]) + 1
+            touched = self._add_in(txn, frozen.cells[a:b], frozen.ids[a:b],
+                                   frozen.codes[a:b], False) if b > a \
+                else np.empty(0, np.int64)
+            env.put_stage(txn, st._replace(below=below, n_frozen=st.n_frozen - (b - a)))
+            env.bump(txn, touched)
+            return b - a, b - a
+        # phase 2: the id rows of a range of ids, in id order
+        sids, size = frozen.sorted_ids(), self._step_size()
+        lo = int(np.searchsorted(sids, st.ids_below))
+        end = int(sids[lo + size]) if lo + size < len(sids) else L.IDS_DONE
+        sel = np.flatnonzero((frozen.ids >= st.ids_below) & (frozen.ids < end))
+        run = np.searchsorted(frozen.ustart, sel, side="right") - 1
+        run_len = frozen.ustart[run + 1] - frozen.ustart[run]
+        cells = frozen.cells[sel]
+        # the frozen entries are the last of their cells, in stage order
+        pos = state.main[cells] - run_len + (sel - frozen.ustart[run])
+        if len(pos) and pos.min() < 0:
+            raise IndexCorruptError(f"{env.path}: a cell holds fewer entries than were merged "
+                                    "into it: the index is damaged")
+        with txn.cursor(db=env.db["ids"]) as cur:
+            cur.putmulti(L.id_items(frozen.ids[sel], cells, pos // env.block_capacity))
+        if end == L.IDS_DONE:  # the merge is complete: its records go
+            self._drop_records(txn, st.lo, st.mid)
+            st = st._replace(lo=st.mid, below=0, ids_below=0, n_frozen=0)
+        else:
+            st = st._replace(ids_below=end)
+        env.put_stage(txn, st)
+        env.bump(txn, np.empty(0, np.int64))
+        return 0, len(sel)
+
+    def _drop_records(self, txn, lo: int, hi: int) -> None:
+        """Delete stage records lo .. hi-1."""
+        db = self.env.db["stage"]
+        with txn.cursor(db=db) as cur:
+            ok = cur.set_range(L.u64(lo))
+            while ok and L.read_u64(cur.key()) < hi:
+                cur.delete()  # moves to the next record, if any
+                ok = len(cur.key()) == 8
 
     # ------------------------------------------------------------------ remove
     def remove(self, ids) -> int:
@@ -231,10 +299,9 @@ class WritePath:
         ids = np.unique(np.asarray(ids, dtype=np.int64))
 
         def body(txn):
-            ids_db = env.db["ids"]
-            present = np.asarray([i for i in ids.tolist()
-                                  if txn.get(L.u64(i), db=ids_db) is not None], np.int64)
-            if len(present) and env.stage_meta(txn)[1]:
+            present = ids[self._present(txn, ids)]
+            st = env.stage_meta(txn)
+            if len(present) and (st.frozen or st.nxt > st.mid):
                 raise _MergeFirst
             touched = self._remove_in(txn, present) if len(present) else np.empty(0, np.int64)
             env.bump(txn, touched, -len(present))
@@ -286,3 +353,9 @@ class WritePath:
             touched.add(c)
         sizes.flush()
         return np.fromiter(touched, dtype=np.int64, count=len(touched))
+
+
+def _frozen(st: StageState) -> StageState:
+    """The stage state with its active part frozen (no merge must be under way)."""
+    return st._replace(lo=st.mid, mid=st.nxt, below=0, ids_below=0, n_frozen=st.n_active,
+                       n_active=0)
