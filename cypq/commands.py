@@ -92,7 +92,9 @@ def _train_from(source, args, out):
                       pca_dim=args.pca_dim, metric=args.metric,
                       n_threads=args.threads).fit(
         X, kmeans_coarse_iters=args.coarse_iters, kmeans_local_iters=args.local_iters,
-        random_state=args.seed, verbose=args.verbose)
+        random_state=args.seed, verbose=args.verbose,
+        progress=None if args.verbose or getattr(args, "quiet", False) else
+        (lambda line: out("  " + line)))
     out(f"trained in {time.perf_counter() - t0:.1f} s")
     return model
 

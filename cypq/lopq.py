@@ -10,7 +10,7 @@ directions are dealt to the two halves so both carry a balanced share of the var
 from __future__ import annotations
 
 from collections import namedtuple
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -196,7 +196,8 @@ class LOPQModel:
     def fit(self, data, kmeans_coarse_iters: int = 10, kmeans_local_iters: int = 20,
             n_init: int = 1, subquantizer_sample_ratio: float = 1.0,
             random_state: Optional[int] = None, verbose: bool = False,
-            n_threads: Optional[int] = None) -> "LOPQModel":
+            n_threads: Optional[int] = None,
+            progress: Optional[Callable[[str], None]] = None) -> "LOPQModel":
         """Train the missing parts of the model.
 
         Parameters
@@ -214,9 +215,12 @@ class LOPQModel:
         random_state : int, optional
             Seed; the same seed gives the same model.
         verbose : bool
-            Print progress.
+            Print progress: a line per phase and per k-means iteration.
         n_threads : int, optional
             Threads for this call (default: the model's).
+        progress : callable, optional
+            Called with one line per phase (PCA, coarse quantizers, local rotations and how
+            they were obtained, fine subquantizers), each with the seconds since the start.
 
         Returns
         -------
@@ -229,7 +233,7 @@ class LOPQModel:
         X = as_vectors(data, "data", dim=self.D)
         self.check_training_shape(*X.shape)
         train_missing_parts(self, X, kmeans_coarse_iters, kmeans_local_iters,
-                            subquantizer_sample_ratio, seed, verbose, nt)
+                            subquantizer_sample_ratio, seed, verbose, nt, progress)
         self._check_consistent()
         return self
 

@@ -4,6 +4,8 @@ them). Moments of disjoint parts of the data combine exactly (:func:`combine_mom
 the same statistics serve training on one machine and on Spark."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from . import _lopq
@@ -154,13 +156,21 @@ def rotation_report(sources) -> str:
 
 def train_missing_parts(model, X: np.ndarray, kmeans_coarse_iters: int,
                         kmeans_local_iters: int, sample_ratio: float, seed: int,
-                        verbose: bool, nt: int) -> None:
+                        verbose: bool, nt: int, progress=None) -> None:
     """Train the parts an LOPQ model lacks (PCA when asked for, coarse quantizers, local
     rotations and means, fine subquantizers) on float32 X (N, D), which the caller
-    (``LOPQModel.fit``) has validated; sets them on the model."""
+    (``LOPQModel.fit``) has validated; sets them on the model. A line per phase goes to
+    ``progress`` (and is printed when ``verbose``)."""
     N = X.shape[0]
     X = model.normalize(X, "data")   # cosine: the PCA and all parts learn unit vectors
-    log = print if verbose else (lambda *a, **k: None)
+    t0 = time.perf_counter()
+
+    def log(line: str) -> None:
+        line = f"{line} ({time.perf_counter() - t0:.1f} s)"
+        if verbose:
+            print(line)
+        if progress is not None:
+            progress(line)
     if model.pca and model.pca_matrix is None and model.Cs is None:
         log("LOPQ: PCA")
         model.set_pca(*train_pca(X, model.pca_dim))

@@ -38,6 +38,11 @@ def test_train_build_search_info_export_bench_add(files, capsys, monkeypatch):
     code, out, _ = run(capsys, "train", tmp / "base.npy", "-o", tmp / "m.lopq", "--V", 8,
                        "--M", 4, "--S", 16, "--sample", 3000, "--seed", 3)
     assert code == 0 and "wrote" in out
+    # training shows its phases by default (with the seconds since it started)
+    phases = [line for line in out.splitlines() if line.startswith("  LOPQ: ")]
+    assert [p.split(":")[1].split(",")[0].split(" (")[0].strip() for p in phases] == [
+        "coarse quantizers", "local rotations", "half 0", "4 fine subquantizers of 16"]
+    assert all(p.endswith(" s)") for p in phases)
     model = LOPQModel.load_proto(tmp / "m.lopq")
     assert (model.V, model.M, model.subquantizer_clusters, model.D) == (8, 4, 16, 16)
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from cypq import Index, LOPQModel
+from cypq.storage import IndexFormatError
 
 from conftest import clustered
 
@@ -130,3 +131,38 @@ def test_damaged_copies_never_crash_or_hang(pristine, tmp_path):
     # whose layout is checked, are refused
     assert outcomes["truncate"][:5] == ["refused"] * 5, outcomes["truncate"]
     assert "refused" in outcomes["cut"] and "refused" in outcomes["flip"], outcomes
+
+
+def test_a_flipped_commit_number_never_opens_an_older_commit_silently(pristine, tmp_path):
+    """LMDB opens at whichever meta page has the larger transaction id: a bit flipped in
+    the newest one's id would bring back the commit before it, without a word. The two ids
+    must be consecutive, each on the page of its parity; every flip that breaks that is
+    refused (the rest leave an id LMDB also accepts as consecutive, listed and checked)."""
+    from cypq.storage.lmdb import env as E
+    path, _ = pristine
+    with Index.open(path, readonly=True) as ix:
+        n = len(ix)
+    with open(path / "data.mdb", "rb") as f:
+        head = f.read(4096 * 2)
+    ids = [E._META.unpack_from(head, E._META_AT + page * 4096)[8] for page in (0, 1)]
+    newest = int(np.argmax(ids))
+    at = newest * 4096 + E._META_AT + E._META.size - 8      # the txn id: the last u64
+    refused = 0
+    for bit in range(64):
+        work = tmp_path / f"b{bit}"
+        shutil.copytree(path, work, ignore=shutil.ignore_patterns("lock.mdb"))
+        with open(work / "data.mdb", "r+b") as f:
+            f.seek(at + bit // 8)
+            b = f.read(1)
+            f.seek(at + bit // 8)
+            f.write(bytes([b[0] ^ (1 << bit % 8)]))
+        flipped = ids[newest] ^ (1 << bit)
+        still_consecutive = flipped % 2 == newest and abs(flipped - ids[1 - newest]) == 1
+        try:
+            with Index.open(work, readonly=True) as ix:
+                opened = len(ix)
+        except IndexFormatError:
+            refused += 1
+            continue
+        assert still_consecutive, f"bit {bit}: opened (with {opened} of {n} entries)"
+    assert refused >= 62
