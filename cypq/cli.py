@@ -46,8 +46,9 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sample", type=_count, default=100_000,
                    help="training vectors drawn from the input")
     g.add_argument("--pca", action="store_true", help="PCA + balanced halves before training")
-    g.add_argument("--metric", choices=("l2", "cosine"), default="l2",
-                   help="how vectors are compared (cosine: scaled to unit norm first)")
+    g.add_argument("--metric", choices=("l2", "cosine", "ip"), default="l2",
+                   help="how vectors are compared (cosine: scaled to unit norm first; ip: "
+                   "inner product, largest first)")
     g.add_argument("--pca-dim", type=_count, default=None,
                    help="keep this many leading PCA directions (implies --pca)")
     g.add_argument("--seed", type=int, default=0, help="random seed (same seed, same model)")

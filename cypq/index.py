@@ -342,7 +342,9 @@ class Index:
         D : numpy.ndarray float32 (nq, k)
             Squared L2 distances from the query to the vectors' reconstructions, ascending,
             inf where a query has fewer than k results; for a model with metric='cosine',
-            cosine similarities to the reconstructions, descending, -inf where fewer.
+            cosine similarities to the reconstructions, descending, -inf where fewer; for
+            metric='ip', inner products with the reconstructions, descending, -inf where
+            fewer (faiss's conventions for each).
         I : numpy.ndarray int64 (nq, k)
             Ids; -1 where a query has fewer than k results.
         """
@@ -365,6 +367,8 @@ class Index:
             # unit vectors: |q - x|^2 = 2 - 2 cos(q, x); the order stays (largest first)
             D = np.where(I >= 0, np.float32(1) - D * np.float32(0.5),
                          -np.inf).astype(np.float32)
+        elif self._model.metric == "ip":  # the kernels rank by minus the inner product
+            D = np.where(I >= 0, -D, -np.inf).astype(np.float32)
         return (D, I, stats) if return_stats else (D, I)
 
 

@@ -17,13 +17,13 @@ import numpy as np
 from . import _quantize, model_io
 from ._checks import as_codes, as_vectors, code_dtype_for, positive_int
 from ._threads import resolve
-from .lopq_parts import (check_parts, check_training_shape, pair, pca_parts, same,
-                         subquantizer_parts, unit_rows)
+from .lopq_parts import (check_coarse_codes, check_parts, check_training_shape, pair,
+                         pca_parts, same, subquantizer_parts, unit_rows)
 from .lopq_training import residual_moments, train_missing_parts
 from .lopq_view import KernelView
 from .pq import NotFittedError
 
-METRICS = ("l2", "cosine")
+METRICS = ("l2", "cosine", "ip")
 
 LOPQCode = namedtuple("LOPQCode", ["coarse", "fine"])
 LOPQCode.__doc__ = """An LOPQ code: ``coarse`` = (c0, c1), ``fine`` = (f_0 .. f_{M-1}).
@@ -51,10 +51,15 @@ class LOPQModel:
         every vector; its directions are balanced between the two halves. Off by default: on
         REALSIFT1M (V=1024, M=16) it lowers recall@10 from 0.94 to 0.89 at quota 5000, as
         the natural halves of SIFT are better coarse subspaces than balanced PCA halves.
-    metric : {'l2', 'cosine'}
-        How vectors are compared. 'cosine' scales every vector (training, added, searched)
-        to unit norm first, so users never have to; a zero vector is an error. An index of a
-        cosine model returns cosine similarities, largest first.
+    metric : {'l2', 'cosine', 'ip'}
+        How vectors are compared. 'l2': squared Euclidean distances, smallest first.
+        'cosine' scales every vector (training, added, searched) to unit norm first, so
+        users never have to (a zero vector is an error); an index returns cosine
+        similarities, largest first. 'ip': inner products, largest first (faiss's
+        METRIC_INNER_PRODUCT): cells are visited by the inner product of the query with
+        their coarse centroids and entries scored by the inner product with their
+        reconstruction; training and encoding are as for 'l2' (the codes that reconstruct
+        best also give the best inner products).
     pca_dim : int, optional
         Keep only this many leading PCA directions (a dimension reduction, LOPQ's first phase;
         implies ``pca``): even, divisible by M, less than the input dimension. The model
@@ -276,28 +281,9 @@ class LOPQModel:
         return self._prepare(x, name)[0]
 
     def check_coarse_codes(self, coarse, n: int) -> np.ndarray:
-        """Coarse codes validated against the model.
-
-        Parameters
-        ----------
-        coarse : array_like of int, shape (2,) or (n, 2)
-        n : int
-            Expected number of rows.
-
-        Returns
-        -------
-        numpy.ndarray int32, shape (n, 2), each in [0, V).
-        """
-        c = np.asarray(coarse)
-        if c.ndim == 1:
-            c = c[None, :]
-        if c.shape != (n, 2):
-            raise ValueError(f"coarse codes must have shape ({n}, 2), got {np.shape(coarse)}")
-        if not np.issubdtype(c.dtype, np.integer):
-            raise TypeError(f"coarse codes must be integers, got {c.dtype}")
-        if c.size and (c.min() < 0 or c.max() >= self.V):
-            raise ValueError(f"coarse codes must be in [0, {self.V})")
-        return np.ascontiguousarray(c, dtype=np.int32)
+        """Coarse codes (array_like of int, (2,) or (n, 2)) validated against the model:
+        int32 (n, 2), each in [0, V) (:func:`cypq.lopq_parts.check_coarse_codes`)."""
+        return check_coarse_codes(coarse, n, self.V)
 
     def kernel_view(self) -> "KernelView":
         """The model's arrays laid out as the kernels read them, built once per set of

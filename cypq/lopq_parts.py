@@ -37,6 +37,32 @@ def check_parts(model) -> None:
         raise ValueError("the PCA's output dimension does not match the model")
 
 
+def check_coarse_codes(coarse, n: int, V: int) -> np.ndarray:
+    """Coarse codes validated for a model of V centroids per half.
+
+    Parameters
+    ----------
+    coarse : array_like of int, shape (2,) or (n, 2)
+    n : int
+        Expected number of rows.
+    V : int
+
+    Returns
+    -------
+    numpy.ndarray int32, shape (n, 2), each in [0, V).
+    """
+    c = np.asarray(coarse)
+    if c.ndim == 1:
+        c = c[None, :]
+    if c.shape != (n, 2):
+        raise ValueError(f"coarse codes must have shape ({n}, 2), got {np.shape(coarse)}")
+    if not np.issubdtype(c.dtype, np.integer):
+        raise TypeError(f"coarse codes must be integers, got {c.dtype}")
+    if c.size and (c.min() < 0 or c.max() >= V):
+        raise ValueError(f"coarse codes must be in [0, {V})")
+    return np.ascontiguousarray(c, dtype=np.int32)
+
+
 def check_training_shape(model, n: int, dim: int) -> None:
     """Raise ValueError unless n training vectors of dimension dim can train the missing
     parts (the dimension after an untrained PCA's reduction even and divisible by M;

@@ -20,20 +20,27 @@ class KernelView:
     RT : tuple of two numpy.ndarray (V, D/2, D/2): each rotation transposed.
     fine : numpy.ndarray (M, S, D/M): the fine subquantizers, half 0's first.
     code_dtype : numpy.dtype of fine codes.
+    Cmu, RCmu : tuple of two numpy.ndarray (V, D/2), or None: C[c] + mu[c] and
+        R[c] @ (C[c] + mu[c]) of each half's centroids (for inner-product search:
+        <q, C + mu + R^T s> = <q, C + mu> + <R q, s>).
     """
 
-    __slots__ = ("V", "coarse", "Cs", "Rs", "RT", "mus", "fine", "code_dtype")
+    __slots__ = ("V", "coarse", "Cs", "Rs", "RT", "mus", "fine", "code_dtype", "Cmu", "RCmu")
 
     @classmethod
     def of(cls, model) -> "KernelView":
         v = cls()
         v.V, v.Cs, v.Rs, v.mus = model.V, model.Cs, model.Rs, model.mus
         v.code_dtype = np.dtype(model.fine_code_dtype)
-        v.coarse = v.RT = v.fine = None
+        v.coarse = v.RT = v.fine = v.Cmu = v.RCmu = None
         if model.Cs is not None:
             v.coarse = _frozen(np.stack(model.Cs))
         if model.Rs is not None:
             v.RT = tuple(_frozen(R.transpose(0, 2, 1)) for R in model.Rs)
+            if model.metric == "ip":
+                v.Cmu = tuple(_frozen(C + mu) for C, mu in zip(model.Cs, model.mus))
+                v.RCmu = tuple(_frozen(np.einsum("vij,vj->vi", R, Cm, optimize=True))
+                               for R, Cm in zip(model.Rs, v.Cmu))
         if model.subquantizers is not None:
             v.fine = _frozen(np.stack(list(model.subquantizers[0])
                                       + list(model.subquantizers[1])))

@@ -35,7 +35,7 @@ class ModelParts:
 
     Header fields D, V, M, S (num_subquantizers) are 0 where unknown. Cs: two (V, D/2);
     Rs: two (V, D/2, D/2); mus: two (V, D/2); subs: two sequences of M/2 (S, D/M) arrays;
-    pca_mean (D_in,), pca_matrix (D_in, D). All float32. metric: "l2" or "cosine" (field 102,
+    pca_mean (D_in,), pca_matrix (D_in, D). All float32. metric: "l2", "cosine" or "ip" (field 102,
     written only when not "l2", so l2 files are LOPQ's bytes exactly).
     """
     D: int = 0

@@ -49,6 +49,8 @@ def search(model, storage: Storage, Q: np.ndarray, k: int, quota: int, w: int | 
     -------
     D : numpy.ndarray float32 (nq, k)
         Squared distances to the entries' reconstructions, ascending; inf where fewer than k.
+        For a model with metric='ip': minus the inner products with the reconstructions
+        (ascending: largest product first), and cells visited by inner product.
     I : numpy.ndarray int64 (nq, k)
         Ids; -1 where fewer than k.
     stats : SearchStats
@@ -80,8 +82,9 @@ def _search_batch(view, snap, sizes, Q, q0, q1, k, quota, w, cap, D, I, stats, n
     cells = np.empty((nb, cap), dtype=np.int64)
     n_cand = np.empty(nb, dtype=np.int64)
     n_cells = stats.cells[q0:q1]
+    ip = view.Cmu is not None
     _search.cell_order(Qb, view.Cs[0], view.Cs[1], sizes, quota, w or 0, cells, n_cells,
-                       stats.visited[q0:q1], n_cand, n_threads)
+                       stats.visited[q0:q1], n_cand, n_threads, ip)
     # From here on the visited cells are flat, query-major: query q's are
     # flat[cell_start[q]:cell_start[q + 1]].
     flat = cells[np.arange(cap)[None, :] < n_cells[:, None]]
@@ -90,12 +93,11 @@ def _search_batch(view, snap, sizes, Q, q0, q1, k, quota, w, cap, D, I, stats, n
     distinct, slot = _distinct(flat, len(sizes))
     seg = snap.segments(distinct)
     query_of = np.repeat(np.arange(nb), n_cells)
-    P0, start0, tab0 = _local_frames(view, 0, Qb, query_of, flat // view.V, n_threads)
-    P1, start1, tab1 = _local_frames(view, 1, Qb, query_of, flat % view.V, n_threads)
+    P0, start0, tab0, off0 = _local_frames(view, 0, Qb, query_of, flat // view.V, n_threads)
+    P1, start1, tab1, off1 = _local_frames(view, 1, Qb, query_of, flat % view.V, n_threads)
     _search.scan_cells(P0, P1, start0, start1, view.fine, cell_start, tab0, tab1, slot,
                        seg.start, seg.codes, seg.ids, seg.length, view.code_dtype.itemsize,
-                       D[q0:q1],
-                       I[q0:q1], stats.scanned[q0:q1], n_threads)
+                       D[q0:q1], I[q0:q1], stats.scanned[q0:q1], n_threads, off0, off1)
 
 
 def _distinct(values: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -121,6 +123,8 @@ def _local_frames(view, h, Qb, query_of, centroid, n_threads):
     (nq + 1,) int64, query q's rows P[start[q]:start[q + 1]]; and tab (n,) int32, for each
     visited cell the row of its centroid among its query's rows. The rows are projected
     grouped by centroid, so each rotation is read once per batch, not once per query.
+    For an inner-product view, P's rows are R[c] @ q_h / 2 instead, and off (m,) float32
+    holds -<q_h, C[c] + mu[c]> per row (else off is None): see scan_cells.
     """
     nb, V = len(Qb), view.V
     Dh = Qb.shape[1] // 2
@@ -132,4 +136,10 @@ def _local_frames(view, h, Qb, query_of, centroid, n_threads):
     _lopq.project(X, 0, view.Cs[h], view.Rs[h], view.RT[h], view.mus[h], order, offsets, P,
                   0, False, n_threads)
     start = np.searchsorted(key_query, np.arange(nb + 1))
-    return P, start, (row - start[query_of]).astype(np.int32)
+    off = None
+    if view.Cmu is not None:
+        cent = keys % V
+        P += view.RCmu[h][cent]
+        P *= np.float32(0.5)
+        off = -np.einsum("ij,ij->i", X, view.Cmu[h][cent]).astype(np.float32)
+    return P, start, (row - start[query_of]).astype(np.int32), off

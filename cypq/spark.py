@@ -162,7 +162,7 @@ def train_lopq(data, V: int, M: int, subquantizer_clusters: int = 256, pca: bool
         costs recall).
     pca_dim : int, optional
         Keep this many leading PCA directions (implies pca), as :class:`cypq.LOPQModel`.
-    metric : {'l2', 'cosine'}
+    metric : {'l2', 'cosine', 'ip'}
         As :class:`cypq.LOPQModel` (cosine: vectors scaled to unit norm on the executors).
     sample_fraction : float, optional
         Share of the rows the fine subquantizers train on (collected to the driver); default:

@@ -13,12 +13,12 @@ from cython.parallel cimport parallel, prange
 from libc.math cimport INFINITY, nextafterf, sqrt
 from libc.string cimport memcpy
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uintptr_t
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport calloc, free, malloc
 
 from heap cimport heap_init, heap_sort_ascending
 from nearest cimport Codebooks, codebooks_free, codebooks_init
 from scan cimport SCAN_BLOCK, scan_topk
-from simd cimport cypq_l2sqr_ny, cypq_l2sqr_ny_norm, cypq_l2sqr_ny_norm_x4
+from simd cimport cypq_ip_ny, cypq_l2sqr_ny, cypq_l2sqr_ny_norm, cypq_l2sqr_ny_norm_x4
 
 
 cdef extern from *:
@@ -96,6 +96,21 @@ cdef struct Walk:         # per-thread scratch of _walk (V entries each unless s
     uint32_t *tkey        # and their scratch
     int32_t *tval
     int64_t res[3]        # _walk's results
+
+
+cdef void _neg_ip_shifted(const float *x, const float *CT, int Dh, int V,
+                          float *out) noexcept nogil:
+    """out (V,) = max_c <x, C[c]> - <x, C[v]>: minus the inner products, made >= 0 (the
+    radix sort orders non-negative floats by their bits)."""
+    cdef int v
+    cdef float top
+    cypq_ip_ny(x, CT, Dh, V, out)
+    top = out[0]
+    for v in range(1, V):
+        if out[v] > top:
+            top = out[v]
+    for v in range(V):
+        out[v] = top - out[v]
 
 
 cdef void _sort_half(Walk *w, const float *d, int V, float *D, int32_t *o) noexcept nogil:
@@ -229,7 +244,7 @@ cdef void _walk(Walk *w, int V, const int64_t *sizes, int64_t quota, int64_t max
 def cell_order(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1] C1,
                const int64_t[::1] cell_sizes, int64_t quota, int64_t max_visits,
                int64_t[:, ::1] cells, int64_t[::1] n_cells, int64_t[::1] n_visited,
-               int64_t[::1] n_candidates, int n_threads):
+               int64_t[::1] n_candidates, int n_threads, bint ip=False):
     """Cells of every query in multi-sequence order, until the candidate quota is reached.
 
     Q (nq, D) float32 queries; C0, C1 (V, D/2) coarse centroids of the halves;
@@ -240,7 +255,9 @@ def cell_order(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1
     least one candidate; a smaller L stops the walk at L), n_cells (nq,) how many,
     n_visited (nq,) cells visited including empty ones, n_candidates (nq,) entries in them.
     Order: non-decreasing d0[c0] + d1[c1], ties by (rank of c0, rank of c1), a rank being
-    the position in ascending distance, ties by index (see _walk).
+    the position in ascending distance, ties by index (see _walk). d_h: squared distances of
+    the query halves to the centroids, or with ``ip`` minus their inner products (shifted by
+    a constant per half, which keeps the order of the sums).
     """
     cdef Py_ssize_t nq = Q.shape[0], q
     cdef int V = C0.shape[0], Dh = C0.shape[1], i, k
@@ -291,8 +308,12 @@ def cell_order(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1
                         or wk.key == NULL or wk.val == NULL):
                     fail[0] = 1
                     continue
-                cypq_l2sqr_ny(&Q[q, 0], CT, Dh, V, fl)
-                cypq_l2sqr_ny(&Q[q, Dh], CT + V * Dh, Dh, V, fl + V)
+                if ip:
+                    _neg_ip_shifted(&Q[q, 0], CT, Dh, V, fl)
+                    _neg_ip_shifted(&Q[q, Dh], CT + V * Dh, Dh, V, fl + V)
+                else:
+                    cypq_l2sqr_ny(&Q[q, 0], CT, Dh, V, fl)
+                    cypq_l2sqr_ny(&Q[q, Dh], CT + V * Dh, Dh, V, fl + V)
                 _sort_half(wk, fl, V, wk.D0, wk.o0)
                 _sort_half(wk, fl + V, V, wk.D1, wk.o1)
                 _walk(wk, V, &cell_sizes[0], quota, max_visits, cap, &cells[q, 0], wk.res)
@@ -323,14 +344,17 @@ cdef enum:
 
 
 cdef void _half_tables(const float *P, int n, int Dh, int Mh, int Ds, int S,
-                       const float *subTm2, const float *subnorm, float *out) noexcept nogil:
+                       const float *subTm2, const float *subnorm, float *out,
+                       const float *offset) noexcept nogil:
     """Tables out (n, Mh, S) of n projected query halves P (n, Dh) against the half's fine
     codebooks (subTm2: Mh blocks of -2 * C^T (Ds, S); subnorm (Mh, S) squared norms).
-    Subquantizer-major, four rows at a time: the codebook of one subquantizer stays in L1."""
+    Subquantizer-major, four rows at a time: the codebook of one subquantizer stays in L1.
+    With ``offset`` (n,) (inner products: zero subnorm), no query norm, and offset[r] added
+    to row r's first table."""
     cdef const float *xs[4]
     cdef float *outs[4]
     cdef float xn[4]
-    cdef int s, r, p, a
+    cdef int s, r, p, a, k
     cdef const float *x
     for s in range(Mh):
         r = 0
@@ -340,8 +364,9 @@ cdef void _half_tables(const float *P, int n, int Dh, int Mh, int Ds, int S,
                 x = P + <Py_ssize_t> (r + p) * Dh + s * Ds
                 xs[p] = x
                 xn[p] = 0
-                for a in range(Ds):
-                    xn[p] = xn[p] + x[a] * x[a]
+                if offset == NULL:
+                    for a in range(Ds):
+                        xn[p] = xn[p] + x[a] * x[a]
                 outs[p] = out + (<Py_ssize_t> (r + p) * Mh + s) * S
                 p = p + 1
             if p == 4:
@@ -351,6 +376,10 @@ cdef void _half_tables(const float *P, int n, int Dh, int Mh, int Ds, int S,
                 for a in range(p):
                     cypq_l2sqr_ny_norm(xs[a], xn[a], subTm2 + <Py_ssize_t> s * Ds * S,
                                        subnorm + s * S, Ds, S, outs[a])
+            if offset != NULL and s == 0:
+                for a in range(p):
+                    for k in range(S):
+                        outs[a][k] = outs[a][k] + offset[r + a]
             r = r + p
 
 
@@ -361,7 +390,8 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
                const int64_t[::1] cell_slot, const int64_t[::1] seg_start,
                const uintptr_t[::1] seg_codes, const uintptr_t[::1] seg_ids,
                const int64_t[::1] seg_len, int code_bytes,
-               float[:, ::1] D, int64_t[:, ::1] I, int64_t[::1] n_scanned, int n_threads):
+               float[:, ::1] D, int64_t[:, ::1] I, int64_t[::1] n_scanned, int n_threads,
+               const float[::1] off0=None, const float[::1] off1=None):
     """ADC top-k of every query over the codes of its visited cells.
 
     P0, P1 (n0, Dh), (n1, Dh) float32: the query halves projected into the local frames of
@@ -376,6 +406,10 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
     valid for the call.
     Outputs: D (nq, k) float32 ascending squared distances, I (nq, k) int64 ids (inf / -1
     padding); n_scanned (nq,) codes scanned.
+    Inner products instead (``off0``, ``off1`` given, (n0,), (n1,) float32, one per row of
+    P0, P1): the rows are then R[c] @ q_h / 2 and the tables minus the inner products with
+    the codewords, each row's offset added to its first table; D holds minus the inner
+    products of the queries with the reconstructions (ascending: largest product first).
     Per query: every table of its centroids first (four rows per codebook pass), then the
     cells' codes.
     """
@@ -395,8 +429,20 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
     cdef int32_t *ibuf
     cdef int failed = 0
     cdef int *fail = &failed
+    cdef const float *o0 = NULL
+    cdef const float *o1 = NULL
+    cdef float *zero_norms = NULL
     if M % 2 or Mh * Ds != Dh or P1.shape[1] != Dh:
         raise ValueError("scan_cells: inconsistent model shapes")
+    if (off0 is None) != (off1 is None):
+        raise ValueError("scan_cells: give both offsets or neither")
+    if off0 is not None:
+        if off0.shape[0] != P0.shape[0] or off1.shape[0] != P1.shape[0]:
+            raise ValueError("scan_cells: one offset per row of P0 / P1")
+        if off0.shape[0]:
+            o0 = &off0[0]
+        if off1.shape[0]:
+            o1 = &off1[0]
     if code_bytes not in (1, 2) or (code_bytes == 1 and S > 256):
         raise ValueError("scan_cells: codes must be uint8 (S <= 256) or uint16")
     if (I.shape[0] != nq or I.shape[1] != k or n_scanned.shape[0] != nq
@@ -426,6 +472,11 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
     if codebooks_init(&cb, &subs[0, 0, 0], M, S, Ds, True) != 0:
         codebooks_free(&cb)
         raise MemoryError()
+    if off0 is not None:  # inner products: -2 <x, c> + 0 + 0 of rows x = R q / 2
+        zero_norms = <float *> calloc(<Py_ssize_t> M * S, sizeof(float))
+        if zero_norms == NULL:
+            codebooks_free(&cb)
+            raise MemoryError()
     with nogil:
         with parallel(num_threads=n_threads):
             buf = <float *> malloc(SCAN_BLOCK * sizeof(float))
@@ -437,11 +488,18 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
                     continue
                 n0 = <int> (pstart0[q + 1] - pstart0[q])
                 n1 = <int> (pstart1[q + 1] - pstart1[q])
-                _half_tables(p0 + pstart0[q] * Dh, n0, Dh, Mh, Ds, S, cb.CTm2, cb.cnorm,
-                             tables)
-                _half_tables(p1 + pstart1[q] * Dh, n1, Dh, Mh, Ds, S,
-                             cb.CTm2 + <Py_ssize_t> Mh * Ds * S, cb.cnorm + Mh * S,
-                             tables + n0 * tsize)
+                if zero_norms == NULL:
+                    _half_tables(p0 + pstart0[q] * Dh, n0, Dh, Mh, Ds, S, cb.CTm2, cb.cnorm,
+                                 tables, NULL)
+                    _half_tables(p1 + pstart1[q] * Dh, n1, Dh, Mh, Ds, S,
+                                 cb.CTm2 + <Py_ssize_t> Mh * Ds * S, cb.cnorm + Mh * S,
+                                 tables + n0 * tsize, NULL)
+                else:
+                    _half_tables(p0 + pstart0[q] * Dh, n0, Dh, Mh, Ds, S, cb.CTm2, zero_norms,
+                                 tables, o0 + pstart0[q])
+                    _half_tables(p1 + pstart1[q] * Dh, n1, Dh, Mh, Ds, S,
+                                 cb.CTm2 + <Py_ssize_t> Mh * Ds * S, zero_norms,
+                                 tables + n0 * tsize, o1 + pstart1[q])
                 heap_init(&D[q, 0], &I[q, 0], k)
                 scanned = 0
                 t1 = cell_start[q + 1]
@@ -480,5 +538,6 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
             free(ibuf)
             free(tables)
     codebooks_free(&cb)
+    free(zero_norms)
     if failed:
         raise MemoryError()

@@ -257,3 +257,25 @@ def test_full_disk_is_said_and_loses_nothing(tmp_path):
             assert len(ix) == stored and ix.contains(np.arange(stored)).all()
     finally:
         subprocess.run(["umount", str(mnt)])
+
+
+@pytest.mark.parametrize("metric", ["cosine", "ip"])
+def test_metric_through_train_and_build(files, capsys, metric):
+    """`--metric` reaches the model file and the bulk-loaded index, whose searches rank by
+    that metric (largest first) as the Python API does."""
+    tmp, X, Q = files
+    assert run(capsys, "train", tmp / "base.npy", "-o", tmp / "m.lopq", "--V", 8, "--M", 4,
+               "--S", 16, "--metric", metric)[0] == 0
+    model = LOPQModel.load_proto(tmp / "m.lopq")
+    assert model.metric == metric
+    assert run(capsys, "build", tmp / "ix", tmp / "base.npy", "--model", tmp / "m.lopq",
+               "-q")[0] == 0
+    mem = Index.in_memory(model)
+    mem.add(X)
+    with Index.open(tmp / "ix", readonly=True) as ix:
+        assert ix.model.metric == metric
+        D, I = ix.search(Q, k=5, quota=0)
+        Dm, Im = mem.search(Q, k=5, quota=0)
+        np.testing.assert_array_equal(I, Im)
+        np.testing.assert_array_equal(D, Dm)
+        assert (np.diff(D, axis=1) <= 0).all()

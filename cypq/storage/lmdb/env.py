@@ -145,10 +145,11 @@ def check_data_file(data: str) -> None:
         raise IndexCorruptError(f"{data} is not an LMDB data file (no valid meta page): the "
                                 "index is damaged; restore it from a backup")
     # LMDB writes commit n's meta to page n % 2, so the two pages hold commits n and n - 1,
-    # each on the page of its parity; anything else is a damaged page (and LMDB would open
-    # the index at whichever commit looks newer, perhaps an older one, without a word)
-    if len(metas) < 2 or metas[0][8] % 2 or metas[1][8] % 2 != 1 or \
-            abs(metas[0][8] - metas[1][8]) != 1:
+    # each on the page of its parity (both 0 before the first commit); anything else is a
+    # damaged page (and LMDB would open at whichever commit looks newer, perhaps an older
+    # one, without a word)
+    if len(metas) < 2 or (metas[0][8], metas[1][8]) != (0, 0) and (
+            metas[0][8] % 2 or metas[1][8] % 2 != 1 or abs(metas[0][8] - metas[1][8]) != 1):
         raise IndexCorruptError(f"{data}: one of LMDB's two meta pages is damaged, so the index "
                                 "would open at an older commit; restore it from a backup")
     magic, version, address, mapsize, psize, free_root, main_root, last_pg, txnid = \
