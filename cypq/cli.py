@@ -40,12 +40,15 @@ _count, _quota = _whole(1), _whole(0)
 # ---------------------------------------------------------------------------- parser
 def _train_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
-    g.add_argument("--V", type=_count, help="coarse centroids per half (V^2 cells)")
+    g.add_argument("--V", type=_count, help="coarse centroids per half (V^2 cells; default: "
+                   "the largest power of two <= training vectors / 64, within 8..1024)")
     g.add_argument("--M", type=_count, help="fine subquantizers (bytes per code with S=256)")
     g.add_argument("--S", type=_count, default=256, help="codewords per subquantizer")
     g.add_argument("--sample", type=_count, default=100_000,
                    help="training vectors drawn from the input")
-    g.add_argument("--pca", action="store_true", help="PCA + balanced halves before training")
+    g.add_argument("--pca", action=argparse.BooleanOptionalAction, default=None,
+                   help="PCA + balanced halves before training (default: to D/2 from 256 "
+                   "dimensions on, else none)")
     g.add_argument("--metric", choices=("l2", "cosine", "ip"), default="l2",
                    help="how vectors are compared (cosine: scaled to unit norm first; ip: "
                    "inner product, largest first)")

@@ -80,17 +80,18 @@ def open_input(spec: str):
 def _train_from(source, args, out):
     """A model trained on a sample of a VectorSource with the train options of args."""
     from .lopq import LOPQModel
-    if args.V is None or args.M is None:
-        raise UserError("training needs --V and --M")
+    from .lopq_parts import choose_auto
+    if args.M is None:
+        raise UserError("training needs --M (the code size: M bytes per vector with S=256)")
     X = source.sample(args.sample, seed=args.seed)
-    out(f"training LOPQ (V={args.V}, M={args.M}, S={args.S}, metric={args.metric}, "
-        f"pca={args.pca}"
-        + (f", pca_dim={args.pca_dim}" if args.pca_dim else "") + ") on "
+    model = LOPQModel(V=args.V, M=args.M, subquantizer_clusters=args.S, pca=args.pca,
+                      pca_dim=args.pca_dim, metric=args.metric, n_threads=args.threads)
+    choose_auto(model, *X.shape)   # to say what was chosen before the long part
+    out(f"training LOPQ (V={model.V}, M={args.M}, S={args.S}, metric={args.metric}, "
+        f"pca={'to ' + str(model.pca_dim) if model.pca_dim else bool(model.pca)}) on "
         f"{len(X):,} vectors of {len(source):,}")
     t0 = time.perf_counter()
-    model = LOPQModel(V=args.V, M=args.M, subquantizer_clusters=args.S, pca=args.pca,
-                      pca_dim=args.pca_dim, metric=args.metric,
-                      n_threads=args.threads).fit(
+    model.fit(
         X, kmeans_coarse_iters=args.coarse_iters, kmeans_local_iters=args.local_iters,
         random_state=args.seed, verbose=args.verbose,
         progress=None if args.verbose or getattr(args, "quiet", False) else

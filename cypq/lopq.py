@@ -17,8 +17,8 @@ import numpy as np
 from . import _quantize, model_io
 from ._checks import as_codes, as_vectors, code_dtype_for, positive_int
 from ._threads import resolve
-from .lopq_parts import (check_coarse_codes, check_parts, check_training_shape, pair,
-                         pca_parts, same, subquantizer_parts, unit_rows)
+from .lopq_parts import (check_coarse_codes, check_parts, check_training_shape,
+                         choose_auto, pair, pca_parts, same, subquantizer_parts, unit_rows)
 from .lopq_training import residual_moments, train_missing_parts
 from .lopq_view import KernelView
 from .pq import NotFittedError
@@ -36,8 +36,10 @@ class LOPQModel:
 
     Parameters
     ----------
-    V : int
-        Coarse centroids per half (V * V cells).
+    V : int, optional
+        Coarse centroids per half (V * V cells). Default: chosen by ``fit`` from the number
+        n of training vectors, the largest power of two at most n / 64, within [8, 1024]
+        (:func:`cypq.lopq_parts.auto_V`: 100k SIFT vectors give 1024, 20k MiniLM ones 256).
     M : int
         Fine subquantizers in all (M / 2 per half); even.
     subquantizer_clusters : int
@@ -46,11 +48,13 @@ class LOPQModel:
         ``((C0, C1), (Rs0, Rs1), (mu0, mu1), (subs0, subs1))`` as in the LOPQ code: C (V, D/2);
         Rs (V, D/2, D/2); mu (V, D/2); subs a sequence of M/2 arrays (S, D/M) per half. Any part
         may be None; ``fit`` trains only the missing parts.
-    pca : bool
+    pca : bool, optional
         Learn a PCA of the training data in ``fit`` (when not already present) and apply it to
-        every vector; its directions are balanced between the two halves. Off by default: on
-        REALSIFT1M (V=1024, M=16) it lowers recall@10 from 0.94 to 0.89 at quota 5000, as
-        the natural halves of SIFT are better coarse subspaces than balanced PCA halves.
+        every vector; its directions are balanced between the two halves. Default (None):
+        a PCA to D/2 from 256 dimensions on (more recall at the same quota on 384-d MiniLM
+        embeddings for M = 16, 32, 48), else none (on REALSIFT1M a full PCA lowers recall:
+        SIFT's natural halves are better coarse subspaces); see
+        :func:`cypq.lopq_parts.auto_pca_dim`. ``pca=False`` turns it off.
     metric : {'l2', 'cosine', 'ip'}
         How vectors are compared. 'l2': squared Euclidean distances, smallest first.
         'cosine' scales every vector (training, added, searched) to unit norm first, so
@@ -84,8 +88,8 @@ class LOPQModel:
 
     num_coarse_splits = 2
 
-    def __init__(self, V: int = 8, M: int = 4, subquantizer_clusters: int = 256,
-                 parameters: Optional[Sequence] = None, pca: bool = False,
+    def __init__(self, V: Optional[int] = None, M: int = 4, subquantizer_clusters: int = 256,
+                 parameters: Optional[Sequence] = None, pca: Optional[bool] = None,
                  n_threads: Optional[int] = None, pca_dim: Optional[int] = None,
                  metric: str = "l2"):
         Cs, Rs, mus, subs = parameters if parameters is not None else (None,) * 4
@@ -93,7 +97,8 @@ class LOPQModel:
         self.Rs = pair(Rs, "Rs", 3)
         self.mus = pair(mus, "mus", 2)
         self.subquantizers = subquantizer_parts(subs)
-        self.V = int(self.Cs[0].shape[0]) if self.Cs is not None else positive_int(V, "V")
+        self.V = int(self.Cs[0].shape[0]) if self.Cs is not None else \
+            None if V is None else positive_int(V, "V")   # None: fit chooses
         if self.subquantizers is not None:
             self.M = 2 * len(self.subquantizers[0])
             self.subquantizer_clusters = int(self.subquantizers[0][0].shape[0])
@@ -106,7 +111,10 @@ class LOPQModel:
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         self.metric = metric
-        self.pca = bool(pca) or pca_dim is not None
+        given = any(p is not None for p in (Cs, Rs, mus, subs))
+        # None: fit chooses (a model given parts has no PCA unless set_pca says so)
+        self.pca = True if pca_dim is not None else \
+            (False if given else None) if pca is None else bool(pca)
         self.pca_dim = None if pca_dim is None else positive_int(pca_dim, "pca_dim")
         if self.pca_dim is not None and (self.pca_dim % 2 or self.pca_dim % self.M):
             raise ValueError(f"pca_dim={self.pca_dim} must be even and divisible by "
@@ -236,6 +244,7 @@ class LOPQModel:
         if not 0 < subquantizer_sample_ratio <= 1:
             raise ValueError("subquantizer_sample_ratio must be in (0, 1]")
         X = as_vectors(data, "data", dim=self.D)
+        choose_auto(self, *X.shape)
         self.check_training_shape(*X.shape)
         train_missing_parts(self, X, kmeans_coarse_iters, kmeans_local_iters,
                             subquantizer_sample_ratio, seed, verbose, nt, progress)

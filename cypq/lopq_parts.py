@@ -63,6 +63,37 @@ def check_coarse_codes(coarse, n: int, V: int) -> np.ndarray:
     return np.ascontiguousarray(c, dtype=np.int32)
 
 
+# The defaults LOPQModel takes from the data (measured: README, LOPQ benchmarks, "Defaults").
+AUTO_POINTS_PER_CENTROID = 64      # V: the largest power of two <= n / this ...
+AUTO_V = (8, 1024)                 # ... within these bounds
+AUTO_PCA_FROM = 256                # PCA to D/2 from this input dimension on
+
+
+def auto_V(n: int) -> int:
+    """Coarse centroids per half for n training vectors: the largest power of two at most
+    n / AUTO_POINTS_PER_CENTROID, within AUTO_V."""
+    v = 1 << max(0, int(n // AUTO_POINTS_PER_CENTROID).bit_length() - 1)
+    return int(min(max(v, AUTO_V[0]), AUTO_V[1]))
+
+
+def auto_pca_dim(dim: int, M: int):
+    """The PCA dimension for vectors of dimension dim and M subquantizers: dim / 2 rounded
+    down to a multiple of M (and of 2) from AUTO_PCA_FROM dimensions on, else None."""
+    step = M if M % 2 == 0 else 2 * M
+    k = (dim // 2) // step * step
+    return k if dim >= AUTO_PCA_FROM and k >= 2 * M else None
+
+
+def choose_auto(model, n: int, dim: int) -> None:
+    """Settle what the model left to the data, for n training vectors of dimension dim:
+    V (:func:`auto_V`) and the PCA (:func:`auto_pca_dim`), where parts are to be trained."""
+    if model.V is None and model.Cs is None:
+        model.V = auto_V(n)
+    if model.pca is None:
+        model.pca_dim = auto_pca_dim(dim, model.M) if model.Cs is None else None
+        model.pca = model.pca_dim is not None
+
+
 def check_training_shape(model, n: int, dim: int) -> None:
     """Raise ValueError unless n training vectors of dimension dim can train the missing
     parts (the dimension after an untrained PCA's reduction even and divisible by M;

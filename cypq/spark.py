@@ -28,6 +28,7 @@ import numpy as np
 from ._checks import as_vectors
 from .kmeans import centroids_from_sums, lloyd_sums
 from .lopq import LOPQModel
+from .lopq_parts import choose_auto
 from .lopq_training import (combine_moments, data_moments, pca_from_moments,
                             rotation_report, rotations_from_moments)
 
@@ -144,7 +145,8 @@ def _add(a, b):
     return tuple(x + y for x, y in zip(a, b))
 
 
-def train_lopq(data, V: int, M: int, subquantizer_clusters: int = 256, pca: bool = False,
+def train_lopq(data, V: Optional[int], M: int, subquantizer_clusters: int = 256,
+               pca: Optional[bool] = None,
                sample_fraction: Optional[float] = None, seed: int = 0,
                kmeans_coarse_iters: int = 10, kmeans_local_iters: int = 20,
                model: Optional[LOPQModel] = None, id_col: str = "id",
@@ -156,10 +158,11 @@ def train_lopq(data, V: int, M: int, subquantizer_clusters: int = 256, pca: bool
     ----------
     data : DataFrame (id_col, vector_col) or RDD of (id, vector)
     V, M, subquantizer_clusters : int
-        As :class:`cypq.LOPQModel`.
-    pca : bool
-        PCA + eigenvalue-balanced halves first (off by default, as in LOPQModel: on SIFT it
-        costs recall).
+        As :class:`cypq.LOPQModel` (V None: chosen from the number of rows, by the same
+        rule).
+    pca : bool, optional
+        PCA + eigenvalue-balanced halves first; None: as :class:`cypq.LOPQModel` chooses
+        (to D/2 from 256 dimensions on).
     pca_dim : int, optional
         Keep this many leading PCA directions (implies pca), as :class:`cypq.LOPQModel`.
     metric : {'l2', 'cosine', 'ip'}
@@ -195,6 +198,7 @@ def train_lopq(data, V: int, M: int, subquantizer_clusters: int = 256, pca: bool
             lambda a, b: (a[0] + b[0], a[1] if a[1] == b[1] else -1))
         if D < 0:
             raise ValueError("vectors of different lengths in the input")
+        choose_auto(model, n, D)
         model.check_training_shape(n, D)
         sc = raw.context
         if model.pca and model.pca_matrix is None and model.Cs is None:

@@ -108,7 +108,7 @@ def test_build_with_train_equals_train_then_build(files, capsys):
     (["search", "{t}/nope", "{t}/q.fvecs"], "not a cypq index"),
     (["search", "{t}/ix", "{t}/missing.npy"], "missing.npy"),
     (["build", "{t}/new", "{t}/base.npy"], "--model"),
-    (["build", "{t}/new", "{t}/base.npy", "--train"], "--V and --M"),
+    (["build", "{t}/new", "{t}/base.npy", "--train"], "training needs --M"),
     (["build", "{t}/ix", "{t}/base.npy", "--model", "{t}/m.lopq"], "complete index"),
     (["build", "{t}/new", "{t}/base.npy", "--model", "{t}/garbage.lopq"], "garbage.lopq"),
     (["train", "{t}/base.npy", "-o", "{t}/x.lopq", "--V", "8", "--M", "3"], "M must be even"),

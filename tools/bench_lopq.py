@@ -2,6 +2,10 @@
 side with faiss IVF / IMI / OPQ+IMI at the same code size.
 
     python tools/bench_lopq.py [--data DIR] [--M 16 8] [--V 1024] [--nq 1000] [--threads 1]
+                               [--defaults] [--skip-faiss]
+
+(--data may also name a float16 set such as ../shared/data/manminilm; --defaults adds
+LOPQModel(M=M) with V and the PCA chosen from the data.)
 
 Prints recall@1/10/100 and ms/query per setting, and training / encoding times.
 """
@@ -17,7 +21,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_codecs.py
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _data import DEFAULT_DATA, Timer, best_of, load_sift, recalls  # noqa: E402
+from _data import DEFAULT_DATA, Timer, best_of, load_set, recalls  # noqa: E402
 
 import cypq  # noqa: E402
 
@@ -32,16 +36,22 @@ def row(system, setting, train_s, encode_s, ms, rec):
             f"{rec[1]:.3f} | {rec[10]:.3f} | {rec[100]:.3f} |")
 
 
-def bench_cypq(M, args, xt, xb, xq, gt, rows, V=None, pca_dim=None, points=None):
-    """LOPQ (V, M, pca_dim) over args.quotas; rows get table lines, points (system,
-    setting, ms, recalls) tuples."""
+def bench_cypq(M, args, xt, xb, xq, gt, rows, V=None, pca_dim=None, points=None,
+               defaults=False):
+    """LOPQ (V, M, pca_dim; with ``defaults``, V and the PCA as LOPQModel chooses them)
+    over args.quotas; rows get table lines, points (system, setting, ms, recalls)
+    tuples."""
     V = V or args.V
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         with Timer() as t:
-            model = cypq.LOPQModel(V=V, M=M, pca_dim=pca_dim).fit(xt, random_state=1)
+            model = (cypq.LOPQModel(M=M) if defaults else
+                     cypq.LOPQModel(V=V, M=M, pca_dim=pca_dim,   # no PCA unless asked
+                                    pca=pca_dim is not None)).fit(xt, random_state=1)
     train_s = t.s
-    system = f"cypq LOPQ V={V}, M={M}" + (f", pca_dim={pca_dim}" if pca_dim else "")
+    V, pca_dim = model.V, model.pca_dim
+    system = f"cypq LOPQ V={V}, M={M}" + (f", pca_dim={pca_dim}" if pca_dim else "") + \
+        (" (defaults)" if defaults else "")
     with Timer() as t:
         code = model.predict(xb)
     encode_s = t.s
@@ -100,13 +110,17 @@ def main(argv=None):
                    default=[1000, 2000, 3000, 3500, 4000, 5000, 10000, 20000])
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--skip-faiss", action="store_true")
+    p.add_argument("--defaults", action="store_true",
+                   help="also LOPQModel(M=M) with V and the PCA chosen from the data")
     args = p.parse_args(argv)
-    xt, xb, xq, gt = load_sift(args.data, args.nq)
+    xt, xb, xq, gt = load_set(args.data, args.nq)
     print(f"cypq {cypq.__version__}, faiss {getattr(faiss, '__version__', '-')}; "
           f"{len(xb)} base, {len(xq)} queries, search threads {args.threads}")
     rows = []
     for M in args.M:
         bench_cypq(M, args, xt, xb, xq, gt, rows)
+        if args.defaults:
+            bench_cypq(M, args, xt, xb, xq, gt, rows, defaults=True)
         if faiss and not args.skip_faiss:
             bench_faiss(M, args, xt, xb, xq, gt, rows)
     print("\n| system | setting | train s | encode 1M s | ms/query | R@1 | R@10 | R@100 |")

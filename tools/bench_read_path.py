@@ -42,7 +42,7 @@ QUOTAS = (2000, 10000)
 def child_a(args) -> dict:
     import cypq
     xt, xb, xq, _ = load_set(args.data, 1000)
-    model = cypq.LOPQModel(V=256, M=16).fit(xt, random_state=1)
+    model = cypq.LOPQModel(V=256, M=16, pca=False).fit(xt, random_state=1)  # as old builds
     path = os.path.join(args.dir, "ix")
     out = {"cypq": os.path.dirname(cypq.__file__)}
     with cypq.Index.create(path, model, stage_capacity=args.stage, n_threads=1) as ix:
