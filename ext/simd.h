@@ -193,11 +193,35 @@ static void cypq_l2sqr_ny_norm(const float *x, float xnorm, const float *CTm2,
 
 /* Four rows of cypq_l2sqr_ny_norm at once: out_p[k] = xnorm[p] + cnorm[k] + <x_p, CTm2[:, k]>.
  * One pass over the codebook serves four accumulation chains (as cypq_nearest_x4): the LOPQ
- * search makes a query's tables for many centroids against the same fine codebooks. */
+ * search makes a query's tables for many centroids against the same fine codebooks. With
+ * `pairs`, two column blocks at a time first: eight chains, which AVX-512 needs to keep both
+ * FMA units busy (a 64-byte vector is one register there, two under AVX2, where four blocks'
+ * chains already suffice and eight would not fit the registers). Every out_p[k] is the same
+ * sum in the same order either way. */
 CYPQ_INLINE void cypq_l2sqr_ny_norm_x4_body(const float *const *x, const float *xnorm,
                                             const float *CTm2, const float *cnorm, const int d,
-                                            int K, float *const *out) {
+                                            int K, float *const *out, const int pairs) {
     int k0 = 0;
+    for (; pairs && k0 + 2 * CYPQ_VW <= K; k0 += 2 * CYPQ_VW) {
+        cypq_vf c0 = cypq_vload(cnorm + k0), c1 = cypq_vload(cnorm + k0 + CYPQ_VW);
+        cypq_vf a0 = c0 + xnorm[0], a1 = c0 + xnorm[1], a2 = c0 + xnorm[2], a3 = c0 + xnorm[3];
+        cypq_vf b0 = c1 + xnorm[0], b1 = c1 + xnorm[1], b2 = c1 + xnorm[2], b3 = c1 + xnorm[3];
+        for (int j = 0; j < d; j++) {
+            cypq_vf c = cypq_vload(CTm2 + (int64_t)j * K + k0);
+            cypq_vf e = cypq_vload(CTm2 + (int64_t)j * K + k0 + CYPQ_VW);
+            const float x0 = x[0][j], x1 = x[1][j], x2 = x[2][j], x3 = x[3][j];
+            a0 += x0 * c; a1 += x1 * c; a2 += x2 * c; a3 += x3 * c;
+            b0 += x0 * e; b1 += x1 * e; b2 += x2 * e; b3 += x3 * e;
+        }
+        memcpy(out[0] + k0, &a0, sizeof a0);
+        memcpy(out[1] + k0, &a1, sizeof a1);
+        memcpy(out[2] + k0, &a2, sizeof a2);
+        memcpy(out[3] + k0, &a3, sizeof a3);
+        memcpy(out[0] + k0 + CYPQ_VW, &b0, sizeof b0);
+        memcpy(out[1] + k0 + CYPQ_VW, &b1, sizeof b1);
+        memcpy(out[2] + k0 + CYPQ_VW, &b2, sizeof b2);
+        memcpy(out[3] + k0 + CYPQ_VW, &b3, sizeof b3);
+    }
     for (; k0 + CYPQ_VW <= K; k0 += CYPQ_VW) {
         cypq_vf c0 = cypq_vload(cnorm + k0);
         cypq_vf a0 = c0 + xnorm[0], a1 = c0 + xnorm[1], a2 = c0 + xnorm[2], a3 = c0 + xnorm[3];
@@ -221,15 +245,44 @@ CYPQ_INLINE void cypq_l2sqr_ny_norm_x4_body(const float *const *x, const float *
         }
 }
 
+/* The body with the subspace widths of common models unrolled. */
+#define CYPQ_NORM_X4_SWITCH(PAIRS)                                                          \
+    switch (d) {                                                                            \
+        case 4: cypq_l2sqr_ny_norm_x4_body(x, xnorm, CTm2, cnorm, 4, K, out, PAIRS); break;   \
+        case 8: cypq_l2sqr_ny_norm_x4_body(x, xnorm, CTm2, cnorm, 8, K, out, PAIRS); break;   \
+        case 12: cypq_l2sqr_ny_norm_x4_body(x, xnorm, CTm2, cnorm, 12, K, out, PAIRS); break; \
+        case 16: cypq_l2sqr_ny_norm_x4_body(x, xnorm, CTm2, cnorm, 16, K, out, PAIRS); break; \
+        case 24: cypq_l2sqr_ny_norm_x4_body(x, xnorm, CTm2, cnorm, 24, K, out, PAIRS); break; \
+        default: cypq_l2sqr_ny_norm_x4_body(x, xnorm, CTm2, cnorm, d, K, out, PAIRS);         \
+    }
+
 CYPQ_CLONES
+static void cypq_l2sqr_ny_norm_x4_any(const float *const *x, const float *xnorm,
+                                      const float *CTm2, const float *cnorm, int d, int K,
+                                      float *const *out) {
+    CYPQ_NORM_X4_SWITCH(0)
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(CYPQ_NO_CLONES)
+__attribute__((target("arch=x86-64-v4")))
+static void cypq_l2sqr_ny_norm_x4_v4(const float *const *x, const float *xnorm,
+                                     const float *CTm2, const float *cnorm, int d, int K,
+                                     float *const *out) {
+    CYPQ_NORM_X4_SWITCH(1)
+}
+#endif
+
 static void cypq_l2sqr_ny_norm_x4(const float *const *x, const float *xnorm, const float *CTm2,
                                   const float *cnorm, int d, int K, float *const *out) {
-    switch (d) {
-        case 4: cypq_l2sqr_ny_norm_x4_body(x, xnorm, CTm2, cnorm, 4, K, out); break;
-        case 8: cypq_l2sqr_ny_norm_x4_body(x, xnorm, CTm2, cnorm, 8, K, out); break;
-        case 16: cypq_l2sqr_ny_norm_x4_body(x, xnorm, CTm2, cnorm, 16, K, out); break;
-        default: cypq_l2sqr_ny_norm_x4_body(x, xnorm, CTm2, cnorm, d, K, out);
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(CYPQ_NO_CLONES)
+    static int wide = -1;   /* set once; threads racing here all store the same value */
+    if (wide < 0) wide = __builtin_cpu_supports("x86-64-v4") != 0;
+    if (wide) {
+        cypq_l2sqr_ny_norm_x4_v4(x, xnorm, CTm2, cnorm, d, K, out);
+        return;
     }
+#endif
+    cypq_l2sqr_ny_norm_x4_any(x, xnorm, CTm2, cnorm, d, K, out);
 }
 
 /*
