@@ -549,3 +549,44 @@ def test_random_id_adds_through_merge_steps_equal_memory(setup, tmp_path, monkey
         assert ix.verify() == [] and len(ix) == len(mem)
         for got, want in zip(ix.lookup(ids[:3000]), mem.lookup(ids[:3000])):
             np.testing.assert_array_equal(got, want)
+
+
+TWO_WRITERS = textwrap.dedent("""
+    import sys, numpy as np, cypq, cypq.storage.lmdb.writer as W
+    W.MERGE_STEP = 40                       # many merge steps, interleaved with the other writer
+    ix = cypq.Index.open(sys.argv[1])
+    X = np.load(sys.argv[2])
+    ids = np.load(sys.argv[3])
+    for s in range(0, len(ids), 50):
+        ix.add(X[ids[s:s + 50] % len(X)], ids[s:s + 50])
+        if s % 500 == 0:
+            ix.search(X[:5], k=5, quota=100)   # its stage copy moves with the other's writes
+""")
+
+
+def test_two_writer_processes_with_random_ids(setup, tmp_path):
+    """Two processes add random ids at once (freezes, merge steps and stage records of both
+    interleave): the result verifies, and equals the in-memory index of every add."""
+    model, X, Q = setup
+    path = tmp_path / "ix"
+    Index.create(path, model, block_capacity=8, stage_capacity=300).close()
+    np.save(tmp_path / "x.npy", X)
+    ids = np.random.default_rng(12).choice(2 ** 60, 2 * 4000, replace=False).astype(np.int64)
+    for j in range(2):
+        np.save(tmp_path / f"ids{j}.npy", ids[j::2])
+    procs = [subprocess.Popen([sys.executable, "-c", TWO_WRITERS, str(path),
+                               str(tmp_path / "x.npy"), str(tmp_path / f"ids{j}.npy")],
+                              cwd=HERE, stderr=subprocess.PIPE, text=True) for j in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    mem = Index.in_memory(model)
+    mem.add(X[ids % len(X)], ids)
+    with Index.open(path) as ix:
+        assert ix.verify() == [] and len(ix) == len(ids)
+        for got, want in zip(ix.lookup(ids), mem.lookup(ids)):
+            np.testing.assert_array_equal(got, want)
+        assert ix.merge() >= 0 and ix.verify() == []
+        for quota in (0, 300):
+            np.testing.assert_array_equal(ix.search(Q, k=10, quota=quota)[0],
+                                          mem.search(Q, k=10, quota=quota)[0])
