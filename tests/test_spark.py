@@ -78,6 +78,21 @@ def test_spark_training_matches_local_fit(spark, data, pca):
     assert sf < 0.5 * sc
 
 
+def test_spark_training_chooses_the_defaults_as_fit_does(spark, data):
+    """V and the PCA left to the data are chosen by the same rule as LOPQModel.fit."""
+    from cypq.lopq_parts import auto_pca_dim, auto_V
+    from cypq.spark import train_lopq
+    X, _ = data
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        sm = train_lopq(_df(spark, X), V=None, M=8, subquantizer_clusters=32, seed=4,
+                        sample_fraction=1.0, kmeans_coarse_iters=4, kmeans_local_iters=4)
+        lm = LOPQModel(M=8, subquantizer_clusters=32).fit(X, kmeans_coarse_iters=4,
+                                                          kmeans_local_iters=4)
+    assert sm.is_trained and sm.V == lm.V == auto_V(len(X))
+    assert sm.pca_dim == lm.pca_dim == auto_pca_dim(X.shape[1], 8)
+
+
 def test_spark_training_resumes_from_a_partial_model(spark, data):
     from cypq.spark import train_lopq
     X, _ = data
