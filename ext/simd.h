@@ -22,6 +22,19 @@
 #define CYPQ_CLONES
 #endif
 
+/* Loops whose best blocking differs between AVX-512 (32 registers of 64 bytes) and AVX2 (16
+ * of 32) have a second version for x86-64-v4, picked at run time by cypq_wide(). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(CYPQ_NO_CLONES)
+#define CYPQ_WIDE 1
+static inline int cypq_wide(void) {
+    static int wide = -1;   /* set once; threads racing here all store the same value */
+    if (wide < 0) wide = __builtin_cpu_supports("x86-64-v4") != 0;
+    return wide;
+}
+#else
+#define CYPQ_WIDE 0
+#endif
+
 /* Helpers that take or return vectors must be inlined into each clone: called across clones,
  * a 64-byte vector argument would be passed under different ABIs (GCC's -Wpsabi warning). */
 #define CYPQ_INLINE static inline __attribute__((always_inline))
@@ -263,7 +276,7 @@ static void cypq_l2sqr_ny_norm_x4_any(const float *const *x, const float *xnorm,
     CYPQ_NORM_X4_SWITCH(0)
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(CYPQ_NO_CLONES)
+#if CYPQ_WIDE
 __attribute__((target("arch=x86-64-v4")))
 static void cypq_l2sqr_ny_norm_x4_v4(const float *const *x, const float *xnorm,
                                      const float *CTm2, const float *cnorm, int d, int K,
@@ -274,10 +287,8 @@ static void cypq_l2sqr_ny_norm_x4_v4(const float *const *x, const float *xnorm,
 
 static void cypq_l2sqr_ny_norm_x4(const float *const *x, const float *xnorm, const float *CTm2,
                                   const float *cnorm, int d, int K, float *const *out) {
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(CYPQ_NO_CLONES)
-    static int wide = -1;   /* set once; threads racing here all store the same value */
-    if (wide < 0) wide = __builtin_cpu_supports("x86-64-v4") != 0;
-    if (wide) {
+#if CYPQ_WIDE
+    if (cypq_wide()) {
         cypq_l2sqr_ny_norm_x4_v4(x, xnorm, CTm2, cnorm, d, K, out);
         return;
     }
@@ -293,8 +304,27 @@ static void cypq_l2sqr_ny_norm_x4(const float *const *x, const float *xnorm, con
  * does not depend on the batch it came in (BLAS would change blocking with n).
  */
 CYPQ_INLINE void cypq_matvec_t_block(const float *AT, const float *const *z, float *const *y,
-                                     const int rows, const int d) {
+                                     const int rows, const int d, const int quads) {
     int a0 = 0;
+    /* With `quads`, four column blocks at once: sixteen chains, for AVX-512's 32 registers
+     * (under AVX2 a 64-byte vector takes two, and two blocks' eight chains already fill them). */
+    for (; quads && a0 + 4 * CYPQ_VW <= d; a0 += 4 * CYPQ_VW) {
+        cypq_vf s[4][4] = {{{0}}};
+        for (int b = 0; b < d; b++) {
+            const float *row = AT + (int64_t)b * d + a0;
+            cypq_vf r0 = cypq_vload(row), r1 = cypq_vload(row + CYPQ_VW);
+            cypq_vf r2 = cypq_vload(row + 2 * CYPQ_VW), r3 = cypq_vload(row + 3 * CYPQ_VW);
+            for (int p = 0; p < rows; p++) {
+                const float zb = z[p][b];
+                s[p][0] += zb * r0;
+                s[p][1] += zb * r1;
+                s[p][2] += zb * r2;
+                s[p][3] += zb * r3;
+            }
+        }
+        for (int p = 0; p < rows; p++)
+            for (int c = 0; c < 4; c++) memcpy(y[p] + a0 + c * CYPQ_VW, &s[p][c], sizeof s[p][c]);
+    }
     /* Two column blocks at once: eight independent FMA chains keep both FMA units busy. */
     for (; a0 + 2 * CYPQ_VW <= d; a0 += 2 * CYPQ_VW) {
         cypq_vf s[4] = {{0}, {0}, {0}, {0}}, t[4] = {{0}, {0}, {0}, {0}};
@@ -327,19 +357,39 @@ CYPQ_INLINE void cypq_matvec_t_block(const float *AT, const float *const *z, flo
         }
 }
 
+#define CYPQ_MATMUL_T_BODY(QUADS)                                                           \
+    int64_t i = 0;                                                                          \
+    for (; i + 4 <= n; i += 4) {                                                            \
+        const float *z[4] = {Z + i * d, Z + (i + 1) * d, Z + (i + 2) * d, Z + (i + 3) * d}; \
+        float *y[4] = {Y + i * d, Y + (i + 1) * d, Y + (i + 2) * d, Y + (i + 3) * d};       \
+        cypq_matvec_t_block(AT, z, y, 4, d, QUADS);                                         \
+    }                                                                                       \
+    for (; i < n; i++) {                                                                    \
+        const float *z[1] = {Z + i * d};                                                    \
+        float *y[1] = {Y + i * d};                                                          \
+        cypq_matvec_t_block(AT, z, y, 1, d, QUADS);                                         \
+    }
+
 CYPQ_CLONES
+static void cypq_matmul_t_any(const float *AT, const float *Z, int64_t n, int d, float *Y) {
+    CYPQ_MATMUL_T_BODY(0)
+}
+
+#if CYPQ_WIDE
+__attribute__((target("arch=x86-64-v4")))
+static void cypq_matmul_t_v4(const float *AT, const float *Z, int64_t n, int d, float *Y) {
+    CYPQ_MATMUL_T_BODY(1)
+}
+#endif
+
 static void cypq_matmul_t(const float *AT, const float *Z, int64_t n, int d, float *Y) {
-    int64_t i = 0;
-    for (; i + 4 <= n; i += 4) {
-        const float *z[4] = {Z + i * d, Z + (i + 1) * d, Z + (i + 2) * d, Z + (i + 3) * d};
-        float *y[4] = {Y + i * d, Y + (i + 1) * d, Y + (i + 2) * d, Y + (i + 3) * d};
-        cypq_matvec_t_block(AT, z, y, 4, d);
+#if CYPQ_WIDE
+    if (cypq_wide()) {
+        cypq_matmul_t_v4(AT, Z, n, d, Y);
+        return;
     }
-    for (; i < n; i++) {
-        const float *z[1] = {Z + i * d};
-        float *y[1] = {Y + i * d};
-        cypq_matvec_t_block(AT, z, y, 1, d);
-    }
+#endif
+    cypq_matmul_t_any(AT, Z, n, d, Y);
 }
 
 /* out[k] = sum_j x[j] * CT[j, k] for all K codewords. */

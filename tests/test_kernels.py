@@ -157,11 +157,12 @@ def test_residual_stats_match_reference(n_threads):
             assert not mean[c].any() and not cov[c].any()
 
 
-@pytest.mark.parametrize("d", [8, 24, 56])
+@pytest.mark.parametrize("d", [8, 24, 56, 120])
 @pytest.mark.parametrize("inverse", [False, True])
 def test_project_matches_reference(inverse, d, n_threads):
-    """d = 56: two 16-wide column blocks at once, one alone and a scalar tail; d = 24: one
-    block and the tail; d = 8: the tail only."""
+    """d = 120: four 16-wide column blocks at once (on AVX-512), then two, one and a tail;
+    d = 56: two blocks at once, one alone and a scalar tail; d = 24: one block and the
+    tail; d = 8: the tail only."""
     from cypq import _lopq
     rng = np.random.default_rng(11)
     X = rng.normal(0, 1, (700, 2 * d)).astype(np.float32)   # 700 rows: several row blocks
