@@ -132,7 +132,7 @@ class WritePath:
         self._credit = 0 if not st.frozen else \
             self._credit + MERGE_PACE * len(ids) - (max(step[1], 1) if step else 0)
         while self._credit >= self._step_size():  # a large add: more steps, each its own commit
-            step = env.write(lambda txn: self._step(txn, False, True))[0]
+            step = self._frozen_step()
             self._credit = 0 if step is None else self._credit - max(step[1], 1)
         if st.frozen and st.n_active >= env.stage_capacity:
             self._finish_frozen()  # adds outran the merge: no third stage
@@ -222,12 +222,14 @@ class WritePath:
         """Entries (or ids) per merge step: an eighth of a small stage."""
         return max(1, min(MERGE_STEP, self.env.stage_capacity // 8 or MERGE_STEP))
 
+    def _frozen_step(self):
+        """One step of the merge under way, in a commit of its own (None: there is none)."""
+        return self.env.write(lambda txn: self._step(txn, False, True))[0]
+
     def _finish_frozen(self) -> None:
         """Merge steps until no merge is under way."""
-        while True:
-            step = self.env.write(lambda txn: self._step(txn, False, True))[0]
-            if step is None:
-                return
+        while self._frozen_step() is not None:
+            pass
 
     def _step(self, txn, everything: bool, frozen_only: bool = False):
         """One merge step: freeze the active stage (when it is full, or ``everything``;
