@@ -57,6 +57,16 @@ class StageState(NamedTuple):
 
 
 EMPTY_STAGE = StageState(0, 0, 0, 0, 0, 0, 0, 0)
+
+
+def stage_of_v3(value) -> StageState:
+    """A format 2/3 stage record (epoch, next record, merged below, staged) as a state whose
+    records 0 .. next-1 are the frozen stage (record numbers restart with each epoch there,
+    so the epoch stays part of the state)."""
+    if len(value) != L.STAGE_META_V3.size:
+        raise IndexCorruptError("meta[stage]: not a stage record")
+    epoch, nxt, below, staged = L.STAGE_META_V3.unpack(bytes(value))
+    return StageState(epoch, 0, nxt, nxt, below, 0, staged, 0)
 RESERVED = {b"format", b"config", b"gen", b"count", b"next_id", b"stage", b"bulk",
             b"bulk_done", b"bulk_ids"}
 
@@ -337,10 +347,7 @@ class Env:
         if v is None:
             return EMPTY_STAGE
         if self.version < 4:
-            if len(v) != L.STAGE_META_V3.size:
-                raise IndexCorruptError("meta[stage]: not a stage record")
-            epoch, nxt, below, staged = L.STAGE_META_V3.unpack(bytes(v))
-            return StageState(epoch, 0, nxt, nxt, below, 0, staged, 0)
+            return stage_of_v3(v)
         if len(v) != L.STAGE_STATE.size:
             raise IndexCorruptError("meta[stage]: not a stage record")
         st = StageState(0, *L.STAGE_STATE.unpack(bytes(v)))
@@ -514,13 +521,7 @@ def _upgrade(env, meta, version: int, config: dict) -> None:
             txn.drop(cells_db, delete=True)
             txn.put(b"config", json.dumps(config).encode(), db=meta)
         old = txn.get(b"stage", db=meta)
-        st = EMPTY_STAGE
-        if old is not None:
-            if len(old) != L.STAGE_META_V3.size:
-                raise IndexCorruptError("meta[stage]: not a stage record")
-            _, nxt, below, staged = L.STAGE_META_V3.unpack(bytes(old))
-            if nxt:
-                st = StageState(0, 0, nxt, nxt, below, 0, staged, 0)
+        st = EMPTY_STAGE if old is None else stage_of_v3(old)
         txn.put(b"stage", L.STAGE_STATE.pack(*st[1:]), db=meta)
         gen = L.read_u64(txn.get(b"gen", db=meta)) + 1
         txn.put(b"gen", L.u64(gen), db=meta)  # no log record: readers reload every size

@@ -270,11 +270,11 @@ def id_keys(ids) -> list:
 def id_items(ids, cells, blocks) -> list:
     """ids-table items (id -> cell + block) sorted by id."""
     order = np.argsort(ids, kind="stable")
-    keys = np.asarray(ids)[order].astype(">u8").tobytes()
+    keys = id_keys(np.asarray(ids)[order])
     vals = np.empty(len(ids), dtype=[("cell", ">u8"), ("block", ">u4")])
     vals["cell"], vals["block"] = np.asarray(cells)[order], np.asarray(blocks)[order]
     vb, k = vals.tobytes(), CELL_BLOCK.size
-    return [(keys[8 * j:8 * j + 8], vb[k * j:k * j + k]) for j in range(len(ids))]
+    return list(zip(keys, (vb[k * j:k * j + k] for j in range(len(ids)))))
 
 
 def id_value(cell: int, block: int) -> bytes:

@@ -8,13 +8,27 @@ adds; once full it is *frozen* and merged while a new active stage fills.
 
 Searches read staged entries from a process-local copy sorted by cell: one segment per cell
 and tier. Writers ask the same copy whether an id is staged (sorted ids, kept up to date
-incrementally once asked for).
+incrementally).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .layout import cell_runs
+
+
+def _in_sorted(s: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """(n,) bool: which of ids (n,) are in the sorted array s."""
+    if not len(s):
+        return np.zeros(len(ids), dtype=bool)
+    j = np.minimum(np.searchsorted(s, ids), len(s) - 1)
+    return s[j] == ids
+
+
+def _with_sorted(s: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """The sorted array s with ids (any order) inserted in their places."""
+    new = np.sort(ids)
+    return np.insert(s, np.searchsorted(s, new), new)
 
 
 class _Tier:
@@ -36,11 +50,7 @@ class _Tier:
 
     def holds(self, ids: np.ndarray) -> np.ndarray:
         """(n,) bool: which of ids (n,) int64 are in this tier."""
-        if not len(self.ids):
-            return np.zeros(len(ids), dtype=bool)
-        s = self.sorted_ids()
-        j = np.minimum(np.searchsorted(s, ids), len(s) - 1)
-        return s[j] == ids
+        return _in_sorted(self.sorted_ids(), ids)
 
     def __len__(self) -> int:
         return len(self.cells)
@@ -52,8 +62,7 @@ class _Tier:
             return self
         at = np.searchsorted(self.cells, cells, side="right")
         if sids is None and self._sids is not None:
-            new = np.sort(ids)
-            sids = np.insert(self._sids, np.searchsorted(self._sids, new), new)
+            sids = _with_sorted(self._sids, ids)
         return _Tier(np.insert(self.cells, at, cells), np.insert(self.ids, at, ids),
                      np.insert(self.codes, at, codes, axis=0), sids)
 
@@ -162,8 +171,7 @@ class StageView:
         if not records:
             return StageView(self.key, next_seq, self.merged_below, self.base, recent, pend,
                              self._rsids)
-        new = np.sort(np.concatenate([r[1] for r in records]))
-        rsids = np.insert(self._rsids, np.searchsorted(self._rsids, new), new)
+        rsids = _with_sorted(self._rsids, np.concatenate([r[1] for r in records]))
         view = StageView(self.key, next_seq, self.merged_below, self.base, recent,
                          pend + tuple(records), rsids)
         if view._n_recent > max(self.FOLD_MIN, len(self.base) // 16):
@@ -188,12 +196,7 @@ class StageView:
 
     def holds(self, ids: np.ndarray) -> np.ndarray:
         """(n,) bool: which of ids (n,) int64 the part's records hold (merged or not)."""
-        out = self.base.holds(ids)
-        s = self._rsids
-        if len(s):
-            j = np.minimum(np.searchsorted(s, ids), len(s) - 1)
-            out |= s[j] == ids
-        return out
+        return self.base.holds(ids) | _in_sorted(self._rsids, ids)
 
 
 class Stage:
