@@ -202,7 +202,7 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
         todo = [k for k in range(n_runs) if not os.path.exists(run_files[k])]
         if next_cell is None:  # the write pass has not started
             bar = progress_bar(N, "encode", initial=N - _rows_in(todo, chunk_size, N))
-            dtype = _run_dtype(model)
+            dtype = _run_dtype(storage)
             for k in todo:
                 a = k * chunk_size
                 chunks = (encoded_chunks(source, model, chunk_size, ids_arr, a)
@@ -212,7 +212,8 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
                 _check_codes(model, cells, fine)
                 order = np.argsort(cells, kind="stable")
                 run = np.empty(len(cells), dtype=dtype)
-                run["cell"], run["id"], run["code"] = cells[order], c_ids[order], fine[order]
+                run["cell"], run["id"] = cells[order], c_ids[order]
+                run["code"] = index.stored_codes(fine[order])
                 write_atomic(run_files[k], run)
                 del run, cells, fine, c_ids, order
                 peak = max(peak, rss_anon_mb())
@@ -233,7 +234,7 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
         lo_cell = 0
         for hi_cell in ends:
             if hi_cell > first:
-                batch = gather(runs, "cell", lo_cell, hi_cell, _run_dtype(model))
+                batch = gather(runs, "cell", lo_cell, hi_cell, _run_dtype(storage))
                 state = dict(identity, next_cell=int(hi_cell))
                 writer.append(batch["cell"], batch["id"], batch["code"],
                               json.dumps(state).encode())
@@ -312,9 +313,10 @@ def _same_input(state: dict, identity: dict) -> bool:
     return {k: state.get(k) for k in identity} == identity
 
 
-def _run_dtype(model) -> np.dtype:
+def _run_dtype(storage) -> np.dtype:
+    """A run file's records: cell, id and the code as the storage holds it."""
     return np.dtype([("cell", "<i8"), ("id", "<i8"),
-                     ("code", np.dtype(model.fine_code_dtype), (model.M,))])
+                     ("code", storage.code_dtype, (storage.code_width,))])
 
 
 def _rows_in(chunks: list[int], size: int, N: int) -> int:

@@ -10,10 +10,11 @@ import numpy as np
 from ._checks import as_codes, as_vectors, positive_int
 from ._runs import ranges
 from ._threads import resolve
+from .code_layout import CodeLayout
 from .lopq import LOPQModel
 from .pq import NotFittedError
 from .search import SearchStats, search as _search
-from .storage.base import IndexCorruptError, IndexFormatError, Storage
+from .storage.base import IndexCorruptError, Storage
 from .storage.memory import MemoryStorage
 
 DEFAULT_QUOTA = 10000
@@ -34,6 +35,7 @@ class Index:
                  readonly: bool = False, n_threads: Optional[int] = None):
         self._model = model
         self._storage = storage
+        self._layout = CodeLayout.of_storage(model, storage, path or "the index")
         self.path = path
         self.readonly = readonly
         self.n_threads = n_threads
@@ -41,7 +43,8 @@ class Index:
 
     # ------------------------------------------------------------------ making one
     @classmethod
-    def in_memory(cls, model: LOPQModel, n_threads: Optional[int] = None) -> "Index":
+    def in_memory(cls, model: LOPQModel, n_threads: Optional[int] = None,
+                  pack_codes: Optional[bool] = None) -> "Index":
         """An index held in RAM.
 
         Parameters
@@ -50,15 +53,20 @@ class Index:
             Trained.
         n_threads : int, optional
             Threads of the kernels (None: all cores).
+        pack_codes : bool, optional
+            Store 4-bit codes two per byte (None: whenever the model's codes are 4-bit,
+            ``subquantizer_clusters=16``); see :meth:`create`.
         """
         _require_trained(model)
-        storage = MemoryStorage(model.V * model.V, model.M, model.fine_code_dtype,
-                                meta={"model": model.to_proto_bytes()})
+        layout = CodeLayout.for_model(model, pack_codes)
+        storage = MemoryStorage(model.V * model.V, layout.width, layout.dtype,
+                                meta={"model": model.to_proto_bytes()},
+                                features=layout.features)
         return cls(model, storage, n_threads=n_threads)
 
     @classmethod
     def create(cls, path: str | os.PathLike, model: LOPQModel, n_threads: Optional[int] = None,
-               **options) -> "Index":
+               pack_codes: Optional[bool] = None, **options) -> "Index":
         """Create an on-disk index (an LMDB environment in the directory ``path``).
 
         Parameters
@@ -68,15 +76,22 @@ class Index:
         model : LOPQModel
             Trained; stored inside the index.
         n_threads : int, optional
+        pack_codes : bool, optional
+            Store 4-bit codes (a model with ``subquantizer_clusters=16``) two per byte:
+            half the code bytes, and a search that scores a byte per lookup. None: packed
+            whenever the codes are 4-bit. False keeps a byte per code, which cypq 0.2 can
+            read too (it refuses a packed index: format 5). True for another model is a
+            ValueError.
         **options
             Storage options (``block_capacity``, ``stage_capacity``, ``map_size``, ``sync``,
             ``bulk_state``), see :meth:`cypq.storage.lmdb.LMDBStorage.create`.
         """
         _require_trained(model)
         from .storage.lmdb import LMDBStorage
-        storage = LMDBStorage.create(os.fspath(path), model.V * model.V, model.M,
-                                     model.fine_code_dtype,
-                                     meta={"model": model.to_proto_bytes()}, **options)
+        layout = CodeLayout.for_model(model, pack_codes)
+        storage = LMDBStorage.create(os.fspath(path), model.V * model.V, layout.width,
+                                     layout.dtype, meta={"model": model.to_proto_bytes()},
+                                     features=layout.features, **options)
         return cls(model, storage, os.fspath(path), n_threads=n_threads)
 
     @classmethod
@@ -106,11 +121,10 @@ class Index:
         storage = LMDBStorage.open(path, readonly=readonly, n_cells_of=_legacy_n_cells,
                                    **options)
         try:
-            model = _stored_model(storage, path)
+            return cls(_stored_model(storage, path), storage, path, readonly, n_threads)
         except BaseException:
             storage.close()
             raise
-        return cls(model, storage, path, readonly, n_threads)
 
     @staticmethod
     def exists(path: str | os.PathLike) -> bool:
@@ -124,6 +138,11 @@ class Index:
     def model(self) -> LOPQModel:
         """LOPQModel: the model whose codes the index holds."""
         return self._model
+
+    @property
+    def packed(self) -> bool:
+        """bool: whether the index stores its 4-bit codes two per byte."""
+        return self._layout.packed
 
     @property
     def storage(self) -> Storage:
@@ -234,7 +253,7 @@ class Index:
         if not n:
             return np.empty(0, dtype=np.int64)
         cells = self._model.get_cell_id_for_coarse_codes(coarse)
-        return self._storage.add(cells, ids, fine, replace=replace)
+        return self._storage.add(cells, ids, self._layout.pack(fine), replace=replace)
 
     def merge(self) -> int:
         """Move the entries staged by recent adds into their cells' blocks now (on disk;
@@ -262,7 +281,15 @@ class Index:
     def lookup(self, ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Where ids are: (found (N,) bool, cells (N,) int64, -1 if absent, fine codes (N, M))."""
         self._check_open()
-        return self._storage.lookup(_as_ids(ids, None, unique=False))
+        found, cells, codes = self._storage.lookup(_as_ids(ids, None, unique=False))
+        return found, cells, self._layout.unpack(codes)
+
+    def stored_codes(self, fine) -> np.ndarray:
+        """Fine codes (N, M) of this index's model as its storage holds them (N, width):
+        packed two per byte in a packed index (see :attr:`packed`), else as they are. For
+        writers that go to the storage directly (the bulk loader)."""
+        return self._layout.pack(as_codes(fine, self._model.M,
+                                          self._model.subquantizer_clusters, "fine codes"))
 
     # ------------------------------------------------------------------ operating
     def verify(self) -> list[str]:
@@ -297,7 +324,7 @@ class Index:
         options = {**self._storage.options(), **options}
         state = b'{"compact": true}'   # the bulk marker until the copy is complete
         new = Index.create(path, self._model, n_threads=self.n_threads, bulk_state=state,
-                           **options)
+                           pack_codes=self._layout.packed, **options)
         try:
             scratch = os.path.join(path, "compact-runs")
             os.makedirs(scratch, exist_ok=True)
@@ -362,7 +389,7 @@ class Index:
             w = positive_int(w, "w")
         Q = self._model.to_model_space(queries, "queries")
         D, I, stats = _search(self._model, self._storage, Q, k, quota, w,
-                              self._threads(len(Q), _QUERIES_PER_THREAD))
+                              self._threads(len(Q), _QUERIES_PER_THREAD), self._layout.packed)
         if self._model.metric == "cosine":
             # unit vectors: |q - x|^2 = 2 - 2 cos(q, x); the order stays (largest first)
             D = np.where(I >= 0, np.float32(1) - D * np.float32(0.5),
@@ -373,19 +400,12 @@ class Index:
 
 
 def _stored_model(storage: Storage, path: str) -> LOPQModel:
-    """The model inside an index, checked against the layout of its codes."""
+    """The model inside an index (checked against its codes by Index's constructor)."""
     data = storage.meta("model")
     if data is None:
         raise IndexCorruptError(f"{path} holds no model (meta[model] is missing)")
     model = LOPQModel.from_proto_bytes(data, f"the model inside {path}")
     _require_trained(model)
-    if (model.V * model.V, model.M, np.dtype(model.fine_code_dtype)) != (
-            storage.n_cells, storage.code_width, storage.code_dtype):
-        raise IndexFormatError(
-            f"the model inside {path} (V={model.V}, M={model.M}, "
-            f"{model.subquantizer_clusters} codewords) does not fit its codes "
-            f"({storage.n_cells} cells, {storage.code_width} x {storage.code_dtype}): the "
-            "index is damaged")
     return model
 
 

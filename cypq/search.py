@@ -28,7 +28,7 @@ class SearchStats:
 
 
 def search(model, storage: Storage, Q: np.ndarray, k: int, quota: int, w: int | None,
-           n_threads: int) -> tuple[np.ndarray, np.ndarray, SearchStats]:
+           n_threads: int, packed: bool = False) -> tuple[np.ndarray, np.ndarray, SearchStats]:
     """Top-k by LOPQ asymmetric distance over whole cells in multi-sequence order.
 
     Parameters
@@ -44,6 +44,8 @@ def search(model, storage: Storage, Q: np.ndarray, k: int, quota: int, w: int | 
     w : int or None
         Visit at most this many cells (empty ones included).
     n_threads : int
+    packed : bool
+        The storage holds 4-bit codes two per byte (cypq.code_layout).
 
     Returns
     -------
@@ -71,11 +73,12 @@ def search(model, storage: Storage, Q: np.ndarray, k: int, quota: int, w: int | 
         sizes = snap.cell_sizes()
         for q0 in range(0, nq, batch):
             _search_batch(view, snap, sizes, Q, q0, min(nq, q0 + batch), k, quota, w, cap,
-                          D, I, stats, n_threads)
+                          D, I, stats, n_threads, packed)
     return D, I, stats
 
 
-def _search_batch(view, snap, sizes, Q, q0, q1, k, quota, w, cap, D, I, stats, n_threads):
+def _search_batch(view, snap, sizes, Q, q0, q1, k, quota, w, cap, D, I, stats, n_threads,
+                  packed):
     """Search queries q0:q1 (phase A, the snapshot's segments and local frames, phase C)."""
     Qb = Q[q0:q1]
     nb = q1 - q0
@@ -96,8 +99,9 @@ def _search_batch(view, snap, sizes, Q, q0, q1, k, quota, w, cap, D, I, stats, n
     P0, start0, tab0, off0 = _local_frames(view, 0, Qb, query_of, flat // view.V, n_threads)
     P1, start1, tab1, off1 = _local_frames(view, 1, Qb, query_of, flat % view.V, n_threads)
     _search.scan_cells(P0, P1, start0, start1, view.fine, cell_start, tab0, tab1, slot,
-                       seg.start, seg.codes, seg.ids, seg.length, view.code_dtype.itemsize,
-                       D[q0:q1], I[q0:q1], stats.scanned[q0:q1], n_threads, off0, off1)
+                       seg.start, seg.codes, seg.ids, seg.length,
+                       1 if packed else view.code_dtype.itemsize,
+                       D[q0:q1], I[q0:q1], stats.scanned[q0:q1], n_threads, off0, off1, packed)
 
 
 def _distinct(values: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -391,7 +391,7 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
                const uintptr_t[::1] seg_codes, const uintptr_t[::1] seg_ids,
                const int64_t[::1] seg_len, int code_bytes,
                float[:, ::1] D, int64_t[:, ::1] I, int64_t[::1] n_scanned, int n_threads,
-               const float[::1] off0=None, const float[::1] off1=None):
+               const float[::1] off0=None, const float[::1] off1=None, bint packed=False):
     """ADC top-k of every query over the codes of its visited cells.
 
     P0, P1 (n0, Dh), (n1, Dh) float32: the query halves projected into the local frames of
@@ -403,7 +403,8 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
     its entry in seg_start; segments seg_start[s] : seg_start[s+1] of the flat arrays
     seg_codes (address of (len, M) codes, uint8 or uint16 as code_bytes says), seg_ids
     (address of (len,) int64 ids) and seg_len. The memory behind those addresses must stay
-    valid for the call.
+    valid for the call. ``packed``: 4-bit codes (S = 16, M % 4 == 0) two per byte, low
+    nibble first, M/2 bytes (code_bytes 1; simd.h, cypq_adc4).
     Outputs: D (nq, k) float32 ascending squared distances, I (nq, k) int64 ids (inf / -1
     padding); n_scanned (nq,) codes scanned.
     Inner products instead (``off0``, ``off1`` given, (n0,), (n1,) float32, one per row of
@@ -445,6 +446,9 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
             o1 = &off1[0]
     if code_bytes not in (1, 2) or (code_bytes == 1 and S > 256):
         raise ValueError("scan_cells: codes must be uint8 (S <= 256) or uint16")
+    if packed and (S != 16 or code_bytes != 1 or M % 4):
+        raise ValueError("scan_cells: packed codes need 16 codewords, M % 4 == 0 and "
+                         "code_bytes 1")
     if (I.shape[0] != nq or I.shape[1] != k or n_scanned.shape[0] != nq
             or pstart0.shape[0] != nq + 1 or pstart1.shape[0] != nq + 1
             or cell_start.shape[0] != nq + 1):
@@ -525,11 +529,11 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
                     for g in range(seg_start[sl], seg_start[sl + 1]):
                         scanned = scanned + seg_len[g]
                         if code_bytes == 1:
-                            scan_topk(T0, T1, M, S, <const uint8_t *> seg_codes[g],
+                            scan_topk(T0, T1, M, S, packed, <const uint8_t *> seg_codes[g],
                                       seg_len[g], <const int64_t *> seg_ids[g], 0,
                                       &D[q, 0], &I[q, 0], k, buf, ibuf)
                         else:
-                            scan_topk(T0, T1, M, S, <const uint16_t *> seg_codes[g],
+                            scan_topk(T0, T1, M, S, False, <const uint16_t *> seg_codes[g],
                                       seg_len[g], <const int64_t *> seg_ids[g], 0,
                                       &D[q, 0], &I[q, 0], k, buf, ibuf)
                 heap_sort_ascending(&D[q, 0], &I[q, 0], k)

@@ -5,7 +5,7 @@ from libc.string cimport memcpy
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t
 
 from heap cimport heap_replace_top, heap_worse
-from simd cimport cypq_adc_u8, cypq_adc_u16, cypq_adc_u32
+from simd cimport cypq_adc4, cypq_adc_u8, cypq_adc_u16, cypq_adc_u32
 from types cimport code_t
 
 # Codes are scored in blocks of this many, so the distance buffer stays in L1.
@@ -20,12 +20,15 @@ cdef inline int64_t load_id(const int64_t *ids, int64_t i) noexcept nogil:
     return v
 
 
-cdef inline int64_t adc_block(const float *T0, const float *T1, int M, int Ks,
+cdef inline int64_t adc_block(const float *T0, const float *T1, int M, int Ks, bint packed,
                               const code_t *codes, int64_t n, float thresh, float *out,
                               int32_t *idx) noexcept nogil:
     """Distances below thresh of n codes (at most SCAN_BLOCK) -> out / idx; returns how many.
-    Tables: T0 (M/2, Ks) for the first M/2 subspaces, T1 for the rest (see simd.h)."""
+    Tables: T0 (M/2, Ks) for the first M/2 subspaces, T1 for the rest (see simd.h).
+    ``packed``: uint8 codes of M/2 bytes, two 4-bit codes per byte (Ks = 16, M % 4 == 0)."""
     if code_t is uint8_t:
+        if packed:
+            return cypq_adc4(T0, T1, M // 2, codes, n, thresh, out, idx)
         return cypq_adc_u8(T0, T1, M, Ks, codes, n, thresh, out, idx)
     elif code_t is uint16_t:
         return cypq_adc_u16(T0, T1, M, Ks, codes, n, thresh, out, idx)
@@ -33,7 +36,7 @@ cdef inline int64_t adc_block(const float *T0, const float *T1, int M, int Ks,
         return cypq_adc_u32(T0, T1, M, Ks, codes, n, thresh, out, idx)
 
 
-cdef inline void scan_topk(const float *T0, const float *T1, int M, int Ks,
+cdef inline void scan_topk(const float *T0, const float *T1, int M, int Ks, bint packed,
                            const code_t *codes, int64_t n,
                            const int64_t *ids, int64_t id_offset,
                            float *heap_d, int64_t *heap_i, int k, float *buf,
@@ -46,12 +49,13 @@ cdef inline void scan_topk(const float *T0, const float *T1, int M, int Ks,
     root as it tightens.
     """
     cdef int64_t b0 = 0, j, nb, cnt, i
+    cdef int64_t stride = M // 2 if packed else M     # code values per code
     cdef float d
     while b0 < n:
         nb = n - b0
         if nb > SCAN_BLOCK:
             nb = SCAN_BLOCK
-        cnt = adc_block(T0, T1, M, Ks, codes + b0 * M, nb, heap_d[0], buf, ibuf)
+        cnt = adc_block(T0, T1, M, Ks, packed, codes + b0 * stride, nb, heap_d[0], buf, ibuf)
         for j in range(cnt):
             d = buf[j]
             if d <= heap_d[0]:

@@ -70,6 +70,7 @@ def test_train_build_search_info_export_bench_add(files, capsys, monkeypatch):
 
     code, out, _ = run(capsys, "info", tmp / "ix")
     assert code == 0 and "V=8" in out and "6,000 vectors" in out
+    assert "codes: 4-bit, two per byte (2 bytes per vector)" in out   # built by the CLI: packed
     code, out, _ = run(capsys, "export", tmp / "ix", "-o", tmp / "again.lopq")
     assert code == 0 and (tmp / "again.lopq").read_bytes() == (tmp / "m.lopq").read_bytes()
     code, out, _ = run(capsys, "export", tmp / "ix", "-o", tmp / "m.pkl")

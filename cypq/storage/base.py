@@ -40,6 +40,20 @@ class IndexCorruptError(IndexFormatError):
     """Stored data is damaged: a value or record does not parse as its layout says."""
 
 
+# The storage features this cypq's layers understand (see Storage.features).
+KNOWN_FEATURES = frozenset({"codes4"})
+
+
+def check_features(features, where: str) -> frozenset:
+    """features as a frozenset; IndexFormatError naming any this cypq does not know."""
+    out = frozenset(str(f) for f in features)
+    unknown = sorted(out - KNOWN_FEATURES)
+    if unknown:
+        raise IndexFormatError(f"{where} uses {', '.join(unknown)}, which this cypq does "
+                               "not know: it was made by a newer cypq; upgrade cypq")
+    return out
+
+
 @dataclass
 class Segments:
     """Where the entries of some cells are, for the search kernel.
@@ -119,13 +133,18 @@ class Storage(ABC):
     ----------
     n_cells : int
     code_width : int
-        Codes per entry (M).
+        Stored code values per entry.
     code_dtype : numpy.dtype
+    features : frozenset of str
+        What the layer above asked, at creation, that every reader understand (e.g.
+        ``codes4``: its codes are packed); a storage naming a feature this cypq does not
+        know is refused when opened (IndexFormatError), never misread.
     """
 
     n_cells: int
     code_width: int
     code_dtype: np.dtype
+    features: frozenset = frozenset()
 
     @abstractmethod
     def __len__(self) -> int:

@@ -6,7 +6,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from .base import Segments, Snapshot, Storage, fresh_ids, refuse_present
+from .base import Segments, Snapshot, Storage, check_features, fresh_ids, refuse_present
 
 
 class _Cell:
@@ -37,16 +37,19 @@ class MemoryStorage(Storage):
     ----------
     n_cells : int
     code_width : int
-        Codes per entry (M).
+        Stored code values per entry.
     code_dtype : numpy dtype
     meta : dict of str -> bytes, optional
         Metadata kept for the layer above (see :meth:`Storage.meta`).
+    features : iterable of str
+        See :attr:`Storage.features`.
     """
 
-    def __init__(self, n_cells: int, code_width: int, code_dtype, meta=None):
+    def __init__(self, n_cells: int, code_width: int, code_dtype, meta=None, features=()):
         self.n_cells = int(n_cells)
         self.code_width = int(code_width)
         self.code_dtype = np.dtype(code_dtype)
+        self.features = check_features(features, "the storage")
         self._cells: dict[int, _Cell] = {}
         self._where: dict[int, tuple[int, int]] = {}   # id -> (cell, position)
         self._sizes = np.zeros(self.n_cells, dtype=np.int64)

@@ -8,8 +8,10 @@ and values).
 
 Format versions: 1 (no stage), 2 (stage; per-cell ``cells`` records), 3 (cell sizes in
 chunks, the number of cells in the config), 4 (a frozen and an active stage; no id-table rows
-for staged entries; see layout.py). Older versions are upgraded, in one
-transaction, when opened for writing; read-only they are read as they are.
+for staged entries; see layout.py), 5 (format 4 whose config names features every reader must
+know, see Storage.features: an index with none is written as format 4, which cypq 0.2 reads
+too). Versions below 4 are upgraded, in one transaction, when opened for writing; read-only
+they are read as they are.
 """
 from __future__ import annotations
 
@@ -24,11 +26,12 @@ from typing import Callable, NamedTuple, Optional
 import lmdb
 import numpy as np
 
-from ..base import IndexCorruptError, IndexFormatError
+from ..base import IndexCorruptError, IndexFormatError, check_features
 from . import layout as L
 
 FORMAT = b"cypq-index"
-VERSION = 4
+VERSION = 4                       # the layout this cypq writes (and upgrades to)
+FEATURES_VERSION = 5              # the same layout with features (a newer reader needed)
 SIZE_CHUNKS = 3                   # the first format with cell sizes in chunks
 DEFAULT_MAP = 1 << 30
 LOG_KEEP = 4096                   # generations of change log kept for other processes
@@ -258,6 +261,7 @@ class Env:
         self.code_width = int(config["M"])
         self.code_dtype = np.dtype(config["code_dtype"])
         self.code_bytes = self.code_width * self.code_dtype.itemsize
+        self.features = check_features(config.get("features", ()), path)
         self.block_capacity = int(config["block_capacity"])
         self.stage_capacity = int(config.get("stage_capacity", DEFAULT_STAGE))
         self.db = {}
@@ -418,8 +422,9 @@ def create(path: str, config: dict, meta: dict, bulk_state: Optional[bytes], map
             put(b"stage", L.STAGE_STATE.pack(*EMPTY_STAGE[1:]))
             if bulk_state is not None:
                 put(b"bulk", bulk_state)
-            put(b"format", FORMAT + struct.pack(">I", VERSION))  # last: marks it complete
-        return Env(env, real, path, False, VERSION, config)
+            version = FEATURES_VERSION if config.get("features") else VERSION
+            put(b"format", FORMAT + struct.pack(">I", version))  # last: marks it complete
+        return Env(env, real, path, False, version, config)
     except BaseException:
         _release(real)
         raise
@@ -475,10 +480,10 @@ def open_env(path: str, readonly: bool, map_size: int, sync: bool, allow_incompl
                                        "interrupted creation leaves this: delete it and "
                                        "create it again)")
             version = struct.unpack(">I", fmt[len(FORMAT):])[0]
-            if version > VERSION:
+            if version > FEATURES_VERSION:
                 raise IndexFormatError(f"{path} was written by a newer cypq (index format "
-                                       f"{version}, this cypq reads up to {VERSION}): "
-                                       "upgrade cypq")
+                                       f"{version}, this cypq reads up to "
+                                       f"{FEATURES_VERSION}): upgrade cypq")
             if txn.get(b"bulk") is not None and not allow_incomplete:
                 raise IndexFormatError(
                     f"{path} is an unfinished bulk load: run the same `cypq build` "

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..base import Storage
+from ..base import Storage, check_features
 from . import env as E
 from .bulk import LMDBBulkWriter
 from .reader import ReadPath
@@ -41,6 +41,7 @@ class LMDBStorage(Storage):
         self.n_cells, self.code_width, self.code_dtype = \
             env.n_cells, env.code_width, env.code_dtype
         self.block_capacity, self.stage_capacity = env.block_capacity, env.stage_capacity
+        self.features = env.features
         self._closed = False
         try:
             self._reader = ReadPath(env)
@@ -56,7 +57,7 @@ class LMDBStorage(Storage):
                meta: Optional[dict] = None, block_capacity: int = 128,
                map_size: int = E.DEFAULT_MAP, sync: bool = True,
                bulk_state: Optional[bytes] = None,
-               stage_capacity: int = E.DEFAULT_STAGE) -> "LMDBStorage":
+               stage_capacity: int = E.DEFAULT_STAGE, features=()) -> "LMDBStorage":
         """Create an empty storage in directory ``path`` (created; must be empty if it
         exists, or hold only what an interrupted create left), in one transaction.
 
@@ -66,7 +67,7 @@ class LMDBStorage(Storage):
         n_cells : int
             Cells are ``0 .. n_cells - 1``.
         code_width : int
-            Codes per entry (M).
+            Stored code values per entry.
         code_dtype : numpy dtype
         meta : dict of str -> bytes, optional
             Metadata kept for the layer above (:meth:`meta`).
@@ -88,6 +89,9 @@ class LMDBStorage(Storage):
             once. Larger: faster adds (a merge costs about one pass over the blocks and the
             id table), more memory in every process that searches or adds (about 40 bytes
             per staged entry, up to twice the capacity while a merge is under way).
+        features : iterable of str
+            See :attr:`Storage.features`; recorded in the config (format 5: cypq 0.2
+            refuses the index rather than misread it).
         """
         if not 1 <= block_capacity <= 65535:
             raise ValueError("block_capacity must be in [1, 65535]")
@@ -98,6 +102,9 @@ class LMDBStorage(Storage):
         config = {"M": int(code_width), "code_dtype": np.dtype(code_dtype).name,
                   "block_capacity": int(block_capacity), "stage_capacity": int(stage_capacity),
                   "n_cells": int(n_cells)}
+        features = sorted(check_features(features, path))
+        if features:
+            config["features"] = features
         with E.damage_reported(path):
             return cls(E.create(path, config, meta or {}, bulk_state, map_size, sync))
 

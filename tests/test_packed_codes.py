@@ -1,0 +1,155 @@
+"""4-bit LOPQ codes stored two per byte: layout, search against the reference, storage, errors."""
+import warnings
+
+import lmdb
+import numpy as np
+import pytest
+
+from cypq import Index, LOPQModel
+from cypq.code_layout import PACKED4, CodeLayout
+from cypq.storage.lmdb import IndexFormatError
+
+import lopq_reference as ref
+from conftest import clustered
+
+
+def _fit(dim, V, M, S=16, n=3000, seed=61):
+    X = clustered(n, dim, n_clusters=12, seed=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        model = LOPQModel(V=V, M=M, subquantizer_clusters=S).fit(X, random_state=seed)
+    return model, X, clustered(12, dim, n_clusters=12, seed=seed + 1)
+
+
+@pytest.fixture(scope="module")
+def small():
+    return _fit(16, V=5, M=8)
+
+
+def test_pack_unpack_against_bit_arithmetic():
+    rng = np.random.default_rng(0)
+    fine = rng.integers(0, 16, (50, 12)).astype(np.uint8)
+    layout = CodeLayout(12, True, 6, np.dtype(np.uint8))
+    packed = layout.pack(fine)
+    want = np.array([[int(r[2 * j]) + 16 * int(r[2 * j + 1]) for j in range(6)] for r in fine])
+    np.testing.assert_array_equal(packed, want)
+    np.testing.assert_array_equal(layout.unpack(packed), fine)
+
+
+def test_layout_choice(small):
+    model, X, _ = small
+    assert Index.in_memory(model).packed
+    assert not Index.in_memory(model, pack_codes=False).packed
+    m6 = _fit(12, V=4, M=6)[0]   # a half of 3 codes would not fill whole bytes
+    assert not Index.in_memory(m6).packed
+    with pytest.raises(ValueError, match="M a multiple of 4"):
+        Index.in_memory(m6, pack_codes=True)
+    m8bit = _fit(16, V=4, M=4, S=20)[0]
+    with pytest.raises(ValueError, match="4-bit codes"):
+        Index.in_memory(m8bit, pack_codes=True)
+
+
+@pytest.mark.parametrize("dim,M", [(16, 8), (48, 12), (64, 16), (64, 32), (96, 48), (128, 64)])
+def test_packed_search_equals_reference(dim, M, n_threads):
+    """Code widths of 4, 6 (generic loop), 8, 16, 24 and 32 bytes (unrolled): distances and ids
+    as LOPQ's reference scoring of the same codes."""
+    model, X, Q = _fit(dim, V=4, M=M, n=1500, seed=dim + M)
+    index = Index.in_memory(model, n_threads=n_threads)
+    assert index.packed
+    index.add(X)
+    D, I = index.search(Q, k=12, quota=300)
+    code = model.predict(X)
+    entries = {}
+    for i, (c, f) in enumerate(zip(code.coarse, code.fine)):
+        entries.setdefault(int(c[0]) * model.V + int(c[1]), []).append((i, c, f))
+    for qi, q in enumerate(Q):
+        dists, rids, _, _, every = ref.search(model, entries, q, 12, 300)
+        np.testing.assert_allclose(D[qi], dists, rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose([every[int(i)] for i in I[qi]], D[qi], rtol=1e-4, atol=1e-3)
+
+
+def test_packed_and_unpacked_indexes_agree(small):
+    model, X, Q = small
+    a, b = Index.in_memory(model, pack_codes=True), Index.in_memory(model, pack_codes=False)
+    ids = np.arange(len(X)) * 5
+    a.add(X, ids)
+    b.add(X, ids)
+    assert a.storage.code_width == model.M // 2 and b.storage.code_width == model.M
+    Da, Ia = a.search(Q, k=20, quota=500)
+    Db, Ib = b.search(Q, k=20, quota=500)
+    np.testing.assert_allclose(Da, Db, rtol=1e-5, atol=1e-4)
+    assert (Ia == Ib).mean() > 0.95     # only near-ties may swap
+    for got, want in zip(a.lookup(ids[:40]), b.lookup(ids[:40])):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(a.lookup(ids[:40])[2], model.predict(X[:40]).fine)
+
+
+def test_lmdb_packed_equals_memory_and_records_its_kind(small, tmp_path, n_threads):
+    model, X, Q = small
+    mem = Index.in_memory(model, n_threads=n_threads)
+    mem.add(X)
+    path = tmp_path / "ix"
+    with Index.create(path, model, n_threads=n_threads, stage_capacity=1000,
+                      block_capacity=8) as disk:
+        for s in range(0, len(X), 600):
+            disk.add(X[s:s + 600])
+        for quota in (0, 100, 700):
+            for got, want in zip(disk.search(Q, k=10, quota=quota),
+                                 mem.search(Q, k=10, quota=quota)):
+                np.testing.assert_array_equal(got, want)
+        assert disk.verify() == []
+    with Index.open(path, readonly=True) as ro:
+        assert ro.packed and PACKED4 in ro.storage.features
+        np.testing.assert_array_equal(ro.lookup(np.arange(30))[2], model.predict(X[:30]).fine)
+        copy = ro.compact(tmp_path / "compact")
+        assert copy.packed and copy.storage.code_width == model.M // 2
+        np.testing.assert_array_equal(copy.search(Q, k=10)[1], mem.search(Q, k=10)[1])
+        copy.close()
+    env = lmdb.open(str(path), max_dbs=8, readonly=True, lock=False)
+    with env.begin() as txn:
+        meta = env.open_db(b"meta", txn=txn, create=False)
+        assert txn.get(b"format", db=meta) == b"cypq-index" + (5).to_bytes(4, "big")
+    env.close()
+    # an unpacked index stays format 4, which cypq 0.2 reads
+    with Index.create(tmp_path / "plain", model, pack_codes=False) as plain:
+        plain.add(X[:10])
+    env = lmdb.open(str(tmp_path / "plain"), max_dbs=8, readonly=True, lock=False)
+    with env.begin() as txn:
+        meta = env.open_db(b"meta", txn=txn, create=False)
+        assert txn.get(b"format", db=meta) == b"cypq-index" + (4).to_bytes(4, "big")
+    env.close()
+
+
+def test_older_cypq_refuses_a_packed_index(small, tmp_path, monkeypatch):
+    """cypq 0.2 reads formats up to 4: a packed index (format 5) is refused with a message
+    saying to upgrade; a reader that does not know a feature refuses it the same way."""
+    import cypq.storage.base as B
+    import cypq.storage.lmdb.env as E
+    model, X, _ = small
+    with Index.create(tmp_path / "ix", model) as ix:
+        ix.add(X[:100])
+    monkeypatch.setattr(E, "FEATURES_VERSION", 4)
+    with pytest.raises(IndexFormatError, match="newer cypq.*upgrade cypq"):
+        Index.open(tmp_path / "ix")
+    monkeypatch.undo()
+    monkeypatch.setattr(B, "KNOWN_FEATURES", frozenset())
+    with pytest.raises(IndexFormatError, match="codes4.*upgrade cypq"):
+        Index.open(tmp_path / "ix", readonly=True)
+    monkeypatch.undo()
+    with Index.open(tmp_path / "ix") as ix:
+        assert len(ix) == 100
+
+
+def test_wide_codes_refused_nothing_stored(small, tmp_path):
+    model, X, _ = small
+    with Index.create(tmp_path / "ix", model) as ix:
+        ix.add(X[:50])
+        code = model.predict(X[50:60])
+        bad = code.fine.astype(np.int64)
+        bad[3, 2] = 16
+        with pytest.raises(ValueError, match=r"values in \[0, 16\] but Ks=16"):
+            ix.add_codes((code.coarse, bad), np.arange(1000, 1010))
+        assert len(ix) == 50 and not ix.contains(np.arange(1000, 1010)).any()
+        with pytest.raises(ValueError, match="shape"):
+            ix.add_codes((code.coarse, code.fine[:, :4]), np.arange(1000, 1010))
+        assert ix.verify() == [] and len(ix) == 50
