@@ -134,16 +134,17 @@ def _local_frames(view, h, Qb, query_of, centroid, n_threads):
     Dh = Qb.shape[1] // 2
     keys, row = _distinct(query_of * V + centroid, nb * V)
     key_query = keys // V
-    X = np.ascontiguousarray(Qb[key_query, h * Dh:(h + 1) * Dh])
-    P = np.empty_like(X)
-    order, offsets = _lopq.group_rows((keys % V).astype(np.int32), V)
-    _lopq.project(X, 0, view.Cs[h], view.Rs[h], view.RT[h], view.mus[h], order, offsets, P,
-                  0, False, n_threads)
+    cent = keys % V
+    P = np.empty((len(keys), Dh), dtype=np.float32)
+    order, offsets = _lopq.group_rows(cent.astype(np.int32), V)
+    # each row from its query's half in place (a query recurs in many rows)
+    _lopq.project(Qb, h * Dh, view.Cs[h], view.Rs[h], view.RT[h], view.mus[h], order, offsets,
+                  P, 0, False, n_threads, key_query)
     start = np.searchsorted(key_query, np.arange(nb + 1))
     off = None
     if view.Cmu is not None:
-        cent = keys % V
         P += view.RCmu[h][cent]
         P *= np.float32(0.5)
-        off = -np.einsum("ij,ij->i", X, view.Cmu[h][cent]).astype(np.float32)
+        off = -np.einsum("ij,ij->i", Qb[key_query, h * Dh:(h + 1) * Dh],
+                         view.Cmu[h][cent]).astype(np.float32)
     return P, start, (row - start[query_of]).astype(np.int32), off

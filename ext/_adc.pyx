@@ -32,7 +32,7 @@ def adc(const float[:, ::1] T, const code_t[:, ::1] codes, float[::1] out, int n
                 fail[0] = 1
                 continue
             i0 = ch * SCAN_BLOCK
-            adc_block(&T[0, 0], &T[M // 2, 0], M, Ks, False, &codes[i0, 0],
+            adc_block(&T[0, 0], &T[M // 2, 0], M, Ks, False, NULL, &codes[i0, 0],
                       n - i0 if n - i0 < SCAN_BLOCK else SCAN_BLOCK, INFINITY, &out[i0], ibuf)
         free(ibuf)
     if failed:
@@ -66,8 +66,8 @@ def adc_topk(const float[:, :, ::1] tables, const code_t[:, ::1] codes, float[:,
                 continue
             heap_init(&D[q, 0], &I[q, 0], k)
             if n > 0:
-                scan_topk(&tables[q, 0, 0], &tables[q, M // 2, 0], M, Ks, False, &codes[0, 0], n,
-                          NULL, 0, &D[q, 0], &I[q, 0], k, buf, ibuf)
+                scan_topk(&tables[q, 0, 0], &tables[q, M // 2, 0], M, Ks, False, NULL,
+                          &codes[0, 0], n, NULL, 0, &D[q, 0], &I[q, 0], k, buf, ibuf)
             heap_sort_ascending(&D[q, 0], &I[q, 0], k)
         free(buf)
         free(ibuf)

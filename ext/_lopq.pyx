@@ -107,7 +107,7 @@ def residual_stats(const float[:, ::1] X, int col0, const float[:, ::1] C,
 def project(const float[:, ::1] X, int col0, const float[:, ::1] C, const float[:, :, ::1] R,
             const float[:, :, ::1] RT, const float[:, ::1] mu, const int64_t[::1] order,
             const int64_t[::1] offsets, float[:, ::1] out, int out_col0, bint inverse,
-            int n_threads):
+            int n_threads, const int64_t[::1] src=None):
     """Local projection of every row in its cluster's frame, or its inverse.
 
     X (n, D) float32 (columns col0 : col0 + d); C (V, d) centroids; R (V, d, d) rotations and
@@ -115,7 +115,9 @@ def project(const float[:, ::1] X, int col0, const float[:, ::1] C, const float[
     out (n, E) float32 output, columns
     out_col0 : out_col0 + d written. Forward: out = R[c] @ (x - C[c] - mu[c]).
     Inverse: out = R[c].T @ x + mu[c] + C[c]. A row's result does not depend on the rows it
-    is grouped with (see cypq_matmul_t).
+    is grouped with (see cypq_matmul_t). ``src`` (n,) int64: row i of the output is made
+    from X[src[i]] (order and offsets then group 0 .. n-1), so repeated rows of X need not
+    be copied first (a search projects each query into many frames).
     """
     cdef int V = C.shape[0], d = C.shape[1], c, a, nb
     cdef Py_ssize_t t0, t, i, n = X.shape[0]
@@ -123,8 +125,17 @@ def project(const float[:, ::1] X, int col0, const float[:, ::1] C, const float[
     cdef float *Y
     cdef int failed = 0
     cdef int *fail = &failed
+    cdef const int64_t *sp = NULL
+    cdef Py_ssize_t j
     if col0 < 0 or col0 + d > X.shape[1] or out_col0 < 0 or out_col0 + d > out.shape[1]:
         raise ValueError("project: column range outside the arrays")
+    if src is not None:
+        n = src.shape[0]
+        for j in range(n):
+            if src[j] < 0 or src[j] >= X.shape[0]:
+                raise ValueError("project: src out of range")
+        if n:
+            sp = &src[0]
     if (R.shape[0] != V or R.shape[1] != d or R.shape[2] != d or RT.shape[0] != V
             or RT.shape[1] != d or RT.shape[2] != d or mu.shape[0] != V
             or mu.shape[1] != d or offsets.shape[0] != V + 1 or out.shape[0] != n):
@@ -141,11 +152,12 @@ def project(const float[:, ::1] X, int col0, const float[:, ::1] C, const float[
                 nb = <int> (offsets[c + 1] - t0 if offsets[c + 1] - t0 < BLOCK else BLOCK)
                 for t in range(nb):
                     i = order[t0 + t]
+                    j = sp[i] if sp != NULL else i
                     for a in range(d):
                         if inverse:
-                            Z[t * d + a] = X[i, col0 + a]
+                            Z[t * d + a] = X[j, col0 + a]
                         else:
-                            Z[t * d + a] = X[i, col0 + a] - C[c, a] - mu[c, a]
+                            Z[t * d + a] = X[j, col0 + a] - C[c, a] - mu[c, a]
                 # y = R[c] z is a sum of the rows of R[c]^T (given), R[c]^T z of R[c]'s.
                 cypq_matmul_t(&RT[c, 0, 0] if not inverse else &R[c, 0, 0], Z, nb, d, Y)
                 for t in range(nb):

@@ -17,6 +17,8 @@ from libc.stdlib cimport calloc, free, malloc
 
 from heap cimport heap_init, heap_sort_ascending
 from nearest cimport Codebooks, codebooks_free, codebooks_init
+from fastscan cimport (cypq_adc4_cell, cypq_adc4_plan, cypq_adc4_plan_init, cypq_fastscan_off,
+                      cypq_quantize4)
 from scan cimport SCAN_BLOCK, scan_topk
 from simd cimport cypq_ip_ny, cypq_l2sqr_ny, cypq_l2sqr_ny_norm, cypq_l2sqr_ny_norm_x4
 
@@ -341,6 +343,7 @@ def cell_order(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1
 
 cdef enum:
     AHEAD = 4     # scan_cells fetches a cell's entries this many cells ahead (see there)
+    PREFETCH_MAX = 1024   # and at most this many bytes of its codes
 
 
 cdef void _half_tables(const float *P, int n, int Dh, int Mh, int Ds, int S,
@@ -404,7 +407,9 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
     seg_codes (address of (len, M) codes, uint8 or uint16 as code_bytes says), seg_ids
     (address of (len,) int64 ids) and seg_len. The memory behind those addresses must stay
     valid for the call. ``packed``: 4-bit codes (S = 16, M % 4 == 0) two per byte, low
-    nibble first, M/2 bytes (code_bytes 1; simd.h, cypq_adc4).
+    nibble first, M/2 bytes (code_bytes 1), scored as fastscan.h says: where the CPU has
+    AVX-512 VBMI, each query's tables also quantised to uint8 for in-register bounds that
+    spare the float sums of codes that cannot enter the top k (same results either way).
     Outputs: D (nq, k) float32 ascending squared distances, I (nq, k) int64 ids (inf / -1
     padding); n_scanned (nq,) codes scanned.
     Inner products instead (``off0``, ``off1`` given, (n0,), (n1,) float32, one per row of
@@ -417,7 +422,8 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
     cdef Py_ssize_t nq = D.shape[0], q
     cdef int M = subs.shape[0], S = subs.shape[1], Ds = subs.shape[2], Mh = M // 2
     cdef int Dh = P0.shape[1], k = D.shape[1], n0, n1
-    cdef int64_t t, t1, sl, g, scanned, need, maxrows = 0
+    cdef int64_t t, t1, sl, g, scanned, need, maxrows = 0, line, span
+    cdef int64_t cbytes = code_bytes * (M // 2 if packed else M)   # bytes per code
     cdef int64_t n_slots = seg_start.shape[0] - 1
     cdef Py_ssize_t tsize = <Py_ssize_t> Mh * S
     cdef const float *T0
@@ -427,6 +433,13 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
     cdef Codebooks cb
     cdef float *buf
     cdef float *tables
+    cdef cypq_adc4_plan plan
+    cdef cypq_adc4_cell *cell
+    cdef uint8_t *qtab
+    cdef float *bias
+    cdef float qdelta, qslack
+    cdef bint bounds = False
+    cdef Py_ssize_t qsize = <Py_ssize_t> Mh * S      # a row's uint8 tables (bounds)
     cdef int32_t *ibuf
     cdef int failed = 0
     cdef int *fail = &failed
@@ -449,6 +462,9 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
     if packed and (S != 16 or code_bytes != 1 or M % 4):
         raise ValueError("scan_cells: packed codes need 16 codewords, M % 4 == 0 and "
                          "code_bytes 1")
+    if packed:
+        cypq_adc4_plan_init(&plan, M // 2)
+        bounds = plan.vbmi != 0
     if (I.shape[0] != nq or I.shape[1] != k or n_scanned.shape[0] != nq
             or pstart0.shape[0] != nq + 1 or pstart1.shape[0] != nq + 1
             or cell_start.shape[0] != nq + 1):
@@ -486,8 +502,16 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
             buf = <float *> malloc(SCAN_BLOCK * sizeof(float))
             ibuf = <int32_t *> malloc(SCAN_BLOCK * sizeof(int32_t))
             tables = <float *> malloc((maxrows if maxrows > 0 else 1) * tsize * sizeof(float))
+            cell = NULL
+            qtab = NULL
+            bias = NULL
+            if bounds:
+                cell = <cypq_adc4_cell *> malloc(sizeof(cypq_adc4_cell))
+                qtab = <uint8_t *> malloc((maxrows if maxrows > 0 else 1) * qsize)
+                bias = <float *> malloc((maxrows if maxrows > 0 else 1) * sizeof(float))
             for q in prange(nq, schedule="dynamic"):
-                if buf == NULL or ibuf == NULL or tables == NULL:
+                if buf == NULL or ibuf == NULL or tables == NULL or (bounds and (
+                        cell == NULL or qtab == NULL or bias == NULL)):
                     fail[0] = 1
                     continue
                 n0 = <int> (pstart0[q + 1] - pstart0[q])
@@ -504,6 +528,11 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
                     _half_tables(p1 + pstart1[q] * Dh, n1, Dh, Mh, Ds, S,
                                  cb.CTm2 + <Py_ssize_t> Mh * Ds * S, zero_norms,
                                  tables + n0 * tsize, o1 + pstart1[q])
+                if bounds:
+                    qdelta = cypq_quantize4(tables, n0 + n1, Mh, qtab, bias, &qslack)
+                    cell.plan = &plan
+                    cell.delta = qdelta
+                    cell.slack = qslack
                 heap_init(&D[q, 0], &I[q, 0], k)
                 scanned = 0
                 t1 = cell_start[q + 1]
@@ -521,19 +550,29 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
                     if t + AHEAD < t1:
                         g = seg_start[cell_slot[t + AHEAD]]
                         if seg_start[cell_slot[t + AHEAD] + 1] > g:
-                            cypq_prefetch(<const void *> seg_codes[g])
+                            # every line of the first segment's codes, up to PREFETCH_MAX
+                            # bytes: the cells of small V span several lines
+                            span = seg_len[g] * cbytes
+                            if span > PREFETCH_MAX:
+                                span = PREFETCH_MAX
+                            for line in range(0, span, 64):
+                                cypq_prefetch(<const char *> seg_codes[g] + line)
                             cypq_prefetch(<const void *> seg_ids[g])
                     sl = cell_slot[t]
                     T0 = tables + tab0[t] * tsize
                     T1 = tables + (n0 + tab1[t]) * tsize
+                    if bounds:
+                        cell.Q0 = qtab + tab0[t] * qsize
+                        cell.Q1 = qtab + (n0 + tab1[t]) * qsize
+                        cell.base = bias[tab0[t]] + bias[n0 + tab1[t]]
                     for g in range(seg_start[sl], seg_start[sl + 1]):
                         scanned = scanned + seg_len[g]
                         if code_bytes == 1:
-                            scan_topk(T0, T1, M, S, packed, <const uint8_t *> seg_codes[g],
+                            scan_topk(T0, T1, M, S, packed, cell, <const uint8_t *> seg_codes[g],
                                       seg_len[g], <const int64_t *> seg_ids[g], 0,
                                       &D[q, 0], &I[q, 0], k, buf, ibuf)
                         else:
-                            scan_topk(T0, T1, M, S, False, <const uint16_t *> seg_codes[g],
+                            scan_topk(T0, T1, M, S, False, NULL, <const uint16_t *> seg_codes[g],
                                       seg_len[g], <const int64_t *> seg_ids[g], 0,
                                       &D[q, 0], &I[q, 0], k, buf, ibuf)
                 heap_sort_ascending(&D[q, 0], &I[q, 0], k)
@@ -541,7 +580,22 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
             free(buf)
             free(ibuf)
             free(tables)
+            free(cell)
+            free(qtab)
+            free(bias)
     codebooks_free(&cb)
     free(zero_norms)
     if failed:
         raise MemoryError()
+
+
+def fast_scan(bint enabled):
+    """Use the AVX-512 VBMI bounds for packed 4-bit codes where the CPU has them (True, the
+    default) or the portable path only (False; tests compare the two). Returns whether the
+    CPU has them."""
+    global cypq_fastscan_off
+    cdef cypq_adc4_plan p
+    cypq_fastscan_off = 0
+    cypq_adc4_plan_init(&p, 16)
+    cypq_fastscan_off = 0 if enabled else 1
+    return p.vbmi != 0

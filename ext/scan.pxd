@@ -5,7 +5,8 @@ from libc.string cimport memcpy
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t
 
 from heap cimport heap_replace_top, heap_worse
-from simd cimport cypq_adc4, cypq_adc_u8, cypq_adc_u16, cypq_adc_u32
+from fastscan cimport cypq_adc4_cell, cypq_adc4_cells
+from simd cimport cypq_adc_u8, cypq_adc_u16, cypq_adc_u32
 from types cimport code_t
 
 # Codes are scored in blocks of this many, so the distance buffer stays in L1.
@@ -21,14 +22,15 @@ cdef inline int64_t load_id(const int64_t *ids, int64_t i) noexcept nogil:
 
 
 cdef inline int64_t adc_block(const float *T0, const float *T1, int M, int Ks, bint packed,
-                              const code_t *codes, int64_t n, float thresh, float *out,
-                              int32_t *idx) noexcept nogil:
+                              const cypq_adc4_cell *cell, const code_t *codes, int64_t n,
+                              float thresh, float *out, int32_t *idx) noexcept nogil:
     """Distances below thresh of n codes (at most SCAN_BLOCK) -> out / idx; returns how many.
     Tables: T0 (M/2, Ks) for the first M/2 subspaces, T1 for the rest (see simd.h).
-    ``packed``: uint8 codes of M/2 bytes, two 4-bit codes per byte (Ks = 16, M % 4 == 0)."""
+    ``packed``: uint8 codes of M/2 bytes, two 4-bit codes per byte (Ks = 16, M % 4 == 0),
+    with ``cell`` the uint8 tables of their bounds or NULL (fastscan.h)."""
     if code_t is uint8_t:
         if packed:
-            return cypq_adc4(T0, T1, M // 2, codes, n, thresh, out, idx)
+            return cypq_adc4_cells(T0, T1, M // 2, cell, codes, n, thresh, out, idx)
         return cypq_adc_u8(T0, T1, M, Ks, codes, n, thresh, out, idx)
     elif code_t is uint16_t:
         return cypq_adc_u16(T0, T1, M, Ks, codes, n, thresh, out, idx)
@@ -37,7 +39,7 @@ cdef inline int64_t adc_block(const float *T0, const float *T1, int M, int Ks, b
 
 
 cdef inline void scan_topk(const float *T0, const float *T1, int M, int Ks, bint packed,
-                           const code_t *codes, int64_t n,
+                           const cypq_adc4_cell *cell, const code_t *codes, int64_t n,
                            const int64_t *ids, int64_t id_offset,
                            float *heap_d, int64_t *heap_i, int k, float *buf,
                            int32_t *ibuf) noexcept nogil:
@@ -55,7 +57,8 @@ cdef inline void scan_topk(const float *T0, const float *T1, int M, int Ks, bint
         nb = n - b0
         if nb > SCAN_BLOCK:
             nb = SCAN_BLOCK
-        cnt = adc_block(T0, T1, M, Ks, packed, codes + b0 * stride, nb, heap_d[0], buf, ibuf)
+        cnt = adc_block(T0, T1, M, Ks, packed, cell, codes + b0 * stride, nb, heap_d[0], buf,
+                        ibuf)
         for j in range(cnt):
             d = buf[j]
             if d <= heap_d[0]:

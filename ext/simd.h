@@ -493,44 +493,4 @@ static inline int64_t cypq_adc_u8(const float *T0, const float *T1, int M, int K
     return cypq_adc_u8_any(T0, T1, M, Ks, codes, n, thresh, out, idx);
 }
 
-/*
- * ADC of 4-bit codes packed two per byte, low nibble first: n codes of W bytes (row-major),
- * each half's W/2 bytes holding its M/2 = W subquantizers' codes; T0, T1 (W, 16) the tables of
- * the halves (subquantizer m of a half: T + m * 16). Four add chains per code (even and odd
- * subquantizers of each half), summed as (e0 + o0) + (e1 + o1). Kept as cypq_adc_u8.
- */
-#define CYPQ_ADC4_BODY(WW)                                                                  \
-    const int H = (WW) / 2;                                                                 \
-    int64_t cnt = 0;                                                                        \
-    for (int64_t i = 0; i < n; i++) {                                                       \
-        const uint8_t *c = codes + i * (int64_t)(WW);                                       \
-        float e0 = 0.f, o0 = 0.f, e1 = 0.f, o1 = 0.f;                                       \
-        for (int j = 0; j < H; j++) {                                                       \
-            const int x = c[j], y = c[H + j];                                               \
-            e0 += T0[j * 32 + (x & 15)];                                                    \
-            o0 += T0[j * 32 + 16 + (x >> 4)];                                               \
-            e1 += T1[j * 32 + (y & 15)];                                                    \
-            o1 += T1[j * 32 + 16 + (y >> 4)];                                               \
-        }                                                                                   \
-        float s = (e0 + o0) + (e1 + o1);                                                    \
-        if (s <= thresh) {                                                                  \
-            out[cnt] = s;                                                                   \
-            idx[cnt++] = (int32_t)i;                                                        \
-        }                                                                                   \
-    }                                                                                       \
-    return cnt;
-
-CYPQ_CLONES
-static int64_t cypq_adc4(const float *T0, const float *T1, int W, const uint8_t *codes,
-                         int64_t n, float thresh, float *out, int32_t *idx) {
-    /* the common widths with W fixed, so the loop over bytes unrolls */
-    switch (W) {
-        case 8: { CYPQ_ADC4_BODY(8) }
-        case 16: { CYPQ_ADC4_BODY(16) }
-        case 24: { CYPQ_ADC4_BODY(24) }
-        case 32: { CYPQ_ADC4_BODY(32) }
-        default: { CYPQ_ADC4_BODY(W) }
-    }
-}
-
 #endif

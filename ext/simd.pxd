@@ -19,5 +19,3 @@ cdef extern from "simd.h" nogil:
                          int64_t n, float thresh, float *out, int32_t *idx) noexcept
     int64_t cypq_adc_u32(const float *T0, const float *T1, int M, int Ks, const uint32_t *codes,
                          int64_t n, float thresh, float *out, int32_t *idx) noexcept
-    int64_t cypq_adc4(const float *T0, const float *T1, int W, const uint8_t *codes, int64_t n,
-                      float thresh, float *out, int32_t *idx) noexcept

@@ -153,3 +153,36 @@ def test_wide_codes_refused_nothing_stored(small, tmp_path):
         with pytest.raises(ValueError, match="shape"):
             ix.add_codes((code.coarse, code.fine[:, :4]), np.arange(1000, 1010))
         assert ix.verify() == [] and len(ix) == 50
+
+
+@pytest.fixture
+def portable_too():
+    """Run a test's searches on the AVX-512 VBMI path and on the portable one."""
+    from cypq import _search
+    yield lambda enabled: _search.fast_scan(enabled)
+    _search.fast_scan(True)
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("dim,M", [(32, 16), (48, 24), (64, 32), (96, 48), (128, 64), (48, 12)])
+def test_fast_scan_bounds_change_nothing(dim, M, metric, n_threads, portable_too):
+    """The in-register bounds (uint8 tables, fastscan.h) only skip codes whose exact sum
+    cannot enter the top k: the same ids and bit-identical distances as the portable float
+    path, at a small k (a tight threshold, most codes rejected by their bound) and a large
+    one. M = 12 (not a multiple of 8) always takes the portable path."""
+    X = clustered(4000, dim, n_clusters=16, seed=dim + M)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        model = LOPQModel(V=3, M=M, subquantizer_clusters=16, metric=metric).fit(
+            X, random_state=M)
+    index = Index.in_memory(model, n_threads=n_threads)
+    index.add(X)
+    Q = clustered(20, dim, n_clusters=16, seed=dim + M + 1)
+    for k, quota in ((3, 2000), (40, 0)):
+        fast = portable_too(True)
+        D1, I1 = index.search(Q, k=k, quota=quota)
+        portable_too(False)
+        D0, I0 = index.search(Q, k=k, quota=quota)
+        np.testing.assert_array_equal(I1, I0)
+        np.testing.assert_array_equal(D1, D0)
+    assert isinstance(fast, bool)

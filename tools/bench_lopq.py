@@ -37,21 +37,22 @@ def row(system, setting, train_s, encode_s, ms, rec):
 
 
 def bench_cypq(M, args, xt, xb, xq, gt, rows, V=None, pca_dim=None, points=None,
-               defaults=False):
-    """LOPQ (V, M, pca_dim; with ``defaults``, V and the PCA as LOPQModel chooses them)
-    over args.quotas; rows get table lines, points (system, setting, ms, recalls)
-    tuples."""
+               defaults=False, S=256):
+    """LOPQ (V, M, pca_dim, S codewords per subquantizer; with ``defaults``, V and the PCA
+    as LOPQModel chooses them) over args.quotas; rows get table lines, points (system,
+    setting, ms, recalls) tuples. Returns the index (in memory)."""
     V = V or args.V
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         with Timer() as t:
-            model = (cypq.LOPQModel(M=M) if defaults else
+            model = (cypq.LOPQModel(M=M, subquantizer_clusters=S) if defaults else
                      cypq.LOPQModel(V=V, M=M, pca_dim=pca_dim,   # no PCA unless asked
-                                    pca=pca_dim is not None)).fit(xt, random_state=1)
+                                    pca=pca_dim is not None,
+                                    subquantizer_clusters=S)).fit(xt, random_state=1)
     train_s = t.s
     V, pca_dim = model.V, model.pca_dim
-    system = f"cypq LOPQ V={V}, M={M}" + (f", pca_dim={pca_dim}" if pca_dim else "") + \
-        (" (defaults)" if defaults else "")
+    system = f"cypq LOPQ V={V}, M={M}" + (f"x{S.bit_length() - 1}" if S != 256 else "") + \
+        (f", pca_dim={pca_dim}" if pca_dim else "") + (" (defaults)" if defaults else "")
     with Timer() as t:
         code = model.predict(xb)
     encode_s = t.s
@@ -64,13 +65,14 @@ def bench_cypq(M, args, xt, xb, xq, gt, rows, V=None, pca_dim=None, points=None,
         if points is not None:
             points.append((system, f"quota={quota}", s / len(xq) * 1e3, recalls(I, gt)))
         print(rows[-1], flush=True)
+    return index
 
 
 def bench_faiss(M, args, xt, xb, xq, gt, rows, specs=None, points=None):
     """faiss index_factory keys with their search settings (default: IVF / IMI / OPQ+IMI at
     args.V); rows and points as in bench_cypq."""
     faiss.omp_set_num_threads(2)
-    logv = int(np.log2(args.V))
+    logv = int(np.log2(args.V)) if specs is None else 0
     specs = specs or [
         (f"IVF{args.V},PQ{M}", [f"nprobe={p}" for p in (8, 16, 32, 64, 128)]),
         (f"IMI2x{logv},PQ{M}", [f"nprobe={p},max_codes={q}" for p, q in

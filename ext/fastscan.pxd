@@ -1,0 +1,23 @@
+# Declarations of the 4-bit ADC paths in fastscan.h (see that file).
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
+
+cdef extern from "fastscan.h" nogil:
+    ctypedef struct cypq_adc4_plan:
+        int W
+        int vbmi
+
+    ctypedef struct cypq_adc4_cell:
+        const cypq_adc4_plan *plan
+        const uint8_t *Q0
+        const uint8_t *Q1
+        float base
+        float delta
+        float slack
+
+    int cypq_fastscan_off
+    void cypq_adc4_plan_init(cypq_adc4_plan *p, int W) noexcept
+    float cypq_quantize4(const float *T, int64_t rows, int m, uint8_t *Q, float *bias,
+                         float *slack) noexcept
+    int64_t cypq_adc4_cells(const float *T0, const float *T1, int W,
+                            const cypq_adc4_cell *cell, const uint8_t *codes, int64_t n,
+                            float thresh, float *out, int32_t *idx) noexcept

@@ -1,0 +1,120 @@
+"""4-bit LOPQ codes against faiss's 4-bit fast-scan, at equal code bytes, in one run.
+
+    python tools/bench_fastscan.py [--data ../shared/data/realsift1m] [--bytes 8 16 24 32]
+                                   [--nq 1000] [--plot fastscan.png]
+
+Per code size B (bytes per vector): cypq LOPQ with 4-bit codes (M = 2B subquantizers of 16
+codewords, stored two per byte) and with 8-bit codes (M = B of 256), V and the PCA as
+LOPQModel chooses them from the data, over a quota sweep; and faiss IVF{256,1024},PQ{2B}x4fs
+and x4fsr (fast-scan, by residual / not) over nprobe. A size is skipped for a system whose
+subquantizers do not divide its dimension. All train on the learn set and index the base;
+1 search thread, k=100. Prints recall@1/10/100 and ms/query per point; per code size, how
+many faiss points have a cypq point with recall@10 >= it at <= its ms/query; and where a
+4-bit search's time goes (cell order, local frames, tables + scan, the rest) at one quota.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_codecs.py
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _data import DEFAULT_DATA, load_set  # noqa: E402
+from bench_embeddings import NPROBE, _plot, dominated  # noqa: E402
+from bench_lopq import bench_cypq, bench_faiss, faiss  # noqa: E402
+
+import cypq  # noqa: E402
+from cypq import search as search_mod  # noqa: E402
+
+
+def phases(index, xq, quota) -> str:
+    """ms/query of each phase of index.search(xq, 100, quota), timed around the kernels."""
+    spent = {}
+
+    def timed(name, f):
+        def g(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return f(*a, **kw)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t
+        return g
+    saved = (search_mod._search, search_mod._local_frames)
+
+    class Kernels:   # the module's kernels, two of them timed
+        cell_order = timed("cell order", saved[0].cell_order)
+        scan_cells = timed("tables + scan", saved[0].scan_cells)
+    search_mod._search = Kernels
+    search_mod._local_frames = timed("local frames", saved[1])
+    try:
+        t = time.perf_counter()
+        index.search(xq, k=100, quota=quota)
+        total = time.perf_counter() - t
+    finally:
+        search_mod._search, search_mod._local_frames = saved
+    spent["the rest (Python, cell lists)"] = total - sum(spent.values())
+    ms = lambda s: s / len(xq) * 1e3  # noqa: E731
+    return f"quota {quota}: {ms(total):.3f} ms/query = " + ", ".join(
+        f"{name} {ms(s):.3f}" for name, s in spent.items())
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--bytes", type=int, nargs="+", default=[8, 16, 24, 32])
+    p.add_argument("--nq", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=1, help="search threads (training: all)")
+    p.add_argument("--quotas", type=int, nargs="+",
+                   default=[250, 500, 1000, 2000, 4000, 8000, 16000])
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--plot", help="write recall@10 vs ms/query here (PNG)")
+    args = p.parse_args(argv)
+    args.V = None   # bench_cypq: LOPQModel chooses V
+    xt, xb, xq, gt = load_set(args.data, args.nq)
+    D = xb.shape[1]
+    print(f"cypq {cypq.__version__}, faiss {getattr(faiss, '__version__', '-')}; "
+          f"{os.path.basename(os.path.normpath(args.data))}: learn {xt.shape}, base "
+          f"{xb.shape}, {len(xq)} queries, k=100, search threads {args.threads}")
+    rows, summary, by_size, profile = [], [], {}, []
+    for B in args.bytes:
+        mine, theirs = [], []
+        for M, S in ((2 * B, 16), (B, 256)):
+            try:
+                index = bench_cypq(M, args, xt, xb, xq, gt, rows, points=mine, defaults=True,
+                                   S=S)
+            except ValueError as e:   # M does not divide the (reduced) dimension
+                print(f"cypq M={M}, {S} codewords: skipped ({e})")
+                continue
+            if S == 16:
+                profile.append(f"{B} B, {index.model!r}: " +
+                               phases(index, xq, args.quotas[len(args.quotas) // 2]))
+        if faiss is not None and D % (2 * B) == 0:
+            specs = [(f"IVF{nlist},PQ{2 * B}x4{kind}", NPROBE) for nlist in (256, 1024)
+                     for kind in ("fs", "fsr")]
+            bench_faiss(2 * B, args, xt, xb, xq, gt, rows, specs=specs, points=theirs)
+        by_size[B] = (mine, theirs)
+        if theirs and mine:
+            beaten = sum(dominated(t, mine) for t in theirs)
+            best_mine = max(r[10] for *_, r in mine)
+            best_theirs = max(r[10] for *_, r in theirs)
+            summary.append(f"| {B} B | {beaten} of {len(theirs)} | {best_mine:.3f} | "
+                           f"{best_theirs:.3f} |")
+    print("\n| system | setting | train s | encode s | ms/query | R@1 | R@10 | R@100 |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    if summary:
+        print("\n| code size | faiss fast-scan points with a cypq point at >= R@10 and <= ms | "
+              "best cypq R@10 | best faiss R@10 |")
+        print("|---|---|---|---|")
+        print("\n".join(summary))
+    print("\nwhere a 4-bit search's time goes (ms/query, 1 thread):")
+    print("\n".join(profile))
+    if args.plot:
+        _plot({f"{B}": v for B, v in by_size.items()}, args.plot)
+
+
+if __name__ == "__main__":
+    main()
