@@ -75,9 +75,7 @@ typedef struct {
     int vbmi;                /* the VBMI path is usable (CPU, M % 8 == 0, M <= 64, enabled) */
     uint8_t dup[64];         /* lane -> byte of the loaded codes holding its nibble */
     uint8_t off[64];         /* lane -> 16 * its subquantizer's place in its group of 8 */
-    uint64_t group[8];       /* lanes of each group of 8 subquantizers */
-    uint64_t valid;          /* lanes that hold a subquantizer */
-    unsigned heads;          /* qwords (of 8-lane sums) where each code's sum ends up */
+    uint64_t group[8];       /* lanes of each group of 8 subquantizers (no others) */
 } cypq_adc4_plan;
 
 /* The tables of one cell for the VBMI path: Q0, Q1 (W, 16) uint8 of its two centroids,
@@ -101,15 +99,11 @@ static void cypq_adc4_plan_init(cypq_adc4_plan *p, int W) {
     p->vbmi = !cypq_fastscan_off && M % 8 == 0 && M <= 64 && cypq_wide()
               && __builtin_cpu_supports("avx512vbmi");
 #endif
-    for (int c = 0; c < p->P; c++) p->heads |= 1u << (c * p->L / 8);
     for (int lane = 0; lane < 64; lane++) {
         const int c = lane / p->L, s = lane % p->L;
         p->dup[lane] = (uint8_t)(s < M ? c * W + s / 2 : 0);
         p->off[lane] = (uint8_t)((s % 8) * 16);
-        if (s < M) {
-            p->group[s / 8] |= 1ULL << lane;
-            p->valid |= 1ULL << lane;
-        }
+        if (s < M) p->group[s / 8] |= 1ULL << lane;
     }
 }
 
@@ -167,35 +161,42 @@ static float cypq_quantize4(const float *T, int64_t rows, int m, uint8_t *Q, flo
     const __m512i low = _mm512_set1_epi8(15);                                               \
     const __m256 base = _mm256_set1_ps(cell->base - cell->slack);                           \
     const __m256 delta = _mm256_set1_ps(cell->delta), th = _mm256_set1_ps(thresh);          \
-    int64_t cnt = 0;                                                                        \
+    int64_t m = 0;                                                                          \
     for (int64_t i = 0; i < n; i += P) {                                                    \
         const int p = n - i < P ? (int)(n - i) : P;                                         \
         const __mmask64 bytes = p * W >= 64 ? ~0ULL : (1ULL << (p * W)) - 1;                \
         const __m512i x = _mm512_permutexvar_epi8(                                          \
             dup, _mm512_maskz_loadu_epi8(bytes, codes + i * W));                            \
         const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), low);                  \
-        __m512i r = _mm512_or_si512(                                                        \
+        const __m512i ix = _mm512_or_si512(                                                 \
             _mm512_mask_blend_epi8(0xAAAAAAAAAAAAAAAAULL, _mm512_and_si512(x, low), hi), off); \
-        for (int g = 0; g < G; g++) /* other groups' lanes keep their index meanwhile */ \
-            r = _mm512_mask2_permutex2var_epi8(tab[2 * g], r, pl->group[g], tab[2 * g + 1]); \
+        /* each group's lanes looked up on their own, then merged: no chain through groups */ \
+        __m512i r = _mm512_maskz_permutex2var_epi8(pl->group[0], tab[0], ix, tab[1]);      \
+        for (int g = 1; g < G; g++)                                                         \
+            r = _mm512_or_si512(r, _mm512_maskz_permutex2var_epi8(pl->group[g], tab[2 * g], \
+                                                                  ix, tab[2 * g + 1]));     \
         /* sums of 8 lanes, then of each code's L / 8 of them, in qword c * L / 8 */        \
-        __m512i S = _mm512_sad_epu8(_mm512_maskz_mov_epi8(pl->valid, r),                   \
-                                    _mm512_setzero_si512());                                \
+        __m512i S = _mm512_sad_epu8(r, _mm512_setzero_si512());                             \
         S = _mm512_add_epi64(S, _mm512_permutex_epi64(S, 0xB1));                            \
         if (L >= 32) S = _mm512_add_epi64(S, _mm512_permutex_epi64(S, 0x4E));               \
         if (L >= 64) S = _mm512_add_epi64(S, _mm512_shuffle_i64x2(S, S, 0x4E));             \
         const __m256 lb = _mm256_fmadd_ps(_mm512_cvtepu64_ps(S), delta, base);              \
-        /* the codes whose bound is within the threshold (the others' sums are above it) */ \
-        unsigned pass = _mm256_cmp_ps_mask(lb, th, _CMP_LE_OQ) & pl->heads;                 \
-        if (p < P) pass &= (1u << (p * Q8)) - 1;                                            \
-        while (pass) {                                                                      \
-            const int c = __builtin_ctz(pass) / Q8;                                         \
-            pass &= pass - 1;                                                               \
-            const float s = cypq_adc4_one(T0, T1, W, codes + (i + c) * W);                  \
-            if (s <= thresh) {                                                              \
-                out[cnt] = s;                                                               \
-                idx[cnt++] = (int32_t)(i + c);                                              \
-            }                                                                               \
+        /* the codes whose bound is within the threshold (the others' sums are above it), */ \
+        /* noted without branching: idx holds them until the second pass */                 \
+        const unsigned pass = _mm256_cmp_ps_mask(lb, th, _CMP_LE_OQ);                       \
+        for (int c = 0; c < p; c++) {                                                       \
+            idx[m] = (int32_t)(i + c);                                                      \
+            m += (pass >> (c * Q8)) & 1;                                                    \
+        }                                                                                   \
+    }                                                                                       \
+    /* the float sums of those, as cypq_adc4 makes them (cnt <= j: in place is safe) */     \
+    int64_t cnt = 0;                                                                        \
+    for (int64_t j = 0; j < m; j++) {                                                       \
+        const int32_t row = idx[j];                                                         \
+        const float s = cypq_adc4_one(T0, T1, W, codes + (int64_t)row * W);                 \
+        if (s <= thresh) {                                                                  \
+            out[cnt] = s;                                                                   \
+            idx[cnt++] = row;                                                               \
         }                                                                                   \
     }                                                                                       \
     return cnt;
