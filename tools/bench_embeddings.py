@@ -38,23 +38,56 @@ def dominated(point, mine) -> bool:
     return any(r[10] >= point[3][10] and ms <= point[2] for _, _, ms, r in mine)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=MINILM)
-    p.add_argument("--M", type=int, nargs="+", default=[16, 32, 48])
-    p.add_argument("--V", type=int, default=256, help="cypq coarse centroids per half")
-    p.add_argument("--nq", type=int, default=2000)
+def summary_row(size, mine, theirs) -> str:
+    """A line of the summary table: at code size ``size`` (bytes), how many of their points
+    one of mine dominates, and the best recall@10 of each side."""
+    beaten = sum(dominated(t, mine) for t in theirs)
+    best_mine = max(r[10] for *_, r in mine)
+    best_theirs = max(r[10] for *_, r in theirs)
+    return (f"| {size} B | {beaten} of {len(theirs)} | {best_mine:.3f} | {best_theirs:.3f} | "
+            f"{best_mine - best_theirs:+.3f} |")
+
+
+def print_tables(rows, summary, peers="faiss points") -> None:
+    """Every point's row, then the summary lines (summary_row) if any."""
+    print("\n| system | setting | train s | encode s | ms/query | R@1 | R@10 | R@100 |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    if summary:
+        print(f"\n| code size | {peers} with a cypq point at >= R@10 and <= ms | "
+              "best cypq R@10 | best faiss R@10 | difference |")
+        print("|---|---|---|---|---|")
+        print("\n".join(summary))
+
+
+def sweep_options(p, nq: int) -> None:
+    """The options of a benchmark that sweeps quotas / nprobe against faiss."""
+    p.add_argument("--nq", type=int, default=nq)
     p.add_argument("--threads", type=int, default=1, help="search threads (training: all)")
     p.add_argument("--quotas", type=int, nargs="+",
                    default=[250, 500, 1000, 2000, 4000, 8000, 16000])
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--plot", help="write recall@10 vs ms/query here (PNG)")
-    args = p.parse_args(argv)
+
+
+def load_and_say(args):
+    """(learn, base, queries, groundtruth) of args.data, after a line saying what runs."""
     xt, xb, xq, gt = load_set(args.data, args.nq)
-    D = xb.shape[1]
     print(f"cypq {cypq.__version__}, faiss {getattr(faiss, '__version__', '-')}; "
           f"{os.path.basename(os.path.normpath(args.data))}: learn {xt.shape}, base "
           f"{xb.shape}, {len(xq)} queries, k=100, search threads {args.threads}")
+    return xt, xb, xq, gt
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=MINILM)
+    p.add_argument("--M", type=int, nargs="+", default=[16, 32, 48])
+    p.add_argument("--V", type=int, default=256, help="cypq coarse centroids per half")
+    sweep_options(p, nq=2000)
+    args = p.parse_args(argv)
+    xt, xb, xq, gt = load_and_say(args)
+    D = xb.shape[1]
     rows, summary, by_m = [], [], {}
     for M in args.M:
         mine, theirs = [], []
@@ -68,19 +101,8 @@ def main(argv=None) -> None:
             bench_faiss(M, args, xt, xb, xq, gt, rows, specs=specs, points=theirs)
         by_m[M] = (mine, theirs)
         if theirs:
-            beaten = sum(dominated(t, mine) for t in theirs)
-            best_mine = max(r[10] for *_, r in mine)
-            best_theirs = max(r[10] for *_, r in theirs)
-            summary.append(f"| {M} B | {beaten} of {len(theirs)} | {best_mine:.3f} | "
-                           f"{best_theirs:.3f} | {best_mine - best_theirs:+.3f} |")
-    print("\n| system | setting | train s | encode s | ms/query | R@1 | R@10 | R@100 |")
-    print("|---|---|---|---|---|---|---|---|")
-    print("\n".join(rows))
-    if summary:
-        print("\n| code size | faiss points with a cypq point at >= R@10 and <= ms | "
-              "best cypq R@10 | best faiss R@10 | difference |")
-        print("|---|---|---|---|---|")
-        print("\n".join(summary))
+            summary.append(summary_row(M, mine, theirs))
+    print_tables(rows, summary)
     if args.plot:
         _plot(by_m, args.plot)
 

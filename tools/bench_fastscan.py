@@ -22,11 +22,11 @@ import time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_codecs.py
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _data import DEFAULT_DATA, load_set  # noqa: E402
-from bench_embeddings import NPROBE, _plot, dominated  # noqa: E402
+from _data import DEFAULT_DATA  # noqa: E402
+from bench_embeddings import (NPROBE, _plot, load_and_say, print_tables,  # noqa: E402
+                             summary_row, sweep_options)
 from bench_lopq import bench_cypq, bench_faiss, faiss  # noqa: E402
 
-import cypq  # noqa: E402
 from cypq import search as search_mod  # noqa: E402
 
 
@@ -65,19 +65,11 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--bytes", type=int, nargs="+", default=[8, 16, 24, 32])
-    p.add_argument("--nq", type=int, default=1000)
-    p.add_argument("--threads", type=int, default=1, help="search threads (training: all)")
-    p.add_argument("--quotas", type=int, nargs="+",
-                   default=[250, 500, 1000, 2000, 4000, 8000, 16000])
-    p.add_argument("--repeat", type=int, default=2)
-    p.add_argument("--plot", help="write recall@10 vs ms/query here (PNG)")
+    sweep_options(p, nq=1000)
     args = p.parse_args(argv)
     args.V = None   # bench_cypq: LOPQModel chooses V
-    xt, xb, xq, gt = load_set(args.data, args.nq)
+    xt, xb, xq, gt = load_and_say(args)
     D = xb.shape[1]
-    print(f"cypq {cypq.__version__}, faiss {getattr(faiss, '__version__', '-')}; "
-          f"{os.path.basename(os.path.normpath(args.data))}: learn {xt.shape}, base "
-          f"{xb.shape}, {len(xq)} queries, k=100, search threads {args.threads}")
     rows, summary, by_size, profile = [], [], {}, []
     for B in args.bytes:
         mine, theirs = [], []
@@ -97,19 +89,8 @@ def main(argv=None) -> None:
             bench_faiss(2 * B, args, xt, xb, xq, gt, rows, specs=specs, points=theirs)
         by_size[B] = (mine, theirs)
         if theirs and mine:
-            beaten = sum(dominated(t, mine) for t in theirs)
-            best_mine = max(r[10] for *_, r in mine)
-            best_theirs = max(r[10] for *_, r in theirs)
-            summary.append(f"| {B} B | {beaten} of {len(theirs)} | {best_mine:.3f} | "
-                           f"{best_theirs:.3f} |")
-    print("\n| system | setting | train s | encode s | ms/query | R@1 | R@10 | R@100 |")
-    print("|---|---|---|---|---|---|---|---|")
-    print("\n".join(rows))
-    if summary:
-        print("\n| code size | faiss fast-scan points with a cypq point at >= R@10 and <= ms | "
-              "best cypq R@10 | best faiss R@10 |")
-        print("|---|---|---|---|")
-        print("\n".join(summary))
+            summary.append(summary_row(B, mine, theirs))
+    print_tables(rows, summary, "faiss fast-scan points")
     print("\nwhere a 4-bit search's time goes (ms/query, 1 thread):")
     print("\n".join(profile))
     if args.plot:
