@@ -78,8 +78,8 @@ class Index:
         n_threads : int, optional
         pack_codes : bool, optional
             Store 4-bit codes (a model with ``subquantizer_clusters=16``) two per byte:
-            half the code bytes, and a search that scores a byte per lookup. None: packed
-            whenever the codes are 4-bit. False keeps a byte per code, which cypq 0.2 can
+            half the code bytes, and the fastest scan. None: packed whenever the codes are
+            4-bit and M a multiple of 4. False keeps a byte per code, which cypq 0.2 can
             read too (it refuses a packed index: format 5). True for another model is a
             ValueError.
         **options

@@ -439,7 +439,6 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
     cdef float *bias
     cdef float qdelta, qslack
     cdef bint bounds = False
-    cdef Py_ssize_t qsize = <Py_ssize_t> Mh * S      # a row's uint8 tables (bounds)
     cdef int32_t *ibuf
     cdef int failed = 0
     cdef int *fail = &failed
@@ -507,7 +506,7 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
             bias = NULL
             if bounds:
                 cell = <cypq_adc4_cell *> malloc(sizeof(cypq_adc4_cell))
-                qtab = <uint8_t *> malloc((maxrows if maxrows > 0 else 1) * qsize)
+                qtab = <uint8_t *> malloc((maxrows if maxrows > 0 else 1) * tsize)  # uint8 tables
                 bias = <float *> malloc((maxrows if maxrows > 0 else 1) * sizeof(float))
             for q in prange(nq, schedule="dynamic"):
                 if buf == NULL or ibuf == NULL or tables == NULL or (bounds and (
@@ -562,8 +561,8 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
                     T0 = tables + tab0[t] * tsize
                     T1 = tables + (n0 + tab1[t]) * tsize
                     if bounds:
-                        cell.Q0 = qtab + tab0[t] * qsize
-                        cell.Q1 = qtab + (n0 + tab1[t]) * qsize
+                        cell.Q0 = qtab + tab0[t] * tsize
+                        cell.Q1 = qtab + (n0 + tab1[t]) * tsize
                         cell.base = bias[tab0[t]] + bias[n0 + tab1[t]]
                     for g in range(seg_start[sl], seg_start[sl + 1]):
                         scanned = scanned + seg_len[g]
