@@ -38,14 +38,13 @@ class LOPQModel:
     ----------
     V : int, optional
         Coarse centroids per half (V * V cells). Default: chosen by ``fit`` from the number
-        n of training vectors, the largest power of two at most n / 64 (n / 256 with 4-bit
-        codes, ``subquantizer_clusters=16``), within [8, 1024] (:func:`cypq.lopq_parts.auto_V`:
-        100k SIFT vectors give 1024, 256 with 4-bit codes; 20k MiniLM ones 256, or 64).
+        n of training vectors, the largest power of two <= n / 64 (n / 256 for 4-bit codes)
+        in [8, 1024] (:func:`cypq.lopq_parts.auto_V`: 100k SIFT vectors give 1024 (4-bit:
+        256), 20k MiniLM ones 256 (64)).
     M : int
         Fine subquantizers in all (M / 2 per half); even.
     subquantizer_clusters : int
-        Centroids per fine subquantizer (256: one byte per subquantizer; 16: 4-bit codes,
-        which an index stores two per byte when M is a multiple of 4 and scans fastest).
+        Centroids per fine subquantizer (256: a byte each; 16: 4-bit codes, packed by an index).
     parameters : tuple, optional
         ``((C0, C1), (Rs0, Rs1), (mu0, mu1), (subs0, subs1))`` as in the LOPQ code: C (V, D/2);
         Rs (V, D/2, D/2); mu (V, D/2); subs a sequence of M/2 arrays (S, D/M) per half. Any part
