@@ -120,7 +120,8 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
               train: Optional[Callable[[], LOPQModel]] = None, ids: Optional[str] = None,
               chunk_size: int = 200_000, n_threads: Optional[int] = None,
               block_capacity: int = 128, progress: bool = True,
-              out: Callable[[str], None] = print) -> BulkSummary:
+              out: Callable[[str], None] = print,
+              pack_codes: Optional[bool] = None) -> BulkSummary:
     """Build a new on-disk index from a large input, or finish one that was interrupted.
 
     Parameters
@@ -146,6 +147,9 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
         Threads of the encoder (None: all cores).
     block_capacity : int
         Entries per block of the on-disk index (see :meth:`cypq.Index.create`).
+    pack_codes : bool, optional
+        4-bit codes two per byte (see :meth:`cypq.Index.create`); a resumed load keeps the
+        layout it began with.
     progress : bool
         Show tqdm progress bars (vectors/s and ETA).
     out : callable
@@ -171,7 +175,7 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
                 "ids": None if ids is None else [os.path.abspath(ids), os.path.getsize(ids)],
                 "chunk": int(chunk_size)}
     index, resumed, next_cell = _open_or_create(path, identity, model, train, block_capacity,
-                                                out)
+                                                out, pack_codes)
     storage = index.storage
     if next_cell == _FINISHED:  # killed after the last commit: only the clean-up was left
         shutil.rmtree(os.path.join(path, RUNS_DIR), ignore_errors=True)
@@ -268,7 +272,7 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
     return summary
 
 
-def _open_or_create(path, identity, model, train, block_capacity, out):
+def _open_or_create(path, identity, model, train, block_capacity, out, pack_codes):
     """(index, resumed, next cell of the write pass or None, or _FINISHED)."""
     if Index.exists(path):
         try:
@@ -304,7 +308,7 @@ def _open_or_create(path, identity, model, train, block_capacity, out):
         if train is None:
             raise BulkLoadError("a model is needed: pass a trained model or train one")
         model = train()
-    index = Index.create(path, model, block_capacity=block_capacity,
+    index = Index.create(path, model, block_capacity=block_capacity, pack_codes=pack_codes,
                          bulk_state=json.dumps(identity).encode())
     return index, False, None
 

@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chunk", type=_count, default=200_000,
                    help="vectors per chunk; memory is bounded by this")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    s.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
+                   help="4-bit codes two per byte (default: whenever the model's are 4-bit and "
+                   "M a multiple of 4; --no-pack: a byte per code, readable by cypq 0.2)")
     _train_options(s)
     s.set_defaults(func=cmd_build)
 

@@ -131,7 +131,7 @@ def cmd_build(args, out) -> int:
     summary = bulk_load(args.index, source, model=model,
                         train=(lambda: _train_from(source, args, out)) if args.train else None,
                         ids=args.ids, chunk_size=args.chunk, n_threads=args.threads,
-                        progress=not args.quiet, out=out)
+                        progress=not args.quiet, out=out, pack_codes=args.pack)
     out(f"built {args.index}")
     for line in summary.lines():
         out("  " + line)

@@ -71,6 +71,16 @@ def test_train_build_search_info_export_bench_add(files, capsys, monkeypatch):
     code, out, _ = run(capsys, "info", tmp / "ix")
     assert code == 0 and "V=8" in out and "6,000 vectors" in out
     assert "codes: 4-bit, two per byte (2 bytes per vector)" in out   # built by the CLI: packed
+    # --no-pack: a byte per code (cypq 0.2 reads it), the same search results
+    code, out, _ = run(capsys, "build", tmp / "ix-bytes", tmp / "base.npy", "--model",
+                       tmp / "m.lopq", "--chunk", 1000, "-q", "--no-pack")
+    with Index.open(tmp / "ix-bytes", readonly=True) as ix:
+        assert not ix.packed and ix.storage.code_width == 4
+        D_b, I_b = ix.search(Q, k=5, quota=500)
+    np.testing.assert_allclose(D_b, D_ref, rtol=1e-5, atol=1e-4)
+    assert (I_b == I_ref).mean() > 0.95
+    code, out, _ = run(capsys, "info", tmp / "ix-bytes")
+    assert "codes: 4 x uint8" in out
     code, out, _ = run(capsys, "export", tmp / "ix", "-o", tmp / "again.lopq")
     assert code == 0 and (tmp / "again.lopq").read_bytes() == (tmp / "m.lopq").read_bytes()
     code, out, _ = run(capsys, "export", tmp / "ix", "-o", tmp / "m.pkl")
