@@ -194,14 +194,14 @@ def cmd_info(args, out) -> int:
         from .index import Index
         try:
             with Index.open(args.path, readonly=True) as index:
-                st, packed = index.stats(), index.packed
+                st, packed, width = index.stats(), index.packed, index.storage.code_width
         except ValueError as e:
             out(f"index: {e}")
             return 0
         out(f"index: {st['vectors']:,} vectors in {st['non_empty_cells']:,} non-empty cells, "
             f"largest cell {st['largest_cell']:,}, {st['bytes_on_disk'] / 1e6:.1f} MB on disk")
-        out("  codes: " + (f"4-bit, two per byte ({model.M // 2} bytes per vector)" if packed
-                           else f"{model.M} x {np.dtype(model.fine_code_dtype).name}"))
+        out("  codes: " + (f"4-bit, two per byte ({width} bytes per vector)" if packed
+                           else f"{width} x {np.dtype(model.fine_code_dtype).name}"))
         if st.get("staged") or st.get("merge_pending"):
             pending = "; a merge is under way (adds go on with it; `Index.merge()` finishes it)" \
                 if st["merge_pending"] else ""

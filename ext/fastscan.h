@@ -71,7 +71,7 @@ static int64_t cypq_adc4(const float *T0, const float *T1, int W, const uint8_t 
 
 /* Lane constants of the VBMI path for one code width, made once per search (cypq_adc4_plan). */
 typedef struct {
-    int W, L, P, G;          /* bytes per code, lanes per code, codes per vector, groups */
+    int W;                   /* bytes per code */
     int vbmi;                /* the VBMI path is usable (CPU, M % 8 == 0, M <= 64, enabled) */
     uint8_t dup[64];         /* lane -> byte of the loaded codes holding its nibble */
     uint8_t off[64];         /* lane -> 16 * its subquantizer's place in its group of 8 */
@@ -89,18 +89,15 @@ typedef struct {
 static int cypq_fastscan_off = 0;   /* tests switch the VBMI path off to compare the paths */
 
 static void cypq_adc4_plan_init(cypq_adc4_plan *p, int W) {
-    const int M = 2 * W;
+    const int M = 2 * W, L = M <= 16 ? 16 : (M <= 32 ? 32 : 64);   /* lanes per code */
     memset(p, 0, sizeof *p);
     p->W = W;
-    p->L = M <= 16 ? 16 : (M <= 32 ? 32 : 64);
-    p->P = 64 / p->L;
-    p->G = (M + 7) / 8;
 #if CYPQ_WIDE
     p->vbmi = !cypq_fastscan_off && M % 8 == 0 && M <= 64 && cypq_wide()
               && __builtin_cpu_supports("avx512vbmi");
 #endif
     for (int lane = 0; lane < 64; lane++) {
-        const int c = lane / p->L, s = lane % p->L;
+        const int c = lane / L, s = lane % L;
         p->dup[lane] = (uint8_t)(s < M ? c * W + s / 2 : 0);
         p->off[lane] = (uint8_t)((s % 8) * 16);
         if (s < M) p->group[s / 8] |= 1ULL << lane;

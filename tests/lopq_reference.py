@@ -49,3 +49,23 @@ def search(model, entries, q, k, quota):
     every = {i: adc(model, q, co, fi) for i, co, fi in cand}
     scored = sorted((s, i) for i, s in every.items())[:k]
     return [s for s, _ in scored], [i for _, i in scored], n_cells, len(cand), every
+
+
+def entries_by_cell(model, X, ids):
+    """The entries dict search() takes, for vectors X stored under ids."""
+    code = model.predict(X)
+    entries = {}
+    for i, c, f in zip(ids, code.coarse, code.fine):
+        entries.setdefault(int(c[0]) * model.V + int(c[1]), []).append((int(i), c, f))
+    return entries
+
+
+def assert_search_matches(index, model, X, ids, Q, k, quota):
+    """index.search(Q, k, quota) over X stored under ids, against search(): the distances,
+    and every id returned is a candidate at the distance returned (ids differ only on ties)."""
+    D, I = index.search(Q, k=k, quota=quota)
+    entries = entries_by_cell(model, X, ids)
+    for qi, q in enumerate(Q):
+        dists, _, _, _, every = search(model, entries, q, k, quota)
+        np.testing.assert_allclose(D[qi], dists, rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose([every[int(i)] for i in I[qi]], D[qi], rtol=1e-4, atol=1e-3)

@@ -57,15 +57,7 @@ def test_packed_search_equals_reference(dim, M, n_threads):
     index = Index.in_memory(model, n_threads=n_threads)
     assert index.packed
     index.add(X)
-    D, I = index.search(Q, k=12, quota=300)
-    code = model.predict(X)
-    entries = {}
-    for i, (c, f) in enumerate(zip(code.coarse, code.fine)):
-        entries.setdefault(int(c[0]) * model.V + int(c[1]), []).append((i, c, f))
-    for qi, q in enumerate(Q):
-        dists, rids, _, _, every = ref.search(model, entries, q, 12, 300)
-        np.testing.assert_allclose(D[qi], dists, rtol=1e-4, atol=1e-3)
-        np.testing.assert_allclose([every[int(i)] for i in I[qi]], D[qi], rtol=1e-4, atol=1e-3)
+    ref.assert_search_matches(index, model, X, np.arange(len(X)), Q, 12, 300)
 
 
 def test_packed_and_unpacked_indexes_agree(small):
@@ -105,19 +97,23 @@ def test_lmdb_packed_equals_memory_and_records_its_kind(small, tmp_path, n_threa
         assert copy.packed and copy.storage.code_width == model.M // 2
         np.testing.assert_array_equal(copy.search(Q, k=10)[1], mem.search(Q, k=10)[1])
         copy.close()
-    env = lmdb.open(str(path), max_dbs=8, readonly=True, lock=False)
-    with env.begin() as txn:
-        meta = env.open_db(b"meta", txn=txn, create=False)
-        assert txn.get(b"format", db=meta) == b"cypq-index" + (5).to_bytes(4, "big")
-    env.close()
+    assert _format_version(path) == 5
     # an unpacked index stays format 4, which cypq 0.2 reads
     with Index.create(tmp_path / "plain", model, pack_codes=False) as plain:
         plain.add(X[:10])
-    env = lmdb.open(str(tmp_path / "plain"), max_dbs=8, readonly=True, lock=False)
-    with env.begin() as txn:
-        meta = env.open_db(b"meta", txn=txn, create=False)
-        assert txn.get(b"format", db=meta) == b"cypq-index" + (4).to_bytes(4, "big")
-    env.close()
+    assert _format_version(tmp_path / "plain") == 4
+
+
+def _format_version(path) -> int:
+    """The format version an index's meta[format] record names."""
+    env = lmdb.open(str(path), max_dbs=8, readonly=True, lock=False)
+    try:
+        with env.begin() as txn:
+            fmt = txn.get(b"format", db=env.open_db(b"meta", txn=txn, create=False))
+    finally:
+        env.close()
+    assert fmt[:-4] == b"cypq-index"
+    return int.from_bytes(fmt[-4:], "big")
 
 
 def test_older_cypq_refuses_a_packed_index(small, tmp_path, monkeypatch):

@@ -26,14 +26,6 @@ def setup():
     return model, X, Q
 
 
-def _entries(model, X, ids):
-    code = model.predict(X)
-    entries = {}
-    for i, c, f in zip(ids, code.coarse, code.fine):
-        entries.setdefault(int(c[0]) * model.V + int(c[1]), []).append((int(i), c, f))
-    return entries
-
-
 @pytest.mark.parametrize("distinct", ["table", "unique"])
 @pytest.mark.parametrize("quota,k", [(50, 10), (300, 25), (5000, 40), (1, 5)])
 def test_search_equals_reference(setup, quota, k, n_threads, distinct, monkeypatch):
@@ -47,7 +39,7 @@ def test_search_equals_reference(setup, quota, k, n_threads, distinct, monkeypat
     index = Index.in_memory(model, n_threads=n_threads)
     index.add(X, ids)
     D, I, st = index.search(Q, k=k, quota=quota, return_stats=True)
-    entries = _entries(model, X, ids)
+    entries = ref.entries_by_cell(model, X, ids)
     for qi, q in enumerate(Q):
         dists, rids, n_cells, n_cand, every = ref.search(model, entries, q, k, quota)
         assert st.visited[qi] == n_cells
@@ -75,12 +67,7 @@ def _fit_search_vs_reference(dim, V, M, S, n_clusters, seed, k, quota, n_threads
     Q = clustered(7, dim, n_clusters=n_clusters, seed=seed + 1)
     index = Index.in_memory(model, n_threads=n_threads)
     index.add(X)
-    D, I = index.search(Q, k=k, quota=quota)
-    entries = _entries(model, X, np.arange(len(X)))
-    for qi, q in enumerate(Q):
-        dists, rids, _, _, every = ref.search(model, entries, q, k, quota)
-        np.testing.assert_allclose(D[qi], dists, rtol=1e-4, atol=1e-3)
-        np.testing.assert_allclose([every[int(i)] for i in I[qi]], D[qi], rtol=1e-4, atol=1e-3)
+    ref.assert_search_matches(index, model, X, np.arange(len(X)), Q, k, quota)
 
 
 def test_many_tables_per_query(n_threads):
