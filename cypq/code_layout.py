@@ -17,9 +17,7 @@ from typing import Optional
 
 import numpy as np
 
-from .storage.base import IndexFormatError
-
-PACKED4 = "codes4"
+from .storage.base import PACKED4, IndexFormatError
 
 
 @dataclass(frozen=True)

@@ -40,8 +40,10 @@ class IndexCorruptError(IndexFormatError):
     """Stored data is damaged: a value or record does not parse as its layout says."""
 
 
-# The storage features this cypq's layers understand (see Storage.features).
-KNOWN_FEATURES = frozenset({"codes4"})
+# The storage features this cypq's layers understand (see Storage.features); the names are
+# defined here so that the storage can check them, their meaning by the layer that asks.
+PACKED4 = "codes4"      # the index's 4-bit codes are two per byte (cypq.code_layout)
+KNOWN_FEATURES = frozenset({PACKED4})
 
 
 def check_features(features, where: str) -> frozenset:
