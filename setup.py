@@ -8,7 +8,7 @@ import os
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-KERNELS = ["_quantize", "_kmeans", "_adc", "_lopq", "_search", "_buffers"]
+KERNELS = ["_quantize", "_kmeans", "_adc", "_lopq", "_search", "_buffers", "_rerank"]
 
 directives = {
     "language_level": 3,

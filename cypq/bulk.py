@@ -31,6 +31,7 @@ from ._runs import gather, ranges, write_atomic
 from .index import Index
 from .lopq import LOPQModel
 from .storage.base import IndexFormatError
+from .stored_vectors import to_stored
 from .vector_files import VectorSource, read_ids
 
 RUNS_DIR = "bulk-runs"
@@ -100,20 +101,25 @@ class _Progress:
 
 
 def encoded_chunks(source: VectorSource, model: LOPQModel, chunk: int, ids=None,
-                   start: int = 0) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
-    """(first row, ids (n,) int64, cells (n,) int64, fine codes (n, M)) per chunk of vectors.
+                   start: int = 0, keep=None
+                   ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray, object]]:
+    """(first row, ids (n,) int64, cells (n,) int64, fine codes (n, M), vectors) per chunk
+    of vectors.
 
-    ``ids``: array-like (N,) (e.g. a memmap) or None for row numbers.
+    ``ids``: array-like (N,) (e.g. a memmap) or None for row numbers. ``keep``: the dtype
+    of the vectors an index keeps (they come out as :func:`cypq.stored_vectors.to_stored`
+    makes them), or None (vectors is None).
     """
     for a, X in source.chunks(chunk, start):
         try:
             code = model.predict(X)
-        except ValueError as e:  # NaN, wrong dimension: say where
+            kept = None if keep is None else to_stored(X, keep, a)
+        except ValueError as e:  # NaN, wrong dimension, a vector the index cannot keep
             raise BulkLoadError(f"input rows {a}..{a + len(X) - 1}: {e}") from None
         cells = model.get_cell_id_for_coarse_codes(code.coarse)
         chunk_ids = (np.arange(a, a + len(X), dtype=np.int64) if ids is None
                      else np.asarray(ids[a:a + len(X)], dtype=np.int64))
-        yield a, chunk_ids, cells, code.fine
+        yield a, chunk_ids, cells, code.fine, kept
 
 
 def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None,
@@ -121,7 +127,8 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
               chunk_size: int = 200_000, n_threads: Optional[int] = None,
               block_capacity: int = 128, progress: bool = True,
               out: Callable[[str], None] = print,
-              pack_codes: Optional[bool] = None) -> BulkSummary:
+              pack_codes: Optional[bool] = None, vectors: Optional[str] = None
+              ) -> BulkSummary:
     """Build a new on-disk index from a large input, or finish one that was interrupted.
 
     Parameters
@@ -150,6 +157,9 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
     pack_codes : bool, optional
         4-bit codes two per byte (see :meth:`cypq.Index.create`); a resumed load keeps the
         layout it began with.
+    vectors : {None, 'float32', 'float16', 'uint8'}
+        Keep each entry's vector (see :meth:`cypq.Index.create`; vector input only); a
+        resumed load keeps what it began with.
     progress : bool
         Show tqdm progress bars (vectors/s and ETA).
     out : callable
@@ -171,11 +181,14 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
         if not isinstance(source, VectorSource):
             raise BulkLoadError("an ids file goes with vector input only (codes carry ids)")
         ids_arr = read_ids(ids, N)
+    if vectors not in (None, "none") and not isinstance(source, VectorSource):
+        raise BulkLoadError("an index that keeps vectors is built from vector input, not "
+                            "from codes")
     identity = {"version": _STATE_VERSION, "input": source.identity(), "rows": N,
                 "ids": None if ids is None else [os.path.abspath(ids), os.path.getsize(ids)],
-                "chunk": int(chunk_size)}
+                "chunk": int(chunk_size), "vectors": None if vectors == "none" else vectors}
     index, resumed, next_cell = _open_or_create(path, identity, model, train, block_capacity,
-                                                out, pack_codes)
+                                                out, pack_codes, vectors)
     storage = index.storage
     if next_cell == _FINISHED:  # killed after the last commit: only the clean-up was left
         shutil.rmtree(os.path.join(path, RUNS_DIR), ignore_errors=True)
@@ -209,15 +222,19 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
             dtype = _run_dtype(storage)
             for k in todo:
                 a = k * chunk_size
-                chunks = (encoded_chunks(source, model, chunk_size, ids_arr, a)
+                chunks = (encoded_chunks(source, model, chunk_size, ids_arr, a,
+                                         index.vector_dtype)
                           if isinstance(source, VectorSource) else
-                          source.chunks(chunk_size, a, model.fine_code_dtype))
-                _, c_ids, cells, fine = next(iter(chunks))
+                          (c + (None,) for c in source.chunks(chunk_size, a,
+                                                              model.fine_code_dtype)))
+                _, c_ids, cells, fine, kept = next(iter(chunks))
                 _check_codes(model, cells, fine)
                 order = np.argsort(cells, kind="stable")
                 run = np.empty(len(cells), dtype=dtype)
                 run["cell"], run["id"] = cells[order], c_ids[order]
                 run["code"] = index.stored_codes(fine[order])
+                if kept is not None:
+                    run["vector"] = kept[order]
                 write_atomic(run_files[k], run)
                 del run, cells, fine, c_ids, order
                 peak = max(peak, rss_anon_mb())
@@ -241,7 +258,8 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
                 batch = gather(runs, "cell", lo_cell, hi_cell, _run_dtype(storage))
                 state = dict(identity, next_cell=int(hi_cell))
                 writer.append(batch["cell"], batch["id"], batch["code"],
-                              json.dumps(state).encode())
+                              json.dumps(state).encode(),
+                              batch["vector"] if storage.vector_width else None)
                 peak = max(peak, rss_anon_mb())
                 bar.update(len(batch))
                 del batch
@@ -272,7 +290,7 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
     return summary
 
 
-def _open_or_create(path, identity, model, train, block_capacity, out, pack_codes):
+def _open_or_create(path, identity, model, train, block_capacity, out, pack_codes, vectors):
     """(index, resumed, next cell of the write pass or None, or _FINISHED)."""
     if Index.exists(path):
         try:
@@ -309,7 +327,7 @@ def _open_or_create(path, identity, model, train, block_capacity, out, pack_code
             raise BulkLoadError("a model is needed: pass a trained model or train one")
         model = train()
     index = Index.create(path, model, block_capacity=block_capacity, pack_codes=pack_codes,
-                         bulk_state=json.dumps(identity).encode())
+                         vectors=vectors, bulk_state=json.dumps(identity).encode())
     return index, False, None
 
 
@@ -318,9 +336,12 @@ def _same_input(state: dict, identity: dict) -> bool:
 
 
 def _run_dtype(storage) -> np.dtype:
-    """A run file's records: cell, id and the code as the storage holds it."""
+    """A run file's records: cell, id, the code as the storage holds it, and the vector
+    when the storage keeps one."""
     return np.dtype([("cell", "<i8"), ("id", "<i8"),
-                     ("code", storage.code_dtype, (storage.code_width,))])
+                     ("code", storage.code_dtype, (storage.code_width,))]
+                    + ([("vector", storage.vector_dtype, (storage.vector_width,))]
+                       if storage.vector_width else []))
 
 
 def _rows_in(chunks: list[int], size: int, N: int) -> int:

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 from .commands import (UserError, cmd_add, cmd_backup, cmd_bench, cmd_build, cmd_demo,
                        cmd_export, cmd_info, cmd_search, cmd_train, cmd_verify)
+from .stored_vectors import VECTOR_KINDS
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -111,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
                    help="4-bit codes two per byte (default: whenever the model's are 4-bit and "
                    "M a multiple of 4; --no-pack: a byte per code, readable by cypq 0.2)")
+    s.add_argument("--vectors", choices=("none",) + VECTOR_KINDS, default="none",
+                   help="keep each vector too, for exact re-ranking (search --rerank): uint8 "
+                   "for byte inputs like SIFT (whole numbers 0..255), float16, float32")
     _train_options(s)
     s.set_defaults(func=cmd_build)
 
@@ -133,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quota", type=_quota, default=None,
                    help="candidates per query (default: 10000; 0: every cell)")
     s.add_argument("--w", type=_count, default=None, help="cap on cells visited")
+    s.add_argument("--rerank", type=_count, default=None,
+                   help="re-rank this many best candidates (>= k) exactly with the vectors "
+                   "the index keeps (built with --vectors)")
     s.add_argument("--out", help="write the ids (nq, k) int64 to this .npy instead of printing")
     s.add_argument("--distances-out", help="with --out: write the distances here too")
     s.set_defaults(func=cmd_search)
@@ -160,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-k", type=_count, default=100, help="results per query")
     s.add_argument("--repeat", type=_count, default=3,
                    help="timed runs per quota (the best is kept)")
+    s.add_argument("--rerank", type=_count, default=None,
+                   help="re-rank this many best candidates (>= k) exactly with the stored "
+                   "vectors")
     s.add_argument("--plot", help="write a recall-vs-ms/query PNG here")
     s.set_defaults(func=cmd_bench)
 

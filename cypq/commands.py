@@ -131,7 +131,8 @@ def cmd_build(args, out) -> int:
     summary = bulk_load(args.index, source, model=model,
                         train=(lambda: _train_from(source, args, out)) if args.train else None,
                         ids=args.ids, chunk_size=args.chunk, n_threads=args.threads,
-                        progress=not args.quiet, out=out, pack_codes=args.pack)
+                        progress=not args.quiet, out=out, pack_codes=args.pack,
+                        vectors=args.vectors)
     out(f"built {args.index}")
     for line in summary.lines():
         out("  " + line)
@@ -170,7 +171,7 @@ def cmd_search(args, out) -> int:
         if Q.shape[1] != index.model.D:
             raise UserError(f"the queries have dimension {Q.shape[1]} but the index's model "
                             f"expects {index.model.D}")
-        D, I = index.search(Q, k=args.k, quota=args.quota, w=args.w)
+        D, I = index.search(Q, k=args.k, quota=args.quota, w=args.w, rerank=args.rerank)
     if args.out:
         np.save(args.out, I)
         if args.distances_out:
@@ -195,6 +196,7 @@ def cmd_info(args, out) -> int:
         try:
             with Index.open(args.path, readonly=True) as index:
                 st, packed, width = index.stats(), index.packed, index.storage.code_width
+                kept = index.vector_dtype
         except ValueError as e:
             out(f"index: {e}")
             return 0
@@ -202,6 +204,7 @@ def cmd_info(args, out) -> int:
             f"largest cell {st['largest_cell']:,}, {st['bytes_on_disk'] / 1e6:.1f} MB on disk")
         out("  codes: " + (f"4-bit, two per byte ({width} bytes per vector)" if packed
                            else f"{width} x {np.dtype(model.fine_code_dtype).name}"))
+        out(f"  vectors: {'kept as ' + kept.name if kept is not None else 'not kept'}")
         if st.get("staged") or st.get("merge_pending"):
             pending = "; a merge is under way (adds go on with it; `Index.merge()` finishes it)" \
                 if st["merge_pending"] else ""
@@ -231,15 +234,16 @@ def cmd_bench(args, out) -> int:
             raise UserError(f"the queries have dimension {Q.shape[1]} but the index's model "
                             f"expects {index.model.D}")
         k = max(args.k, 1)
-        out(f"{len(Q)} queries, k={k}, {index.n_threads or 'all'} threads")
+        out(f"{len(Q)} queries, k={k}, {index.n_threads or 'all'} threads"
+            + (f", re-ranking {args.rerank}" if args.rerank else ""))
         out("| quota | recall@1 | recall@10 | recall@100 | ms/query |")
         out("|---|---|---|---|---|")
         for quota in args.quotas:
-            index.search(Q[:10], k=k, quota=quota)  # warm up
+            index.search(Q[:10], k=k, quota=quota, rerank=args.rerank)  # warm up
             best = float("inf")
             for _ in range(args.repeat):
                 t0 = time.perf_counter()
-                _, I = index.search(Q, k=k, quota=quota)
+                _, I = index.search(Q, k=k, quota=quota, rerank=args.rerank)
                 best = min(best, time.perf_counter() - t0)
             rec = [float(np.mean((I[:, :R] == gt[:, :1]).any(axis=1))) if R <= k else
                    float("nan") for R in (1, 10, 100)]

@@ -14,6 +14,7 @@ from .code_layout import CodeLayout
 from .lopq import LOPQModel
 from .pq import NotFittedError
 from .search import SearchStats, search as _search
+from .stored_vectors import rerank as _rerank, to_stored, vector_dtype
 from .storage.base import IndexCorruptError, Storage
 from .storage.memory import MemoryStorage
 
@@ -44,7 +45,7 @@ class Index:
     # ------------------------------------------------------------------ making one
     @classmethod
     def in_memory(cls, model: LOPQModel, n_threads: Optional[int] = None,
-                  pack_codes: Optional[bool] = None) -> "Index":
+                  pack_codes: Optional[bool] = None, vectors: Optional[str] = None) -> "Index":
         """An index held in RAM.
 
         Parameters
@@ -56,17 +57,20 @@ class Index:
         pack_codes : bool, optional
             Store 4-bit codes two per byte (None: whenever the model's codes are 4-bit,
             ``subquantizer_clusters=16``); see :meth:`create`.
+        vectors : str, optional
+            Keep each entry's vector for re-ranking; see :meth:`create`.
         """
         _require_trained(model)
         layout = CodeLayout.for_model(model, pack_codes)
         storage = MemoryStorage(model.V * model.V, layout.width, layout.dtype,
                                 meta={"model": model.to_proto_bytes()},
-                                features=layout.features)
+                                features=layout.features, vectors=_vector_spec(model, vectors))
         return cls(model, storage, n_threads=n_threads)
 
     @classmethod
     def create(cls, path: str | os.PathLike, model: LOPQModel, n_threads: Optional[int] = None,
-               pack_codes: Optional[bool] = None, **options) -> "Index":
+               pack_codes: Optional[bool] = None, vectors: Optional[str] = None,
+               **options) -> "Index":
         """Create an on-disk index (an LMDB environment in the directory ``path``).
 
         Parameters
@@ -82,6 +86,12 @@ class Index:
             4-bit and M a multiple of 4. False keeps a byte per code, which cypq 0.2 can
             read too (it refuses a packed index: format 5). True for another model is a
             ValueError.
+        vectors : {None, 'float32', 'float16', 'uint8'}
+            Keep each entry's vector (as given, in the input space), for exact re-ranking
+            (``search(..., rerank=R)``) and :meth:`vectors`: 'float32' as given, 'float16'
+            (finite values within +-65504), 'uint8' (whole numbers in [0, 255], e.g. SIFT).
+            A vector the kind cannot hold is refused, not rounded. Stored by id in the
+            same transaction as the entry (format 5: cypq 0.2 refuses such an index).
         **options
             Storage options (``block_capacity``, ``stage_capacity``, ``map_size``, ``sync``,
             ``bulk_state``), see :meth:`cypq.storage.lmdb.LMDBStorage.create`.
@@ -91,7 +101,8 @@ class Index:
         layout = CodeLayout.for_model(model, pack_codes)
         storage = LMDBStorage.create(os.fspath(path), model.V * model.V, layout.width,
                                      layout.dtype, meta={"model": model.to_proto_bytes()},
-                                     features=layout.features, **options)
+                                     features=layout.features,
+                                     vectors=_vector_spec(model, vectors), **options)
         return cls(model, storage, os.fspath(path), n_threads=n_threads)
 
     @classmethod
@@ -143,6 +154,12 @@ class Index:
     def packed(self) -> bool:
         """bool: whether the index stores its 4-bit codes two per byte."""
         return self._layout.packed
+
+    @property
+    def vector_dtype(self) -> Optional[np.dtype]:
+        """numpy.dtype or None: how the index keeps each entry's vector (None: it keeps
+        none)."""
+        return self._storage.vector_dtype if self._storage.vector_width else None
 
     @property
     def storage(self) -> Storage:
@@ -218,10 +235,11 @@ class Index:
         arr = np.asarray(vectors)
         X = as_vectors(arr[None, :] if arr.ndim == 1 else arr, "vectors", dim=self._model.D,
                        allow_empty=True)
+        stored = to_stored(X, self.vector_dtype) if self.vector_dtype is not None else None
         code = self._model.predict(X)
-        return self._add(code.coarse, code.fine, ids, replace)
+        return self._add(code.coarse, code.fine, ids, replace, stored)
 
-    def add_codes(self, codes, ids, replace: bool = False) -> np.ndarray:
+    def add_codes(self, codes, ids, replace: bool = False, vectors=None) -> np.ndarray:
         """Add precomputed LOPQ codes in one transaction.
 
         Parameters
@@ -230,6 +248,9 @@ class Index:
             As returned by ``model.predict`` for a batch.
         ids : array_like of int64 (N,)
         replace : bool
+        vectors : array_like (N, D), optional
+            The vectors the codes were made from: required by an index that keeps vectors
+            (see :meth:`create`), refused by one that does not.
 
         Returns
         -------
@@ -244,16 +265,28 @@ class Index:
         coarse = self._model.check_coarse_codes(coarse, fine.shape[0])
         if ids is None:
             raise ValueError("add_codes needs the ids of the codes")
-        return self._add(coarse, fine, ids, replace)
+        stored = None
+        if vectors is not None or self.vector_dtype is not None:
+            if self.vector_dtype is None:
+                raise ValueError("this index keeps no vectors: add the codes without them")
+            if vectors is None:
+                raise ValueError("this index keeps each entry's vector: pass vectors= (the "
+                                 "vectors the codes were made from)")
+            X = as_vectors(vectors, "vectors", dim=self._model.D, allow_empty=True)
+            if len(X) != len(fine):
+                raise ValueError(f"{len(X)} vectors for {len(fine)} codes")
+            stored = to_stored(X, self.vector_dtype)
+        return self._add(coarse, fine, ids, replace, stored)
 
-    def _add(self, coarse, fine, ids, replace):
+    def _add(self, coarse, fine, ids, replace, vectors=None):
         n = fine.shape[0]
         if ids is not None:
             ids = _as_ids(ids, n)
         if not n:
             return np.empty(0, dtype=np.int64)
         cells = self._model.get_cell_id_for_coarse_codes(coarse)
-        return self._storage.add(cells, ids, self._layout.pack(fine), replace=replace)
+        return self._storage.add(cells, ids, self._layout.pack(fine), replace=replace,
+                                 vectors=vectors)
 
     def merge(self) -> int:
         """Move the entries staged by recent adds into their cells' blocks now (on disk;
@@ -283,6 +316,35 @@ class Index:
         self._check_open()
         found, cells, codes = self._storage.lookup(_as_ids(ids, None, unique=False))
         return found, cells, self._layout.unpack(codes)
+
+    def vectors(self, ids) -> np.ndarray:
+        """The stored vectors of ids, as the index keeps them (see :meth:`create`).
+
+        Parameters
+        ----------
+        ids : array_like of int64 (N,)
+
+        Returns
+        -------
+        numpy.ndarray (N, D) of :attr:`vector_dtype`
+
+        Raises
+        ------
+        ValueError
+            The index keeps no vectors.
+        KeyError
+            An id is not in the index (naming the first).
+        """
+        self._check_open()
+        if self.vector_dtype is None:
+            raise ValueError("this index keeps no vectors: create it with vectors='float32', "
+                             "'float16' or 'uint8' (or rebuild it so)")
+        ids = _as_ids(ids, None, unique=False)
+        found, rows = self._storage.vectors(ids)
+        if not found.all():
+            raise KeyError(f"{int((~found).sum())} ids are not in the index (first: "
+                           f"{int(ids[~found][0])})")
+        return rows
 
     def stored_codes(self, fine) -> np.ndarray:
         """Fine codes (N, M) of this index's model as its storage holds them (N, width):
@@ -324,7 +386,8 @@ class Index:
         options = {**self._storage.options(), **options}
         state = b'{"compact": true}'   # the bulk marker until the copy is complete
         new = Index.create(path, self._model, n_threads=self.n_threads, bulk_state=state,
-                           pack_codes=self._layout.packed, **options)
+                           pack_codes=self._layout.packed,
+                           vectors=self.vector_dtype and self.vector_dtype.name, **options)
         try:
             scratch = os.path.join(path, "compact-runs")
             os.makedirs(scratch, exist_ok=True)
@@ -334,7 +397,8 @@ class Index:
                 for hi in ranges(np.cumsum(snap.cell_sizes()), step):
                     cells, ids, codes = snap.entries(lo, hi)
                     if len(cells):
-                        writer.append(cells, ids, codes, state)
+                        vectors = snap.vectors(ids)[1] if self.vector_dtype else None
+                        writer.append(cells, ids, codes, state, vectors)
                     lo = hi
             writer.finish(state)
             shutil.rmtree(scratch, ignore_errors=True)
@@ -345,7 +409,7 @@ class Index:
 
     # ------------------------------------------------------------------ search
     def search(self, queries, k: int = 10, quota: Optional[int] = None, w: Optional[int] = None,
-               return_stats: bool = False):
+               return_stats: bool = False, rerank: Optional[int] = None):
         """Approximate nearest neighbours by LOPQ: whole cells in multi-sequence order until
         they hold at least ``quota`` vectors (or ``w`` cells were visited), ranked by
         asymmetric distance.
@@ -363,6 +427,10 @@ class Index:
             Cap on the cells visited, empty ones included.
         return_stats : bool
             Also return a SearchStats (cells scanned and visited, codes scanned per query).
+        rerank : int, optional
+            Re-rank the best ``rerank`` (>= k) candidates by ADC exactly with the stored
+            vectors (an index made with ``vectors``), read from the same committed state
+            as the codes; the k best by exact score are returned with exact distances.
 
         Returns
         -------
@@ -371,7 +439,8 @@ class Index:
             inf where a query has fewer than k results; for a model with metric='cosine',
             cosine similarities to the reconstructions, descending, -inf where fewer; for
             metric='ip', inner products with the reconstructions, descending, -inf where
-            fewer (faiss's conventions for each).
+            fewer (faiss's conventions for each). With ``rerank``: the same, of the stored
+            vectors themselves (cosine: of the query and the stored vector).
         I : numpy.ndarray int64 (nq, k)
             Ids; -1 where a query has fewer than k results.
         """
@@ -388,15 +457,45 @@ class Index:
         if w is not None:
             w = positive_int(w, "w")
         Q = self._model.to_model_space(queries, "queries")
-        D, I, stats = _search(self._model, self._storage, Q, k, quota, w,
-                              self._threads(len(Q), _QUERIES_PER_THREAD), self._layout.packed)
-        if self._model.metric == "cosine":
+        threads = self._threads(len(Q), _QUERIES_PER_THREAD)
+        then = None
+        if rerank is not None:
+            rerank = self._check_rerank(rerank, k)
+            X = self._model.normalize(as_vectors(queries if np.ndim(queries) == 2 else
+                                                 np.asarray(queries)[None, :], "queries",
+                                                 dim=self._model.D, allow_empty=True))
+
+            def then(snap, D, I):
+                return _rerank(X, I, k, snap.vectors, self._model.metric, threads)
+        D, I, stats = _search(self._model, self._storage, Q, rerank or k, quota, w, threads,
+                              self._layout.packed, then)
+        if rerank is not None:  # exact scores, smaller first: the metric's convention
+            if self._model.metric != "l2":
+                D = np.where(I >= 0, -D, -np.inf).astype(np.float32)
+        elif self._model.metric == "cosine":
             # unit vectors: |q - x|^2 = 2 - 2 cos(q, x); the order stays (largest first)
             D = np.where(I >= 0, np.float32(1) - D * np.float32(0.5),
                          -np.inf).astype(np.float32)
         elif self._model.metric == "ip":  # the kernels rank by minus the inner product
             D = np.where(I >= 0, -D, -np.inf).astype(np.float32)
         return (D, I, stats) if return_stats else (D, I)
+
+
+    def _check_rerank(self, rerank, k: int) -> int:
+        rerank = positive_int(rerank, "rerank")
+        if self.vector_dtype is None:
+            raise ValueError("rerank needs the stored vectors, and this index keeps none: "
+                             "create it with vectors='float32', 'float16' or 'uint8'")
+        if rerank < k:
+            raise ValueError(f"rerank={rerank} is below k={k}: re-rank at least the k "
+                             "results asked for")
+        return rerank
+
+
+def _vector_spec(model: LOPQModel, kind: Optional[str]):
+    """The storage's vectors option for the index's ``vectors`` kind (None: none)."""
+    dtype = vector_dtype(kind)
+    return None if dtype is None else (model.D, dtype)
 
 
 def _stored_model(storage: Storage, path: str) -> LOPQModel:

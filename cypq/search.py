@@ -6,6 +6,7 @@ released, queries in parallel; the storage only says where the cells' codes are.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -28,7 +29,8 @@ class SearchStats:
 
 
 def search(model, storage: Storage, Q: np.ndarray, k: int, quota: int, w: int | None,
-           n_threads: int, packed: bool = False) -> tuple[np.ndarray, np.ndarray, SearchStats]:
+           n_threads: int, packed: bool = False, then: Optional[Callable] = None
+           ) -> tuple[np.ndarray, np.ndarray, SearchStats]:
     """Top-k by LOPQ asymmetric distance over whole cells in multi-sequence order.
 
     Parameters
@@ -46,6 +48,9 @@ def search(model, storage: Storage, Q: np.ndarray, k: int, quota: int, w: int | 
     n_threads : int
     packed : bool
         The storage holds 4-bit codes two per byte (cypq.code_layout).
+    then : callable, optional
+        ``then(snapshot, D, I) -> (D, I)``: called on the results inside the snapshot the
+        search read (re-ranking reads the stored vectors of the same state).
 
     Returns
     -------
@@ -74,6 +79,8 @@ def search(model, storage: Storage, Q: np.ndarray, k: int, quota: int, w: int | 
         for q0 in range(0, nq, batch):
             _search_batch(view, snap, sizes, Q, q0, min(nq, q0 + batch), k, quota, w, cap,
                           D, I, stats, n_threads, packed)
+        if then is not None:
+            D, I = then(snap, D, I)
     return D, I, stats
 
 

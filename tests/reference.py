@@ -70,3 +70,15 @@ def kmeanspp(X, col0, Ds, u, first, Ks):
         picks.append(min(pick, len(X) - 1))
         mind = np.minimum(mind, ((sub - sub[picks[-1]]) ** 2).sum(1))
     return sub[picks]
+
+
+def exact_scores(Q, X, metric):
+    """Scores (nq, n) of every vector X (n, D) for every query Q (nq, D), smaller first:
+    squared L2, minus the inner product, or minus the cosine (the queries of unit norm)."""
+    Qd, Xd = Q.astype(np.float64), X.astype(np.float64)
+    if metric == "l2":
+        return ((Qd[:, None, :] - Xd[None, :, :]) ** 2).sum(-1)
+    dots = Qd @ Xd.T
+    if metric == "ip":
+        return -dots
+    return -dots / np.linalg.norm(Xd, axis=1)[None, :]

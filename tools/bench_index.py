@@ -26,20 +26,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_codecs.py
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _data import DEFAULT_DATA, Timer, load_queries, load_sift, recalls  # noqa: E402
+from _data import (DEFAULT_DATA, Timer, drop_cache, load_queries, load_sift,  # noqa: E402
+                   recalls)
 
 import cypq  # noqa: E402
 from cypq.bulk import bulk_load, rss_anon_mb  # noqa: E402
 from cypq.vector_files import VectorSource  # noqa: E402
-
-
-def drop_cache(path: str) -> None:
-    for name in os.listdir(path):
-        fd = os.open(os.path.join(path, name), os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def child_cold(path: str, data: str, nq: int, quota: int, threads: int) -> dict:

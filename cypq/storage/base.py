@@ -43,7 +43,8 @@ class IndexCorruptError(IndexFormatError):
 # The storage features this cypq's layers understand (see Storage.features); the names are
 # defined here so that the storage can check them, their meaning by the layer that asks.
 PACKED4 = "codes4"      # the index's 4-bit codes are two per byte (cypq.code_layout)
-KNOWN_FEATURES = frozenset({PACKED4})
+VECTORS = "vectors"     # every entry keeps a vector beside its code (Storage.vectors)
+KNOWN_FEATURES = frozenset({PACKED4, VECTORS})
 
 
 def check_features(features, where: str) -> frozenset:
@@ -88,6 +89,11 @@ class Snapshot(ABC):
         """Copies of the entries of cells lo .. hi-1: (cells (n,) int64 ascending, ids (n,)
         int64, codes (n, M)); each cell's in the order a search scans them."""
 
+    def vectors(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(found (n,) bool, rows (n, vector_width) of vector_dtype, zero where not found)
+        of ids (n,) int64 in this snapshot's state (see :meth:`Storage.vectors`)."""
+        raise ValueError("this storage keeps no vectors")
+
 
 class BulkWriter(ABC):
     """Writes the entries of a storage created for a bulk load, in cell order, resumably.
@@ -103,7 +109,7 @@ class BulkWriter(ABC):
 
     @abstractmethod
     def append(self, cells: np.ndarray, ids: np.ndarray, codes: np.ndarray,
-               state: bytes) -> None:
+               state: bytes, vectors: Optional[np.ndarray] = None) -> None:
         """Store entries whose cells all come after every cell stored so far, in one step.
 
         Parameters
@@ -114,6 +120,8 @@ class BulkWriter(ABC):
         codes : numpy.ndarray (n, code_width) of code_dtype
         state : bytes
             Committed with these entries.
+        vectors : numpy.ndarray (n, vector_width) of vector_dtype
+            The entries' vectors: required exactly when the storage keeps vectors.
         """
 
     @abstractmethod
@@ -141,12 +149,18 @@ class Storage(ABC):
         What the layer above asked, at creation, that every reader understand (e.g.
         ``codes4``: its codes are packed); a storage naming a feature this cypq does not
         know is refused when opened (IndexFormatError), never misread.
+    vector_width : int
+        Values of the vector each entry keeps beside its code (0: none; feature
+        ``vectors``), stored in the same write as the entry and removed with it.
+    vector_dtype : numpy.dtype or None
     """
 
     n_cells: int
     code_width: int
     code_dtype: np.dtype
     features: frozenset = frozenset()
+    vector_width: int = 0
+    vector_dtype: Optional[np.dtype] = None
 
     @abstractmethod
     def __len__(self) -> int:
@@ -154,9 +168,11 @@ class Storage(ABC):
 
     @abstractmethod
     def add(self, cells: np.ndarray, ids: Optional[np.ndarray], codes: np.ndarray,
-            replace: bool = False) -> np.ndarray:
+            replace: bool = False, vectors: Optional[np.ndarray] = None) -> np.ndarray:
         """Store entries: cells (n,) int64, ids (n,) int64 unique (None: fresh ids after the
-        largest so far, :func:`fresh_ids`), codes (n, M). Returns the ids.
+        largest so far, :func:`fresh_ids`), codes (n, M), and, when the storage keeps
+        vectors, vectors (n, vector_width) of vector_dtype (:func:`check_vectors`). Returns
+        the ids.
 
         An id already stored is an error (KeyError, :func:`refuse_present`, nothing stored)
         unless replace is true, in which case its old entry is removed first. All or nothing.
@@ -169,6 +185,12 @@ class Storage(ABC):
     @abstractmethod
     def lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(found (n,) bool, cells (n,) int64 (-1 if absent), codes (n, M))."""
+
+    def vectors(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(found (n,) bool, rows (n, vector_width) of vector_dtype, zero where not found)
+        of ids (n,) int64, from the newest committed state."""
+        with self.snapshot() as snap:
+            return snap.vectors(ids)
 
     @abstractmethod
     def snapshot(self) -> AbstractContextManager[Snapshot]:
@@ -218,6 +240,39 @@ class Storage(ABC):
 
     def close(self) -> None:
         """Release resources."""
+
+
+def vector_spec(vectors) -> tuple[int, Optional[np.dtype]]:
+    """(width, dtype) of a storage's ``vectors`` option: None (no vectors) or (width, dtype)."""
+    if vectors is None:
+        return 0, None
+    width, dtype = vectors
+    if not 1 <= int(width) <= 1 << 16:
+        raise ValueError(f"vector width must be in [1, 65536], got {width}")
+    return int(width), np.dtype(dtype)
+
+
+def check_vectors(storage: "Storage", vectors, n: int) -> Optional[np.ndarray]:
+    """The vectors of an add, C-contiguous in the storage's dtype (None when it keeps none).
+
+    Raises
+    ------
+    ValueError
+        Vectors missing where the storage keeps them, given where it keeps none, or of
+        another shape or dtype.
+    """
+    if not storage.vector_width:
+        if vectors is not None:
+            raise ValueError("this storage keeps no vectors: create it with vectors")
+        return None
+    if vectors is None:
+        raise ValueError("this storage keeps a vector per entry: pass the entries' vectors")
+    arr = np.asarray(vectors)
+    want = (n, storage.vector_width)
+    if arr.shape != want or arr.dtype != storage.vector_dtype:
+        raise ValueError(f"vectors must be {storage.vector_dtype} of shape {want}, got "
+                         f"{arr.dtype} of shape {arr.shape}")
+    return np.ascontiguousarray(arr)
 
 
 # ---------------------------------------------------------------------------- id policy

@@ -6,28 +6,46 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from .base import Segments, Snapshot, Storage, check_features, fresh_ids, refuse_present
+from .base import (VECTORS, Segments, Snapshot, Storage, check_features, check_vectors,
+                   fresh_ids, refuse_present, vector_spec)
 
 
 class _Cell:
-    __slots__ = ("ids", "codes", "n")
+    __slots__ = ("ids", "codes", "vectors", "n")
 
-    def __init__(self, M, dtype, cap):
+    def __init__(self, M, dtype, cap, vector_width=0, vector_dtype=None):
         self.ids = np.empty(cap, dtype=np.int64)
         self.codes = np.empty((cap, M), dtype=dtype)
+        self.vectors = (np.empty((cap, vector_width), dtype=vector_dtype) if vector_width
+                        else None)
         self.n = 0
 
-    def append(self, ids, codes):
+    def append(self, ids, codes, vectors):
         need = self.n + len(ids)
         if need > len(self.ids):
             cap = max(need, 2 * len(self.ids))
             self.ids = np.resize(self.ids, cap)
-            grown = np.empty((cap, self.codes.shape[1]), dtype=self.codes.dtype)
-            grown[:self.n] = self.codes[:self.n]
-            self.codes = grown
+            self.codes = _grown(self.codes, self.n, cap)
+            if self.vectors is not None:
+                self.vectors = _grown(self.vectors, self.n, cap)
         self.ids[self.n:need] = ids
         self.codes[self.n:need] = codes
+        if self.vectors is not None:
+            self.vectors[self.n:need] = vectors
         self.n = need
+
+    def move(self, src: int, dst: int) -> None:
+        """Entry src's id, code and vector into position dst."""
+        self.ids[dst], self.codes[dst] = self.ids[src], self.codes[src]
+        if self.vectors is not None:
+            self.vectors[dst] = self.vectors[src]
+
+
+def _grown(rows: np.ndarray, n: int, cap: int) -> np.ndarray:
+    """rows (m, w) -> (cap, w) with the first n rows kept."""
+    out = np.empty((cap, rows.shape[1]), dtype=rows.dtype)
+    out[:n] = rows[:n]
+    return out
 
 
 class MemoryStorage(Storage):
@@ -43,13 +61,18 @@ class MemoryStorage(Storage):
         Metadata kept for the layer above (see :meth:`Storage.meta`).
     features : iterable of str
         See :attr:`Storage.features`.
+    vectors : (int, dtype), optional
+        Keep a vector of this width and dtype per entry (see :attr:`Storage.vector_width`).
     """
 
-    def __init__(self, n_cells: int, code_width: int, code_dtype, meta=None, features=()):
+    def __init__(self, n_cells: int, code_width: int, code_dtype, meta=None, features=(),
+                 vectors=None):
         self.n_cells = int(n_cells)
         self.code_width = int(code_width)
         self.code_dtype = np.dtype(code_dtype)
-        self.features = check_features(features, "the storage")
+        self.vector_width, self.vector_dtype = vector_spec(vectors)
+        self.features = check_features(set(features) | ({VECTORS} if vectors else set()),
+                                       "the storage")
         self._cells: dict[int, _Cell] = {}
         self._where: dict[int, tuple[int, int]] = {}   # id -> (cell, position)
         self._sizes = np.zeros(self.n_cells, dtype=np.int64)
@@ -68,11 +91,12 @@ class MemoryStorage(Storage):
     def meta(self, name):
         return self._meta.get(name)
 
-    def add(self, cells, ids, codes, replace=False):
+    def add(self, cells, ids, codes, replace=False, vectors=None):
+        vectors = check_vectors(self, vectors, len(cells))
         with self._lock:
-            return self._add(cells, ids, codes, replace)
+            return self._add(cells, ids, codes, replace, vectors)
 
-    def _add(self, cells, ids, codes, replace):
+    def _add(self, cells, ids, codes, replace, vectors):
         if ids is None:
             ids = fresh_ids(self._next_id, len(cells))
         ids = np.asarray(ids, dtype=np.int64)
@@ -91,9 +115,11 @@ class MemoryStorage(Storage):
             c = int(cells[grp[0]])
             cell = self._cells.get(c)
             if cell is None:
-                cell = self._cells[c] = _Cell(self.code_width, self.code_dtype, max(4, len(grp)))
+                cell = self._cells[c] = _Cell(self.code_width, self.code_dtype,
+                                              max(4, len(grp)), self.vector_width,
+                                              self.vector_dtype)
             start = cell.n
-            cell.append(ids[grp], codes[grp])
+            cell.append(ids[grp], codes[grp], None if vectors is None else vectors[grp])
             self._codes_at[c] = cell.codes.ctypes.data
             self._ids_at[c] = cell.ids.ctypes.data
             for j, i in enumerate(ids[grp].tolist()):
@@ -117,10 +143,8 @@ class MemoryStorage(Storage):
             cell = self._cells[c]
             last = cell.n - 1
             if pos != last:  # move the last entry into the hole
-                moved = int(cell.ids[last])
-                cell.ids[pos] = moved
-                cell.codes[pos] = cell.codes[last]
-                self._where[moved] = (c, pos)
+                cell.move(last, pos)
+                self._where[int(cell.ids[pos])] = (c, pos)
             cell.n = last
             self._sizes[c] -= 1
             removed += 1
@@ -161,6 +185,19 @@ class _MemorySnapshot(Snapshot):
         s = self._s
         return Segments(cells, np.arange(len(cells) + 1, dtype=np.int64), s._codes_at[cells],
                         s._ids_at[cells], s._sizes[cells])
+
+    def vectors(self, ids):
+        s = self._s
+        if not s.vector_width:
+            return super().vectors(ids)
+        ids = np.asarray(ids, dtype=np.int64)
+        found = np.zeros(len(ids), dtype=bool)
+        rows = np.zeros((len(ids), s.vector_width), dtype=s.vector_dtype)
+        for j, i in enumerate(ids.tolist()):
+            loc = s._where.get(i)
+            if loc is not None:
+                found[j], rows[j] = True, s._cells[loc[0]].vectors[loc[1]]
+        return found, rows
 
     def entries(self, lo, hi):
         s = self._s

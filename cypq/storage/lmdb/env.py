@@ -3,8 +3,8 @@ per-process registry, transactions with map growth, and the bookkeeping every wr
 with.
 
 Databases: ``meta`` (format, config, counters, stage state, bulk markers, the caller's
-metadata), ``blocks``, ``sizes``, ``ids``, ``stage``, ``log`` (see layout.py for their keys
-and values).
+metadata), ``blocks``, ``sizes``, ``ids``, ``stage``, ``log``, and ``vectors`` in an index that
+keeps them (see layout.py for their keys and values).
 
 Format versions: 1 (no stage), 2 (stage; per-cell ``cells`` records), 3 (cell sizes in
 chunks, the number of cells in the config), 4 (a frozen and an active stage; no id-table rows
@@ -26,7 +26,7 @@ from typing import Callable, NamedTuple, Optional
 import lmdb
 import numpy as np
 
-from ..base import IndexCorruptError, IndexFormatError, check_features
+from ..base import VECTORS, IndexCorruptError, IndexFormatError, check_features
 from . import layout as L
 
 FORMAT = b"cypq-index"
@@ -94,7 +94,7 @@ def _acquire(path: str, readonly: bool, create: bool, map_size: int, sync: bool)
         if os.path.exists(os.path.join(path, "data.mdb")):
             check_data_file(os.path.join(path, "data.mdb"))
         with damage_reported(path):
-            env = lmdb.open(path, map_size=map_size, max_dbs=8, subdir=True,
+            env = lmdb.open(path, map_size=map_size, max_dbs=16, subdir=True,
                             readonly=readonly, create=create, sync=sync, metasync=sync,
                             max_readers=512, lock=True, readahead=False)
         env.reader_check()  # drop reader slots left by processes that died
@@ -248,7 +248,8 @@ class Env:
     Attributes
     ----------
     path, readonly, version
-    n_cells, code_width, code_dtype, block_capacity, stage_capacity
+    n_cells, code_width, code_dtype, block_capacity, stage_capacity, vector_width,
+    vector_dtype
         The layout settings from the config record.
     db : dict of name -> LMDB database handle (``stage`` may be None: a read-only version 1
         index has none).
@@ -262,10 +263,15 @@ class Env:
         self.code_dtype = np.dtype(config["code_dtype"])
         self.code_bytes = self.code_width * self.code_dtype.itemsize
         self.features = check_features(config.get("features", ()), path)
+        self.vector_width = int(config.get("vector_width", 0))
+        self.vector_dtype = np.dtype(config["vector_dtype"]) if self.vector_width else None
+        if bool(self.vector_width) != (VECTORS in self.features):
+            raise IndexCorruptError(f"{path}: meta[config] has vector_width "
+                                    f"{self.vector_width} and features {sorted(self.features)}")
         self.block_capacity = int(config["block_capacity"])
         self.stage_capacity = int(config.get("stage_capacity", DEFAULT_STAGE))
         self.db = {}
-        for name in DATABASES + ("cells",):
+        for name in DATABASES + ("cells", "vectors"):
             try:
                 self.db[name] = env.open_db(name.encode(), create=False)
             except lmdb.NotFoundError:
@@ -412,7 +418,8 @@ def create(path: str, config: dict, meta: dict, bulk_state: Optional[bytes], map
     env, real = _acquire(path, False, True, map_size, sync)
     try:
         with env.begin(write=True) as txn:
-            dbs = {name: env.open_db(name.encode(), txn=txn) for name in DATABASES}
+            dbs = {name: env.open_db(name.encode(), txn=txn) for name in
+                   DATABASES + (("vectors",) if config.get("vector_width") else ())}
             put = lambda k, v: txn.put(k, v, db=dbs["meta"])  # noqa: E731
             for name, value in meta.items():
                 put(name.encode(), bytes(value))
@@ -442,7 +449,7 @@ def _has_files(path: str) -> bool:
     if names <= {"data.mdb", "lock.mdb"}:
         try:
             check_data_file(os.path.join(path, "data.mdb"))
-            env = lmdb.open(path, readonly=True, max_dbs=8, lock=False)
+            env = lmdb.open(path, readonly=True, max_dbs=16, lock=False)
         except (lmdb.Error, IndexCorruptError, OSError):
             return True
         try:
@@ -516,7 +523,7 @@ def _upgrade(env, meta, version: int, config: dict) -> None:
         if version < 3:
             sizes_db = env.open_db(b"sizes", txn=txn)
             cells_db = env.open_db(b"cells", txn=txn, create=False)
-            sizes = legacy_sizes(txn, cells_db, config["n_cells"])
+            sizes = L.legacy_sizes(txn, cells_db, config["n_cells"])
             chunks = L.size_chunks(np.flatnonzero(sizes))
             padded = np.zeros(-(-len(sizes) // L.SIZE_CHUNK) * L.SIZE_CHUNK, np.int64)
             padded[:len(sizes)] = sizes
@@ -531,20 +538,3 @@ def _upgrade(env, meta, version: int, config: dict) -> None:
         gen = L.read_u64(txn.get(b"gen", db=meta)) + 1
         txn.put(b"gen", L.u64(gen), db=meta)  # no log record: readers reload every size
         txn.put(b"format", FORMAT + struct.pack(">I", VERSION), db=meta)
-
-
-_CELLINFO = struct.Struct(">QI")  # format <= 2: cells[cell] = u64 entries, u32 blocks
-
-
-def legacy_sizes(txn, cells_db, n_cells: int) -> np.ndarray:
-    """(n_cells,) int64 cell sizes from the per-cell records of format 1 and 2."""
-    sizes = np.zeros(n_cells, dtype=np.int64)
-    with txn.cursor(db=cells_db) as cur:
-        for k, v in cur.iternext():
-            sizes[L.read_u64(k)] = _CELLINFO.unpack(bytes(v))[0]
-    return sizes
-
-
-def legacy_size(txn, cells_db, cell: int) -> int:
-    v = txn.get(L.u64(cell), db=cells_db)
-    return 0 if v is None else _CELLINFO.unpack(bytes(v))[0]

@@ -25,11 +25,16 @@ LMDB's byte order is numeric order; integers inside values are little-endian.
   entry counts of cells ``chunk * SIZE_CHUNK ...``; an all-zero chunk is absent. One small
   value per 256 cells, so opening reads a few thousand values, not one per cell.
 - ``log``: key generation (u64); value the cells that write touched, int64.
+- ``vectors`` (feature ``vectors``): key id (u64); value the entry's vector (``vector_width``
+  little-endian values of the vector dtype) then the u32 CRC-32 of those bytes. Kept by id,
+  so that adds, merges and removes of the blocks never move a vector, and a staged entry's
+  vector is in place from its add on.
 """
 from __future__ import annotations
 
 import struct
 import zlib
+from typing import Callable
 
 import numpy as np
 
@@ -324,3 +329,54 @@ def sizes_from_chunks(keys: bytes, values: bytes, n_cells: int) -> np.ndarray:
     sizes.reshape(-1, SIZE_CHUNK)[chunks] = np.frombuffer(values, dtype="<u4").reshape(
         -1, SIZE_CHUNK)
     return sizes[:n_cells]
+
+
+CELLINFO = struct.Struct(">QI")  # format <= 2: cells[cell] = u64 entries, u32 blocks
+
+
+def legacy_sizes(txn, cells_db, n_cells: int) -> np.ndarray:
+    """(n_cells,) int64 cell sizes from the per-cell records of format 1 and 2."""
+    sizes = np.zeros(n_cells, dtype=np.int64)
+    with txn.cursor(db=cells_db) as cur:
+        for k, v in cur.iternext():
+            sizes[read_u64(k)] = CELLINFO.unpack(bytes(v))[0]
+    return sizes
+
+
+def legacy_size(txn, cells_db, cell: int) -> int:
+    v = txn.get(u64(cell), db=cells_db)
+    return 0 if v is None else CELLINFO.unpack(bytes(v))[0]
+
+
+# ---------------------------------------------------------------------------- vectors
+def vector_items(ids, rows: np.ndarray) -> list:
+    """vectors-table items (id -> row + CRC-32) of ids (n,) int64 and rows (n, w), sorted by
+    id."""
+    order = np.argsort(ids, kind="stable")
+    rows = np.asarray(rows)
+    raw = np.ascontiguousarray(rows[order].astype(rows.dtype.newbyteorder("<"), copy=False))
+    body, rb = raw.tobytes(), raw.itemsize * (raw.shape[1] if raw.ndim == 2 else 0)
+    values = (body[rb * j:rb * j + rb] for j in range(len(order)))
+    return list(zip(id_keys(np.asarray(ids)[order]),
+                    (v + checksum(v).to_bytes(4, "little") for v in values)))
+
+
+def parse_vectors(values: list, width: int, dtype, where: Callable[[int], str]) -> np.ndarray:
+    """Copies of the rows (n, width) of vectors-table values (n), each checked against its
+    length and CRC-32 (IndexCorruptError naming ``where(j)`` of the first that is not)."""
+    dtype = np.dtype(dtype).newbyteorder("<")
+    rb = width * dtype.itemsize
+    size, n = rb + 4, len(values)
+    buf = b"".join(values)
+    if len(buf) != size * n:
+        bad = next(j for j, v in enumerate(values) if len(v) != size)
+        raise IndexCorruptError(f"{where(bad)}: {len(values[bad])} bytes, expected {size}")
+    arr = np.frombuffer(buf, dtype=np.uint8).reshape(n, size)
+    mv = memoryview(buf)
+    sums = np.fromiter((checksum(mv[o:o + rb]) for o in range(0, len(buf), size)),
+                       dtype=np.uint32, count=n)
+    bad = np.flatnonzero(arr[:, rb:].copy().view("<u4")[:, 0] != sums)
+    if len(bad):
+        raise IndexCorruptError(f"{where(int(bad[0]))}: the checksum does not match the "
+                                "vector (damaged)")
+    return arr[:, :rb].copy().view(dtype).reshape(n, width).astype(dtype.newbyteorder("="))

@@ -29,7 +29,7 @@ import numpy as np
 from ... import _buffers
 from ..base import IndexCorruptError, IndexFormatError, Segments, Snapshot
 from . import layout as L
-from .env import LOG_KEEP, SIZE_CHUNKS, Env, legacy_size, legacy_sizes
+from .env import LOG_KEEP, SIZE_CHUNKS, Env
 from .stage import Stage, StageView
 
 MAX_PINS = 8            # generations a segment cache may keep pinned
@@ -184,7 +184,7 @@ class ReadPath:
         """(n_cells,) int64 entries in blocks, from every record (one cursor pass)."""
         env = self.env
         if self._format_of(txn) < SIZE_CHUNKS:
-            return legacy_sizes(txn, env.db["cells"], env.n_cells)
+            return L.legacy_sizes(txn, env.db["cells"], env.n_cells)
         with txn.cursor(db=env.db["sizes"]) as cur:
             keys = b"".join(cur.iternext(keys=True, values=False))
             cur.first()
@@ -198,7 +198,7 @@ class ReadPath:
         delta, low = 0, 0
         if self._format_of(txn) < SIZE_CHUNKS:
             for c in touched.tolist():
-                old, main[c] = main[c], legacy_size(txn, env.db["cells"], c)
+                old, main[c] = main[c], L.legacy_size(txn, env.db["cells"], c)
                 delta, low = delta + int(main[c] - old), min(low, int(main[c]))
             return delta, low
         for chunk in L.size_chunks(touched).tolist():
@@ -436,6 +436,22 @@ class _LMDBSnapshot(Snapshot):
                                       np.asarray(cells, dtype=np.int64))
         self._caches.append(cache)  # its pins stay open while this snapshot is
         return seg
+
+    def vectors(self, ids):
+        env = self._r.env
+        if not env.vector_width:
+            return super().vectors(ids)
+        uniq, inv = np.unique(np.asarray(ids, dtype=np.int64), return_inverse=True)
+        with self._txn.cursor(db=env.db["vectors"]) as cur:  # in key order: fewer pages
+            got = cur.getmulti(L.id_keys(uniq))
+        keys = np.frombuffer(b"".join(k for k, _ in got), dtype=">u8").astype(np.int64)
+        rows = np.zeros((len(uniq), env.vector_width), dtype=env.vector_dtype)
+        rows[np.searchsorted(uniq, keys)] = L.parse_vectors(
+            [v for _, v in got], env.vector_width, env.vector_dtype,
+            lambda j: f"vectors[{keys[j]}]")
+        found = np.zeros(len(uniq), dtype=bool)
+        found[np.searchsorted(uniq, keys)] = True
+        return found[inv], rows[inv]
 
     def entries(self, lo, hi):
         env = self._r.env

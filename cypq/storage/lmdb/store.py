@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..base import Storage, check_features
+from ..base import VECTORS, Storage, check_features, check_vectors, vector_spec
 from . import env as E
 from .bulk import LMDBBulkWriter
 from .reader import ReadPath
@@ -42,6 +42,7 @@ class LMDBStorage(Storage):
             env.n_cells, env.code_width, env.code_dtype
         self.block_capacity, self.stage_capacity = env.block_capacity, env.stage_capacity
         self.features = env.features
+        self.vector_width, self.vector_dtype = env.vector_width, env.vector_dtype
         self._closed = False
         try:
             self._reader = ReadPath(env)
@@ -57,7 +58,8 @@ class LMDBStorage(Storage):
                meta: Optional[dict] = None, block_capacity: int = 128,
                map_size: int = E.DEFAULT_MAP, sync: bool = True,
                bulk_state: Optional[bytes] = None,
-               stage_capacity: int = E.DEFAULT_STAGE, features=()) -> "LMDBStorage":
+               stage_capacity: int = E.DEFAULT_STAGE, features=(),
+               vectors=None) -> "LMDBStorage":
         """Create an empty storage in directory ``path`` (created; must be empty if it
         exists, or hold only what an interrupted create left), in one transaction.
 
@@ -92,6 +94,8 @@ class LMDBStorage(Storage):
         features : iterable of str
             See :attr:`Storage.features`; recorded in the config (format 5: cypq 0.2
             refuses the index rather than misread it).
+        vectors : (int, dtype), optional
+            Keep a vector of this width and dtype per entry, by id (feature ``vectors``).
         """
         if not 1 <= block_capacity <= 65535:
             raise ValueError("block_capacity must be in [1, 65535]")
@@ -102,7 +106,10 @@ class LMDBStorage(Storage):
         config = {"M": int(code_width), "code_dtype": np.dtype(code_dtype).name,
                   "block_capacity": int(block_capacity), "stage_capacity": int(stage_capacity),
                   "n_cells": int(n_cells)}
-        features = sorted(check_features(features, path))
+        width, dtype = vector_spec(vectors)
+        if width:
+            config.update(vector_width=width, vector_dtype=dtype.name)
+        features = sorted(check_features(set(features) | ({VECTORS} if width else set()), path))
         if features:
             config["features"] = features
         with E.damage_reported(path):
@@ -176,8 +183,9 @@ class LMDBStorage(Storage):
 
     # ------------------------------------------------------------------ writing
     @_reports_damage
-    def add(self, cells, ids, codes, replace=False):
-        return self._writer.add(cells, ids, codes, replace)
+    def add(self, cells, ids, codes, replace=False, vectors=None):
+        vectors = check_vectors(self, vectors, len(cells))
+        return self._writer.add(cells, ids, codes, replace, vectors)
 
     @_reports_damage
     def remove(self, ids):

@@ -5,7 +5,8 @@ block, stage record, id-table row and change-log record against its layout; each
 (numbered 0 .. nb-1, all but the last full, entries adding up to the cell's size); the id
 table against where each id is stored, both ways (an entry in the blocks has its row, but a
 frozen one whose row the merge has not written yet; a staged entry has none, or a format 3
-row saying "staged"); the entry count and the stage's counters. Problems are returned, one
+row saying "staged"); the entry count and the stage's counters; in an index that keeps
+vectors, one well-formed vector (length, checksum) for every stored id and no other. Problems are returned, one
 line each (at most ``LIMIT`` of a kind, then a count).
 """
 from __future__ import annotations
@@ -127,6 +128,8 @@ def verify(env: Env) -> list:
             else unwritten[:0]
         _id_table(env, txn, out, (ids_b, cells_b, blocks_b),
                   (staged_ids, staged_cells), unwritten)
+        if env.vector_width:
+            _vectors(env, txn, out, np.concatenate(ids_b + staged_ids + [np.empty(0, np.int64)]))
         with txn.cursor(db=env.db["log"]) as cur:
             for key, value in cur:
                 if len(value) % 8:
@@ -194,3 +197,24 @@ def _id_table(env: Env, txn, out: _Problems, blocks, stage, unwritten) -> None:
         out.add("id location", f"ids[{both[j]}] says cell {table_cell[b[j]]}, block field "
                 f"{table_loc[b[j]]}; it is stored in cell {f_cell[a[j]]}, block "
                 f"{f_loc[a[j]]}")
+
+
+def _vectors(env: Env, txn, out: _Problems, stored: np.ndarray) -> None:
+    """The vectors table: one vector, intact, per stored id and none for any other id."""
+    keys, bad = [], []
+    with txn.cursor(db=env.db["vectors"]) as cur:
+        for key, value in cur:
+            i = L.read_u64(key) if len(key) == 8 else -1
+            keys.append(i)
+            try:
+                L.parse_vectors([value], env.vector_width, env.vector_dtype,
+                                lambda _: f"vectors[{i}]")
+            except IndexCorruptError as e:
+                bad.append(str(e))
+    for line in bad:
+        out.add("vector value", line)
+    keys = np.asarray(keys, dtype=np.int64)
+    for i in np.setdiff1d(stored, keys)[:LIMIT + 1].tolist():
+        out.add("vector missing", f"id {i} is stored but has no vector")
+    for i in np.setdiff1d(keys, stored)[:LIMIT + 1].tolist():
+        out.add("vector stray", f"vectors[{i}] belongs to no stored entry")

@@ -94,7 +94,7 @@ class WritePath:
         self._credit = 0    # merge work this process's adds have earned and not yet done
 
     # ------------------------------------------------------------------ add
-    def add(self, cells, ids, codes, replace: bool = False) -> np.ndarray:
+    def add(self, cells, ids, codes, replace: bool = False, vectors=None) -> np.ndarray:
         env = self.env
         cells = np.asarray(cells, dtype=np.int64)
         codes = np.ascontiguousarray(codes, dtype=env.code_dtype)
@@ -116,6 +116,9 @@ class WritePath:
                 step = self._step(txn, False)  # a merge step, in the same commit
                 st = env.stage_meta(txn)
             touched = [self._remove_in(txn, present)] if len(present) else []
+            if vectors is not None and len(ids):  # by id: in place whether staged or not
+                with txn.cursor(db=env.db["vectors"]) as cur:
+                    cur.putmulti(L.vector_items(ids, vectors))
             if env.stage_capacity and len(ids):
                 txn.put(L.u64(st.nxt), L.encode_entries((cells, ids), codes, env.code_dtype),
                         db=env.db["stage"])
@@ -351,6 +354,8 @@ class WritePath:
             else:  # only the last block can empty: drop it
                 txn.delete(L.block_key(c, b), db=blocks_db)
             txn.delete(L.u64(i), db=ids_db)
+            if env.vector_width:
+                txn.delete(L.u64(i), db=env.db["vectors"])
             sizes.set(c, count - 1)
             touched.add(c)
         sizes.flush()

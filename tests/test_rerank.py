@@ -1,0 +1,227 @@
+"""Vectors kept beside the codes: storage (memory, LMDB, bulk), exact re-ranking against a
+NumPy reference, and the errors of every bad input."""
+import warnings
+
+import numpy as np
+import pytest
+
+from cypq import Index, LOPQModel
+from cypq.bulk import BulkLoadError, bulk_load
+from cypq.cli import main as cli_main
+from cypq.storage.base import IndexCorruptError
+from cypq.vector_files import VectorSource
+
+import reference as ref
+from conftest import clustered
+
+N = 2000
+
+
+def _data(metric="l2", dim=16, seed=5):
+    X = clustered(N, dim, n_clusters=15, seed=seed)
+    if metric == "l2":  # byte-valued, like SIFT: uint8 keeps them exactly
+        X = np.clip(np.round(X * 4 + 128), 0, 255).astype(np.float32)
+    Q = X[:12] + np.random.default_rng(seed).normal(0, 0.5, (12, dim)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        model = LOPQModel(V=4, M=4, metric=metric).fit(X, random_state=seed)
+    return model, X, Q
+
+
+@pytest.fixture(scope="module", params=["l2", "ip", "cosine"])
+def data(request):
+    return _data(request.param)
+
+
+def _index(kind, model, tmp_path, vectors, **options):
+    if kind == "memory":
+        return Index.in_memory(model, vectors=vectors)
+    return Index.create(tmp_path / "ix", model, vectors=vectors, **options)
+
+
+def _expected(model, X, stored_ids, Q, candidates, k):
+    """The exact top k of each query among its candidates (ids), by the NumPy reference."""
+    Qn = Q / np.linalg.norm(Q, axis=1, keepdims=True) if model.metric == "cosine" else Q
+    pos = {int(i): j for j, i in enumerate(stored_ids)}
+    out = []
+    for q, cand in zip(Qn, candidates):
+        cand = [int(i) for i in cand if i >= 0]
+        s = ref.exact_scores(q[None], X[[pos[i] for i in cand]], model.metric)[0]
+        out.append([cand[j] for j in np.argsort(s, kind="stable")[:k]])
+    return out
+
+
+@pytest.mark.parametrize("kind", ["memory", "lmdb"])
+@pytest.mark.parametrize("vectors", ["float32", "float16", "uint8"])
+def test_rerank_equals_exact_reference(data, kind, vectors, tmp_path, n_threads):
+    """Every entry re-ranked (quota 0, rerank = N): the exact top k of the whole index; a
+    partial re-rank: the exact top k of the ADC top R. Distances are the metric's exact
+    values of the stored vectors."""
+    model, X, Q = data
+    if vectors == "uint8" and model.metric != "l2":
+        pytest.skip("uint8 keeps byte-valued vectors (the l2 data)")
+    ids = np.arange(N, dtype=np.int64) * 3 + 7
+    with _index(kind, model, tmp_path, vectors, stage_capacity=700) \
+            if kind == "lmdb" else _index(kind, model, tmp_path, vectors) as ix:
+        ix.n_threads = n_threads
+        ix.add(X[:1200], ids[:1200])
+        ix.add(X[1200:], ids[1200:])     # part staged, part merged on disk
+        kept = X.astype(vectors)
+        np.testing.assert_array_equal(ix.vectors(ids[[5, 1500]]), kept[[5, 1500]])
+        k = 7
+        D, I = ix.search(Q, k=k, quota=0, rerank=N)
+        want = _expected(model, kept, ids, Q, np.tile(ids, (len(Q), 1)), k)
+        assert I.tolist() == want
+        Qn = Q / np.linalg.norm(Q, axis=1, keepdims=True) if model.metric == "cosine" else Q
+        s = ref.exact_scores(Qn, kept[(I - 7) // 3].reshape(-1, X.shape[1]), model.metric)
+        s = s[np.arange(len(Q))[:, None], np.arange(len(Q) * k).reshape(len(Q), k)]
+        sign = 1 if model.metric == "l2" else -1
+        np.testing.assert_allclose(D, sign * s, rtol=1e-4, atol=1e-3)
+        # partial: the exact best of the ADC's best R
+        _, cand = ix.search(Q, k=40, quota=500)
+        _, I2 = ix.search(Q, k=k, quota=500, rerank=40)
+        assert I2.tolist() == _expected(model, kept, ids, Q, cand, k)
+
+
+def test_rerank_fewer_candidates_than_k(tmp_path):
+    model, X, Q = _data()
+    with Index.in_memory(model, vectors="uint8") as ix:
+        ix.add(X[:5])
+        D, I = ix.search(Q[:2], k=8, quota=0, rerank=10)
+        assert (I[:, :5] >= 0).all() and (I[:, 5:] == -1).all() and np.isinf(D[:, 5:]).all()
+
+
+def test_remove_and_replace_keep_vectors_in_step(tmp_path):
+    model, X, _ = _data()
+    with Index.create(tmp_path / "ix", model, vectors="float32", stage_capacity=300) as ix:
+        ix.add(X[:1000])
+        ix.remove(np.arange(0, 1000, 2))
+        ix.add(X[1000:1100], ids=np.arange(1, 200, 2), replace=True)  # replaces staged + merged
+        assert ix.verify() == []
+        np.testing.assert_array_equal(ix.vectors([1, 199, 201]), X[[1000, 1099, 201]])
+        with pytest.raises(KeyError, match="not in the index.*first: 0"):
+            ix.vectors([0, 1])
+        c = ix.compact(tmp_path / "c")
+        with c:
+            assert c.verify() == [] and len(c) == len(ix)
+            np.testing.assert_array_equal(c.vectors([1, 201, 999]), ix.vectors([1, 201, 999]))
+
+
+def test_bad_input_refused_nothing_stored(tmp_path):
+    model, X, Q = _data()
+    with Index.create(tmp_path / "plain", model) as plain:
+        plain.add(X[:50])
+        with pytest.raises(ValueError, match="keeps none"):
+            plain.search(Q, k=5, rerank=10)
+        with pytest.raises(ValueError, match="keeps no vectors"):
+            plain.vectors([1])
+        with pytest.raises(ValueError, match="keeps no vectors"):
+            plain.add_codes(model.predict(X[50:60]), np.arange(50, 60), vectors=X[50:60])
+    with pytest.raises(ValueError, match="vectors must be one of"):
+        Index.in_memory(model, vectors="int4")
+    with Index.create(tmp_path / "ix", model, vectors="uint8") as ix:
+        ix.add(X[:50])
+        with pytest.raises(ValueError, match="rerank=5 is below k=10"):
+            ix.search(Q, k=10, rerank=5)
+        bad = X[50:60].copy()
+        bad[3, 0] = 300
+        with pytest.raises(ValueError, match="vector 3 is not whole numbers in \\[0, 255\\]"):
+            ix.add(bad)
+        bad[3, 0] = 1.5
+        with pytest.raises(ValueError, match="vector 3"):
+            ix.add(bad)
+        with pytest.raises(ValueError, match="pass vectors="):
+            ix.add_codes(model.predict(X[50:60]), np.arange(50, 60))
+        with pytest.raises(ValueError, match="dimension"):
+            ix.add_codes(model.predict(X[50:60]), np.arange(50, 60), vectors=X[50:60, :8])
+        assert len(ix) == 50 and ix.verify() == []
+    with Index.in_memory(model, vectors="float16") as ix:
+        with pytest.raises(ValueError, match="beyond float16's range"):
+            ix.add(X[:10] * 1e4)
+        assert len(ix) == 0
+
+
+def test_damaged_vector_is_reported(tmp_path):
+    import lmdb
+    model, X, Q = _data()
+    with Index.create(tmp_path / "ix", model, vectors="uint8", stage_capacity=0) as ix:
+        ix.add(X[:200])
+    env = lmdb.open(str(tmp_path / "ix"), max_dbs=16)
+    with env.begin(write=True) as txn:
+        db = env.open_db(b"vectors", txn=txn, create=False)
+        key = (17).to_bytes(8, "big")
+        v = bytearray(txn.get(key, db=db))
+        v[3] ^= 0xFF
+        txn.put(key, bytes(v), db=db)
+    env.close()
+    with Index.open(tmp_path / "ix") as ix:
+        assert any("vectors[17]" in line and "checksum" in line for line in ix.verify())
+        with pytest.raises(IndexCorruptError, match="vectors\\[17\\].*checksum"):
+            ix.vectors([17])
+        with pytest.raises(IndexCorruptError, match="vectors\\[17\\]"):
+            ix.search(X[17], k=1, quota=0, rerank=200)
+
+
+def test_bulk_load_keeps_vectors(tmp_path):
+    model, X, Q = _data()
+    np.save(tmp_path / "x.npy", X.astype(np.uint8))
+    src = VectorSource.open(str(tmp_path / "x.npy"))
+    bulk_load(tmp_path / "b", src, model, chunk_size=700, progress=False, out=lambda m: None,
+              vectors="uint8")
+    with Index.open(tmp_path / "b") as b, Index.in_memory(model, vectors="uint8") as m:
+        m.add(X)
+        assert b.verify() == [] and b.vector_dtype == np.uint8
+        np.testing.assert_array_equal(b.vectors(np.arange(N)), X.astype(np.uint8))
+        for ix in (b, m):
+            ix.n_threads = 1
+        np.testing.assert_array_equal(b.search(Q, k=5, quota=300, rerank=50)[1],
+                                      m.search(Q, k=5, quota=300, rerank=50)[1])
+    with pytest.raises(BulkLoadError, match="vectors changed"):
+        _interrupted_then_other_vectors(tmp_path, src, model)
+    np.save(tmp_path / "f.npy", X * 1000)
+    with pytest.raises(BulkLoadError, match="rows 0..699.*not whole numbers"):
+        bulk_load(tmp_path / "b3", VectorSource.open(str(tmp_path / "f.npy")), model,
+                  chunk_size=700, progress=False, out=lambda m: None, vectors="uint8")
+
+
+def _interrupted_then_other_vectors(tmp_path, src, model):
+    """An unfinished load resumed with another vectors option is refused."""
+    import cypq.bulk as B
+    real = B.encoded_chunks
+
+    def stop_after_one(*a, **kw):
+        if a[4] > 0:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    B.encoded_chunks = stop_after_one
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            bulk_load(tmp_path / "b2", src, model, chunk_size=700, progress=False,
+                      out=lambda m: None, vectors="uint8")
+    finally:
+        B.encoded_chunks = real
+    bulk_load(tmp_path / "b2", src, model, chunk_size=700, progress=False,
+              out=lambda m: None, vectors="float32")
+
+
+def test_cli_build_vectors_and_search_rerank(tmp_path, capsys):
+    model, X, Q = _data()
+    np.save(tmp_path / "x.npy", X.astype(np.uint8))
+    np.save(tmp_path / "q.npy", Q)
+    model.export_proto(str(tmp_path / "m.lopq"))
+    assert cli_main(["build", str(tmp_path / "ix"), str(tmp_path / "x.npy"), "--model",
+                     str(tmp_path / "m.lopq"), "--vectors", "uint8", "-q"]) == 0
+    assert cli_main(["search", str(tmp_path / "ix"), str(tmp_path / "q.npy"), "-k", "3",
+                     "--quota", "0", "--rerank", str(N), "--out",
+                     str(tmp_path / "i.npy")]) == 0
+    with Index.in_memory(LOPQModel.load_proto(str(tmp_path / "m.lopq")),
+                         vectors="uint8") as m:
+        m.add(X)
+        np.testing.assert_array_equal(np.load(tmp_path / "i.npy"),
+                                      m.search(Q, k=3, quota=0, rerank=N)[1])
+    capsys.readouterr()
+    cli_main(["info", str(tmp_path / "ix")])
+    assert "vectors: kept as uint8" in capsys.readouterr().out
+    assert cli_main(["search", str(tmp_path / "ix"), str(tmp_path / "q.npy"), "-k", "30",
+                     "--rerank", "5"]) != 0
+    assert "rerank=5 is below k=30" in capsys.readouterr().err

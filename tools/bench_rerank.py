@@ -1,0 +1,235 @@
+"""Exact re-ranking with the vectors an index keeps, on REALSIFT1M (1M), side by side with
+faiss IVF-PQ + refine and LanceDB IVF_PQ with refine_factor.
+
+    python tools/bench_rerank.py [--data DIR] [--nq 1000] [--vectors uint8 float16]
+        [--V 256] [--M 32] [--S 16] [--quotas 2000 5000 10000] [--reranks 0 50 100 200]
+        [--cold-quota 5000] [--cold-nq 200] [--skip-faiss] [--skip-lancedb] [--work DIR]
+
+cypq: one LOPQ model (default 16-byte 4-bit codes, the fast scan), bulk-built on-disk indexes
+keeping no vectors and each --vectors kind; warm search (1 thread, best of 2 runs over nq
+queries) per quota and rerank (k=100 without re-ranking, k=10 with); cold search (the index
+files dropped from the page cache, a fresh process, cold-nq queries) with and without rerank
+100; disk bytes per vector; the searching process's RssAnon. faiss: IVF1024,PQ32x4fs (16 B,
+its fastest scan) refined by an SQ8 copy of the vectors (the bytes of cypq's uint8), in RAM.
+LanceDB: IVF_PQ (1024 partitions, 16 sub-vectors: 16 B) with refine_factor (the full vectors
+read from its files), one query per call as its API takes them. DiskANN is not run: see the
+README (diskannpy's disk search hung on this machine).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_codecs.py
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _data import DEFAULT_DATA, Timer, best_of, drop_cache, load_queries, load_set, recalls  # noqa: E402,E501
+
+import cypq  # noqa: E402
+from cypq.bulk import bulk_load, rss_anon_mb  # noqa: E402
+from cypq.vector_files import VectorSource  # noqa: E402
+
+HEAD = ("| system | setting | R | ms/query | recall@1 | recall@10 | recall@100 |\n"
+        "|---|---|---|---|---|---|---|")
+
+
+def line(system, setting, R, ms, rec):
+    r = [f"{rec[x]:.3f}" if x in rec else "-" for x in (1, 10, 100)]
+    return f"| {system} | {setting} | {R} | {ms:.3f} | " + " | ".join(r) + " |"
+
+
+def dir_bytes(path) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def child(path, data, nq, quota, rerank) -> dict:
+    """A fresh process: open, search cold, then warm; times and memory."""
+    xq, gt = load_queries(data, nq)
+    out = {}
+    index = cypq.Index.open(path, readonly=True, n_threads=1)
+    out["rss_open"] = rss_anon_mb()
+    k = 100 if not rerank else 10
+    with Timer() as t:
+        _, I = index.search(xq, k=k, quota=quota, rerank=rerank or None)
+    out["cold_ms"] = t.s / nq * 1e3
+    out["rss_search"] = rss_anon_mb()
+    out["recall"] = recalls(I, gt)
+    with Timer() as t:
+        index.search(xq, k=k, quota=quota, rerank=rerank or None)
+    out["warm_ms"] = t.s / nq * 1e3
+    return out
+
+
+def cold_run(path, args, rerank):
+    drop_cache(path)
+    cmd = [sys.executable, __file__, "--child", path, "--data", str(args.data), "--nq",
+           str(args.cold_nq), "--cold-quota", str(args.cold_quota), "--reranks", str(rerank)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def bench_cypq(args, xt, xq, gt, work, lines):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with Timer() as t:
+            model = cypq.LOPQModel(V=args.V, M=args.M, subquantizer_clusters=args.S
+                                   ).fit(xt, random_state=1)
+    lines.append(f"cypq: trained V={args.V}, M={args.M}x{args.S.bit_length() - 1} in "
+                 f"{t.s:.1f} s")
+    src = VectorSource.open(os.path.join(str(args.data), "base.u8.npy"))
+    sizes = {}
+    table = [HEAD]
+    for kind in ["none"] + args.vectors:
+        path = os.path.join(work, f"ix-{kind}")
+        with Timer() as t:
+            bulk_load(path, src, model, progress=False, out=lambda m: None, vectors=kind)
+        sizes[kind] = dir_bytes(path)
+        lines.append(f"cypq build, vectors={kind}: {t.s:.1f} s, {sizes[kind] / 1e6:.0f} MB "
+                     f"on disk ({sizes[kind] / len(src):.0f} B/vector"
+                     + (f", the vectors {(sizes[kind] - sizes['none']) / len(src):.0f} B/vector"
+                        if kind != "none" else "") + ")")
+        with cypq.Index.open(path, readonly=True, n_threads=1) as index:
+            for quota in args.quotas:
+                for R in ([0] if kind == "none" else [r for r in args.reranks if r]):
+                    k = 100 if not R else 10
+                    index.search(xq[:20], k=k, quota=quota, rerank=R or None)
+                    s, (_, I) = best_of(lambda: index.search(xq, k=k, quota=quota,
+                                                             rerank=R or None), 2)
+                    table.append(line(f"cypq vectors={kind}", f"quota={quota}", R,
+                                      s / len(xq) * 1e3, recalls(I, gt)))
+                    print(table[-1], flush=True)
+        if kind == args.vectors[0]:
+            for R in (0, 100):
+                c = cold_run(path, args, R)
+                lines.append(f"cypq vectors={kind} quota={args.cold_quota} rerank {R}: cold "
+                             f"{c['cold_ms']:.2f} ms/q, warm {c['warm_ms']:.3f} ms/q "
+                             f"(recall@1 {c['recall'][1]:.3f}, recall@10 "
+                             f"{c['recall'][10]:.3f}); RssAnon after open "
+                             f"{c['rss_open']:.0f} MB, after the search {c['rss_search']:.0f} MB")
+                print(lines[-1], flush=True)
+        if kind != args.vectors[0]:
+            shutil.rmtree(path)
+    return table
+
+
+def bench_faiss(args, xt, xb, xq, gt):
+    import faiss
+    faiss.omp_set_num_threads(1)
+    table = []
+    with Timer() as t:
+        index = faiss.index_factory(xb.shape[1], "IVF1024,PQ32x4fs,Refine(SQ8)")
+        faiss.omp_set_num_threads(2)
+        index.train(xt)
+        index.add(xb)
+        faiss.omp_set_num_threads(1)
+    size = len(faiss.serialize_index(index))
+    print(f"faiss IVF1024,PQ32x4fs,Refine(SQ8): built in {t.s:.1f} s, {size / 1e6:.0f} MB "
+          "in RAM (serialized size)", flush=True)
+    ivf = faiss.extract_index_ivf(index)
+    for nprobe in (8, 16, 32, 64):
+        ivf.nprobe = nprobe
+        for R in [0] + [r for r in args.reranks if r]:
+            k = 100 if not R else 10
+            index.k_factor = max(1.0, R / k)
+            s, (_, I) = best_of(lambda: index.search(xq, k), 2)
+            if not R:  # without refine: the base index alone
+                s, (_, I) = best_of(lambda: index.base_index.search(xq, k), 2)
+            table.append(line("faiss IVF1024,PQ32x4fs,Refine(SQ8)", f"nprobe={nprobe}", R,
+                              s / len(xq) * 1e3, recalls(I, gt)))
+            print(table[-1], flush=True)
+    return table, f"faiss: built in {t.s:.1f} s, {size / 1e6:.0f} MB in RAM"
+
+
+def bench_lancedb(args, xt, xb, xq, gt, work):
+    import lancedb
+    import pyarrow as pa
+    nq = min(len(xq), 200)
+    path = os.path.join(work, "lance")
+    with Timer() as t:
+        db = lancedb.connect(path)
+        vec = pa.FixedSizeListArray.from_arrays(pa.array(xb.ravel()), xb.shape[1])
+        tbl = db.create_table("sift", pa.table({"id": np.arange(len(xb)), "vector": vec}))
+        tbl.create_index(metric="l2", num_partitions=1024, num_sub_vectors=16,
+                         index_type="IVF_PQ")
+    size = dir_bytes(path)
+    head = f"LanceDB IVF_PQ 1024 partitions x 16 sub-vectors: built in {t.s:.1f} s, " \
+        f"{size / 1e6:.0f} MB on disk"
+    print(head, flush=True)
+    table = []
+    rss0 = rss_anon_mb()
+    for nprobes in (8, 16, 32, 64):
+        for R in [0] + [r for r in args.reranks if r]:
+            k = 100 if not R else 10
+
+            def run():
+                out = np.full((nq, k), -1, dtype=np.int64)
+                for j in range(nq):
+                    q = tbl.search(xq[j]).limit(k).nprobes(nprobes)
+                    if R:
+                        q = q.refine_factor(max(1, R // k))
+                    ids = q.select(["id"]).to_arrow()["id"].to_numpy()
+                    out[j, :len(ids)] = ids
+                return out
+            run()
+            s, I = best_of(run, 2)
+            table.append(line("LanceDB IVF_PQ", f"nprobes={nprobes}", R, s / nq * 1e3,
+                              recalls(I, gt[:nq])))
+            print(table[-1], flush=True)
+    return table, head + f"; RssAnon of the searching process +{rss_anon_mb() - rss0:.0f} MB " \
+        f"over the search ({nq} queries per point)"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--nq", type=int, default=1000)
+    p.add_argument("--vectors", nargs="+", default=["uint8", "float16"])
+    p.add_argument("--V", type=int, default=256)
+    p.add_argument("--M", type=int, default=32)
+    p.add_argument("--S", type=int, default=16)
+    p.add_argument("--quotas", type=int, nargs="+", default=[2000, 5000, 10000])
+    p.add_argument("--reranks", type=int, nargs="+", default=[0, 50, 100, 200])
+    p.add_argument("--cold-quota", type=int, default=5000)
+    p.add_argument("--cold-nq", type=int, default=200)
+    p.add_argument("--skip-faiss", action="store_true")
+    p.add_argument("--skip-lancedb", action="store_true")
+    p.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.data, args.nq, args.cold_quota,
+                               args.reranks[0])))
+        return
+    xt, xb, xq, gt = load_set(args.data, args.nq)
+    work = args.work or tempfile.mkdtemp(prefix="bench_rerank-")
+    os.makedirs(work, exist_ok=True)
+    lines = [f"REALSIFT1M: {len(xb):,} base, {len(xq)} queries, 1 search thread"]
+    try:
+        table = bench_cypq(args, xt, xq, gt, work, lines)
+        if not args.skip_faiss:
+            t, head = bench_faiss(args, xt, xb, xq, gt)
+            table += t
+            lines.append(head)
+        if not args.skip_lancedb:
+            t, head = bench_lancedb(args, xt, xb, xq, gt, work)
+            table += t
+            lines.append(head)
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print()
+    print("\n".join(lines))
+    print()
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
