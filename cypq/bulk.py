@@ -146,8 +146,10 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
     train : callable, optional
         Returns a trained model; called when neither ``model`` nor an unfinished load gives
         one.
-    ids : str, optional
-        A .npy file of N int64 ids (vectors input only; default: row numbers).
+    ids : str or array_like, optional
+        A .npy file of N int64 ids, or the ids (N,) themselves (then the source's
+        ``identity()`` must cover them, for resuming); vector input only; default: row
+        numbers.
     chunk_size : int
         Vectors per chunk: memory use is a small multiple of chunk_size * (D * 4 + 32) bytes.
     n_threads : int, optional
@@ -180,12 +182,16 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
     if ids is not None:
         if not isinstance(source, VectorSource):
             raise BulkLoadError("an ids file goes with vector input only (codes carry ids)")
-        ids_arr = read_ids(ids, N)
+        ids_arr = read_ids(ids, N) if isinstance(ids, (str, os.PathLike)) \
+            else np.asarray(ids, dtype=np.int64)
+        if ids_arr.shape != (N,):
+            raise BulkLoadError(f"ids must have shape ({N},), got {ids_arr.shape}")
     if vectors not in (None, "none") and not isinstance(source, VectorSource):
         raise BulkLoadError("an index that keeps vectors is built from vector input, not "
                             "from codes")
     identity = {"version": _STATE_VERSION, "input": source.identity(), "rows": N,
-                "ids": None if ids is None else [os.path.abspath(ids), os.path.getsize(ids)],
+                "ids": None if ids_arr is None else "source" if not isinstance(
+                    ids, (str, os.PathLike)) else [os.path.abspath(ids), os.path.getsize(ids)],
                 "chunk": int(chunk_size), "vectors": None if vectors == "none" else vectors}
     index, resumed, next_cell = _open_or_create(path, identity, model, train, block_capacity,
                                                 out, pack_codes, vectors)

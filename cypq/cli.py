@@ -15,7 +15,8 @@ import sys
 from typing import Optional, Sequence
 
 from .commands import (UserError, cmd_add, cmd_backup, cmd_bench, cmd_build, cmd_demo,
-                       cmd_export, cmd_info, cmd_search, cmd_train, cmd_verify)
+                       cmd_export, cmd_info, cmd_rebuild, cmd_search, cmd_train,
+                       cmd_verify)
 from .stored_vectors import VECTOR_KINDS
 
 EXIT_USAGE = 2
@@ -117,6 +118,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "for byte inputs like SIFT (whole numbers 0..255), float16, float32")
     _train_options(s)
     s.set_defaults(func=cmd_build)
+
+    s = sub.add_parser("rebuild", parents=[threads], help="rebuild an index under a new model",
+                       description="Write a new index of the same ids and vectors from the "
+                       "vectors an index keeps (built with --vectors), under a model trained "
+                       "on a sample of them (or --model). Interrupted, the same command "
+                       "continues; the old index stays usable.")
+    s.add_argument("index", help="the index to rebuild (it keeps vectors)")
+    s.add_argument("new_index", help="directory of the new index")
+    s.add_argument("--model", help="use this trained model instead of training one")
+    s.add_argument("--sample", type=_count, default=100_000,
+                   help="stored vectors to train the new model on")
+    s.add_argument("--chunk", type=_count, default=200_000, help="vectors per chunk")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_rebuild)
 
     s = sub.add_parser("add", parents=[threads], help="add vectors to an existing index",
                        description="Encode vectors and add them to an index, one transaction "

@@ -14,7 +14,7 @@ from .code_layout import CodeLayout
 from .lopq import LOPQModel
 from .pq import NotFittedError
 from .search import SearchStats, search as _search
-from .stored_vectors import rerank as _rerank, to_stored, vector_dtype
+from .stored_vectors import Reranker, to_stored, vector_dtype
 from .storage.base import IndexCorruptError, Storage
 from .storage.memory import MemoryStorage
 
@@ -395,10 +395,9 @@ class Index:
             with self._storage.snapshot() as snap:
                 lo = 0
                 for hi in ranges(np.cumsum(snap.cell_sizes()), step):
-                    cells, ids, codes = snap.entries(lo, hi)
+                    cells, ids, codes, *vectors = snap.entries(lo, hi, vectors=True)
                     if len(cells):
-                        vectors = snap.vectors(ids)[1] if self.vector_dtype else None
-                        writer.append(cells, ids, codes, state, vectors)
+                        writer.append(cells, ids, codes, state, *vectors)
                     lo = hi
             writer.finish(state)
             shutil.rmtree(scratch, ignore_errors=True)
@@ -406,6 +405,15 @@ class Index:
             new.close()
             raise
         return new
+
+    def rebuild(self, path: str | os.PathLike, model: Optional[LOPQModel] = None,
+                sample: int = 100_000, **options):
+        """A new on-disk index in ``path`` of the same ids and vectors under a new model
+        (trained on ``sample`` stored vectors when none is given), written by the bulk
+        loader: streaming, resumable; this index stays usable. See
+        :func:`cypq.rebuild.rebuild` (``options``); returns its BulkSummary."""
+        from .rebuild import rebuild
+        return rebuild(self, path, model, sample, **options)
 
     # ------------------------------------------------------------------ search
     def search(self, queries, k: int = 10, quota: Optional[int] = None, w: Optional[int] = None,
@@ -458,17 +466,15 @@ class Index:
             w = positive_int(w, "w")
         Q = self._model.to_model_space(queries, "queries")
         threads = self._threads(len(Q), _QUERIES_PER_THREAD)
-        then = None
+        exact = None
         if rerank is not None:
             rerank = self._check_rerank(rerank, k)
             X = self._model.normalize(as_vectors(queries if np.ndim(queries) == 2 else
                                                  np.asarray(queries)[None, :], "queries",
                                                  dim=self._model.D, allow_empty=True))
-
-            def then(snap, D, I):
-                return _rerank(X, I, k, snap.vectors, self._model.metric, threads)
+            exact = Reranker(X, k, self._model.metric, self.vector_dtype, threads)
         D, I, stats = _search(self._model, self._storage, Q, rerank or k, quota, w, threads,
-                              self._layout.packed, then)
+                              self._layout.packed, exact)
         if rerank is not None:  # exact scores, smaller first: the metric's convention
             if self._model.metric != "l2":
                 D = np.where(I >= 0, -D, -np.inf).astype(np.float32)

@@ -6,7 +6,6 @@ released, queries in parallel; the storage only says where the cells' codes are.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import numpy as np
 
@@ -29,7 +28,7 @@ class SearchStats:
 
 
 def search(model, storage: Storage, Q: np.ndarray, k: int, quota: int, w: int | None,
-           n_threads: int, packed: bool = False, then: Optional[Callable] = None
+           n_threads: int, packed: bool = False, rerank=None
            ) -> tuple[np.ndarray, np.ndarray, SearchStats]:
     """Top-k by LOPQ asymmetric distance over whole cells in multi-sequence order.
 
@@ -48,9 +47,10 @@ def search(model, storage: Storage, Q: np.ndarray, k: int, quota: int, w: int | 
     n_threads : int
     packed : bool
         The storage holds 4-bit codes two per byte (cypq.code_layout).
-    then : callable, optional
-        ``then(snapshot, D, I) -> (D, I)``: called on the results inside the snapshot the
-        search read (re-ranking reads the stored vectors of the same state).
+    rerank : cypq.stored_vectors.Reranker, optional
+        Re-rank each batch's top k by ADC exactly with the stored vectors, read where the
+        scan found the codes (in the same snapshot); D and I are then its top ``rerank.k``
+        by exact score.
 
     Returns
     -------
@@ -74,19 +74,20 @@ def search(model, storage: Storage, Q: np.ndarray, k: int, quota: int, w: int | 
     I = np.empty((nq, k), dtype=np.int64)
     stats = SearchStats(np.zeros(nq, np.int64), np.zeros(nq, np.int64), np.zeros(nq, np.int64))
     batch = max(1, min(_BATCH, (1 << 22) // cap))  # cell lists of at most 32 MB
+    out = None if rerank is None else (np.empty((nq, rerank.k), np.float32),
+                                       np.empty((nq, rerank.k), np.int64))
     with storage.snapshot() as snap:
         sizes = snap.cell_sizes()
         for q0 in range(0, nq, batch):
             _search_batch(view, snap, sizes, Q, q0, min(nq, q0 + batch), k, quota, w, cap,
-                          D, I, stats, n_threads, packed)
-        if then is not None:
-            D, I = then(snap, D, I)
-    return D, I, stats
+                          D, I, stats, n_threads, packed, rerank, out)
+    return (D, I, stats) if out is None else (*out, stats)
 
 
 def _search_batch(view, snap, sizes, Q, q0, q1, k, quota, w, cap, D, I, stats, n_threads,
-                  packed):
-    """Search queries q0:q1 (phase A, the snapshot's segments and local frames, phase C)."""
+                  packed, rerank, out):
+    """Search queries q0:q1 (phase A, the snapshot's segments and local frames, phase C;
+    then the re-ranking into ``out``)."""
     Qb = Q[q0:q1]
     nb = q1 - q0
     cells = np.empty((nb, cap), dtype=np.int64)
@@ -109,6 +110,9 @@ def _search_batch(view, snap, sizes, Q, q0, q1, k, quota, w, cap, D, I, stats, n
                        seg.start, seg.codes, seg.ids, seg.length,
                        1 if packed else view.code_dtype.itemsize,
                        D[q0:q1], I[q0:q1], stats.scanned[q0:q1], n_threads, off0, off1, packed)
+    if rerank is not None:
+        out[0][q0:q1], out[1][q0:q1] = rerank.batch(snap, q0, I[q0:q1], cell_start,
+                                                    slot, seg)
 
 
 def _distinct(values: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:

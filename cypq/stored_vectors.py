@@ -11,8 +11,6 @@ from . import _rerank
 VECTOR_KINDS = ("float32", "float16", "uint8")
 # Scores of the exact re-ranking kernel (smaller first), per metric of the model.
 _SCORE_KIND = {"l2": 0, "ip": 1, "cosine": 2}
-# Queries re-ranked per fetch of their candidates' vectors: bounds the rows held at once.
-_CHUNK = 512
 
 
 def vector_dtype(kind: Optional[str]) -> Optional[np.dtype]:
@@ -57,50 +55,58 @@ def to_stored(X: np.ndarray, dtype: np.dtype, first_row: int = 0) -> np.ndarray:
     return out
 
 
-def rerank(X: np.ndarray, I: np.ndarray, k: int, fetch: Callable, metric: str,
-           n_threads: int) -> tuple[np.ndarray, np.ndarray]:
-    """The best k of each query's candidates by exact score with their stored vectors.
+class Reranker:
+    """Exact re-ranking of a search's candidates with the stored vectors.
 
     Parameters
     ----------
     X : numpy.ndarray float32 (nq, D)
-        Queries in the input space (of unit norm under cosine).
-    I : numpy.ndarray int64 (nq, r)
-        Candidate ids, best first by ADC; -1 for none.
+        The queries in the input space (of unit norm under cosine).
     k : int
-        Results per query (<= r).
-    fetch : callable
-        ``fetch(ids (n,) int64) -> (found (n,) bool, rows (n, D))``: the stored vectors.
+        Results per query.
     metric : str
-        The model's: 'l2' scores by squared distance, 'ip' by minus the inner product,
-        'cosine' by minus the cosine.
+        The model's: 'l2' ranks by squared distance, 'ip' by minus the inner product,
+        'cosine' by minus the cosine (smaller first, as the kernels rank).
+    dtype : numpy.dtype
+        How the storage keeps the vectors.
     n_threads : int
-
-    Returns
-    -------
-    S : numpy.ndarray float32 (nq, k)
-        Scores, ascending (inf where fewer than k); ties keep the ADC order.
-    J : numpy.ndarray int64 (nq, k)
-        Ids; -1 where fewer than k.
     """
-    nq, r = I.shape
-    S = np.full((nq, k), np.inf, dtype=np.float32)
-    J = np.full((nq, k), -1, dtype=np.int64)
-    for a in range(0, nq, _CHUNK):
-        b = min(nq, a + _CHUNK)
-        Ib = I[a:b]
-        ids, inv = np.unique(Ib, return_inverse=True)
-        inv = inv.reshape(Ib.shape)
-        found, rows = fetch(ids)
-        row = np.where((Ib >= 0) & found[inv], inv, -1).astype(np.int64)
-        if rows.dtype != np.uint8:
-            rows = np.ascontiguousarray(rows, dtype=np.float32)
-        scores = np.empty(Ib.shape, dtype=np.float32)
-        _rerank.exact_scores(X[a:b], rows, row, _SCORE_KIND[metric], scores, n_threads)
-        best = np.argsort(scores, axis=1, kind="stable")[:, :k]
-        top = np.take_along_axis(scores, best, axis=1)
-        S[a:b, :best.shape[1]] = top
-        J[a:b, :best.shape[1]] = np.where(np.isinf(top), -1,
-                                          np.take_along_axis(Ib, best, axis=1))
-    return S, J
 
+    def __init__(self, X: np.ndarray, k: int, metric: str, dtype: np.dtype, n_threads: int):
+        self.X, self.k, self.n_threads = X, k, n_threads
+        self.kind, self.vtype = _SCORE_KIND[metric], _rerank.VTYPES[np.dtype(dtype).name]
+
+    def batch(self, snap, q0: int, I: np.ndarray, cell_start, slot, seg
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """The best k of candidates I (nb, r) of queries q0 .. q0 + nb, whose visited cells
+        (``cell_start``, ``slot`` into the segments ``seg`` of ``snap``) the scan read.
+
+        Returns
+        -------
+        S : numpy.ndarray float32 (nb, k)
+            Exact scores, ascending (inf where fewer than k); ties keep the ADC order.
+        J : numpy.ndarray int64 (nb, k)
+            Ids; -1 where fewer than k.
+        """
+        X = self.X[q0:q0 + len(I)]
+        scores = np.empty(I.shape, dtype=np.float32)
+        vecs = seg.vectors if seg.vectors is not None else np.zeros(len(seg.ids), np.uintp)
+        _rerank.locate_scores(X, I, cell_start, slot, seg.start, seg.ids, vecs, seg.length,
+                              self.vtype, self.kind, scores, self.n_threads)
+        by_id = np.isnan(scores)   # staged entries: their vectors are read by id
+        if by_id.any():
+            ids, inv = np.unique(I[by_id], return_inverse=True)
+            found, rows = snap.vectors(ids)
+            row = np.full(I.shape, -1, dtype=np.int64)
+            row[by_id] = np.where(found[inv], inv, -1)
+            scores[by_id] = np.inf   # gone (cannot happen in one snapshot): never returned
+            _rerank.row_scores(X, rows.view(np.uint8).reshape(len(rows), -1), row,
+                               self.vtype, self.kind, scores, self.n_threads)
+        k = self.k
+        best = np.argsort(scores, axis=1, kind="stable")[:, :k]
+        S = np.full((len(I), k), np.inf, dtype=np.float32)
+        J = np.full((len(I), k), -1, dtype=np.int64)
+        top = np.take_along_axis(scores, best, axis=1)
+        S[:, :best.shape[1]] = top
+        J[:, :best.shape[1]] = np.where(np.isinf(top), -1, np.take_along_axis(I, best, axis=1))
+        return S, J

@@ -141,25 +141,40 @@ def test_bad_input_refused_nothing_stored(tmp_path):
         assert len(ix) == 0
 
 
-def test_damaged_vector_is_reported(tmp_path):
+def _damage(path, db_name, key, at):
+    """Flip a byte of one LMDB value."""
     import lmdb
-    model, X, Q = _data()
-    with Index.create(tmp_path / "ix", model, vectors="uint8", stage_capacity=0) as ix:
-        ix.add(X[:200])
-    env = lmdb.open(str(tmp_path / "ix"), max_dbs=16)
+    env = lmdb.open(str(path), max_dbs=16)
     with env.begin(write=True) as txn:
-        db = env.open_db(b"vectors", txn=txn, create=False)
-        key = (17).to_bytes(8, "big")
+        db = env.open_db(db_name, txn=txn, create=False)
         v = bytearray(txn.get(key, db=db))
-        v[3] ^= 0xFF
+        v[at] ^= 0xFF
         txn.put(key, bytes(v), db=db)
     env.close()
+
+
+def test_damaged_vector_is_reported(tmp_path):
+    """A staged vector (the vectors table) and a merged one (inside its block) that no
+    longer match their checksums: verify names them, reading them raises."""
+    model, X, Q = _data()
+    with Index.create(tmp_path / "ix", model, vectors="uint8", stage_capacity=100) as ix:
+        ix.add(X[:150])   # the first 100 are merged (the stage filled), the rest staged
+        ix.merge()
+        ix.add(X[150:200])
+        found, cell, _ = ix.lookup([3])
+    _damage(tmp_path / "ix", b"vectors", (170).to_bytes(8, "big"), 3)
+    _damage(tmp_path / "ix", b"blocks", int(cell[0]).to_bytes(8, "big") + bytes(4), -5)
     with Index.open(tmp_path / "ix") as ix:
-        assert any("vectors[17]" in line and "checksum" in line for line in ix.verify())
-        with pytest.raises(IndexCorruptError, match="vectors\\[17\\].*checksum"):
-            ix.vectors([17])
-        with pytest.raises(IndexCorruptError, match="vectors\\[17\\]"):
-            ix.search(X[17], k=1, quota=0, rerank=200)
+        problems = ix.verify()
+        assert any("vectors[170]" in line and "checksum" in line for line in problems)
+        assert any(f"blocks[cell {cell[0]}, block 0]" in line and "checksum" in line
+                   for line in problems)
+        with pytest.raises(IndexCorruptError, match="vectors\\[170\\].*checksum"):
+            ix.vectors([170])
+        with pytest.raises(IndexCorruptError, match=f"blocks\\[cell {cell[0]}, block 0\\]"):
+            ix.vectors([3])
+        with pytest.raises(IndexCorruptError, match="vectors\\[170\\]"):
+            ix.search(X[170], k=1, quota=0, rerank=200)
 
 
 def test_bulk_load_keeps_vectors(tmp_path):
@@ -225,3 +240,47 @@ def test_cli_build_vectors_and_search_rerank(tmp_path, capsys):
     assert cli_main(["search", str(tmp_path / "ix"), str(tmp_path / "q.npy"), "-k", "30",
                      "--rerank", "5"]) != 0
     assert "rerank=5 is below k=30" in capsys.readouterr().err
+
+
+def test_rebuild_under_a_new_model(tmp_path):
+    """The same ids and vectors under a model trained on the stored vectors: equal to an
+    index built afresh with that model; the old index stays usable; bad requests refused."""
+    model, X, Q = _data()
+    ids = np.arange(N, dtype=np.int64) * 5 + 3
+    with Index.create(tmp_path / "old", model, vectors="uint8", stage_capacity=500) as old:
+        old.add(X[:1500], ids[:1500])
+        old.add(X[1500:], ids[1500:])                 # the last ones staged
+        s = old.rebuild(tmp_path / "new", sample=1500, progress=False, out=lambda m: None)
+        assert s.vectors == N
+        old.add(X[:3], ids=[1, 2, 4])                 # still writable
+        with pytest.raises(BulkLoadError, match="complete index"):
+            old.rebuild(tmp_path / "new", progress=False, out=lambda m: None)
+        with pytest.raises(ValueError, match="takes 8-d vectors"):
+            old.rebuild(tmp_path / "x", _data(dim=8)[0], progress=False, out=lambda m: None)
+    with Index.open(tmp_path / "new") as new:
+        fresh = Index.in_memory(new.model, vectors="uint8")
+        assert new.model != model and (new.model.V, new.model.M) == (model.V, model.M)
+        fresh.add(X, ids)
+        assert len(new) == N and new.verify() == []
+        np.testing.assert_array_equal(new.vectors(ids), X.astype(np.uint8))
+        for ix in (new, fresh):
+            ix.n_threads = 1
+        np.testing.assert_array_equal(new.search(Q, k=5, quota=300, rerank=50)[1],
+                                      fresh.search(Q, k=5, quota=300, rerank=50)[1])
+    with Index.create(tmp_path / "plain", model) as plain:
+        plain.add(X[:10])
+        with pytest.raises(ValueError, match="keeps no vectors"):
+            plain.rebuild(tmp_path / "p2", progress=False, out=lambda m: None)
+
+
+def test_cli_rebuild(tmp_path, capsys):
+    model, X, Q = _data()
+    with Index.create(tmp_path / "old", model, vectors="float16") as old:
+        old.add(X)
+    model.export_proto(str(tmp_path / "m.lopq"))
+    assert cli_main(["rebuild", str(tmp_path / "old"), str(tmp_path / "new"), "--model",
+                     str(tmp_path / "m.lopq"), "-q"]) == 0
+    assert f"vectors: {N:,}" in capsys.readouterr().out
+    with Index.open(tmp_path / "new") as new, Index.open(tmp_path / "old") as old:
+        assert new.vector_dtype == np.float16 and new.verify() == []
+        np.testing.assert_array_equal(new.vectors(np.arange(N)), old.vectors(np.arange(N)))

@@ -175,7 +175,7 @@ def bench_lancedb(args, xt, xb, xq, gt, work):
                     q = tbl.search(xq[j]).limit(k).nprobes(nprobes)
                     if R:
                         q = q.refine_factor(max(1, R // k))
-                    ids = q.select(["id"]).to_arrow()["id"].to_numpy()
+                    ids = q.select(["id", "_distance"]).to_arrow()["id"].to_numpy()
                     out[j, :len(ids)] = ids
                 return out
             run()

@@ -63,14 +63,17 @@ class Segments:
 
     The entries of ``cells[j]`` are the segments ``start[j] : start[j+1]``; segment s holds
     ``length[s]`` entries whose fine codes (length, M) and int64 ids (length,) are at the
-    addresses ``codes[s]`` and ``ids[s]``. The addresses are valid while the context that
-    produced this object is open.
+    addresses ``codes[s]`` and ``ids[s]``, and, in a storage that keeps vectors, their
+    vectors (length, vector_width) at ``vectors[s]`` (0: not addressable, e.g. staged
+    entries; read them by id, :meth:`Snapshot.vectors`). The addresses are valid while the
+    context that produced this object is open.
     """
     cells: np.ndarray    # (n,) int64, ascending
     start: np.ndarray    # (n + 1,) int64
     codes: np.ndarray    # (n_segments,) uintp
     ids: np.ndarray      # (n_segments,) uintp
     length: np.ndarray   # (n_segments,) int64
+    vectors: Optional[np.ndarray] = None   # (n_segments,) uintp, or None: no vectors kept
 
 
 class Snapshot(ABC):
@@ -85,9 +88,10 @@ class Snapshot(ABC):
         """Segments of the ascending, distinct cells (valid while the snapshot is open)."""
 
     @abstractmethod
-    def entries(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def entries(self, lo: int, hi: int, vectors: bool = False) -> tuple:
         """Copies of the entries of cells lo .. hi-1: (cells (n,) int64 ascending, ids (n,)
-        int64, codes (n, M)); each cell's in the order a search scans them."""
+        int64, codes (n, M)), and with ``vectors`` (in a storage that keeps them) their
+        vectors (n, vector_width); each cell's in the order a search scans them."""
 
     def vectors(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(found (n,) bool, rows (n, vector_width) of vector_dtype, zero where not found)

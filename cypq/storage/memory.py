@@ -84,6 +84,7 @@ class MemoryStorage(Storage):
         # Addresses of each cell's arrays, so a search finds its cells' segments in NumPy.
         self._codes_at = np.zeros(self.n_cells, dtype=np.uintp)
         self._ids_at = np.zeros(self.n_cells, dtype=np.uintp)
+        self._vecs_at = np.zeros(self.n_cells, dtype=np.uintp)
 
     def __len__(self) -> int:
         return len(self._where)
@@ -122,6 +123,8 @@ class MemoryStorage(Storage):
             cell.append(ids[grp], codes[grp], None if vectors is None else vectors[grp])
             self._codes_at[c] = cell.codes.ctypes.data
             self._ids_at[c] = cell.ids.ctypes.data
+            if cell.vectors is not None:
+                self._vecs_at[c] = cell.vectors.ctypes.data
             for j, i in enumerate(ids[grp].tolist()):
                 self._where[i] = (c, start + j)
             self._sizes[c] += len(grp)
@@ -184,7 +187,8 @@ class _MemorySnapshot(Snapshot):
         cells = np.asarray(cells, dtype=np.int64)
         s = self._s
         return Segments(cells, np.arange(len(cells) + 1, dtype=np.int64), s._codes_at[cells],
-                        s._ids_at[cells], s._sizes[cells])
+                        s._ids_at[cells], s._sizes[cells],
+                        s._vecs_at[cells] if s.vector_width else None)
 
     def vectors(self, ids):
         s = self._s
@@ -199,12 +203,15 @@ class _MemorySnapshot(Snapshot):
                 found[j], rows[j] = True, s._cells[loc[0]].vectors[loc[1]]
         return found, rows
 
-    def entries(self, lo, hi):
+    def entries(self, lo, hi, vectors=False):
         s = self._s
+        keep = vectors and s.vector_width
         cells = [c for c in sorted(s._cells) if lo <= c < hi and s._cells[c].n]
         parts = [(np.full(s._cells[c].n, c, np.int64), s._cells[c].ids[:s._cells[c].n],
-                  s._cells[c].codes[:s._cells[c].n]) for c in cells]
+                  s._cells[c].codes[:s._cells[c].n])
+                 + ((s._cells[c].vectors[:s._cells[c].n],) if keep else ()) for c in cells]
         if not parts:
             return (np.empty(0, np.int64), np.empty(0, np.int64),
-                    np.empty((0, s.code_width), s.code_dtype))
+                    np.empty((0, s.code_width), s.code_dtype)) + (
+                (np.empty((0, s.vector_width), s.vector_dtype),) if keep else ())
         return tuple(np.concatenate(p) for p in zip(*parts))

@@ -6,9 +6,8 @@ spills where each id went (id, cell, block) to a run file in the scratch directo
 id, before its commit (a rerun after a kill in between rewrites the same file). Random-order
 inserts into the id table would dirty the whole id tree in every transaction, so
 :meth:`LMDBBulkWriter.finish` merges the id runs id range by id range and appends the id
-table in key order, one transaction per range, recording how many ranges are done. An index
-that keeps vectors has them ride in the id runs and appended to its ``vectors`` table in the
-same transactions as the id rows (both keyed by id).
+table in key order, one transaction per range, recording how many ranges are done. The
+entries' vectors, in an index that keeps them, go into the blocks with their codes.
 
 The caller's state rides in ``meta[bulk]``, committed with every step; the writer's own
 progress in ``meta[bulk_ids]``.
@@ -27,7 +26,7 @@ from . import layout as L
 from .env import Env
 from .writer import CellSizes
 
-ID_RUN = [("id", "<i8"), ("cell", "<i8"), ("block", "<i8")]
+ID_RUN = np.dtype([("id", "<i8"), ("cell", "<i8"), ("block", "<i8")])
 
 
 class LMDBBulkWriter(BulkWriter):
@@ -35,8 +34,6 @@ class LMDBBulkWriter(BulkWriter):
 
     def __init__(self, env: Env, scratch_dir: str, step: int):
         self.env, self.scratch, self.step = env, scratch_dir, max(1, int(step))
-        self.run_dtype = np.dtype(ID_RUN + ([("vector", env.vector_dtype, (env.vector_width,))]
-                                            if env.vector_width else []))
         with env.read() as txn:
             if env.get_meta(txn, b"bulk") is None:
                 raise ValueError("bulk writing is only for an index created for a bulk load")
@@ -57,12 +54,10 @@ class LMDBBulkWriter(BulkWriter):
             raise ValueError("bulk append needs cells in ascending order")
         if len(cells) and (cells[0] < 0 or cells[-1] >= env.n_cells):
             raise ValueError(f"bulk append: cells outside 0 .. {env.n_cells - 1}")
-        items, blocks = L.pack_blocks(cells, ids, codes, env.block_capacity)
+        items, blocks = L.pack_blocks(cells, ids, codes, env.block_capacity, vectors=vectors)
         if len(cells):
-            rec = np.empty(len(cells), dtype=self.run_dtype)
+            rec = np.empty(len(cells), dtype=ID_RUN)
             rec["id"], rec["cell"], rec["block"] = ids, cells, blocks
-            if vectors is not None:
-                rec["vector"] = vectors
             write_atomic(self._id_run(int(cells[0])), rec[np.argsort(ids, kind="stable")])
 
         def body(txn):
@@ -94,7 +89,7 @@ class LMDBBulkWriter(BulkWriter):
         lo = np.iinfo(np.int64).min
         for r, hi in enumerate(bounds):
             if r >= done:
-                part = gather(runs, "id", lo, hi, self.run_dtype)
+                part = gather(runs, "id", lo, hi, ID_RUN)
                 self._append_ids(part, state, r + 1)
                 if progress is not None:
                     progress(len(part))
@@ -124,9 +119,6 @@ class LMDBBulkWriter(BulkWriter):
                     if cur.last() and L.read_u64(cur.key()) >= ids[0]:
                         raise ValueError("bulk id ranges must come after every stored id")
                     cur.putmulti(L.id_items(ids, part["cell"], part["block"]), append=True)
-                if env.vector_width:
-                    with txn.cursor(db=env.db["vectors"]) as cur:
-                        cur.putmulti(L.vector_items(ids, part["vector"]), append=True)
             meta = env.db["meta"]
             txn.put(b"bulk", state, db=meta)
             txn.put(b"bulk_ids", L.u64(ranges_done), db=meta)

@@ -250,7 +250,8 @@ class Env:
     path, readonly, version
     n_cells, code_width, code_dtype, block_capacity, stage_capacity, vector_width,
     vector_dtype
-        The layout settings from the config record.
+        The layout settings from the config record (``vectors``: (vector_width,
+        vector_dtype) or None; ``code_bytes``, ``vector_bytes`` per entry).
     db : dict of name -> LMDB database handle (``stage`` may be None: a read-only version 1
         index has none).
     """
@@ -265,6 +266,8 @@ class Env:
         self.features = check_features(config.get("features", ()), path)
         self.vector_width = int(config.get("vector_width", 0))
         self.vector_dtype = np.dtype(config["vector_dtype"]) if self.vector_width else None
+        self.vectors = (self.vector_width, self.vector_dtype) if self.vector_width else None
+        self.vector_bytes = self.vector_width * self.vector_dtype.itemsize if self.vectors else 0
         if bool(self.vector_width) != (VECTORS in self.features):
             raise IndexCorruptError(f"{path}: meta[config] has vector_width "
                                     f"{self.vector_width} and features {sorted(self.features)}")

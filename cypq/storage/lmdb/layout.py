@@ -5,7 +5,9 @@ LMDB's byte order is numeric order; integers inside values are little-endian.
 
 - entries (a block of ``blocks``, a record of ``stage``): u32 n, u32 checksum, then
   ``n_columns`` int64 columns of n (blocks: ids; stage records: cells, ids), then n codes
-  (n, M) of the code dtype. See :func:`encode_entries` / :func:`decode_entries`. The
+  (n, M) of the code dtype; in an index that keeps vectors, a block then holds its
+  entries' vectors (n, vector_width), little-endian, so a search finds a candidate's vector
+  where it found its code. See :func:`encode_entries` / :func:`decode_entries`. The
   checksum is the CRC-32 of everything after the header (1 where that is 0); 0 means none
   (values written by cypq 0.1, whose header had a zero pad there).
 - block key: cell (u64) + block number (u32). A cell's blocks are 0 .. nb-1, all but the last
@@ -25,10 +27,9 @@ LMDB's byte order is numeric order; integers inside values are little-endian.
   entry counts of cells ``chunk * SIZE_CHUNK ...``; an all-zero chunk is absent. One small
   value per 256 cells, so opening reads a few thousand values, not one per cell.
 - ``log``: key generation (u64); value the cells that write touched, int64.
-- ``vectors`` (feature ``vectors``): key id (u64); value the entry's vector (``vector_width``
-  little-endian values of the vector dtype) then the u32 CRC-32 of those bytes. Kept by id,
-  so that adds, merges and removes of the blocks never move a vector, and a staged entry's
-  vector is in place from its add on.
+- ``vectors`` (feature ``vectors``): the vectors of staged entries (a stage record holds
+  none), key id (u64); value the vector (``vector_width`` little-endian values of the
+  vector dtype) then the u32 CRC-32 of those bytes. A merge moves them into the blocks.
 """
 from __future__ import annotations
 
@@ -82,12 +83,13 @@ def blocks_for(counts, capacity: int):
 
 
 # ---------------------------------------------------------------------------- entries
-def entries_size(n: int, n_columns: int, code_bytes: int) -> int:
-    """Bytes of an entries value of n entries (code_bytes = M * itemsize)."""
-    return HEADER + n * (8 * n_columns + code_bytes)
+def entries_size(n: int, n_columns: int, code_bytes: int, vec_bytes: int = 0) -> int:
+    """Bytes of an entries value of n entries (code_bytes = M * itemsize; vec_bytes: of
+    each entry's vector, 0 where none)."""
+    return HEADER + n * (8 * n_columns + code_bytes + vec_bytes)
 
 
-def entry_count(value, where: str, n_columns: int, code_bytes: int) -> int:
+def entry_count(value, where: str, n_columns: int, code_bytes: int, vec_bytes: int = 0) -> int:
     """The header count of an entries value, checked against the value's length.
 
     Raises
@@ -99,7 +101,7 @@ def entry_count(value, where: str, n_columns: int, code_bytes: int) -> int:
         raise IndexCorruptError(f"{where}: value of {len(value)} bytes is shorter than its "
                                 "header")
     n = int.from_bytes(bytes(value[:4]), "little")
-    if len(value) != entries_size(n, n_columns, code_bytes):
+    if len(value) != entries_size(n, n_columns, code_bytes, vec_bytes):
         raise IndexCorruptError(f"{where}: header says {n} entries but the value has "
                                 f"{len(value)} bytes")
     return n
@@ -120,48 +122,68 @@ def _with_header(n: int, body: bytes) -> bytes:
     return n.to_bytes(4, "little") + checksum(body).to_bytes(4, "little") + body
 
 
-def encode_entries(columns, codes: np.ndarray, code_dtype) -> bytes:
-    """u32 n, u32 checksum, each int64 column (n,) little-endian, then the codes (n, M)."""
+def encode_entries(columns, codes: np.ndarray, code_dtype, vectors=None) -> bytes:
+    """u32 n, u32 checksum, each int64 column (n,) little-endian, then the codes (n, M),
+    then the vectors (n, w) when given."""
+    tail = b"" if vectors is None else little(vectors).tobytes()
     return _with_header(len(codes), b"".join(np.asarray(c).astype("<i8").tobytes()
                                              for c in columns)
-                        + np.ascontiguousarray(codes, dtype=code_dtype).tobytes())
+                        + np.ascontiguousarray(codes, dtype=code_dtype).tobytes() + tail)
 
 
-def decode_entries(value, n_columns: int, width: int, code_dtype, where: str = "a value"):
-    """Copies of the int64 columns (n,) and the codes (n, M) of an entries value."""
+def decode_entries(value, n_columns: int, width: int, code_dtype, where: str = "a value",
+                   vectors=None):
+    """Copies of the int64 columns (n,) and the codes (n, M) of an entries value, and of
+    its vectors (n, w) when ``vectors`` is their (w, dtype)."""
     code_dtype = np.dtype(code_dtype)
     raw = bytes(value)
-    n = entry_count(raw, where, n_columns, width * code_dtype.itemsize)
+    cb = width * code_dtype.itemsize
+    vw, vdt = vectors if vectors is not None else (0, np.dtype(np.uint8))
+    n = entry_count(raw, where, n_columns, cb, vw * np.dtype(vdt).itemsize)
     if not checksum_ok(raw):
         raise IndexCorruptError(f"{where}: the checksum does not match the value (damaged)")
     columns = [np.frombuffer(raw, dtype="<i8", count=n, offset=HEADER + 8 * n * j)
                .astype(np.int64) for j in range(n_columns)]
+    at = HEADER + 8 * n * n_columns
     codes = np.frombuffer(raw, dtype=code_dtype, count=n * width,
-                          offset=HEADER + 8 * n * n_columns).reshape(n, width).copy()
-    return (*columns, codes)
+                          offset=at).reshape(n, width).copy()
+    if vectors is None:
+        return (*columns, codes)
+    vecs = np.frombuffer(raw, dtype=np.dtype(vdt).newbyteorder("<"), count=n * vw,
+                         offset=at + n * cb).reshape(n, vw).astype(vdt)
+    return (*columns, codes, vecs)
+
+
+def little(a: np.ndarray) -> np.ndarray:
+    """a, C-contiguous, little-endian (as values store numbers)."""
+    a = np.asarray(a)
+    return np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
 
 
 def block_addresses(addr: np.ndarray, length: np.ndarray, count: np.ndarray,
-                    expect: np.ndarray, code_bytes: int):
-    """Where the ids and codes of block values are, from their start addresses (n,) uintp,
-    lengths (n,) int64 and header counts (n,) int64 (-1: shorter than a header), each
-    checked against the count the cell sizes promise (``expect``).
+                    expect: np.ndarray, code_bytes: int, vec_bytes: int = 0):
+    """Where the ids, codes and vectors of block values are, from their start addresses
+    (n,) uintp, lengths (n,) int64 and header counts (n,) int64 (-1: shorter than a
+    header), each checked against the count the cell sizes promise (``expect``).
 
     Returns
     -------
-    ids_at, codes_at : numpy.ndarray uintp (n,)
+    ids_at, codes_at, vecs_at : numpy.ndarray uintp (n,)
+        (vecs_at is meaningful only where the blocks hold vectors: ``vec_bytes`` > 0.)
     bad : int
         Index of the first value that does not check out, or -1.
     """
-    ok = (count == expect) & (length == HEADER + count * (8 + code_bytes))
+    ok = (count == expect) & (length == HEADER + count * (8 + code_bytes + vec_bytes))
     bad = -1 if ok.all() else int(np.flatnonzero(~ok)[0])
     ids_at = addr + np.uintp(HEADER)
-    return ids_at, ids_at + np.uintp(8) * count.astype(np.uintp), bad
+    codes_at = ids_at + np.uintp(8) * count.astype(np.uintp)
+    return ids_at, codes_at, codes_at + np.uintp(code_bytes) * count.astype(np.uintp), bad
 
 
-def entry_addresses(values: list, expect: np.ndarray, code_bytes: int, where):
+def entry_addresses(values: list, expect: np.ndarray, code_bytes: int, where,
+                    vec_bytes: int = 0):
     """Where the entries of block values (list of n bytes-likes, kept alive by the caller)
-    are: (ids_at (e,) uintp, codes_at (e,) uintp), block after block, each value's length
+    are: (ids_at, codes_at, vecs_at) (e,) uintp, block after block, each value's length
     checked against the count it must hold (``expect`` (n,) int64).
 
     Raises
@@ -176,14 +198,16 @@ def entry_addresses(values: list, expect: np.ndarray, code_bytes: int, where):
     addr, length = np.empty(n, dtype=np.uintp), np.empty(n, dtype=np.int64)
     count = np.empty(n, dtype=np.int64)
     _buffers.headers(values, addr, length, count)
-    ids_at, codes_at, bad = block_addresses(addr, length, count, expect, code_bytes)
+    ids_at, codes_at, vecs_at, bad = block_addresses(addr, length, count, expect, code_bytes,
+                                                     vec_bytes)
     if bad >= 0:
         raise IndexCorruptError(f"{where(bad)}: {length[bad]} bytes, header count "
                                 f"{count[bad]}; expected {expect[bad]} entries")
     rank = (np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
             ).astype(np.uintp)
     return (np.repeat(ids_at, count) + np.uintp(8) * rank,
-            np.repeat(codes_at, count) + np.uintp(code_bytes) * rank)
+            np.repeat(codes_at, count) + np.uintp(code_bytes) * rank,
+            np.repeat(vecs_at, count) + np.uintp(vec_bytes) * rank)
 
 
 def row_addresses(a: np.ndarray) -> np.ndarray:
@@ -207,7 +231,7 @@ def cell_ranks(cells: np.ndarray) -> np.ndarray:
     return np.arange(len(cells)) - np.repeat(runs[:-1], np.diff(runs))
 
 
-def pack_blocks(cells, ids, codes, capacity, first_block=None):
+def pack_blocks(cells, ids, codes, capacity, first_block=None, vectors=None):
     """Lay entries out as new blocks, vectorised (one NumPy pass instead of one per cell).
 
     Parameters
@@ -220,6 +244,8 @@ def pack_blocks(cells, ids, codes, capacity, first_block=None):
         Entries per block.
     first_block : numpy.ndarray int64 (n,), optional
         Block number of the first new block of each entry's cell (default 0).
+    vectors : numpy.ndarray (n, w), optional
+        The entries' vectors, after the codes of each block.
 
     Returns
     -------
@@ -229,14 +255,19 @@ def pack_blocks(cells, ids, codes, capacity, first_block=None):
     """
     ids = np.ascontiguousarray(ids, dtype="<i8")
     codes = np.ascontiguousarray(codes)
+    vecs = None if vectors is None else little(vectors)
     return pack_entries(cells, row_addresses(ids), row_addresses(codes),
-                        codes.shape[1] * codes.dtype.itemsize, capacity, first_block)
+                        codes.shape[1] * codes.dtype.itemsize, capacity, first_block,
+                        None if vecs is None else row_addresses(vecs),
+                        0 if vecs is None else vecs.shape[1] * vecs.itemsize)
 
 
-def pack_entries(cells, ids_at, codes_at, code_bytes: int, capacity, first_block=None):
-    """:func:`pack_blocks` of entries given by where their id (8 bytes, little-endian) and
-    code (``code_bytes``) are (``ids_at``, ``codes_at`` (n,) uintp: rows of arrays, or
-    entries of checked values, kept alive by the caller): bytes are copied once, in C."""
+def pack_entries(cells, ids_at, codes_at, code_bytes: int, capacity, first_block=None,
+                 vecs_at=None, vec_bytes: int = 0):
+    """:func:`pack_blocks` of entries given by where their id (8 bytes, little-endian),
+    code (``code_bytes``) and vector (``vec_bytes``, 0: none) are (``ids_at``, ``codes_at``,
+    ``vecs_at`` (n,) uintp: rows of arrays, or entries of checked values, kept alive by the
+    caller): bytes are copied once, in C."""
     n = len(cells)
     if not n:
         return [], np.empty(0, np.int64)
@@ -248,12 +279,15 @@ def pack_entries(cells, ids_at, codes_at, code_bytes: int, capacity, first_block
     block_no = rank // capacity + (0 if first_block is None else first_block)
     cw = code_bytes
     off = np.zeros(len(bstart) + 1, dtype=np.int64)
-    np.cumsum(HEADER + bcount * (8 + cw), out=off[1:])
+    np.cumsum(HEADER + bcount * (8 + cw + vec_bytes), out=off[1:])
     buf = np.zeros(int(off[-1]), dtype=np.uint8)
     # Header (u32 count, u32 checksum), then the ids, then the codes of each block.
     buf[off[:-1, None] + np.arange(4)] = bcount.astype("<u4").view(np.uint8).reshape(-1, 4)
     _buffers.scatter(ids_at, off[bidx] + HEADER + 8 * pos, 8, buf)
     _buffers.scatter(codes_at, off[bidx] + HEADER + 8 * bcount[bidx] + cw * pos, cw, buf)
+    if vec_bytes:
+        _buffers.scatter(vecs_at, off[bidx] + HEADER + (8 + cw) * bcount[bidx]
+                         + vec_bytes * pos, vec_bytes, buf)
     mv, bounds = memoryview(buf), off.tolist()
     crc = zlib.crc32
     sums = np.array([crc(mv[a + HEADER:b]) for a, b in zip(bounds[:-1], bounds[1:])],
@@ -353,8 +387,7 @@ def vector_items(ids, rows: np.ndarray) -> list:
     """vectors-table items (id -> row + CRC-32) of ids (n,) int64 and rows (n, w), sorted by
     id."""
     order = np.argsort(ids, kind="stable")
-    rows = np.asarray(rows)
-    raw = np.ascontiguousarray(rows[order].astype(rows.dtype.newbyteorder("<"), copy=False))
+    raw = little(np.asarray(rows)[order])
     body, rb = raw.tobytes(), raw.itemsize * (raw.shape[1] if raw.ndim == 2 else 0)
     values = (body[rb * j:rb * j + rb] for j in range(len(order)))
     return list(zip(id_keys(np.asarray(ids)[order]),

@@ -334,7 +334,8 @@ class ReadPath:
                                     "entries)") from None
         last = np.repeat(counts - (nb - 1) * B, nb)
         expect = np.where(block == np.repeat(nb - 1, nb), last, B)
-        blk_ids, blk_codes, bad = L.block_addresses(addr, length, n, expect, env.code_bytes)
+        blk_ids, blk_codes, blk_vecs, bad = L.block_addresses(addr, length, n, expect,
+                                                              env.code_bytes, env.vector_bytes)
         if bad >= 0:
             raise IndexCorruptError(f"blocks[cell {owner[bad]}, block {block[bad]}]: header "
                                     f"says {n[bad]} entries in {length[bad]} bytes; expected "
@@ -348,9 +349,12 @@ class ReadPath:
         total = int(seg0[-1])
         ids_at = np.empty(total, dtype=np.uintp)
         codes_at = np.empty(total, dtype=np.uintp)
+        vecs_at = np.zeros(total, dtype=np.uintp)   # staged entries: 0, read by id
         seg_len = np.empty(total, dtype=np.int64)
         at = np.repeat(seg0[:-1], nb) + block
         ids_at[at], codes_at[at], seg_len[at] = blk_ids, blk_codes, n
+        if env.vectors:
+            vecs_at[at] = blk_vecs
         after = seg0[:-1] + nb
         for tier, (has, start, cnt) in zip(tiers, found):
             if has.any():
@@ -360,67 +364,102 @@ class ReadPath:
                     tier.codes.strides[0])
                 seg_len[at] = cnt[has]
                 after = after + has
-        cache.add(cells, per_cell, ids_at, codes_at, seg_len)
+        cache.add(cells, per_cell, ids_at, codes_at, seg_len, vecs_at)
 
     # ------------------------------------------------------------------ lookups
-    def lookup(self, ids: np.ndarray):
-        """(found (n,) bool, cells (n,) int64, codes (n, M)) of ids (n,) int64: from the id
-        table, else from the stage; a frozen entry already merged (its row not written
-        yet) is looked for in its cell's blocks."""
+    def lookup(self, ids: np.ndarray, with_vectors: bool = False, txn=None, state=None):
+        """(found (n,) bool, cells (n,) int64, codes (n, M), vectors (n, w) or None) of ids
+        (n,) int64: from the id table, else from the stage; a frozen entry already merged
+        (its row not written yet) is looked for in its cell's blocks. Vectors (with
+        ``with_vectors``) come from the blocks, a staged entry's from the ``vectors`` table.
+        Read in ``txn`` of ``state`` when given, else in a new read transaction."""
+        if txn is None:
+            with self.env.read() as txn:
+                with self._lock:
+                    state = self.refresh(txn)
+                return self._lookup(txn, state, ids, with_vectors)
+        return self._lookup(txn, state, ids, with_vectors)
+
+    def _lookup(self, txn, state, ids, with_vectors):
         env = self.env
         found = np.zeros(len(ids), dtype=bool)
         cells = np.full(len(ids), -1, dtype=np.int64)
         codes = np.zeros((len(ids), env.code_width), dtype=env.code_dtype)
-        with env.read() as txn:
-            with self._lock:
-                state = self.refresh(txn)
-            rest = []
-            for j, i in enumerate(ids.tolist()):
-                loc = txn.get(L.u64(i), db=env.db["ids"])
-                if loc is None:
-                    rest.append(j)
-                    continue
-                c, b = L.id_location(loc, i)
-                if b & L.STAGED:  # a format 3 row of a staged entry
-                    rest.append(j)
-                    continue
-                found[j], cells[j], codes[j] = True, c, _find_in_blocks(env, txn, i, c, b, b)
-            if not rest:
-                return found, cells, codes
-            rest = np.asarray(rest, dtype=np.int64)
-            part, s_cells, s_codes = state.stage.find(ids[rest])
-            below = state.stage.frozen.merged_below
-            for j, p, c, code in zip(rest.tolist(), part.tolist(), s_cells.tolist(), s_codes):
-                if not p:
-                    continue
-                found[j], cells[j] = True, c
-                if p == 1 and c < below:  # merged into the cell's blocks
-                    nb = L.blocks_for(int(state.main[c]), env.block_capacity)
-                    codes[j] = _find_in_blocks(env, txn, int(ids[j]), c, 0, nb - 1)
-                else:
-                    codes[j] = code
-        return found, cells, codes
+        vecs = np.zeros((len(ids), env.vector_width), env.vector_dtype) if with_vectors \
+            else None
+        rest = []
+        for j, i in enumerate(ids.tolist()):
+            loc = txn.get(L.u64(i), db=env.db["ids"])
+            if loc is None:
+                rest.append(j)
+                continue
+            c, b = L.id_location(loc, i)
+            if b & L.STAGED:  # a format 3 row of a staged entry
+                rest.append(j)
+                continue
+            found[j], cells[j] = True, c
+            _find_in_blocks(env, txn, i, c, b, b, codes, vecs, j)
+        if not rest:
+            return found, cells, codes, vecs
+        rest = np.asarray(rest, dtype=np.int64)
+        part, s_cells, s_codes = state.stage.find(ids[rest])
+        below = state.stage.frozen.merged_below
+        staged = []
+        for j, p, c, code in zip(rest.tolist(), part.tolist(), s_cells.tolist(), s_codes):
+            if not p:
+                continue
+            found[j], cells[j] = True, c
+            if p == 1 and c < below:  # merged into the cell's blocks
+                nb = L.blocks_for(int(state.main[c]), env.block_capacity)
+                _find_in_blocks(env, txn, int(ids[j]), c, 0, nb - 1, codes, vecs, j)
+            else:
+                codes[j] = code
+                staged.append(j)
+        if staged and with_vectors:
+            vecs[staged] = staged_vectors(env, txn, ids[staged])
+        return found, cells, codes, vecs
 
 
-def _find_in_blocks(env: Env, txn, i: int, cell: int, first: int, last: int) -> np.ndarray:
-    """The code of id i, looked for in blocks first .. last of its cell."""
+def staged_vectors(env: Env, txn, ids: np.ndarray) -> np.ndarray:
+    """The vectors (n, w) of staged entries' ids (n,) int64, from the ``vectors`` table."""
+    order = np.argsort(ids)
+    with txn.cursor(db=env.db["vectors"]) as cur:  # in key order: fewer pages
+        got = cur.getmulti(L.id_keys(ids[order]))
+    if len(got) != len(ids):
+        have = {L.read_u64(k) for k, _ in got}
+        i = next(int(i) for i in ids if int(i) not in have)
+        raise IndexCorruptError(f"vectors[{i}] is missing: the staged entry has no vector")
+    out = np.empty((len(ids), env.vector_width), dtype=env.vector_dtype)
+    out[order] = L.parse_vectors([v for _, v in got], env.vector_width, env.vector_dtype,
+                                 lambda j: f"vectors[{ids[order[j]]}]")
+    return out
+
+
+def _find_in_blocks(env: Env, txn, i: int, cell: int, first: int, last: int, codes, vecs,
+                    j: int) -> None:
+    """codes[j] (and vecs[j], unless vecs is None) = those of id i, looked for in blocks
+    first .. last of its cell."""
     for b in range(last, first - 1, -1):  # a merged entry sits near the cell's end
-        blk_ids, blk_codes = read_block(env, txn, cell, b)
+        blk_ids, blk_codes, blk_vecs = read_block(env, txn, cell, b)
         pos = np.flatnonzero(blk_ids == i)
         if len(pos):
-            return blk_codes[pos[0]]
+            codes[j] = blk_codes[pos[0]]
+            if vecs is not None:
+                vecs[j] = blk_vecs[pos[0]]
+            return
     where = f"block ({cell}, {first})" if first == last else \
         f"blocks {first}..{last} of cell {cell}"
     raise IndexCorruptError(f"id {i}: {where} does not hold it, though the index says so")
 
 
 def read_block(env: Env, txn, cell: int, block: int):
-    """Copies of (ids (n,) int64, codes (n, M)) of one block."""
+    """Copies of (ids (n,) int64, codes (n, M), vectors (n, w) or None) of one block."""
     v = txn.get(L.block_key(cell, block), db=env.db["blocks"])
     if v is None:
         raise IndexCorruptError(f"blocks[cell {cell}, block {block}] is missing")
-    return L.decode_entries(v, 1, env.code_width, env.code_dtype,
-                            f"blocks[cell {cell}, block {block}]")
+    out = L.decode_entries(v, 1, env.code_width, env.code_dtype,
+                           f"blocks[cell {cell}, block {block}]", env.vectors)
+    return out if env.vectors else (*out, None)
 
 
 class _LMDBSnapshot(Snapshot):
@@ -435,25 +474,18 @@ class _LMDBSnapshot(Snapshot):
         cache, seg = self._r.segments(self._txn, self._state,
                                       np.asarray(cells, dtype=np.int64))
         self._caches.append(cache)  # its pins stay open while this snapshot is
+        if not self._r.env.vectors:
+            seg.vectors = None
         return seg
 
     def vectors(self, ids):
-        env = self._r.env
-        if not env.vector_width:
+        if not self._r.env.vectors:
             return super().vectors(ids)
-        uniq, inv = np.unique(np.asarray(ids, dtype=np.int64), return_inverse=True)
-        with self._txn.cursor(db=env.db["vectors"]) as cur:  # in key order: fewer pages
-            got = cur.getmulti(L.id_keys(uniq))
-        keys = np.frombuffer(b"".join(k for k, _ in got), dtype=">u8").astype(np.int64)
-        rows = np.zeros((len(uniq), env.vector_width), dtype=env.vector_dtype)
-        rows[np.searchsorted(uniq, keys)] = L.parse_vectors(
-            [v for _, v in got], env.vector_width, env.vector_dtype,
-            lambda j: f"vectors[{keys[j]}]")
-        found = np.zeros(len(uniq), dtype=bool)
-        found[np.searchsorted(uniq, keys)] = True
-        return found[inv], rows[inv]
+        found, _, _, vecs = self._r.lookup(np.asarray(ids, dtype=np.int64), True, self._txn,
+                                           self._state)
+        return found, vecs
 
-    def entries(self, lo, hi):
+    def entries(self, lo, hi, vectors=False):
         env = self._r.env
         parts = []
         with self._txn.cursor(db=env.db["blocks"]) as cur:
@@ -462,16 +494,21 @@ class _LMDBSnapshot(Snapshot):
                 c, b = L.parse_block_key(cur.key())
                 if c >= hi:
                     break
-                ids, codes = L.decode_entries(cur.value(), 1, env.code_width, env.code_dtype,
-                                              f"blocks[cell {c}, block {b}]")
-                parts.append((np.full(len(ids), c, np.int64), ids, codes))
+                ids, codes, *vecs = L.decode_entries(cur.value(), 1, env.code_width,
+                                                     env.code_dtype,
+                                                     f"blocks[cell {c}, block {b}]",
+                                                     env.vectors)
+                parts.append((np.full(len(ids), c, np.int64), ids, codes, *vecs))
                 ok = cur.next()
         for tier in self._state.stage.tiers:  # after the blocks: a stable sort keeps that
             a, b = np.searchsorted(tier.cells, [lo, hi])
-            parts.append((tier.cells[a:b], tier.ids[a:b], tier.codes[a:b]))
-        cells, ids, codes = (np.concatenate(p) for p in zip(*parts))
-        order = np.argsort(cells, kind="stable")
-        return cells[order], ids[order], codes[order]
+            parts.append((tier.cells[a:b], tier.ids[a:b], tier.codes[a:b])
+                         + ((staged_vectors(env, self._txn, tier.ids[a:b]),) if env.vectors
+                            else ()))
+        cols = [np.concatenate(p) for p in zip(*parts)]
+        order = np.argsort(cols[0], kind="stable")
+        out = tuple(c[order] for c in cols)
+        return out if vectors else out[:3]
 
 
 class _Pin:
@@ -502,6 +539,7 @@ class _SegmentCache:
         self.count = np.zeros(n_cells, dtype=np.int64)
         self.codes = np.empty(0, dtype=np.uintp)
         self.ids = np.empty(0, dtype=np.uintp)
+        self.vectors = np.empty(0, dtype=np.uintp)
         self.length = np.empty(0, dtype=np.int64)
 
     def carry(self, old: "_SegmentCache", changed: np.ndarray) -> None:
@@ -510,6 +548,7 @@ class _SegmentCache:
         self.first[changed] = -1
         self.count[changed] = 0
         self.codes, self.ids, self.length = old.codes, old.ids, old.length
+        self.vectors = old.vectors
         self.pins = old.pins + self.pins
 
     def garbage(self) -> float:
@@ -519,11 +558,12 @@ class _SegmentCache:
     def has(self, cells):
         return self.first[cells] >= 0
 
-    def add(self, cells, per_cell, ids_addr, codes_addr, n):
+    def add(self, cells, per_cell, ids_addr, codes_addr, n, vecs_addr):
         """Segments of ascending cells, per_cell[j] of them for cells[j], consecutive."""
         base = len(self.codes)
         self.codes = np.concatenate([self.codes, codes_addr])
         self.ids = np.concatenate([self.ids, ids_addr])
+        self.vectors = np.concatenate([self.vectors, vecs_addr])
         self.length = np.concatenate([self.length, n])
         starts = np.zeros(len(cells), dtype=np.int64)
         np.cumsum(per_cell[:-1], out=starts[1:])
@@ -535,4 +575,5 @@ class _SegmentCache:
         start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         seg = np.repeat(self.first[cells], counts) + (
             np.arange(start[-1]) - np.repeat(start[:-1], counts))
-        return Segments(cells, start, self.codes[seg], self.ids[seg], self.length[seg])
+        return Segments(cells, start, self.codes[seg], self.ids[seg], self.length[seg],
+                        self.vectors[seg])

@@ -171,7 +171,7 @@ class LMDBStorage(Storage):
 
     @_reports_damage
     def lookup(self, ids):
-        return self._reader.lookup(np.asarray(ids, dtype=np.int64))
+        return self._reader.lookup(np.asarray(ids, dtype=np.int64))[:3]
 
     @_reports_damage
     def stats(self) -> dict:

@@ -6,7 +6,8 @@ block, stage record, id-table row and change-log record against its layout; each
 table against where each id is stored, both ways (an entry in the blocks has its row, but a
 frozen one whose row the merge has not written yet; a staged entry has none, or a format 3
 row saying "staged"); the entry count and the stage's counters; in an index that keeps
-vectors, one well-formed vector (length, checksum) for every stored id and no other. Problems are returned, one
+vectors (in the blocks, checked with them), one well-formed vector (length, checksum) in
+the ``vectors`` table for every staged entry and none for any other id. Problems are returned, one
 line each (at most ``LIMIT`` of a kind, then a count).
 """
 from __future__ import annotations
@@ -70,7 +71,7 @@ def verify(env: Env) -> list:
                     out.add("block numbering", f"{where}: expected block {expect_block}")
                 expect_block = b + 1
                 try:
-                    ids, _ = L.decode_entries(value, 1, width, dtype, where)
+                    ids = L.decode_entries(value, 1, width, dtype, where, env.vectors)[0]
                 except IndexCorruptError as e:
                     out.add("block value", str(e))
                     continue
@@ -128,8 +129,8 @@ def verify(env: Env) -> list:
             else unwritten[:0]
         _id_table(env, txn, out, (ids_b, cells_b, blocks_b),
                   (staged_ids, staged_cells), unwritten)
-        if env.vector_width:
-            _vectors(env, txn, out, np.concatenate(ids_b + staged_ids + [np.empty(0, np.int64)]))
+        if env.vectors:
+            _vectors(env, txn, out, np.concatenate(staged_ids + [np.empty(0, np.int64)]))
         with txn.cursor(db=env.db["log"]) as cur:
             for key, value in cur:
                 if len(value) % 8:
@@ -200,7 +201,8 @@ def _id_table(env: Env, txn, out: _Problems, blocks, stage, unwritten) -> None:
 
 
 def _vectors(env: Env, txn, out: _Problems, stored: np.ndarray) -> None:
-    """The vectors table: one vector, intact, per stored id and none for any other id."""
+    """The vectors table: one vector, intact, per staged id (``stored``) and none for any
+    other id."""
     keys, bad = [], []
     with txn.cursor(db=env.db["vectors"]) as cur:
         for key, value in cur:
@@ -215,6 +217,6 @@ def _vectors(env: Env, txn, out: _Problems, stored: np.ndarray) -> None:
         out.add("vector value", line)
     keys = np.asarray(keys, dtype=np.int64)
     for i in np.setdiff1d(stored, keys)[:LIMIT + 1].tolist():
-        out.add("vector missing", f"id {i} is stored but has no vector")
+        out.add("vector missing", f"id {i} is staged but has no vector")
     for i in np.setdiff1d(keys, stored)[:LIMIT + 1].tolist():
-        out.add("vector stray", f"vectors[{i}] belongs to no stored entry")
+        out.add("vector stray", f"vectors[{i}] belongs to no staged entry")

@@ -22,7 +22,7 @@ import numpy as np
 from ..base import IndexCorruptError, fresh_ids, refuse_present
 from . import layout as L
 from .env import Env, StageState
-from .reader import ReadPath, read_block
+from .reader import ReadPath, read_block, staged_vectors
 
 MERGE_STEP = 1 << 13    # frozen entries (cells' blocks) or ids (id rows) per merge step
 MERGE_PACE = 3          # merge work per add: entries or ids merged per entry added (a merge
@@ -116,18 +116,18 @@ class WritePath:
                 step = self._step(txn, False)  # a merge step, in the same commit
                 st = env.stage_meta(txn)
             touched = [self._remove_in(txn, present)] if len(present) else []
-            if vectors is not None and len(ids):  # by id: in place whether staged or not
-                with txn.cursor(db=env.db["vectors"]) as cur:
-                    cur.putmulti(L.vector_items(ids, vectors))
             if env.stage_capacity and len(ids):
                 txn.put(L.u64(st.nxt), L.encode_entries((cells, ids), codes, env.code_dtype),
                         db=env.db["stage"])
+                if vectors is not None:  # staged vectors by id, until the merge
+                    with txn.cursor(db=env.db["vectors"]) as cur:
+                        cur.putmulti(L.vector_items(ids, vectors))
                 st = st._replace(nxt=st.nxt + 1, n_active=st.n_active + len(ids))
                 if not st.frozen and st.n_active >= env.stage_capacity:
                     st = _frozen(st)
                 env.put_stage(txn, st)
             else:
-                touched.append(self._add_in(txn, cells, ids, codes, True))
+                touched.append(self._add_in(txn, cells, ids, codes, True, vectors))
             env.bump(txn, np.concatenate(touched) if touched else np.empty(0, np.int64),
                      len(ids) - len(present), int(ids.max()) + 1 if len(ids) else 0)
             return ids, st, step
@@ -161,15 +161,16 @@ class WritePath:
             except _MergeFirst:
                 self.merge()
 
-    def _add_in(self, txn, cells, ids, codes, id_rows: bool) -> np.ndarray:
+    def _add_in(self, txn, cells, ids, codes, id_rows: bool, vectors=None) -> np.ndarray:
         """Entries into their cells' blocks, in one NumPy pass: each cell's last, partly
         filled block is read and laid out again with the new entries after its own, the
-        rest go to new blocks; with ``id_rows``, their id-table rows. Returns the touched
-        cells."""
+        rest go to new blocks; with ``id_rows``, their id-table rows. ``vectors``: the
+        entries' (in an index that keeps them). Returns the touched cells."""
         env = self.env
         B = env.block_capacity
         order = np.argsort(cells, kind="stable")
         cells, ids, codes = cells[order], ids[order], codes[order]
+        vectors = L.little(vectors[order]) if env.vectors else None
         runs = L.cell_runs(cells)
         ucells, added = cells[runs[:-1]], np.diff(runs)
         sizes = CellSizes(env, txn)
@@ -179,9 +180,9 @@ class WritePath:
         p_cells, p_block = ucells[part], nb[part] - 1
         values = list(map(partial(txn.get, db=env.db["blocks"]),
                           L.block_keys(p_cells, p_block)))
-        o_ids, o_codes = L.entry_addresses(
+        o_ids, o_codes, o_vecs = L.entry_addresses(
             values, old[part] - p_block * B, env.code_bytes,
-            lambda j: f"blocks[cell {p_cells[j]}, block {p_block[j]}]")
+            lambda j: f"blocks[cell {p_cells[j]}, block {p_block[j]}]", env.vector_bytes)
         n_old = len(o_ids)
         # a cell's old entries first (the concatenation is stably sorted by cell)
         all_cells = np.concatenate([np.repeat(p_cells, old[part] - p_block * B), cells])
@@ -192,7 +193,8 @@ class WritePath:
         items, blocks = L.pack_entries(
             all_cells, np.concatenate([o_ids, L.row_addresses(ids)])[keep],
             np.concatenate([o_codes, L.row_addresses(codes)])[keep], env.code_bytes, B,
-            first)
+            first, np.concatenate([o_vecs, L.row_addresses(vectors)])[keep]
+            if env.vectors else None, env.vector_bytes)
         with txn.cursor(db=env.db["blocks"]) as cur:
             cur.putmulti(items)
         del values  # the old values' bytes were copied by pack_entries
@@ -260,7 +262,8 @@ class WritePath:
                 b = int(np.searchsorted(frozen.cells, frozen.cells[b - 1], side="right"))
             below = env.n_cells if b == len(frozen) else int(frozen.cells[b - 1]) + 1
             touched = self._add_in(txn, frozen.cells[a:b], frozen.ids[a:b],
-                                   frozen.codes[a:b], False) if b > a \
+                                   frozen.codes[a:b], False,
+                                   self._take_vectors(txn, frozen.ids[a:b])) if b > a \
                 else np.empty(0, np.int64)
             env.put_stage(txn, st._replace(below=below, n_frozen=st.n_frozen - (b - a)))
             env.bump(txn, touched)
@@ -288,6 +291,17 @@ class WritePath:
         env.put_stage(txn, st)
         env.bump(txn, np.empty(0, np.int64))
         return 0, len(sel)
+
+    def _take_vectors(self, txn, ids: np.ndarray):
+        """The staged vectors of ids (moving into the blocks): read, then deleted from the
+        ``vectors`` table (None where the index keeps no vectors)."""
+        if not self.env.vectors:
+            return None
+        vecs = staged_vectors(self.env, txn, ids)
+        db = self.env.db["vectors"]
+        for key in L.id_keys(ids):
+            txn.delete(key, db=db)
+        return vecs
 
     def _drop_records(self, txn, lo: int, hi: int) -> None:
         """Delete stage records lo .. hi-1."""
@@ -328,7 +342,7 @@ class WritePath:
                 raise IndexCorruptError(f"ids[{i}] points at block {b} of cell {c}, which has "
                                         f"{nb} blocks")
             last = nb - 1
-            blk_ids, blk_codes = read_block(env, txn, c, b)
+            blk_ids, blk_codes, blk_vecs = read_block(env, txn, c, b)
             pos = np.flatnonzero(blk_ids == i)
             if not len(pos):
                 raise IndexCorruptError(f"ids[{i}] points at block ({c}, {b}), which does not "
@@ -337,25 +351,28 @@ class WritePath:
             if b == last:
                 blk_ids = np.delete(blk_ids, pos)
                 blk_codes = np.delete(blk_codes, pos, axis=0)
+                blk_vecs = None if blk_vecs is None else np.delete(blk_vecs, pos, axis=0)
             else:
-                t_ids, t_codes = read_block(env, txn, c, last)
+                t_ids, t_codes, t_vecs = read_block(env, txn, c, last)
                 moved = int(t_ids[-1])
                 blk_ids[pos], blk_codes[pos] = moved, t_codes[-1]
+                if blk_vecs is not None:
+                    blk_vecs[pos] = t_vecs[-1]
                 txn.put(L.u64(moved), L.id_value(c, b), db=ids_db)
                 if len(t_ids) > 1:
                     txn.put(L.block_key(c, last),
-                            L.encode_entries((t_ids[:-1],), t_codes[:-1], env.code_dtype),
+                            L.encode_entries((t_ids[:-1],), t_codes[:-1], env.code_dtype,
+                                             None if t_vecs is None else t_vecs[:-1]),
                             db=blocks_db)
                 else:
                     txn.delete(L.block_key(c, last), db=blocks_db)
             if len(blk_ids):
                 txn.put(L.block_key(c, b), L.encode_entries((blk_ids,), blk_codes,
-                                                            env.code_dtype), db=blocks_db)
+                                                            env.code_dtype, blk_vecs),
+                        db=blocks_db)
             else:  # only the last block can empty: drop it
                 txn.delete(L.block_key(c, b), db=blocks_db)
             txn.delete(L.u64(i), db=ids_db)
-            if env.vector_width:
-                txn.delete(L.u64(i), db=env.db["vectors"])
             sizes.set(c, count - 1)
             touched.add(c)
         sizes.flush()
