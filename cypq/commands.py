@@ -141,10 +141,11 @@ def cmd_build(args, out) -> int:
 
 def cmd_rebuild(args, out) -> int:
     from .index import Index
+    from .rebuild import rebuild
     model = load_model(args.model) if args.model else None
     with Index.open(args.index, readonly=True, n_threads=args.threads) as index:
-        summary = index.rebuild(args.new_index, model, args.sample, chunk_size=args.chunk,
-                                n_threads=args.threads, progress=not args.quiet, out=out)
+        summary = rebuild(index, args.new_index, model, args.sample, chunk_size=args.chunk,
+                          n_threads=args.threads, progress=not args.quiet, out=out)
     for text in summary.lines():
         out(text)
     return 0

@@ -406,15 +406,6 @@ class Index:
             raise
         return new
 
-    def rebuild(self, path: str | os.PathLike, model: Optional[LOPQModel] = None,
-                sample: int = 100_000, **options):
-        """A new on-disk index in ``path`` of the same ids and vectors under a new model
-        (trained on ``sample`` stored vectors when none is given), written by the bulk
-        loader: streaming, resumable; this index stays usable. See
-        :func:`cypq.rebuild.rebuild` (``options``); returns its BulkSummary."""
-        from .rebuild import rebuild
-        return rebuild(self, path, model, sample, **options)
-
     # ------------------------------------------------------------------ search
     def search(self, queries, k: int = 10, quota: Optional[int] = None, w: Optional[int] = None,
                return_stats: bool = False, rerank: Optional[int] = None):

@@ -2,7 +2,7 @@
 the checks that make storing them lossless or refused, and exact re-ranking with them."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 

@@ -8,6 +8,7 @@ import pytest
 from cypq import Index, LOPQModel
 from cypq.bulk import BulkLoadError, bulk_load
 from cypq.cli import main as cli_main
+from cypq.rebuild import rebuild
 from cypq.storage.base import IndexCorruptError
 from cypq.vector_files import VectorSource
 
@@ -250,13 +251,13 @@ def test_rebuild_under_a_new_model(tmp_path):
     with Index.create(tmp_path / "old", model, vectors="uint8", stage_capacity=500) as old:
         old.add(X[:1500], ids[:1500])
         old.add(X[1500:], ids[1500:])                 # the last ones staged
-        s = old.rebuild(tmp_path / "new", sample=1500, progress=False, out=lambda m: None)
+        s = rebuild(old, tmp_path / "new", sample=1500, progress=False, out=lambda m: None)
         assert s.vectors == N
         old.add(X[:3], ids=[1, 2, 4])                 # still writable
         with pytest.raises(BulkLoadError, match="complete index"):
-            old.rebuild(tmp_path / "new", progress=False, out=lambda m: None)
+            rebuild(old, tmp_path / "new", progress=False, out=lambda m: None)
         with pytest.raises(ValueError, match="takes 8-d vectors"):
-            old.rebuild(tmp_path / "x", _data(dim=8)[0], progress=False, out=lambda m: None)
+            rebuild(old, tmp_path / "x", _data(dim=8)[0], progress=False, out=lambda m: None)
     with Index.open(tmp_path / "new") as new:
         fresh = Index.in_memory(new.model, vectors="uint8")
         assert new.model != model and (new.model.V, new.model.M) == (model.V, model.M)
@@ -270,7 +271,7 @@ def test_rebuild_under_a_new_model(tmp_path):
     with Index.create(tmp_path / "plain", model) as plain:
         plain.add(X[:10])
         with pytest.raises(ValueError, match="keeps no vectors"):
-            plain.rebuild(tmp_path / "p2", progress=False, out=lambda m: None)
+            rebuild(plain, tmp_path / "p2", progress=False, out=lambda m: None)
 
 
 def test_cli_rebuild(tmp_path, capsys):

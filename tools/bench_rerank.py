@@ -2,11 +2,12 @@
 faiss IVF-PQ + refine and LanceDB IVF_PQ with refine_factor.
 
     python tools/bench_rerank.py [--data DIR] [--nq 1000] [--vectors uint8 float16]
-        [--V 256] [--M 32] [--S 16] [--quotas 2000 5000 10000] [--reranks 0 50 100 200]
-        [--cold-quota 5000] [--cold-nq 200] [--skip-faiss] [--skip-lancedb] [--work DIR]
+        [--V 256] [--M 32 64] [--S 16] [--quotas 2000 5000 10000 20000]
+        [--reranks 0 50 100 200] [--cold-quota 10000] [--cold-nq 200] [--skip-faiss]
+        [--skip-lancedb] [--work DIR]
 
-cypq: one LOPQ model (default 16-byte 4-bit codes, the fast scan), bulk-built on-disk indexes
-keeping no vectors and each --vectors kind; warm search (1 thread, best of 2 runs over nq
+cypq: an LOPQ model per --M (default 4-bit codes, the fast scan: 16 and 32 bytes), bulk-built
+on-disk indexes keeping no vectors and each --vectors kind; warm search (1 thread, best of 2 runs over nq
 queries) per quota and rerank (k=100 without re-ranking, k=10 with); cold search (the index
 files dropped from the page cache, a fresh process, cold-nq queries) with and without rerank
 100; disk bytes per vector; the searching process's RssAnon. faiss: IVF1024,PQ32x4fs (16 B,
@@ -76,23 +77,23 @@ def cold_run(path, args, rerank):
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def bench_cypq(args, xt, xq, gt, work, lines):
+def bench_cypq(args, M, xt, xq, gt, work, lines):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         with Timer() as t:
-            model = cypq.LOPQModel(V=args.V, M=args.M, subquantizer_clusters=args.S
+            model = cypq.LOPQModel(V=args.V, M=M, subquantizer_clusters=args.S
                                    ).fit(xt, random_state=1)
-    lines.append(f"cypq: trained V={args.V}, M={args.M}x{args.S.bit_length() - 1} in "
-                 f"{t.s:.1f} s")
+    name = f"cypq M={M}x{args.S.bit_length() - 1}"
+    lines.append(f"{name}: trained V={args.V} in {t.s:.1f} s")
     src = VectorSource.open(os.path.join(str(args.data), "base.u8.npy"))
     sizes = {}
-    table = [HEAD]
+    table = []
     for kind in ["none"] + args.vectors:
-        path = os.path.join(work, f"ix-{kind}")
+        path = os.path.join(work, f"ix-{M}-{kind}")
         with Timer() as t:
             bulk_load(path, src, model, progress=False, out=lambda m: None, vectors=kind)
         sizes[kind] = dir_bytes(path)
-        lines.append(f"cypq build, vectors={kind}: {t.s:.1f} s, {sizes[kind] / 1e6:.0f} MB "
+        lines.append(f"{name} build, vectors={kind}: {t.s:.1f} s, {sizes[kind] / 1e6:.0f} MB "
                      f"on disk ({sizes[kind] / len(src):.0f} B/vector"
                      + (f", the vectors {(sizes[kind] - sizes['none']) / len(src):.0f} B/vector"
                         if kind != "none" else "") + ")")
@@ -103,20 +104,19 @@ def bench_cypq(args, xt, xq, gt, work, lines):
                     index.search(xq[:20], k=k, quota=quota, rerank=R or None)
                     s, (_, I) = best_of(lambda: index.search(xq, k=k, quota=quota,
                                                              rerank=R or None), 2)
-                    table.append(line(f"cypq vectors={kind}", f"quota={quota}", R,
+                    table.append(line(f"{name} vectors={kind}", f"quota={quota}", R,
                                       s / len(xq) * 1e3, recalls(I, gt)))
                     print(table[-1], flush=True)
         if kind == args.vectors[0]:
             for R in (0, 100):
                 c = cold_run(path, args, R)
-                lines.append(f"cypq vectors={kind} quota={args.cold_quota} rerank {R}: cold "
+                lines.append(f"{name} vectors={kind} quota={args.cold_quota} rerank {R}: cold "
                              f"{c['cold_ms']:.2f} ms/q, warm {c['warm_ms']:.3f} ms/q "
                              f"(recall@1 {c['recall'][1]:.3f}, recall@10 "
                              f"{c['recall'][10]:.3f}); RssAnon after open "
                              f"{c['rss_open']:.0f} MB, after the search {c['rss_search']:.0f} MB")
                 print(lines[-1], flush=True)
-        if kind != args.vectors[0]:
-            shutil.rmtree(path)
+        shutil.rmtree(path)
     return table
 
 
@@ -193,11 +193,11 @@ def main():
     p.add_argument("--nq", type=int, default=1000)
     p.add_argument("--vectors", nargs="+", default=["uint8", "float16"])
     p.add_argument("--V", type=int, default=256)
-    p.add_argument("--M", type=int, default=32)
+    p.add_argument("--M", type=int, nargs="+", default=[32, 64])
     p.add_argument("--S", type=int, default=16)
-    p.add_argument("--quotas", type=int, nargs="+", default=[2000, 5000, 10000])
+    p.add_argument("--quotas", type=int, nargs="+", default=[2000, 5000, 10000, 20000])
     p.add_argument("--reranks", type=int, nargs="+", default=[0, 50, 100, 200])
-    p.add_argument("--cold-quota", type=int, default=5000)
+    p.add_argument("--cold-quota", type=int, default=10000)
     p.add_argument("--cold-nq", type=int, default=200)
     p.add_argument("--skip-faiss", action="store_true")
     p.add_argument("--skip-lancedb", action="store_true")
@@ -213,7 +213,9 @@ def main():
     os.makedirs(work, exist_ok=True)
     lines = [f"REALSIFT1M: {len(xb):,} base, {len(xq)} queries, 1 search thread"]
     try:
-        table = bench_cypq(args, xt, xq, gt, work, lines)
+        table = [HEAD]
+        for M in args.M:
+            table += bench_cypq(args, M, xt, xq, gt, work, lines)
         if not args.skip_faiss:
             t, head = bench_faiss(args, xt, xb, xq, gt)
             table += t

@@ -22,7 +22,8 @@ import numpy as np
 from ..base import IndexCorruptError, fresh_ids, refuse_present
 from . import layout as L
 from .env import Env, StageState
-from .reader import ReadPath, read_block, staged_vectors
+from .lookup import read_block, staged_vectors
+from .reader import ReadPath
 
 MERGE_STEP = 1 << 13    # frozen entries (cells' blocks) or ids (id rows) per merge step
 MERGE_PACE = 3          # merge work per add: entries or ids merged per entry added (a merge
