@@ -106,13 +106,18 @@ def _search_batch(view, snap, sizes, Q, q0, q1, k, quota, w, cap, D, I, stats, n
     query_of = np.repeat(np.arange(nb), n_cells)
     P0, start0, tab0, off0 = _local_frames(view, 0, Qb, query_of, flat // view.V, n_threads)
     P1, start1, tab1, off1 = _local_frames(view, 1, Qb, query_of, flat % view.V, n_threads)
+    W = None
+    if rerank is not None:   # where each result's vector is (0: staged, read by id)
+        W = np.empty((nb, D.shape[1]), dtype=np.uintp)
+    vecs = seg.vectors if seg.vectors is not None or W is None else \
+        np.zeros(len(seg.ids), np.uintp)
     _search.scan_cells(P0, P1, start0, start1, view.fine, cell_start, tab0, tab1, slot,
                        seg.start, seg.codes, seg.ids, seg.length,
                        1 if packed else view.code_dtype.itemsize,
-                       D[q0:q1], I[q0:q1], stats.scanned[q0:q1], n_threads, off0, off1, packed)
+                       D[q0:q1], I[q0:q1], stats.scanned[q0:q1], n_threads, off0, off1, packed,
+                       vecs, rerank.vec_bytes if rerank is not None else 0, W)
     if rerank is not None:
-        out[0][q0:q1], out[1][q0:q1] = rerank.batch(snap, q0, I[q0:q1], cell_start,
-                                                    slot, seg)
+        out[0][q0:q1], out[1][q0:q1] = rerank.batch(snap, q0, I[q0:q1], W)
 
 
 def _distinct(values: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:

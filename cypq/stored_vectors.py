@@ -75,11 +75,12 @@ class Reranker:
     def __init__(self, X: np.ndarray, k: int, metric: str, dtype: np.dtype, n_threads: int):
         self.X, self.k, self.n_threads = X, k, n_threads
         self.kind, self.vtype = _SCORE_KIND[metric], _rerank.VTYPES[np.dtype(dtype).name]
+        self.vec_bytes = X.shape[1] * np.dtype(dtype).itemsize
 
-    def batch(self, snap, q0: int, I: np.ndarray, cell_start, slot, seg
+    def batch(self, snap, q0: int, I: np.ndarray, W: np.ndarray
               ) -> tuple[np.ndarray, np.ndarray]:
-        """The best k of candidates I (nb, r) of queries q0 .. q0 + nb, whose visited cells
-        (``cell_start``, ``slot`` into the segments ``seg`` of ``snap``) the scan read.
+        """The best k of candidates I (nb, r) of queries q0 .. q0 + nb, whose vectors the
+        scan of ``snap`` found at W (nb, r) uintp (0: not addressable, read by id).
 
         Returns
         -------
@@ -90,9 +91,7 @@ class Reranker:
         """
         X = self.X[q0:q0 + len(I)]
         scores = np.empty(I.shape, dtype=np.float32)
-        vecs = seg.vectors if seg.vectors is not None else np.zeros(len(seg.ids), np.uintp)
-        _rerank.locate_scores(X, I, cell_start, slot, seg.start, seg.ids, vecs, seg.length,
-                              self.vtype, self.kind, scores, self.n_threads)
+        _rerank.address_scores(X, I, W, self.vtype, self.kind, scores, self.n_threads)
         by_id = np.isnan(scores)   # staged entries: their vectors are read by id
         if by_id.any():
             ids, inv = np.unique(I[by_id], return_inverse=True)

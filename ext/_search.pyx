@@ -394,7 +394,9 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
                const uintptr_t[::1] seg_codes, const uintptr_t[::1] seg_ids,
                const int64_t[::1] seg_len, int code_bytes,
                float[:, ::1] D, int64_t[:, ::1] I, int64_t[::1] n_scanned, int n_threads,
-               const float[::1] off0=None, const float[::1] off1=None, bint packed=False):
+               const float[::1] off0=None, const float[::1] off1=None, bint packed=False,
+               const uintptr_t[::1] seg_vecs=None, int64_t vec_bytes=0,
+               uintptr_t[:, ::1] W=None):
     """ADC top-k of every query over the codes of its visited cells.
 
     P0, P1 (n0, Dh), (n1, Dh) float32: the query halves projected into the local frames of
@@ -411,7 +413,9 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
     AVX-512 VBMI, each query's tables also quantised to uint8 for in-register bounds that
     spare the float sums of codes that cannot enter the top k (same results either way).
     Outputs: D (nq, k) float32 ascending squared distances, I (nq, k) int64 ids (inf / -1
-    padding); n_scanned (nq,) codes scanned.
+    padding); n_scanned (nq,) codes scanned; with W (nq, k) uintp, where each result's
+    stored vector is: seg_vecs[s] (address of the segment's (len, vec_bytes) vectors, 0:
+    none there) + position * vec_bytes, 0 for padding and where seg_vecs is 0.
     Inner products instead (``off0``, ``off1`` given, (n0,), (n1,) float32, one per row of
     P0, P1): the rows are then R[c] @ q_h / 2 and the tables minus the inner products with
     the codewords, each row's offset added to its first table; D holds minus the inner
@@ -445,6 +449,11 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
     cdef const float *o0 = NULL
     cdef const float *o1 = NULL
     cdef float *zero_norms = NULL
+    cdef uintptr_t *wq = NULL
+    cdef bint where = W is not None
+    if where and (W.shape[0] != nq or W.shape[1] != k or seg_vecs is None
+                  or seg_vecs.shape[0] != seg_ids.shape[0] or vec_bytes <= 0):
+        raise ValueError("scan_cells: W needs (nq, k) rows, seg_vecs per segment, vec_bytes")
     if M % 2 or Mh * Ds != Dh or P1.shape[1] != Dh:
         raise ValueError("scan_cells: inconsistent model shapes")
     if (off0 is None) != (off1 is None):
@@ -532,7 +541,8 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
                     cell.plan = &plan
                     cell.delta = qdelta
                     cell.slack = qslack
-                heap_init(&D[q, 0], &I[q, 0], k)
+                wq = &W[q, 0] if where else NULL
+                heap_init(&D[q, 0], &I[q, 0], wq, k)
                 scanned = 0
                 t1 = cell_start[q + 1]
                 for t in range(cell_start[q], t1):
@@ -569,12 +579,14 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
                         if code_bytes == 1:
                             scan_topk(T0, T1, M, S, packed, cell, <const uint8_t *> seg_codes[g],
                                       seg_len[g], <const int64_t *> seg_ids[g], 0,
-                                      &D[q, 0], &I[q, 0], k, buf, ibuf)
+                                      &D[q, 0], &I[q, 0], wq, k,
+                                      seg_vecs[g] if where else 0, vec_bytes, buf, ibuf)
                         else:
                             scan_topk(T0, T1, M, S, False, NULL, <const uint16_t *> seg_codes[g],
                                       seg_len[g], <const int64_t *> seg_ids[g], 0,
-                                      &D[q, 0], &I[q, 0], k, buf, ibuf)
-                heap_sort_ascending(&D[q, 0], &I[q, 0], k)
+                                      &D[q, 0], &I[q, 0], wq, k,
+                                      seg_vecs[g] if where else 0, vec_bytes, buf, ibuf)
+                heap_sort_ascending(&D[q, 0], &I[q, 0], wq, k)
                 n_scanned[q] = scanned
             free(buf)
             free(ibuf)

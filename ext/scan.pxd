@@ -2,7 +2,7 @@
 # per-cell scans, so both rank candidates by the same arithmetic.
 from libc.math cimport INFINITY
 from libc.string cimport memcpy
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uintptr_t
 
 from heap cimport heap_replace_top, heap_worse
 from fastscan cimport cypq_adc4_cell, cypq_adc4_cells
@@ -41,11 +41,13 @@ cdef inline int64_t adc_block(const float *T0, const float *T1, int M, int Ks, b
 cdef inline void scan_topk(const float *T0, const float *T1, int M, int Ks, bint packed,
                            const cypq_adc4_cell *cell, const code_t *codes, int64_t n,
                            const int64_t *ids, int64_t id_offset,
-                           float *heap_d, int64_t *heap_i, int k, float *buf,
+                           float *heap_d, int64_t *heap_i, uintptr_t *heap_w, int k,
+                           uintptr_t vecs, int64_t vec_bytes, float *buf,
                            int32_t *ibuf) noexcept nogil:
     """Push the n codes into the top-k heap (heap_d, heap_i); tables T0, T1 as adc_block.
 
-    A code's id is ids[i] when ids is not NULL, else id_offset + i. buf and ibuf hold
+    A code's id is ids[i] when ids is not NULL, else id_offset + i. With heap_w (not NULL),
+    each entry carries where its vector is: vecs + i * vec_bytes (0 when vecs is 0). buf and ibuf hold
     SCAN_BLOCK entries each. Only codes at most the heap root's distance at the start of a
     block come back from the SIMD loop; they are checked again, (distance, id), against the
     root as it tightens.
@@ -65,5 +67,6 @@ cdef inline void scan_topk(const float *T0, const float *T1, int M, int Ks, bint
                 i = b0 + ibuf[j]
                 idv = load_id(ids, i) if ids != NULL else id_offset + i
                 if heap_worse(heap_d[0], heap_i[0], d, idv):
-                    heap_replace_top(heap_d, heap_i, k, d, idv)
+                    heap_replace_top(heap_d, heap_i, heap_w, k, d, idv,
+                                     vecs + <uintptr_t> (i * vec_bytes) if vecs else 0)
         b0 += nb

@@ -7,10 +7,11 @@ faiss IVF-PQ + refine and LanceDB IVF_PQ with refine_factor.
         [--skip-lancedb] [--work DIR]
 
 cypq: an LOPQ model per --M (default 4-bit codes, the fast scan: 16 and 32 bytes), bulk-built
-on-disk indexes keeping no vectors and each --vectors kind; warm search (1 thread, best of 2 runs over nq
-queries) per quota and rerank (k=100 without re-ranking, k=10 with); cold search (the index
-files dropped from the page cache, a fresh process, cold-nq queries) with and without rerank
-100; disk bytes per vector; the searching process's RssAnon. faiss: IVF1024,PQ32x4fs (16 B,
+on-disk indexes keeping no vectors and each --vectors kind; warm search (1 thread, best of 2
+runs over nq queries) per quota and rerank (k=100 without re-ranking, k=10 with); cold search
+(the index files dropped from the page cache, a fresh process, cold-nq queries) with and
+without rerank 100; disk bytes per vector; the searching process's RssAnon; the rebuild of the
+first index keeping vectors, training a new model and with one given. faiss: IVF1024,PQ32x4fs (16 B,
 its fastest scan) refined by an SQ8 copy of the vectors (the bytes of cypq's uint8), in RAM.
 LanceDB: IVF_PQ (1024 partitions, 16 sub-vectors: 16 B) with refine_factor (the full vectors
 read from its files), one query per call as its API takes them. DiskANN is not run: see the
@@ -36,6 +37,7 @@ from _data import DEFAULT_DATA, Timer, best_of, drop_cache, load_queries, load_s
 
 import cypq  # noqa: E402
 from cypq.bulk import bulk_load, rss_anon_mb  # noqa: E402
+from cypq.rebuild import rebuild  # noqa: E402
 from cypq.vector_files import VectorSource  # noqa: E402
 
 HEAD = ("| system | setting | R | ms/query | recall@1 | recall@10 | recall@100 |\n"
@@ -107,13 +109,25 @@ def bench_cypq(args, M, xt, xq, gt, work, lines):
                     table.append(line(f"{name} vectors={kind}", f"quota={quota}", R,
                                       s / len(xq) * 1e3, recalls(I, gt)))
                     print(table[-1], flush=True)
+        if kind == args.vectors[0] and M == args.M[0]:
+            with cypq.Index.open(path, readonly=True) as old:
+                for given in (None, model):
+                    with Timer() as t:
+                        rebuild(old, path + "-rebuilt", given, progress=False,
+                                out=lambda m: None)
+                    shutil.rmtree(path + "-rebuilt")
+                    lines.append(f"{name} rebuild of the 1M vectors={kind} index "
+                                 + ("(training a new model on 100,000 stored vectors)"
+                                    if given is None else "(model given)")
+                                 + f": {t.s:.1f} s")
+                    print(lines[-1], flush=True)
         if kind == args.vectors[0]:
             for R in (0, 100):
                 c = cold_run(path, args, R)
                 lines.append(f"{name} vectors={kind} quota={args.cold_quota} rerank {R}: cold "
                              f"{c['cold_ms']:.2f} ms/q, warm {c['warm_ms']:.3f} ms/q "
-                             f"(recall@1 {c['recall'][1]:.3f}, recall@10 "
-                             f"{c['recall'][10]:.3f}); RssAnon after open "
+                             f"(recall@1 {c['recall']['1']:.3f}, recall@10 "
+                             f"{c['recall']['10']:.3f}); RssAnon after open "
                              f"{c['rss_open']:.0f} MB, after the search {c['rss_search']:.0f} MB")
                 print(lines[-1], flush=True)
         shutil.rmtree(path)
