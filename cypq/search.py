@@ -106,11 +106,9 @@ def _search_batch(view, snap, sizes, Q, q0, q1, k, quota, w, cap, D, I, stats, n
     query_of = np.repeat(np.arange(nb), n_cells)
     P0, start0, tab0, off0 = _local_frames(view, 0, Qb, query_of, flat // view.V, n_threads)
     P1, start1, tab1, off1 = _local_frames(view, 1, Qb, query_of, flat % view.V, n_threads)
-    W = None
+    W = vecs = None
     if rerank is not None:   # where each result's vector is (0: staged, read by id)
-        W = np.empty((nb, D.shape[1]), dtype=np.uintp)
-    vecs = seg.vectors if seg.vectors is not None or W is None else \
-        np.zeros(len(seg.ids), np.uintp)
+        W, vecs = np.empty((nb, D.shape[1]), dtype=np.uintp), seg.vectors
     _search.scan_cells(P0, P1, start0, start1, view.fine, cell_start, tab0, tab1, slot,
                        seg.start, seg.codes, seg.ids, seg.length,
                        1 if packed else view.code_dtype.itemsize,
