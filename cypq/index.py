@@ -90,8 +90,9 @@ class Index:
             Keep each entry's vector (as given, in the input space), for exact re-ranking
             (``search(..., rerank=R)``) and :meth:`vectors`: 'float32' as given, 'float16'
             (finite values within +-65504), 'uint8' (whole numbers in [0, 255], e.g. SIFT).
-            A vector the kind cannot hold is refused, not rounded. Stored by id in the
-            same transaction as the entry (format 5: cypq 0.2 refuses such an index).
+            A vector the kind cannot hold is refused, not rounded. Stored in the same
+            transaction as the entry, in its block after the codes (format 5: cypq 0.2
+            refuses such an index).
         **options
             Storage options (``block_capacity``, ``stage_capacity``, ``map_size``, ``sync``,
             ``bulk_state``), see :meth:`cypq.storage.lmdb.LMDBStorage.create`.

@@ -15,7 +15,9 @@ first index keeping vectors, training a new model and with one given. faiss: IVF
 its fastest scan) refined by an SQ8 copy of the vectors (the bytes of cypq's uint8), in RAM.
 LanceDB: IVF_PQ (1024 partitions, 16 sub-vectors: 16 B) with refine_factor (the full vectors
 read from its files), one query per call as its API takes them. DiskANN is not run: see the
-README (diskannpy's disk search hung on this machine).
+README (diskannpy's disk search hung on this machine). ``--data ../shared/data/manminilm``
+runs the same on the 384-d text embeddings (float vectors: give ``--vectors float16
+float32``; no cold run, which reads SIFT's query file).
 """
 from __future__ import annotations
 
@@ -71,6 +73,12 @@ def child(path, data, nq, quota, rerank) -> dict:
     return out
 
 
+def base_file(data) -> str:
+    """The base vectors of a data set directory (REALSIFT1M's uint8, else float16)."""
+    u8 = os.path.join(str(data), "base.u8.npy")
+    return u8 if os.path.exists(u8) else os.path.join(str(data), "base.f16.npy")
+
+
 def cold_run(path, args, rerank):
     drop_cache(path)
     cmd = [sys.executable, __file__, "--child", path, "--data", str(args.data), "--nq",
@@ -87,7 +95,7 @@ def bench_cypq(args, M, xt, xq, gt, work, lines):
                                    ).fit(xt, random_state=1)
     name = f"cypq M={M}x{args.S.bit_length() - 1}"
     lines.append(f"{name}: trained V={args.V} in {t.s:.1f} s")
-    src = VectorSource.open(os.path.join(str(args.data), "base.u8.npy"))
+    src = VectorSource.open(base_file(args.data))
     sizes = {}
     table = []
     for kind in ["none"] + args.vectors:
@@ -116,12 +124,12 @@ def bench_cypq(args, M, xt, xq, gt, work, lines):
                         rebuild(old, path + "-rebuilt", given, progress=False,
                                 out=lambda m: None)
                     shutil.rmtree(path + "-rebuilt")
-                    lines.append(f"{name} rebuild of the 1M vectors={kind} index "
+                    lines.append(f"{name} rebuild of the {len(src):,}-vector vectors={kind} index "
                                  + ("(training a new model on 100,000 stored vectors)"
                                     if given is None else "(model given)")
                                  + f": {t.s:.1f} s")
                     print(lines[-1], flush=True)
-        if kind == args.vectors[0]:
+        if kind == args.vectors[0] and args.cold_nq:
             for R in (0, 100):
                 c = cold_run(path, args, R)
                 lines.append(f"{name} vectors={kind} quota={args.cold_quota} rerank {R}: cold "
@@ -225,7 +233,10 @@ def main():
     xt, xb, xq, gt = load_set(args.data, args.nq)
     work = args.work or tempfile.mkdtemp(prefix="bench_rerank-")
     os.makedirs(work, exist_ok=True)
-    lines = [f"REALSIFT1M: {len(xb):,} base, {len(xq)} queries, 1 search thread"]
+    lines = [f"{os.path.basename(os.path.normpath(args.data))}: {len(xb):,} base, {len(xq)} "
+             "queries, 1 search thread"]
+    if not os.path.exists(os.path.join(str(args.data), "query.u8.npy")):
+        args.cold_nq = 0   # the cold run reads SIFT's query file
     try:
         table = [HEAD]
         for M in args.M:
