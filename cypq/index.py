@@ -233,9 +233,7 @@ class Index:
         numpy.ndarray int64 (N,): the ids.
         """
         self._check_writable()
-        arr = np.asarray(vectors)
-        X = as_vectors(arr[None, :] if arr.ndim == 1 else arr, "vectors", dim=self._model.D,
-                       allow_empty=True)
+        X = self._batch(vectors, "vectors")
         stored = to_stored(X, self.vector_dtype) if self.vector_dtype is not None else None
         code = self._model.predict(X)
         return self._add(code.coarse, code.fine, ids, replace, stored)
@@ -273,7 +271,7 @@ class Index:
             if vectors is None:
                 raise ValueError("this index keeps each entry's vector: pass vectors= (the "
                                  "vectors the codes were made from)")
-            X = as_vectors(vectors, "vectors", dim=self._model.D, allow_empty=True)
+            X = self._batch(vectors, "vectors")
             if len(X) != len(fine):
                 raise ValueError(f"{len(X)} vectors for {len(fine)} codes")
             stored = to_stored(X, self.vector_dtype)
@@ -461,9 +459,7 @@ class Index:
         exact = None
         if rerank is not None:
             rerank = self._check_rerank(rerank, k)
-            X = self._model.normalize(as_vectors(queries if np.ndim(queries) == 2 else
-                                                 np.asarray(queries)[None, :], "queries",
-                                                 dim=self._model.D, allow_empty=True))
+            X = self._model.normalize(self._batch(queries, "queries"))
             exact = Reranker(X, k, self._model.metric, self.vector_dtype, threads)
         D, I, stats = _search(self._model, self._storage, Q, rerank or k, quota, w, threads,
                               self._layout.packed, exact)
@@ -478,6 +474,12 @@ class Index:
             D = np.where(I >= 0, -D, -np.inf).astype(np.float32)
         return (D, I, stats) if return_stats else (D, I)
 
+
+    def _batch(self, x, name: str) -> np.ndarray:
+        """float32 (N, D), validated, of one vector (D,) or a batch (N, D) (N may be 0)."""
+        arr = np.asarray(x)
+        return as_vectors(arr[None, :] if arr.ndim == 1 else arr, name, dim=self._model.D,
+                          allow_empty=True)
 
     def _check_rerank(self, rerank, k: int) -> int:
         rerank = positive_int(rerank, "rerank")
