@@ -142,7 +142,7 @@ def bench_cypq(args, M, xt, xq, gt, work, lines):
     return table
 
 
-def bench_faiss(args, xt, xb, xq, gt):
+def bench_faiss(args, xt, xb, xq, gt, work=None):
     import faiss
     faiss.omp_set_num_threads(1)
     table = []
@@ -241,12 +241,18 @@ def main():
         table = [HEAD]
         for M in args.M:
             table += bench_cypq(args, M, xt, xq, gt, work, lines)
-        if not args.skip_faiss:
-            t, head = bench_faiss(args, xt, xb, xq, gt)
-            table += t
-            lines.append(head)
-        if not args.skip_lancedb:
-            t, head = bench_lancedb(args, xt, xb, xq, gt, work)
+        for skip, peer, run in ((args.skip_faiss, "faiss", bench_faiss),
+                                (args.skip_lancedb, "lancedb", bench_lancedb)):
+            if skip:
+                continue
+            try:
+                __import__(peer)
+            except ImportError:
+                lines.append(f"{peer} is not installed: not run (pip install {peer}-cpu)"
+                             if peer == "faiss" else f"{peer} is not installed: not run "
+                             f"(pip install {peer})")
+                continue
+            t, head = run(args, xt, xb, xq, gt, work)
             table += t
             lines.append(head)
     finally:
