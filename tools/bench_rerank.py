@@ -248,9 +248,8 @@ def main():
             try:
                 __import__(peer)
             except ImportError:
-                lines.append(f"{peer} is not installed: not run (pip install {peer}-cpu)"
-                             if peer == "faiss" else f"{peer} is not installed: not run "
-                             f"(pip install {peer})")
+                package = {"faiss": "faiss-cpu"}.get(peer, peer)
+                lines.append(f"{peer} is not installed: not run (pip install {package})")
                 continue
             t, head = run(args, xt, xb, xq, gt, work)
             table += t
