@@ -163,7 +163,7 @@ def test_damaged_vector_is_reported(tmp_path):
         ix.merge()
         ix.add(X[150:200])
         found, cell, _ = ix.lookup([3])
-    _damage(tmp_path / "ix", b"vectors", (170).to_bytes(8, "big"), 3)
+    _damage(tmp_path / "ix", b"vectors", (170).to_bytes(8, "big"), 8 + 3)  # a vector byte
     _damage(tmp_path / "ix", b"blocks", int(cell[0]).to_bytes(8, "big") + bytes(4), -5)
     with Index.open(tmp_path / "ix") as ix:
         problems = ix.verify()

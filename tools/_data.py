@@ -80,3 +80,15 @@ def drop_cache(path: str | os.PathLike) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+def cold_child(path, script: str, *argv) -> dict:
+    """Drop the index in ``path`` from the page cache, run ``script --child path *argv`` in a
+    fresh process, and return the JSON object its last line prints."""
+    import json
+    import subprocess
+    import sys
+    drop_cache(path)
+    cmd = [sys.executable, script, "--child", str(path), *map(str, argv)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])

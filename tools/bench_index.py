@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_codecs.py
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _data import (DEFAULT_DATA, Timer, drop_cache, load_queries, load_sift,  # noqa: E402
+from _data import (DEFAULT_DATA, Timer, cold_child, load_queries, load_sift,  # noqa: E402
                    recalls)
 
 import cypq  # noqa: E402
@@ -54,11 +53,8 @@ def child_cold(path: str, data: str, nq: int, quota: int, threads: int) -> dict:
 
 
 def cold_run(path, args, quota, threads=1):
-    drop_cache(path)
-    cmd = [sys.executable, __file__, "--child", path, "--data", str(args.data), "--nq",
-           str(args.cold_nq), "--quota", str(quota), "--threads", str(threads)]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return cold_child(path, __file__, "--data", args.data, "--nq", args.cold_nq, "--quota",
+                      quota, "--threads", threads)
 
 
 def bench(M, args, xt, xb, xq, gt, root, lines):

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import warnings
@@ -35,7 +34,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_codecs.py
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _data import DEFAULT_DATA, Timer, best_of, drop_cache, load_queries, load_set, recalls  # noqa: E402,E501
+from _data import (DEFAULT_DATA, Timer, best_of, cold_child, load_queries,  # noqa: E402
+                   load_set, recalls)
 
 import cypq  # noqa: E402
 from cypq.bulk import bulk_load, rss_anon_mb  # noqa: E402
@@ -80,11 +80,8 @@ def base_file(data) -> str:
 
 
 def cold_run(path, args, rerank):
-    drop_cache(path)
-    cmd = [sys.executable, __file__, "--child", path, "--data", str(args.data), "--nq",
-           str(args.cold_nq), "--cold-quota", str(args.cold_quota), "--reranks", str(rerank)]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return cold_child(path, __file__, "--data", args.data, "--nq", args.cold_nq,
+                      "--cold-quota", args.cold_quota, "--reranks", rerank)
 
 
 def bench_cypq(args, M, xt, xq, gt, work, lines):

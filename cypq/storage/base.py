@@ -246,14 +246,16 @@ class Storage(ABC):
         """Release resources."""
 
 
-def vector_spec(vectors) -> tuple[int, Optional[np.dtype]]:
-    """(width, dtype) of a storage's ``vectors`` option: None (no vectors) or (width, dtype)."""
+def vector_spec(vectors, features, where: str) -> tuple[int, Optional[np.dtype], frozenset]:
+    """(width, dtype, features) of a new storage: its ``vectors`` option (None: no vectors,
+    or (width, dtype)) and the features asked for, with ``vectors`` added when it keeps
+    them, all checked (:func:`check_features`)."""
     if vectors is None:
-        return 0, None
+        return 0, None, check_features(features, where)
     width, dtype = vectors
     if not 1 <= int(width) <= 1 << 16:
         raise ValueError(f"vector width must be in [1, 65536], got {width}")
-    return int(width), np.dtype(dtype)
+    return int(width), np.dtype(dtype), check_features(set(features) | {VECTORS}, where)
 
 
 def check_vectors(storage: "Storage", vectors, n: int) -> Optional[np.ndarray]:

@@ -6,8 +6,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from .base import (VECTORS, Segments, Snapshot, Storage, check_features, check_vectors,
-                   fresh_ids, refuse_present, vector_spec)
+from .base import (Segments, Snapshot, Storage, check_vectors, fresh_ids, refuse_present,
+                   vector_spec)
 
 
 class _Cell:
@@ -70,9 +70,8 @@ class MemoryStorage(Storage):
         self.n_cells = int(n_cells)
         self.code_width = int(code_width)
         self.code_dtype = np.dtype(code_dtype)
-        self.vector_width, self.vector_dtype = vector_spec(vectors)
-        self.features = check_features(set(features) | ({VECTORS} if vectors else set()),
-                                       "the storage")
+        self.vector_width, self.vector_dtype, self.features = vector_spec(
+            vectors, features, "the storage")
         self._cells: dict[int, _Cell] = {}
         self._where: dict[int, tuple[int, int]] = {}   # id -> (cell, position)
         self._sizes = np.zeros(self.n_cells, dtype=np.int64)

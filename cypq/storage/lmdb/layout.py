@@ -28,14 +28,13 @@ LMDB's byte order is numeric order; integers inside values are little-endian.
   value per 256 cells, so opening reads a few thousand values, not one per cell.
 - ``log``: key generation (u64); value the cells that write touched, int64.
 - ``vectors`` (feature ``vectors``): the vectors of staged entries (a stage record holds
-  none), key id (u64); value the vector (``vector_width`` little-endian values of the
-  vector dtype) then the u32 CRC-32 of those bytes. A merge moves them into the blocks.
+  none), key id (u64); value an entries value of that one entry holding only its vector
+  (header, then ``vector_width`` little-endian values). A merge moves them into the blocks.
 """
 from __future__ import annotations
 
 import struct
 import zlib
-from typing import Callable
 
 import numpy as np
 
@@ -384,32 +383,19 @@ def legacy_size(txn, cells_db, cell: int) -> int:
 
 # ---------------------------------------------------------------------------- vectors
 def vector_items(ids, rows: np.ndarray) -> list:
-    """vectors-table items (id -> row + CRC-32) of ids (n,) int64 and rows (n, w), sorted by
-    id."""
+    """vectors-table items of ids (n,) int64 and their vectors rows (n, w), sorted by id: each
+    value an entries value of one entry with no columns and no code, only the vector."""
     order = np.argsort(ids, kind="stable")
-    raw = little(np.asarray(rows)[order])
-    body, rb = raw.tobytes(), raw.itemsize * (raw.shape[1] if raw.ndim == 2 else 0)
-    values = (body[rb * j:rb * j + rb] for j in range(len(order)))
+    no_code = np.empty((1, 0), dtype=np.uint8)
     return list(zip(id_keys(np.asarray(ids)[order]),
-                    (v + checksum(v).to_bytes(4, "little") for v in values)))
+                    (encode_entries((), no_code, np.uint8, r[None])
+                     for r in np.asarray(rows)[order])))
 
 
-def parse_vectors(values: list, width: int, dtype, where: Callable[[int], str]) -> np.ndarray:
-    """Copies of the rows (n, width) of vectors-table values (n), each checked against its
-    length and CRC-32 (IndexCorruptError naming ``where(j)`` of the first that is not)."""
-    dtype = np.dtype(dtype).newbyteorder("<")
-    rb = width * dtype.itemsize
-    size, n = rb + 4, len(values)
-    buf = b"".join(values)
-    if len(buf) != size * n:
-        bad = next(j for j, v in enumerate(values) if len(v) != size)
-        raise IndexCorruptError(f"{where(bad)}: {len(values[bad])} bytes, expected {size}")
-    arr = np.frombuffer(buf, dtype=np.uint8).reshape(n, size)
-    mv = memoryview(buf)
-    sums = np.fromiter((checksum(mv[o:o + rb]) for o in range(0, len(buf), size)),
-                       dtype=np.uint32, count=n)
-    bad = np.flatnonzero(arr[:, rb:].copy().view("<u4")[:, 0] != sums)
-    if len(bad):
-        raise IndexCorruptError(f"{where(int(bad[0]))}: the checksum does not match the "
-                                "vector (damaged)")
-    return arr[:, :rb].copy().view(dtype).reshape(n, width).astype(dtype.newbyteorder("="))
+def decode_vector(value, vectors, where: str) -> np.ndarray:
+    """The vector (w,) of a vectors-table value (``vectors``: its (w, dtype)), checked as
+    every entries value is."""
+    vecs = decode_entries(value, 0, 0, np.uint8, where, vectors)[1]
+    if len(vecs) != 1:
+        raise IndexCorruptError(f"{where}: holds {len(vecs)} vectors, not one")
+    return vecs[0]

@@ -60,8 +60,8 @@ def staged_vectors(env: Env, txn, ids: np.ndarray) -> np.ndarray:
         i = next(int(i) for i in ids if int(i) not in have)
         raise IndexCorruptError(f"vectors[{i}] is missing: the staged entry has no vector")
     out = np.empty((len(ids), env.vector_width), dtype=env.vector_dtype)
-    out[order] = L.parse_vectors([v for _, v in got], env.vector_width, env.vector_dtype,
-                                 lambda j: f"vectors[{ids[order[j]]}]")
+    for j, (k, v) in zip(order.tolist(), got):
+        out[j] = L.decode_vector(v, env.vectors, f"vectors[{L.read_u64(k)}]")
     return out
 
 

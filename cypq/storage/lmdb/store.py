@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..base import VECTORS, Storage, check_features, check_vectors, vector_spec
+from ..base import Storage, check_vectors, vector_spec
 from . import env as E
 from .bulk import LMDBBulkWriter
 from .reader import ReadPath
@@ -106,10 +106,10 @@ class LMDBStorage(Storage):
         config = {"M": int(code_width), "code_dtype": np.dtype(code_dtype).name,
                   "block_capacity": int(block_capacity), "stage_capacity": int(stage_capacity),
                   "n_cells": int(n_cells)}
-        width, dtype = vector_spec(vectors)
+        width, dtype, features = vector_spec(vectors, features, path)
         if width:
             config.update(vector_width=width, vector_dtype=dtype.name)
-        features = sorted(check_features(set(features) | ({VECTORS} if width else set()), path))
+        features = sorted(features)
         if features:
             config["features"] = features
         with E.damage_reported(path):

@@ -209,8 +209,7 @@ def _vectors(env: Env, txn, out: _Problems, stored: np.ndarray) -> None:
             i = L.read_u64(key) if len(key) == 8 else -1
             keys.append(i)
             try:
-                L.parse_vectors([value], env.vector_width, env.vector_dtype,
-                                lambda _: f"vectors[{i}]")
+                L.decode_vector(value, env.vectors, f"vectors[{i}]")
             except IndexCorruptError as e:
                 bad.append(str(e))
     for line in bad:
