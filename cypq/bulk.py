@@ -161,7 +161,7 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
         layout it began with.
     vectors : {None, 'float32', 'float16', 'uint8'}
         Keep each entry's vector (see :meth:`cypq.Index.create`; vector input only); a
-        resumed load keeps what it began with.
+        resumed load must be given what it began with.
     progress : bool
         Show tqdm progress bars (vectors/s and ETA).
     out : callable
@@ -186,13 +186,14 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
             else np.asarray(ids, dtype=np.int64)
         if ids_arr.shape != (N,):
             raise BulkLoadError(f"ids must have shape ({N},), got {ids_arr.shape}")
-    if vectors not in (None, "none") and not isinstance(source, VectorSource):
+    vectors = None if vectors == "none" else vectors
+    if vectors is not None and not isinstance(source, VectorSource):
         raise BulkLoadError("an index that keeps vectors is built from vector input, not "
                             "from codes")
     identity = {"version": _STATE_VERSION, "input": source.identity(), "rows": N,
                 "ids": None if ids_arr is None else "source" if not isinstance(
                     ids, (str, os.PathLike)) else [os.path.abspath(ids), os.path.getsize(ids)],
-                "chunk": int(chunk_size), "vectors": None if vectors == "none" else vectors}
+                "chunk": int(chunk_size), "vectors": vectors}
     index, resumed, next_cell = _open_or_create(path, identity, model, train, block_capacity,
                                                 out, pack_codes, vectors)
     storage = index.storage
