@@ -127,8 +127,8 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
               chunk_size: int = 200_000, n_threads: Optional[int] = None,
               block_capacity: int = 128, progress: bool = True,
               out: Callable[[str], None] = print,
-              pack_codes: Optional[bool] = None, vectors: Optional[str] = None
-              ) -> BulkSummary:
+              pack_codes: Optional[bool] = None, vectors: Optional[str] = None,
+              tags=None) -> BulkSummary:
     """Build a new on-disk index from a large input, or finish one that was interrupted.
 
     Parameters
@@ -162,6 +162,9 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
     vectors : {None, 'float32', 'float16', 'uint8'}
         Keep each entry's vector (see :meth:`cypq.Index.create`; vector input only); a
         resumed load must be given what it began with.
+    tags : str or array_like, optional
+        A .npy file of N unsigned tag sets (one uint64 bit set per vector), or the array:
+        the index keeps tags (see :meth:`cypq.Index.create`); vector input only.
     progress : bool
         Show tqdm progress bars (vectors/s and ETA).
     out : callable
@@ -186,6 +189,15 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
             else np.asarray(ids, dtype=np.int64)
         if ids_arr.shape != (N,):
             raise BulkLoadError(f"ids must have shape ({N},), got {ids_arr.shape}")
+    tags_arr = None
+    if tags is not None:
+        if not isinstance(source, VectorSource):
+            raise BulkLoadError("a tags file goes with vector input only")
+        tags_arr = read_ids(tags, N, "tags", (1 << 64) - 1) if isinstance(
+            tags, (str, os.PathLike)) else np.asarray(tags)
+        if tags_arr.shape != (N,) or tags_arr.dtype.kind not in "ui":
+            raise BulkLoadError(f"tags must be {N} unsigned integers, got {tags_arr.dtype} "
+                                f"of shape {tags_arr.shape}")
     vectors = None if vectors == "none" else vectors
     if vectors is not None and not isinstance(source, VectorSource):
         raise BulkLoadError("an index that keeps vectors is built from vector input, not "
@@ -193,9 +205,11 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
     identity = {"version": _STATE_VERSION, "input": source.identity(), "rows": N,
                 "ids": None if ids_arr is None else "source" if not isinstance(
                     ids, (str, os.PathLike)) else [os.path.abspath(ids), os.path.getsize(ids)],
-                "chunk": int(chunk_size), "vectors": vectors}
+                "chunk": int(chunk_size), "vectors": vectors,
+                "tags": None if tags_arr is None else [os.path.abspath(tags), os.path.getsize(
+                    tags)] if isinstance(tags, (str, os.PathLike)) else "source"}
     index, resumed, next_cell = _open_or_create(path, identity, model, train, block_capacity,
-                                                out, pack_codes, vectors)
+                                                out, pack_codes, vectors, tags_arr is not None)
     storage = index.storage
     if next_cell == _FINISHED:  # killed after the last commit: only the clean-up was left
         shutil.rmtree(os.path.join(path, RUNS_DIR), ignore_errors=True)
@@ -242,6 +256,9 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
                 run["code"] = index.stored_codes(fine[order])
                 if kept is not None:
                     run["vector"] = kept[order]
+                if tags_arr is not None:
+                    run["tags"] = np.asarray(tags_arr[a:a + len(order)],
+                                             dtype=np.uint64)[order]
                 write_atomic(run_files[k], run)
                 del run, cells, fine, c_ids, order
                 peak = max(peak, rss_anon_mb())
@@ -266,7 +283,8 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
                 state = dict(identity, next_cell=int(hi_cell))
                 writer.append(batch["cell"], batch["id"], batch["code"],
                               json.dumps(state).encode(),
-                              batch["vector"] if storage.vector_width else None)
+                              batch["vector"] if storage.vector_width else None,
+                              batch["tags"] if storage.keeps_tags else None)
                 peak = max(peak, rss_anon_mb())
                 bar.update(len(batch))
                 del batch
@@ -297,7 +315,8 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
     return summary
 
 
-def _open_or_create(path, identity, model, train, block_capacity, out, pack_codes, vectors):
+def _open_or_create(path, identity, model, train, block_capacity, out, pack_codes, vectors,
+                    tags):
     """(index, resumed, next cell of the write pass or None, or _FINISHED)."""
     if Index.exists(path):
         try:
@@ -334,7 +353,7 @@ def _open_or_create(path, identity, model, train, block_capacity, out, pack_code
             raise BulkLoadError("a model is needed: pass a trained model or train one")
         model = train()
     index = Index.create(path, model, block_capacity=block_capacity, pack_codes=pack_codes,
-                         vectors=vectors, bulk_state=json.dumps(identity).encode())
+                         vectors=vectors, tags=tags, bulk_state=json.dumps(identity).encode())
     return index, False, None
 
 
@@ -344,11 +363,12 @@ def _same_input(state: dict, identity: dict) -> bool:
 
 def _run_dtype(storage) -> np.dtype:
     """A run file's records: cell, id, the code as the storage holds it, and the vector
-    when the storage keeps one."""
+    and tags when the storage keeps them."""
     return np.dtype([("cell", "<i8"), ("id", "<i8"),
                      ("code", storage.code_dtype, (storage.code_width,))]
                     + ([("vector", storage.vector_dtype, (storage.vector_width,))]
-                       if storage.vector_width else []))
+                       if storage.vector_width else [])
+                    + ([("tags", "<u8")] if storage.keeps_tags else []))
 
 
 def _rows_in(chunks: list[int], size: int, N: int) -> int:

@@ -89,6 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     threads = argparse.ArgumentParser(add_help=False)
     threads.add_argument("--threads", type=_count, default=None,
                          help="threads of the kernels (default: all cores)")
+    filters = argparse.ArgumentParser(add_help=False)
+    for name, what in (("any", "any of"), ("all", "all of"), ("none", "none of")):
+        filters.add_argument(f"--tags-{name}", metavar="BITS", default=None,
+                             help=f"only entries whose tags have {what} these bits: a mask "
+                             "(e.g. 5 or 0x5) or tag names, comma-separated")
+    filters.add_argument("--ids-file", help="only entries whose ids are in this .npy")
+    filters.add_argument("--exclude-ids-file", help="only entries whose ids are not in this .npy")
+    filters.add_argument("--plan", choices=("auto", "scan", "direct"), default="auto",
+                         help="how a filtered search finds entries: walk the cells, score the "
+                         "passing entries directly, or choose by their number")
 
     s = sub.add_parser("train", parents=[threads], help="train an LOPQ model on vectors",
                        description="Train an LOPQ model on a sample of the input.")
@@ -116,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vectors", choices=("none",) + VECTOR_KINDS, default="none",
                    help="keep each vector too, for exact re-ranking (search --rerank): uint8 "
                    "for byte inputs like SIFT (whole numbers 0..255), float16, float32")
+    s.add_argument("--tags", metavar="FILE", help=".npy of one unsigned tag bit set per "
+                   "vector: the index keeps tags, for filtered search (search --tags-any ...)")
     _train_options(s)
     s.set_defaults(func=cmd_build)
 
@@ -143,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--replace", action="store_true", help="overwrite ids already present")
     s.set_defaults(func=cmd_add)
 
-    s = sub.add_parser("search", parents=[threads], help="search an index",
+    s = sub.add_parser("search", parents=[threads, filters], help="search an index",
                        description="Search an index. Prints one line per query: its number, "
                        "then id:distance pairs, nearest first; or writes .npy files.")
     s.add_argument("index")
@@ -171,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True)
     s.set_defaults(func=cmd_export)
 
-    s = sub.add_parser("bench", parents=[threads], help="recall and speed against ground truth",
+    s = sub.add_parser("bench", parents=[threads, filters],
+                       help="recall and speed against ground truth",
                        description="Search with several quotas, print recall@1/10/100 and "
                        "ms/query, optionally plot recall vs ms/query (needs matplotlib).")
     s.add_argument("index")

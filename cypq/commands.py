@@ -19,6 +19,26 @@ class UserError(Exception):
 
 
 # ---------------------------------------------------------------------------- inputs
+def search_filter(args) -> dict:
+    """Index.search's filter arguments from --tags-any/--tags-all/--tags-none (a mask, e.g.
+    5 or 0x5, or comma-separated names), --ids-file, --exclude-ids-file and --plan."""
+    out = {"plan": args.plan}
+    for name in ("any", "all", "none"):
+        text = getattr(args, f"tags_{name}")
+        if text is not None:
+            try:
+                out[f"tags_{name}"] = np.uint64(int(text, 0))
+            except ValueError:
+                out[f"tags_{name}"] = [t.strip() for t in text.split(",") if t.strip()]
+    for key, path in (("ids", args.ids_file), ("exclude_ids", args.exclude_ids_file)):
+        if path:
+            if not os.path.exists(path):
+                raise UserError(f"no such ids file: {path}")
+            out[key] = np.load(path)
+    return out
+
+
+
 def load_model(path: str):
     """A model from a .lopq protobuf file, a pickle, or an index directory."""
     from .index import Index
@@ -132,7 +152,7 @@ def cmd_build(args, out) -> int:
                         train=(lambda: _train_from(source, args, out)) if args.train else None,
                         ids=args.ids, chunk_size=args.chunk, n_threads=args.threads,
                         progress=not args.quiet, out=out, pack_codes=args.pack,
-                        vectors=args.vectors)
+                        vectors=args.vectors, tags=args.tags)
     out(f"built {args.index}")
     for line in summary.lines():
         out("  " + line)
@@ -183,7 +203,8 @@ def cmd_search(args, out) -> int:
         if Q.shape[1] != index.model.D:
             raise UserError(f"the queries have dimension {Q.shape[1]} but the index's model "
                             f"expects {index.model.D}")
-        D, I = index.search(Q, k=args.k, quota=args.quota, w=args.w, rerank=args.rerank)
+        D, I = index.search(Q, k=args.k, quota=args.quota, w=args.w, rerank=args.rerank,
+                            **search_filter(args))
     if args.out:
         np.save(args.out, I)
         if args.distances_out:
@@ -246,16 +267,17 @@ def cmd_bench(args, out) -> int:
             raise UserError(f"the queries have dimension {Q.shape[1]} but the index's model "
                             f"expects {index.model.D}")
         k = max(args.k, 1)
+        filt = search_filter(args)
         out(f"{len(Q)} queries, k={k}, {index.n_threads or 'all'} threads"
             + (f", re-ranking {args.rerank}" if args.rerank else ""))
         out("| quota | recall@1 | recall@10 | recall@100 | ms/query |")
         out("|---|---|---|---|---|")
         for quota in args.quotas:
-            index.search(Q[:10], k=k, quota=quota, rerank=args.rerank)  # warm up
+            index.search(Q[:10], k=k, quota=quota, rerank=args.rerank, **filt)  # warm up
             best = float("inf")
             for _ in range(args.repeat):
                 t0 = time.perf_counter()
-                _, I = index.search(Q, k=k, quota=quota, rerank=args.rerank)
+                _, I = index.search(Q, k=k, quota=quota, rerank=args.rerank, **filt)
                 best = min(best, time.perf_counter() - t0)
             rec = [float(np.mean((I[:, :R] == gt[:, :1]).any(axis=1))) if R <= k else
                    float("nan") for R in (1, 10, 100)]

@@ -8,14 +8,15 @@ from typing import Optional
 import numpy as np
 
 from ._checks import as_codes, as_vectors, positive_int
-from ._runs import ranges
 from ._threads import resolve
 from .code_layout import CodeLayout
+from .filters import make_filter
+from .index_parts import (_as_ids, _legacy_n_cells, _require_trained, _stored_model,
+                          as_tags, copy_entries, storage_args, tag_names)
 from .lopq import LOPQModel
-from .pq import NotFittedError
 from .search import SearchStats, search as _search
-from .stored_vectors import Reranker, to_stored, vector_dtype
-from .storage.base import IndexCorruptError, Storage
+from .stored_vectors import Reranker, to_stored
+from .storage.base import Storage
 from .storage.memory import MemoryStorage
 
 DEFAULT_QUOTA = 10000
@@ -45,7 +46,8 @@ class Index:
     # ------------------------------------------------------------------ making one
     @classmethod
     def in_memory(cls, model: LOPQModel, n_threads: Optional[int] = None,
-                  pack_codes: Optional[bool] = None, vectors: Optional[str] = None) -> "Index":
+                  pack_codes: Optional[bool] = None, vectors: Optional[str] = None,
+                  tags=None) -> "Index":
         """An index held in RAM.
 
         Parameters
@@ -59,18 +61,19 @@ class Index:
             ``subquantizer_clusters=16``); see :meth:`create`.
         vectors : str, optional
             Keep each entry's vector for re-ranking; see :meth:`create`.
+        tags : bool or list of str, optional
+            Keep a tag set per entry for filtered search; see :meth:`create`.
         """
         _require_trained(model)
         layout = CodeLayout.for_model(model, pack_codes)
         storage = MemoryStorage(model.V * model.V, layout.width, layout.dtype,
-                                meta={"model": model.to_proto_bytes()},
-                                features=layout.features, vectors=_vector_spec(model, vectors))
+                                **storage_args(model, layout.features, vectors, tags))
         return cls(model, storage, n_threads=n_threads)
 
     @classmethod
     def create(cls, path: str | os.PathLike, model: LOPQModel, n_threads: Optional[int] = None,
                pack_codes: Optional[bool] = None, vectors: Optional[str] = None,
-               **options) -> "Index":
+               tags=None, **options) -> "Index":
         """Create an on-disk index (an LMDB environment in the directory ``path``).
 
         Parameters
@@ -93,6 +96,12 @@ class Index:
             A vector the kind cannot hold is refused, not rounded. Stored in the same
             transaction as the entry, in its block after the codes (format 5: cypq 0.2
             refuses such an index).
+        tags : bool or list of str, optional
+            Keep a uint64 tag set (64 boolean labels) per entry, for filtered search
+            (``search(..., tags_any=...)``): True, or up to 64 names, bit j named by the
+            j-th, so that filters may name bits. Stored with the entry's id (feature
+            ``tags``: format 5); given at :meth:`add` (zero when not), changed by
+            :meth:`set_tags`.
         **options
             Storage options (``block_capacity``, ``stage_capacity``, ``map_size``, ``sync``,
             ``bulk_state``), see :meth:`cypq.storage.lmdb.LMDBStorage.create`.
@@ -101,9 +110,8 @@ class Index:
         from .storage.lmdb import LMDBStorage
         layout = CodeLayout.for_model(model, pack_codes)
         storage = LMDBStorage.create(os.fspath(path), model.V * model.V, layout.width,
-                                     layout.dtype, meta={"model": model.to_proto_bytes()},
-                                     features=layout.features,
-                                     vectors=_vector_spec(model, vectors), **options)
+                                     layout.dtype, **storage_args(model, layout.features,
+                                                                  vectors, tags), **options)
         return cls(model, storage, os.fspath(path), n_threads=n_threads)
 
     @classmethod
@@ -216,7 +224,7 @@ class Index:
         return out
 
     # ------------------------------------------------------------------ changes
-    def add(self, vectors, ids=None, replace: bool = False) -> np.ndarray:
+    def add(self, vectors, ids=None, replace: bool = False, tags=None) -> np.ndarray:
         """Encode and add vectors in one transaction (on disk: staged, and followed by a
         merge of the stage when it reaches ``stage_capacity``; see :meth:`merge`).
 
@@ -227,6 +235,8 @@ class Index:
             Unique; generated (continuing after the largest id so far) when omitted.
         replace : bool
             Overwrite ids already in the index instead of failing.
+        tags : array_like of uint64 (N,), optional
+            Each entry's tag set (an index made with ``tags``; zero when omitted).
 
         Returns
         -------
@@ -234,11 +244,13 @@ class Index:
         """
         self._check_writable()
         X = self._batch(vectors, "vectors")
+        tags = self._check_tags(tags, len(X))
         stored = to_stored(X, self.vector_dtype) if self.vector_dtype is not None else None
         code = self._model.predict(X)
-        return self._add(code.coarse, code.fine, ids, replace, stored)
+        return self._add(code.coarse, code.fine, ids, replace, stored, tags)
 
-    def add_codes(self, codes, ids, replace: bool = False, vectors=None) -> np.ndarray:
+    def add_codes(self, codes, ids, replace: bool = False, vectors=None,
+                  tags=None) -> np.ndarray:
         """Add precomputed LOPQ codes in one transaction.
 
         Parameters
@@ -250,6 +262,8 @@ class Index:
         vectors : array_like (N, D), optional
             The vectors the codes were made from: required by an index that keeps vectors
             (see :meth:`create`), refused by one that does not.
+        tags : array_like of uint64 (N,), optional
+            As :meth:`add`.
 
         Returns
         -------
@@ -275,9 +289,10 @@ class Index:
             if len(X) != len(fine):
                 raise ValueError(f"{len(X)} vectors for {len(fine)} codes")
             stored = to_stored(X, self.vector_dtype)
-        return self._add(coarse, fine, ids, replace, stored)
+        return self._add(coarse, fine, ids, replace, stored,
+                         self._check_tags(tags, len(fine)))
 
-    def _add(self, coarse, fine, ids, replace, vectors=None):
+    def _add(self, coarse, fine, ids, replace, vectors=None, tags=None):
         n = fine.shape[0]
         if ids is not None:
             ids = _as_ids(ids, n)
@@ -285,7 +300,29 @@ class Index:
             return np.empty(0, dtype=np.int64)
         cells = self._model.get_cell_id_for_coarse_codes(coarse)
         return self._storage.add(cells, ids, self._layout.pack(fine), replace=replace,
-                                 vectors=vectors)
+                                 vectors=vectors, tags=tags)
+
+    def _check_tags(self, tags, n: int) -> Optional[np.ndarray]:
+        if tags is not None and not self._storage.keeps_tags:
+            raise ValueError("this index keeps no tags: create it with tags=True (or a list "
+                             "of tag names) to add tags")
+        return None if tags is None else as_tags(tags, n)
+
+    @property
+    def tag_names(self) -> list[str]:
+        """The names of the tag bits (bit j is the j-th; [] when unnamed or no tags)."""
+        return tag_names(self._storage)
+
+    def set_tags(self, ids, tags) -> int:
+        """Replace the tag sets of ids in one transaction (absent ids are ignored).
+
+        ids : array_like of int64 (N,); tags : array_like of uint64 (N,). Returns how many
+        entries changed.
+        """
+        self._check_writable()
+        ids = _as_ids(ids, None)
+        tags = self._check_tags(tags, len(ids))
+        return self._storage.set_tags(ids, tags) if tags is not None else 0
 
     def merge(self) -> int:
         """Move the entries staged by recent adds into their cells' blocks now (on disk;
@@ -310,11 +347,17 @@ class Index:
         self._check_open()
         return self._storage.lookup(_as_ids(ids, None, unique=False))[0]
 
-    def lookup(self, ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Where ids are: (found (N,) bool, cells (N,) int64, -1 if absent, fine codes (N, M))."""
+    def lookup(self, ids, with_tags: bool = False) -> tuple:
+        """Where ids are: (found (N,) bool, cells (N,) int64, -1 if absent, fine codes (N, M)),
+        and with ``with_tags`` (an index with tags) their tag sets (N,) uint64 (0 if absent)."""
         self._check_open()
-        found, cells, codes = self._storage.lookup(_as_ids(ids, None, unique=False))
-        return found, cells, self._layout.unpack(codes)
+        ids = _as_ids(ids, None, unique=False)
+        found, cells, codes = self._storage.lookup(ids)
+        if not with_tags:
+            return found, cells, self._layout.unpack(codes)
+        if not self._storage.keeps_tags:
+            raise ValueError("this index keeps no tags (create it with tags=True)")
+        return found, cells, self._layout.unpack(codes), self._storage.tags(ids)[1]
 
     def vectors(self, ids) -> np.ndarray:
         """The stored vectors of ids, as the index keeps them (see :meth:`create`).
@@ -386,18 +429,14 @@ class Index:
         state = b'{"compact": true}'   # the bulk marker until the copy is complete
         new = Index.create(path, self._model, n_threads=self.n_threads, bulk_state=state,
                            pack_codes=self._layout.packed,
-                           vectors=self.vector_dtype and self.vector_dtype.name, **options)
+                           vectors=self.vector_dtype and self.vector_dtype.name,
+                           tags=self._storage.keeps_tags and (self.tag_names or True),
+                           **options)
         try:
             scratch = os.path.join(path, "compact-runs")
             os.makedirs(scratch, exist_ok=True)
             writer = new.storage.bulk_writer(scratch, step=step)
-            with self._storage.snapshot() as snap:
-                lo = 0
-                for hi in ranges(np.cumsum(snap.cell_sizes()), step):
-                    cells, ids, codes, *vectors = snap.entries(lo, hi, vectors=True)
-                    if len(cells):
-                        writer.append(cells, ids, codes, state, *vectors)
-                    lo = hi
+            copy_entries(self._storage, writer, state, step)
             writer.finish(state)
             shutil.rmtree(scratch, ignore_errors=True)
         except BaseException:
@@ -407,7 +446,8 @@ class Index:
 
     # ------------------------------------------------------------------ search
     def search(self, queries, k: int = 10, quota: Optional[int] = None, w: Optional[int] = None,
-               return_stats: bool = False, rerank: Optional[int] = None):
+               return_stats: bool = False, rerank: Optional[int] = None, tags_any=None,
+               tags_all=None, tags_none=None, ids=None, exclude_ids=None, plan: str = "auto"):
         """Approximate nearest neighbours by LOPQ: whole cells in multi-sequence order until
         they hold at least ``quota`` vectors (or ``w`` cells were visited), ranked by
         asymmetric distance.
@@ -429,6 +469,17 @@ class Index:
             Re-rank the best ``rerank`` (>= k) candidates by ADC exactly with the stored
             vectors (an index made with ``vectors``), read from the same committed state
             as the codes; the k best by exact score are returned with exact distances.
+        tags_any, tags_all, tags_none : optional
+            Only entries whose tags have any of / all of / none of these bits (an index
+            made with ``tags``): a uint64 mask, a tag name or list of names, or an array
+            of one mask per query. The quota then counts only entries that pass: a
+            selective filter visits more cells rather than return fewer results.
+        ids, exclude_ids : array_like of int64, optional
+            Only entries whose ids are in (not in) these.
+        plan : {'auto', 'scan', 'direct'}
+            How a filtered search finds its entries: 'scan' walks the cells, 'direct'
+            scores every passing entry (exact over them), 'auto' picks by the number of
+            passing entries (see :func:`cypq.search.filtered`).
 
         Returns
         -------
@@ -461,8 +512,10 @@ class Index:
             rerank = self._check_rerank(rerank, k)
             X = self._model.normalize(self._batch(queries, "queries"))
             exact = Reranker(X, k, self._model.metric, self.vector_dtype, threads)
+        filt = make_filter(len(Q), self._storage.keeps_tags, self.tag_names, tags_any,
+                           tags_all, tags_none, ids, exclude_ids, plan)
         D, I, stats = _search(self._model, self._storage, Q, rerank or k, quota, w, threads,
-                              self._layout.packed, exact)
+                              self._layout.packed, exact, filt, self._layout.unpack)
         if rerank is not None:  # exact scores, smaller first: the metric's convention
             if self._model.metric != "l2":
                 D = np.where(I >= 0, -D, -np.inf).astype(np.float32)
@@ -490,50 +543,3 @@ class Index:
             raise ValueError(f"rerank={rerank} is below k={k}: re-rank at least the k "
                              "results asked for")
         return rerank
-
-
-def _vector_spec(model: LOPQModel, kind: Optional[str]):
-    """The storage's vectors option for the index's ``vectors`` kind (None: none)."""
-    dtype = vector_dtype(kind)
-    return None if dtype is None else (model.D, dtype)
-
-
-def _stored_model(storage: Storage, path: str) -> LOPQModel:
-    """The model inside an index (checked against its codes by Index's constructor)."""
-    data = storage.meta("model")
-    if data is None:
-        raise IndexCorruptError(f"{path} holds no model (meta[model] is missing)")
-    model = LOPQModel.from_proto_bytes(data, f"the model inside {path}")
-    _require_trained(model)
-    return model
-
-
-def _legacy_n_cells(meta) -> int:
-    """Cells of an index written by cypq 0.1 (format 1 or 2): V * V of its model."""
-    data = meta("model")
-    if data is None:
-        raise IndexCorruptError("the index holds no model (meta[model] is missing)")
-    return LOPQModel.from_proto_bytes(bytes(data), "the model inside the index").V ** 2
-
-
-def _require_trained(model) -> None:
-    if not isinstance(model, LOPQModel):
-        raise TypeError(f"expected a cypq.LOPQModel, got {type(model).__name__}")
-    if not model.is_trained:
-        raise NotFittedError("the model is not fully trained: call model.fit() first")
-
-
-def _as_ids(ids, n: Optional[int], unique: bool = True) -> np.ndarray:
-    arr = np.asarray(ids)
-    if arr.ndim == 0:
-        arr = arr[None]
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(f"ids must be integers, got dtype {arr.dtype}")
-    if arr.ndim != 1 or (n is not None and arr.shape[0] != n):
-        raise ValueError(f"ids must have shape ({n if n is not None else 'N'},), got {arr.shape}")
-    arr = arr.astype(np.int64)
-    if arr.size and arr.min() < 0:
-        raise ValueError("ids must be non-negative (-1 marks a missing result)")
-    if unique and len(np.unique(arr)) != len(arr):
-        raise ValueError("ids must be unique within one call")
-    return arr

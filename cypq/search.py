@@ -10,10 +10,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _lopq, _search
+from .direct_scan import passing_entries, reconstructions, top_k
 from .storage.base import Storage
 
 # Queries per kernel call: bounds the (batch, quota) cell lists kept in memory.
 _BATCH = 256
+# The planner's rule (plan 'auto'): score the passing entries directly when there are at
+# most this many times the quota of them (known for an id list, else estimated from the pass
+# rate the first walk measured); with no quota, when they are at most 1/8 of the entries.
+DIRECT_FACTOR = 4
 # Up to this many possible values, _distinct finds the distinct ones through a table over all
 # of them (cells; (query, centroid) pairs of a batch).
 _DENSE_CELLS = 1 << 22
@@ -28,7 +33,7 @@ class SearchStats:
 
 
 def search(model, storage: Storage, Q: np.ndarray, k: int, quota: int, w: int | None,
-           n_threads: int, packed: bool = False, rerank=None
+           n_threads: int, packed: bool = False, rerank=None, filt=None, unpack=None
            ) -> tuple[np.ndarray, np.ndarray, SearchStats]:
     """Top-k by LOPQ asymmetric distance over whole cells in multi-sequence order.
 
@@ -41,7 +46,8 @@ def search(model, storage: Storage, Q: np.ndarray, k: int, quota: int, w: int | 
         Queries already in the model's space (after its PCA).
     k : int
     quota : int
-        Visit cells until they hold at least this many entries (<= 0: no quota).
+        Visit cells until they hold at least this many entries (<= 0: no quota); with a
+        filter, this many entries that pass it.
     w : int or None
         Visit at most this many cells (empty ones included).
     n_threads : int
@@ -51,6 +57,10 @@ def search(model, storage: Storage, Q: np.ndarray, k: int, quota: int, w: int | 
         Re-rank each batch's top k by ADC exactly with the stored vectors, read where the
         scan found the codes (in the same snapshot); D and I are then its top ``rerank.k``
         by exact score.
+    filt : cypq.filters.Filter, optional
+        Only entries that pass it are candidates (see :func:`filtered`).
+    unpack : callable, optional
+        Stored codes (n, width) -> fine codes (n, M): needed by a filter's direct plan.
 
     Returns
     -------
@@ -61,61 +71,182 @@ def search(model, storage: Storage, Q: np.ndarray, k: int, quota: int, w: int | 
     I : numpy.ndarray int64 (nq, k)
         Ids; -1 where fewer than k.
     stats : SearchStats
+        With a filter: ``cells`` counts the cells scanned (0 for queries answered by the
+        direct plan), ``visited`` the cells the last walk listed.
     """
     nq = Q.shape[0]
-    V = model.V
-    cap = V * V
-    if quota > 0:
-        cap = min(cap, quota)
-    if w:
-        cap = min(cap, w)
     view = model.kernel_view()
     D = np.empty((nq, k), dtype=np.float32)
     I = np.empty((nq, k), dtype=np.int64)
     stats = SearchStats(np.zeros(nq, np.int64), np.zeros(nq, np.int64), np.zeros(nq, np.int64))
-    batch = max(1, min(_BATCH, (1 << 22) // cap))  # cell lists of at most 32 MB
     out = None if rerank is None else (np.empty((nq, rerank.k), np.float32),
                                        np.empty((nq, rerank.k), np.int64))
+    run = _Run(view, Q, k, w, n_threads, packed, rerank, D, I, stats, out)
     with storage.snapshot() as snap:
-        sizes = snap.cell_sizes()
-        for q0 in range(0, nq, batch):
-            _search_batch(view, snap, sizes, Q, q0, min(nq, q0 + batch), k, quota, w, cap,
-                          D, I, stats, n_threads, packed, rerank, out)
+        run.snap, run.sizes = snap, snap.cell_sizes()
+        if filt is None:
+            run.walk(np.arange(nq), quota)
+        else:
+            filtered(run, quota, filt, unpack)
     return (D, I, stats) if out is None else (*out, stats)
 
 
-def _search_batch(view, snap, sizes, Q, q0, q1, k, quota, w, cap, D, I, stats, n_threads,
-                  packed, rerank, out):
-    """Search queries q0:q1 (phase A, the snapshot's segments and local frames, phase C;
-    then the re-ranking into ``out``)."""
-    Qb = Q[q0:q1]
-    nb = q1 - q0
+@dataclass
+class _Run:
+    """One search call: its inputs, outputs and snapshot, for the walks of its queries."""
+    view: object
+    Q: np.ndarray
+    k: int
+    w: int | None
+    n_threads: int
+    packed: bool
+    rerank: object
+    D: np.ndarray
+    I: np.ndarray
+    stats: SearchStats
+    out: object
+    snap: object = None
+    sizes: np.ndarray = None
+
+    def walk(self, rows: np.ndarray, quota: int, filt=None, need: int = 0):
+        """Search the queries ``rows`` (ascending) visiting cells until they hold ``quota``
+        entries; with ``filt``, only passing entries are candidates and a query stops after
+        the cell where ``need`` (> 0) of them passed. Returns the passing counts (len(rows),)
+        (None without a filter)."""
+        V = self.view.V
+        cap = V * V
+        if quota > 0:
+            cap = min(cap, quota)
+        if self.w:
+            cap = min(cap, self.w)
+        batch = max(1, min(_BATCH, (1 << 22) // cap))  # cell lists of at most 32 MB
+        passed = None if filt is None else np.zeros(len(rows), np.int64)
+        for b0 in range(0, len(rows), batch):
+            r = rows[b0:b0 + batch]
+            n = _search_batch(self, r, quota, cap, filt, need)
+            if passed is not None:
+                passed[b0:b0 + len(r)] = n
+        return passed
+
+
+def _search_batch(run: _Run, r: np.ndarray, quota, cap, filt, need):
+    """Search the queries ``r`` (phase A, the snapshot's segments and local frames, phase
+    C; then the re-ranking into ``run.out``); returns the passing counts with a filter."""
+    view, snap, stats, k = run.view, run.snap, run.stats, run.k
+    contiguous = len(r) and r[-1] - r[0] == len(r) - 1
+    sl = slice(int(r[0]), int(r[-1]) + 1) if contiguous else r
+    Qb = run.Q[sl]
+    nb = len(r)
     cells = np.empty((nb, cap), dtype=np.int64)
     n_cand = np.empty(nb, dtype=np.int64)
-    n_cells = stats.cells[q0:q1]
+    n_cells = np.empty(nb, dtype=np.int64)
+    visited = np.empty(nb, dtype=np.int64)
     ip = view.Cmu is not None
-    _search.cell_order(Qb, view.Cs[0], view.Cs[1], sizes, quota, w or 0, cells, n_cells,
-                       stats.visited[q0:q1], n_cand, n_threads, ip)
+    _search.cell_order(Qb, view.Cs[0], view.Cs[1], run.sizes, quota, run.w or 0, cells,
+                       n_cells, visited, n_cand, run.n_threads, ip, filt is not None)
     # From here on the visited cells are flat, query-major: query q's are
     # flat[cell_start[q]:cell_start[q + 1]].
     flat = cells[np.arange(cap)[None, :] < n_cells[:, None]]
     cell_start = np.zeros(nb + 1, dtype=np.int64)
     np.cumsum(n_cells, out=cell_start[1:])
-    distinct, slot = _distinct(flat, len(sizes))
+    distinct, slot = _distinct(flat, len(run.sizes))
     seg = snap.segments(distinct)
     query_of = np.repeat(np.arange(nb), n_cells)
-    P0, start0, tab0, off0 = _local_frames(view, 0, Qb, query_of, flat // view.V, n_threads)
-    P1, start1, tab1, off1 = _local_frames(view, 1, Qb, query_of, flat % view.V, n_threads)
+    P0, start0, tab0, off0 = _local_frames(view, 0, Qb, query_of, flat // view.V, run.n_threads)
+    P1, start1, tab1, off1 = _local_frames(view, 1, Qb, query_of, flat % view.V, run.n_threads)
     W = vecs = None
-    if rerank is not None:   # where each result's vector is (0: staged, read by id)
-        W, vecs = np.empty((nb, D.shape[1]), dtype=np.uintp), seg.vectors
+    if run.rerank is not None:   # where each result's vector is (0: staged, read by id)
+        W, vecs = np.empty((nb, k), dtype=np.uintp), seg.vectors
+    D = np.empty((nb, k), dtype=np.float32)
+    I = np.empty((nb, k), dtype=np.int64)
+    scanned = np.empty(nb, dtype=np.int64)
+    extra = {}
+    if filt is not None:
+        passed, done = np.empty(nb, np.int64), np.empty(nb, np.int64)
+        extra = dict(seg_tags=seg.tags, masks=None if filt.masks is None else filt.masks[sl],
+                     id_set=filt.id_set, id_mode=filt.id_mode, pass_quota=need,
+                     n_passed=passed, n_done=done)
     _search.scan_cells(P0, P1, start0, start1, view.fine, cell_start, tab0, tab1, slot,
                        seg.start, seg.codes, seg.ids, seg.length,
-                       1 if packed else view.code_dtype.itemsize,
-                       D[q0:q1], I[q0:q1], stats.scanned[q0:q1], n_threads, off0, off1, packed,
-                       vecs, rerank.vec_bytes if rerank is not None else 0, W)
-    if rerank is not None:
-        out[0][q0:q1], out[1][q0:q1] = rerank.batch(snap, q0, I[q0:q1], W)
+                       1 if run.packed else view.code_dtype.itemsize, D, I, scanned,
+                       run.n_threads, off0, off1, run.packed, vecs,
+                       run.rerank.vec_bytes if run.rerank is not None else 0, W, **extra)
+    run.D[sl], run.I[sl] = D, I
+    stats.scanned[sl], stats.visited[sl] = scanned, visited
+    stats.cells[sl] = n_cells if filt is None else done
+    if run.rerank is not None:
+        run.out[0][sl], run.out[1][sl] = run.rerank.batch(snap, r, I, W)
+    return None if filt is None else passed
+
+
+def filtered(run: _Run, quota: int, filt, unpack) -> None:
+    """A filtered search of every query of ``run`` (quota: passing entries to gather).
+
+    Walk plan: cells in multi-sequence order, only passing entries are candidates, and a
+    query stops after the cell in which ``quota`` of them passed, so a selective filter
+    visits more cells instead of returning fewer results. The walk lists cells up to a
+    quota of all entries of ``quota`` / the expected pass rate (the id list's share, else
+    1); queries whose listed cells held too few passing entries walk again with the rate
+    the round measured (at least twice as far), until they have enough or every cell was
+    listed. Direct plan (:mod:`cypq.direct_scan`): every passing entry scored exactly. Plan
+    'auto' picks direct when the passing entries are few (:data:`DIRECT_FACTOR`).
+    """
+    nq, total = len(run.Q), int(run.sizes.sum())
+    budget = DIRECT_FACTOR * quota if quota > 0 else total // 8
+    rows = np.arange(nq)
+    n_ids = 0 if filt.id_set is None else len(filt.id_set)
+    if filt.plan == "direct" or (filt.plan == "auto" and filt.id_mode == 1
+                                 and n_ids <= budget):
+        return _direct(run, rows, filt, unpack)
+    rate = 1.0 if filt.id_mode != 1 else min(1.0, n_ids / max(total, 1))
+    walk = _walk_quota(quota, rate, total)
+    while len(rows):
+        passed = run.walk(rows, walk, filt, max(quota, 0))
+        if walk <= 0:      # every cell was listed: nothing more to find
+            return
+        short = passed < quota
+        if run.w:
+            short &= run.stats.visited[rows] < run.w
+        scanned = int(run.stats.scanned[rows].sum())
+        rate = max(int(passed.sum()), 1) / max(scanned, 1)
+        rows = rows[short]
+        if not len(rows):
+            return
+        if filt.plan == "auto" and rate * total <= budget:
+            return _direct(run, rows, filt, unpack)
+        nxt = _walk_quota(quota, rate, total)
+        walk = 0 if nxt <= 0 else max(2 * walk, nxt)
+        if walk >= total:
+            walk = 0
+
+
+def _walk_quota(quota: int, rate: float, total: int) -> int:
+    """Entries to list cells for, to find ``quota`` passing at ``rate`` (0: every cell)."""
+    if quota <= 0:
+        return 0
+    want = int(np.ceil(quota / max(rate, 1e-12) * 1.1))
+    return 0 if want >= total else want
+
+
+def _direct(run: _Run, rows: np.ndarray, filt, unpack) -> None:
+    """The direct plan for the queries ``rows``: per distinct tag mask, the passing entries
+    reconstructed once and scored against its queries."""
+    view, stats = run.view, run.stats
+    masks = filt.masks if filt.masks is not None else np.zeros((len(run.Q), 3), np.uint64)
+    M = view.fine.shape[0]
+    width = M // 2 if run.packed else M * view.code_dtype.itemsize   # stored bytes a code
+    uniq, inv = np.unique(masks[rows], axis=0, return_inverse=True)
+    for u in range(len(uniq)):
+        r = rows[inv.ravel() == u]
+        ids, cells, raw = passing_entries(run.snap, run.sizes, filt, uniq[u], width)
+        stored = raw if run.packed else raw.view(view.code_dtype)
+        X = reconstructions(view, cells, unpack(stored), run.n_threads)
+        D, I = top_k(run.Q[r], X, ids, run.D.shape[1], view.Cmu is not None)
+        run.D[r], run.I[r] = D, I
+        stats.cells[r], stats.visited[r], stats.scanned[r] = 0, 0, len(ids)
+        if run.rerank is not None:   # every vector read by id (no addresses: W = 0)
+            run.out[0][r], run.out[1][r] = run.rerank.batch(
+                run.snap, r, I, np.zeros(I.shape, np.uintp))
 
 
 def _distinct(values: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:

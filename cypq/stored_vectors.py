@@ -77,10 +77,11 @@ class Reranker:
         self.kind, self.vtype = _SCORE_KIND[metric], _rerank.VTYPES[np.dtype(dtype).name]
         self.vec_bytes = X.shape[1] * np.dtype(dtype).itemsize
 
-    def batch(self, snap, q0: int, I: np.ndarray, W: np.ndarray
+    def batch(self, snap, rows, I: np.ndarray, W: np.ndarray
               ) -> tuple[np.ndarray, np.ndarray]:
-        """The best k of candidates I (nb, r) of queries q0 .. q0 + nb, whose vectors the
-        scan of ``snap`` found at W (nb, r) uintp (0: not addressable, read by id).
+        """The best k of candidates I (nb, r) of the queries ``rows`` (a slice or an index
+        array of nb), whose vectors the scan of ``snap`` found at W (nb, r) uintp (0: not
+        addressable, read by id).
 
         Returns
         -------
@@ -89,7 +90,7 @@ class Reranker:
         J : numpy.ndarray int64 (nb, k)
             Ids; -1 where fewer than k.
         """
-        X = self.X[q0:q0 + len(I)]
+        X = np.ascontiguousarray(self.X[rows])
         scores = np.empty(I.shape, dtype=np.float32)
         _rerank.address_scores(X, I, W, self.vtype, self.kind, scores, self.n_threads)
         by_id = np.isnan(scores)   # staged entries: their vectors are read by id

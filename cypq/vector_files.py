@@ -196,17 +196,19 @@ class VectorSource(ShardedSource):
             yield a, self.rows(a, min(a + size, len(self)))
 
 
-def read_ids(path: str | os.PathLike, n: int) -> np.ndarray:
-    """An ids file: .npy of n non-negative integers, memory-mapped, as int64 on access."""
+def read_ids(path: str | os.PathLike, n: int, what: str = "ids",
+             top: int = np.iinfo(np.int64).max) -> np.ndarray:
+    """An ids file: .npy of n non-negative integers (at most ``top``), memory-mapped, as
+    int64 on access (a tags file, ``what='tags'``, ``top=2**64-1``: read it as uint64)."""
     ids = np.load(os.fspath(path), mmap_mode="r")
     if ids.ndim != 1 or len(ids) != n:
-        raise VectorFileError(f"{path}: ids must have shape ({n},) to match the vectors, got "
-                              f"{ids.shape}")
+        raise VectorFileError(f"{path}: {what} must have shape ({n},) to match the vectors, "
+                              f"got {ids.shape}")
     if not np.issubdtype(ids.dtype, np.integer):
-        raise VectorFileError(f"{path}: ids must be integers, got dtype {ids.dtype}")
-    if len(ids):  # one pass over the file: int64 ids must be in [0, 2**63-1]
+        raise VectorFileError(f"{path}: {what} must be integers, got dtype {ids.dtype}")
+    if len(ids):  # one pass over the file: each must be in [0, top]
         lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi > np.iinfo(np.int64).max:
-            raise VectorFileError(f"{path}: ids must be in [0, 2**63-1], found "
-                                  f"{lo if lo < 0 else hi}")
+        if lo < 0 or hi > top:
+            raise VectorFileError(f"{path}: {what} must be in [0, 2**{top.bit_length()}-1], "
+                                  f"found {lo if lo < 0 else hi}")
     return ids

@@ -68,7 +68,7 @@ def adc_topk(const float[:, :, ::1] tables, const code_t[:, ::1] codes, float[:,
             if n > 0:
                 scan_topk(&tables[q, 0, 0], &tables[q, M // 2, 0], M, Ks, False, NULL,
                           &codes[0, 0], n, NULL, 0, &D[q, 0], &I[q, 0], NULL, k, 0, 0,
-                          buf, ibuf)
+                          buf, ibuf, NULL, NULL, NULL)
             heap_sort_ascending(&D[q, 0], &I[q, 0], NULL, k)
         free(buf)
         free(ibuf)

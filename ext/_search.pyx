@@ -12,14 +12,14 @@ cells' codes into a top-k heap. Phases A and C run queries in parallel with the 
 from cython.parallel cimport parallel, prange
 from libc.math cimport INFINITY, nextafterf, sqrt
 from libc.string cimport memcpy
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uintptr_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc
 
 from heap cimport heap_init, heap_sort_ascending
 from nearest cimport Codebooks, codebooks_free, codebooks_init
 from fastscan cimport (cypq_adc4_cell, cypq_adc4_plan, cypq_adc4_plan_init, cypq_fastscan_off,
                       cypq_quantize4)
-from scan cimport SCAN_BLOCK, scan_topk
+from scan cimport SCAN_BLOCK, Filter, load_id, pass_flags, scan_topk
 from simd cimport cypq_ip_ny, cypq_l2sqr_ny, cypq_l2sqr_ny_norm, cypq_l2sqr_ny_norm_x4
 
 
@@ -128,7 +128,7 @@ cdef void _sort_half(Walk *w, const float *d, int V, float *D, int32_t *o) noexc
 
 
 cdef void _walk(Walk *w, int V, const int64_t *sizes, int64_t quota, int64_t max_visits,
-                int64_t cap, int64_t *cells, int64_t *out) noexcept nogil:
+                int64_t cap, int64_t *cells, int64_t *out, bint ordered) noexcept nogil:
     """Cells in order of D0[i] + D1[j] (w's sorted halves) until they hold quota entries or
     max_visits cells were visited (<= 0: no limit); the non-empty ones go to cells[0:n],
     n <= cap. out = (n, cells visited, entries in them).
@@ -139,7 +139,8 @@ cdef void _walk(Walk *w, int V, const int64_t *sizes, int64_t quota, int64_t max
     where a limit falls is sorted (by sum, then enumeration order) to cut it exactly. Band
     widths aim at ~BAND_AIM cells; a band over BAND_CAP cells is redone narrower, and one of
     a single sum value is taken BAND_CAP cells at a time (all its cells tie, so any order of
-    them is in order).
+    them is in order). With ``ordered`` every band is sorted, so that cells[] is in
+    multi-sequence order throughout (a filtered scan stops inside the list).
     """
     cdef int i, j, nrows
     cdef int64_t nb, e, nv = 0, nc = 0, cand = 0, band_entries, band_full, last_nb = 0
@@ -213,8 +214,9 @@ cdef void _walk(Walk *w, int V, const int64_t *sizes, int64_t quota, int64_t max
         final = ((quota > 0 and cand + band_entries >= quota)
                  or (max_visits > 0 and nv + nb >= max_visits)
                  or nc + band_full >= cap or nv + nb == total)
-        if final:
-            # A limit falls in this band: its cells in order (sum, then enumeration).
+        if final or ordered:
+            # A limit falls in this band (or the order is asked for): its cells in order
+            # (sum, then enumeration).
             for e in range(nb):
                 w.key[e] = _float_bits(w.bd[e])
                 w.val[e] = <int32_t> e
@@ -225,15 +227,17 @@ cdef void _walk(Walk *w, int V, const int64_t *sizes, int64_t quota, int64_t max
                 cells[nc] = w.bc[i]
                 nc = nc + (w.bs[i] > 0)
                 cand = cand + w.bs[i]
-                if ((quota > 0 and cand >= quota) or (max_visits > 0 and nv >= max_visits)
-                        or nc >= cap):
+                if final and ((quota > 0 and cand >= quota) or (max_visits > 0 and nv >= max_visits)
+                              or nc >= cap):
                     break
-            break
-        for e in range(nb):
-            cells[nc] = w.bc[e]
-            nc = nc + (w.bs[e] > 0)
-        nv = nv + nb
-        cand = cand + band_entries
+            if final:
+                break
+        else:
+            for e in range(nb):
+                cells[nc] = w.bc[e]
+                nc = nc + (w.bs[e] > 0)
+            nv = nv + nb
+            cand = cand + band_entries
         if whole:
             last_width = t_next - t_done
             last_nb = nb
@@ -246,7 +250,7 @@ cdef void _walk(Walk *w, int V, const int64_t *sizes, int64_t quota, int64_t max
 def cell_order(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1] C1,
                const int64_t[::1] cell_sizes, int64_t quota, int64_t max_visits,
                int64_t[:, ::1] cells, int64_t[::1] n_cells, int64_t[::1] n_visited,
-               int64_t[::1] n_candidates, int n_threads, bint ip=False):
+               int64_t[::1] n_candidates, int n_threads, bint ip=False, bint ordered=False):
     """Cells of every query in multi-sequence order, until the candidate quota is reached.
 
     Q (nq, D) float32 queries; C0, C1 (V, D/2) coarse centroids of the halves;
@@ -259,7 +263,9 @@ def cell_order(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1
     Order: non-decreasing d0[c0] + d1[c1], ties by (rank of c0, rank of c1), a rank being
     the position in ascending distance, ties by index (see _walk). d_h: squared distances of
     the query halves to the centroids, or with ``ip`` minus their inner products (shifted by
-    a constant per half, which keeps the order of the sums).
+    a constant per half, which keeps the order of the sums). The non-empty cells come
+    sorted by cell id (consecutive cells share tables), or with ``ordered`` in that order
+    (a filtered scan stops after the cell where enough entries passed).
     """
     cdef Py_ssize_t nq = Q.shape[0], q
     cdef int V = C0.shape[0], Dh = C0.shape[1], i, k
@@ -318,14 +324,16 @@ def cell_order(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1
                     cypq_l2sqr_ny(&Q[q, Dh], CT + V * Dh, Dh, V, fl + V)
                 _sort_half(wk, fl, V, wk.D0, wk.o0)
                 _sort_half(wk, fl + V, V, wk.D1, wk.o1)
-                _walk(wk, V, &cell_sizes[0], quota, max_visits, cap, &cells[q, 0], wk.res)
+                _walk(wk, V, &cell_sizes[0], quota, max_visits, cap, &cells[q, 0], wk.res,
+                      ordered)
                 # Scan order does not change the result; by cell id (c0-major), consecutive
                 # cells share their half-0 table, which then stays in cache.
-                for e in range(wk.res[0]):
-                    wk.key[e] = <uint32_t> cells[q, e]
-                _radix_sort(wk.key, NULL, wk.res[0], wk.tkey, NULL)
-                for e in range(wk.res[0]):
-                    cells[q, e] = wk.key[e]
+                if not ordered:
+                    for e in range(wk.res[0]):
+                        wk.key[e] = <uint32_t> cells[q, e]
+                    _radix_sort(wk.key, NULL, wk.res[0], wk.tkey, NULL)
+                    for e in range(wk.res[0]):
+                        cells[q, e] = wk.key[e]
                 n_cells[q] = wk.res[0]
                 n_visited[q] = wk.res[1]
                 n_candidates[q] = wk.res[2]
@@ -396,7 +404,10 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
                float[:, ::1] D, int64_t[:, ::1] I, int64_t[::1] n_scanned, int n_threads,
                const float[::1] off0=None, const float[::1] off1=None, bint packed=False,
                const uintptr_t[::1] seg_vecs=None, int64_t vec_bytes=0,
-               uintptr_t[:, ::1] W=None):
+               uintptr_t[:, ::1] W=None, const uintptr_t[::1] seg_tags=None,
+               const uint64_t[:, ::1] masks=None, const int64_t[::1] id_set=None,
+               int id_mode=0, int64_t pass_quota=0, int64_t[::1] n_passed=None,
+               int64_t[::1] n_done=None):
     """ADC top-k of every query over the codes of its visited cells.
 
     P0, P1 (n0, Dh), (n1, Dh) float32: the query halves projected into the local frames of
@@ -422,6 +433,13 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
     products of the queries with the reconstructions (ascending: largest product first).
     Per query: every table of its centroids first (four rows per codebook pass), then the
     cells' codes.
+
+    Filtered (``masks`` (nq, 3) uint64 given: per query tags any-of (0: no condition),
+    all-of, none-of; and/or ``id_mode`` 1 (-1): ids in (not in) the ascending ``id_set``):
+    only entries that pass enter the top k; seg_tags[s] is the address of segment s's
+    (len,) uint64 tag sets (0 or seg_tags None: all zero). n_passed (nq,) counts the
+    entries that passed; with ``pass_quota`` > 0 a query stops after the cell in which
+    that count reaches it, and n_done (nq,) says how many of its cells it scanned.
     """
     cdef Py_ssize_t nq = D.shape[0], q
     cdef int M = subs.shape[0], S = subs.shape[1], Ds = subs.shape[2], Mh = M // 2
@@ -451,6 +469,19 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
     cdef float *zero_norms = NULL
     cdef uintptr_t *wq = NULL
     cdef bint where = W is not None
+    cdef bint filtering = masks is not None or id_mode != 0
+    cdef Filter *filt = NULL
+    cdef uint8_t *flags
+    cdef int64_t passed
+    cdef const char *tg
+    if filtering:
+        if (n_passed is None or n_passed.shape[0] != nq or n_done is None
+                or n_done.shape[0] != nq or (masks is not None and (
+                    masks.shape[0] != nq or masks.shape[1] != 3))
+                or (id_mode != 0 and id_set is None)
+                or (seg_tags is not None and seg_tags.shape[0] != seg_ids.shape[0])):
+            raise ValueError("scan_cells: a filter needs masks (nq, 3) and/or id_set, "
+                             "n_passed and n_done (nq,), seg_tags per segment")
     if where and (W.shape[0] != nq or W.shape[1] != k or seg_vecs is None
                   or seg_vecs.shape[0] != seg_ids.shape[0] or vec_bytes <= 0):
         raise ValueError("scan_cells: W needs (nq, k) rows, seg_vecs per segment, vec_bytes")
@@ -510,6 +541,11 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
             buf = <float *> malloc(SCAN_BLOCK * sizeof(float))
             ibuf = <int32_t *> malloc(SCAN_BLOCK * sizeof(int32_t))
             tables = <float *> malloc((maxrows if maxrows > 0 else 1) * tsize * sizeof(float))
+            flags = NULL
+            filt = NULL
+            if filtering:
+                flags = <uint8_t *> malloc(SCAN_BLOCK)
+                filt = <Filter *> malloc(sizeof(Filter))
             cell = NULL
             qtab = NULL
             bias = NULL
@@ -519,7 +555,8 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
                 bias = <float *> malloc((maxrows if maxrows > 0 else 1) * sizeof(float))
             for q in prange(nq, schedule="dynamic"):
                 if buf == NULL or ibuf == NULL or tables == NULL or (bounds and (
-                        cell == NULL or qtab == NULL or bias == NULL)):
+                        cell == NULL or qtab == NULL or bias == NULL)) or (filtering and (
+                        flags == NULL or filt == NULL)):
                     fail[0] = 1
                     continue
                 n0 = <int> (pstart0[q + 1] - pstart0[q])
@@ -544,6 +581,15 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
                 wq = &W[q, 0] if where else NULL
                 heap_init(&D[q, 0], &I[q, 0], wq, k)
                 scanned = 0
+                passed = 0
+                if filtering:
+                    filt.any = masks[q, 0] if masks is not None else 0
+                    filt.all = masks[q, 1] if masks is not None else 0
+                    filt.none = masks[q, 2] if masks is not None else 0
+                    filt.id_mode = id_mode
+                    filt.n_ids = id_set.shape[0] if id_mode != 0 else 0
+                    filt.ids = &id_set[0] if filt.n_ids > 0 else NULL
+                    n_done[q] = cell_start[q + 1] - cell_start[q]
                 t1 = cell_start[q + 1]
                 for t in range(cell_start[q], t1):
                     # The cells' segment records and entries are scattered: fetch them a few
@@ -576,21 +622,33 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
                         cell.base = bias[tab0[t]] + bias[n0 + tab1[t]]
                     for g in range(seg_start[sl], seg_start[sl + 1]):
                         scanned = scanned + seg_len[g]
+                        tg = NULL
+                        if filtering and seg_tags is not None:
+                            tg = <const char *> seg_tags[g]
                         if code_bytes == 1:
-                            scan_topk(T0, T1, M, S, packed, cell, <const uint8_t *> seg_codes[g],
-                                      seg_len[g], <const int64_t *> seg_ids[g], 0,
-                                      &D[q, 0], &I[q, 0], wq, k,
-                                      seg_vecs[g] if where else 0, vec_bytes, buf, ibuf)
+                            passed = passed + scan_topk(
+                                T0, T1, M, S, packed, cell, <const uint8_t *> seg_codes[g],
+                                seg_len[g], <const int64_t *> seg_ids[g], 0, &D[q, 0],
+                                &I[q, 0], wq, k, seg_vecs[g] if where else 0, vec_bytes, buf,
+                                ibuf, filt, tg, flags)
                         else:
-                            scan_topk(T0, T1, M, S, False, NULL, <const uint16_t *> seg_codes[g],
-                                      seg_len[g], <const int64_t *> seg_ids[g], 0,
-                                      &D[q, 0], &I[q, 0], wq, k,
-                                      seg_vecs[g] if where else 0, vec_bytes, buf, ibuf)
+                            passed = passed + scan_topk(
+                                T0, T1, M, S, False, NULL, <const uint16_t *> seg_codes[g],
+                                seg_len[g], <const int64_t *> seg_ids[g], 0, &D[q, 0],
+                                &I[q, 0], wq, k, seg_vecs[g] if where else 0, vec_bytes, buf,
+                                ibuf, filt, tg, flags)
+                    if filtering and pass_quota > 0 and passed >= pass_quota:
+                        n_done[q] = t + 1 - cell_start[q]
+                        break
                 heap_sort_ascending(&D[q, 0], &I[q, 0], wq, k)
                 n_scanned[q] = scanned
+                if filtering:
+                    n_passed[q] = passed
             free(buf)
             free(ibuf)
             free(tables)
+            free(flags)
+            free(filt)
             free(cell)
             free(qtab)
             free(bias)
@@ -610,3 +668,61 @@ def fast_scan(bint enabled):
     cypq_adc4_plan_init(&p, 16)
     cypq_fastscan_off = 0 if enabled else 1
     return p.vbmi != 0
+
+
+def select_entries(const uintptr_t[::1] seg_codes, const uintptr_t[::1] seg_ids,
+                   const uintptr_t[::1] seg_tags, const int64_t[::1] seg_len,
+                   int64_t code_bytes, const uint64_t[::1] mask, const int64_t[::1] id_set,
+                   int id_mode, int64_t[::1] out_ids, uint8_t[:, ::1] out_codes,
+                   int64_t[::1] out_seg):
+    """Copy the entries of the segments that pass a filter; returns how many.
+
+    Segments as scan_cells reads them (seg_tags None or 0: tags all zero); ``mask`` (3,)
+    uint64 any-of (0: no condition), all-of, none-of; id_set / id_mode as scan_cells.
+    Outputs (at least the segments' total length rows): out_ids int64, out_codes
+    (rows, code_bytes) the stored code bytes, out_seg int64 the segment of each.
+    """
+    cdef Py_ssize_t ns = seg_len.shape[0], s
+    cdef int64_t n = 0, i, total = 0, cnt, b0
+    cdef Filter f
+    cdef uint8_t *flags
+    cdef const char *tg
+    if seg_codes.shape[0] != ns or seg_ids.shape[0] != ns or (
+            seg_tags is not None and seg_tags.shape[0] != ns) or mask.shape[0] != 3:
+        raise ValueError("select_entries: one address per segment and a (3,) mask")
+    if id_mode != 0 and id_set is None:
+        raise ValueError("select_entries: an id filter needs id_set")
+    for s in range(ns):
+        if seg_len[s] < 0:
+            raise ValueError("select_entries: a negative segment length")
+        total += seg_len[s]
+    if (out_ids.shape[0] < total or out_codes.shape[0] < total or out_seg.shape[0] < total
+            or out_codes.shape[1] != code_bytes):
+        raise ValueError("select_entries: outputs need a row per entry of code_bytes")
+    f.any, f.all, f.none = mask[0], mask[1], mask[2]
+    f.id_mode = id_mode
+    f.n_ids = id_set.shape[0] if id_mode != 0 else 0
+    f.ids = &id_set[0] if f.n_ids > 0 else NULL
+    flags = <uint8_t *> malloc(SCAN_BLOCK)
+    if flags == NULL:
+        raise MemoryError()
+    with nogil:
+        for s in range(ns):
+            tg = <const char *> seg_tags[s] if seg_tags is not None else NULL
+            b0 = 0
+            while b0 < seg_len[s]:
+                cnt = seg_len[s] - b0
+                if cnt > SCAN_BLOCK:
+                    cnt = SCAN_BLOCK
+                if pass_flags(&f, tg + b0 * 8 if tg != NULL else NULL,
+                              <const int64_t *> seg_ids[s] + b0, 0, cnt, flags) != 0:
+                    for i in range(cnt):
+                        if flags[i]:
+                            out_ids[n] = load_id(<const int64_t *> seg_ids[s], b0 + i)
+                            memcpy(&out_codes[n, 0], <const char *> seg_codes[s]
+                                   + (b0 + i) * code_bytes, code_bytes)
+                            out_seg[n] = s
+                            n += 1
+                b0 += cnt
+    free(flags)
+    return n

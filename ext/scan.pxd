@@ -2,7 +2,7 @@
 # per-cell scans, so both rank candidates by the same arithmetic.
 from libc.math cimport INFINITY
 from libc.string cimport memcpy
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uintptr_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 
 from heap cimport heap_replace_top, heap_worse
 from fastscan cimport cypq_adc4_cell, cypq_adc4_cells
@@ -19,6 +19,50 @@ cdef inline int64_t load_id(const int64_t *ids, int64_t i) noexcept nogil:
     cdef int64_t v
     memcpy(&v, <const char *> ids + i * 8, 8)
     return v
+
+
+cdef struct Filter:
+    # Which entries a filtered scan keeps: tags with any of ``any`` (0: no condition), all
+    # of ``all``, none of ``none``; and, with id_mode 1 (-1), ids in (not in) the sorted
+    # ids[0 : n_ids] (id_mode 0: no condition).
+    uint64_t any
+    uint64_t all
+    uint64_t none
+    const int64_t *ids
+    int64_t n_ids
+    int id_mode
+
+
+cdef inline bint in_sorted(const int64_t *s, int64_t n, int64_t x) noexcept nogil:
+    """x is in the ascending s[0:n] (binary search)."""
+    cdef int64_t lo = 0, hi = n, mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if s[mid] < x:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo < n and s[lo] == x
+
+
+cdef inline int64_t pass_flags(const Filter *f, const char *tags, const int64_t *ids,
+                               int64_t id_offset, int64_t n, uint8_t *flags) noexcept nogil:
+    """flags[i] = entry i passes f (tags: n uint64, NULL reads as all zero; ids as in
+    scan_topk); returns how many pass."""
+    cdef int64_t i, cnt = 0
+    cdef uint64_t t = 0
+    cdef bint ok
+    for i in range(n):
+        if tags != NULL:
+            memcpy(&t, tags + i * 8, 8)   # unaligned in LMDB values
+        ok = ((f.any == 0 or (t & f.any) != 0) and (t & f.all) == f.all
+              and (t & f.none) == 0)
+        if ok and f.id_mode != 0:
+            ok = in_sorted(f.ids, f.n_ids,
+                           load_id(ids, i) if ids != NULL else id_offset + i) == (f.id_mode > 0)
+        flags[i] = ok
+        cnt += ok
+    return cnt
 
 
 cdef inline int64_t adc_block(const float *T0, const float *T1, int M, int Ks, bint packed,
@@ -38,35 +82,47 @@ cdef inline int64_t adc_block(const float *T0, const float *T1, int M, int Ks, b
         return cypq_adc_u32(T0, T1, M, Ks, codes, n, thresh, out, idx)
 
 
-cdef inline void scan_topk(const float *T0, const float *T1, int M, int Ks, bint packed,
-                           const cypq_adc4_cell *cell, const code_t *codes, int64_t n,
-                           const int64_t *ids, int64_t id_offset,
-                           float *heap_d, int64_t *heap_i, uintptr_t *heap_w, int k,
-                           uintptr_t vecs, int64_t vec_bytes, float *buf,
-                           int32_t *ibuf) noexcept nogil:
+cdef inline int64_t scan_topk(const float *T0, const float *T1, int M, int Ks, bint packed,
+                              const cypq_adc4_cell *cell, const code_t *codes, int64_t n,
+                              const int64_t *ids, int64_t id_offset,
+                              float *heap_d, int64_t *heap_i, uintptr_t *heap_w, int k,
+                              uintptr_t vecs, int64_t vec_bytes, float *buf,
+                              int32_t *ibuf, const Filter *filt, const char *tags,
+                              uint8_t *flags) noexcept nogil:
     """Push the n codes into the top-k heap (heap_d, heap_i); tables T0, T1 as adc_block.
+    Returns how many of them pass ``filt`` (n when filt is NULL).
 
     A code's id is ids[i] when ids is not NULL, else id_offset + i. With heap_w (not NULL),
-    each entry carries where its vector is: vecs + i * vec_bytes (0 when vecs is 0). buf and ibuf hold
-    SCAN_BLOCK entries each. Only codes at most the heap root's distance at the start of a
-    block come back from the SIMD loop; they are checked again, (distance, id), against the
-    root as it tightens.
+    each entry carries where its vector is: vecs + i * vec_bytes (0 when vecs is 0). buf and
+    ibuf (and flags, with a filter) hold SCAN_BLOCK entries each. Only codes at most the
+    heap root's distance at the start of a block come back from the SIMD loop; they are
+    checked again, (distance, id), against the root as it tightens. With ``filt``, only
+    entries that pass it (pass_flags; ``tags`` their n uint64 tag sets or NULL) enter, and
+    a block none of whose entries pass is not scored at all.
     """
-    cdef int64_t b0 = 0, j, nb, cnt, i
+    cdef int64_t b0 = 0, j, nb, cnt, i, passed = 0, ok
     cdef int64_t stride = M // 2 if packed else M     # code values per code
     cdef float d
     while b0 < n:
         nb = n - b0
         if nb > SCAN_BLOCK:
             nb = SCAN_BLOCK
+        if filt != NULL:
+            ok = pass_flags(filt, tags + b0 * 8 if tags != NULL else NULL,
+                            ids + b0 if ids != NULL else NULL, id_offset + b0, nb, flags)
+            passed += ok
+            if ok == 0:
+                b0 += nb
+                continue
         cnt = adc_block(T0, T1, M, Ks, packed, cell, codes + b0 * stride, nb, heap_d[0], buf,
                         ibuf)
         for j in range(cnt):
             d = buf[j]
-            if d <= heap_d[0]:
+            if d <= heap_d[0] and (filt == NULL or flags[ibuf[j]]):
                 i = b0 + ibuf[j]
                 idv = load_id(ids, i) if ids != NULL else id_offset + i
                 if heap_worse(heap_d[0], heap_i[0], d, idv):
                     heap_replace_top(heap_d, heap_i, heap_w, k, d, idv,
                                      vecs + <uintptr_t> (i * vec_bytes) if vecs else 0)
         b0 += nb
+    return n if filt == NULL else passed

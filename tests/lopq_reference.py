@@ -37,13 +37,15 @@ def adc(model, q, coarse, fine):
     return total
 
 
-def search(model, entries, q, k, quota):
+def search(model, entries, q, k, quota, passes=None):
     """entries: dict cell_id -> list of (id, coarse, fine). Returns (top-k dists, top-k ids,
-    cells visited, candidates, {id: dist} of every candidate)."""
+    cells visited, candidates, {id: dist} of every candidate). ``passes(id)``: a filter;
+    only entries that pass are candidates, and count towards the quota."""
     cand, n_cells = [], 0
     for c0, c1, _ in multisequence(model, q):
         n_cells += 1
-        cand += entries.get(c0 * model.V + c1, [])
+        cand += [e for e in entries.get(c0 * model.V + c1, [])
+                 if passes is None or passes(e[0])]
         if quota > 0 and len(cand) >= quota:
             break
     every = {i: adc(model, q, co, fi) for i, co, fi in cand}

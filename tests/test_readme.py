@@ -47,8 +47,9 @@ def test_readme_shell_blocks_run(tmp_path):
     assert any("cypq demo" in b for b in blocks) and any("cypq build" in b for b in blocks)
     shim = tmp_path / "bin"
     shim.mkdir()
-    for name, arg in (("cypq", ""), ("cypq-bulk-load", "build ")):
-        (shim / name).write_text(f'#!/bin/sh\nexec "{sys.executable}" -m cypq {arg}"$@"\n')
+    for name, arg in (("cypq", "-m cypq "), ("cypq-bulk-load", "-m cypq build "),
+                      ("python", "")):
+        (shim / name).write_text(f'#!/bin/sh\nexec "{sys.executable}" {arg}"$@"\n')
         (shim / name).chmod(stat.S_IRWXU)
     env = dict(os.environ, PATH=f"{shim}{os.pathsep}{os.environ.get('PATH', '')}",
                MPLBACKEND="Agg")

@@ -47,19 +47,25 @@ def test_entries_round_trip_and_checked_length(dtype):
             L.decode_entries(bad, 2, 6, dtype, "stage[3]")
 
 
-@pytest.mark.parametrize("vec", [None, (3, np.float16)], ids=["codes", "with-vectors"])
-def test_pack_and_unpack_blocks_against_a_per_cell_reference(vec):
+@pytest.mark.parametrize("vec,tagged", [(None, False), ((3, np.float16), False),
+                                        ((3, np.float16), True), (None, True)],
+                         ids=["codes", "with-vectors", "vectors-and-tags", "with-tags"])
+def test_pack_and_unpack_blocks_against_a_per_cell_reference(vec, tagged):
     rng = np.random.default_rng(1)
     cells, ids, codes = _entries(rng, 300)
     vectors = None if vec is None else rng.normal(0, 9, (300, 3)).astype(np.float16)
+    tags = rng.integers(0, 1 << 63, 300, dtype=np.uint64) * np.uint64(2) + np.uint64(1) \
+        if tagged else None   # the top bit too: tags are bits, not numbers
     vb = 0 if vec is None else 6
+    nc = 2 if tagged else 1
     first = rng.integers(0, 3, 50)[cells]  # each cell's first new block
-    items, block_no = L.pack_blocks(cells, ids, codes, 8, first, vectors)
+    items, block_no = L.pack_blocks(cells, ids, codes, 8, first, vectors, tags)
     got = {}
     for key, value in items:
         c, b = L.CELL_BLOCK.unpack(key)
         assert L.checksum_ok(value) and bytes(value[4:8]) != b"\0\0\0\0"
-        got[c, b] = L.decode_entries(value, 1, 4, np.uint8, "b", vec)
+        out = L.decode_entries(value, nc, 4, np.uint8, "b", vec)
+        got[c, b] = (out[0], out[nc]) + tuple(out[nc + 1:]) + (out[1:nc],)
     assert [k for k, _ in items] == sorted(k for k, _ in items)   # key order: append mode
     for c in np.unique(cells):
         sel = np.flatnonzero(cells == c)
@@ -71,27 +77,35 @@ def test_pack_and_unpack_blocks_against_a_per_cell_reference(vec):
             np.testing.assert_array_equal(got[c, b][1][pos], codes[e])
             if vec is not None:
                 np.testing.assert_array_equal(got[c, b][2][pos], vectors[e])
+            if tagged:
+                assert got[c, b][-1][0].view(np.uint64)[pos] == tags[e]
     # the entries of many values, found at once and copied out, equal decoding each; a
     # short or miscounted value is named
     from cypq import _buffers
     values = [bytes(v) for _, v in items]
-    counts = np.array([L.entry_count(v, "b", 1, 4, vb) for v in values])
-    ids_at, codes_at, vecs_at = L.entry_addresses(values, counts, 4, lambda j: f"value {j}", vb)
+    counts = np.array([L.entry_count(v, "b", nc, 4, vb) for v in values])
+    ids_at, tags_at, codes_at, vecs_at = L.entry_addresses(
+        values, counts, 4, lambda j: f"value {j}", vb, nc)
     got_ids, got_codes = np.zeros(len(ids_at), "<i8"), np.zeros((len(ids_at), 4), np.uint8)
     _buffers.scatter(ids_at, 8 * np.arange(len(ids_at)), 8, got_ids.view(np.uint8))
     _buffers.scatter(codes_at, 4 * np.arange(len(ids_at)), 4, got_codes.reshape(-1))
-    each = [L.decode_entries(v, 1, 4, np.uint8, "b", vec) for v in values]
+    each = [L.decode_entries(v, nc, 4, np.uint8, "b", vec) for v in values]
     np.testing.assert_array_equal(got_ids, np.concatenate([e[0] for e in each]))
-    np.testing.assert_array_equal(got_codes, np.concatenate([e[1] for e in each]))
+    np.testing.assert_array_equal(got_codes, np.concatenate([e[nc] for e in each]))
     if vec is not None:
         got_vecs = np.zeros((len(ids_at), 3), np.float16)
         _buffers.scatter(vecs_at, 6 * np.arange(len(ids_at)), 6, got_vecs.view(np.uint8).ravel())
-        np.testing.assert_array_equal(got_vecs, np.concatenate([e[2] for e in each]))
+        np.testing.assert_array_equal(got_vecs, np.concatenate([e[nc + 1] for e in each]))
+    if tagged:
+        got_tags = np.zeros(len(ids_at), "<u8")
+        _buffers.scatter(tags_at, 8 * np.arange(len(ids_at)), 8, got_tags.view(np.uint8))
+        np.testing.assert_array_equal(got_tags, np.concatenate([e[1] for e in each])
+                                      .view(np.uint64))
     for bad, expect in ((values[:3] + [values[3][:-4]], counts[:4]),
                         (values[:4], counts[:4] + np.r_[0, 0, 0, 1]),
                         (values[:3] + [None], counts[:4])):
         with pytest.raises(IndexCorruptError, match="value 3"):
-            L.entry_addresses(bad, expect, 4, lambda j: f"value {j}", vb)
+            L.entry_addresses(bad, expect, 4, lambda j: f"value {j}", vb, nc)
     with pytest.raises(ValueError, match="outside"):
         _buffers.scatter(ids_at[:2], np.array([0, len(ids_at) * 8 - 4]), 8,
                          got_ids.view(np.uint8))

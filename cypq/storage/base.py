@@ -44,7 +44,8 @@ class IndexCorruptError(IndexFormatError):
 # defined here so that the storage can check them, their meaning by the layer that asks.
 PACKED4 = "codes4"      # the index's 4-bit codes are two per byte (cypq.code_layout)
 VECTORS = "vectors"     # every entry keeps a vector beside its code (Storage.vectors)
-KNOWN_FEATURES = frozenset({PACKED4, VECTORS})
+TAGS = "tags"           # every entry keeps a uint64 tag set beside its id (Storage.keeps_tags)
+KNOWN_FEATURES = frozenset({PACKED4, VECTORS, TAGS})
 
 
 def check_features(features, where: str) -> frozenset:
@@ -65,7 +66,8 @@ class Segments:
     ``length[s]`` entries whose fine codes (length, M) and int64 ids (length,) are at the
     addresses ``codes[s]`` and ``ids[s]``, and, in a storage that keeps vectors, their
     vectors (length, vector_width) at ``vectors[s]`` (0: not addressable, e.g. staged
-    entries; read them by id, :meth:`Snapshot.vectors`). The addresses are valid while the
+    entries; read them by id, :meth:`Snapshot.vectors`), and, in a storage that keeps tags,
+    their uint64 tag sets (length,) at ``tags[s]``. The addresses are valid while the
     context that produced this object is open.
     """
     cells: np.ndarray    # (n,) int64, ascending
@@ -74,6 +76,7 @@ class Segments:
     ids: np.ndarray      # (n_segments,) uintp
     length: np.ndarray   # (n_segments,) int64
     vectors: Optional[np.ndarray] = None   # (n_segments,) uintp, or None: no vectors kept
+    tags: Optional[np.ndarray] = None      # (n_segments,) uintp, or None: no tags kept
 
 
 class Snapshot(ABC):
@@ -88,10 +91,11 @@ class Snapshot(ABC):
         """Segments of the ascending, distinct cells (valid while the snapshot is open)."""
 
     @abstractmethod
-    def entries(self, lo: int, hi: int, vectors: bool = False) -> tuple:
+    def entries(self, lo: int, hi: int, vectors: bool = False, tags: bool = False) -> tuple:
         """Copies of the entries of cells lo .. hi-1: (cells (n,) int64 ascending, ids (n,)
-        int64, codes (n, M)), and with ``vectors`` (in a storage that keeps them) their
-        vectors (n, vector_width); each cell's in the order a search scans them."""
+        int64, codes (n, M)), then with ``vectors`` (in a storage that keeps them) their
+        vectors (n, vector_width), then with ``tags`` (in one that keeps them) their tag
+        sets (n,) uint64; each cell's in the order a search scans them."""
 
     def vectors(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(found (n,) bool, rows (n, vector_width) of vector_dtype, zero where not found)
@@ -113,7 +117,8 @@ class BulkWriter(ABC):
 
     @abstractmethod
     def append(self, cells: np.ndarray, ids: np.ndarray, codes: np.ndarray,
-               state: bytes, vectors: Optional[np.ndarray] = None) -> None:
+               state: bytes, vectors: Optional[np.ndarray] = None,
+               tags: Optional[np.ndarray] = None) -> None:
         """Store entries whose cells all come after every cell stored so far, in one step.
 
         Parameters
@@ -126,6 +131,8 @@ class BulkWriter(ABC):
             Committed with these entries.
         vectors : numpy.ndarray (n, vector_width) of vector_dtype
             The entries' vectors: required exactly when the storage keeps vectors.
+        tags : numpy.ndarray uint64 (n,)
+            The entries' tag sets, in a storage that keeps tags (None: all zero).
         """
 
     @abstractmethod
@@ -157,6 +164,9 @@ class Storage(ABC):
         Values of the vector each entry keeps beside its code (0: none; feature
         ``vectors``), stored in the same write as the entry and removed with it.
     vector_dtype : numpy.dtype or None
+    keeps_tags : bool
+        Each entry keeps a uint64 tag set (64 boolean labels; feature ``tags``), stored in
+        the same write as the entry, changed by :meth:`set_tags`.
     """
 
     n_cells: int
@@ -165,6 +175,7 @@ class Storage(ABC):
     features: frozenset = frozenset()
     vector_width: int = 0
     vector_dtype: Optional[np.dtype] = None
+    keeps_tags: bool = False
 
     @abstractmethod
     def __len__(self) -> int:
@@ -172,11 +183,13 @@ class Storage(ABC):
 
     @abstractmethod
     def add(self, cells: np.ndarray, ids: Optional[np.ndarray], codes: np.ndarray,
-            replace: bool = False, vectors: Optional[np.ndarray] = None) -> np.ndarray:
+            replace: bool = False, vectors: Optional[np.ndarray] = None,
+            tags: Optional[np.ndarray] = None) -> np.ndarray:
         """Store entries: cells (n,) int64, ids (n,) int64 unique (None: fresh ids after the
         largest so far, :func:`fresh_ids`), codes (n, M), and, when the storage keeps
-        vectors, vectors (n, vector_width) of vector_dtype (:func:`check_vectors`). Returns
-        the ids.
+        vectors, vectors (n, vector_width) of vector_dtype (:func:`check_vectors`), and
+        when it keeps tags, their tag sets (n,) uint64 (None: zero; :func:`check_tags`).
+        Returns the ids.
 
         An id already stored is an error (KeyError, :func:`refuse_present`, nothing stored)
         unless replace is true, in which case its old entry is removed first. All or nothing.
@@ -195,6 +208,16 @@ class Storage(ABC):
         of ids (n,) int64, from the newest committed state."""
         with self.snapshot() as snap:
             return snap.vectors(ids)
+
+    def tags(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(found (n,) bool, tag sets (n,) uint64, zero where not found) of ids (n,) int64,
+        from the newest committed state."""
+        raise ValueError("this storage keeps no tags")
+
+    def set_tags(self, ids: np.ndarray, tags: np.ndarray) -> int:
+        """Replace the tag sets of the present ids (n,) int64 by tags (n,) uint64 (absent
+        ids are ignored) in one write; returns how many changed hands."""
+        raise ValueError("this storage keeps no tags")
 
     @abstractmethod
     def snapshot(self) -> AbstractContextManager[Snapshot]:
@@ -279,6 +302,27 @@ def check_vectors(storage: "Storage", vectors, n: int) -> Optional[np.ndarray]:
         raise ValueError(f"vectors must be {storage.vector_dtype} of shape {want}, got "
                          f"{arr.dtype} of shape {arr.shape}")
     return np.ascontiguousarray(arr)
+
+
+def check_tags(storage: "Storage", tags, n: int) -> Optional[np.ndarray]:
+    """The tag sets of an add as C-contiguous uint64 (n,); None when none are given (all
+    zero) or the storage keeps none.
+
+    Raises
+    ------
+    ValueError
+        Tags given where the storage keeps none, or not n whole numbers in [0, 2**64).
+    """
+    if tags is None:
+        return None
+    if not storage.keeps_tags:
+        raise ValueError("this storage keeps no tags: create it with tags")
+    arr = np.asarray(tags)
+    if arr.shape != (n,) or not (arr.dtype.kind == "u" or (arr.dtype.kind == "i" and (
+            not arr.size or arr.min() >= 0))):
+        raise ValueError(f"tags must be {n} unsigned (or non-negative) integers, one uint64 "
+                         f"bit set per entry; got {arr.dtype} of shape {arr.shape}")
+    return np.ascontiguousarray(arr, dtype=np.uint64)
 
 
 # ---------------------------------------------------------------------------- id policy

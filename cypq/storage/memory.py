@@ -6,21 +6,22 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from .base import (Segments, Snapshot, Storage, check_vectors, fresh_ids, refuse_present,
-                   vector_spec)
+from .base import (TAGS, Segments, Snapshot, Storage, check_tags, check_vectors, fresh_ids,
+                   refuse_present, vector_spec)
 
 
 class _Cell:
-    __slots__ = ("ids", "codes", "vectors", "n")
+    __slots__ = ("ids", "codes", "vectors", "tags", "n")
 
-    def __init__(self, M, dtype, cap, vector_width=0, vector_dtype=None):
+    def __init__(self, M, dtype, cap, vector_width=0, vector_dtype=None, tags=False):
         self.ids = np.empty(cap, dtype=np.int64)
         self.codes = np.empty((cap, M), dtype=dtype)
         self.vectors = (np.empty((cap, vector_width), dtype=vector_dtype) if vector_width
                         else None)
+        self.tags = np.empty(cap, dtype=np.uint64) if tags else None
         self.n = 0
 
-    def append(self, ids, codes, vectors):
+    def append(self, ids, codes, vectors, tags):
         need = self.n + len(ids)
         if need > len(self.ids):
             cap = max(need, 2 * len(self.ids))
@@ -28,17 +29,23 @@ class _Cell:
             self.codes = _grown(self.codes, self.n, cap)
             if self.vectors is not None:
                 self.vectors = _grown(self.vectors, self.n, cap)
+            if self.tags is not None:
+                self.tags = np.resize(self.tags, cap)
         self.ids[self.n:need] = ids
         self.codes[self.n:need] = codes
         if self.vectors is not None:
             self.vectors[self.n:need] = vectors
+        if self.tags is not None:
+            self.tags[self.n:need] = 0 if tags is None else tags
         self.n = need
 
     def move(self, src: int, dst: int) -> None:
-        """Entry src's id, code and vector into position dst."""
+        """Entry src's id, code, vector and tags into position dst."""
         self.ids[dst], self.codes[dst] = self.ids[src], self.codes[src]
         if self.vectors is not None:
             self.vectors[dst] = self.vectors[src]
+        if self.tags is not None:
+            self.tags[dst] = self.tags[src]
 
 
 def _grown(rows: np.ndarray, n: int, cap: int) -> np.ndarray:
@@ -72,6 +79,7 @@ class MemoryStorage(Storage):
         self.code_dtype = np.dtype(code_dtype)
         self.vector_width, self.vector_dtype, self.features = vector_spec(
             vectors, features, "the storage")
+        self.keeps_tags = TAGS in self.features
         self._cells: dict[int, _Cell] = {}
         self._where: dict[int, tuple[int, int]] = {}   # id -> (cell, position)
         self._sizes = np.zeros(self.n_cells, dtype=np.int64)
@@ -84,6 +92,7 @@ class MemoryStorage(Storage):
         self._codes_at = np.zeros(self.n_cells, dtype=np.uintp)
         self._ids_at = np.zeros(self.n_cells, dtype=np.uintp)
         self._vecs_at = np.zeros(self.n_cells, dtype=np.uintp)
+        self._tags_at = np.zeros(self.n_cells, dtype=np.uintp)
 
     def __len__(self) -> int:
         return len(self._where)
@@ -91,12 +100,13 @@ class MemoryStorage(Storage):
     def meta(self, name):
         return self._meta.get(name)
 
-    def add(self, cells, ids, codes, replace=False, vectors=None):
+    def add(self, cells, ids, codes, replace=False, vectors=None, tags=None):
         vectors = check_vectors(self, vectors, len(cells))
+        tags = check_tags(self, tags, len(cells))
         with self._lock:
-            return self._add(cells, ids, codes, replace, vectors)
+            return self._add(cells, ids, codes, replace, vectors, tags)
 
-    def _add(self, cells, ids, codes, replace, vectors):
+    def _add(self, cells, ids, codes, replace, vectors, tags):
         if ids is None:
             ids = fresh_ids(self._next_id, len(cells))
         ids = np.asarray(ids, dtype=np.int64)
@@ -117,13 +127,16 @@ class MemoryStorage(Storage):
             if cell is None:
                 cell = self._cells[c] = _Cell(self.code_width, self.code_dtype,
                                               max(4, len(grp)), self.vector_width,
-                                              self.vector_dtype)
+                                              self.vector_dtype, self.keeps_tags)
             start = cell.n
-            cell.append(ids[grp], codes[grp], None if vectors is None else vectors[grp])
+            cell.append(ids[grp], codes[grp], None if vectors is None else vectors[grp],
+                        None if tags is None else tags[grp])
             self._codes_at[c] = cell.codes.ctypes.data
             self._ids_at[c] = cell.ids.ctypes.data
             if cell.vectors is not None:
                 self._vecs_at[c] = cell.vectors.ctypes.data
+            if cell.tags is not None:
+                self._tags_at[c] = cell.tags.ctypes.data
             for j, i in enumerate(ids[grp].tolist()):
                 self._where[i] = (c, start + j)
             self._sizes[c] += len(grp)
@@ -156,6 +169,31 @@ class MemoryStorage(Storage):
         with self._lock:
             return self._lookup(ids)
 
+    def tags(self, ids):
+        if not self.keeps_tags:
+            return super().tags(ids)
+        ids = np.asarray(ids, dtype=np.int64)
+        found = np.zeros(len(ids), dtype=bool)
+        out = np.zeros(len(ids), dtype=np.uint64)
+        with self._lock:
+            for j, i in enumerate(ids.tolist()):
+                loc = self._where.get(i)
+                if loc is not None:
+                    found[j], out[j] = True, self._cells[loc[0]].tags[loc[1]]
+        return found, out
+
+    def set_tags(self, ids, tags):
+        if not self.keeps_tags:
+            return super().set_tags(ids, tags)
+        ids = np.asarray(ids, dtype=np.int64)
+        tags = check_tags(self, tags, len(ids))
+        with self._lock:
+            locs = [(self._where.get(i), t) for i, t in zip(ids.tolist(), tags.tolist())]
+            for loc, t in locs:
+                if loc is not None:
+                    self._cells[loc[0]].tags[loc[1]] = t
+            return sum(loc is not None for loc, _ in locs)
+
     def _lookup(self, ids):
         ids = np.asarray(ids, dtype=np.int64)
         found = np.zeros(len(ids), dtype=bool)
@@ -187,7 +225,8 @@ class _MemorySnapshot(Snapshot):
         s = self._s
         return Segments(cells, np.arange(len(cells) + 1, dtype=np.int64), s._codes_at[cells],
                         s._ids_at[cells], s._sizes[cells],
-                        s._vecs_at[cells] if s.vector_width else None)
+                        s._vecs_at[cells] if s.vector_width else None,
+                        s._tags_at[cells] if s.keeps_tags else None)
 
     def vectors(self, ids):
         s = self._s
@@ -202,15 +241,17 @@ class _MemorySnapshot(Snapshot):
                 found[j], rows[j] = True, s._cells[loc[0]].vectors[loc[1]]
         return found, rows
 
-    def entries(self, lo, hi, vectors=False):
+    def entries(self, lo, hi, vectors=False, tags=False):
         s = self._s
-        keep = vectors and s.vector_width
-        cells = [c for c in sorted(s._cells) if lo <= c < hi and s._cells[c].n]
-        parts = [(np.full(s._cells[c].n, c, np.int64), s._cells[c].ids[:s._cells[c].n],
-                  s._cells[c].codes[:s._cells[c].n])
-                 + ((s._cells[c].vectors[:s._cells[c].n],) if keep else ()) for c in cells]
-        if not parts:
-            return (np.empty(0, np.int64), np.empty(0, np.int64),
-                    np.empty((0, s.code_width), s.code_dtype)) + (
-                (np.empty((0, s.vector_width), s.vector_dtype),) if keep else ())
+        keep, keep_tags = vectors and s.vector_width, tags and s.keeps_tags
+        parts = [(np.empty(0, np.int64), np.empty(0, np.int64),
+                  np.empty((0, s.code_width), s.code_dtype))
+                 + ((np.empty((0, s.vector_width), s.vector_dtype),) if keep else ())
+                 + ((np.empty(0, np.uint64),) if keep_tags else ())]
+        for c in sorted(c for c in s._cells if lo <= c < hi and s._cells[c].n):
+            cell = s._cells[c]
+            n = cell.n
+            parts.append((np.full(n, c, np.int64), cell.ids[:n], cell.codes[:n])
+                         + ((cell.vectors[:n],) if keep else ())
+                         + ((cell.tags[:n],) if keep_tags else ()))
         return tuple(np.concatenate(p) for p in zip(*parts))

@@ -7,7 +7,7 @@ id, before its commit (a rerun after a kill in between rewrites the same file). 
 inserts into the id table would dirty the whole id tree in every transaction, so
 :meth:`LMDBBulkWriter.finish` merges the id runs id range by id range and appends the id
 table in key order, one transaction per range, recording how many ranges are done. The
-entries' vectors, in an index that keeps them, go into the blocks with their codes.
+entries' vectors and tags, in an index that keeps them, go into the blocks with their codes.
 
 The caller's state rides in ``meta[bulk]``, committed with every step; the writer's own
 progress in ``meta[bulk_ids]``.
@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..._runs import gather, write_atomic
-from ..base import BulkWriter, check_vectors
+from ..base import BulkWriter, check_tags, check_vectors
 from . import layout as L
 from .env import Env
 from .writer import CellSizes
@@ -44,9 +44,12 @@ class LMDBBulkWriter(BulkWriter):
             v = self.env.get_meta(txn, b"bulk")
             return None if v is None else bytes(v)
 
-    def append(self, cells, ids, codes, state: bytes, vectors=None) -> None:
+    def append(self, cells, ids, codes, state: bytes, vectors=None, tags=None) -> None:
         env = self.env
         vectors = check_vectors(env, vectors, len(cells))
+        tags = check_tags(env, tags, len(cells))
+        if env.keeps_tags and tags is None:
+            tags = np.zeros(len(cells), np.uint64)
         cells = np.asarray(cells, dtype=np.int64)
         ids = np.asarray(ids, dtype=np.int64)
         codes = np.ascontiguousarray(codes, dtype=env.code_dtype)
@@ -54,7 +57,8 @@ class LMDBBulkWriter(BulkWriter):
             raise ValueError("bulk append needs cells in ascending order")
         if len(cells) and (cells[0] < 0 or cells[-1] >= env.n_cells):
             raise ValueError(f"bulk append: cells outside 0 .. {env.n_cells - 1}")
-        items, blocks = L.pack_blocks(cells, ids, codes, env.block_capacity, vectors=vectors)
+        items, blocks = L.pack_blocks(cells, ids, codes, env.block_capacity, vectors=vectors,
+                                      tags=tags)
         if len(cells):
             rec = np.empty(len(cells), dtype=ID_RUN)
             rec["id"], rec["cell"], rec["block"] = ids, cells, blocks

@@ -26,7 +26,7 @@ from typing import Callable, NamedTuple, Optional
 import lmdb
 import numpy as np
 
-from ..base import VECTORS, IndexCorruptError, IndexFormatError, check_features
+from ..base import TAGS, VECTORS, IndexCorruptError, IndexFormatError, check_features
 from . import layout as L
 
 FORMAT = b"cypq-index"
@@ -252,6 +252,9 @@ class Env:
     vector_dtype
         The layout settings from the config record (``vectors``: (vector_width,
         vector_dtype) or None; ``code_bytes``, ``vector_bytes`` per entry).
+    keeps_tags, block_columns, stage_columns
+        Whether entries keep tag sets (feature ``tags``), and so how many int64 columns a
+        block (ids[, tags]) and a stage record (cells, ids[, tags]) hold.
     db : dict of name -> LMDB database handle (``stage`` may be None: a read-only version 1
         index has none).
     """
@@ -271,6 +274,9 @@ class Env:
         if bool(self.vector_width) != (VECTORS in self.features):
             raise IndexCorruptError(f"{path}: meta[config] has vector_width "
                                     f"{self.vector_width} and features {sorted(self.features)}")
+        self.keeps_tags = TAGS in self.features
+        self.block_columns = 2 if self.keeps_tags else 1
+        self.stage_columns = self.block_columns + 1
         self.block_capacity = int(config["block_capacity"])
         self.stage_capacity = int(config.get("stage_capacity", DEFAULT_STAGE))
         self.db = {}

@@ -4,7 +4,8 @@ NumPy and struct (and the C copy loops of ``_buffers``); nothing here opens a tr
 LMDB's byte order is numeric order; integers inside values are little-endian.
 
 - entries (a block of ``blocks``, a record of ``stage``): u32 n, u32 checksum, then
-  ``n_columns`` int64 columns of n (blocks: ids; stage records: cells, ids), then n codes
+  ``n_columns`` int64 columns of n (blocks: ids; stage records: cells, ids; in an index
+  that keeps tags (feature ``tags``), then the entries' uint64 tag sets), then n codes
   (n, M) of the code dtype; in an index that keeps vectors, a block then holds its
   entries' vectors (n, vector_width), little-endian, so a search finds a candidate's vector
   where it found its code. See :func:`encode_entries` / :func:`decode_entries`. The
@@ -160,30 +161,35 @@ def little(a: np.ndarray) -> np.ndarray:
 
 
 def block_addresses(addr: np.ndarray, length: np.ndarray, count: np.ndarray,
-                    expect: np.ndarray, code_bytes: int, vec_bytes: int = 0):
-    """Where the ids, codes and vectors of block values are, from their start addresses
-    (n,) uintp, lengths (n,) int64 and header counts (n,) int64 (-1: shorter than a
-    header), each checked against the count the cell sizes promise (``expect``).
+                    expect: np.ndarray, code_bytes: int, vec_bytes: int = 0,
+                    n_columns: int = 1):
+    """Where the ids, tags, codes and vectors of block values are, from their start
+    addresses (n,) uintp, lengths (n,) int64 and header counts (n,) int64 (-1: shorter than
+    a header), each checked against the count the cell sizes promise (``expect``).
 
     Returns
     -------
-    ids_at, codes_at, vecs_at : numpy.ndarray uintp (n,)
-        (vecs_at is meaningful only where the blocks hold vectors: ``vec_bytes`` > 0.)
+    ids_at, tags_at, codes_at, vecs_at : numpy.ndarray uintp (n,)
+        (tags_at is meaningful only where the blocks hold tags, ``n_columns`` 2; vecs_at
+        where they hold vectors, ``vec_bytes`` > 0.)
     bad : int
         Index of the first value that does not check out, or -1.
     """
-    ok = (count == expect) & (length == HEADER + count * (8 + code_bytes + vec_bytes))
+    ok = (count == expect) & (length == HEADER + count * (8 * n_columns + code_bytes
+                                                          + vec_bytes))
     bad = -1 if ok.all() else int(np.flatnonzero(~ok)[0])
     ids_at = addr + np.uintp(HEADER)
-    codes_at = ids_at + np.uintp(8) * count.astype(np.uintp)
-    return ids_at, codes_at, codes_at + np.uintp(code_bytes) * count.astype(np.uintp), bad
+    tags_at = ids_at + np.uintp(8) * count.astype(np.uintp)
+    codes_at = ids_at + np.uintp(8 * n_columns) * count.astype(np.uintp)
+    return (ids_at, tags_at, codes_at, codes_at + np.uintp(code_bytes) * count.astype(np.uintp),
+            bad)
 
 
 def entry_addresses(values: list, expect: np.ndarray, code_bytes: int, where,
-                    vec_bytes: int = 0):
+                    vec_bytes: int = 0, n_columns: int = 1):
     """Where the entries of block values (list of n bytes-likes, kept alive by the caller)
-    are: (ids_at, codes_at, vecs_at) (e,) uintp, block after block, each value's length
-    checked against the count it must hold (``expect`` (n,) int64).
+    are: (ids_at, tags_at, codes_at, vecs_at) (e,) uintp, block after block, each value's
+    length checked against the count it must hold (``expect`` (n,) int64).
 
     Raises
     ------
@@ -197,14 +203,15 @@ def entry_addresses(values: list, expect: np.ndarray, code_bytes: int, where,
     addr, length = np.empty(n, dtype=np.uintp), np.empty(n, dtype=np.int64)
     count = np.empty(n, dtype=np.int64)
     _buffers.headers(values, addr, length, count)
-    ids_at, codes_at, vecs_at, bad = block_addresses(addr, length, count, expect, code_bytes,
-                                                     vec_bytes)
+    ids_at, tags_at, codes_at, vecs_at, bad = block_addresses(
+        addr, length, count, expect, code_bytes, vec_bytes, n_columns)
     if bad >= 0:
         raise IndexCorruptError(f"{where(bad)}: {length[bad]} bytes, header count "
                                 f"{count[bad]}; expected {expect[bad]} entries")
     rank = (np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
             ).astype(np.uintp)
     return (np.repeat(ids_at, count) + np.uintp(8) * rank,
+            np.repeat(tags_at, count) + np.uintp(8) * rank,
             np.repeat(codes_at, count) + np.uintp(code_bytes) * rank,
             np.repeat(vecs_at, count) + np.uintp(vec_bytes) * rank)
 
@@ -230,7 +237,7 @@ def cell_ranks(cells: np.ndarray) -> np.ndarray:
     return np.arange(len(cells)) - np.repeat(runs[:-1], np.diff(runs))
 
 
-def pack_blocks(cells, ids, codes, capacity, first_block=None, vectors=None):
+def pack_blocks(cells, ids, codes, capacity, first_block=None, vectors=None, tags=None):
     """Lay entries out as new blocks, vectorised (one NumPy pass instead of one per cell).
 
     Parameters
@@ -245,6 +252,8 @@ def pack_blocks(cells, ids, codes, capacity, first_block=None, vectors=None):
         Block number of the first new block of each entry's cell (default 0).
     vectors : numpy.ndarray (n, w), optional
         The entries' vectors, after the codes of each block.
+    tags : numpy.ndarray uint64 (n,), optional
+        The entries' tag sets, after the ids of each block.
 
     Returns
     -------
@@ -255,18 +264,21 @@ def pack_blocks(cells, ids, codes, capacity, first_block=None, vectors=None):
     ids = np.ascontiguousarray(ids, dtype="<i8")
     codes = np.ascontiguousarray(codes)
     vecs = None if vectors is None else little(vectors)
+    tags = None if tags is None else np.ascontiguousarray(tags, dtype="<u8")
     return pack_entries(cells, row_addresses(ids), row_addresses(codes),
                         codes.shape[1] * codes.dtype.itemsize, capacity, first_block,
                         None if vecs is None else row_addresses(vecs),
-                        0 if vecs is None else vecs.shape[1] * vecs.itemsize)
+                        0 if vecs is None else vecs.shape[1] * vecs.itemsize,
+                        None if tags is None else row_addresses(tags))
 
 
 def pack_entries(cells, ids_at, codes_at, code_bytes: int, capacity, first_block=None,
-                 vecs_at=None, vec_bytes: int = 0):
+                 vecs_at=None, vec_bytes: int = 0, tags_at=None):
     """:func:`pack_blocks` of entries given by where their id (8 bytes, little-endian),
-    code (``code_bytes``) and vector (``vec_bytes``, 0: none) are (``ids_at``, ``codes_at``,
-    ``vecs_at`` (n,) uintp: rows of arrays, or entries of checked values, kept alive by the
-    caller): bytes are copied once, in C."""
+    tags (8 bytes; ``tags_at`` None: the blocks hold none), code (``code_bytes``) and
+    vector (``vec_bytes``, 0: none) are (``ids_at``, ``tags_at``, ``codes_at``, ``vecs_at``
+    (n,) uintp: rows of arrays, or entries of checked values, kept alive by the caller):
+    bytes are copied once, in C."""
     n = len(cells)
     if not n:
         return [], np.empty(0, np.int64)
@@ -277,15 +289,19 @@ def pack_entries(cells, ids_at, codes_at, code_bytes: int, capacity, first_block
     bidx = np.repeat(np.arange(len(bstart)), bcount)          # block of each entry
     block_no = rank // capacity + (0 if first_block is None else first_block)
     cw = code_bytes
+    cols = 8 if tags_at is None else 16     # column bytes per entry
     off = np.zeros(len(bstart) + 1, dtype=np.int64)
-    np.cumsum(HEADER + bcount * (8 + cw + vec_bytes), out=off[1:])
+    np.cumsum(HEADER + bcount * (cols + cw + vec_bytes), out=off[1:])
     buf = np.zeros(int(off[-1]), dtype=np.uint8)
-    # Header (u32 count, u32 checksum), then the ids, then the codes of each block.
+    # Header (u32 count, u32 checksum), then the ids (and tags), then the codes of each
+    # block, then the vectors.
     buf[off[:-1, None] + np.arange(4)] = bcount.astype("<u4").view(np.uint8).reshape(-1, 4)
     _buffers.scatter(ids_at, off[bidx] + HEADER + 8 * pos, 8, buf)
-    _buffers.scatter(codes_at, off[bidx] + HEADER + 8 * bcount[bidx] + cw * pos, cw, buf)
+    if tags_at is not None:
+        _buffers.scatter(tags_at, off[bidx] + HEADER + 8 * bcount[bidx] + 8 * pos, 8, buf)
+    _buffers.scatter(codes_at, off[bidx] + HEADER + cols * bcount[bidx] + cw * pos, cw, buf)
     if vec_bytes:
-        _buffers.scatter(vecs_at, off[bidx] + HEADER + (8 + cw) * bcount[bidx]
+        _buffers.scatter(vecs_at, off[bidx] + HEADER + (cols + cw) * bcount[bidx]
                          + vec_bytes * pos, vec_bytes, buf)
     mv, bounds = memoryview(buf), off.tolist()
     crc = zlib.crc32

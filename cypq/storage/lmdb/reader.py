@@ -212,15 +212,17 @@ class ReadPath:
         return delta, low
 
     def read_records(self, txn, lo: int, hi: int) -> list:
-        """Stage records lo .. hi-1, each (cells, ids, codes)."""
+        """Stage records lo .. hi-1, each (cells, ids, codes, tags (zero without tags))."""
         out, env = [], self.env
         if hi <= lo or env.db["stage"] is None:
             return out
         with txn.cursor(db=env.db["stage"]) as cur:
             ok = cur.set_range(L.u64(lo))
             while ok and L.read_u64(cur.key()) < hi:
-                rec = L.decode_entries(cur.value(), 2, env.code_width, env.code_dtype,
-                                       f"stage[{L.read_u64(cur.key())}]")
+                rec = L.decode_entries(cur.value(), env.stage_columns, env.code_width,
+                                       env.code_dtype, f"stage[{L.read_u64(cur.key())}]")
+                rec = (rec[0], rec[1], rec[-1], rec[2].view(np.uint64) if env.keeps_tags
+                       else np.zeros(len(rec[0]), np.uint64))
                 if len(rec[0]) and (rec[0].min() < 0 or rec[0].max() >= env.n_cells):
                     raise IndexCorruptError(f"stage[{L.read_u64(cur.key())}]: a cell outside "
                                             "the index")
@@ -335,8 +337,8 @@ class ReadPath:
                                     "entries)") from None
         last = np.repeat(counts - (nb - 1) * B, nb)
         expect = np.where(block == np.repeat(nb - 1, nb), last, B)
-        blk_ids, blk_codes, blk_vecs, bad = L.block_addresses(addr, length, n, expect,
-                                                              env.code_bytes, env.vector_bytes)
+        blk_ids, blk_tags, blk_codes, blk_vecs, bad = L.block_addresses(
+            addr, length, n, expect, env.code_bytes, env.vector_bytes, env.block_columns)
         if bad >= 0:
             raise IndexCorruptError(f"blocks[cell {owner[bad]}, block {block[bad]}]: header "
                                     f"says {n[bad]} entries in {length[bad]} bytes; expected "
@@ -351,9 +353,10 @@ class ReadPath:
         ids_at = np.empty(total, dtype=np.uintp)
         codes_at = np.empty(total, dtype=np.uintp)
         vecs_at = np.zeros(total, dtype=np.uintp)   # staged entries: 0, read by id
+        tags_at = np.empty(total, dtype=np.uintp)
         seg_len = np.empty(total, dtype=np.int64)
         at = np.repeat(seg0[:-1], nb) + block
-        ids_at[at], codes_at[at], seg_len[at] = blk_ids, blk_codes, n
+        ids_at[at], codes_at[at], seg_len[at], tags_at[at] = blk_ids, blk_codes, n, blk_tags
         if env.vectors:
             vecs_at[at] = blk_vecs
         after = seg0[:-1] + nb
@@ -361,16 +364,17 @@ class ReadPath:
             if has.any():
                 at, first_entry = after[has], start[has].astype(np.uintp)
                 ids_at[at] = tier.ids.ctypes.data + np.uintp(8) * first_entry
+                tags_at[at] = tier.tags.ctypes.data + np.uintp(8) * first_entry
                 codes_at[at] = tier.codes.ctypes.data + first_entry * np.uintp(
                     tier.codes.strides[0])
                 seg_len[at] = cnt[has]
                 after = after + has
-        cache.add(cells, per_cell, ids_at, codes_at, seg_len, vecs_at)
+        cache.add(cells, per_cell, ids_at, codes_at, seg_len, vecs_at, tags_at)
 
     # ------------------------------------------------------------------ lookups
     def lookup(self, ids: np.ndarray, with_vectors: bool = False, txn=None, state=None):
-        """(found (n,) bool, cells (n,) int64, codes (n, M), vectors (n, w) or None) of ids
-        (n,) int64: from the id table, else from the stage; a frozen entry already merged
+        """(found (n,) bool, cells (n,) int64, codes (n, M), vectors (n, w) or None, tags
+        (n,) uint64) of ids (n,) int64: from the id table, else from the stage; a frozen entry already merged
         (its row not written yet) is looked for in its cell's blocks. Vectors (with
         ``with_vectors``) come from the blocks, a staged entry's from the ``vectors`` table.
         Read in ``txn`` of ``state`` when given, else in a new read transaction."""
@@ -396,16 +400,18 @@ class _LMDBSnapshot(Snapshot):
         self._caches.append(cache)  # its pins stay open while this snapshot is
         if not self._r.env.vectors:
             seg.vectors = None
+        if not self._r.env.keeps_tags:
+            seg.tags = None
         return seg
 
     def vectors(self, ids):
         if not self._r.env.vectors:
             return super().vectors(ids)
-        found, _, _, vecs = self._r.lookup(np.asarray(ids, dtype=np.int64), True, self._txn,
-                                           self._state)
+        found, _, _, vecs, _ = self._r.lookup(np.asarray(ids, dtype=np.int64), True,
+                                              self._txn, self._state)
         return found, vecs
 
-    def entries(self, lo, hi, vectors=False):
+    def entries(self, lo, hi, vectors=False, tags=False):
         env = self._r.env
         parts = []
         with self._txn.cursor(db=env.db["blocks"]) as cur:
@@ -414,21 +420,25 @@ class _LMDBSnapshot(Snapshot):
                 c, b = L.parse_block_key(cur.key())
                 if c >= hi:
                     break
-                ids, codes, *vecs = L.decode_entries(cur.value(), 1, env.code_width,
-                                                     env.code_dtype,
-                                                     f"blocks[cell {c}, block {b}]",
-                                                     env.vectors)
-                parts.append((np.full(len(ids), c, np.int64), ids, codes, *vecs))
+                out = L.decode_entries(cur.value(), env.block_columns, env.code_width,
+                                       env.code_dtype, f"blocks[cell {c}, block {b}]",
+                                       env.vectors)
+                ids, codes = out[0], out[env.block_columns]
+                parts.append((np.full(len(ids), c, np.int64), ids, codes)
+                             + ((out[-1],) if env.vectors else ())
+                             + ((out[1].view(np.uint64),) if env.keeps_tags else ()))
                 ok = cur.next()
         for tier in self._state.stage.tiers:  # after the blocks: a stable sort keeps that
             a, b = np.searchsorted(tier.cells, [lo, hi])
             parts.append((tier.cells[a:b], tier.ids[a:b], tier.codes[a:b])
                          + ((staged_vectors(env, self._txn, tier.ids[a:b]),) if env.vectors
-                            else ()))
+                            else ()) + ((tier.tags[a:b],) if env.keeps_tags else ()))
         cols = [np.concatenate(p) for p in zip(*parts)]
         order = np.argsort(cols[0], kind="stable")
         out = tuple(c[order] for c in cols)
-        return out if vectors else out[:3]
+        want = (True,) * 3 + ((vectors,) if env.vectors else ()) + \
+            ((tags,) if env.keeps_tags else ())
+        return tuple(c for c, w in zip(out, want) if w)
 
 
 class _Pin:
@@ -460,6 +470,7 @@ class _SegmentCache:
         self.codes = np.empty(0, dtype=np.uintp)
         self.ids = np.empty(0, dtype=np.uintp)
         self.vectors = np.empty(0, dtype=np.uintp)
+        self.tags = np.empty(0, dtype=np.uintp)
         self.length = np.empty(0, dtype=np.int64)
 
     def carry(self, old: "_SegmentCache", changed: np.ndarray) -> None:
@@ -468,7 +479,7 @@ class _SegmentCache:
         self.first[changed] = -1
         self.count[changed] = 0
         self.codes, self.ids, self.length = old.codes, old.ids, old.length
-        self.vectors = old.vectors
+        self.vectors, self.tags = old.vectors, old.tags
         self.pins = old.pins + self.pins
 
     def garbage(self) -> float:
@@ -478,12 +489,13 @@ class _SegmentCache:
     def has(self, cells):
         return self.first[cells] >= 0
 
-    def add(self, cells, per_cell, ids_addr, codes_addr, n, vecs_addr):
+    def add(self, cells, per_cell, ids_addr, codes_addr, n, vecs_addr, tags_addr):
         """Segments of ascending cells, per_cell[j] of them for cells[j], consecutive."""
         base = len(self.codes)
         self.codes = np.concatenate([self.codes, codes_addr])
         self.ids = np.concatenate([self.ids, ids_addr])
         self.vectors = np.concatenate([self.vectors, vecs_addr])
+        self.tags = np.concatenate([self.tags, tags_addr])
         self.length = np.concatenate([self.length, n])
         starts = np.zeros(len(cells), dtype=np.int64)
         np.cumsum(per_cell[:-1], out=starts[1:])
@@ -496,4 +508,4 @@ class _SegmentCache:
         seg = np.repeat(self.first[cells], counts) + (
             np.arange(start[-1]) - np.repeat(start[:-1], counts))
         return Segments(cells, start, self.codes[seg], self.ids[seg], self.length[seg],
-                        self.vectors[seg])
+                        self.vectors[seg], self.tags[seg])

@@ -34,10 +34,10 @@ def _with_sorted(s: np.ndarray, ids: np.ndarray) -> np.ndarray:
 class _Tier:
     """Entries sorted by cell (stably), with the ranges of the distinct cells."""
 
-    __slots__ = ("cells", "ids", "codes", "ucells", "ustart", "_sids")
+    __slots__ = ("cells", "ids", "codes", "tags", "ucells", "ustart", "_sids")
 
-    def __init__(self, cells, ids, codes, sids=None):
-        self.cells, self.ids, self.codes = cells, ids, codes
+    def __init__(self, cells, ids, codes, tags, sids=None):
+        self.cells, self.ids, self.codes, self.tags = cells, ids, codes, tags
         self.ustart = cell_runs(cells)
         self.ucells = cells[self.ustart[:-1]]
         self._sids = sids
@@ -55,7 +55,7 @@ class _Tier:
     def __len__(self) -> int:
         return len(self.cells)
 
-    def inserted(self, cells, ids, codes, sids=None) -> "_Tier":
+    def inserted(self, cells, ids, codes, tags, sids=None) -> "_Tier":
         """A tier with these entries (sorted by cell) after this tier's entries of their
         cells (``sids``: the new tier's sorted ids, when known)."""
         if not len(cells):
@@ -64,12 +64,13 @@ class _Tier:
         if sids is None and self._sids is not None:
             sids = _with_sorted(self._sids, ids)
         return _Tier(np.insert(self.cells, at, cells), np.insert(self.ids, at, ids),
-                     np.insert(self.codes, at, codes, axis=0), sids)
+                     np.insert(self.codes, at, codes, axis=0), np.insert(self.tags, at, tags),
+                     sids)
 
     def below_dropped(self, cell: int) -> "_Tier":
         start = int(np.searchsorted(self.cells, cell, side="left"))
         return self if not start else _Tier(self.cells[start:], self.ids[start:],
-                                            self.codes[start:])
+                                            self.codes[start:], self.tags[start:])
 
     def add_counts(self, sizes: np.ndarray) -> np.ndarray:
         if not len(self.cells):
@@ -111,7 +112,8 @@ class StageView:
         progress): ``tiers`` leaves them out, ``all_tiers`` keeps them (their ids may have
         no id-table row yet).
     tiers, all_tiers : tuple of (base, recent)
-        Each with ``cells``, ``ids`` (n,) int64, ``codes`` (n, M), sorted by cell; the
+        Each with ``cells``, ``ids`` (n,) int64, ``codes`` (n, M), ``tags`` (n,) uint64
+        (zero in an index without tags), sorted by cell; the
         distinct cells ``ucells`` and their ranges ``ustart``. A cell's entries in base come
         before (are older than) its entries in recent.
     """
@@ -132,7 +134,8 @@ class StageView:
     @classmethod
     def empty(cls, key, width: int, dtype) -> "StageView":
         tier = _Tier(np.empty(0, np.int64), np.empty(0, np.int64),
-                     np.empty((0, width), dtype=dtype), np.empty(0, np.int64))
+                     np.empty((0, width), dtype=dtype), np.empty(0, np.uint64),
+                     np.empty(0, np.int64))
         return cls(key, key[1], 0, tier, tier)
 
     @property
@@ -144,6 +147,7 @@ class StageView:
             order = np.argsort(rc, kind="stable")
             recent = recent.inserted(rc[order], np.concatenate([r[1] for r in pend])[order],
                                      np.concatenate([r[2] for r in pend])[order],
+                                     np.concatenate([r[3] for r in pend])[order],
                                      self._rsids)
             self._r = (recent, ())
         return recent
@@ -166,7 +170,8 @@ class StageView:
         return sum(len(t) for t in self.tiers)
 
     def extended(self, next_seq: int, records) -> "StageView":
-        """This view with ``records`` (list of (cells, ids, codes), in record order) added."""
+        """This view with ``records`` (list of (cells, ids, codes, tags), in record order)
+        added."""
         recent, pend = self._r
         if not records:
             return StageView(self.key, next_seq, self.merged_below, self.base, recent, pend,
@@ -182,9 +187,11 @@ class StageView:
         recent = self.recent
         if not len(recent):
             return self
-        empty = _Tier(recent.cells[:0], recent.ids[:0], recent.codes[:0], recent.ids[:0])
+        empty = _Tier(recent.cells[:0], recent.ids[:0], recent.codes[:0], recent.tags[:0],
+                      recent.ids[:0])
         return StageView(self.key, self.next_seq, self.merged_below,
-                         self.base.inserted(recent.cells, recent.ids, recent.codes), empty)
+                         self.base.inserted(recent.cells, recent.ids, recent.codes,
+                                            recent.tags), empty)
 
     def folded(self, merged_below: int) -> "StageView":
         """This view as a frozen part: one tier (``all_tiers[0]`` holds every entry) and
@@ -241,11 +248,13 @@ class Stage:
 
     def find(self, ids: np.ndarray):
         """Where staged ids (n,) int64 are: (part (n,) int8: 0 not staged, 1 frozen, 2
-        active; cell (n,) int64; codes (n, M)), from the parts' full tiers."""
+        active; cell (n,) int64; codes (n, M); tags (n,) uint64), from the parts' full
+        tiers."""
         part = np.zeros(len(ids), dtype=np.int8)
         base0 = self.active.all_tiers[0]
         cells = np.full(len(ids), -1, dtype=np.int64)
         codes = np.zeros((len(ids), base0.codes.shape[1]), dtype=base0.codes.dtype)
+        tags = np.zeros(len(ids), dtype=np.uint64)
         for p, view in ((1, self.frozen), (2, self.active)):
             for tier in view.all_tiers:
                 want = tier.holds(ids) & (part == 0)
@@ -256,4 +265,5 @@ class Stage:
                 for j in np.flatnonzero(want).tolist():
                     r = at[int(ids[j])]
                     part[j], cells[j], codes[j] = p, tier.cells[r], tier.codes[r]
-        return part, cells, codes
+                    tags[j] = tier.tags[r]
+        return part, cells, codes, tags

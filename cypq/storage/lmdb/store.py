@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..base import Storage, check_vectors, vector_spec
+from ..base import Storage, check_tags, check_vectors, vector_spec
 from . import env as E
 from .bulk import LMDBBulkWriter
 from .reader import ReadPath
@@ -43,6 +43,7 @@ class LMDBStorage(Storage):
         self.block_capacity, self.stage_capacity = env.block_capacity, env.stage_capacity
         self.features = env.features
         self.vector_width, self.vector_dtype = env.vector_width, env.vector_dtype
+        self.keeps_tags = env.keeps_tags
         self._closed = False
         try:
             self._reader = ReadPath(env)
@@ -174,6 +175,13 @@ class LMDBStorage(Storage):
         return self._reader.lookup(np.asarray(ids, dtype=np.int64))[:3]
 
     @_reports_damage
+    def tags(self, ids):
+        if not self.keeps_tags:
+            return super().tags(ids)
+        out = self._reader.lookup(np.asarray(ids, dtype=np.int64))
+        return out[0], out[4]
+
+    @_reports_damage
     def stats(self) -> dict:
         size = os.path.getsize(os.path.join(self._env.real, "data.mdb"))
         with self._env.read() as txn:
@@ -183,9 +191,17 @@ class LMDBStorage(Storage):
 
     # ------------------------------------------------------------------ writing
     @_reports_damage
-    def add(self, cells, ids, codes, replace=False, vectors=None):
+    def add(self, cells, ids, codes, replace=False, vectors=None, tags=None):
         vectors = check_vectors(self, vectors, len(cells))
-        return self._writer.add(cells, ids, codes, replace, vectors)
+        tags = check_tags(self, tags, len(cells))
+        return self._writer.add(cells, ids, codes, replace, vectors, tags)
+
+    @_reports_damage
+    def set_tags(self, ids, tags):
+        if not self.keeps_tags:
+            return super().set_tags(ids, tags)
+        ids = np.asarray(ids, dtype=np.int64)
+        return self._writer.set_tags(ids, check_tags(self, tags, len(ids)))
 
     @_reports_damage
     def remove(self, ids):

@@ -71,7 +71,8 @@ def verify(env: Env) -> list:
                     out.add("block numbering", f"{where}: expected block {expect_block}")
                 expect_block = b + 1
                 try:
-                    ids = L.decode_entries(value, 1, width, dtype, where, env.vectors)[0]
+                    ids = L.decode_entries(value, env.block_columns, width, dtype, where,
+                                           env.vectors)[0]
                 except IndexCorruptError as e:
                     out.add("block value", str(e))
                     continue
@@ -99,8 +100,8 @@ def verify(env: Env) -> list:
                                 f"{seq_expect}")
                     seq_expect = seq + 1
                     try:
-                        cells, ids, _ = L.decode_entries(value, 2, width, dtype,
-                                                         f"stage[{seq}]")
+                        cells, ids = L.decode_entries(value, env.stage_columns, width, dtype,
+                                                      f"stage[{seq}]")[:2]
                     except IndexCorruptError as e:
                         out.add("stage value", str(e))
                         continue

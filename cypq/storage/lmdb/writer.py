@@ -95,10 +95,13 @@ class WritePath:
         self._credit = 0    # merge work this process's adds have earned and not yet done
 
     # ------------------------------------------------------------------ add
-    def add(self, cells, ids, codes, replace: bool = False, vectors=None) -> np.ndarray:
+    def add(self, cells, ids, codes, replace: bool = False, vectors=None,
+            tags=None) -> np.ndarray:
         env = self.env
         cells = np.asarray(cells, dtype=np.int64)
         codes = np.ascontiguousarray(codes, dtype=env.code_dtype)
+        if env.keeps_tags and tags is None:
+            tags = np.zeros(len(cells), np.uint64)
 
         def body(txn):
             nonlocal ids
@@ -118,7 +121,8 @@ class WritePath:
                 st = env.stage_meta(txn)
             touched = [self._remove_in(txn, present)] if len(present) else []
             if env.stage_capacity and len(ids):
-                txn.put(L.u64(st.nxt), L.encode_entries((cells, ids), codes, env.code_dtype),
+                cols = (cells, ids, tags) if env.keeps_tags else (cells, ids)
+                txn.put(L.u64(st.nxt), L.encode_entries(cols, codes, env.code_dtype),
                         db=env.db["stage"])
                 if vectors is not None:  # staged vectors by id, until the merge
                     with txn.cursor(db=env.db["vectors"]) as cur:
@@ -128,7 +132,7 @@ class WritePath:
                     st = _frozen(st)
                 env.put_stage(txn, st)
             else:
-                touched.append(self._add_in(txn, cells, ids, codes, True, vectors))
+                touched.append(self._add_in(txn, cells, ids, codes, True, vectors, tags))
             env.bump(txn, np.concatenate(touched) if touched else np.empty(0, np.int64),
                      len(ids) - len(present), int(ids.max()) + 1 if len(ids) else 0)
             return ids, st, step
@@ -162,16 +166,18 @@ class WritePath:
             except _MergeFirst:
                 self.merge()
 
-    def _add_in(self, txn, cells, ids, codes, id_rows: bool, vectors=None) -> np.ndarray:
+    def _add_in(self, txn, cells, ids, codes, id_rows: bool, vectors=None,
+                tags=None) -> np.ndarray:
         """Entries into their cells' blocks, in one NumPy pass: each cell's last, partly
         filled block is read and laid out again with the new entries after its own, the
-        rest go to new blocks; with ``id_rows``, their id-table rows. ``vectors``: the
-        entries' (in an index that keeps them). Returns the touched cells."""
+        rest go to new blocks; with ``id_rows``, their id-table rows. ``vectors``,
+        ``tags``: the entries' (in an index that keeps them). Returns the touched cells."""
         env = self.env
         B = env.block_capacity
         order = np.argsort(cells, kind="stable")
         cells, ids, codes = cells[order], ids[order], codes[order]
         vectors = L.little(vectors[order]) if env.vectors else None
+        tags = np.ascontiguousarray(tags[order], dtype="<u8") if env.keeps_tags else None
         runs = L.cell_runs(cells)
         ucells, added = cells[runs[:-1]], np.diff(runs)
         sizes = CellSizes(env, txn)
@@ -181,9 +187,10 @@ class WritePath:
         p_cells, p_block = ucells[part], nb[part] - 1
         values = list(map(partial(txn.get, db=env.db["blocks"]),
                           L.block_keys(p_cells, p_block)))
-        o_ids, o_codes, o_vecs = L.entry_addresses(
+        o_ids, o_tags, o_codes, o_vecs = L.entry_addresses(
             values, old[part] - p_block * B, env.code_bytes,
-            lambda j: f"blocks[cell {p_cells[j]}, block {p_block[j]}]", env.vector_bytes)
+            lambda j: f"blocks[cell {p_cells[j]}, block {p_block[j]}]", env.vector_bytes,
+            env.block_columns)
         n_old = len(o_ids)
         # a cell's old entries first (the concatenation is stably sorted by cell)
         all_cells = np.concatenate([np.repeat(p_cells, old[part] - p_block * B), cells])
@@ -195,7 +202,8 @@ class WritePath:
             all_cells, np.concatenate([o_ids, L.row_addresses(ids)])[keep],
             np.concatenate([o_codes, L.row_addresses(codes)])[keep], env.code_bytes, B,
             first, np.concatenate([o_vecs, L.row_addresses(vectors)])[keep]
-            if env.vectors else None, env.vector_bytes)
+            if env.vectors else None, env.vector_bytes,
+            np.concatenate([o_tags, L.row_addresses(tags)])[keep] if env.keeps_tags else None)
         with txn.cursor(db=env.db["blocks"]) as cur:
             cur.putmulti(items)
         del values  # the old values' bytes were copied by pack_entries
@@ -264,8 +272,8 @@ class WritePath:
             below = env.n_cells if b == len(frozen) else int(frozen.cells[b - 1]) + 1
             touched = self._add_in(txn, frozen.cells[a:b], frozen.ids[a:b],
                                    frozen.codes[a:b], False,
-                                   self._take_vectors(txn, frozen.ids[a:b])) if b > a \
-                else np.empty(0, np.int64)
+                                   self._take_vectors(txn, frozen.ids[a:b]),
+                                   frozen.tags[a:b]) if b > a else np.empty(0, np.int64)
             env.put_stage(txn, st._replace(below=below, n_frozen=st.n_frozen - (b - a)))
             env.bump(txn, touched)
             return b - a, b - a
@@ -343,34 +351,29 @@ class WritePath:
                 raise IndexCorruptError(f"ids[{i}] points at block {b} of cell {c}, which has "
                                         f"{nb} blocks")
             last = nb - 1
-            blk_ids, blk_codes, blk_vecs = read_block(env, txn, c, b)
-            pos = np.flatnonzero(blk_ids == i)
+            blk = read_block(env, txn, c, b)
+            pos = np.flatnonzero(blk.ids == i)
             if not len(pos):
                 raise IndexCorruptError(f"ids[{i}] points at block ({c}, {b}), which does not "
                                         "hold it")
             pos = int(pos[0])
             if b == last:
-                blk_ids = np.delete(blk_ids, pos)
-                blk_codes = np.delete(blk_codes, pos, axis=0)
-                blk_vecs = None if blk_vecs is None else np.delete(blk_vecs, pos, axis=0)
+                blk = blk.pick(np.arange(len(blk)) != pos)
             else:
-                t_ids, t_codes, t_vecs = read_block(env, txn, c, last)
-                moved = int(t_ids[-1])
-                blk_ids[pos], blk_codes[pos] = moved, t_codes[-1]
-                if blk_vecs is not None:
-                    blk_vecs[pos] = t_vecs[-1]
+                tail = read_block(env, txn, c, last)
+                moved = int(tail.ids[-1])
+                blk.ids[pos], blk.tags[pos], blk.codes[pos] = moved, tail.tags[-1], \
+                    tail.codes[-1]
+                if blk.vectors is not None:
+                    blk.vectors[pos] = tail.vectors[-1]
                 txn.put(L.u64(moved), L.id_value(c, b), db=ids_db)
-                if len(t_ids) > 1:
-                    txn.put(L.block_key(c, last),
-                            L.encode_entries((t_ids[:-1],), t_codes[:-1], env.code_dtype,
-                                             None if t_vecs is None else t_vecs[:-1]),
+                if len(tail) > 1:
+                    txn.put(L.block_key(c, last), tail.pick(slice(0, -1)).value(env),
                             db=blocks_db)
                 else:
                     txn.delete(L.block_key(c, last), db=blocks_db)
-            if len(blk_ids):
-                txn.put(L.block_key(c, b), L.encode_entries((blk_ids,), blk_codes,
-                                                            env.code_dtype, blk_vecs),
-                        db=blocks_db)
+            if len(blk):
+                txn.put(L.block_key(c, b), blk.value(env), db=blocks_db)
             else:  # only the last block can empty: drop it
                 txn.delete(L.block_key(c, b), db=blocks_db)
             txn.delete(L.u64(i), db=ids_db)
@@ -378,6 +381,39 @@ class WritePath:
             touched.add(c)
         sizes.flush()
         return np.fromiter(touched, dtype=np.int64, count=len(touched))
+
+    # ------------------------------------------------------------------ tags
+    def set_tags(self, ids: np.ndarray, tags: np.ndarray) -> int:
+        """Replace the tag sets of the present ids (one transaction; the stage is merged
+        first when any is staged: its records are never rewritten). Returns how many."""
+        env = self.env
+        ids, first = np.unique(np.asarray(ids, dtype=np.int64), return_index=True)
+        tags = np.asarray(tags, dtype=np.uint64)[first]
+
+        def body(txn):
+            present = self._present(txn, ids)
+            with self.reader._lock:
+                stage = self.reader.refresh(txn).stage
+            if stage.holds(ids[present]).any():
+                raise _MergeFirst
+            ids_db, blocks_db = env.db["ids"], env.db["blocks"]
+            where = {}   # (cell, block) -> [(id, tags)]
+            for i, t in zip(ids[present].tolist(), tags[present].tolist()):
+                where.setdefault(L.id_location(txn.get(L.u64(i), db=ids_db), i), []).append(
+                    (i, t))
+            for (c, b), changes in sorted(where.items()):
+                blk = read_block(env, txn, c, b)
+                for i, t in changes:
+                    pos = np.flatnonzero(blk.ids == i)
+                    if not len(pos):
+                        raise IndexCorruptError(f"ids[{i}] points at block ({c}, {b}), "
+                                                "which does not hold it")
+                    blk.tags[pos[0]] = t
+                txn.put(L.block_key(c, b), blk.value(env), db=blocks_db)
+            touched = np.fromiter((c for c, _ in where), dtype=np.int64, count=len(where))
+            env.bump(txn, np.unique(touched))
+            return int(present.sum())
+        return self._write_merging(body)
 
 
 def _frozen(st: StageState) -> StageState:

@@ -1,0 +1,116 @@
+"""Pieces of the index that are not its methods: what a new index's storage is created with,
+reading the model back, argument checks."""
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import numpy as np
+
+from ._runs import ranges
+from .filters import check_tag_names
+from .lopq import LOPQModel
+from .pq import NotFittedError
+from .stored_vectors import vector_dtype
+from .storage.base import TAGS, IndexCorruptError, Storage
+
+
+def storage_args(model: LOPQModel, features, vectors: Optional[str], tags) -> dict:
+    """The ``meta``, ``features`` and ``vectors`` a new index's storage is created with: the
+    model, the code layout's features, the ``vectors`` kind, and ``tags`` (None / False:
+    none; True: unnamed; a list of up to 64 names, bit j named by the j-th)."""
+    _require_trained(model)
+    meta = {"model": model.to_proto_bytes()}
+    features = set(features)
+    if tags is not None and tags is not False:
+        features.add(TAGS)
+        if tags is not True:
+            if isinstance(tags, (str, bytes)):
+                raise TypeError("tags must be True or a list of tag names, not one string")
+            meta["tag_names"] = json.dumps(check_tag_names(tags)).encode()
+    return {"meta": meta, "features": features, "vectors": _vector_spec(model, vectors)}
+
+
+def tag_names(storage: Storage) -> list[str]:
+    """The bit names an index was created with ([] when its tags are unnamed or absent)."""
+    raw = storage.meta("tag_names")
+    if raw is None:
+        return []
+    try:
+        return check_tag_names(json.loads(bytes(raw).decode()))
+    except (ValueError, TypeError, UnicodeDecodeError) as e:
+        raise IndexCorruptError(f"meta[tag_names] does not parse as a list of names: {e}") \
+            from None
+
+
+def copy_entries(src: Storage, writer, state: bytes, step: int) -> None:
+    """Every entry of ``src`` (codes, and vectors and tags where it keeps them), from one
+    snapshot, appended to a bulk ``writer`` about ``step`` entries at a time."""
+    with src.snapshot() as snap:
+        lo = 0
+        for hi in ranges(np.cumsum(snap.cell_sizes()), step):
+            cells, ids, codes, *rest = snap.entries(lo, hi, vectors=True, tags=True)
+            vectors = rest.pop(0) if src.vector_width else None
+            tags = rest.pop(0) if src.keeps_tags else None
+            if len(cells):
+                writer.append(cells, ids, codes, state, vectors, tags)
+            lo = hi
+
+
+def as_tags(tags, n: int) -> np.ndarray:
+    """uint64 (n,) tag sets of an add, checked."""
+    arr = np.asarray(tags)
+    if arr.ndim == 0:
+        arr = arr[None]
+    if arr.shape != (n,) or arr.dtype.kind not in "ui" or (
+            arr.dtype.kind == "i" and arr.size and arr.min() < 0):
+        raise ValueError(f"tags must be {n} uint64 bit sets (one per entry), got "
+                         f"{arr.dtype} of shape {arr.shape}")
+    return arr.astype(np.uint64)
+
+
+def _vector_spec(model: LOPQModel, kind: Optional[str]):
+    """The storage's vectors option for the index's ``vectors`` kind (None: none)."""
+    dtype = vector_dtype(kind)
+    return None if dtype is None else (model.D, dtype)
+
+
+def _stored_model(storage: Storage, path: str) -> LOPQModel:
+    """The model inside an index (checked against its codes by Index's constructor)."""
+    data = storage.meta("model")
+    if data is None:
+        raise IndexCorruptError(f"{path} holds no model (meta[model] is missing)")
+    model = LOPQModel.from_proto_bytes(data, f"the model inside {path}")
+    _require_trained(model)
+    return model
+
+
+def _legacy_n_cells(meta) -> int:
+    """Cells of an index written by cypq 0.1 (format 1 or 2): V * V of its model."""
+    data = meta("model")
+    if data is None:
+        raise IndexCorruptError("the index holds no model (meta[model] is missing)")
+    return LOPQModel.from_proto_bytes(bytes(data), "the model inside the index").V ** 2
+
+
+def _require_trained(model) -> None:
+    if not isinstance(model, LOPQModel):
+        raise TypeError(f"expected a cypq.LOPQModel, got {type(model).__name__}")
+    if not model.is_trained:
+        raise NotFittedError("the model is not fully trained: call model.fit() first")
+
+
+def _as_ids(ids, n: Optional[int], unique: bool = True) -> np.ndarray:
+    arr = np.asarray(ids)
+    if arr.ndim == 0:
+        arr = arr[None]
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"ids must be integers, got dtype {arr.dtype}")
+    if arr.ndim != 1 or (n is not None and arr.shape[0] != n):
+        raise ValueError(f"ids must have shape ({n if n is not None else 'N'},), got {arr.shape}")
+    arr = arr.astype(np.int64)
+    if arr.size and arr.min() < 0:
+        raise ValueError("ids must be non-negative (-1 marks a missing result)")
+    if unique and len(np.unique(arr)) != len(arr):
+        raise ValueError("ids must be unique within one call")
+    return arr
