@@ -39,10 +39,15 @@ _controller = None
 
 
 @contextmanager
-def single_threaded_blas():
-    """Keep BLAS on one thread while an OpenMP kernel calls it from its own threads."""
+def blas_threads(n: int):
+    """Hold BLAS to n threads (a call's own thread count, for the matrix products it makes)."""
     global _controller
     if _controller is None:  # finding the BLAS libraries is slow: do it once
         _controller = ThreadpoolController()
-    with _controller.limit(limits=1, user_api="blas"):
+    with _controller.limit(limits=n, user_api="blas"):
         yield
+
+
+def single_threaded_blas():
+    """Keep BLAS on one thread while an OpenMP kernel calls it from its own threads."""
+    return blas_threads(1)

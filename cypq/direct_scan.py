@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _quantize, _search
+from ._threads import blas_threads
 
 # Queries scored per matrix product (bounds the (queries, entries) score block).
 _ROWS = 256
@@ -21,7 +22,15 @@ _ROWS = 256
 def passing_entries(snap, sizes: np.ndarray, filt, mask: np.ndarray, code_bytes: int
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids (n,) int64, cells (n,) int64, stored codes (n, code_bytes) uint8) of every entry
-    of the snapshot that passes ``filt`` with the tag masks ``mask`` (3,) uint64."""
+    of the snapshot that passes ``filt`` with the tag masks ``mask`` (3,) uint64: an id
+    list's entries looked up by id, else every stored entry checked in one pass."""
+    if filt.id_mode == 1:
+        found, cells, codes, tags = snap.lookup(filt.id_set)
+        a, al, no = (np.uint64(m) for m in mask)
+        keep = found & ((tags & a) != 0 if a else True) & ((tags & al) == al) & \
+            ((tags & no) == 0)
+        raw = np.ascontiguousarray(codes[keep]).view(np.uint8).reshape(int(keep.sum()), -1)
+        return filt.id_set[keep], cells[keep], raw
     cells = np.flatnonzero(sizes).astype(np.int64)
     seg = snap.segments(cells)
     total = int(seg.length.sum())
@@ -46,11 +55,16 @@ def reconstructions(view, cells: np.ndarray, fine: np.ndarray, n_threads: int) -
     return view.project(sub, coarse, n_threads, inverse=True)
 
 
-def top_k(Q: np.ndarray, X: np.ndarray, ids: np.ndarray, k: int, ip: bool
+def top_k(Q: np.ndarray, X: np.ndarray, ids: np.ndarray, k: int, ip: bool, n_threads: int
           ) -> tuple[np.ndarray, np.ndarray]:
     """The k best of entries X (n, d) with ids (n,) for queries Q (nq, d), as the scan ranks
     them: ascending squared distance (``ip``: minus the inner product), ties by id; inf / -1
-    padding. Returns D (nq, k) float32, I (nq, k) int64."""
+    padding; BLAS on n_threads. Returns D (nq, k) float32, I (nq, k) int64."""
+    with blas_threads(n_threads):
+        return _top_k(Q, X, ids, k, ip)
+
+
+def _top_k(Q, X, ids, k, ip):
     nq, n = len(Q), len(X)
     D = np.full((nq, k), np.inf, dtype=np.float32)
     I = np.full((nq, k), -1, dtype=np.int64)

@@ -40,6 +40,24 @@ class Filter:
     plan: str = "auto"
 
 
+def pass_rates(filt: Filter, counts: Optional[np.ndarray], total: int) -> np.ndarray:
+    """(nq,) expected share of the entries that pass, per query: from the per-bit tag counts
+    (64,) of ``total`` entries, taking bits as independent, times the id list's share."""
+    nq = 1 if filt.masks is None else len(filt.masks)
+    rate = np.ones(nq)
+    if filt.masks is not None and counts is not None and total > 0:
+        p = np.clip(np.asarray(counts, dtype=np.float64) / total, 0.0, 1.0)
+        bits = np.unpackbits(filt.masks.astype("<u8").view(np.uint8).reshape(nq, 3, 8),
+                             axis=2, bitorder="little").astype(bool)     # (nq, 3, 64)
+        any_ = np.where(bits[:, 0].any(1), 1 - np.prod(np.where(bits[:, 0], 1 - p, 1), 1), 1)
+        rate = any_ * np.prod(np.where(bits[:, 1], p, 1), 1) * \
+            np.prod(np.where(bits[:, 2], 1 - p, 1), 1)
+    if filt.id_mode and total > 0:
+        share = min(1.0, len(filt.id_set) / total)
+        rate = rate * (share if filt.id_mode == 1 else 1 - share)
+    return rate
+
+
 def check_tag_names(names: Sequence[str]) -> list[str]:
     """Bit names of an index (bit j is names[j]): at most 64 distinct non-empty strings."""
     names = [str(n) for n in names]

@@ -11,14 +11,19 @@ import numpy as np
 
 from . import _lopq, _search
 from .direct_scan import passing_entries, reconstructions, top_k
+from .filters import pass_rates
 from .storage.base import Storage
 
 # Queries per kernel call: bounds the (batch, quota) cell lists kept in memory.
 _BATCH = 256
-# The planner's rule (plan 'auto'): score the passing entries directly when there are at
-# most this many times the quota of them (known for an id list, else estimated from the pass
-# rate the first walk measured); with no quota, when they are at most 1/8 of the entries.
-DIRECT_FACTOR = 4
+# The planner's cost model (plan 'auto'), in nanoseconds on one core, measured on REALSIFT1M
+# (V=1024, M=16): a walk costs WALK_NS per entry its cells hold (tables and scan); the direct
+# plan GEMM_NS per multiply-add of the queries' distances to the passing entries, and per
+# call SELECT_NS per stored entry (finding the passing ones) plus reconstructing them
+# (about D * D / 2 multiply-adds each).
+WALK_NS = 100.0
+GEMM_NS = 0.25
+SELECT_NS = 3.0
 # Up to this many possible values, _distinct finds the distinct ones through a table over all
 # of them (cells; (query, centroid) pairs of a batch).
 _DENSE_CELLS = 1 << 22
@@ -82,12 +87,13 @@ def search(model, storage: Storage, Q: np.ndarray, k: int, quota: int, w: int | 
     out = None if rerank is None else (np.empty((nq, rerank.k), np.float32),
                                        np.empty((nq, rerank.k), np.int64))
     run = _Run(view, Q, k, w, n_threads, packed, rerank, D, I, stats, out)
+    counts = storage.tag_counts() if filt is not None and filt.masks is not None else None
     with storage.snapshot() as snap:
         run.snap, run.sizes = snap, snap.cell_sizes()
         if filt is None:
             run.walk(np.arange(nq), quota)
         else:
-            filtered(run, quota, filt, unpack)
+            filtered(run, quota, filt, unpack, counts)
     return (D, I, stats) if out is None else (*out, stats)
 
 
@@ -179,26 +185,28 @@ def _search_batch(run: _Run, r: np.ndarray, quota, cap, filt, need):
     return None if filt is None else passed
 
 
-def filtered(run: _Run, quota: int, filt, unpack) -> None:
+def filtered(run: _Run, quota: int, filt, unpack, counts=None) -> None:
     """A filtered search of every query of ``run`` (quota: passing entries to gather).
 
     Walk plan: cells in multi-sequence order, only passing entries are candidates, and a
     query stops after the cell in which ``quota`` of them passed, so a selective filter
     visits more cells instead of returning fewer results. The walk lists cells up to a
-    quota of all entries of ``quota`` / the expected pass rate (the id list's share, else
-    1); queries whose listed cells held too few passing entries walk again with the rate
-    the round measured (at least twice as far), until they have enough or every cell was
-    listed. Direct plan (:mod:`cypq.direct_scan`): every passing entry scored exactly. Plan
-    'auto' picks direct when the passing entries are few (:data:`DIRECT_FACTOR`).
+    quota of all entries of ``quota`` / the expected pass rate (:func:`pass_rates`: from
+    the index's per-bit tag ``counts`` and the id list's share, at most the highest of the
+    batch's queries); queries whose listed cells held too few passing entries walk again
+    with the rate the round measured (at least twice as far), until they have enough or
+    every cell was listed. Direct plan (:mod:`cypq.direct_scan`): every passing entry
+    scored exactly. Plan 'auto' picks the cheaper by :func:`_direct_is_cheaper`, from the
+    expected pass rate, and again from the rate the first walk measured.
     """
     nq, total = len(run.Q), int(run.sizes.sum())
-    budget = DIRECT_FACTOR * quota if quota > 0 else total // 8
     rows = np.arange(nq)
-    n_ids = 0 if filt.id_set is None else len(filt.id_set)
-    if filt.plan == "direct" or (filt.plan == "auto" and filt.id_mode == 1
-                                 and n_ids <= budget):
+    rate = float(pass_rates(filt, counts, total).max())
+    if filt.id_mode == 1:   # at most the list's length pass
+        rate = min(rate, len(filt.id_set) / max(total, 1))
+    if filt.plan == "direct" or (filt.plan == "auto" and _direct_is_cheaper(
+            run, quota, rate, total, nq)):
         return _direct(run, rows, filt, unpack)
-    rate = 1.0 if filt.id_mode != 1 else min(1.0, n_ids / max(total, 1))
     walk = _walk_quota(quota, rate, total)
     while len(rows):
         passed = run.walk(rows, walk, filt, max(quota, 0))
@@ -212,12 +220,24 @@ def filtered(run: _Run, quota: int, filt, unpack) -> None:
         rows = rows[short]
         if not len(rows):
             return
-        if filt.plan == "auto" and rate * total <= budget:
+        if filt.plan == "auto" and _direct_is_cheaper(run, quota, rate, total, len(rows)):
             return _direct(run, rows, filt, unpack)
         nxt = _walk_quota(quota, rate, total)
         walk = 0 if nxt <= 0 else max(2 * walk, nxt)
         if walk >= total:
             walk = 0
+
+
+def _direct_is_cheaper(run: _Run, quota: int, rate: float, total: int, nq: int) -> bool:
+    """Whether scoring the passing entries (``rate`` of ``total``) directly is expected to
+    cost less than walking cells until ``quota`` of them passed, for nq queries (see
+    :data:`WALK_NS`)."""
+    dim = 2 * run.view.Cs[0].shape[1]
+    passing = rate * total
+    walk = min(quota / max(rate, 1e-12) if quota > 0 else total, total) * WALK_NS
+    direct = passing * dim * GEMM_NS + (total * SELECT_NS
+                                        + passing * dim * dim / 2 * GEMM_NS) / max(nq, 1)
+    return direct < walk
 
 
 def _walk_quota(quota: int, rate: float, total: int) -> int:
@@ -241,7 +261,7 @@ def _direct(run: _Run, rows: np.ndarray, filt, unpack) -> None:
         ids, cells, raw = passing_entries(run.snap, run.sizes, filt, uniq[u], width)
         stored = raw if run.packed else raw.view(view.code_dtype)
         X = reconstructions(view, cells, unpack(stored), run.n_threads)
-        D, I = top_k(run.Q[r], X, ids, run.D.shape[1], view.Cmu is not None)
+        D, I = top_k(run.Q[r], X, ids, run.D.shape[1], view.Cmu is not None, run.n_threads)
         run.D[r], run.I[r] = D, I
         stats.cells[r], stats.visited[r], stats.scanned[r] = 0, 0, len(ids)
         if run.rerank is not None:   # every vector read by id (no addresses: W = 0)

@@ -3,7 +3,7 @@
 faiss IVF1024,PQ16 searched with an IDSelector and LanceDB IVF_PQ with a pre-filter.
 
     python tools/bench_filters.py [--data DIR] [--nq 1000] [--V 1024] [--M 16]
-        [--quotas 1000 2000 3500 7000 15000] [--nprobes 8 16 32 64 128] [--skip-faiss]
+        [--quotas 250 500 1000 2000 3500 7000] [--nprobes 8 16 32 64 128] [--skip-faiss]
         [--skip-lancedb] [--lance-nq 200] [--work DIR]
 
 cypq: an LOPQ model (V, M; 8-bit codes, the README's 16-byte setting), a bulk-built on-disk
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     p.add_argument("--nq", type=int, default=1000)
     p.add_argument("--V", type=int, default=1024)
     p.add_argument("--M", type=int, default=16)
-    p.add_argument("--quotas", type=int, nargs="+", default=[1000, 2000, 3500, 7000, 15000])
+    p.add_argument("--quotas", type=int, nargs="+", default=[250, 500, 1000, 2000, 3500, 7000])
     p.add_argument("--nprobes", type=int, nargs="+", default=[8, 16, 32, 64, 128])
     p.add_argument("--lance-nq", type=int, default=200)
     p.add_argument("--skip-faiss", action="store_true")

@@ -102,6 +102,12 @@ class Snapshot(ABC):
         of ids (n,) int64 in this snapshot's state (see :meth:`Storage.vectors`)."""
         raise ValueError("this storage keeps no vectors")
 
+    @abstractmethod
+    def lookup(self, ids: np.ndarray) -> tuple:
+        """(found (n,) bool, cells (n,) int64 (-1 if absent), codes (n, M), tags (n,)
+        uint64 (zero where absent or not kept)) of ids (n,) int64 in this snapshot's
+        state."""
+
 
 class BulkWriter(ABC):
     """Writes the entries of a storage created for a bulk load, in cell order, resumably.
@@ -214,6 +220,11 @@ class Storage(ABC):
         from the newest committed state."""
         raise ValueError("this storage keeps no tags")
 
+    def tag_counts(self) -> np.ndarray:
+        """(64,) int64: how many stored entries have each tag bit set (newest committed
+        state; what a filtered search's planner estimates pass rates from)."""
+        raise ValueError("this storage keeps no tags")
+
     def set_tags(self, ids: np.ndarray, tags: np.ndarray) -> int:
         """Replace the tag sets of the present ids (n,) int64 by tags (n,) uint64 (absent
         ids are ignored) in one write; returns how many changed hands."""
@@ -323,6 +334,15 @@ def check_tags(storage: "Storage", tags, n: int) -> Optional[np.ndarray]:
         raise ValueError(f"tags must be {n} unsigned (or non-negative) integers, one uint64 "
                          f"bit set per entry; got {arr.dtype} of shape {arr.shape}")
     return np.ascontiguousarray(arr, dtype=np.uint64)
+
+
+def bit_counts(tags) -> np.ndarray:
+    """(64,) int64: how many of the uint64 tag sets (n,) have each bit set."""
+    t = np.ascontiguousarray(tags, dtype="<u8")
+    if not len(t):
+        return np.zeros(64, np.int64)
+    return np.unpackbits(t.view(np.uint8).reshape(-1, 8), axis=1,
+                         bitorder="little").sum(0, dtype=np.int64)
 
 
 # ---------------------------------------------------------------------------- id policy

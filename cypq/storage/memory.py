@@ -6,8 +6,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from .base import (TAGS, Segments, Snapshot, Storage, check_tags, check_vectors, fresh_ids,
-                   refuse_present, vector_spec)
+from .base import (TAGS, Segments, Snapshot, Storage, bit_counts, check_tags, check_vectors,
+                   fresh_ids, refuse_present, vector_spec)
 
 
 class _Cell:
@@ -93,6 +93,7 @@ class MemoryStorage(Storage):
         self._ids_at = np.zeros(self.n_cells, dtype=np.uintp)
         self._vecs_at = np.zeros(self.n_cells, dtype=np.uintp)
         self._tags_at = np.zeros(self.n_cells, dtype=np.uintp)
+        self._tag_counts = np.zeros(64, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self._where)
@@ -142,6 +143,8 @@ class MemoryStorage(Storage):
             self._sizes[c] += len(grp)
         if len(ids):
             self._next_id = max(self._next_id, int(ids.max()) + 1)
+        if tags is not None:
+            self._tag_counts += bit_counts(tags)
         return ids
 
     def remove(self, ids):
@@ -156,6 +159,8 @@ class MemoryStorage(Storage):
                 continue
             c, pos = loc
             cell = self._cells[c]
+            if cell.tags is not None:
+                self._tag_counts -= bit_counts(cell.tags[pos:pos + 1])
             last = cell.n - 1
             if pos != last:  # move the last entry into the hole
                 cell.move(last, pos)
@@ -191,8 +196,16 @@ class MemoryStorage(Storage):
             locs = [(self._where.get(i), t) for i, t in zip(ids.tolist(), tags.tolist())]
             for loc, t in locs:
                 if loc is not None:
-                    self._cells[loc[0]].tags[loc[1]] = t
+                    cell = self._cells[loc[0]]
+                    self._tag_counts += bit_counts([t]) - bit_counts(cell.tags[loc[1]:loc[1] + 1])
+                    cell.tags[loc[1]] = t
             return sum(loc is not None for loc, _ in locs)
+
+    def tag_counts(self):
+        if not self.keeps_tags:
+            return super().tag_counts()
+        with self._lock:
+            return self._tag_counts.copy()
 
     def _lookup(self, ids):
         ids = np.asarray(ids, dtype=np.int64)
@@ -227,6 +240,13 @@ class _MemorySnapshot(Snapshot):
                         s._ids_at[cells], s._sizes[cells],
                         s._vecs_at[cells] if s.vector_width else None,
                         s._tags_at[cells] if s.keeps_tags else None)
+
+    def lookup(self, ids):
+        s = self._s
+        found, cells, codes = s._lookup(ids)
+        if not s.keeps_tags:
+            return found, cells, codes, np.zeros(len(found), np.uint64)
+        return found, cells, codes, s.tags(ids)[1]
 
     def vectors(self, ids):
         s = self._s

@@ -21,10 +21,10 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..._runs import gather, write_atomic
-from ..base import BulkWriter, check_tags, check_vectors
+from ..base import BulkWriter, bit_counts, check_tags, check_vectors
 from . import layout as L
 from .env import Env
-from .writer import CellSizes
+from .writer import CellSizes, count_tags
 
 ID_RUN = np.dtype([("id", "<i8"), ("cell", "<i8"), ("block", "<i8")])
 
@@ -74,6 +74,8 @@ class LMDBBulkWriter(BulkWriter):
                 sizes = CellSizes(env, txn)  # a chunk may straddle two appends: read it first
                 sizes.set_ascending(cells[runs[:-1]], np.diff(runs))
                 sizes.flush()
+                if env.keeps_tags:
+                    count_tags(env, txn, bit_counts(tags))
             txn.put(b"bulk", state, db=env.db["meta"])
             # Too many cells for the change log: other processes reload all sizes.
             env.bump(txn, None, len(ids))

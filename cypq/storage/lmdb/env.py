@@ -71,7 +71,7 @@ def stage_of_v3(value) -> StageState:
     epoch, nxt, below, staged = L.STAGE_META_V3.unpack(bytes(value))
     return StageState(epoch, 0, nxt, nxt, below, 0, staged, 0)
 RESERVED = {b"format", b"config", b"gen", b"count", b"next_id", b"stage", b"bulk",
-            b"bulk_done", b"bulk_ids"}
+            b"bulk_done", b"bulk_ids", b"tag_counts"}
 
 # LMDB forbids opening one environment twice in a process; indexes opened twice share it.
 _ENVS: dict[str, tuple[lmdb.Environment, int]] = {}

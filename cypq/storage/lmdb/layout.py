@@ -397,6 +397,22 @@ def legacy_size(txn, cells_db, cell: int) -> int:
     return 0 if v is None else CELLINFO.unpack(bytes(v))[0]
 
 
+# ---------------------------------------------------------------------------- tag counts
+def parse_tag_counts(value) -> np.ndarray:
+    """(64,) int64 of ``meta[tag_counts]`` (64 u64 little-endian; None: all zero)."""
+    if value is None:
+        return np.zeros(64, np.int64)
+    if len(value) != 8 * 64:
+        raise IndexCorruptError(f"meta[tag_counts]: {len(value)} bytes, expected {8 * 64}")
+    return np.frombuffer(bytes(value), dtype="<u8").astype(np.int64)
+
+
+def tag_counts_value(counts: np.ndarray) -> bytes:
+    if counts.min() < 0:
+        raise IndexCorruptError("meta[tag_counts] would go below zero: the index is damaged")
+    return np.asarray(counts, dtype="<u8").tobytes()
+
+
 # ---------------------------------------------------------------------------- vectors
 def vector_items(ids, rows: np.ndarray) -> list:
     """vectors-table items of ids (n,) int64 and their vectors rows (n, w), sorted by id: each

@@ -404,6 +404,11 @@ class _LMDBSnapshot(Snapshot):
             seg.tags = None
         return seg
 
+    def lookup(self, ids):
+        found, cells, codes, _, tags = self._r.lookup(np.asarray(ids, dtype=np.int64), False,
+                                                      self._txn, self._state)
+        return found, cells, codes, tags
+
     def vectors(self, ids):
         if not self._r.env.vectors:
             return super().vectors(ids)

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..base import Storage, check_tags, check_vectors, vector_spec
 from . import env as E
+from . import layout as L
 from .bulk import LMDBBulkWriter
 from .reader import ReadPath
 from .verify import verify
@@ -195,6 +196,13 @@ class LMDBStorage(Storage):
         vectors = check_vectors(self, vectors, len(cells))
         tags = check_tags(self, tags, len(cells))
         return self._writer.add(cells, ids, codes, replace, vectors, tags)
+
+    @_reports_damage
+    def tag_counts(self):
+        if not self.keeps_tags:
+            return super().tag_counts()
+        with self._env.read() as txn:
+            return L.parse_tag_counts(self._env.get_meta(txn, b"tag_counts"))
 
     @_reports_damage
     def set_tags(self, ids, tags):

@@ -19,7 +19,7 @@ from functools import partial
 
 import numpy as np
 
-from ..base import IndexCorruptError, fresh_ids, refuse_present
+from ..base import IndexCorruptError, bit_counts, fresh_ids, refuse_present
 from . import layout as L
 from .env import Env, StageState
 from .lookup import read_block, staged_vectors
@@ -29,6 +29,12 @@ MERGE_STEP = 1 << 13    # frozen entries (cells' blocks) or ids (id rows) per me
 MERGE_PACE = 3          # merge work per add: entries or ids merged per entry added (a merge
                         # is 2 x the frozen entries of work, done before the next stage
                         # fills); done a step at a time inside the adds' own commits
+
+
+def count_tags(env: Env, txn, delta: np.ndarray) -> None:
+    """Add delta (64,) int64 to the index's per-bit tag counts, in txn."""
+    old = L.parse_tag_counts(env.get_meta(txn, b"tag_counts"))
+    txn.put(b"tag_counts", L.tag_counts_value(old + delta), db=env.db["meta"])
 
 
 class _MergeFirst(Exception):
@@ -133,6 +139,8 @@ class WritePath:
                 env.put_stage(txn, st)
             else:
                 touched.append(self._add_in(txn, cells, ids, codes, True, vectors, tags))
+            if env.keeps_tags and len(ids):
+                count_tags(env, txn, bit_counts(tags))
             env.bump(txn, np.concatenate(touched) if touched else np.empty(0, np.int64),
                      len(ids) - len(present), int(ids.max()) + 1 if len(ids) else 0)
             return ids, st, step
@@ -343,6 +351,7 @@ class WritePath:
         blocks_db, ids_db = env.db["blocks"], env.db["ids"]
         sizes = CellSizes(env, txn)
         touched = set()
+        gone = []    # the removed entries' tags
         for i in ids.tolist():
             c, b = L.id_location(txn.get(L.u64(i), db=ids_db), i)
             count = sizes.get(c)
@@ -357,6 +366,7 @@ class WritePath:
                 raise IndexCorruptError(f"ids[{i}] points at block ({c}, {b}), which does not "
                                         "hold it")
             pos = int(pos[0])
+            gone.append(blk.tags[pos])
             if b == last:
                 blk = blk.pick(np.arange(len(blk)) != pos)
             else:
@@ -380,6 +390,8 @@ class WritePath:
             sizes.set(c, count - 1)
             touched.add(c)
         sizes.flush()
+        if env.keeps_tags and gone:
+            count_tags(env, txn, -bit_counts(gone))
         return np.fromiter(touched, dtype=np.int64, count=len(touched))
 
     # ------------------------------------------------------------------ tags
@@ -401,6 +413,7 @@ class WritePath:
             for i, t in zip(ids[present].tolist(), tags[present].tolist()):
                 where.setdefault(L.id_location(txn.get(L.u64(i), db=ids_db), i), []).append(
                     (i, t))
+            delta = np.zeros(64, np.int64)
             for (c, b), changes in sorted(where.items()):
                 blk = read_block(env, txn, c, b)
                 for i, t in changes:
@@ -408,8 +421,10 @@ class WritePath:
                     if not len(pos):
                         raise IndexCorruptError(f"ids[{i}] points at block ({c}, {b}), "
                                                 "which does not hold it")
+                    delta += bit_counts([t]) - bit_counts(blk.tags[pos[0]:pos[0] + 1])
                     blk.tags[pos[0]] = t
                 txn.put(L.block_key(c, b), blk.value(env), db=blocks_db)
+            count_tags(env, txn, delta)
             touched = np.fromiter((c for c, _ in where), dtype=np.int64, count=len(where))
             env.bump(txn, np.unique(touched))
             return int(present.sum())
