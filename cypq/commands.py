@@ -230,6 +230,7 @@ def cmd_info(args, out) -> int:
             with Index.open(args.path, readonly=True) as index:
                 st, packed, width = index.stats(), index.packed, index.storage.code_width
                 kept = index.vector_dtype
+                tags = index.storage.keeps_tags and (index.tag_names or "unnamed bits")
         except ValueError as e:
             out(f"index: {e}")
             return 0
@@ -238,6 +239,7 @@ def cmd_info(args, out) -> int:
         out("  codes: " + (f"4-bit, two per byte ({width} bytes per vector)" if packed
                            else f"{width} x {np.dtype(model.fine_code_dtype).name}"))
         out(f"  vectors: {'kept as ' + kept.name if kept is not None else 'not kept'}")
+        out(f"  tags: {', '.join(tags) if isinstance(tags, list) else tags or 'not kept'}")
         if st.get("staged") or st.get("merge_pending"):
             pending = "; a merge is under way (adds go on with it; `Index.merge()` finishes it)" \
                 if st["merge_pending"] else ""

@@ -21,8 +21,8 @@ _BATCH = 256
 # plan GEMM_NS per multiply-add of the queries' distances to the passing entries, and per
 # call SELECT_NS per stored entry (finding the passing ones) plus reconstructing them
 # (about D * D / 2 multiply-adds each).
-WALK_NS = 100.0
-GEMM_NS = 0.25
+WALK_NS = 150.0
+GEMM_NS = 0.08
 SELECT_NS = 3.0
 # Up to this many possible values, _distinct finds the distinct ones through a table over all
 # of them (cells; (query, centroid) pairs of a batch).

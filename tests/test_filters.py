@@ -145,6 +145,8 @@ def test_tags_stored_changed_and_carried(setup, kind, tmp_path):
     np.testing.assert_array_equal(index.lookup(ids[10:], with_tags=True)[3], expect[10:])
     D, I = index.search(Q, k=5, quota=0, tags_all=np.uint64(1 << 62))
     assert set(I[I >= 0].tolist()) <= set(change.tolist())
+    # the per-bit counts the planner reads follow every change
+    np.testing.assert_array_equal(index.storage.tag_counts(), _bits(expect[10:]))
     if kind == "lmdb":
         assert index.verify() == []
         copy = index.compact(tmp_path / "compact")
@@ -168,12 +170,36 @@ def test_tags_stored_changed_and_carried(setup, kind, tmp_path):
         inc.add(X, tags=tags)
         with Index.open(tmp_path / "bulk") as bulk:
             np.testing.assert_array_equal(bulk.lookup(np.arange(N), with_tags=True)[3], tags)
+            np.testing.assert_array_equal(bulk.storage.tag_counts(), _bits(tags))
             assert bulk.verify() == []
             for kw in ({"tags_any": 6}, {"tags_none": 1}):
                 np.testing.assert_array_equal(bulk.search(Q, k=6, quota=300, **kw)[1],
                                               inc.search(Q, k=6, quota=300, **kw)[1])
     else:
         index.close()
+
+
+def _bits(tags) -> np.ndarray:
+    """Reference per-bit counts of tag sets, bit by bit in Python."""
+    return np.array([sum((int(t) >> j) & 1 for t in tags) for j in range(64)])
+
+
+def test_damaged_tag_counts_are_named_by_verify(setup, tmp_path):
+    import lmdb
+    model, X, Q, tags = setup
+    with Index.create(tmp_path / "d", model, tags=True) as index:
+        index.add(X[:200], tags=tags[:200])
+        index.merge()
+        assert index.verify() == []
+    env = lmdb.open(str(tmp_path / "d"), max_dbs=16)
+    with env.begin(write=True) as txn:
+        meta = env.open_db(b"meta", txn=txn)
+        counts = np.frombuffer(txn.get(b"tag_counts", db=meta), "<u8").copy()
+        counts[63] += 1
+        txn.put(b"tag_counts", counts.tobytes(), db=meta)
+    env.close()
+    with Index.open(tmp_path / "d") as index:
+        assert any("bit 63" in p for p in index.verify())
 
 
 def test_bad_input_is_refused_and_nothing_is_lost(setup, tmp_path):

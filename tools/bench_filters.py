@@ -164,7 +164,7 @@ def bench_lancedb(args, xb, xq, gts, filters, work):
                     q = tbl.search(xq[j]).limit(K).nprobes(nprobes)
                     if where:
                         q = q.where(where, prefilter=True)
-                    ids = q.select(["id"]).to_arrow()["id"].to_numpy()
+                    ids = q.select(["id", "_distance"]).to_arrow()["id"].to_numpy()
                     out[j, :len(ids)] = ids
                 return out
             run()

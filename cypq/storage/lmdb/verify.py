@@ -7,7 +7,8 @@ table against where each id is stored, both ways (an entry in the blocks has its
 frozen one whose row the merge has not written yet; a staged entry has none, or a format 3
 row saying "staged"); the entry count and the stage's counters; in an index that keeps
 vectors (in the blocks, checked with them), one well-formed vector (length, checksum) in
-the ``vectors`` table for every staged entry and none for any other id. Problems are returned, one
+the ``vectors`` table for every staged entry and none for any other id; in an index that
+keeps tags, the per-bit tag counts against the stored tags. Problems are returned, one
 line each (at most ``LIMIT`` of a kind, then a count).
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 
 import numpy as np
 
-from ..base import IndexCorruptError
+from ..base import IndexCorruptError, bit_counts
 from . import layout as L
 from .env import Env, check_data_file
 
@@ -54,6 +55,7 @@ def verify(env: Env) -> list:
         # blocks: the entries of each cell, in order
         ids_b, cells_b, blocks_b = [], [], []
         held = np.zeros(env.n_cells, dtype=np.int64)
+        tag_bits = np.zeros(64, np.int64)    # the stored tags' bit counts
         last_cell, expect_block = -1, 0
         with txn.cursor(db=env.db["blocks"]) as cur:
             for key, value in cur:
@@ -71,8 +73,11 @@ def verify(env: Env) -> list:
                     out.add("block numbering", f"{where}: expected block {expect_block}")
                 expect_block = b + 1
                 try:
-                    ids = L.decode_entries(value, env.block_columns, width, dtype, where,
-                                           env.vectors)[0]
+                    cols = L.decode_entries(value, env.block_columns, width, dtype, where,
+                                            env.vectors)
+                    ids = cols[0]
+                    if env.keeps_tags:
+                        tag_bits += bit_counts(cols[1])
                 except IndexCorruptError as e:
                     out.add("block value", str(e))
                     continue
@@ -100,12 +105,15 @@ def verify(env: Env) -> list:
                                 f"{seq_expect}")
                     seq_expect = seq + 1
                     try:
-                        cells, ids = L.decode_entries(value, env.stage_columns, width, dtype,
-                                                      f"stage[{seq}]")[:2]
+                        cols = L.decode_entries(value, env.stage_columns, width, dtype,
+                                                f"stage[{seq}]")
+                        cells, ids = cols[:2]
                     except IndexCorruptError as e:
                         out.add("stage value", str(e))
                         continue
                     keep = cells >= st.below if seq < st.mid else np.ones(len(ids), bool)
+                    if env.keeps_tags:
+                        tag_bits += bit_counts(cols[2][keep])
                     if seq < st.mid:
                         frozen_ids.append(ids)
                         n_frozen += int(keep.sum())
@@ -132,6 +140,15 @@ def verify(env: Env) -> list:
                   (staged_ids, staged_cells), unwritten)
         if env.vectors:
             _vectors(env, txn, out, np.concatenate(staged_ids + [np.empty(0, np.int64)]))
+        if env.keeps_tags:
+            try:
+                kept = L.parse_tag_counts(env.get_meta(txn, b"tag_counts"))
+            except IndexCorruptError as e:
+                out.add("tag counts", str(e))
+            else:
+                for j in np.flatnonzero(kept != tag_bits).tolist():
+                    out.add("tag counts", f"meta[tag_counts]: bit {j} is counted on "
+                            f"{kept[j]:,} entries, {tag_bits[j]:,} have it")
         with txn.cursor(db=env.db["log"]) as cur:
             for key, value in cur:
                 if len(value) % 8:
