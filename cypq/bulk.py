@@ -137,9 +137,9 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
         Index directory: new (or empty), or an unfinished bulk load of the same input.
     source : VectorSource or code source
         The vectors (:class:`cypq.vector_files.VectorSource`), or precomputed codes (an
-        object with ``identity()``, ``__len__`` and ``chunks(size, start)`` yielding
-        ``(first row, ids, cells, fine codes)``, e.g. :class:`cypq.code_files.CodeSource`,
-        with ``chunks(size, start, code_dtype)``).
+        object with ``identity()``, ``__len__``, ``has_tags`` and ``chunks(size, start,
+        code_dtype)`` yielding ``(first row, ids, cells, fine codes, tags or None)``, e.g.
+        :class:`cypq.code_files.CodeSource`; codes with tags make an index with tags).
     model : LOPQModel, optional
         Trained model. When resuming, the model inside the index is used (and must equal
         this one if given).
@@ -208,8 +208,9 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
                 "chunk": int(chunk_size), "vectors": vectors,
                 "tags": None if tags_arr is None else [os.path.abspath(tags), os.path.getsize(
                     tags)] if isinstance(tags, (str, os.PathLike)) else "source"}
-    index, resumed, next_cell = _open_or_create(path, identity, model, train, block_capacity,
-                                                out, pack_codes, vectors, tags_arr is not None)
+    index, resumed, next_cell = _open_or_create(
+        path, identity, model, train, block_capacity, out, pack_codes, vectors,
+        tags_arr is not None or getattr(source, "has_tags", False))
     storage = index.storage
     if next_cell == _FINISHED:  # killed after the last commit: only the clean-up was left
         shutil.rmtree(os.path.join(path, RUNS_DIR), ignore_errors=True)
@@ -243,12 +244,14 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
             dtype = _run_dtype(storage)
             for k in todo:
                 a = k * chunk_size
-                chunks = (encoded_chunks(source, model, chunk_size, ids_arr, a,
-                                         index.vector_dtype)
-                          if isinstance(source, VectorSource) else
-                          (c + (None,) for c in source.chunks(chunk_size, a,
-                                                              model.fine_code_dtype)))
-                _, c_ids, cells, fine, kept = next(iter(chunks))
+                if isinstance(source, VectorSource):
+                    _, c_ids, cells, fine, kept = next(iter(encoded_chunks(
+                        source, model, chunk_size, ids_arr, a, index.vector_dtype)))
+                    c_tags = None if tags_arr is None else tags_arr[a:a + len(c_ids)]
+                else:   # codes: their tags come with them
+                    _, c_ids, cells, fine, c_tags = next(iter(source.chunks(
+                        chunk_size, a, model.fine_code_dtype)))
+                    kept = None
                 _check_codes(model, cells, fine)
                 order = np.argsort(cells, kind="stable")
                 run = np.empty(len(cells), dtype=dtype)
@@ -256,9 +259,8 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
                 run["code"] = index.stored_codes(fine[order])
                 if kept is not None:
                     run["vector"] = kept[order]
-                if tags_arr is not None:
-                    run["tags"] = np.asarray(tags_arr[a:a + len(order)],
-                                             dtype=np.uint64)[order]
+                if c_tags is not None:
+                    run["tags"] = np.asarray(c_tags, dtype=np.uint64)[order]
                 write_atomic(run_files[k], run)
                 del run, cells, fine, c_ids, order
                 peak = max(peak, rss_anon_mb())

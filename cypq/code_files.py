@@ -37,12 +37,18 @@ class CodeSource(ShardedSource):
     Parameters
     ----------
     files : sequence of str
+
+    Attributes
+    ----------
+    has_tags : bool
+        The files carry a ``tags`` column (``cypq.spark.encode(..., tags_col=...)``): each
+        row's uint64 tag set, as a signed long.
     """
 
     def __init__(self, files: Sequence[str]):
         pq = _pq()
         self.files = list(files)
-        rows = []
+        rows, tagged = [], set()
         for f in self.files:
             meta = pq.ParquetFile(f)
             names = set(meta.schema_arrow.names)
@@ -50,6 +56,11 @@ class CodeSource(ShardedSource):
             if missing:
                 raise ValueError(f"{f}: not a cypq codes file (no column {', '.join(missing)})")
             rows.append(meta.metadata.num_rows)
+            tagged.add("tags" in names)
+        if len(tagged) > 1:
+            raise ValueError("some code files have a tags column and some do not: encode "
+                             "them all the same way")
+        self.has_tags = tagged == {True}
         self._ends = np.cumsum(rows).astype(np.int64)
 
     @classmethod
@@ -58,42 +69,50 @@ class CodeSource(ShardedSource):
 
     def _batches(self, start: int, size: int):
         """Record batches of about ``size`` rows from row ``start`` on, as (ids, cells, fine
-        bytes) arrays."""
+        bytes, tags) arrays (tags uint64, zero where the files carry none)."""
         pq = _pq()
+        columns = ["id", "cell", "fine"] + (["tags"] if self.has_tags else [])
         for k, f in enumerate(self.files):
             first = int(self._ends[k - 1]) if k else 0
             if self._ends[k] <= start:
                 continue
             skip = max(0, start - first)
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=size,
-                                                        columns=["id", "cell", "fine"]):
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=size, columns=columns):
                 if skip >= batch.num_rows:
                     skip -= batch.num_rows
                     continue
                 batch = batch.slice(skip)
                 skip = 0
+                n = batch.num_rows
+                if self.has_tags and batch.column(3).null_count:
+                    raise ValueError(f"{f}: the tags column has nulls")
                 yield (batch.column(0).to_numpy().astype(np.int64),
                        batch.column(1).to_numpy().astype(np.int64),
-                       fixed_rows(batch.column(2), f"{f}: fine codes"))
+                       fixed_rows(batch.column(2), f"{f}: fine codes"),
+                       batch.column(3).to_numpy().astype(np.int64).view(np.uint64)
+                       if self.has_tags else np.zeros(n, np.uint64))
 
     def chunks(self, size: int, start: int = 0, code_dtype=np.uint8
-               ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
-        """(first row, ids (n,) int64, cells (n,) int64, fine (n, M) code_dtype) per chunk of
-        ``size`` rows from ``start``."""
+               ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """(first row, ids (n,) int64, cells (n,) int64, fine (n, M) code_dtype, tags (n,)
+        uint64 or None where the files carry none) per chunk of ``size`` rows from
+        ``start``."""
         code_dtype = np.dtype(code_dtype).newbyteorder("<")
         parts, have, pos = [], 0, start
+        tags = (lambda t: t) if self.has_tags else (lambda t: None)  # noqa: E731
         for part in self._batches(start, size):
             parts.append(part)
             have += len(part[0])
             while have >= size:
-                ids, cells, fine = (np.concatenate(x) for x in zip(*parts))
-                yield pos, ids[:size], cells[:size], _codes(fine[:size], code_dtype)
-                parts = [(ids[size:], cells[size:], fine[size:])]
+                ids, cells, fine, tg = (np.concatenate(x) for x in zip(*parts))
+                yield pos, ids[:size], cells[:size], _codes(fine[:size], code_dtype), \
+                    tags(tg[:size])
+                parts = [(ids[size:], cells[size:], fine[size:], tg[size:])]
                 have -= size
                 pos += size
         if have:
-            ids, cells, fine = (np.concatenate(x) for x in zip(*parts))
-            yield pos, ids, cells, _codes(fine, code_dtype)
+            ids, cells, fine, tg = (np.concatenate(x) for x in zip(*parts))
+            yield pos, ids, cells, _codes(fine, code_dtype), tags(tg)
 
 
 def fixed_rows(col, name: str) -> np.ndarray:

@@ -312,7 +312,7 @@ def _coarse_only(model: LOPQModel) -> LOPQModel:
 # ---------------------------------------------------------------------------- encoding
 def encode(data, model: LOPQModel, path: Optional[str] = None, id_col: str = "id",
            vector_col: str = "vector", num_partitions: Optional[int] = None,
-           mode: str = "errorifexists", spark=None):
+           mode: str = "errorifexists", spark=None, tags_col: Optional[str] = None):
     """LOPQ codes of every row, computed by cypq's encoder inside ``mapPartitions`` with the
     model broadcast once.
 
@@ -330,11 +330,14 @@ def encode(data, model: LOPQModel, path: Optional[str] = None, id_col: str = "id
     mode : str
         Spark's save mode for ``path``.
     spark : SparkSession, optional
+    tags_col : str, optional
+        A long column of each row's tag bit set (a DataFrame input): carried into the
+        codes as ``tags``, so that ``cypq build`` makes an index with tags.
 
     Returns
     -------
     DataFrame with columns id long, cell long (= c0 * V + c1), c0 int, c1 int, fine binary
-    (the M fine codes as bytes, little-endian).
+    (the M fine codes as bytes, little-endian), and with ``tags_col`` tags long.
     """
     from pyspark.sql import SparkSession
     if not model.is_trained:
@@ -342,26 +345,40 @@ def encode(data, model: LOPQModel, path: Optional[str] = None, id_col: str = "id
         raise NotFittedError("the model is not fully trained: train it first")
     if hasattr(data, "schema") and id_col in data.columns:
         from pyspark.sql.types import IntegralType
-        id_type = data.schema[id_col].dataType
-        if not isinstance(id_type, IntegralType):
-            raise TypeError(f"the id column {id_col!r} is {id_type.simpleString()}: cypq ids "
-                            "are int64; map them to numbers first (e.g. zipWithIndex)")
+        for col, what in ((id_col, "ids are int64; map them to numbers first (e.g. "
+                           "zipWithIndex)"), (tags_col, "tags are 64-bit sets (long)")):
+            if col is None:
+                continue
+            if col not in data.columns:
+                raise ValueError(f"the DataFrame has no column {col!r}")
+            kind = data.schema[col].dataType
+            if not isinstance(kind, IntegralType):
+                raise TypeError(f"the column {col!r} is {kind.simpleString()}: cypq {what}")
+    elif tags_col is not None:
+        raise TypeError("tags_col needs a DataFrame input")
+    schema = CODES_SCHEMA + (", tags long" if tags_col else "")
     if _arrow_vectors(data, id_col, vector_col):
         # Columnar path: Arrow batches in and out, no Python object per row.
         bc = data.sparkSession.sparkContext.broadcast(model)
-        df = data.select(id_col, vector_col).mapInArrow(
-            lambda batches: _encode_arrow(bc.value, batches), CODES_SCHEMA)
+        df = data.select(id_col, vector_col, *([tags_col] if tags_col else [])).mapInArrow(
+            lambda batches: _encode_arrow(bc.value, batches), schema)
         n_in = data.rdd.getNumPartitions() if num_partitions is None else num_partitions
     else:
         rows = _rows(data, id_col, vector_col)
+        if tags_col:   # (id, tags) pairs ride where the ids do, split again in enc
+            rows = data.select(id_col, vector_col, tags_col).rdd.map(
+                lambda r: ((r[0], r[2]), r[1]))
         spark = spark or SparkSession.builder.getOrCreate()
         bc = rows.context.broadcast(model)
 
         def enc(it):
             for ids, X in _to_blocks(it):
-                for rec in _encode_rows(bc.value, ids, X):
+                tags = None
+                if ids.ndim == 2:
+                    ids, tags = ids[:, 0].copy(), ids[:, 1].copy()
+                for rec in _encode_rows(bc.value, ids, X, tags):
                     yield rec
-        df = spark.createDataFrame(rows.mapPartitions(enc), CODES_SCHEMA)
+        df = spark.createDataFrame(rows.mapPartitions(enc), schema)
         n_in = rows.getNumPartitions() if num_partitions is None else num_partitions
     if path is not None:
         df.repartitionByRange(n_in, "cell").sortWithinPartitions("cell", "id") \
@@ -394,12 +411,13 @@ def _codes_of(model: LOPQModel, X: np.ndarray):
             code.coarse[:, 1].astype(np.int64), fine.view(np.uint8).reshape(len(X), -1))
 
 
-def _encode_rows(model, ids, X):
-    """Row tuples (id, cell, c0, c1, fine bytes)."""
+def _encode_rows(model, ids, X, tags=None):
+    """Row tuples (id, cell, c0, c1, fine bytes[, tags])."""
     cells, c0, c1, fine = _codes_of(model, X)
     raw, w = fine.tobytes(), fine.shape[1]
+    extra = [()] * len(ids) if tags is None else [(t,) for t in tags.tolist()]
     for j, rec in enumerate(zip(ids.tolist(), cells.tolist(), c0.tolist(), c1.tolist())):
-        yield (*rec, raw[j * w:(j + 1) * w])
+        yield (*rec, raw[j * w:(j + 1) * w], *extra[j])
 
 
 def _encode_arrow(model, batches):
@@ -416,6 +434,8 @@ def _encode_arrow(model, batches):
         fine_col = pa.Array.from_buffers(
             pa.binary(), n, [None, pa.py_buffer(np.arange(0, (n + 1) * w, w, dtype=np.int32)),
                              pa.py_buffer(fine.tobytes())])
+        tags = [rb.column(2).cast(pa.int64())] if rb.num_columns > 2 else []
         yield pa.RecordBatch.from_arrays(
             [pa.array(ids), pa.array(cells), pa.array(c0.astype(np.int32)),
-             pa.array(c1.astype(np.int32)), fine_col], names=["id", "cell", "c0", "c1", "fine"])
+             pa.array(c1.astype(np.int32)), fine_col] + tags,
+            names=["id", "cell", "c0", "c1", "fine"] + ["tags"] * len(tags))

@@ -171,6 +171,36 @@ def test_bulk_load_from_spark_parquet_equals_python_index(spark, data, model, tm
         bulk_load(tmp_path / "ix2", src, other, progress=False, out=lambda m: None)
 
 
+@pytest.mark.parametrize("vector_type", ["array", "ml"])
+def test_spark_tags_column_reaches_the_index(spark, data, model, tmp_path, vector_type):
+    """encode(tags_col=...) carries each row's tag set (the top bit too) into the codes;
+    cypq build makes an index with those tags, searched with a filter as one built in
+    Python."""
+    from cypq.spark import encode
+    X, Q = data
+    ids = np.arange(len(X)) * 3 + 1
+    tags = np.random.default_rng(1).integers(0, 16, len(X)).astype(np.uint64)
+    tags[::5] |= np.uint64(1 << 63)
+    df = _df(spark, X, ids, vector_type)
+    tag_df = spark.createDataFrame([(int(i), int(t.astype(np.int64))) for i, t in
+                                    zip(ids, tags.view(np.int64))], "id long, t long")
+    df = df.join(tag_df, "id")
+    encode(df, model, path=str(tmp_path / "codes"), num_partitions=3, tags_col="t")
+    src = CodeSource.open(tmp_path / "codes")
+    assert src.has_tags
+    bulk_load(tmp_path / "ix", src, model, chunk_size=1500, progress=False, out=lambda m: None)
+    ref = Index.in_memory(model, tags=True)
+    ref.add(X, ids, tags=tags)
+    with Index.open(tmp_path / "ix", readonly=True) as ix:
+        np.testing.assert_array_equal(ix.lookup(ids, with_tags=True)[3], tags)
+        for kw in ({"tags_any": 3}, {"tags_none": np.uint64(1 << 63)}):
+            D1, I1 = ix.search(Q, k=10, quota=300, **kw)
+            D2, I2 = ref.search(Q, k=10, quota=300, **kw)
+            assert np.array_equal(I1, I2)
+    with pytest.raises(TypeError, match="64-bit"):
+        encode(df.withColumn("t", df.t.cast("string")), model, tags_col="t")
+
+
 def test_lopq_text_format_round_trip(spark, data, tmp_path):
     from cypq.spark import read_lopq_text, write_lopq_text
     X, _ = data
