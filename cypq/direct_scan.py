@@ -1,19 +1,24 @@
-"""The direct plan of a filtered search: the entries that pass the filter, all of them,
-scored against the queries without walking cells.
+"""The direct plan of a filtered search: the entries that pass the filter, scored against
+the queries by reconstruction instead of per-cell tables.
 
-A rare filter makes the walk visit many cells to find few passing entries; scoring just
-those entries is then cheaper, and exact (every passing entry is a candidate). Each is
-reconstructed once per search call (``C + mu + R^T s`` per half, in the model's space) and
-the queries' distances to the reconstructions come from one matrix product: the same
-quantity ADC sums from tables, since the local rotations are orthogonal (equal up to float
-rounding).
+A selective filter makes the table scan visit many cells, building tables for every
+centroid they touch, to find few passing entries. Here each passing entry is reconstructed
+once per search call (``C + mu + R^T s`` per half, in the model's space): a query's
+distance to a reconstruction is the quantity ADC sums from tables, since the local
+rotations are orthogonal (equal up to float rounding). Then either every passing entry is
+scored (one matrix product), or, with a quota below their number, the cells are walked in
+multi-sequence order over the passing entries' counts until they hold ``quota`` of them,
+as the table scan does, and those cells' entries are scored: the same candidates, far
+cheaper per cell.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from . import _quantize, _search
+from . import _quantize, _rerank, _search
 from ._threads import blas_threads
+
+_L2, _IP = 0, 1   # rerank.h's score kinds
 
 # Queries scored per matrix product (bounds the (queries, entries) score block).
 _ROWS = 256
@@ -29,8 +34,9 @@ def passing_entries(snap, sizes: np.ndarray, filt, mask: np.ndarray, code_bytes:
         a, al, no = (np.uint64(m) for m in mask)
         keep = found & ((tags & a) != 0 if a else True) & ((tags & al) == al) & \
             ((tags & no) == 0)
-        raw = np.ascontiguousarray(codes[keep]).view(np.uint8).reshape(int(keep.sum()), -1)
-        return filt.id_set[keep], cells[keep], raw
+        order = np.argsort(cells[keep], kind="stable")    # by cell, as the pass gives them
+        raw = np.ascontiguousarray(codes[keep][order]).view(np.uint8).reshape(len(order), -1)
+        return filt.id_set[keep][order], cells[keep][order], raw
     cells = np.flatnonzero(sizes).astype(np.int64)
     seg = snap.segments(cells)
     total = int(seg.length.sum())
@@ -64,12 +70,60 @@ def top_k(Q: np.ndarray, X: np.ndarray, ids: np.ndarray, k: int, ip: bool, n_thr
         return _top_k(Q, X, ids, k, ip)
 
 
+def walked_top_k(view, Q: np.ndarray, X: np.ndarray, ids: np.ndarray, cells: np.ndarray,
+                 k: int, quota: int, w, n_threads: int):
+    """The k best of each query among the entries (X (n, d) reconstructions, ids, cells
+    (n,) ascending) of the cells it visits in multi-sequence order until they hold
+    ``quota`` of them (or ``w`` cells were visited), ranked as :func:`top_k`.
+
+    Returns D (nq, k) float32, I (nq, k) int64, and per query the cells listed, the cells
+    visited and the entries scored ((nq,) int64 each)."""
+    nq, n_cells = len(Q), view.V * view.V
+    sizes = np.bincount(cells, minlength=n_cells).astype(np.int64)
+    start = np.zeros(n_cells + 1, np.int64)
+    np.cumsum(sizes, out=start[1:])
+    cap = max(1, min(n_cells, quota if quota > 0 else n_cells, w or n_cells))
+    D = np.empty((nq, k), np.float32)
+    I = np.empty((nq, k), np.int64)
+    listed, visited, scored = (np.zeros(nq, np.int64) for _ in range(3))
+    batch = max(1, min(256, (1 << 22) // cap))
+    kind = _IP if view.Cmu is not None else _L2
+    for a in range(0, nq, batch):
+        Qb = np.ascontiguousarray(Q[a:a + batch])
+        nb = len(Qb)
+        lists = np.empty((nb, cap), np.int64)
+        _search.cell_order(Qb, view.Cs[0], view.Cs[1], sizes, quota, w or 0, lists,
+                           listed[a:a + nb], visited[a:a + nb], np.empty(nb, np.int64),
+                           n_threads, view.Cmu is not None)
+        _rerank.cell_rows_topk(Qb, X, ids, start, lists, listed[a:a + nb], kind,
+                               D[a:a + nb], I[a:a + nb], scored[a:a + nb], n_threads)
+    return D, I, listed, visited, scored
+
+
+def _best(S: np.ndarray, rid: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k smallest scores of each row of S (nq, r) with their ids rid (nq, r), ascending,
+    ties by id (between the k taken; an exact tie at the k-th score may take another of the
+    tied ids than the table scan), inf / -1 padding."""
+    nq, r = S.shape
+    kk = min(k, r)
+    D = np.full((nq, k), np.inf, np.float32)
+    I = np.full((nq, k), -1, np.int64)
+    if not kk:
+        return D, I
+    part = np.argpartition(S, kk - 1, axis=1)[:, :kk] if kk < r else \
+        np.broadcast_to(np.arange(r), (nq, r))
+    s, i = np.take_along_axis(S, part, axis=1), np.take_along_axis(rid, part, axis=1)
+    order = np.lexsort((i, s), axis=-1)
+    D[:, :kk], I[:, :kk] = np.take_along_axis(s, order, axis=1), np.take_along_axis(i, order,
+                                                                                   axis=1)
+    return D, I
+
+
 def _top_k(Q, X, ids, k, ip):
-    nq, n = len(Q), len(X)
+    nq = len(Q)
     D = np.full((nq, k), np.inf, dtype=np.float32)
     I = np.full((nq, k), -1, dtype=np.int64)
-    kk = min(k, n)
-    if not kk:
+    if not len(X):
         return D, I
     xn = None if ip else np.einsum("ij,ij->i", X, X)
     for a in range(0, nq, _ROWS):
@@ -81,10 +135,5 @@ def _top_k(Q, X, ids, k, ip):
             S *= -2
             S += xn
             S += np.einsum("ij,ij->i", q, q)[:, None]
-        part = np.argpartition(S, kk - 1, axis=1)[:, :kk] if kk < n else \
-            np.broadcast_to(np.arange(n), (len(q), n))
-        s = np.take_along_axis(S, part, axis=1)
-        order = np.lexsort((ids[part], s), axis=-1)
-        D[a:a + len(q), :kk] = np.take_along_axis(s, order, axis=1)
-        I[a:a + len(q), :kk] = ids[np.take_along_axis(part, order, axis=1)]
+        D[a:a + len(q)], I[a:a + len(q)] = _best(S, np.broadcast_to(ids, S.shape), k)
     return D, I

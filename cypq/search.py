@@ -10,20 +10,25 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _lopq, _search
-from .direct_scan import passing_entries, reconstructions, top_k
+from .direct_scan import passing_entries, reconstructions, top_k, walked_top_k
 from .filters import pass_rates
 from .storage.base import Storage
 
 # Queries per kernel call: bounds the (batch, quota) cell lists kept in memory.
 _BATCH = 256
 # The planner's cost model (plan 'auto'), in nanoseconds on one core, measured on REALSIFT1M
-# (V=1024, M=16): a walk costs WALK_NS per entry its cells hold (tables and scan); the direct
-# plan GEMM_NS per multiply-add of the queries' distances to the passing entries, and per
-# call SELECT_NS per stored entry (finding the passing ones) plus reconstructing them
-# (about D * D / 2 multiply-adds each).
+# (V=1024, M=16): the table scan costs WALK_NS per entry its cells hold; the direct plan,
+# per call, SELECT_NS per stored entry (finding the passing ones) and RECON_NS per
+# multiply-add reconstructing them (about D * D / 2 each), then per query either GEMM_NS
+# per multiply-add scoring every passing entry, or CELL_NS per cell its walk over the
+# passing entries visits (the grid of their cells is sparse) and ROW_NS per dimension of
+# each candidate scored.
 WALK_NS = 150.0
 GEMM_NS = 0.08
+RECON_NS = 0.12
 SELECT_NS = 3.0
+CELL_NS = 40.0
+ROW_NS = 0.15
 # Up to this many possible values, _distinct finds the distinct ones through a table over all
 # of them (cells; (query, centroid) pairs of a batch).
 _DENSE_CELLS = 1 << 22
@@ -31,10 +36,16 @@ _DENSE_CELLS = 1 << 22
 
 @dataclass
 class SearchStats:
-    """Per query: non-empty cells scanned, cells visited (empty ones too), codes scanned."""
+    """Per query: non-empty cells scanned, cells visited (empty ones too), codes scanned,
+    and whether a filtered search took the direct plan."""
     cells: np.ndarray
     visited: np.ndarray
     scanned: np.ndarray
+    direct: np.ndarray = None
+
+    def __post_init__(self):
+        if self.direct is None:
+            self.direct = np.zeros(len(self.cells), bool)
 
 
 def search(model, storage: Storage, Q: np.ndarray, k: int, quota: int, w: int | None,
@@ -76,8 +87,9 @@ def search(model, storage: Storage, Q: np.ndarray, k: int, quota: int, w: int | 
     I : numpy.ndarray int64 (nq, k)
         Ids; -1 where fewer than k.
     stats : SearchStats
-        With a filter: ``cells`` counts the cells scanned (0 for queries answered by the
-        direct plan), ``visited`` the cells the last walk listed.
+        With a filter: ``cells`` counts the cells scanned (by the direct plan: the cells
+        holding passing entries it walked, 0 when it scored every passing entry),
+        ``visited`` the cells the last walk visited, ``scanned`` the entries scored.
     """
     nq = Q.shape[0]
     view = model.kernel_view()
@@ -206,7 +218,7 @@ def filtered(run: _Run, quota: int, filt, unpack, counts=None) -> None:
         rate = min(rate, len(filt.id_set) / max(total, 1))
     if filt.plan == "direct" or (filt.plan == "auto" and _direct_is_cheaper(
             run, quota, rate, total, nq)):
-        return _direct(run, rows, filt, unpack)
+        return _direct(run, rows, filt, unpack, quota)
     walk = _walk_quota(quota, rate, total)
     while len(rows):
         passed = run.walk(rows, walk, filt, max(quota, 0))
@@ -221,7 +233,7 @@ def filtered(run: _Run, quota: int, filt, unpack, counts=None) -> None:
         if not len(rows):
             return
         if filt.plan == "auto" and _direct_is_cheaper(run, quota, rate, total, len(rows)):
-            return _direct(run, rows, filt, unpack)
+            return _direct(run, rows, filt, unpack, quota)
         nxt = _walk_quota(quota, rate, total)
         walk = 0 if nxt <= 0 else max(2 * walk, nxt)
         if walk >= total:
@@ -235,9 +247,19 @@ def _direct_is_cheaper(run: _Run, quota: int, rate: float, total: int, nq: int) 
     dim = 2 * run.view.Cs[0].shape[1]
     passing = rate * total
     walk = min(quota / max(rate, 1e-12) if quota > 0 else total, total) * WALK_NS
-    direct = passing * dim * GEMM_NS + (total * SELECT_NS
-                                        + passing * dim * dim / 2 * GEMM_NS) / max(nq, 1)
+    direct = _direct_costs(run, quota, passing)
+    direct = min(direct) + (total * SELECT_NS + passing * dim * dim / 2 * RECON_NS) / max(nq, 1)
     return direct < walk
+
+
+def _direct_costs(run: _Run, quota: int, passing: float) -> tuple[float, float]:
+    """Per query, the direct plan's cost (ns) of scoring every passing entry, and of
+    walking cells over them until ``quota`` (inf where it cannot: no quota below them)."""
+    dim, n_cells = 2 * run.view.Cs[0].shape[1], run.view.V ** 2
+    every = passing * dim * GEMM_NS
+    if not 0 < quota < passing:
+        return every, np.inf
+    return every, quota * n_cells / passing * CELL_NS + quota * dim * ROW_NS
 
 
 def _walk_quota(quota: int, rate: float, total: int) -> int:
@@ -248,9 +270,10 @@ def _walk_quota(quota: int, rate: float, total: int) -> int:
     return 0 if want >= total else want
 
 
-def _direct(run: _Run, rows: np.ndarray, filt, unpack) -> None:
+def _direct(run: _Run, rows: np.ndarray, filt, unpack, quota: int) -> None:
     """The direct plan for the queries ``rows``: per distinct tag mask, the passing entries
-    reconstructed once and scored against its queries."""
+    reconstructed once and scored against its queries (all of them, or those of the cells
+    a walk over them lists, :mod:`cypq.direct_scan`)."""
     view, stats = run.view, run.stats
     masks = filt.masks if filt.masks is not None else np.zeros((len(run.Q), 3), np.uint64)
     M = view.fine.shape[0]
@@ -261,9 +284,16 @@ def _direct(run: _Run, rows: np.ndarray, filt, unpack) -> None:
         ids, cells, raw = passing_entries(run.snap, run.sizes, filt, uniq[u], width)
         stored = raw if run.packed else raw.view(view.code_dtype)
         X = reconstructions(view, cells, unpack(stored), run.n_threads)
-        D, I = top_k(run.Q[r], X, ids, run.D.shape[1], view.Cmu is not None, run.n_threads)
+        every, walked = _direct_costs(run, quota, len(ids))
+        if run.w or walked < every:
+            D, I, stats.cells[r], stats.visited[r], stats.scanned[r] = walked_top_k(
+                view, run.Q[r], X, ids, cells, run.D.shape[1], quota, run.w, run.n_threads)
+        else:
+            D, I = top_k(run.Q[r], X, ids, run.D.shape[1], view.Cmu is not None,
+                         run.n_threads)
+            stats.cells[r], stats.visited[r], stats.scanned[r] = 0, 0, len(ids)
         run.D[r], run.I[r] = D, I
-        stats.cells[r], stats.visited[r], stats.scanned[r] = 0, 0, len(ids)
+        stats.direct[r] = True
         if run.rerank is not None:   # every vector read by id (no addresses: W = 0)
             run.out[0][r], run.out[1][r] = run.rerank.batch(
                 run.snap, r, I, np.zeros(I.shape, np.uintp))

@@ -5,6 +5,8 @@ from cython.parallel cimport prange
 from libc.math cimport INFINITY, NAN
 from libc.stdint cimport int64_t, uintptr_t
 
+from heap cimport heap_init, heap_replace_top, heap_sort_ascending, heap_worse
+
 cdef extern from "rerank.h" nogil:
     float cypq_score(const float *q, const void *x, int64_t d, int vtype, int kind)
 
@@ -55,3 +57,51 @@ def row_scores(const float[:, ::1] X, const unsigned char[:, ::1] rows,
             for c in range(r):
                 if row[q, c] >= 0:
                     out[q, c] = cypq_score(&X[q, 0], &rows[row[q, c], 0], d, vtype, kind)
+
+
+def cell_rows_topk(const float[:, ::1] Q, const float[:, ::1] X, const int64_t[::1] ids,
+                   const int64_t[::1] start, const int64_t[:, ::1] lists,
+                   const int64_t[::1] n_listed, int kind, float[:, ::1] D, int64_t[:, ::1] I,
+                   int64_t[::1] n_scored, int n_threads):
+    """Top k of each query over the rows of the cells it lists, scored exactly.
+
+    X (n, d) float32 rows grouped by cell: cell c's are start[c] : start[c + 1] (start
+    (n_cells + 1,) int64), with ids (n,). Query q (Q (nq, d)) lists lists[q, :n_listed[q]].
+    Scores as rerank.h's ``kind`` (0 squared L2, 1 minus the inner product); D (nq, k)
+    ascending, ties by id, inf / -1 padding; n_scored (nq,) rows scored per query.
+    """
+    cdef Py_ssize_t nq = Q.shape[0], d = Q.shape[1], q, t, k = D.shape[1]
+    cdef int64_t r, c, n_cells = start.shape[0] - 1, scored
+    cdef float s
+    if (X.shape[1] != d or ids.shape[0] != X.shape[0] or lists.shape[0] != nq
+            or n_listed.shape[0] != nq or I.shape[0] != nq or I.shape[1] != k
+            or D.shape[0] != nq or n_scored.shape[0] != nq or n_cells < 0):
+        raise ValueError("cell_rows_topk: shapes do not match")
+    if kind not in (0, 1):
+        raise ValueError("cell_rows_topk: kind must be 0 (L2) or 1 (inner product)")
+    for c in range(n_cells):
+        if start[c + 1] < start[c]:
+            raise ValueError("cell_rows_topk: start must not decrease")
+    if n_cells >= 0 and start[n_cells] > X.shape[0]:
+        raise ValueError("cell_rows_topk: start points past X")
+    for q in range(nq):
+        if n_listed[q] < 0 or n_listed[q] > lists.shape[1]:
+            raise ValueError("cell_rows_topk: n_listed out of range")
+        for t in range(n_listed[q]):
+            if lists[q, t] < 0 or lists[q, t] >= n_cells:
+                raise ValueError("cell_rows_topk: a listed cell outside start")
+    if k == 0:
+        return
+    with nogil:
+        for q in prange(nq, num_threads=max(1, n_threads), schedule="dynamic"):
+            heap_init(&D[q, 0], &I[q, 0], NULL, <int> k)
+            scored = 0
+            for t in range(n_listed[q]):
+                c = lists[q, t]
+                for r in range(start[c], start[c + 1]):
+                    s = cypq_score(&Q[q, 0], &X[r, 0], d, 2, kind)
+                    if heap_worse(D[q, 0], I[q, 0], s, ids[r]):
+                        heap_replace_top(&D[q, 0], &I[q, 0], NULL, <int> k, s, ids[r], 0)
+                scored = scored + start[c + 1] - start[c]
+            heap_sort_ascending(&D[q, 0], &I[q, 0], NULL, <int> k)
+            n_scored[q] = scored

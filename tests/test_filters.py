@@ -89,12 +89,29 @@ def test_filtered_search_equals_reference(setup, kind, name, tmp_path, n_threads
         for qi, q in enumerate(Q):
             dists, rids, *_ = ref.search(model, entries, q, k, 0, ok)
             _check(D[qi], I[qi], (dists, rids))
+    import cypq.search
+    n_pass = sum(ok(int(i)) for i in ids)
     for quota in (40, 200):
-        D, I, st = index.search(Q, k=k, quota=quota, plan="scan", return_stats=True, **kw)
-        for qi, q in enumerate(Q):
-            dists, rids, n_cells, n_cand, _ = ref.search(model, entries, q, k, quota, ok)
-            _check(D[qi], I[qi], (dists, rids))
-            assert all(ok(int(i)) for i in I[qi] if i >= 0)
+        # tables over the cells; reconstructions of the cells a walk over the passing
+        # entries lists (scoring them all made dear: that way whenever the quota is below
+        # their number); every passing entry reconstructed (the walk made dear)
+        for plan, dear in (("scan", None), ("direct", "GEMM_NS"), ("direct", "CELL_NS")):
+            with pytest.MonkeyPatch.context() as mp:
+                if dear:
+                    mp.setattr(cypq.search, dear, 1e9)
+                D, I, st = index.search(Q, k=k, quota=quota, plan=plan, return_stats=True,
+                                        **kw)
+            assert (st.direct == (plan == "direct")).all()
+            walked = dear == "GEMM_NS" and quota < n_pass
+            for qi, q in enumerate(Q):
+                dists, rids, n_cells, n_cand, _ = ref.search(model, entries, q, k,
+                                                             quota if plan == "scan" or walked
+                                                             else 0, ok)
+                _check(D[qi], I[qi], (dists, rids))
+                assert all(ok(int(i)) for i in I[qi] if i >= 0)
+                if plan == "direct":   # the same candidates as the reference
+                    assert st.scanned[qi] == n_cand
+                    assert st.visited[qi] == (n_cells if walked else 0)
     index.close()
 
 
@@ -111,14 +128,14 @@ def test_per_query_masks_and_the_planner(setup, tmp_path):
         np.testing.assert_array_equal(I[qi], I1[0])
     few = ids[::50]
     D_auto, I_auto, st = index.search(Q, k=5, quota=100, ids=few, return_stats=True)
-    assert (st.cells == 0).all() and (st.scanned == len(few)).all()
+    assert st.direct.all() and (st.scanned == len(few)).all()
     D, I = index.search(Q, k=5, quota=0, ids=few, plan="scan")
     for qi in range(len(Q)):
         _check(D_auto[qi], I_auto[qi], (D[qi], I[qi].tolist()))
     _, _, st = index.search(Q, k=5, quota=100, tags_any=4, return_stats=True)   # ~2%: rare
-    assert (st.cells == 0).all()
-    _, _, st = index.search(Q, k=5, quota=10, tags_none=4, return_stats=True)   # ~98%
-    assert (st.cells > 0).all()
+    assert st.direct.all()
+    _, _, st = index.search(Q[:1], k=5, quota=10, tags_none=4, return_stats=True)   # ~98%
+    assert not st.direct.any() and (st.cells > 0).all()
     index.close()
 
 

@@ -104,9 +104,8 @@ def bench_cypq(args, xt, xq, gts, filters, tags, work):
                 index.search(xq[:50], k=K, quota=quota, **kw)   # warm up
                 s, (_, I, st) = best_of(lambda: index.search(
                     xq, k=K, quota=quota, return_stats=True, **kw), 2)
-                plan = "-" if name == "none" else \
-                    "direct" if (st.cells == 0).all() else "scan" if (st.cells > 0).all() \
-                    else "mixed"
+                plan = "-" if name == "none" else "direct" if st.direct.all() else \
+                    "scan" if not st.direct.any() else "mixed"
                 table.append(row(name, f"cypq LOPQ V={args.V} M={args.M}",
                                  f"quota={quota}", plan, s / len(xq) * 1e3, recall10(I, gt)))
                 print(table[-1], flush=True)
