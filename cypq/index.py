@@ -408,7 +408,8 @@ class Index:
         self._check_open()
         self._storage.backup(os.fspath(path))
 
-    def compact(self, path: str | os.PathLike, step: int = 200_000, **options) -> "Index":
+    def compact(self, path: str | os.PathLike, step: int = 200_000, tags=None,
+                **options) -> "Index":
         """Write the index anew, compactly, into directory ``path`` (new or empty) and
         return it open: entries in cell order through the bulk writer (full pages, staged
         entries merged, the id table in id order), from one committed state while writers
@@ -419,6 +420,9 @@ class Index:
         path : str or os.PathLike
         step : int
             Entries per write transaction.
+        tags : bool or list of str, optional
+            The new index keeps tags so (see :meth:`create`; default: as this one, its
+            tags copied): how an index without tags gets them (all zero).
         **options
             Storage options of the new index (default: this one's block and stage
             capacities).
@@ -430,7 +434,8 @@ class Index:
         new = Index.create(path, self._model, n_threads=self.n_threads, bulk_state=state,
                            pack_codes=self._layout.packed,
                            vectors=self.vector_dtype and self.vector_dtype.name,
-                           tags=self._storage.keeps_tags and (self.tag_names or True),
+                           tags=tags if tags is not None else
+                           self._storage.keeps_tags and (self.tag_names or True),
                            **options)
         try:
             scratch = os.path.join(path, "compact-runs")

@@ -245,6 +245,13 @@ def test_bad_input_is_refused_and_nothing_is_lost(setup, tmp_path):
         Index.in_memory(model, tags=["dup", "dup"])
     np.testing.assert_array_equal(index.lookup(np.arange(100), with_tags=True)[3], tags[:100])
     index.close()
+    with Index.create(tmp_path / "plain", model) as old:   # no tags: a rewrite adds them
+        old.add(X[:50])
+        with old.compact(tmp_path / "tagged", tags=["x"]) as new:
+            assert new.tag_names == ["x"] and new.verify() == []
+            np.testing.assert_array_equal(new.lookup(np.arange(50), with_tags=True)[3], 0)
+            new.set_tags([3], [1])
+            assert new.search(Q, k=2, quota=0, tags_any="x")[1][:, 0].tolist() == [3] * len(Q)
     plain = Index.in_memory(model)
     plain.add(X[:50])
     with pytest.raises(ValueError, match="keeps no tags"):
