@@ -207,9 +207,11 @@ def filtered(run: _Run, quota: int, filt, unpack, counts=None) -> None:
     the index's per-bit tag ``counts`` and the id list's share, at most the highest of the
     batch's queries); queries whose listed cells held too few passing entries walk again
     with the rate the round measured (at least twice as far), until they have enough or
-    every cell was listed. Direct plan (:mod:`cypq.direct_scan`): every passing entry
-    scored exactly. Plan 'auto' picks the cheaper by :func:`_direct_is_cheaper`, from the
-    expected pass rate, and again from the rate the first walk measured.
+    every cell was listed. Direct plan (:mod:`cypq.direct_scan`): the passing entries
+    reconstructed, and all of them scored, or those of the cells a walk over the passing
+    entries' counts lists (the same cells as the walk plan's). Plan 'auto' picks the
+    cheapest by :func:`_direct_is_cheaper`, from the expected pass rate, and again from the
+    rate the first walk measured.
     """
     nq, total = len(run.Q), int(run.sizes.sum())
     rows = np.arange(nq)

@@ -196,6 +196,23 @@ def test_tags_stored_changed_and_carried(setup, kind, tmp_path):
         index.close()
 
 
+@pytest.mark.parametrize("plan", ["scan", "direct"])
+def test_filtered_search_with_reranking(setup, tmp_path, plan):
+    """A filter and re-ranking together: the exact top k of the passing entries' stored
+    vectors among the passing ADC candidates (every entry here: quota 0, R = N)."""
+    model, X, Q, tags = setup
+    with Index.create(tmp_path / "rr", model, tags=True, vectors="float32") as index:
+        index.add(X[:800], tags=tags[:800])
+        index.add(X[800:], np.arange(800, N), tags=tags[800:])   # the last add staged
+        D, I = index.search(Q, k=6, quota=0, rerank=N, tags_any=6, plan=plan)
+    ok = (tags & 6) != 0
+    exact = ((Q[:, None, :] - X[None]) ** 2).sum(-1)
+    exact[:, ~ok] = np.inf
+    want = np.sort(exact, axis=1)[:, :6]
+    np.testing.assert_allclose(D, want, rtol=1e-4)
+    assert ok[I].all()
+
+
 def _bits(tags) -> np.ndarray:
     """Reference per-bit counts of tag sets, bit by bit in Python."""
     return np.array([sum((int(t) >> j) & 1 for t in tags) for j in range(64)])
