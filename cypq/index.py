@@ -12,11 +12,11 @@ from ._threads import resolve
 from .code_layout import CodeLayout
 from .filters import make_filter
 from .index_parts import (_as_ids, _legacy_n_cells, _require_trained, _stored_model,
-                          as_tags, copy_entries, storage_args, tag_names)
+                          copy_entries, storage_args, tag_names)
 from .lopq import LOPQModel
 from .search import SearchStats, search as _search
 from .stored_vectors import Reranker, to_stored
-from .storage.base import Storage
+from .storage.base import Storage, check_tags
 from .storage.memory import MemoryStorage
 
 DEFAULT_QUOTA = 10000
@@ -306,7 +306,7 @@ class Index:
         if tags is not None and not self._storage.keeps_tags:
             raise ValueError("this index keeps no tags: create it with tags=True (or a list "
                              "of tag names) to add tags")
-        return None if tags is None else as_tags(tags, n)
+        return None if tags is None else check_tags(self._storage, np.atleast_1d(tags), n)
 
     @property
     def tag_names(self) -> list[str]:

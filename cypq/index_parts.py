@@ -57,18 +57,6 @@ def copy_entries(src: Storage, writer, state: bytes, step: int) -> None:
             lo = hi
 
 
-def as_tags(tags, n: int) -> np.ndarray:
-    """uint64 (n,) tag sets of an add, checked."""
-    arr = np.asarray(tags)
-    if arr.ndim == 0:
-        arr = arr[None]
-    if arr.shape != (n,) or arr.dtype.kind not in "ui" or (
-            arr.dtype.kind == "i" and arr.size and arr.min() < 0):
-        raise ValueError(f"tags must be {n} uint64 bit sets (one per entry), got "
-                         f"{arr.dtype} of shape {arr.shape}")
-    return arr.astype(np.uint64)
-
-
 def _vector_spec(model: LOPQModel, kind: Optional[str]):
     """The storage's vectors option for the index's ``vectors`` kind (None: none)."""
     dtype = vector_dtype(kind)

@@ -8,9 +8,9 @@ layer above (the index stores its model there).
 Concurrency contract (what callers may rely on):
 
 - One storage object may be shared by the threads of a process. Any number of threads may
-  search (``snapshot``, ``cell_sizes``, ``lookup``, ``len``, ``stats``, ``meta``) while one
-  writes; write calls (``add``, ``remove``, ``merge``, bulk writing) are serialised by the
-  storage, never interleaved.
+  search (``snapshot``, ``cell_sizes``, ``lookup``, ``tags``, ``tag_counts``, ``len``,
+  ``stats``, ``meta``) while one writes; write calls (``add``, ``remove``, ``set_tags``,
+  ``merge``, bulk writing) are serialised by the storage, never interleaved.
 - A snapshot is one committed state: its sizes and segments agree with each other and with
   no later write. Segment addresses stay valid until the snapshot's context exits; nothing
   may be kept past that.
