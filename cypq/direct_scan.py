@@ -70,18 +70,26 @@ def top_k(Q: np.ndarray, X: np.ndarray, ids: np.ndarray, k: int, ip: bool, n_thr
         return _top_k(Q, X, ids, k, ip)
 
 
-def walked_top_k(view, Q: np.ndarray, X: np.ndarray, ids: np.ndarray, cells: np.ndarray,
-                 k: int, quota: int, w, n_threads: int):
-    """The k best of each query among the entries (X (n, d) reconstructions, ids, cells
-    (n,) ascending) of the cells it visits in multi-sequence order until they hold
-    ``quota`` of them (or ``w`` cells were visited), ranked as :func:`top_k`.
+def cell_grid(cells: np.ndarray, n_cells: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sizes (n_cells,) int64, start (n_cells + 1,) int64) of entries sorted by their cells
+    (n,): how many each cell holds, and where its rows begin."""
+    sizes = np.bincount(cells, minlength=n_cells).astype(np.int64)
+    start = np.zeros(n_cells + 1, np.int64)
+    np.cumsum(sizes, out=start[1:])
+    return sizes, start
+
+
+def walked_top_k(view, Q: np.ndarray, X: np.ndarray, ids: np.ndarray, grid, k: int,
+                 quota: int, w, n_threads: int):
+    """The k best of each query among the entries (X (n, d) reconstructions, ids (n,),
+    sorted by cell; ``grid`` their :func:`cell_grid`) of the cells it visits in
+    multi-sequence order until they hold ``quota`` of them (or ``w`` cells were visited),
+    ranked as :func:`top_k`.
 
     Returns D (nq, k) float32, I (nq, k) int64, and per query the cells listed, the cells
     visited and the entries scored ((nq,) int64 each)."""
     nq, n_cells = len(Q), view.V * view.V
-    sizes = np.bincount(cells, minlength=n_cells).astype(np.int64)
-    start = np.zeros(n_cells + 1, np.int64)
-    np.cumsum(sizes, out=start[1:])
+    sizes, start = grid
     cap = max(1, min(n_cells, quota if quota > 0 else n_cells, w or n_cells))
     D = np.empty((nq, k), np.float32)
     I = np.empty((nq, k), np.int64)

@@ -41,7 +41,7 @@ class Index:
         self.path = path
         self.readonly = readonly
         self.n_threads = n_threads
-        self._closed = False
+        self._closed, self._direct_cache = False, {}   # the latter: cypq.search's
 
     # ------------------------------------------------------------------ making one
     @classmethod
@@ -304,8 +304,7 @@ class Index:
 
     def _check_tags(self, tags, n: int) -> Optional[np.ndarray]:
         if tags is not None and not self._storage.keeps_tags:
-            raise ValueError("this index keeps no tags: create it with tags=True (or a list "
-                             "of tag names) to add tags")
+            raise ValueError("this index keeps no tags: create it with tags=True (or names)")
         return None if tags is None else check_tags(self._storage, np.atleast_1d(tags), n)
 
     @property
@@ -517,10 +516,11 @@ class Index:
             rerank = self._check_rerank(rerank, k)
             X = self._model.normalize(self._batch(queries, "queries"))
             exact = Reranker(X, k, self._model.metric, self.vector_dtype, threads)
-        filt = make_filter(len(Q), self._storage.keeps_tags, self.tag_names, tags_any,
-                           tags_all, tags_none, ids, exclude_ids, plan)
         D, I, stats = _search(self._model, self._storage, Q, rerank or k, quota, w, threads,
-                              self._layout.packed, exact, filt, self._layout.unpack)
+                              self._layout.packed, exact, make_filter(
+                                  len(Q), self._storage.keeps_tags, self.tag_names, tags_any,
+                                  tags_all, tags_none, ids, exclude_ids, plan),
+                              self._layout.unpack, self._direct_cache)
         if rerank is not None:  # exact scores, smaller first: the metric's convention
             if self._model.metric != "l2":
                 D = np.where(I >= 0, -D, -np.inf).astype(np.float32)

@@ -5,12 +5,13 @@ released, queries in parallel; the storage only says where the cells' codes are.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import _lopq, _search
-from .direct_scan import passing_entries, reconstructions, top_k, walked_top_k
+from .direct_scan import cell_grid, passing_entries, reconstructions, top_k, walked_top_k
 from .filters import pass_rates
 from .storage.base import Storage
 
@@ -23,6 +24,12 @@ _BATCH = 256
 # per multiply-add scoring every passing entry, or CELL_NS per cell its walk over the
 # passing entries visits (the grid of their cells is sparse) and ROW_NS per dimension of
 # each candidate scored.
+# Reconstructions the direct plan keeps between calls (per index): at most this many filters,
+# each at most this many bytes.
+CACHE_ENTRIES = 4
+CACHE_BYTES = 1 << 28
+RECUR = 64   # queries a filter asked before is expected to serve (see _reuse)
+_CACHE_LOCK = threading.Lock()
 WALK_NS = 150.0
 GEMM_NS = 0.08
 RECON_NS = 0.12
@@ -49,8 +56,8 @@ class SearchStats:
 
 
 def search(model, storage: Storage, Q: np.ndarray, k: int, quota: int, w: int | None,
-           n_threads: int, packed: bool = False, rerank=None, filt=None, unpack=None
-           ) -> tuple[np.ndarray, np.ndarray, SearchStats]:
+           n_threads: int, packed: bool = False, rerank=None, filt=None, unpack=None,
+           cache: dict | None = None) -> tuple[np.ndarray, np.ndarray, SearchStats]:
     """Top-k by LOPQ asymmetric distance over whole cells in multi-sequence order.
 
     Parameters
@@ -77,6 +84,10 @@ def search(model, storage: Storage, Q: np.ndarray, k: int, quota: int, w: int | 
         Only entries that pass it are candidates (see :func:`filtered`).
     unpack : callable, optional
         Stored codes (n, width) -> fine codes (n, M): needed by a filter's direct plan.
+    cache : dict, optional
+        Where the direct plan keeps the passing entries' reconstructions between calls
+        (owned by the caller, one per storage), reused while the storage's generation and
+        the filter are the same.
 
     Returns
     -------
@@ -98,7 +109,7 @@ def search(model, storage: Storage, Q: np.ndarray, k: int, quota: int, w: int | 
     stats = SearchStats(np.zeros(nq, np.int64), np.zeros(nq, np.int64), np.zeros(nq, np.int64))
     out = None if rerank is None else (np.empty((nq, rerank.k), np.float32),
                                        np.empty((nq, rerank.k), np.int64))
-    run = _Run(view, Q, k, w, n_threads, packed, rerank, D, I, stats, out)
+    run = _Run(view, Q, k, w, n_threads, packed, rerank, D, I, stats, out, cache)
     counts = storage.tag_counts() if filt is not None and filt.masks is not None else None
     with storage.snapshot() as snap:
         run.snap, run.sizes = snap, snap.cell_sizes()
@@ -123,6 +134,7 @@ class _Run:
     I: np.ndarray
     stats: SearchStats
     out: object
+    cache: dict | None = None
     snap: object = None
     sizes: np.ndarray = None
 
@@ -218,8 +230,10 @@ def filtered(run: _Run, quota: int, filt, unpack, counts=None) -> None:
     rate = float(pass_rates(filt, counts, total).max())
     if filt.id_mode == 1:   # at most the list's length pass
         rate = min(rate, len(filt.id_set) / max(total, 1))
+    masks = filt.masks if filt.masks is not None else np.zeros((nq, 3), np.uint64)
+    share = _reuse(run, filt, np.unique(masks, axis=0), nq)
     if filt.plan == "direct" or (filt.plan == "auto" and _direct_is_cheaper(
-            run, quota, rate, total, nq)):
+            run, quota, rate, total, share)):
         return _direct(run, rows, filt, unpack, quota)
     walk = _walk_quota(quota, rate, total)
     while len(rows):
@@ -234,7 +248,8 @@ def filtered(run: _Run, quota: int, filt, unpack, counts=None) -> None:
         rows = rows[short]
         if not len(rows):
             return
-        if filt.plan == "auto" and _direct_is_cheaper(run, quota, rate, total, len(rows)):
+        if filt.plan == "auto" and _direct_is_cheaper(run, quota, rate, total,
+                                                      max(share, len(rows))):
             return _direct(run, rows, filt, unpack, quota)
         nxt = _walk_quota(quota, rate, total)
         walk = 0 if nxt <= 0 else max(2 * walk, nxt)
@@ -242,16 +257,35 @@ def filtered(run: _Run, quota: int, filt, unpack, counts=None) -> None:
             walk = 0
 
 
-def _direct_is_cheaper(run: _Run, quota: int, rate: float, total: int, nq: int) -> bool:
+def _reuse(run: _Run, filt, masks: np.ndarray, nq: int) -> float:
+    """Over how many queries the direct plan's per-call work (finding and reconstructing the
+    passing entries) is expected to be shared: inf when the cache holds it for every mask,
+    else the call's nq, or more for a filter asked before in this state (it recurs: its
+    reconstructions, once cached, serve the calls to come; :data:`RECUR` per earlier ask)."""
+    keys = [_cache_key(run, filt, m) for m in masks]
+    if keys and all(k is not None and k in run.cache for k in keys):
+        return np.inf
+    seen = run.cache.setdefault("asked", {}) if run.cache is not None else {}
+    earlier = min((seen.get(k, 0) for k in keys if k is not None), default=0)
+    with _CACHE_LOCK:
+        for k in keys:
+            if k is not None:
+                if any(old[0] != k[0] for old in seen):
+                    seen.clear()   # another state: what was asked before does not count
+                seen[k] = seen.get(k, 0) + 1
+    return max(nq, RECUR * earlier)
+
+
+def _direct_is_cheaper(run: _Run, quota: int, rate: float, total: int,
+                       share: float) -> bool:
     """Whether scoring the passing entries (``rate`` of ``total``) directly is expected to
-    cost less than walking cells until ``quota`` of them passed, for nq queries (see
-    :data:`WALK_NS`)."""
+    cost less than walking cells until ``quota`` of them passed, its per-call work shared by
+    ``share`` queries (see :data:`WALK_NS`)."""
     dim = 2 * run.view.Cs[0].shape[1]
     passing = rate * total
     walk = min(quota / max(rate, 1e-12) if quota > 0 else total, total) * WALK_NS
-    direct = _direct_costs(run, quota, passing)
-    direct = min(direct) + (total * SELECT_NS + passing * dim * dim / 2 * RECON_NS) / max(nq, 1)
-    return direct < walk
+    per_call = total * SELECT_NS + passing * dim * dim / 2 * RECON_NS
+    return min(_direct_costs(run, quota, passing)) + per_call / max(share, 1) < walk
 
 
 def _direct_costs(run: _Run, quota: int, passing: float) -> tuple[float, float]:
@@ -262,6 +296,16 @@ def _direct_costs(run: _Run, quota: int, passing: float) -> tuple[float, float]:
     if not 0 < quota < passing:
         return every, np.inf
     return every, quota * n_cells / passing * CELL_NS + quota * dim * ROW_NS
+
+
+def _cache_key(run: _Run, filt, mask: np.ndarray):
+    """The direct plan's cache key of a filter with tag masks ``mask`` (3,) in run's
+    snapshot (None: no cache, or a storage that cannot name its state)."""
+    gen = run.snap.generation
+    if run.cache is None or gen is None:
+        return None
+    return (gen, mask.tobytes(), filt.id_mode,
+            None if filt.id_set is None else filt.id_set.tobytes())
 
 
 def _walk_quota(quota: int, rate: float, total: int) -> int:
@@ -283,13 +327,27 @@ def _direct(run: _Run, rows: np.ndarray, filt, unpack, quota: int) -> None:
     uniq, inv = np.unique(masks[rows], axis=0, return_inverse=True)
     for u in range(len(uniq)):
         r = rows[inv.ravel() == u]
-        ids, cells, raw = passing_entries(run.snap, run.sizes, filt, uniq[u], width)
-        stored = raw if run.packed else raw.view(view.code_dtype)
-        X = reconstructions(view, cells, unpack(stored), run.n_threads)
+        key = _cache_key(run, filt, uniq[u])
+        hit = None if key is None else run.cache.get(key)
+        if hit is not None:
+            ids, grid, X = hit
+        else:
+            ids, cells, raw = passing_entries(run.snap, run.sizes, filt, uniq[u], width)
+            stored = raw if run.packed else raw.view(view.code_dtype)
+            X = reconstructions(view, cells, unpack(stored), run.n_threads)
+            grid = cell_grid(cells, len(run.sizes))
+            if key is not None and X.nbytes <= CACHE_BYTES:
+                with _CACHE_LOCK:   # searching threads share the index's cache
+                    held = [c for c in run.cache if isinstance(c, tuple)]
+                    for old in [c for c in held if c[0] != key[0]]:
+                        del run.cache[old]          # of other states: stale
+                    for old in held[:max(0, len(held) - CACHE_ENTRIES + 1)]:
+                        run.cache.pop(old, None)    # the oldest
+                    run.cache[key] = (ids, grid, X)
         every, walked = _direct_costs(run, quota, len(ids))
         if run.w or walked < every:
             D, I, stats.cells[r], stats.visited[r], stats.scanned[r] = walked_top_k(
-                view, run.Q[r], X, ids, cells, run.D.shape[1], quota, run.w, run.n_threads)
+                view, run.Q[r], X, ids, grid, run.D.shape[1], quota, run.w, run.n_threads)
         else:
             D, I = top_k(run.Q[r], X, ids, run.D.shape[1], view.Cmu is not None,
                          run.n_threads)

@@ -213,6 +213,33 @@ def test_filtered_search_with_reranking(setup, tmp_path, plan):
     assert ok[I].all()
 
 
+@pytest.mark.parametrize("kind", ["memory", "lmdb"])
+def test_direct_plan_reuses_reconstructions_until_a_write(setup, kind, tmp_path, monkeypatch):
+    """The direct plan keeps the passing entries' reconstructions between calls of one
+    index, and every write (add, set_tags, remove) makes it find them again."""
+    import cypq.search
+    model, X, Q, tags = setup
+    index, ids = _filled(kind, model, X, tags, tmp_path)
+    found = []
+    real = cypq.search.passing_entries
+    monkeypatch.setattr(cypq.search, "passing_entries",
+                        lambda *a: found.append(1) or real(*a))
+    search = lambda: index.search(Q, k=5, quota=0, tags_any=2, plan="direct")  # noqa: E731
+    D1, I1 = search()
+    D2, I2 = search()
+    assert len(found) == 1 and np.array_equal(I1, I2) and np.array_equal(D1, D2)
+    best = int(I1[0, 0])
+    index.set_tags([best], [0])                 # the best one no longer passes
+    assert best not in search()[1][0] and len(found) == 2
+    index.add(Q[:1], [10 ** 6], tags=[2])       # the query itself now passes
+    assert 10 ** 6 in search()[1][0] and len(found) == 3
+    index.remove([10 ** 6])
+    assert 10 ** 6 not in search()[1] and len(found) == 4
+    index.set_tags([best], [2])
+    assert search()[1][0, 0] == best and len(found) == 5
+    index.close()
+
+
 def _bits(tags) -> np.ndarray:
     """Reference per-bit counts of tag sets, bit by bit in Python."""
     return np.array([sum((int(t) >> j) & 1 for t in tags) for j in range(64)])

@@ -80,7 +80,17 @@ class Segments:
 
 
 class Snapshot(ABC):
-    """What a search reads, all from one committed state."""
+    """What a search reads, all from one committed state.
+
+    Attributes
+    ----------
+    generation : int or None
+        Names the committed state: every write makes a new one, so two snapshots of one
+        storage with the same generation hold the same entries (None: not known; then
+        nothing derived from a snapshot may be reused by a later one).
+    """
+
+    generation: Optional[int] = None
 
     @abstractmethod
     def cell_sizes(self) -> np.ndarray:

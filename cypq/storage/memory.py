@@ -94,6 +94,7 @@ class MemoryStorage(Storage):
         self._vecs_at = np.zeros(self.n_cells, dtype=np.uintp)
         self._tags_at = np.zeros(self.n_cells, dtype=np.uintp)
         self._tag_counts = np.zeros(64, dtype=np.int64)
+        self._gen = 0   # bumped by every write (Snapshot.generation)
 
     def __len__(self) -> int:
         return len(self._where)
@@ -108,6 +109,7 @@ class MemoryStorage(Storage):
             return self._add(cells, ids, codes, replace, vectors, tags)
 
     def _add(self, cells, ids, codes, replace, vectors, tags):
+        self._gen += 1
         if ids is None:
             ids = fresh_ids(self._next_id, len(cells))
         ids = np.asarray(ids, dtype=np.int64)
@@ -152,6 +154,7 @@ class MemoryStorage(Storage):
             return self._remove(ids)
 
     def _remove(self, ids):
+        self._gen += 1
         removed = 0
         for i in np.asarray(ids, dtype=np.int64).tolist():
             loc = self._where.pop(i, None)
@@ -193,6 +196,7 @@ class MemoryStorage(Storage):
         ids = np.asarray(ids, dtype=np.int64)
         tags = check_tags(self, tags, len(ids))
         with self._lock:
+            self._gen += 1
             locs = [(self._where.get(i), t) for i, t in zip(ids.tolist(), tags.tolist())]
             for loc, t in locs:
                 if loc is not None:
@@ -229,6 +233,7 @@ class MemoryStorage(Storage):
 class _MemorySnapshot(Snapshot):
     def __init__(self, storage: MemoryStorage):
         self._s = storage
+        self.generation = storage._gen
 
     def cell_sizes(self):
         return self._s._sizes

@@ -389,6 +389,7 @@ class ReadPath:
 class _LMDBSnapshot(Snapshot):
     def __init__(self, reader: ReadPath, txn, state: State):
         self._r, self._txn, self._state = reader, txn, state  # state holds the stage arrays
+        self.generation = state.gen   # every write transaction bumps it (env.bump)
         self._caches = []
 
     def cell_sizes(self):
