@@ -3,7 +3,8 @@ the queries by reconstruction instead of per-cell tables.
 
 A selective filter makes the table scan visit many cells, building tables for every
 centroid they touch, to find few passing entries. Here each passing entry is reconstructed
-once per search call (``C + mu + R^T s`` per half, in the model's space): a query's
+(``C + mu + R^T s`` per half, in the model's space; once per committed state: the caller,
+cypq.search, keeps them between calls): a query's
 distance to a reconstruction is the quantity ADC sums from tables, since the local
 rotations are orthogonal (equal up to float rounding). Then either every passing entry is
 scored (one matrix product), or, with a quota below their number, the cells are walked in
@@ -17,6 +18,7 @@ import numpy as np
 
 from . import _quantize, _rerank, _search
 from ._threads import blas_threads
+from .storage.base import Segments, row_addresses
 
 _L2, _IP = 0, 1   # rerank.h's score kinds
 
@@ -29,23 +31,26 @@ def passing_entries(snap, sizes: np.ndarray, filt, mask: np.ndarray, code_bytes:
     """(ids (n,) int64, cells (n,) int64, stored codes (n, code_bytes) uint8) of every entry
     of the snapshot that passes ``filt`` with the tag masks ``mask`` (3,) uint64: an id
     list's entries looked up by id, else every stored entry checked in one pass."""
-    if filt.id_mode == 1:
+    if filt.id_mode == 1:   # by id: each found entry a segment of one, for the same check
         found, cells, codes, tags = snap.lookup(filt.id_set)
-        a, al, no = (np.uint64(m) for m in mask)
-        keep = found & ((tags & a) != 0 if a else True) & ((tags & al) == al) & \
-            ((tags & no) == 0)
-        order = np.argsort(cells[keep], kind="stable")    # by cell, as the pass gives them
-        raw = np.ascontiguousarray(codes[keep][order]).view(np.uint8).reshape(len(order), -1)
-        return filt.id_set[keep][order], cells[keep][order], raw
-    cells = np.flatnonzero(sizes).astype(np.int64)
-    seg = snap.segments(cells)
+        order = np.argsort(cells[found], kind="stable")    # by cell, as the pass gives them
+        cells = cells[found][order]
+        held = [np.ascontiguousarray(a[found][order]) for a in (filt.id_set, codes, tags)]
+        seg = Segments(cells, np.arange(len(cells) + 1), row_addresses(held[1]),
+                       row_addresses(held[0]), np.ones(len(cells), np.int64), None,
+                       row_addresses(held[2]))     # ``held`` keeps the rows alive
+        id_set = np.empty(0, np.int64)
+        mode = 0
+    else:
+        seg = snap.segments(np.flatnonzero(sizes).astype(np.int64))
+        id_set = filt.id_set if filt.id_set is not None else np.empty(0, np.int64)
+        mode = filt.id_mode
     total = int(seg.length.sum())
     ids = np.empty(total, np.int64)
     codes = np.empty((total, code_bytes), np.uint8)
     where = np.empty(total, np.int64)
-    id_set = filt.id_set if filt.id_set is not None else np.empty(0, np.int64)
     n = _search.select_entries(seg.codes, seg.ids, seg.tags, seg.length, code_bytes, mask,
-                               id_set, filt.id_mode, ids, codes, where)
+                               id_set, mode, ids, codes, where)
     seg_cell = np.repeat(seg.cells, np.diff(seg.start))
     return ids[:n], seg_cell[where[:n]], codes[:n]
 

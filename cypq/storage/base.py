@@ -355,6 +355,12 @@ def bit_counts(tags) -> np.ndarray:
                          bitorder="little").sum(0, dtype=np.int64)
 
 
+def row_addresses(a: np.ndarray) -> np.ndarray:
+    """(n,) uintp addresses of the rows of a C-contiguous (n, ...) array."""
+    return np.uintp(a.ctypes.data) + np.uintp(a.strides[0] if a.ndim else 0) * \
+        np.arange(len(a), dtype=np.uintp)
+
+
 # ---------------------------------------------------------------------------- id policy
 ID_MAX = np.iinfo(np.int64).max
 

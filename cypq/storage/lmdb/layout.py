@@ -40,7 +40,7 @@ import zlib
 import numpy as np
 
 from ... import _buffers
-from ..base import IndexCorruptError
+from ..base import IndexCorruptError, row_addresses  # noqa: F401 (layout's callers use it)
 
 U64 = struct.Struct(">Q")
 CELL_BLOCK = struct.Struct(">QI")
@@ -214,12 +214,6 @@ def entry_addresses(values: list, expect: np.ndarray, code_bytes: int, where,
             np.repeat(tags_at, count) + np.uintp(8) * rank,
             np.repeat(codes_at, count) + np.uintp(code_bytes) * rank,
             np.repeat(vecs_at, count) + np.uintp(vec_bytes) * rank)
-
-
-def row_addresses(a: np.ndarray) -> np.ndarray:
-    """(n,) uintp addresses of the rows of a C-contiguous (n, ...) array."""
-    return np.uintp(a.ctypes.data) + np.uintp(a.strides[0] if a.ndim else 0) * \
-        np.arange(len(a), dtype=np.uintp)
 
 
 def cell_runs(cells: np.ndarray) -> np.ndarray:
