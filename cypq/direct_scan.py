@@ -75,6 +75,15 @@ def top_k(Q: np.ndarray, X: np.ndarray, ids: np.ndarray, k: int, ip: bool, n_thr
         return _top_k(Q, X, ids, k, ip)
 
 
+def list_shape(n_cells: int, quota: int, w) -> tuple[int, int]:
+    """(cells per query's list, queries per kernel call) of a walk over ``n_cells`` until
+    ``quota`` entries (<= 0: no quota) or ``w`` cells (None: no cap): a list needs at most
+    min(quota, w) cells (each listed cell holds an entry), and a call's lists stay within
+    32 MB."""
+    cap = max(1, min(n_cells, quota if quota > 0 else n_cells, w or n_cells))
+    return cap, max(1, min(256, (1 << 22) // cap))
+
+
 def cell_grid(cells: np.ndarray, n_cells: int) -> tuple[np.ndarray, np.ndarray]:
     """(sizes (n_cells,) int64, start (n_cells + 1,) int64) of entries sorted by their cells
     (n,): how many each cell holds, and where its rows begin."""
@@ -95,11 +104,10 @@ def walked_top_k(view, Q: np.ndarray, X: np.ndarray, ids: np.ndarray, grid, k: i
     visited and the entries scored ((nq,) int64 each)."""
     nq, n_cells = len(Q), view.V * view.V
     sizes, start = grid
-    cap = max(1, min(n_cells, quota if quota > 0 else n_cells, w or n_cells))
+    cap, batch = list_shape(n_cells, quota, w)
     D = np.empty((nq, k), np.float32)
     I = np.empty((nq, k), np.int64)
     listed, visited, scored = (np.zeros(nq, np.int64) for _ in range(3))
-    batch = max(1, min(256, (1 << 22) // cap))
     kind = _IP if view.Cmu is not None else _L2
     for a in range(0, nq, batch):
         Qb = np.ascontiguousarray(Q[a:a + batch])

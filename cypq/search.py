@@ -11,12 +11,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _lopq, _search
-from .direct_scan import cell_grid, passing_entries, reconstructions, top_k, walked_top_k
+from .direct_scan import (cell_grid, list_shape, passing_entries, reconstructions, top_k,
+                          walked_top_k)
 from .filters import pass_rates
 from .storage.base import Storage
 
-# Queries per kernel call: bounds the (batch, quota) cell lists kept in memory.
-_BATCH = 256
 # The planner's cost model (plan 'auto'), in nanoseconds on one core, measured on REALSIFT1M
 # (V=1024, M=16): the table scan costs WALK_NS per entry its cells hold; the direct plan,
 # per call, SELECT_NS per stored entry (finding the passing ones) and RECON_NS per
@@ -24,18 +23,18 @@ _BATCH = 256
 # per multiply-add scoring every passing entry, or CELL_NS per cell its walk over the
 # passing entries visits (the grid of their cells is sparse) and ROW_NS per dimension of
 # each candidate scored.
-# Reconstructions the direct plan keeps between calls (per index): at most this many filters,
-# each at most this many bytes.
-CACHE_ENTRIES = 4
-CACHE_BYTES = 1 << 28
-RECUR = 64   # queries a filter asked before is expected to serve (see _reuse)
-_CACHE_LOCK = threading.Lock()
 WALK_NS = 150.0
 GEMM_NS = 0.08
 RECON_NS = 0.12
 SELECT_NS = 3.0
 CELL_NS = 40.0
 ROW_NS = 0.15
+# Reconstructions the direct plan keeps between calls (per index): at most this many filters,
+# each at most this many bytes.
+CACHE_ENTRIES = 4
+CACHE_BYTES = 1 << 28
+RECUR = 64   # queries a filter asked before is expected to serve (see _reuse)
+_CACHE_LOCK = threading.Lock()
 # Up to this many possible values, _distinct finds the distinct ones through a table over all
 # of them (cells; (query, centroid) pairs of a batch).
 _DENSE_CELLS = 1 << 22
@@ -144,12 +143,7 @@ class _Run:
         the cell where ``need`` (> 0) of them passed. Returns the passing counts (len(rows),)
         (None without a filter)."""
         V = self.view.V
-        cap = V * V
-        if quota > 0:
-            cap = min(cap, quota)
-        if self.w:
-            cap = min(cap, self.w)
-        batch = max(1, min(_BATCH, (1 << 22) // cap))  # cell lists of at most 32 MB
+        cap, batch = list_shape(V * V, quota, self.w)
         passed = None if filt is None else np.zeros(len(rows), np.int64)
         for b0 in range(0, len(rows), batch):
             r = rows[b0:b0 + batch]
