@@ -123,8 +123,8 @@ def walked_top_k(view, Q: np.ndarray, X: np.ndarray, ids: np.ndarray, grid, k: i
 
 def _best(S: np.ndarray, rid: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k smallest scores of each row of S (nq, r) with their ids rid (nq, r), ascending,
-    ties by id (between the k taken; an exact tie at the k-th score may take another of the
-    tied ids than the table scan), inf / -1 padding."""
+    ties by id (as the table scan's heap ranks them, also at the k-th score), inf / -1
+    padding."""
     nq, r = S.shape
     kk = min(k, r)
     D = np.full((nq, k), np.inf, np.float32)
@@ -133,6 +133,11 @@ def _best(S: np.ndarray, rid: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarra
         return D, I
     part = np.argpartition(S, kk - 1, axis=1)[:, :kk] if kk < r else \
         np.broadcast_to(np.arange(r), (nq, r))
+    if kk < r:   # rows where more entries tie with the k-th score: the smallest ids of those
+        kth = np.take_along_axis(S, part, axis=1).max(1)
+        for j in np.flatnonzero((S <= kth[:, None]).sum(1) > kk):
+            c = np.flatnonzero(S[j] <= kth[j])
+            part[j] = c[np.lexsort((rid[j, c], S[j, c]))[:kk]]
     s, i = np.take_along_axis(S, part, axis=1), np.take_along_axis(rid, part, axis=1)
     order = np.lexsort((i, s), axis=-1)
     D[:, :kk], I[:, :kk] = np.take_along_axis(s, order, axis=1), np.take_along_axis(i, order,
