@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "for byte inputs like SIFT (whole numbers 0..255), float16, float32")
     s.add_argument("--tags", metavar="FILE", help=".npy of one unsigned tag bit set per "
                    "vector: the index keeps tags, for filtered search (search --tags-any ...)")
+    s.add_argument("--shards", type=_count, default=None, metavar="N",
+                   help="write a shard set: N indexes INDEX/shard-*, each owning a range of "
+                   "cells (balanced by entries), opened and searched as one index; needs "
+                   "twice the disk space while it splits")
     _train_options(s)
     s.set_defaults(func=cmd_build)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import sys
 import time
 
@@ -148,11 +149,28 @@ def cmd_build(args, out) -> int:
         raise UserError("give --model FILE, or --train with --V and --M")
     if model is None and args.train and not hasattr(source, "sample"):
         raise UserError("--train needs vectors as input, not codes")
-    summary = bulk_load(args.index, source, model=model,
+    target = args.index
+    if args.shards:   # the whole index first (resumable), then split, then the whole removed
+        from .shard_set import shard_dirs
+        target = os.path.join(args.index, ".whole")
+        if shard_dirs(args.index) and not os.path.isdir(target):
+            raise UserError(f"{args.index} already holds a shard set: build into a new "
+                            "directory")
+    summary = bulk_load(target, source, model=model,
                         train=(lambda: _train_from(source, args, out)) if args.train else None,
                         ids=args.ids, chunk_size=args.chunk, n_threads=args.threads,
                         progress=not args.quiet, out=out, pack_codes=args.pack,
                         vectors=args.vectors, tags=args.tags)
+    if args.shards:
+        from .index import Index
+        from .shards import split
+        for d in shard_dirs(args.index):   # an interrupted split's: made again
+            shutil.rmtree(d)
+        with Index.open(target, readonly=True) as whole:
+            split(whole, args.index, args.shards, step=args.chunk).close()
+        shutil.rmtree(target)
+        out(f"split into {args.shards} shards (Index.open / cypq search of {args.index} "
+            "reads them as one index)")
     out(f"built {args.index}")
     for line in summary.lines():
         out("  " + line)
@@ -231,6 +249,7 @@ def cmd_info(args, out) -> int:
                 st, packed, width = index.stats(), index.packed, index.storage.code_width
                 kept = index.vector_dtype
                 tags = index.storage.keeps_tags and (index.tag_names or "unnamed bits")
+                shard = index.shard
         except ValueError as e:
             out(f"index: {e}")
             return 0
@@ -240,6 +259,11 @@ def cmd_info(args, out) -> int:
                            else f"{width} x {np.dtype(model.fine_code_dtype).name}"))
         out(f"  vectors: {'kept as ' + kept.name if kept is not None else 'not kept'}")
         out(f"  tags: {', '.join(tags) if isinstance(tags, list) else tags or 'not kept'}")
+        if st.get("shards"):
+            out(f"  a shard set of {st['shards']} shards, searched as one index")
+        if shard is not None:
+            out(f"  shard {shard['number']} of {shard['count']} of a set, owning cells "
+                f"{shard['cells'][0]}..{shard['cells'][1] - 1}")
         if st.get("staged") or st.get("merge_pending"):
             pending = "; a merge is under way (adds go on with it; `Index.merge()` finishes it)" \
                 if st["merge_pending"] else ""

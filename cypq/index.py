@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import nullcontext
 from typing import Optional
 
 import numpy as np
@@ -12,9 +13,10 @@ from ._threads import resolve
 from .code_layout import CodeLayout
 from .filters import make_filter
 from .index_parts import (_as_ids, _legacy_n_cells, _require_trained, _stored_model,
-                          copy_entries, storage_args, tag_names)
+                          check_rerank, copy_entries, shard_of, storage_args, tag_names)
 from .lopq import LOPQModel
-from .search import SearchStats, search as _search
+from .shard_set import open_storage
+from .search import metric_distances, search as _search
 from .stored_vectors import Reranker, to_stored
 from .storage.base import Storage, check_tags
 from .storage.memory import MemoryStorage
@@ -42,6 +44,7 @@ class Index:
         self.readonly = readonly
         self.n_threads = n_threads
         self._closed, self._direct_cache = False, {}   # the latter: cypq.search's
+        self.shard = shard_of(storage)   # its place in a shard set (cypq.shards), or None
 
     # ------------------------------------------------------------------ making one
     @classmethod
@@ -109,9 +112,10 @@ class Index:
         _require_trained(model)
         from .storage.lmdb import LMDBStorage
         layout = CodeLayout.for_model(model, pack_codes)
+        shard = options.pop("shard", None)   # cypq.shards makes its shards so
         storage = LMDBStorage.create(os.fspath(path), model.V * model.V, layout.width,
                                      layout.dtype, **storage_args(model, layout.features,
-                                                                  vectors, tags), **options)
+                                                                  vectors, tags, shard), **options)
         return cls(model, storage, os.fspath(path), n_threads=n_threads)
 
     @classmethod
@@ -121,7 +125,10 @@ class Index:
 
         Parameters
         ----------
-        path : str or os.PathLike
+        path : str or os.PathLike, or a list of them
+            An index directory; or a shard set (:mod:`cypq.shard_set`): a directory of
+            ``shard-*`` indexes or the list of their directories, used as one index (the
+            same results as the index they were split from; a transaction per shard).
         readonly : bool
             Open for searching only (no writer lock is taken).
         n_threads : int, optional
@@ -132,14 +139,11 @@ class Index:
         Raises
         ------
         cypq.IndexFormatError
-            Not an index, a format this cypq cannot read, an unfinished bulk load, or a
+            Not an index, a format this cypq cannot read, an unfinished bulk load, a
             model inside that does not fit the stored codes (IndexCorruptError when the
-            data is damaged).
+            data is damaged), or shards that are not one whole set.
         """
-        from .storage.lmdb import LMDBStorage
-        path = os.fspath(path)
-        storage = LMDBStorage.open(path, readonly=readonly, n_cells_of=_legacy_n_cells,
-                                   **options)
+        storage, path = open_storage(path, readonly, _legacy_n_cells, **options)
         try:
             return cls(_stored_model(storage, path), storage, path, readonly, n_threads)
         except BaseException:
@@ -166,8 +170,7 @@ class Index:
 
     @property
     def vector_dtype(self) -> Optional[np.dtype]:
-        """numpy.dtype or None: how the index keeps each entry's vector (None: it keeps
-        none)."""
+        """numpy.dtype or None: how the index keeps each entry's vector (None: none)."""
         return self._storage.vector_dtype if self._storage.vector_width else None
 
     @property
@@ -193,9 +196,9 @@ class Index:
             self._storage.close()
 
     def __repr__(self) -> str:
-        where = self.path or "memory"
         state = "closed" if self._closed else f"{len(self)} vectors"
-        return f"<cypq.Index {where}: {state}, V={self._model.V}, M={self._model.M}>"
+        m = self._model
+        return f"<cypq.Index {self.path or 'memory'}: {state}, V={m.V}, M={m.M}>"
 
     def _check_open(self) -> None:
         if self._closed:
@@ -299,6 +302,11 @@ class Index:
         if not n:
             return np.empty(0, dtype=np.int64)
         cells = self._model.get_cell_id_for_coarse_codes(coarse)
+        if self.shard is not None and not np.all((cells >= self.shard["cells"][0]) & (
+                cells < self.shard["cells"][1])):
+            raise ValueError(f"{self.path} is shard {self.shard['number']} of a shard set and "
+                             "does not own every cell of these vectors: open the whole "
+                             "set (Index.open of its directory) and add there")
         return self._storage.add(cells, ids, self._layout.pack(fine), replace=replace,
                                  vectors=vectors, tags=tags)
 
@@ -424,23 +432,25 @@ class Index:
             tags copied): how an index without tags gets them (all zero).
         **options
             Storage options of the new index (default: this one's block and stage
-            capacities).
+            capacities); :func:`cypq.shards.split` adds ``cells`` (lo, hi), ``shard`` and
+            ``snapshot``: one cell range of its snapshot, a shard.
         """
         self._check_open()
-        path = os.fspath(path)
-        options = {**self._storage.options(), **options}
+        path, (lo, hi) = os.fspath(path), options.pop("cells", (0, None))
+        held = options.pop("snapshot", None)
+        options = {**self._storage.options(), "shard": self.shard, **options}
         state = b'{"compact": true}'   # the bulk marker until the copy is complete
         new = Index.create(path, self._model, n_threads=self.n_threads, bulk_state=state,
                            pack_codes=self._layout.packed,
-                           vectors=self.vector_dtype and self.vector_dtype.name,
-                           tags=tags if tags is not None else
-                           self._storage.keeps_tags and (self.tag_names or True),
-                           **options)
+                           vectors=self.vector_dtype and self.vector_dtype.name, tags=tags
+                           if tags is not None else self._storage.keeps_tags and (
+                               self.tag_names or True), **options)
         try:
             scratch = os.path.join(path, "compact-runs")
             os.makedirs(scratch, exist_ok=True)
             writer = new.storage.bulk_writer(scratch, step=step)
-            copy_entries(self._storage, writer, state, step)
+            with nullcontext(held) if held else self._storage.snapshot() as snap:
+                copy_entries(snap, self._storage, writer, state, step, lo, hi)
             writer.finish(state)
             shutil.rmtree(scratch, ignore_errors=True)
         except BaseException:
@@ -513,7 +523,7 @@ class Index:
         threads = self._threads(len(Q), _QUERIES_PER_THREAD)
         exact = None
         if rerank is not None:
-            rerank = self._check_rerank(rerank, k)
+            rerank = check_rerank(rerank, k, self.vector_dtype)
             X = self._model.normalize(self._batch(queries, "queries"))
             exact = Reranker(X, k, self._model.metric, self.vector_dtype, threads)
         D, I, stats = _search(self._model, self._storage, Q, rerank or k, quota, w, threads,
@@ -521,15 +531,7 @@ class Index:
                                   len(Q), self._storage.keeps_tags, self.tag_names, tags_any,
                                   tags_all, tags_none, ids, exclude_ids, plan),
                               self._layout.unpack, self._direct_cache)
-        if rerank is not None:  # exact scores, smaller first: the metric's convention
-            if self._model.metric != "l2":
-                D = np.where(I >= 0, -D, -np.inf).astype(np.float32)
-        elif self._model.metric == "cosine":
-            # unit vectors: |q - x|^2 = 2 - 2 cos(q, x); the order stays (largest first)
-            D = np.where(I >= 0, np.float32(1) - D * np.float32(0.5),
-                         -np.inf).astype(np.float32)
-        elif self._model.metric == "ip":  # the kernels rank by minus the inner product
-            D = np.where(I >= 0, -D, -np.inf).astype(np.float32)
+        D = metric_distances(D, I, self._model.metric, rerank is not None)
         return (D, I, stats) if return_stats else (D, I)
 
 
@@ -538,13 +540,3 @@ class Index:
         arr = np.asarray(x)
         return as_vectors(arr[None, :] if arr.ndim == 1 else arr, name, dim=self._model.D,
                           allow_empty=True)
-
-    def _check_rerank(self, rerank, k: int) -> int:
-        rerank = positive_int(rerank, "rerank")
-        if self.vector_dtype is None:
-            raise ValueError("rerank needs the stored vectors, and this index keeps none: "
-                             "create it with vectors='float32', 'float16' or 'uint8'")
-        if rerank < k:
-            raise ValueError(f"rerank={rerank} is below k={k}: re-rank at least the k "
-                             "results asked for")
-        return rerank

@@ -7,6 +7,7 @@ from typing import Optional
 
 import numpy as np
 
+from ._checks import positive_int
 from ._runs import ranges
 from .filters import check_tag_names
 from .lopq import LOPQModel
@@ -15,12 +16,16 @@ from .stored_vectors import vector_dtype
 from .storage.base import TAGS, IndexCorruptError, Storage
 
 
-def storage_args(model: LOPQModel, features, vectors: Optional[str], tags) -> dict:
+def storage_args(model: LOPQModel, features, vectors: Optional[str], tags,
+                 shard: Optional[dict] = None) -> dict:
     """The ``meta``, ``features`` and ``vectors`` a new index's storage is created with: the
-    model, the code layout's features, the ``vectors`` kind, and ``tags`` (None / False:
-    none; True: unnamed; a list of up to 64 names, bit j named by the j-th)."""
+    model, the code layout's features, the ``vectors`` kind, ``tags`` (None / False:
+    none; True: unnamed; a list of up to 64 names, bit j named by the j-th), and ``shard``
+    (its place in a shard set, :func:`shard_of`)."""
     _require_trained(model)
     meta = {"model": model.to_proto_bytes()}
+    if shard is not None:
+        meta["shard"] = json.dumps(shard).encode()
     features = set(features)
     if tags is not None and tags is not False:
         features.add(TAGS)
@@ -43,18 +48,37 @@ def tag_names(storage: Storage) -> list[str]:
             from None
 
 
-def copy_entries(src: Storage, writer, state: bytes, step: int) -> None:
-    """Every entry of ``src`` (codes, and vectors and tags where it keeps them), from one
-    snapshot, appended to a bulk ``writer`` about ``step`` entries at a time."""
-    with src.snapshot() as snap:
-        lo = 0
-        for hi in ranges(np.cumsum(snap.cell_sizes()), step):
-            cells, ids, codes, *rest = snap.entries(lo, hi, vectors=True, tags=True)
-            vectors = rest.pop(0) if src.vector_width else None
-            tags = rest.pop(0) if src.keeps_tags else None
-            if len(cells):
-                writer.append(cells, ids, codes, state, vectors, tags)
-            lo = hi
+def shard_of(storage: Storage) -> Optional[dict]:
+    """The place of an index in a shard set (None: not a shard): ``set`` (its name),
+    ``number`` and ``count`` (shard i of n), ``cells`` [lo, hi) (the cells it owns)."""
+    raw = storage.meta("shard")
+    if raw is None:
+        return None
+    try:
+        shard = json.loads(bytes(raw).decode())
+        lo, hi = (int(c) for c in shard["cells"])
+        if not (0 <= lo < hi <= storage.n_cells and 0 <= shard["number"] < shard["count"]):
+            raise ValueError("out of range")
+        return dict(shard, cells=[lo, hi])
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError) as e:
+        raise IndexCorruptError(f"meta[shard] does not parse as a shard's place: {e}") \
+            from None
+
+
+def copy_entries(snap, src: Storage, writer, state: bytes, step: int, lo: int = 0,
+                 end: Optional[int] = None) -> None:
+    """The entries of cells lo .. end-1 (default: all) of ``src`` (codes, and vectors and
+    tags where it keeps them), from its snapshot ``snap``, appended to a bulk ``writer``
+    about ``step`` entries at a time."""
+    sizes = snap.cell_sizes()
+    end = len(sizes) if end is None else end
+    for hi in (lo + np.asarray(ranges(np.cumsum(sizes[lo:end]), step))).tolist():
+        cells, ids, codes, *rest = snap.entries(lo, hi, vectors=True, tags=True)
+        vectors = rest.pop(0) if src.vector_width else None
+        tags = rest.pop(0) if src.keeps_tags else None
+        if len(cells):
+            writer.append(cells, ids, codes, state, vectors, tags)
+        lo = hi
 
 
 def _vector_spec(model: LOPQModel, kind: Optional[str]):
@@ -102,3 +126,15 @@ def _as_ids(ids, n: Optional[int], unique: bool = True) -> np.ndarray:
     if unique and len(np.unique(arr)) != len(arr):
         raise ValueError("ids must be unique within one call")
     return arr
+
+
+def check_rerank(rerank, k: int, vector_dtype) -> int:
+    """A search's ``rerank`` checked against its k and the index's kept vectors."""
+    rerank = positive_int(rerank, "rerank")
+    if vector_dtype is None:
+        raise ValueError("rerank needs the stored vectors, and this index keeps none: "
+                         "create it with vectors='float32', 'float16' or 'uint8'")
+    if rerank < k:
+        raise ValueError(f"rerank={rerank} is below k={k}: re-rank at least the k "
+                         "results asked for")
+    return rerank

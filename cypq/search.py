@@ -154,53 +154,127 @@ class _Run:
 
 
 def _search_batch(run: _Run, r: np.ndarray, quota, cap, filt, need):
-    """Search the queries ``r`` (phase A, the snapshot's segments and local frames, phase
-    C; then the re-ranking into ``run.out``); returns the passing counts with a filter."""
+    """Search the queries ``r`` (phase A, :func:`cell_lists`; then :func:`scan_lists`; then
+    the re-ranking into ``run.out``); returns the passing counts with a filter."""
     view, snap, stats, k = run.view, run.snap, run.stats, run.k
     contiguous = len(r) and r[-1] - r[0] == len(r) - 1
     sl = slice(int(r[0]), int(r[-1]) + 1) if contiguous else r
     Qb = run.Q[sl]
-    nb = len(r)
-    cells = np.empty((nb, cap), dtype=np.int64)
-    n_cand = np.empty(nb, dtype=np.int64)
-    n_cells = np.empty(nb, dtype=np.int64)
-    visited = np.empty(nb, dtype=np.int64)
-    ip = view.Cmu is not None
-    _search.cell_order(Qb, view.Cs[0], view.Cs[1], run.sizes, quota, run.w or 0, cells,
-                       n_cells, visited, n_cand, run.n_threads, ip, filt is not None)
-    # From here on the visited cells are flat, query-major: query q's are
-    # flat[cell_start[q]:cell_start[q + 1]].
-    flat = cells[np.arange(cap)[None, :] < n_cells[:, None]]
-    cell_start = np.zeros(nb + 1, dtype=np.int64)
-    np.cumsum(n_cells, out=cell_start[1:])
-    distinct, slot = _distinct(flat, len(run.sizes))
-    seg = snap.segments(distinct)
-    query_of = np.repeat(np.arange(nb), n_cells)
-    P0, start0, tab0, off0 = _local_frames(view, 0, Qb, query_of, flat // view.V, run.n_threads)
-    P1, start1, tab1, off1 = _local_frames(view, 1, Qb, query_of, flat % view.V, run.n_threads)
-    W = vecs = None
-    if run.rerank is not None:   # where each result's vector is (0: staged, read by id)
-        W, vecs = np.empty((nb, k), dtype=np.uintp), seg.vectors
-    D = np.empty((nb, k), dtype=np.float32)
-    I = np.empty((nb, k), dtype=np.int64)
-    scanned = np.empty(nb, dtype=np.int64)
+    flat, n_cells, visited = cell_lists(view, Qb, run.sizes, quota, run.w, cap, run.n_threads,
+                                        filt is not None)
     extra = {}
     if filt is not None:
-        passed, done = np.empty(nb, np.int64), np.empty(nb, np.int64)
-        extra = dict(seg_tags=seg.tags, masks=None if filt.masks is None else filt.masks[sl],
+        passed, done = np.empty(len(r), np.int64), np.empty(len(r), np.int64)
+        extra = dict(masks=None if filt.masks is None else filt.masks[sl],
                      id_set=filt.id_set, id_mode=filt.id_mode, pass_quota=need,
                      n_passed=passed, n_done=done)
-    _search.scan_cells(P0, P1, start0, start1, view.fine, cell_start, tab0, tab1, slot,
-                       seg.start, seg.codes, seg.ids, seg.length,
-                       1 if run.packed else view.code_dtype.itemsize, D, I, scanned,
-                       run.n_threads, off0, off1, run.packed, vecs,
-                       run.rerank.vec_bytes if run.rerank is not None else 0, W, **extra)
+    D, I, scanned, W = scan_lists(view, snap, Qb, flat, n_cells, k, run.n_threads, run.packed,
+                                  run.rerank, extra)
     run.D[sl], run.I[sl] = D, I
     stats.scanned[sl], stats.visited[sl] = scanned, visited
     stats.cells[sl] = n_cells if filt is None else done
     if run.rerank is not None:
         run.out[0][sl], run.out[1][sl] = run.rerank.batch(snap, r, I, W)
     return None if filt is None else passed
+
+
+def cell_lists(view, Qb: np.ndarray, sizes: np.ndarray, quota: int, w, cap: int,
+               n_threads: int, ordered: bool = False) -> tuple:
+    """Each query's non-empty cells in multi-sequence order until they hold ``quota``
+    entries (or ``w`` cells were visited), at most ``cap`` per query.
+
+    Parameters
+    ----------
+    view : the model's kernel view
+    Qb : numpy.ndarray float32 (nb, model_dim)
+    sizes : numpy.ndarray int64 (V * V,)
+        Entries per cell (of the whole index: a shard set's, summed).
+
+    Returns
+    -------
+    flat : numpy.ndarray int64 (n,)
+        The cells, query-major: query q's are ``flat[start[q]:start[q + 1]]`` with ``start``
+        the cumulative ``n_cells``; each query's ascending by cell id (with ``ordered``: in
+        multi-sequence order).
+    n_cells, visited : numpy.ndarray int64 (nb,)
+        Non-empty cells listed, and cells visited empty ones included, per query.
+    """
+    nb = len(Qb)
+    cells = np.empty((nb, cap), dtype=np.int64)
+    n_cand, n_cells, visited = (np.empty(nb, dtype=np.int64) for _ in range(3))
+    _search.cell_order(Qb, view.Cs[0], view.Cs[1], sizes, quota, w or 0, cells, n_cells,
+                       visited, n_cand, n_threads, view.Cmu is not None, ordered)
+    return cells[np.arange(cap)[None, :] < n_cells[:, None]], n_cells, visited
+
+
+def scan_lists(view, snap, Qb: np.ndarray, flat: np.ndarray, n_cells: np.ndarray, k: int,
+               n_threads: int, packed: bool, rerank=None, extra: dict | None = None) -> tuple:
+    """ADC top-k of each query over the entries of its listed cells in one snapshot.
+
+    Parameters
+    ----------
+    view : the model's kernel view
+    snap : cypq.storage.base.Snapshot
+    Qb : numpy.ndarray float32 (nb, model_dim)
+    flat, n_cells : numpy.ndarray int64
+        The cells to scan, query-major, and how many per query (as :func:`cell_lists`
+        returns them; a subset of each query's list is fine, e.g. a shard's).
+    k, n_threads, packed, rerank : see :func:`search`
+    extra : dict, optional
+        A filter's arguments of ``scan_cells``.
+
+    Returns
+    -------
+    D (nb, k) float32, I (nb, k) int64 ascending by (distance, id); scanned (nb,) int64
+    entries scored; W (nb, k) uintp where each result's stored vector is (0: read it by id),
+    None without ``rerank``.
+    """
+    nb = len(Qb)
+    cell_start = np.zeros(nb + 1, dtype=np.int64)
+    np.cumsum(n_cells, out=cell_start[1:])
+    distinct, slot = _distinct(flat, view.V * view.V)
+    seg = snap.segments(distinct)
+    query_of = np.repeat(np.arange(nb), n_cells)
+    P0, start0, tab0, off0 = _local_frames(view, 0, Qb, query_of, flat // view.V, n_threads)
+    P1, start1, tab1, off1 = _local_frames(view, 1, Qb, query_of, flat % view.V, n_threads)
+    W = vecs = None
+    if rerank is not None:   # where each result's vector is (0: staged, read by id)
+        W, vecs = np.empty((nb, k), dtype=np.uintp), seg.vectors
+    D = np.empty((nb, k), dtype=np.float32)
+    I = np.empty((nb, k), dtype=np.int64)
+    scanned = np.empty(nb, dtype=np.int64)
+    extra = dict(extra or {})
+    if extra:
+        extra["seg_tags"] = seg.tags
+    _search.scan_cells(P0, P1, start0, start1, view.fine, cell_start, tab0, tab1, slot,
+                       seg.start, seg.codes, seg.ids, seg.length,
+                       1 if packed else view.code_dtype.itemsize, D, I, scanned,
+                       n_threads, off0, off1, packed, vecs,
+                       rerank.vec_bytes if rerank is not None else 0, W, **extra)
+    return D, I, scanned, W
+
+
+def metric_distances(D: np.ndarray, I: np.ndarray, metric: str, exact: bool = False
+                     ) -> np.ndarray:
+    """The kernels' distances (smaller first) as a search returns them, faiss's convention
+    for each metric: l2 squared distances; cosine similarities and inner products, larger
+    first, -inf where a query has fewer results (``exact``: re-ranked scores, minus the
+    similarity for cosine and ip)."""
+    if metric == "l2":
+        return D
+    if metric == "cosine" and not exact:
+        # unit vectors: |q - x|^2 = 2 - 2 cos(q, x); the order stays (largest first)
+        return np.where(I >= 0, np.float32(1) - D * np.float32(0.5), -np.inf).astype(np.float32)
+    return np.where(I >= 0, -D, -np.inf).astype(np.float32)   # ranked by minus the score
+
+
+def merge_top_k(D: np.ndarray, I: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of partial top-k lists side by side, D, I (nq, m): ranked as the scan's
+    heap ranks them (distance, then id; -1 ids last), so merging the top-k of disjoint
+    parts gives the top-k of the whole, ties included."""
+    key = np.where(I < 0, np.iinfo(np.int64).max, I)
+    order = np.lexsort((key, D), axis=-1)[:, :k]
+    return np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
 
 
 def filtered(run: _Run, quota: int, filt, unpack, counts=None) -> None:

@@ -241,6 +241,10 @@ class Storage(ABC):
         raise ValueError("this storage keeps no tags")
 
     @abstractmethod
+    def next_id(self) -> int:
+        """One past the largest id ever stored: where fresh ids (``add`` without ids) start."""
+
+    @abstractmethod
     def snapshot(self) -> AbstractContextManager[Snapshot]:
         """A consistent read view for one search: sizes and segments of the same state."""
 

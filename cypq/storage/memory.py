@@ -99,6 +99,9 @@ class MemoryStorage(Storage):
     def __len__(self) -> int:
         return len(self._where)
 
+    def next_id(self) -> int:
+        return self._next_id
+
     def meta(self, name):
         return self._meta.get(name)
 

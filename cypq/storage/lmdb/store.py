@@ -156,6 +156,11 @@ class LMDBStorage(Storage):
             return self._env.counter(txn, b"count")
 
     @_reports_damage
+    def next_id(self) -> int:
+        with self._env.read() as txn:
+            return self._env.counter(txn, b"next_id")
+
+    @_reports_damage
     def meta(self, name: str) -> Optional[bytes]:
         with self._env.read() as txn:
             v = self._env.get_meta(txn, name.encode())
