@@ -20,94 +20,35 @@ from __future__ import annotations
 
 import base64
 import copy
+import os
 import pickle
+import shutil
+import tempfile
 from typing import Optional
 
 import numpy as np
 
-from ._checks import as_vectors
 from .kmeans import centroids_from_sums, lloyd_sums
 from .lopq import LOPQModel
 from .lopq_parts import choose_auto
 from .lopq_training import (combine_moments, data_moments, pca_from_moments,
                             rotation_report, rotations_from_moments)
+from .spark_input import _arrow_matrix, _arrow_vectors, _rows, _to_blocks, blocks
+from .spark_search import search
 
 try:
     import pyspark  # noqa: F401
 except ImportError:  # pragma: no cover - the message is the point
     raise ImportError("cypq.spark needs pyspark: pip install 'cypq[spark]'") from None
 
-BLOCK_ROWS = 16384
 CODES_SCHEMA = "id long, cell long, c0 int, c1 int, fine binary"
 
 
+__all__ = ["train_lopq", "encode", "search", "knn_graph", "blocks", "read_lopq_text",
+           "write_lopq_text"]
+
+
 # ---------------------------------------------------------------------------- input
-def _as_row_vector(v) -> np.ndarray:
-    return np.asarray(v.toArray() if hasattr(v, "toArray") else v, dtype=np.float32)
-
-
-def _rows(data, id_col: str, vector_col: str):
-    """RDD of (id, vector) from a DataFrame or an RDD of pairs."""
-    if hasattr(data, "rdd") and hasattr(data, "columns"):
-        missing = [c for c in (id_col, vector_col) if c not in data.columns]
-        if missing:
-            raise ValueError(f"the DataFrame has no column {', '.join(missing)} (columns: "
-                             f"{', '.join(data.columns)}): pass id_col= / vector_col=")
-        return data.select(id_col, vector_col).rdd.map(lambda r: (r[0], r[1]))
-    if hasattr(data, "mapPartitions"):
-        return data
-    raise TypeError(f"expected a Spark DataFrame or an RDD of (id, vector), got "
-                    f"{type(data).__name__}")
-
-
-def _to_blocks(rows, block_rows: int = BLOCK_ROWS):
-    """Partition rows (id, vector) -> blocks (ids int64 (n,), X float32 (n, D))."""
-    ids, vecs = [], []
-    for i, v in rows:
-        ids.append(i)
-        vecs.append(_as_row_vector(v))
-        if len(ids) == block_rows:
-            yield _block(ids, vecs)
-            ids, vecs = [], []
-    if ids:
-        yield _block(ids, vecs)
-
-
-def _block(ids, vecs):
-    if len({len(v) for v in vecs}) > 1:
-        raise ValueError("vectors of different lengths in the input")
-    return np.asarray(ids, dtype=np.int64), as_vectors(np.stack(vecs), "vectors")
-
-
-def blocks(data, id_col: str = "id", vector_col: str = "vector",
-           block_rows: int = BLOCK_ROWS):
-    """RDD of blocks (ids int64 (n,), vectors float32 (n, D)), each from one partition."""
-    if _arrow_vectors(data, id_col, vector_col):
-        # Columnar: Arrow batches become blocks on the executors, and each block crosses to
-        # Python as one pickled value instead of a Python object per row.
-        return data.select(id_col, vector_col).mapInArrow(
-            _arrow_blocks, "block binary").rdd.map(lambda r: pickle.loads(r[0]))
-    return _rows(data, id_col, vector_col).mapPartitions(
-        lambda rows: _to_blocks(rows, block_rows))
-
-
-def _arrow_blocks(batches):
-    import pyarrow as pa
-    for rb in batches:
-        if rb.num_rows:
-            block = (rb.column(0).to_numpy(zero_copy_only=False).astype(np.int64),
-                     _arrow_matrix(rb.column(1)))
-            yield pa.RecordBatch.from_arrays(
-                [pa.array([pickle.dumps(block, protocol=pickle.HIGHEST_PROTOCOL)],
-                          pa.binary())], names=["block"])
-
-
-def _arrow_matrix(vec) -> np.ndarray:
-    """An Arrow list<float> column of equal-length lists as float32 (n, D)."""
-    from .code_files import fixed_rows
-    return as_vectors(fixed_rows(vec, "vectors"), "vectors")
-
-
 def read_lopq_text(sc, path: str, min_partitions: Optional[int] = None, parse_id=int):
     """The LOPQ Spark scripts' data format: one line per vector, ``id<TAB>base64(pickled
     numpy array)`` (pickles of Python 2 included).
@@ -386,22 +327,6 @@ def encode(data, model: LOPQModel, path: Optional[str] = None, id_col: str = "id
     return df
 
 
-def _arrow_vectors(data, id_col: str, vector_col: str) -> bool:
-    """Whether data is a DataFrame whose vector column Arrow can carry as a list of floats."""
-    if not (hasattr(data, "schema") and hasattr(data, "mapInArrow")):
-        return False
-    try:
-        import pandas  # noqa: F401  (Spark's Arrow functions insist on it)
-        import pyarrow  # noqa: F401
-        from pyspark.sql.types import ArrayType, DoubleType, FloatType, IntegralType
-        fields = {f.name: f.dataType for f in data.schema.fields}
-    except ImportError:
-        return False
-    vt, it = fields.get(vector_col), fields.get(id_col)
-    return (isinstance(vt, ArrayType) and isinstance(vt.elementType, (FloatType, DoubleType))
-            and isinstance(it, IntegralType))
-
-
 def _codes_of(model: LOPQModel, X: np.ndarray):
     """(cells, c0, c1 int64 (n,), fine as little-endian bytes (n, width) uint8) of X."""
     model.n_threads = 1  # one kernel thread per task: Spark's tasks are the parallelism
@@ -439,3 +364,50 @@ def _encode_arrow(model, batches):
             [pa.array(ids), pa.array(cells), pa.array(c0.astype(np.int32)),
              pa.array(c1.astype(np.int32)), fine_col] + tags,
             names=["id", "cell", "c0", "c1", "fine"] + ["tags"] * len(tags))
+
+
+# ---------------------------------------------------------------------------- k-NN graph
+def knn_graph(data, model: LOPQModel, k: int = 10, quota: Optional[int] = None,
+              path: Optional[str] = None, codes_path: Optional[str] = None,
+              id_col: str = "id", vector_col: str = "vector",
+              num_partitions: Optional[int] = None, mode: str = "errorifexists", spark=None):
+    """Every item's k nearest other items by LOPQ (a k-NN graph: near-duplicates,
+    recommendations): the items encoded (:func:`encode`), then each searched against all of
+    them (:func:`search`, its own id left out).
+
+    Parameters
+    ----------
+    data : DataFrame (id_col, vector_col) or RDD of (id, vector)
+        Ids unique int64.
+    model : LOPQModel
+        Trained.
+    k, quota : int
+        As :func:`search`.
+    path : str, optional
+        Write the graph there as Parquet (and return it read back).
+    codes_path : str, optional
+        Where the items' codes go (default: a temporary directory, removed at the end;
+        on a cluster give a path every executor can read).
+    num_partitions, mode, spark : as :func:`search`.
+
+    Returns
+    -------
+    DataFrame (query_id long, ids array<long>, distances array<float>): per item its k
+    neighbours, best first.
+    """
+    from pyspark.sql import SparkSession
+    spark = spark or SparkSession.builder.getOrCreate()
+    tmp = None
+    if codes_path is None:
+        tmp = tempfile.mkdtemp(prefix="cypq-knn-")
+        codes_path = os.path.join(tmp, "codes")
+    try:
+        encode(data, model, path=codes_path, id_col=id_col, vector_col=vector_col,
+               num_partitions=num_partitions, spark=spark)
+        df = search(data, codes_path, model, k, quota, path, id_col, vector_col,
+                    num_partitions, mode, spark, exclude_self=True)
+        # computed now: the codes it reads are removed below
+        return spark.read.parquet(path) if path is not None else df.localCheckpoint(True)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)

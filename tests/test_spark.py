@@ -244,3 +244,116 @@ def test_spark_tool_end_to_end(tmp_path, data):
         D1, I1 = ix.search(Q, k=10, quota=500)
     D2, I2 = ref.search(Q, k=10, quota=500)
     assert np.array_equal(I1, I2) and np.array_equal(D1, D2)
+    # search on Spark with the tool: the same results
+    pq.write_table(pa.table({"id": pa.array(np.arange(len(Q)), pa.int64()),
+                             "vector": pa.array(list(Q), pa.list_(pa.float32()))}),
+                   tmp_path / "queries.parquet")
+    r = subprocess.run([sys.executable, tool, "search", "--master", "local[2]", "--input",
+                        str(tmp_path / "queries.parquet"), "--codes", str(tmp_path / "codes"),
+                        "--model", str(tmp_path / "m.lopq"), "--k", "10", "--quota", "500",
+                        "--output", str(tmp_path / "res")], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = pq.read_table(tmp_path / "res").to_pandas().sort_values("query_id")
+    assert np.array_equal(np.stack(res["ids"].to_numpy()), I2)
+
+
+def _results(df, n):
+    """(D, I) of a Spark search's DataFrame, rows in query-id order (ids 0..n-1)."""
+    rows = sorted(df.collect(), key=lambda r: r.query_id)
+    assert [r.query_id for r in rows] == list(range(n))
+    return (np.array([r.distances for r in rows], np.float32),
+            np.array([r.ids for r in rows], np.int64))
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_spark_search_equals_index_search(spark, data, tmp_path, metric):
+    """Over Parquet codes (parts of several files, and one part), a shard set and a vector
+    file of queries: the results of Index.search on the same codes, ties included."""
+    from cypq.shards import split
+    from cypq.spark import encode, search
+    X, Q = data
+    X = np.concatenate([X, X[:30]])          # duplicates: ties inside and across parts
+    ids = np.arange(len(X)) * 5 + 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        model = LOPQModel(V=12, M=8, subquantizer_clusters=64, metric=metric).fit(
+            X, random_state=2)
+    encode(_df(spark, X, ids).repartition(5), model, path=str(tmp_path / "codes"),
+           num_partitions=5)
+    Q = np.concatenate([Q, X[:6]])
+    ref = Index.in_memory(model)
+    ref.add(X, ids)
+    queries = spark.createDataFrame([(i, q.tolist()) for i, q in enumerate(Q)],
+                                    "id long, vector array<float>").repartition(2)
+    with Index.create(tmp_path / "whole", model) as whole:
+        whole.add(X, ids)
+        split(whole, tmp_path / "set", 3).close()
+    np.save(tmp_path / "q.npy", Q)
+    for corpus, qs, tasks, quota, k in (
+            (tmp_path / "codes", queries, None, 400, 10), (tmp_path / "codes", queries, 1, 0, 7),
+            (tmp_path / "set", queries, None, 400, 10),
+            (tmp_path / "codes", str(tmp_path / "q.npy"), 3, 400, 10)):
+        D, I = _results(search(qs, str(corpus), model if "codes" in str(corpus) else None,
+                               k=k, quota=quota, num_partitions=tasks), len(Q))
+        want = ref.search(Q, k=k, quota=quota)
+        np.testing.assert_array_equal(I, want[1], err_msg=f"{corpus} {tasks} {quota}")
+        np.testing.assert_array_equal(D, want[0])
+    # written as Parquet when a path is given
+    search(queries, str(tmp_path / "set"), k=3, quota=400, path=str(tmp_path / "res"))
+    assert spark.read.parquet(str(tmp_path / "res")).count() == len(Q)
+
+
+def test_spark_knn_graph_is_each_items_search_without_itself(spark, data, model, tmp_path):
+    from cypq.spark import knn_graph
+    X, _ = data
+    X = X[:3000]
+    D, I = _results(knn_graph(_df(spark, X), model, k=6, quota=300), len(X))
+    ref = Index.in_memory(model)
+    ref.add(X, np.arange(len(X)))
+    Dr, Ir = ref.search(X, k=7, quota=300)
+    mine = Ir == np.arange(len(X))[:, None]
+    assert (I != np.arange(len(X))[:, None]).all()
+    keep = ~mine
+    keep[~mine.any(1), -1] = False   # no self among the 7: the last one goes
+    np.testing.assert_array_equal(I, Ir[keep].reshape(len(X), 6))
+    np.testing.assert_array_equal(D, Dr[keep].reshape(len(X), 6))
+
+
+def test_spark_search_refuses_bad_input_before_scheduling(spark, data, model, tmp_path):
+    from cypq import IndexFormatError
+    from cypq.shards import split
+    from cypq.spark import encode, search
+    X, Q = data
+    encode(_df(spark, X[:2000]), model, path=str(tmp_path / "codes"), num_partitions=3)
+    queries = spark.createDataFrame([(i, q.tolist()) for i, q in enumerate(Q)],
+                                    "id long, vector array<float>")
+    short = spark.createDataFrame([(0, Q[0, :16].tolist())], "id long, vector array<float>")
+    with pytest.raises(ValueError, match="dimension 16; the model takes 32"):
+        search(short, str(tmp_path / "codes"), model)
+    with pytest.raises(ValueError, match="needs the model"):
+        search(queries, str(tmp_path / "codes"))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        search(queries, str(tmp_path / "nothing"), model)
+    os.mkdir(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="no .parquet files there .the corpus is"):
+        search(queries, str(tmp_path / "empty"), model)
+    other = LOPQModel(V=4, M=8, subquantizer_clusters=64).fit(X[:2000], random_state=0)
+    with pytest.raises(ValueError, match="another model"):
+        search(queries, str(tmp_path / "codes"), other)
+    # two encodings' files side by side: cell ranges that overlap
+    encode(_df(spark, X[2000:4000], np.arange(2000, 4000)), model, path=str(tmp_path / "c2"),
+           num_partitions=2)
+    for f in os.listdir(tmp_path / "c2"):
+        if f.endswith(".parquet"):
+            shutil.copy(tmp_path / "c2" / f, tmp_path / "codes" / ("b-" + f))
+    with pytest.raises(ValueError, match="not range-partitioned"):
+        search(queries, str(tmp_path / "codes"), model)
+    with Index.create(tmp_path / "whole", model) as whole:
+        whole.add(X[:2000], np.arange(2000))
+        split(whole, tmp_path / "set", 3).close()
+    with pytest.raises(ValueError, match="not the model inside"):
+        search(queries, str(tmp_path / "set"), other)
+    shutil.rmtree(tmp_path / "set" / "shard-0001")
+    with pytest.raises(IndexFormatError, match="missing"):
+        search(queries, str(tmp_path / "set"))

@@ -1,8 +1,14 @@
-"""Train an LOPQ model and encode vectors on Spark; the codes feed ``cypq build``.
+"""Train an LOPQ model, encode vectors and search on Spark; the codes feed ``cypq build``.
 
     spark-submit tools/spark_lopq.py train  --input VECTORS --V 1024 --M 16 --model-out m.lopq
     spark-submit tools/spark_lopq.py encode --input VECTORS --model m.lopq --output codes/
-    cypq build my-index codes/ --model m.lopq
+    spark-submit tools/spark_lopq.py search --input QUERIES --codes codes/ --model m.lopq \
+        --k 10 --quota 5000 --output results/
+    spark-submit tools/spark_lopq.py knn-graph --input VECTORS --model m.lopq --k 10 \
+        --output graph/
+    cypq build my-index codes/ --model m.lopq [--shards N]
+
+(``search --codes`` also takes a shard set: ``cypq build --shards``'s directory.)
 
 (``python tools/spark_lopq.py ... --master local[2]`` works too.) VECTORS is Parquet with an id
 column (long) and a vector column (array<float> or an ML Vector), or, with
@@ -42,6 +48,18 @@ def main(argv=None) -> int:
     e.add_argument("--model", required=True, help=".lopq model")
     e.add_argument("--output", required=True, help="Parquet directory of codes")
     e.add_argument("--out-partitions", type=int, help="output files (default: input's)")
+    q = sub.add_parser("search", parents=[common], help="k nearest codes of each query")
+    q.add_argument("--codes", required=True, help="Parquet codes (encode's) or a shard set")
+    q.add_argument("--model", help=".lopq model (for Parquet codes)")
+    g = sub.add_parser("knn-graph", parents=[common], help="k nearest other items of each")
+    g.add_argument("--model", required=True, help=".lopq model")
+    g.add_argument("--codes-path", help="where the items' codes go (default: a temporary "
+                   "directory; on a cluster, one every executor reads)")
+    for a in (q, g):
+        a.add_argument("--k", type=int, default=10)
+        a.add_argument("--quota", type=int, default=None, help="candidates (default 10000)")
+        a.add_argument("--scan-partitions", type=int, help="scan tasks over Parquet codes")
+        a.add_argument("--output", required=True, help="Parquet directory of the results")
     args = p.parse_args(argv)
 
     from pyspark.sql import SparkSession
@@ -70,11 +88,20 @@ def main(argv=None) -> int:
                                   id_col=args.id_col, vector_col=args.vector_col, verbose=True)
             model.export_proto(args.model_out)
             print(f"trained in {time.perf_counter() - t0:.1f} s: {args.model_out}")
-        else:
+        elif args.step == "encode":
             model = cypq.LOPQModel.load_proto(args.model)
             cs.encode(data, model, path=args.output, id_col=args.id_col,
                       vector_col=args.vector_col, num_partitions=args.out_partitions)
             print(f"encoded in {time.perf_counter() - t0:.1f} s: {args.output}")
+        else:
+            model = cypq.LOPQModel.load_proto(args.model) if args.model else None
+            kw = dict(k=args.k, quota=args.quota, path=args.output, id_col=args.id_col,
+                      vector_col=args.vector_col, num_partitions=args.scan_partitions)
+            if args.step == "search":
+                cs.search(data, args.codes, model, **kw)
+            else:
+                cs.knn_graph(data, model, codes_path=args.codes_path, **kw)
+            print(f"{args.step} in {time.perf_counter() - t0:.1f} s: {args.output}")
     finally:
         spark.stop()
     return 0
