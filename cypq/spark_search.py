@@ -19,6 +19,7 @@ Every input is checked on the driver before the search is scheduled.
 from __future__ import annotations
 
 import os
+import time
 from typing import Optional
 
 import numpy as np
@@ -30,7 +31,7 @@ from .lopq import LOPQModel
 from .index import DEFAULT_QUOTA, Index
 from .search import cell_lists, merge_top_k, metric_distances, scan_lists
 from .shard_set import is_one_index, shard_dirs
-from .spark_input import blocks
+from .spark_input import _arrow_vectors, blocks
 from .storage.frozen import FrozenCells
 from .storage.sharded import ShardedStorage
 
@@ -106,8 +107,7 @@ class Corpus:
                                  "by cell; write them with cypq.spark.encode(..., path=)")
         # consecutive files grouped into about num_partitions parts of equal rows
         rows = np.array([sizes[lo[j]:hi[j] + 1].sum() for j in keep], np.int64)
-        group = np.minimum(np.cumsum(rows) * num_partitions // max(rows.sum(), 1),
-                           num_partitions - 1) if len(keep) else np.zeros(0, np.int64)
+        group = (np.cumsum(rows) - rows) * num_partitions // max(rows.sum(), 1)
         self.parts, starts = [], []
         for g in np.unique(group):
             members = [keep[j] for j in np.flatnonzero(group == g)]
@@ -121,7 +121,8 @@ class Corpus:
 def search(queries, corpus, model: Optional[LOPQModel] = None, k: int = 10,
            quota: Optional[int] = None, path: Optional[str] = None, id_col: str = "id",
            vector_col: str = "vector", num_partitions: Optional[int] = None,
-           mode: str = "errorifexists", spark=None, exclude_self: bool = False):
+           mode: str = "errorifexists", spark=None, exclude_self: bool = False,
+           timings: Optional[dict] = None):
     """The k nearest corpus entries of every query, by LOPQ (multi-sequence cell order until
     ``quota`` entries, asymmetric distances), searched on Spark where the codes are.
 
@@ -150,6 +151,10 @@ def search(queries, corpus, model: Optional[LOPQModel] = None, k: int = 10,
     spark : SparkSession, optional
     exclude_self : bool
         Leave each query's own id out of its results (a query that is also in the corpus).
+    timings : dict, optional
+        Filled with Spark accumulators of the seconds the tasks spent (summed over tasks,
+        read once the result was computed): ``route`` (cell lists), ``load`` (reading the
+        parts), ``scan`` (tables and ADC) and ``merge``.
 
     Returns
     -------
@@ -174,15 +179,20 @@ def search(queries, corpus, model: Optional[LOPQModel] = None, k: int = 10,
     n_parts = len(plan.parts)
     parts = plan.parts
     kind = plan.kind
+    clock = {name: sc.accumulator(0.0) for name in ("route", "load", "scan", "merge")}
+    if timings is not None:
+        timings.update(clock)
 
     def route(index, it):
         m, sizes, starts, kk, q = bc.value
         m.n_threads = 1
         view = m.kernel_view()
         cap = list_shape(view.V * view.V, q, None)[0]
-        b = 0
+        small = np.int32 if view.V ** 2 < 1 << 31 else np.int64   # less through the shuffle
+        b, spent = 0, 0.0
         for ids, X in it:
             for a in range(0, len(ids), QUERY_BATCH):
+                t0 = time.perf_counter()
                 key = (index, b)
                 b += 1
                 qid, Q = ids[a:a + QUERY_BATCH], m.to_model_space(X[a:a + QUERY_BATCH])
@@ -191,30 +201,47 @@ def search(queries, corpus, model: Optional[LOPQModel] = None, k: int = 10,
                 flat, n_cells, _ = cell_lists(view, Q, sizes, q, None, cap, 1)
                 owner = np.searchsorted(starts, flat, side="right") - 1
                 query_of = np.repeat(np.arange(len(Q)), n_cells)
-                for p in np.unique(owner):
+                out = []
+                for p in np.flatnonzero(np.bincount(owner, minlength=len(starts))):
                     sel = owner == p
                     n_p = np.bincount(query_of[sel], minlength=len(Q))
                     rows = np.flatnonzero(n_p)
-                    yield int(p), (key, rows, Q[rows], flat[sel], n_p[rows])
+                    out.append((int(p), (key, rows, Q[rows], flat[sel].astype(small),
+                                         n_p[rows])))
+                spent += time.perf_counter() - t0
+                yield from out
+        clock["route"].add(spent)
 
     def scan(p, it):
+        t0 = time.perf_counter()
         m, kk = bc.value[0], bc.value[3]
         m.n_threads = 1
         view = m.kernel_view()
         with _PartSnapshot(kind, parts[p], m) as (snap, packed):
+            clock["load"].add(time.perf_counter() - t0)
+            spent = 0.0
             for _, rec in it:
                 if len(rec) == 2:
                     yield rec[0], ("base", rec[1])
                     continue
+                t0 = time.perf_counter()
                 key, rows, Q, flat, n_p = rec
-                D, I, _, _ = scan_lists(view, snap, Q, flat, n_p, kk, 1, packed)
+                D, I, _, _ = scan_lists(view, snap, Q, flat.astype(np.int64), n_p, kk, 1,
+                                        packed)
+                spent += time.perf_counter() - t0
                 yield key, ("part", rows, D, I)
+            clock["scan"].add(spent)
 
     scanned = qblocks.mapPartitionsWithIndex(route).partitionBy(n_parts, lambda p: p) \
         .mapPartitionsWithIndex(scan)
     metric = model.metric
-    out = scanned.groupByKey().flatMap(
-        lambda kv: _merged_rows(list(kv[1]), k, metric, exclude_self))
+    def merge(kv):
+        t0 = time.perf_counter()
+        rows = list(_merged_rows(list(kv[1]), k, metric, exclude_self))
+        clock["merge"].add(time.perf_counter() - t0)
+        return rows
+
+    out = scanned.groupByKey().flatMap(merge)
     df = spark.createDataFrame(out, RESULT_SCHEMA)
     if path is not None:
         df.write.mode(mode).parquet(path)
@@ -235,7 +262,13 @@ def _query_blocks(sc, queries, id_col, vector_col, dim):
                                 np.asarray(X[a:a + step], np.float32))
                                for a in range(0, len(X), step)], None)
     rdd = blocks(queries, id_col, vector_col)
-    first = rdd.filter(lambda b: len(b[0])).map(lambda b: b[1].shape[1]).take(1)
+    if hasattr(queries, "schema") and _arrow_vectors(queries, id_col, vector_col):
+        # array columns: their lengths checked by a job in the JVM alone
+        from pyspark.sql import functions as F
+        bad = queries.select(F.size(vector_col).alias("d")).where(f"d != {int(dim)}").limit(1)
+        first = [r.d for r in bad.collect()]
+    else:
+        first = rdd.filter(lambda b: len(b[0])).map(lambda b: b[1].shape[1]).take(1)
     if first and first[0] != dim:
         raise ValueError(f"the queries have dimension {first[0]}; the model takes {dim}")
     return rdd

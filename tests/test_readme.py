@@ -84,3 +84,15 @@ def test_readme_shell_blocks_run(tmp_path):
         from cypq import Index
         with Index.open(work / "spark-index", readonly=True) as ix:
             assert len(ix) == 20000
+            # the Spark search's results are Index.search's on the same codes
+            import numpy as np
+            import pyarrow.parquet as pq
+
+            from cypq.demo import load_sample
+            got = pq.read_table(work / "results").sort_by("query_id")
+            want = ix.search(load_sample()["query"].astype(np.float32), k=10, quota=2000)[1]
+            assert np.array_equal(np.stack(got["ids"].to_numpy(zero_copy_only=False)), want)
+            with Index.open(work / "spark-shards", readonly=True) as shards:
+                assert len(shards) == 20000 and shards.stats()["shards"] == 3
+                assert np.array_equal(shards.search(load_sample()["query"].astype(
+                    np.float32), k=10, quota=2000)[1], want)

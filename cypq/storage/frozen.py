@@ -30,10 +30,14 @@ class FrozenCells(Snapshot, AbstractContextManager):
         if len(cells) and (cells.min() < 0 or cells.max() >= n_cells):
             raise ValueError(f"cell ids must be in [0, {n_cells}): the codes were made by "
                              "another model")
-        order = np.lexsort((ids, cells))
-        self._cells = cells[order]
-        self._ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64)[order])
-        self._codes = np.ascontiguousarray(codes[order])
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(cells) > 1 and not np.all((cells[1:] > cells[:-1]) | (
+                (cells[1:] == cells[:-1]) & (ids[1:] > ids[:-1]))):   # not yet in order
+            order = np.lexsort((ids, cells))
+            cells, ids, codes = cells[order], ids[order], codes[order]
+        self._cells = cells
+        self._ids = np.ascontiguousarray(ids)
+        self._codes = np.ascontiguousarray(codes)
         self._sizes = np.bincount(self._cells, minlength=n_cells).astype(np.int64)
         self._first = np.zeros(n_cells + 1, dtype=np.int64)
         np.cumsum(self._sizes, out=self._first[1:])
