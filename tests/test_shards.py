@@ -92,6 +92,13 @@ def test_writes_go_to_the_owning_shard_and_match_the_whole(setup, tmp_path):
         assert ix.set_tags(np.arange(600, 700), np.full(100, 7, np.uint64)) == 100
         ix.merge()
     assert len(sset) == len(ref) == 1300 and sset.verify() == []
+    # a set backs up as a set, and compacts into one index; both search as it does
+    want = sset.search(Q, k=10, quota=300)
+    sset.backup(tmp_path / "bk")
+    with Index.open(tmp_path / "bk", readonly=True) as bk, sset.compact(tmp_path / "one") as one:
+        assert bk.stats()["shards"] == 4 and one.shard is None and "shards" not in one.stats()
+        for other in (bk, one):
+            np.testing.assert_array_equal(other.search(Q, k=10, quota=300)[1], want[1])
     assert len(np.unique(np.concatenate([
         Index.open(tmp_path / "set" / d, readonly=True).lookup(np.arange(1500))[0].nonzero()[0]
         for d in sorted(os.listdir(tmp_path / "set"))]))) == 1300
