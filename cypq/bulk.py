@@ -31,7 +31,7 @@ from ._runs import gather, ranges, write_atomic
 from .index import Index
 from .lopq import LOPQModel
 from .storage.base import IndexFormatError
-from .stored_vectors import to_stored
+from .stored_vectors import data_ranges
 from .vector_files import VectorSource, read_ids
 
 RUNS_DIR = "bulk-runs"
@@ -106,14 +106,14 @@ def encoded_chunks(source: VectorSource, model: LOPQModel, chunk: int, ids=None,
     """(first row, ids (n,) int64, cells (n,) int64, fine codes (n, M), vectors) per chunk
     of vectors.
 
-    ``ids``: array-like (N,) (e.g. a memmap) or None for row numbers. ``keep``: the dtype
-    of the vectors an index keeps (they come out as :func:`cypq.stored_vectors.to_stored`
-    makes them), or None (vectors is None).
+    ``ids``: array-like (N,) (e.g. a memmap) or None for row numbers. ``keep``: how the
+    vectors are kept, ``keep(X, first_row)`` (an index's :meth:`cypq.Index.stored_vectors`),
+    or None (vectors is None).
     """
     for a, X in source.chunks(chunk, start):
         try:
             code = model.predict(X)
-            kept = None if keep is None else to_stored(X, keep, a)
+            kept = None if keep is None else keep(X, a)
         except ValueError as e:  # NaN, wrong dimension, a vector the index cannot keep
             raise BulkLoadError(f"input rows {a}..{a + len(X) - 1}: {e}") from None
         cells = model.get_cell_id_for_coarse_codes(code.coarse)
@@ -128,7 +128,7 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
               block_capacity: int = 128, progress: bool = True,
               out: Callable[[str], None] = print,
               pack_codes: Optional[bool] = None, vectors: Optional[str] = None,
-              tags=None) -> BulkSummary:
+              tags=None, vector_ranges=None) -> BulkSummary:
     """Build a new on-disk index from a large input, or finish one that was interrupted.
 
     Parameters
@@ -159,9 +159,12 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
     pack_codes : bool, optional
         4-bit codes two per byte (see :meth:`cypq.Index.create`); a resumed load keeps the
         layout it began with.
-    vectors : {None, 'float32', 'float16', 'uint8'}
+    vectors : {None, 'float32', 'float16', 'uint8', 'sq8'}
         Keep each entry's vector (see :meth:`cypq.Index.create`; vector input only); a
         resumed load must be given what it began with.
+    vector_ranges : (lo, hi), optional
+        The ranges of ``vectors='sq8'`` (default: each dimension's smallest and largest
+        value in a sample of 100,000 input vectors).
     tags : str or array_like, optional
         A .npy file of N unsigned tag sets (one uint64 bit set per vector), or the array:
         the index keeps tags (see :meth:`cypq.Index.create`); vector input only.
@@ -210,7 +213,8 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
                     tags)] if isinstance(tags, (str, os.PathLike)) else "source"}
     index, resumed, next_cell = _open_or_create(
         path, identity, model, train, block_capacity, out, pack_codes, vectors,
-        tags_arr is not None or getattr(source, "has_tags", False))
+        tags_arr is not None or getattr(source, "has_tags", False),
+        lambda: data_ranges(source.sample(100_000)) if vector_ranges is None else vector_ranges)
     storage = index.storage
     if next_cell == _FINISHED:  # killed after the last commit: only the clean-up was left
         shutil.rmtree(os.path.join(path, RUNS_DIR), ignore_errors=True)
@@ -246,7 +250,8 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
                 a = k * chunk_size
                 if isinstance(source, VectorSource):
                     _, c_ids, cells, fine, kept = next(iter(encoded_chunks(
-                        source, model, chunk_size, ids_arr, a, index.vector_dtype)))
+                        source, model, chunk_size, ids_arr, a,
+                        index.stored_vectors if index.vector_kind else None)))
                     c_tags = None if tags_arr is None else tags_arr[a:a + len(c_ids)]
                 else:   # codes: their tags come with them
                     _, c_ids, cells, fine, c_tags = next(iter(source.chunks(
@@ -318,7 +323,7 @@ def bulk_load(path: str | os.PathLike, source, model: Optional[LOPQModel] = None
 
 
 def _open_or_create(path, identity, model, train, block_capacity, out, pack_codes, vectors,
-                    tags):
+                    tags, ranges):
     """(index, resumed, next cell of the write pass or None, or _FINISHED)."""
     if Index.exists(path):
         try:
@@ -355,7 +360,8 @@ def _open_or_create(path, identity, model, train, block_capacity, out, pack_code
             raise BulkLoadError("a model is needed: pass a trained model or train one")
         model = train()
     index = Index.create(path, model, block_capacity=block_capacity, pack_codes=pack_codes,
-                         vectors=vectors, tags=tags, bulk_state=json.dumps(identity).encode())
+                         vectors=vectors, tags=tags, bulk_state=json.dumps(identity).encode(),
+                         vector_ranges=ranges() if vectors == "sq8" else None)
     return index, False, None
 
 

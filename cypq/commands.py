@@ -247,7 +247,7 @@ def cmd_info(args, out) -> int:
         try:
             with Index.open(args.path, readonly=True) as index:
                 st, packed, width = index.stats(), index.packed, index.storage.code_width
-                kept = index.vector_dtype
+                kept = index.vector_kind
                 tags = index.storage.keeps_tags and (index.tag_names or "unnamed bits")
                 shard = index.shard
         except ValueError as e:
@@ -257,7 +257,7 @@ def cmd_info(args, out) -> int:
             f"largest cell {st['largest_cell']:,}, {st['bytes_on_disk'] / 1e6:.1f} MB on disk")
         out("  codes: " + (f"4-bit, two per byte ({width} bytes per vector)" if packed
                            else f"{width} x {np.dtype(model.fine_code_dtype).name}"))
-        out(f"  vectors: {'kept as ' + kept.name if kept is not None else 'not kept'}")
+        out(f"  vectors: {'kept as ' + kept if kept is not None else 'not kept'}")
         out(f"  tags: {', '.join(tags) if isinstance(tags, list) else tags or 'not kept'}")
         if st.get("shards"):
             out(f"  a shard set of {st['shards']} shards, searched as one index")

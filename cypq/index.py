@@ -13,11 +13,12 @@ from ._threads import resolve
 from .code_layout import CodeLayout
 from .filters import make_filter
 from .index_parts import (_as_ids, _legacy_n_cells, _require_trained, _stored_model,
-                          check_rerank, copy_entries, shard_of, storage_args, tag_names)
+                          check_rerank, copy_entries, kept_vectors, shard_of, storage_args,
+                          tag_names, vectors_of_codes)
 from .lopq import LOPQModel
 from .shard_set import open_storage
 from .search import metric_distances, search as _search
-from .stored_vectors import Reranker, to_stored
+from .stored_vectors import Reranker
 from .storage.base import Storage, check_tags
 from .storage.memory import MemoryStorage
 
@@ -45,12 +46,13 @@ class Index:
         self.n_threads = n_threads
         self._closed, self._direct_cache = False, {}   # the latter: cypq.search's
         self.shard = shard_of(storage)   # its place in a shard set (cypq.shards), or None
+        self._kept = kept_vectors(storage, model.D)   # how it keeps vectors (or None)
 
     # ------------------------------------------------------------------ making one
     @classmethod
     def in_memory(cls, model: LOPQModel, n_threads: Optional[int] = None,
                   pack_codes: Optional[bool] = None, vectors: Optional[str] = None,
-                  tags=None) -> "Index":
+                  tags=None, vector_ranges=None) -> "Index":
         """An index held in RAM.
 
         Parameters
@@ -66,17 +68,20 @@ class Index:
             Keep each entry's vector for re-ranking; see :meth:`create`.
         tags : bool or list of str, optional
             Keep a tag set per entry for filtered search; see :meth:`create`.
+        vector_ranges : (lo, hi), optional
+            For ``vectors='sq8'``; see :meth:`create`.
         """
         _require_trained(model)
         layout = CodeLayout.for_model(model, pack_codes)
         storage = MemoryStorage(model.V * model.V, layout.width, layout.dtype,
-                                **storage_args(model, layout.features, vectors, tags))
+                                **storage_args(model, layout.features, vectors, tags, None,
+                                               vector_ranges))
         return cls(model, storage, n_threads=n_threads)
 
     @classmethod
     def create(cls, path: str | os.PathLike, model: LOPQModel, n_threads: Optional[int] = None,
                pack_codes: Optional[bool] = None, vectors: Optional[str] = None,
-               tags=None, **options) -> "Index":
+               tags=None, vector_ranges=None, **options) -> "Index":
         """Create an on-disk index (an LMDB environment in the directory ``path``).
 
         Parameters
@@ -92,13 +97,15 @@ class Index:
             4-bit and M a multiple of 4. False keeps a byte per code, which cypq 0.2 can
             read too (it refuses a packed index: format 5). True for another model is a
             ValueError.
-        vectors : {None, 'float32', 'float16', 'uint8'}
+        vectors : {None, 'float32', 'float16', 'uint8', 'sq8'}
             Keep each entry's vector (as given, in the input space), for exact re-ranking
             (``search(..., rerank=R)``) and :meth:`vectors`: 'float32' as given, 'float16'
-            (finite values within +-65504), 'uint8' (whole numbers in [0, 255], e.g. SIFT).
-            A vector the kind cannot hold is refused, not rounded. Stored in the same
-            transaction as the entry, in its block after the codes (format 5: cypq 0.2
-            refuses such an index).
+            (finite values within +-65504), 'uint8' (whole numbers in [0, 255], e.g. SIFT):
+            a vector the kind cannot hold is refused, not rounded; 'sq8': a byte per
+            dimension, rounded to 256 levels within that dimension's ``vector_ranges``
+            (lo, hi), learned from training vectors (:func:`cypq.stored_vectors.data_ranges`;
+            values outside are kept as the nearest end). Stored in the same transaction as
+            the entry, in its block after the codes (format 5: cypq 0.2 refuses it).
         tags : bool or list of str, optional
             Keep a uint64 tag set (64 boolean labels) per entry, for filtered search
             (``search(..., tags_any=...)``): True, or up to 64 names, bit j named by the
@@ -114,8 +121,9 @@ class Index:
         layout = CodeLayout.for_model(model, pack_codes)
         shard = options.pop("shard", None)   # cypq.shards makes its shards so
         storage = LMDBStorage.create(os.fspath(path), model.V * model.V, layout.width,
-                                     layout.dtype, **storage_args(model, layout.features,
-                                                                  vectors, tags, shard), **options)
+                                     layout.dtype, **storage_args(
+                                         model, layout.features, vectors, tags, shard,
+                                         vector_ranges), **options)
         return cls(model, storage, os.fspath(path), n_threads=n_threads)
 
     @classmethod
@@ -174,6 +182,11 @@ class Index:
         return self._storage.vector_dtype if self._storage.vector_width else None
 
     @property
+    def vector_kind(self) -> Optional[str]:
+        """str or None: the ``vectors`` the index was created with (None: none)."""
+        return self._kept and self._kept.kind
+
+    @property
     def storage(self) -> Storage:
         """The storage behind the index, through its interface (:class:`cypq.storage.Storage`:
         bulk writing, merge, stats); the index's own methods are the way to change it."""
@@ -215,8 +228,7 @@ class Index:
 
     def stats(self) -> dict:
         """Counts: vectors, cells, non-empty cells, largest cell; and the storage's
-        (:meth:`cypq.storage.Storage.stats`): bytes on disk (0 in memory), entries staged,
-        whether a merge is pending."""
+        (:meth:`cypq.storage.Storage.stats`: bytes on disk, entries staged, ...)."""
         self._check_open()
         with self._storage.snapshot() as snap:
             sizes = snap.cell_sizes()
@@ -248,7 +260,7 @@ class Index:
         self._check_writable()
         X = self._batch(vectors, "vectors")
         tags = self._check_tags(tags, len(X))
-        stored = to_stored(X, self.vector_dtype) if self.vector_dtype is not None else None
+        stored = self._kept.store(X) if self._kept is not None else None
         code = self._model.predict(X)
         return self._add(code.coarse, code.fine, ids, replace, stored, tags)
 
@@ -281,17 +293,8 @@ class Index:
         coarse = self._model.check_coarse_codes(coarse, fine.shape[0])
         if ids is None:
             raise ValueError("add_codes needs the ids of the codes")
-        stored = None
-        if vectors is not None or self.vector_dtype is not None:
-            if self.vector_dtype is None:
-                raise ValueError("this index keeps no vectors: add the codes without them")
-            if vectors is None:
-                raise ValueError("this index keeps each entry's vector: pass vectors= (the "
-                                 "vectors the codes were made from)")
-            X = self._batch(vectors, "vectors")
-            if len(X) != len(fine):
-                raise ValueError(f"{len(X)} vectors for {len(fine)} codes")
-            stored = to_stored(X, self.vector_dtype)
+        stored = vectors_of_codes(self._kept, vectors if vectors is None else self._batch(
+            vectors, "vectors"), len(fine))
         return self._add(coarse, fine, ids, replace, stored,
                          self._check_tags(tags, len(fine)))
 
@@ -332,9 +335,8 @@ class Index:
         return self._storage.set_tags(ids, tags) if tags is not None else 0
 
     def merge(self) -> int:
-        """Move the entries staged by recent adds into their cells' blocks now (on disk;
-        adds do it by themselves once ``stage_capacity`` entries are staged, so this only
-        chooses when the pause happens). Returns how many entries moved (0 in memory)."""
+        """Move the entries staged by recent adds into their cells' blocks now (adds do it
+        once ``stage_capacity`` are staged). Returns how many moved (0 in memory)."""
         self._check_writable()
         return self._storage.merge()
 
@@ -375,7 +377,7 @@ class Index:
 
         Returns
         -------
-        numpy.ndarray (N, D) of :attr:`vector_dtype`
+        numpy.ndarray (N, D) of :attr:`vector_dtype` (sq8: float32, the rounded values)
 
         Raises
         ------
@@ -385,15 +387,20 @@ class Index:
             An id is not in the index (naming the first).
         """
         self._check_open()
-        if self.vector_dtype is None:
+        if self._kept is None:
             raise ValueError("this index keeps no vectors: create it with vectors='float32', "
-                             "'float16' or 'uint8' (or rebuild it so)")
+                             "'float16', 'uint8' or 'sq8' (or rebuild it so)")
         ids = _as_ids(ids, None, unique=False)
         found, rows = self._storage.vectors(ids)
         if not found.all():
             raise KeyError(f"{int((~found).sum())} ids are not in the index (first: "
                            f"{int(ids[~found][0])})")
-        return rows
+        return self._kept.read(rows)
+
+    def stored_vectors(self, X: np.ndarray, first_row: int = 0) -> np.ndarray:
+        """Validated float32 vectors X (N, D) as this index keeps them, for writers that go
+        to the storage directly (the bulk loader); ``first_row`` numbers X's rows in errors."""
+        return self._kept.store(X, first_row)
 
     def stored_codes(self, fine) -> np.ndarray:
         """Fine codes (N, M) of this index's model as its storage holds them (N, width):
@@ -442,7 +449,8 @@ class Index:
         state = b'{"compact": true}'   # the bulk marker until the copy is complete
         new = Index.create(path, self._model, n_threads=self.n_threads, bulk_state=state,
                            pack_codes=self._layout.packed,
-                           vectors=self.vector_dtype and self.vector_dtype.name, tags=tags
+                           vectors=self.vector_kind, vector_ranges=self._kept and
+                           self._kept.ranges(), tags=tags
                            if tags is not None else self._storage.keeps_tags and (
                                self.tag_names or True), **options)
         try:
@@ -523,9 +531,9 @@ class Index:
         threads = self._threads(len(Q), _QUERIES_PER_THREAD)
         exact = None
         if rerank is not None:
-            rerank = check_rerank(rerank, k, self.vector_dtype)
+            rerank = check_rerank(rerank, k, self._kept)
             X = self._model.normalize(self._batch(queries, "queries"))
-            exact = Reranker(X, k, self._model.metric, self.vector_dtype, threads)
+            exact = Reranker(X, k, self._model.metric, self._kept, threads)
         D, I, stats = _search(self._model, self._storage, Q, rerank or k, quota, w, threads,
                               self._layout.packed, exact, make_filter(
                                   len(Q), self._storage.keeps_tags, self.tag_names, tags_any,

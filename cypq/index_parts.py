@@ -12,21 +12,31 @@ from ._runs import ranges
 from .filters import check_tag_names
 from .lopq import LOPQModel
 from .pq import NotFittedError
-from .stored_vectors import vector_dtype
-from .storage.base import TAGS, IndexCorruptError, Storage
+from .stored_vectors import SQ8_META, Kept, vector_dtype
+from .storage.base import SQ8, TAGS, IndexCorruptError, Storage
 
 
 def storage_args(model: LOPQModel, features, vectors: Optional[str], tags,
-                 shard: Optional[dict] = None) -> dict:
+                 shard: Optional[dict] = None, vector_ranges=None) -> dict:
     """The ``meta``, ``features`` and ``vectors`` a new index's storage is created with: the
-    model, the code layout's features, the ``vectors`` kind, ``tags`` (None / False:
-    none; True: unnamed; a list of up to 64 names, bit j named by the j-th), and ``shard``
-    (its place in a shard set, :func:`shard_of`)."""
+    model, the code layout's features, the ``vectors`` kind (for 'sq8', over
+    ``vector_ranges`` (lo, hi)), ``tags`` (None / False: none; True: unnamed; a list of up
+    to 64 names, bit j named by the j-th), and ``shard`` (its place in a shard set,
+    :func:`shard_of`)."""
     _require_trained(model)
     meta = {"model": model.to_proto_bytes()}
+    features = set(features)
+    if vectors == "sq8":
+        if vector_ranges is None:
+            raise ValueError("vectors='sq8' rounds each dimension within a range learned from "
+                             "data: pass vector_ranges=cypq.stored_vectors.data_ranges(X) of "
+                             "training vectors X")
+        meta[SQ8_META] = Kept.for_ranges(vector_ranges, model.D).sq.tobytes()
+        features.add(SQ8)
+    elif vector_ranges is not None:
+        raise ValueError("vector_ranges go with vectors='sq8' only")
     if shard is not None:
         meta["shard"] = json.dumps(shard).encode()
-    features = set(features)
     if tags is not None and tags is not False:
         features.add(TAGS)
         if tags is not True:
@@ -128,13 +138,42 @@ def _as_ids(ids, n: Optional[int], unique: bool = True) -> np.ndarray:
     return arr
 
 
-def check_rerank(rerank, k: int, vector_dtype) -> int:
+def kept_vectors(storage: Storage, dim: int) -> Optional[Kept]:
+    """How an index's storage keeps its vectors (None: it keeps none)."""
+    if not storage.vector_width:
+        return None
+    if SQ8 not in storage.features:
+        return Kept(storage.vector_dtype.name)
+    raw = storage.meta(SQ8_META)
+    sq = None if raw is None else np.frombuffer(bytes(raw), dtype="<f4")
+    if sq is None or sq.shape != (2 * dim,) or not np.isfinite(sq).all() or (sq[dim:] <= 0).any():
+        raise IndexCorruptError(f"meta[{SQ8_META}] is not {dim} ranges (lo, step > 0) of the "
+                                "sq8 vectors")
+    return Kept("sq8", sq.astype(np.float32))
+
+
+def check_rerank(rerank, k: int, kept: Optional[Kept]) -> int:
     """A search's ``rerank`` checked against its k and the index's kept vectors."""
     rerank = positive_int(rerank, "rerank")
-    if vector_dtype is None:
+    if kept is None:
         raise ValueError("rerank needs the stored vectors, and this index keeps none: "
                          "create it with vectors='float32', 'float16' or 'uint8'")
     if rerank < k:
         raise ValueError(f"rerank={rerank} is below k={k}: re-rank at least the k "
                          "results asked for")
     return rerank
+
+
+def vectors_of_codes(kept: Optional[Kept], X: Optional[np.ndarray], n: int):
+    """The vectors (float32 (n, D), validated) given with ``add_codes``'s n codes as the index
+    keeps them: required exactly when it keeps vectors."""
+    if kept is None:
+        if X is not None:
+            raise ValueError("this index keeps no vectors: add the codes without them")
+        return None
+    if X is None:
+        raise ValueError("this index keeps each entry's vector: pass vectors= (the vectors "
+                         "the codes were made from)")
+    if len(X) != n:
+        raise ValueError(f"{len(X)} vectors for {n} codes")
+    return kept.store(X)

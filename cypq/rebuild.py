@@ -17,6 +17,7 @@ import numpy as np
 
 from ._runs import ranges
 from .bulk import BulkLoadError, BulkSummary, bulk_load
+from .index_parts import kept_vectors
 from .lopq import LOPQModel
 from .vector_files import VectorSource
 
@@ -32,10 +33,11 @@ class StoredVectors(VectorSource):
     """
 
     def __init__(self, index):   # noqa: D107 - not the dataclass's: no files here
-        if index.vector_dtype is None:
+        if index.vector_kind is None:
             raise ValueError("this index keeps no vectors, so it cannot be rebuilt from "
                              "itself: build the new index from the source vectors")
         self.files, self.dim, self._index = [], index.model.D, index
+        self._kept = kept_vectors(index.storage, index.model.D)   # sq8: values from codes
         self._held = index.storage.snapshot()
         self._snap = self._held.__enter__()
         self._ends = np.cumsum(self._snap.cell_sizes())
@@ -48,6 +50,12 @@ class StoredVectors(VectorSource):
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def vector_ranges(self):
+        """The sq8 ranges the vectors were kept over (None for another kind): a rebuild
+        keeps them."""
+        return self._kept.ranges()
+
     def identity(self) -> dict:
         return {"rebuild_of": os.path.abspath(self._index.path) if self._index.path
                 else "memory", "entries": len(self), "ids": zlib.crc32(self.ids.tobytes())}
@@ -58,13 +66,13 @@ class StoredVectors(VectorSource):
         hi = int(np.searchsorted(self._ends, stop - 1, side="right")) + 1
         first = int(self._ends[lo - 1]) if lo else 0
         vectors = self._snap.entries(lo, hi, vectors=True)[3]
-        return vectors[start - first:stop - first].astype(np.float32)
+        return self._kept.read(vectors[start - first:stop - first]).astype(np.float32)
 
     def sample(self, n: int, seed: int = 0) -> np.ndarray:
         """float32 (n, D): n stored vectors drawn at random (all when n >= N)."""
         pick = np.sort(np.random.default_rng(seed).choice(len(self), min(n, len(self)),
                                                           replace=False))
-        return self._snap.vectors(self.ids[pick])[1].astype(np.float32)
+        return self._kept.read(self._snap.vectors(self.ids[pick])[1]).astype(np.float32)
 
     def close(self) -> None:
         if self._held is not None:
@@ -126,6 +134,7 @@ def rebuild(index, path: str | os.PathLike, model: Optional[LOPQModel] = None,
         return bulk_load(path, source, model=model, train=train, ids=source.ids,
                          chunk_size=chunk_size, n_threads=n_threads,
                          block_capacity=index.storage.options().get("block_capacity", 128),
-                         progress=progress, out=out, vectors=index.vector_dtype.name)
+                         progress=progress, out=out, vectors=index.vector_kind,
+                         vector_ranges=source.vector_ranges)
     finally:
         source.close()

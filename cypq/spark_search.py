@@ -113,6 +113,8 @@ class Corpus:
             members = [keep[j] for j in np.flatnonzero(group == g)]
             self.parts.append([files[j] for j in members])
             starts.append(lo[members[0]])
+        if not self.parts:   # no entries at all: one empty part, every result -1
+            self.parts, starts = [[]], [0]
         self.starts = np.asarray(starts, np.int64)
         self.starts[:1] = 0
         self.kind, self.model, self.sizes = "codes", model, sizes

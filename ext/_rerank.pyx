@@ -8,23 +8,34 @@ from libc.stdint cimport int64_t, uintptr_t
 from heap cimport heap_init, heap_replace_top, heap_sort_ascending, heap_worse
 
 cdef extern from "rerank.h" nogil:
-    float cypq_score(const float *q, const void *x, int64_t d, int vtype, int kind)
+    float cypq_score(const float *q, const void *x, int64_t d, int vtype, int kind,
+                     const float *sq)
 
-VTYPES = {"uint8": 0, "float16": 1, "float32": 2}   # stored vector dtype -> vtype
+VTYPES = {"uint8": 0, "float16": 1, "float32": 2, "sq8": 3}   # kept vectors' kind -> vtype
+
+
+cdef const float *_ranges(const float[::1] sq, int vtype, Py_ssize_t d) except? NULL:
+    """sq8's ranges (lo then step, 2 * d floats) for the kernel; NULL for other vtypes."""
+    if vtype != 3:
+        return NULL
+    if sq is None or sq.shape[0] != 2 * d:
+        raise ValueError("sq8 scores need the ranges: 2 * d floats (lo, then step)")
+    return &sq[0]
 
 
 def address_scores(const float[:, ::1] X, const int64_t[:, ::1] I,
                    const uintptr_t[:, ::1] W, int vtype, int kind, float[:, ::1] out,
-                   int n_threads):
+                   int n_threads, const float[::1] sq=None):
     """Exact scores of each query's candidates, their vectors read where the scan found
     them: ``W[q, c]`` the address of candidate ``I[q, c]``'s vector (X's width, ``vtype``),
     0 where it is not addressable. ``out[q, c]``: its score (see rerank.h for ``kind``),
     inf where I[q, c] < 0, NaN where W[q, c] is 0 (read that vector by id).
 
     The addresses come from the scan of the same snapshot (cypq._search.scan_cells) and
-    must still be valid.
+    must still be valid. ``sq``: the ranges of sq8 vectors (vtype 3), else None.
     """
     cdef Py_ssize_t nq = X.shape[0], r = I.shape[1], d = X.shape[1], q, c
+    cdef const float *rg = _ranges(sq, vtype, d)
     if I.shape[0] != nq or W.shape[0] != nq or W.shape[1] != r or out.shape[0] != nq or \
             out.shape[1] != r:
         raise ValueError("address_scores: shapes do not match")
@@ -36,16 +47,18 @@ def address_scores(const float[:, ::1] X, const int64_t[:, ::1] I,
                 elif W[q, c] == 0:
                     out[q, c] = NAN
                 else:
-                    out[q, c] = cypq_score(&X[q, 0], <const void *> W[q, c], d, vtype, kind)
+                    out[q, c] = cypq_score(&X[q, 0], <const void *> W[q, c], d, vtype, kind,
+                                           rg)
 
 
 def row_scores(const float[:, ::1] X, const unsigned char[:, ::1] rows,
                const int64_t[:, ::1] row, int vtype, int kind, float[:, ::1] out,
-               int n_threads):
+               int n_threads, const float[::1] sq=None):
     """out[q, c] = the score of vector ``rows[row[q, c]]`` (bytes of X's width in ``vtype``)
     for query q, where row[q, c] >= 0; entries where row[q, c] < 0 are left as they are."""
     cdef Py_ssize_t nq = X.shape[0], r = row.shape[1], d = X.shape[1], q, c
-    cdef int vb = (1 if vtype == 0 else 2 if vtype == 1 else 4) * <int> d
+    cdef int vb = (1 if vtype in (0, 3) else 2 if vtype == 1 else 4) * <int> d
+    cdef const float *rg = _ranges(sq, vtype, d)
     if rows.shape[1] != vb or row.shape[0] != nq or out.shape[0] != nq or out.shape[1] != r:
         raise ValueError("row_scores: shapes do not match")
     for q in range(nq):
@@ -56,7 +69,7 @@ def row_scores(const float[:, ::1] X, const unsigned char[:, ::1] rows,
         for q in prange(nq, num_threads=max(1, n_threads), schedule="static"):
             for c in range(r):
                 if row[q, c] >= 0:
-                    out[q, c] = cypq_score(&X[q, 0], &rows[row[q, c], 0], d, vtype, kind)
+                    out[q, c] = cypq_score(&X[q, 0], &rows[row[q, c], 0], d, vtype, kind, rg)
 
 
 def cell_rows_topk(const float[:, ::1] Q, const float[:, ::1] X, const int64_t[::1] ids,
@@ -99,7 +112,7 @@ def cell_rows_topk(const float[:, ::1] Q, const float[:, ::1] X, const int64_t[:
             for t in range(n_listed[q]):
                 c = lists[q, t]
                 for r in range(start[c], start[c + 1]):
-                    s = cypq_score(&Q[q, 0], &X[r, 0], d, 2, kind)
+                    s = cypq_score(&Q[q, 0], &X[r, 0], d, 2, kind, NULL)
                     if heap_worse(D[q, 0], I[q, 0], s, ids[r]):
                         heap_replace_top(&D[q, 0], &I[q, 0], NULL, <int> k, s, ids[r], 0)
                 scored = scored + start[c + 1] - start[c]

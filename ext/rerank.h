@@ -2,7 +2,8 @@
  *
  * kind 0: squared L2 distance; 1: minus the inner product; 2: minus the cosine (the query
  * of unit norm; 0 for a zero vector). Stored vectors are uint8, IEEE half (as its bits,
- * little-endian) or float32; sums in float32. */
+ * little-endian), float32, or 8-bit scalar-quantised (sq8: value lo[j] + step[j] * code[j],
+ * with sq = lo (d floats) then step (d floats)); sums in float32. */
 #ifndef CYPQ_RERANK_H
 #define CYPQ_RERANK_H
 
@@ -51,6 +52,7 @@ static inline float cypq_half(uint16_t h) {
 #define CYPQ_U8(i) ((float)x[i])
 #define CYPQ_F16(i) (cypq_half(x[i]))
 #define CYPQ_F32(i) (x[i])
+#define CYPQ_SQ8(i) (sq[i] + sq[d + (i)] * (float)x[i])
 
 static inline float cypq_score_u8(const float *q, const uint8_t *x, int64_t d, int kind) {
     CYPQ_SCORE_BODY(CYPQ_U8)
@@ -64,10 +66,18 @@ static inline float cypq_score_f32(const float *q, const float *x, int64_t d, in
     CYPQ_SCORE_BODY(CYPQ_F32)
 }
 
-/* The score of the vector at address x (vtype 0 uint8, 1 half, 2 float32). */
-static inline float cypq_score(const float *q, const void *x, int64_t d, int vtype, int kind) {
+static inline float cypq_score_sq8(const float *q, const uint8_t *x, const float *sq,
+                                   int64_t d, int kind) {
+    CYPQ_SCORE_BODY(CYPQ_SQ8)
+}
+
+/* The score of the vector at address x (vtype 0 uint8, 1 half, 2 float32, 3 sq8 with its
+ * ranges sq; sq is not read for the others). */
+static inline float cypq_score(const float *q, const void *x, int64_t d, int vtype, int kind,
+                               const float *sq) {
     if (vtype == 0) return cypq_score_u8(q, (const uint8_t *)x, d, kind);
     if (vtype == 1) return cypq_score_f16(q, (const uint16_t *)x, d, kind);
+    if (vtype == 3) return cypq_score_sq8(q, (const uint8_t *)x, sq, d, kind);
     return cypq_score_f32(q, (const float *)x, d, kind);
 }
 

@@ -36,8 +36,16 @@ def data(request):
 
 def _index(kind, model, tmp_path, vectors, **options):
     if kind == "memory":
-        return Index.in_memory(model, vectors=vectors)
+        return Index.in_memory(model, vectors=vectors, **options)
     return Index.create(tmp_path / "ix", model, vectors=vectors, **options)
+
+
+def _sq8(X, lo, hi):
+    """The values vectors='sq8' keeps of X over ranges (lo, hi), by NumPy: 256 levels per
+    dimension, from lo in steps of (hi - lo) / 255, values outside at the nearest end."""
+    step = ((hi - lo) / 255).astype(np.float32)
+    codes = np.clip(np.rint((X - lo) / step), 0, 255)
+    return (lo + step * codes.astype(np.float32)).astype(np.float32)
 
 
 def _expected(model, X, stored_ids, Q, candidates, k):
@@ -53,22 +61,28 @@ def _expected(model, X, stored_ids, Q, candidates, k):
 
 
 @pytest.mark.parametrize("kind", ["memory", "lmdb"])
-@pytest.mark.parametrize("vectors", ["float32", "float16", "uint8"])
+@pytest.mark.parametrize("vectors", ["float32", "float16", "uint8", "sq8"])
 def test_rerank_equals_exact_reference(data, kind, vectors, tmp_path, n_threads):
     """Every entry re-ranked (quota 0, rerank = N): the exact top k of the whole index; a
     partial re-rank: the exact top k of the ADC top R. Distances are the metric's exact
-    values of the stored vectors."""
+    values of the stored vectors (sq8: of the values it keeps, some outside its ranges)."""
     model, X, Q = data
     if vectors == "uint8" and model.metric != "l2":
         pytest.skip("uint8 keeps byte-valued vectors (the l2 data)")
     ids = np.arange(N, dtype=np.int64) * 3 + 7
-    with _index(kind, model, tmp_path, vectors, stage_capacity=700) \
-            if kind == "lmdb" else _index(kind, model, tmp_path, vectors) as ix:
+    opts = dict(stage_capacity=700) if kind == "lmdb" else {}
+    if vectors == "sq8":   # ranges of part of the data: the rest may fall outside
+        opts["vector_ranges"] = (X[:300].min(0), X[:300].max(0))
+    with _index(kind, model, tmp_path, vectors, **opts) as ix:
         ix.n_threads = n_threads
         ix.add(X[:1200], ids[:1200])
         ix.add(X[1200:], ids[1200:])     # part staged, part merged on disk
-        kept = X.astype(vectors)
-        np.testing.assert_array_equal(ix.vectors(ids[[5, 1500]]), kept[[5, 1500]])
+        kept = _sq8(X, *opts["vector_ranges"]) if vectors == "sq8" else X.astype(vectors)
+        if vectors == "sq8":
+            assert ix.vector_kind == "sq8" and ix.vector_dtype == np.uint8
+            assert (kept != X).any() and ((X > opts["vector_ranges"][1]).any())
+        np.testing.assert_allclose(ix.vectors(ids[[5, 1500]]), kept[[5, 1500]], rtol=1e-6,
+                                   atol=1e-5)
         k = 7
         D, I = ix.search(Q, k=k, quota=0, rerank=N)
         want = _expected(model, kept, ids, Q, np.tile(ids, (len(Q), 1)), k)
@@ -139,6 +153,20 @@ def test_bad_input_refused_nothing_stored(tmp_path):
     with Index.in_memory(model, vectors="float16") as ix:
         with pytest.raises(ValueError, match="beyond float16's range"):
             ix.add(X[:10] * 1e4)
+        assert len(ix) == 0
+    with pytest.raises(ValueError, match="pass vector_ranges="):
+        Index.in_memory(model, vectors="sq8")
+    with pytest.raises(ValueError, match=r"shape \(16,\) each"):
+        Index.in_memory(model, vectors="sq8", vector_ranges=(X.min(0)[:8], X.max(0)[:8]))
+    with pytest.raises(ValueError, match="lo <= hi"):
+        Index.in_memory(model, vectors="sq8", vector_ranges=(X.max(0), X.min(0)))
+    with pytest.raises(ValueError, match="with vectors='sq8' only"):
+        Index.in_memory(model, vectors="uint8", vector_ranges=(X.min(0), X.max(0)))
+    with Index.in_memory(model, vectors="sq8", vector_ranges=(X.min(0), X.max(0))) as ix:
+        bad = X[:10].copy()
+        bad[4, 2] = np.nan
+        with pytest.raises(ValueError, match="NaN"):
+            ix.add(bad)
         assert len(ix) == 0
 
 
@@ -241,6 +269,46 @@ def test_cli_build_vectors_and_search_rerank(tmp_path, capsys):
     assert cli_main(["search", str(tmp_path / "ix"), str(tmp_path / "q.npy"), "-k", "30",
                      "--rerank", "5"]) != 0
     assert "rerank=5 is below k=30" in capsys.readouterr().err
+
+
+def test_sq8_through_bulk_load_compact_rebuild_and_cli(tmp_path, capsys):
+    """sq8 ranges learned from the input by the bulk loader (or given), kept by compact,
+    split and rebuild; the values kept within half a step of the vectors; an index whose
+    ranges are damaged is refused."""
+    from cypq.stored_vectors import data_ranges
+    model, X, Q = _data("ip")
+    np.save(tmp_path / "x.npy", X)
+    src = VectorSource.open(str(tmp_path / "x.npy"))
+    bulk_load(tmp_path / "b", src, model, chunk_size=700, progress=False, out=lambda m: None,
+              vectors="sq8")
+    lo, hi = data_ranges(X)      # the whole input is the sample here
+    with Index.open(tmp_path / "b") as b:
+        assert b.vector_kind == "sq8" and b.verify() == []
+        got = b.vectors(np.arange(N))
+        np.testing.assert_allclose(got, _sq8(X, lo, hi), rtol=1e-6, atol=1e-5)
+        assert np.abs(got - X).max() <= ((hi - lo) / 255).max() / 2 * 1.001
+        want = b.search(Q, k=5, quota=300, rerank=50)
+        with b.compact(tmp_path / "c") as c:
+            assert c.vector_kind == "sq8"
+            np.testing.assert_array_equal(c.search(Q, k=5, quota=300, rerank=50)[1], want[1])
+        s = rebuild(b, tmp_path / "r", sample=1500, progress=False, out=lambda m: None)
+        assert s.vectors == N
+    with Index.open(tmp_path / "r") as r:
+        assert r.vector_kind == "sq8"
+        np.testing.assert_allclose(r.vectors(np.arange(N)), got, rtol=1e-6, atol=1e-5)
+    model.export_proto(tmp_path / "m.lopq")
+    assert cli_main(["build", str(tmp_path / "cli"), str(tmp_path / "x.npy"), "--model",
+                     str(tmp_path / "m.lopq"), "-q", "--vectors", "sq8"]) == 0
+    capsys.readouterr()
+    assert cli_main(["info", str(tmp_path / "cli")]) == 0
+    assert "kept as sq8" in capsys.readouterr().out
+    import lmdb
+    env = lmdb.open(str(tmp_path / "c"), max_dbs=8)
+    with env.begin(write=True) as txn:
+        txn.put(b"sq8", b"\x00" * 12, db=env.open_db(b"meta", txn=txn))
+    env.close()
+    with pytest.raises(IndexCorruptError, match="sq8"):
+        Index.open(tmp_path / "c")
 
 
 def test_rebuild_under_a_new_model(tmp_path):

@@ -45,7 +45,8 @@ class IndexCorruptError(IndexFormatError):
 PACKED4 = "codes4"      # the index's 4-bit codes are two per byte (cypq.code_layout)
 VECTORS = "vectors"     # every entry keeps a vector beside its code (Storage.vectors)
 TAGS = "tags"           # every entry keeps a uint64 tag set beside its id (Storage.keeps_tags)
-KNOWN_FEATURES = frozenset({PACKED4, VECTORS, TAGS})
+SQ8 = "sq8"             # the kept vectors are 8-bit scalar-quantised (the index's meta[sq8])
+KNOWN_FEATURES = frozenset({PACKED4, VECTORS, TAGS, SQ8})
 
 
 def check_features(features, where: str) -> frozenset:
