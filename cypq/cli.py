@@ -220,11 +220,18 @@ def build_parser() -> argparse.ArgumentParser:
                           "with full pages, staged entries merged, the id table in id order "
                           "(an incrementally built index shrinks to about the size of a "
                           "bulk-built one). Writers may go on meanwhile; the copy is of one "
-                          "committed state.")}
+                          "committed state."),
+              "split": ("write an index as a shard set",
+                        "Write an index as N indexes OUTPUT/shard-*, each owning a range of "
+                        "cells (balanced by entries), from one committed state; Index.open / "
+                        "cypq search of OUTPUT reads them as one index, cypq.spark.search "
+                        "scans each where it is.")}
     for name, (summary, description) in copies.items():
         s = sub.add_parser(name, help=summary, description=description)
         s.add_argument("index")
         s.add_argument("output", help="new (or empty) directory")
+        if name == "split":
+            s.add_argument("--shards", type=_count, required=True, metavar="N")
         s.set_defaults(func=cmd_backup)
 
     s = sub.add_parser("demo", help="train, build, search a packaged real sample",

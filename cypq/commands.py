@@ -355,13 +355,21 @@ def cmd_backup(args, out) -> int:
     with Index.open(args.index, readonly=True) as index:
         if args.command == "compact":
             index.compact(args.output).close()
+        elif args.command == "split":
+            from .shards import split
+            split(index, args.output, args.shards).close()
         else:
             index.backup(args.output)
-    before = os.path.getsize(os.path.join(args.index, "data.mdb"))
-    after = os.path.getsize(os.path.join(args.output, "data.mdb"))
+    before, after = _disk_bytes(args.index), _disk_bytes(args.output)
     out(f"wrote {args.output} in {time.perf_counter() - t0:.1f} s: {after / 1e6:.1f} MB "
         f"({before / 1e6:.1f} MB before)")
     return 0
+
+
+def _disk_bytes(path: str) -> int:
+    """Bytes of the LMDB data files of an index or of a shard set's shards."""
+    return sum(os.path.getsize(os.path.join(d, "data.mdb")) for d, _, files in os.walk(path)
+               if "data.mdb" in files)
 
 
 def cmd_demo(args, out) -> int:

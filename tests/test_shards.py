@@ -186,6 +186,15 @@ def test_cli_build_shards_searches_as_the_whole(setup, tmp_path, capsys):
     assert outs[0] == outs[1] and len(outs[0].splitlines()) == len(Q)
     assert cli_main(["info", str(tmp_path / "set")]) == 0
     assert "a shard set of 3 shards" in capsys.readouterr().out
+    # an existing index split from the shell; a set backed up and compacted into one index
+    for argv in (["split", tmp_path / "whole", tmp_path / "split", "--shards", "2"],
+                 ["backup", tmp_path / "set", tmp_path / "bk"],
+                 ["compact", tmp_path / "set", tmp_path / "one"]):
+        assert cli_main([str(a) for a in argv]) == 0 and "wrote" in capsys.readouterr().out
+    for name in ("split", "bk", "one"):
+        assert cli_main(["search", str(tmp_path / name), str(tmp_path / "q.npy"), "-k", "5",
+                         "--quota", "300"]) == 0
+        assert capsys.readouterr().out == outs[0], name
     assert cli_main(["build", str(tmp_path / "set"), str(tmp_path / "base.npy"), "--model",
                      str(tmp_path / "m.lopq"), "-q", "--shards", "2"]) != 0
     assert "already holds a shard set" in capsys.readouterr().err
