@@ -150,6 +150,19 @@ def test_sets_that_are_not_whole_or_not_one_are_refused(setup, tmp_path):
     shutil.rmtree(a[1])
     with pytest.raises(IndexFormatError, match="missing"):
         Index.open(tmp_path / "a")
+    # a shard whose record of its place is damaged: an error, for the set and for itself
+    import lmdb
+
+    from cypq.storage import IndexCorruptError
+    for junk in (b"{not json", b'{"set": "x", "number": 5, "count": 2, "cells": [0, 9]}',
+                 b'{"set": "x", "number": 0, "count": 1, "cells": [9, 3]}'):
+        env = lmdb.open(b[2], max_dbs=8)
+        with env.begin(write=True) as txn:
+            txn.put(b"shard", junk, db=env.open_db(b"meta", txn=txn))
+        env.close()
+        for target in (tmp_path / "b", b[2]):
+            with pytest.raises(IndexCorruptError, match="meta.shard."):
+                Index.open(target)
 
 
 def test_shard_bounds_balance_entries():
