@@ -33,7 +33,6 @@ from .search import cell_lists, merge_top_k, metric_distances, scan_lists
 from .shard_set import is_one_index, shard_dirs
 from .spark_input import _arrow_vectors, blocks
 from .storage.frozen import FrozenCells
-from .storage.sharded import ShardedStorage
 
 RESULT_SCHEMA = "query_id long, ids array<long>, distances array<float>"
 QUERY_BATCH = 512      # queries routed, scanned and merged together
@@ -71,9 +70,9 @@ class Corpus:
             self.model, self.kind = ix.model, "shards"
             with ix.storage.snapshot() as snap:
                 self.sizes = snap.cell_sizes().copy()
-            sharded = isinstance(ix.storage, ShardedStorage)
-            self.parts = [[d] for d in ix.storage.names] if sharded else [[ix.path]]
-            self.starts = ix.storage.bounds[:-1].copy() if sharded else np.zeros(1, np.int64)
+            parts = ix.storage.cell_ranges()
+            self.parts = [[name or ix.path] for name, _, _ in parts]
+            self.starts = np.array([lo for _, lo, _ in parts], np.int64)
 
     def _of_codes(self, corpus, model, num_partitions: int) -> None:
         if model is None:

@@ -268,8 +268,9 @@ def _results(df, n):
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 def test_spark_search_equals_index_search(spark, data, tmp_path, metric):
-    """Over Parquet codes (parts of several files, and one part), a shard set and a vector
-    file of queries: the results of Index.search on the same codes, ties included."""
+    """Over Parquet codes (parts of several files, and one part), a shard set, one index and
+    a vector file of queries: the results of Index.search on the same codes, ties
+    included."""
     from cypq.shards import split
     from cypq.spark import encode, search
     X, Q = data
@@ -293,6 +294,7 @@ def test_spark_search_equals_index_search(spark, data, tmp_path, metric):
     for corpus, qs, tasks, quota, k in (
             (tmp_path / "codes", queries, None, 400, 10), (tmp_path / "codes", queries, 1, 0, 7),
             (tmp_path / "set", queries, None, 400, 10),
+            (tmp_path / "whole", queries, None, 400, 10),
             (tmp_path / "codes", str(tmp_path / "q.npy"), 3, 400, 10)):
         D, I = _results(search(qs, str(corpus), model if "codes" in str(corpus) else None,
                                k=k, quota=quota, num_partitions=tasks), len(Q))

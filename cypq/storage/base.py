@@ -291,6 +291,12 @@ class Storage(ABC):
         how many entries each step of :meth:`BulkWriter.finish` writes."""
         raise ValueError("this storage was not created for a bulk load")
 
+    def cell_ranges(self) -> list[tuple[Optional[str], int, int]]:
+        """(name, first cell, end cell) of each part that owns a range of cells and can be
+        opened alone by that name (a shard set's shards, :mod:`cypq.storage.sharded`); one
+        part with no name of its own, owning every cell, for any other storage."""
+        return [(None, 0, self.n_cells)]
+
     def close(self) -> None:
         """Release resources."""
 

@@ -62,6 +62,10 @@ class ShardedStorage(Storage):
         self.vector_dtype, self.keeps_tags = first.vector_dtype, first.keeps_tags
         self._lock = threading.Lock()   # one write at a time, across the parts
 
+    def cell_ranges(self) -> list[tuple[Optional[str], int, int]]:
+        return [(name, int(self.bounds[j]), int(self.bounds[j + 1]))
+                for j, name in enumerate(self.names)]
+
     def owner(self, cells: np.ndarray) -> np.ndarray:
         """(n,) int64: the part owning each cell."""
         return np.searchsorted(self.bounds, cells, side="right") - 1
