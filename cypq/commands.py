@@ -367,9 +367,9 @@ def cmd_backup(args, out) -> int:
 
 
 def _disk_bytes(path: str) -> int:
-    """Bytes of the LMDB data files of an index or of a shard set's shards."""
-    return sum(os.path.getsize(os.path.join(d, "data.mdb")) for d, _, files in os.walk(path)
-               if "data.mdb" in files)
+    """Bytes of the files of an index or of a shard set's shards."""
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path)
+               for f in files)
 
 
 def cmd_demo(args, out) -> int:

@@ -25,7 +25,7 @@ PathSpec = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
 
 def is_one_index(path) -> bool:
     """Whether directory ``path`` is itself an on-disk index (not a set, not other files)."""
-    return os.path.isfile(os.path.join(os.fspath(path), "data.mdb"))
+    return LMDBStorage.is_environment(os.fspath(path))
 
 
 def shard_dirs(path: PathSpec) -> list[str]:

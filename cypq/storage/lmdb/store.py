@@ -143,6 +143,12 @@ class LMDBStorage(Storage):
         """Whether ``path`` holds a storage (complete or a bulk load in progress)."""
         return E.holds_index(path)
 
+    @staticmethod
+    def is_environment(path: str) -> bool:
+        """Whether directory ``path`` is itself an LMDB environment (has its data file),
+        as opposed to a directory of other things (e.g. of shards)."""
+        return os.path.isfile(os.path.join(path, "data.mdb"))
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
