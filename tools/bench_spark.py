@@ -1,5 +1,5 @@
-"""Spark vs one machine on REALSIFT1M: LOPQ training and encoding of the 1M base; search;
-a k-NN graph.
+"""Spark vs one machine on REALSIFT1M (or MANMINILM, ``--data``): LOPQ training and encoding
+of the base; search; a k-NN graph.
 
     python tools/bench_spark.py [train] [--data DIR] [--master local[2]] [--V 1024] [--M 16]
     python tools/bench_spark.py search [--nq 10000] [--quota 3500] [--k 10]
@@ -34,7 +34,7 @@ import warnings
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _data import DEFAULT_DATA, load_sift, recalls  # noqa: E402
+from _data import DEFAULT_DATA, load_set, recalls  # noqa: E402
 
 import cypq  # noqa: E402
 
@@ -62,7 +62,7 @@ def main():
     p.add_argument("--n", type=int, default=100_000, help="knn-graph: vectors")
     args = p.parse_args()
     root = args.dir or tempfile.mkdtemp(prefix="cypq-spark-")
-    xb = np.load(os.path.join(str(args.data), "base.u8.npy")).astype(np.float32)
+    xb = load_set(args.data, 1)[1]   # REALSIFT1M, or a float16 set such as MANMINILM
     vec_path = write_vectors(os.path.join(root, "base.parquet"), xb)
     try:
         {"train": bench_train, "search": bench_search, "knn-graph": bench_knn_graph}[
@@ -148,7 +148,7 @@ def bench_search(args, root, xb, vec_path):
     from cypq.code_files import CodeSource
     from cypq.shards import split
     quota = args.quota or 3500
-    xt, _, xq, gt = load_sift(args.data, args.nq)
+    xt, _, xq, gt = load_set(args.data, args.nq)
     warnings.simplefilter("ignore", RuntimeWarning)
     model = cypq.LOPQModel(V=args.V, M=args.M).fit(xt, random_state=0)
     q_path = write_vectors(os.path.join(root, f"queries{len(xq)}.parquet"), xq)
@@ -198,7 +198,8 @@ def bench_search(args, root, xb, vec_path):
                          same))
     finally:
         spark.stop()
-    print(f"\nREALSIFT1M: {len(xq):,} queries over the 1M base, V={args.V}, M={args.M}, "
+    print(f"\n{os.path.basename(os.path.normpath(str(args.data)))}: {len(xq):,} queries over "
+          f"the {len(xb):,} base vectors (D={xb.shape[1]}), V={args.V}, M={args.M}, "
           f"quota {quota}, k={args.k}, recall@10 {rec.get(10, float('nan')):.3f}:\n")
     print("| where | wall s | queries/s | share of one process | identical results | "
           "task s: route / load / scan / merge |")
@@ -212,8 +213,9 @@ def bench_search(args, root, xb, vec_path):
     spent = rows[1][2]
     per_query = (spent["route"] + spent["scan"] + spent["merge"]) / len(xq)
     fixed = rows[1][1] - sum(spent.values()) / 2   # what two busy cores do not explain
+    load = spent["load"] * 1e6 / len(xb)            # per 1M codes
     print(f"\nProjection (Parquet codes; per query {per_query * 1e3:.3f} ms of task time, "
-          f"load {spent['load']:.2f} s per 1M codes, {fixed:.2f} s fixed per job):\n")
+          f"load {load:.2f} s per 1M codes, {fixed:.2f} s fixed per job):\n")
     print("| executors x 4 cores | 10k queries, 1M codes | 1M queries, 1M codes | "
           "1M queries, 100M codes |")
     print("|---|---|---|---|")
@@ -223,7 +225,7 @@ def bench_search(args, root, xb, vec_path):
         for nq, scale in ((1e4, 1), (1e6, 1), (1e6, 100)):
             # scan time per query grows with the quota, not the corpus (same quota); each
             # executor loads its share of the codes once
-            t = fixed + nq * per_query / cores + spent["load"] * scale / cores
+            t = fixed + nq * per_query / cores + load * scale / cores
             cells.append(f"{t:,.1f} s")
         print(f"| {n} x 4 | " + " | ".join(cells) + " |")
 
@@ -231,7 +233,7 @@ def bench_search(args, root, xb, vec_path):
 def bench_knn_graph(args, root, xb, vec_path):
     import cypq.spark as cs
     quota = args.quota or 1000
-    xt = load_sift(args.data, 1)[0]
+    xt = load_set(args.data, 1)[0]
     X = np.ascontiguousarray(xb[:args.n])
     warnings.simplefilter("ignore", RuntimeWarning)
     model = cypq.LOPQModel(V=args.V, M=args.M).fit(xt, random_state=0)
@@ -263,7 +265,8 @@ def bench_knn_graph(args, root, xb, vec_path):
         spark.stop()
     _, G = _read_results(out, len(X))
     hit = np.mean([len(np.intersect1d(G[j], truth[j])) for j in range(len(X))]) / args.k
-    print(f"\nk-NN graph of {len(X):,} REALSIFT1M vectors (k={args.k}, V={args.V}, "
+    print(f"\nk-NN graph of {len(X):,} vectors of {os.path.basename(str(args.data))} "
+          f"(k={args.k}, V={args.V}, "
           f"M={args.M}, quota {quota}) on Spark {args.master}: {wall:.1f} s including "
           f"encoding, recall@{args.k} against the exact graph {hit:.3f}")
 
