@@ -236,6 +236,7 @@ def search(queries, corpus, model: Optional[LOPQModel] = None, k: int = 10,
     scanned = qblocks.mapPartitionsWithIndex(route).partitionBy(n_parts, lambda p: p) \
         .mapPartitionsWithIndex(scan)
     metric = model.metric
+
     def merge(kv):
         t0 = time.perf_counter()
         rows = list(_merged_rows(list(kv[1]), k, metric, exclude_self))
