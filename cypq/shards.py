@@ -76,9 +76,8 @@ def split(index: Index, path: str | os.PathLike, shards: int, step: int = 200_00
             raise ValueError(f"bounds must have {shards + 1} values, got {len(bounds)}")
         for j in range(shards):
             lo, hi = int(bounds[j]), int(bounds[j + 1])
-            place = {"set": name, "number": j, "count": int(shards), "cells": [lo, hi]}
             index.compact(os.path.join(path, SHARD_DIR.format(j)), step, cells=(lo, hi),
-                          shard=place, snapshot=snap, **options).close()
+                          shard=_place(name, j, bounds), snapshot=snap, **options).close()
     return Index.open(path, n_threads=index.n_threads)
 
 
@@ -93,8 +92,12 @@ def create(path: str | os.PathLike, model: LOPQModel, shards: int,
     bounds = shard_bounds(np.zeros(model.V * model.V, np.int64), shards)
     name = uuid.uuid4().hex
     for j in range(shards):
-        place = {"set": name, "number": j, "count": int(shards),
-                 "cells": [int(bounds[j]), int(bounds[j + 1])]}
-        Index.create(os.path.join(path, SHARD_DIR.format(j)), model, shard=place,
-                     **kwargs).close()
+        Index.create(os.path.join(path, SHARD_DIR.format(j)), model,
+                     shard=_place(name, j, bounds), **kwargs).close()
     return Index.open(path, n_threads=n_threads)
+
+
+def _place(name: str, j: int, bounds: np.ndarray) -> dict:
+    """Shard j's record of its place in set ``name`` whose cell ranges are ``bounds``."""
+    return {"set": name, "number": j, "count": len(bounds) - 1,
+            "cells": [int(bounds[j]), int(bounds[j + 1])]}

@@ -116,12 +116,7 @@ class ShardedStorage(Storage):
 
     def tags(self, ids):
         ids = np.asarray(ids, dtype=np.int64)
-        found, out = np.zeros(len(ids), bool), np.zeros(len(ids), np.uint64)
-        for p in self.parts:
-            f, t = p.tags(ids)
-            found |= f
-            out[f] = t[f]
-        return found, out
+        return _overlay([p.tags(ids) for p in self.parts])
 
     def tag_counts(self):
         return sum(p.tag_counts() for p in self.parts)
@@ -215,24 +210,18 @@ class ShardedSnapshot(Snapshot):
         return tuple(np.concatenate(col) for col in zip(*got))
 
     def lookup(self, ids: np.ndarray) -> tuple:
-        out = None
-        for s in self.parts:
-            got = s.lookup(ids)
-            if out is None:
-                out = [np.array(x) for x in got]
-            else:
-                f = got[0]
-                for a, b in zip(out, got):
-                    a[f] = b[f]
-        return tuple(out)
+        return _overlay([s.lookup(ids) for s in self.parts])
 
     def vectors(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        found = rows = None
-        for s in self.parts:
-            f, r = s.vectors(ids)
-            if found is None:
-                found, rows = f.copy(), r.copy()
-            else:
-                found |= f
-                rows[f] = r[f]
-        return found, rows
+        return _overlay([s.vectors(ids) for s in self.parts])
+
+
+def _overlay(got: list) -> tuple:
+    """The parts' answers about the same ids, each (found (n,) bool, columns...), as one:
+    an id's columns from the part that found it (an id is in one part at most)."""
+    out = [np.array(x) for x in got[0]]
+    for answer in got[1:]:
+        f = answer[0]
+        for a, b in zip(out, answer):
+            a[f] = b[f]
+    return tuple(out)
