@@ -16,13 +16,13 @@ from .lopq import LOPQCode, LOPQModel
 from .model_io import ModelFileError
 from .opq import OPQ
 from .pq import PQ, DistanceTable, NotFittedError
-from .storage import IndexFormatError
+from .storage import IndexCorruptError, IndexFormatError
 
 __version__ = "0.1.0"
 
 __all__ = ["PQ", "OPQ", "DistanceTable", "NotFittedError", "nanopq_to_faiss",
            "faiss_to_nanopq", "LOPQModel", "LOPQCode", "ModelFileError", "Index",
-           "IndexFormatError", "__version__"]
+           "IndexFormatError", "IndexCorruptError", "__version__"]
 
 _EDGES = ("demo", "cli", "spark", "bulk")
 

@@ -125,8 +125,9 @@ def make_filter(nq: int, keeps_tags: bool, names: Sequence[str], tags_any=None, 
     masks = None
     if any(a is not None for a in tag_args):
         if not keeps_tags:
-            raise ValueError("this index keeps no tags: create it with tags=True (or a list "
-                             "of tag names), or rebuild it so, to filter by tags")
+            raise ValueError("this index keeps no tags (all zero) to filter by: give some "
+                             "(index.set_tags, add(..., tags=)) or call index.keep_tags(); "
+                             "it keeps them from then on")
         masks = np.zeros((nq, 3), dtype=np.uint64)
         for j, (arg, what) in enumerate(zip(tag_args, ("tags_any", "tags_all", "tags_none"))):
             if arg is not None:

@@ -13,20 +13,17 @@ from ._threads import resolve
 from .code_layout import CodeLayout
 from .filters import make_filter
 from .index_parts import (_as_ids, _legacy_n_cells, _require_trained, _stored_model,
-                          check_rerank, copy_entries, kept_vectors, shard_of, storage_args,
-                          tag_names, vectors_of_codes)
+                          check_rerank, check_result_size, copy_entries, kept_vectors,
+                          shard_of, storage_args, tag_names, tags_meta, vectors_of_codes)
 from .lopq import LOPQModel
 from .shard_set import open_storage
 from .search import metric_distances, search as _search
 from .stored_vectors import Reranker
-from .storage.base import Storage, check_tags
+from .storage.base import Storage, as_tags
 from .storage.memory import MemoryStorage
 
 DEFAULT_QUOTA = 10000
 _QUERIES_PER_THREAD = 8   # default threads of a search: one per 8 queries (see _threads.py)
-# k above this and above the number of stored entries is refused before anything is
-# allocated, as is an output of more than 64 times this many results.
-_MAX_RESULTS = 1 << 20
 
 
 class Index:
@@ -314,9 +311,17 @@ class Index:
                                  vectors=vectors, tags=tags)
 
     def _check_tags(self, tags, n: int) -> Optional[np.ndarray]:
+        tags = None if tags is None else as_tags(np.atleast_1d(tags), n)
         if tags is not None and not self._storage.keeps_tags:
-            raise ValueError("this index keeps no tags: create it with tags=True (or names)")
-        return None if tags is None else check_tags(self._storage, np.atleast_1d(tags), n)
+            self.keep_tags()   # an index without tags gets them when tags are first written
+        return tags
+
+    def keep_tags(self, names=None) -> None:
+        """Start keeping tags (all zero) in an index made without them, in place, in one
+        transaction (every block rewritten); done by itself when tags are first given.
+        ``names``: list of str, as :meth:`create`'s ``tags``. Other processes reopen it."""
+        self._check_writable()
+        self._storage.keep_tags(tags_meta(names))
 
     @property
     def tag_names(self) -> list[str]:
@@ -358,15 +363,15 @@ class Index:
 
     def lookup(self, ids, with_tags: bool = False) -> tuple:
         """Where ids are: (found (N,) bool, cells (N,) int64, -1 if absent, fine codes (N, M)),
-        and with ``with_tags`` (an index with tags) their tag sets (N,) uint64 (0 if absent)."""
+        and with ``with_tags`` their tag sets (N,) uint64 (0 if absent or without tags)."""
         self._check_open()
         ids = _as_ids(ids, None, unique=False)
         found, cells, codes = self._storage.lookup(ids)
         if not with_tags:
             return found, cells, self._layout.unpack(codes)
-        if not self._storage.keeps_tags:
-            raise ValueError("this index keeps no tags (create it with tags=True)")
-        return found, cells, self._layout.unpack(codes), self._storage.tags(ids)[1]
+        tags = (self._storage.tags(ids)[1] if self._storage.keeps_tags
+                else np.zeros(len(ids), np.uint64))     # an index without tags: all zero
+        return found, cells, self._layout.unpack(codes), tags
 
     def vectors(self, ids) -> np.ndarray:
         """The stored vectors of ids, as the index keeps them (see :meth:`create`).
@@ -517,11 +522,7 @@ class Index:
         """
         self._check_open()
         k = positive_int(k, "k")
-        nq = np.shape(queries)[0] if np.ndim(queries) == 2 else 1
-        if k > _MAX_RESULTS and k > len(self) or nq * k > _MAX_RESULTS * 64:
-            raise ValueError(f"k={k} for {nq} queries asks for {nq * k:,} results from an index "
-                             f"of {len(self):,} entries: ask for at most {max(len(self), 1):,} "
-                             "per query (results past the stored entries are -1 / inf)")
+        check_result_size(k, np.shape(queries)[0] if np.ndim(queries) == 2 else 1, len(self))
         quota = DEFAULT_QUOTA if quota is None else int(quota)
         if quota < 0:
             raise ValueError("quota must be >= 0")
@@ -541,7 +542,6 @@ class Index:
                               self._layout.unpack, self._direct_cache)
         D = metric_distances(D, I, self._model.metric, rerank is not None)
         return (D, I, stats) if return_stats else (D, I)
-
 
     def _batch(self, x, name: str) -> np.ndarray:
         """float32 (N, D), validated, of one vector (D,) or a batch (N, D) (N may be 0)."""

@@ -15,6 +15,11 @@ from .pq import NotFittedError
 from .stored_vectors import SQ8_META, Kept, vector_dtype
 from .storage.base import SQ8, TAGS, IndexCorruptError, Storage
 
+TAG_NAMES = "tag_names"
+# k above this and above the number of stored entries is refused before anything is
+# allocated, as is an output of more than 64 times this many results.
+_MAX_RESULTS = 1 << 20
+
 
 def storage_args(model: LOPQModel, features, vectors: Optional[str], tags,
                  shard: Optional[dict] = None, vector_ranges=None) -> dict:
@@ -39,16 +44,23 @@ def storage_args(model: LOPQModel, features, vectors: Optional[str], tags,
         meta["shard"] = json.dumps(shard).encode()
     if tags is not None and tags is not False:
         features.add(TAGS)
-        if tags is not True:
-            if isinstance(tags, (str, bytes)):
-                raise TypeError("tags must be True or a list of tag names, not one string")
-            meta["tag_names"] = json.dumps(check_tag_names(tags)).encode()
+        meta.update(tags_meta(tags))
     return {"meta": meta, "features": features, "vectors": _vector_spec(model, vectors)}
+
+
+def tags_meta(tags) -> dict:
+    """The metadata naming the tag bits (``meta[tag_names]``) of ``tags``: None or True
+    (unnamed: none), or a list of up to 64 names, bit j named by the j-th."""
+    if tags is None or tags is True:
+        return {}
+    if isinstance(tags, (str, bytes)):
+        raise TypeError("tags must be True or a list of tag names, not one string")
+    return {TAG_NAMES: json.dumps(check_tag_names(tags)).encode()}
 
 
 def tag_names(storage: Storage) -> list[str]:
     """The bit names an index was created with ([] when its tags are unnamed or absent)."""
-    raw = storage.meta("tag_names")
+    raw = storage.meta(TAG_NAMES)
     if raw is None:
         return []
     try:
@@ -177,3 +189,12 @@ def vectors_of_codes(kept: Optional[Kept], X: Optional[np.ndarray], n: int):
     if len(X) != n:
         raise ValueError(f"{len(X)} vectors for {n} codes")
     return kept.store(X)
+
+
+def check_result_size(k: int, nq: int, n_stored: int) -> None:
+    """ValueError when k results for each of nq queries is an output the machine cannot hold
+    (see ``_MAX_RESULTS``)."""
+    if k > _MAX_RESULTS and k > n_stored or nq * k > _MAX_RESULTS * 64:
+        raise ValueError(f"k={k} for {nq} queries asks for {nq * k:,} results from an index "
+                         f"of {n_stored:,} entries: ask for at most {max(n_stored, 1):,} "
+                         "per query (results past the stored entries are -1 / inf)")

@@ -14,7 +14,7 @@ import glob
 import os
 from typing import Sequence, Union
 
-from .index_parts import shard_of
+from .index_parts import TAG_NAMES, shard_of
 from .storage.base import IndexFormatError
 from .storage.lmdb import LMDBStorage
 from .storage.sharded import ShardedStorage
@@ -64,6 +64,7 @@ def open_storage(path: PathSpec, readonly: bool, n_cells_of, **options):
                                           **options))
         places = [shard_of(p) for p in parts]
         _check_set(dirs, parts, places)
+        _finish_tags(dirs, parts, readonly)
         order = sorted(range(len(parts)), key=lambda j: places[j]["number"])
         bounds = [places[j]["cells"][0] for j in order] + [parts[0].n_cells]
         for j, nxt in zip(order, order[1:] + [None]):
@@ -104,3 +105,17 @@ def _check_set(dirs, parts, places) -> None:
         if p.meta("model") != model:
             raise IndexFormatError(f"{d} holds another model than {dirs[0]}: the shards of "
                                    "one set share one model")
+
+
+def _finish_tags(dirs, parts, readonly: bool) -> None:
+    """Finish an ``Index.keep_tags`` of the set that stopped after some of its shards."""
+    tagged = [p for p in parts if p.keeps_tags]
+    if not tagged or len(tagged) == len(parts):
+        return
+    if readonly:
+        raise IndexFormatError(f"some shards of {dirs[0]}'s set keep tags and others not (a "
+                               "keep_tags that was interrupted): open the set for writing "
+                               "once to finish it")
+    names = tagged[0].meta(TAG_NAMES)
+    for p in parts:
+        p.keep_tags({TAG_NAMES: names} if names is not None else {})

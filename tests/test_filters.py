@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 import pytest
 
-from cypq import Index, LOPQModel
+from cypq import Index, IndexCorruptError, IndexFormatError, LOPQModel
 from cypq.bulk import bulk_load
 from cypq.cli import main as cli_main
 from cypq.vector_files import VectorSource
@@ -196,6 +196,76 @@ def test_tags_stored_changed_and_carried(setup, kind, tmp_path):
         index.close()
 
 
+@pytest.mark.parametrize("kind", ["memory", "lmdb"])
+def test_index_without_tags_gets_them_in_place(setup, kind, tmp_path):
+    """An index made without tags reads as all-zero tags and keeps them, in place, once
+    tags are written (blocks, a merge and staged records, kept vectors, 4- and 8-bit
+    codes): afterwards it answers every filter as an index made with tags from the start,
+    and another handle opened before the change is told to open it again."""
+    model, X, Q, tags = setup
+    ids = np.arange(N, dtype=np.int64) * 2 + 5
+    plain = _index(kind, model, tmp_path, vectors="float32")
+    want = _index(kind, model, tmp_path / "w", vectors="float32", tags=True)
+    for a in range(0, N, 300):
+        plain.add(X[a:a + 300], ids[a:a + 300])
+        want.add(X[a:a + 300], ids[a:a + 300])
+    before = plain.search(Q, k=8, quota=200)
+    other = Index.open(tmp_path / "ix", readonly=True) if kind == "lmdb" else None
+    np.testing.assert_array_equal(plain.lookup(ids, with_tags=True)[3], 0)
+    assert plain.set_tags(ids, tags) == N     # the index gets its tags here
+    want.set_tags(ids, tags)
+    assert plain.storage.keeps_tags and plain.tag_names == []
+    np.testing.assert_array_equal(plain.lookup(ids, with_tags=True)[3], tags)
+    np.testing.assert_array_equal(plain.storage.tag_counts(), _bits(tags))
+    for got, exp in zip(plain.search(Q, k=8, quota=200), before):
+        np.testing.assert_array_equal(got, exp)
+    np.testing.assert_array_equal(plain.vectors(ids[::5]), X[::5])
+    for name, (kw, _) in FILTERS.items():
+        for plan in ("scan", "direct") if name != "all-names" else ():   # bits unnamed
+            for got, exp in zip(plain.search(Q, k=8, quota=200, plan=plan, **kw),
+                                want.search(Q, k=8, quota=200, plan=plan, **kw)):
+                np.testing.assert_array_equal(got, exp)
+    if kind == "lmdb":
+        assert plain.verify() == []
+        with pytest.raises(IndexFormatError, match="open it again"):
+            other.search(Q, k=3)
+        other.close()
+        plain.add(X[:5], ids[:5], replace=True, tags=[1] * 5)
+        plain.close()
+        with Index.open(tmp_path / "ix", readonly=True) as again:
+            assert again.verify() == []
+            np.testing.assert_array_equal(again.lookup(ids[:6], with_tags=True)[3],
+                                          [1] * 5 + [tags[5]])
+    # an explicit keep_tags names the bits
+    named = _index("memory", model, tmp_path)
+    named.add(X[:20])
+    named.keep_tags(["x", "y"])
+    named.set_tags([4], [2])
+    assert named.tag_names == ["x", "y"]
+    assert named.search(Q[:1], k=3, quota=0, tags_any="y")[1][0].tolist() == [4, -1, -1]
+
+
+def test_tags_upgrade_refuses_a_damaged_block_and_changes_nothing(setup, tmp_path):
+    import lmdb
+    model, X, Q, tags = setup
+    with Index.create(tmp_path / "ix", model, stage_capacity=0) as ix:
+        ix.add(X[:200])
+    env = lmdb.open(str(tmp_path / "ix"), max_dbs=16)
+    with env.begin(write=True) as txn:
+        blocks = env.open_db(b"blocks", txn=txn, create=False)
+        key, value = next(iter(txn.cursor(db=blocks)))
+        value = bytearray(value)
+        value[-1] ^= 0x40     # a code byte: the layout stays valid, the checksum does not
+        txn.put(key, bytes(value), db=blocks)
+    env.close()
+    with Index.open(tmp_path / "ix") as ix:
+        with pytest.raises(IndexCorruptError, match="checksum"):
+            ix.set_tags([1], [1])
+        assert not ix.storage.keeps_tags and len(ix) == 200
+    with Index.open(tmp_path / "ix", readonly=True) as ix:
+        assert not ix.storage.keeps_tags and "checksum" in ix.verify()[0]
+
+
 @pytest.mark.parametrize("plan", ["scan", "direct"])
 def test_filtered_search_with_reranking(setup, tmp_path, plan):
     """A filter and re-ranking together: the exact top k of the passing entries' stored
@@ -300,11 +370,9 @@ def test_bad_input_is_refused_and_nothing_is_lost(setup, tmp_path):
     plain.add(X[:50])
     with pytest.raises(ValueError, match="keeps no tags"):
         plain.search(Q, tags_any=1)
-    with pytest.raises(ValueError, match="keeps no tags"):
-        plain.add(X[:5], tags=np.ones(5, np.uint64))
-    with pytest.raises(ValueError, match="keeps no tags"):
-        plain.set_tags([0], [1])
-    assert len(plain) == 50
+    with pytest.raises(ValueError, match="tags must be"):   # checked before it gets tags
+        plain.set_tags([0], [-1])
+    assert len(plain) == 50 and not plain.storage.keeps_tags
     # an id filter needs no tags
     _, I = plain.search(Q, k=3, quota=0, ids=[3, 4, 5])
     assert set(I[I >= 0].tolist()) <= {3, 4, 5}

@@ -437,6 +437,31 @@ def test_legacy_index_reads_as_is_and_is_upgraded_when_written(setup, tmp_path, 
                                       mem.search(Q, k=10, quota=200)[1])
 
 
+@pytest.mark.parametrize("fixture,n_ids", [("legacy-v1", 1000), ("legacy-v2", 1300),
+                                           ("legacy-v3", 1300)])
+def test_legacy_index_gets_tags_in_place(setup, tmp_path, fixture, n_ids):
+    """An index of an earlier cypq (values without checksums, staged records of format 2,
+    a format 3 merge cut short) reads as all-zero tags and keeps them once tags are given:
+    then it answers filters as an in-memory index given the same tags."""
+    import shutil
+    model, X, Q = setup
+    path = tmp_path / "ix"
+    shutil.copytree(os.path.join(HERE, "data", fixture), path)
+    tags = (np.arange(n_ids) % 3 == 0).astype(np.uint64) | np.uint64(1 << 40)
+    mem = Index.in_memory(model, tags=True)
+    mem.add(X[:n_ids], tags=tags)
+    with Index.open(path) as ix:
+        np.testing.assert_array_equal(ix.lookup(np.arange(n_ids), with_tags=True)[3], 0)
+        ix.set_tags(np.arange(n_ids), tags)
+        assert ix.verify() == []
+        for kw in ({"tags_any": 1}, {"tags_none": 1}, {"tags_all": np.uint64(1 << 40)}):
+            for got, want in zip(ix.search(Q, k=10, quota=200, **kw),
+                                 mem.search(Q, k=10, quota=200, **kw)):
+                np.testing.assert_array_equal(got, want)
+    with Index.open(path, readonly=True) as ro:
+        np.testing.assert_array_equal(ro.lookup(np.arange(n_ids), with_tags=True)[3], tags)
+
+
 def test_search_after_every_add_equals_memory(setup, tmp_path, monkeypatch):
     """A process that searches between adds takes the stage in step by step (both tiers of
     its copy, folds, merges) and always answers as the in-memory index does."""

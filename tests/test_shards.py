@@ -165,6 +165,30 @@ def test_sets_that_are_not_whole_or_not_one_are_refused(setup, tmp_path):
                 Index.open(target)
 
 
+def test_a_set_without_tags_gets_them_in_place(setup, tmp_path):
+    """keep_tags goes shard by shard; a set where it stopped half way is refused read-only
+    and finished when next opened for writing; then it searches as a set made with tags."""
+    model, X, Q, tags = setup
+    ids = np.arange(N) * 3 + 1
+    plain = Index.create(tmp_path / "plain", model, vectors="float32", stage_capacity=500)
+    for a in range(0, N, 700):
+        plain.add(X[a:a + 700], ids[a:a + 700])
+    with plain, split(plain, tmp_path / "set", 3, step=400) as sset:
+        assert not sset.storage.keeps_tags
+    with Index.open(tmp_path / "set" / "shard-0001") as one:   # as if stopped after one
+        one.keep_tags(["a", "b", "c"])
+    with pytest.raises(IndexFormatError, match="interrupted"):
+        Index.open(tmp_path / "set", readonly=True)
+    with Index.open(tmp_path / "set") as sset, _whole(model, X, tags, tmp_path / "w") as whole:
+        assert sset.storage.keeps_tags and sset.tag_names == ["a", "b", "c"]
+        np.testing.assert_array_equal(sset.lookup(ids, with_tags=True)[3], 0)
+        sset.set_tags(ids, tags)
+        assert sset.verify() == []
+        for kw in SEARCHES[4:7]:
+            for got, want in zip(sset.search(Q, k=15, **kw), whole.search(Q, k=15, **kw)):
+                np.testing.assert_array_equal(got, want, err_msg=str(kw))
+
+
 def test_shard_bounds_balance_entries():
     rng = np.random.default_rng(3)
     sizes = rng.integers(0, 50, 400)

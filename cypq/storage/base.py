@@ -241,6 +241,12 @@ class Storage(ABC):
         ids are ignored) in one write; returns how many changed hands."""
         raise ValueError("this storage keeps no tags")
 
+    def keep_tags(self, meta: Optional[dict] = None) -> None:
+        """Start keeping tags (feature ``tags``) in a storage made without them: every
+        stored entry's tag set is zero, in one write; ``meta`` (str -> bytes) is stored in
+        that write. Nothing happens when the storage keeps tags already."""
+        raise ValueError("this storage cannot start keeping tags")
+
     @abstractmethod
     def next_id(self) -> int:
         """One past the largest id ever stored: where fresh ids (``add`` without ids) start."""
@@ -349,6 +355,12 @@ def check_tags(storage: "Storage", tags, n: int) -> Optional[np.ndarray]:
         return None
     if not storage.keeps_tags:
         raise ValueError("this storage keeps no tags: create it with tags")
+    return as_tags(tags, n)
+
+
+def as_tags(tags, n: int) -> np.ndarray:
+    """The tag sets of n entries as C-contiguous uint64 (n,) (ValueError: see
+    :func:`check_tags`)."""
     arr = np.asarray(tags)
     if arr.shape != (n,) or not (arr.dtype.kind == "u" or (arr.dtype.kind == "i" and (
             not arr.size or arr.min() >= 0))):

@@ -208,6 +208,17 @@ class MemoryStorage(Storage):
                     cell.tags[loc[1]] = t
             return sum(loc is not None for loc, _ in locs)
 
+    def keep_tags(self, meta=None):
+        with self._lock:
+            if self.keeps_tags:
+                return
+            self._gen += 1
+            for c, cell in self._cells.items():
+                cell.tags = np.zeros(len(cell.ids), dtype=np.uint64)
+                self._tags_at[c] = cell.tags.ctypes.data
+            self._meta.update({k: bytes(v) for k, v in (meta or {}).items()})
+            self.features, self.keeps_tags = self.features | {TAGS}, True
+
     def tag_counts(self):
         if not self.keeps_tags:
             return super().tag_counts()

@@ -125,6 +125,14 @@ class ShardedStorage(Storage):
         with self._lock:
             return sum(p.set_tags(ids, tags) for p in self.parts)
 
+    def keep_tags(self, meta=None) -> None:
+        """Part by part (a set interrupted half way is finished when next opened for
+        writing: :func:`cypq.shard_set.open_storage`)."""
+        with self._lock:
+            for p in self.parts:
+                p.keep_tags(meta)
+            self.features, self.keeps_tags = self.parts[0].features, True
+
     @contextmanager
     def snapshot(self):
         with ExitStack() as stack:

@@ -21,7 +21,7 @@ import os
 import struct
 import threading
 from contextlib import contextmanager
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Optional
 
 import lmdb
 import numpy as np
@@ -38,38 +38,7 @@ LOG_KEEP = 4096                   # generations of change log kept for other pro
 DEFAULT_STAGE = 1 << 20
 DATABASES = ("meta", "blocks", "sizes", "ids", "log", "stage")
 
-class StageState(NamedTuple):
-    """The stage state (layout.py): ``epoch`` is a format 3 index's merge count (0 in
-    format 4, where record numbers only grow)."""
-    epoch: int
-    lo: int
-    mid: int
-    nxt: int
-    below: int
-    ids_below: int
-    n_frozen: int
-    n_active: int
 
-    @property
-    def frozen(self) -> bool:
-        return self.lo < self.mid
-
-    @property
-    def staged(self) -> int:
-        return self.n_frozen + self.n_active
-
-
-EMPTY_STAGE = StageState(0, 0, 0, 0, 0, 0, 0, 0)
-
-
-def stage_of_v3(value) -> StageState:
-    """A format 2/3 stage record (epoch, next record, merged below, staged) as a state whose
-    records 0 .. next-1 are the frozen stage (record numbers restart with each epoch there,
-    so the epoch stays part of the state)."""
-    if len(value) != L.STAGE_META_V3.size:
-        raise IndexCorruptError("meta[stage]: not a stage record")
-    epoch, nxt, below, staged = L.STAGE_META_V3.unpack(bytes(value))
-    return StageState(epoch, 0, nxt, nxt, below, 0, staged, 0)
 RESERVED = {b"format", b"config", b"gen", b"count", b"next_id", b"stage", b"bulk",
             b"bulk_done", b"bulk_ids", b"tag_counts"}
 
@@ -261,24 +230,7 @@ class Env:
 
     def __init__(self, env, real: str, path: str, readonly: bool, version: int, config: dict):
         self.lmdb, self.real, self.path, self.readonly = env, real, path, readonly
-        self.version = version
-        self.n_cells = int(config["n_cells"])
-        self.code_width = int(config["M"])
-        self.code_dtype = np.dtype(config["code_dtype"])
-        self.code_bytes = self.code_width * self.code_dtype.itemsize
-        self.features = check_features(config.get("features", ()), path)
-        self.vector_width = int(config.get("vector_width", 0))
-        self.vector_dtype = np.dtype(config["vector_dtype"]) if self.vector_width else None
-        self.vectors = (self.vector_width, self.vector_dtype) if self.vector_width else None
-        self.vector_bytes = self.vector_width * self.vector_dtype.itemsize if self.vectors else 0
-        if bool(self.vector_width) != (VECTORS in self.features):
-            raise IndexCorruptError(f"{path}: meta[config] has vector_width "
-                                    f"{self.vector_width} and features {sorted(self.features)}")
-        self.keeps_tags = TAGS in self.features
-        self.block_columns = 2 if self.keeps_tags else 1
-        self.stage_columns = self.block_columns + 1
-        self.block_capacity = int(config["block_capacity"])
-        self.stage_capacity = int(config.get("stage_capacity", DEFAULT_STAGE))
+        self.set_layout(version, config)
         self.db = {}
         for name in DATABASES + ("cells", "vectors"):
             try:
@@ -289,6 +241,28 @@ class Env:
         # Called (under no lock of ours) when the map changes (grown here or by another
         # process): every address into it dies.
         self.on_change: list[Callable[[], None]] = []
+
+    def set_layout(self, version: int, config: dict) -> None:
+        """The format version and the layout settings of the config record (again after an
+        in-place change of the layout: :mod:`.tags_column`)."""
+        self.version = version
+        self.n_cells = int(config["n_cells"])
+        self.code_width = int(config["M"])
+        self.code_dtype = np.dtype(config["code_dtype"])
+        self.code_bytes = self.code_width * self.code_dtype.itemsize
+        self.features = check_features(config.get("features", ()), self.path)
+        self.vector_width = int(config.get("vector_width", 0))
+        self.vector_dtype = np.dtype(config["vector_dtype"]) if self.vector_width else None
+        self.vectors = (self.vector_width, self.vector_dtype) if self.vector_width else None
+        self.vector_bytes = self.vector_width * self.vector_dtype.itemsize if self.vectors else 0
+        if bool(self.vector_width) != (VECTORS in self.features):
+            raise IndexCorruptError(f"{self.path}: meta[config] has vector_width "
+                                    f"{self.vector_width} and features {sorted(self.features)}")
+        self.keeps_tags = TAGS in self.features
+        self.block_columns = 2 if self.keeps_tags else 1
+        self.stage_columns = self.block_columns + 1
+        self.block_capacity = int(config["block_capacity"])
+        self.stage_capacity = int(config.get("stage_capacity", DEFAULT_STAGE))
 
     def release(self) -> None:
         if not self._released:
@@ -360,22 +334,22 @@ class Env:
             raise IndexCorruptError(f"meta[{key.decode()}]: missing or not a u64 counter")
         return L.read_u64(v)
 
-    def stage_meta(self, txn) -> "StageState":
+    def stage_meta(self, txn) -> "L.StageState":
         """The stage state of txn's snapshot (a format 3 stage reads as a frozen one)."""
         v = txn.get(b"stage", db=self.db["meta"])
         if v is None:
-            return EMPTY_STAGE
+            return L.EMPTY_STAGE
         if self.version < 4:
-            return stage_of_v3(v)
+            return L.stage_of_v3(v)
         if len(v) != L.STAGE_STATE.size:
             raise IndexCorruptError("meta[stage]: not a stage record")
-        st = StageState(0, *L.STAGE_STATE.unpack(bytes(v)))
+        st = L.StageState(0, *L.STAGE_STATE.unpack(bytes(v)))
         if not (st.lo <= st.mid <= st.nxt and st.below <= self.n_cells
                 and (st.lo < st.mid or st.n_frozen == 0)):
             raise IndexCorruptError(f"meta[stage]: inconsistent stage state {st[1:]}")
         return st
 
-    def put_stage(self, txn, st: "StageState") -> None:
+    def put_stage(self, txn, st: "L.StageState") -> None:
         txn.put(b"stage", L.STAGE_STATE.pack(*st[1:]), db=self.db["meta"])
 
     def bump(self, txn, touched, dcount: int = 0, min_next_id: int = 0) -> None:
@@ -435,7 +409,7 @@ def create(path: str, config: dict, meta: dict, bulk_state: Optional[bytes], map
             put(b"config", json.dumps(config).encode())
             for key in (b"gen", b"count", b"next_id"):
                 put(key, L.u64(0))
-            put(b"stage", L.STAGE_STATE.pack(*EMPTY_STAGE[1:]))
+            put(b"stage", L.STAGE_STATE.pack(*L.EMPTY_STAGE[1:]))
             if bulk_state is not None:
                 put(b"bulk", bulk_state)
             version = FEATURES_VERSION if config.get("features") else VERSION
@@ -542,7 +516,7 @@ def _upgrade(env, meta, version: int, config: dict) -> None:
             txn.drop(cells_db, delete=True)
             txn.put(b"config", json.dumps(config).encode(), db=meta)
         old = txn.get(b"stage", db=meta)
-        st = EMPTY_STAGE if old is None else stage_of_v3(old)
+        st = L.EMPTY_STAGE if old is None else L.stage_of_v3(old)
         txn.put(b"stage", L.STAGE_STATE.pack(*st[1:]), db=meta)
         gen = L.read_u64(txn.get(b"gen", db=meta)) + 1
         txn.put(b"gen", L.u64(gen), db=meta)  # no log record: readers reload every size

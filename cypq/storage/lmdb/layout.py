@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from typing import NamedTuple
 
 import numpy as np
 
@@ -80,6 +81,40 @@ def block_keys(cells: np.ndarray, blocks: np.ndarray) -> list:
 def blocks_for(counts, capacity: int):
     """Blocks of cells holding ``counts`` entries (all but the last full)."""
     return -(-counts // capacity)
+
+
+class StageState(NamedTuple):
+    """The stage state (see above): ``epoch`` is a format 3 index's merge count (0 in
+    format 4, where record numbers only grow)."""
+    epoch: int
+    lo: int
+    mid: int
+    nxt: int
+    below: int
+    ids_below: int
+    n_frozen: int
+    n_active: int
+
+    @property
+    def frozen(self) -> bool:
+        return self.lo < self.mid
+
+    @property
+    def staged(self) -> int:
+        return self.n_frozen + self.n_active
+
+
+EMPTY_STAGE = StageState(0, 0, 0, 0, 0, 0, 0, 0)
+
+
+def stage_of_v3(value) -> StageState:
+    """A format 2/3 stage record (epoch, next record, merged below, staged) as a state whose
+    records 0 .. next-1 are the frozen stage (record numbers restart with each epoch there,
+    so the epoch stays part of the state)."""
+    if len(value) != STAGE_META_V3.size:
+        raise IndexCorruptError("meta[stage]: not a stage record")
+    epoch, nxt, below, staged = STAGE_META_V3.unpack(bytes(value))
+    return StageState(epoch, 0, nxt, nxt, below, 0, staged, 0)
 
 
 # ---------------------------------------------------------------------------- entries

@@ -19,6 +19,7 @@ length are checked before any address reaches the kernel.
 """
 from __future__ import annotations
 
+import json
 import threading
 import time
 from contextlib import contextmanager
@@ -74,13 +75,20 @@ class ReadPath:
     def __init__(self, env: Env):
         self.env = env
         self._lock = threading.Lock()      # guards the state and the cache
-        zero = np.zeros(env.n_cells, dtype=np.int64)
-        self._state = State(-1, zero, 0, Stage.empty(env.code_width, env.code_dtype))
         self._cache = None                 # _SegmentCache of the newest state
         self._last_use = 0.0
         self._timer = None                 # releases the pins of an idle process
         env.on_change.append(self.invalidate)
-        with env.read() as txn, self._lock:
+        self.reload()
+
+    def reload(self) -> None:
+        """Forget the state and the cache and read the newest state afresh (at opening, and
+        when the layout changed under them)."""
+        self.invalidate()
+        with self.env.read() as txn, self._lock:
+            zero = np.zeros(self.env.n_cells, dtype=np.int64)
+            self._state = State(-1, zero, 0, Stage.empty(self.env.code_width,
+                                                         self.env.code_dtype))
             self.refresh(txn)
 
     def invalidate(self) -> None:
@@ -173,18 +181,27 @@ class ReadPath:
             raise IndexCorruptError("log: a cell outside the index")
         return touched
 
-    def _format_of(self, txn) -> int:
+    def _format_of(self, txn, layout: bool = False) -> int:
+        """The snapshot's format version, which must be the one this process opened (and,
+        with ``layout``, so must the config's features: tags_column.py changes them)."""
         fmt = self.env.get_meta(txn, b"format")
         version = int.from_bytes(bytes(fmt)[-4:], "big") if fmt is not None else 0
-        if version != self.env.version:
-            raise IndexFormatError(f"{self.env.path} was upgraded to format {version} by "
+        if version != self.env.version or (layout and self._features(txn) != self.env.features):
+            raise IndexFormatError(f"{self.env.path} was upgraded (format {version}) by "
                                    "another process since it was opened here: open it again")
         return version
+
+    def _features(self, txn) -> frozenset:
+        try:
+            return frozenset(json.loads(bytes(self.env.get_meta(txn, b"config"))).get(
+                "features", ()))
+        except (TypeError, ValueError, AttributeError):
+            raise IndexCorruptError(f"{self.env.path}: meta[config] is not readable") from None
 
     def _load_sizes(self, txn) -> np.ndarray:
         """(n_cells,) int64 entries in blocks, from every record (one cursor pass)."""
         env = self.env
-        if self._format_of(txn) < SIZE_CHUNKS:
+        if self._format_of(txn, layout=True) < SIZE_CHUNKS:
             return L.legacy_sizes(txn, env.db["cells"], env.n_cells)
         with txn.cursor(db=env.db["sizes"]) as cur:
             keys = b"".join(cur.iternext(keys=True, values=False))

@@ -20,6 +20,7 @@ from . import env as E
 from . import layout as L
 from .bulk import LMDBBulkWriter
 from .reader import ReadPath
+from .tags_column import add_tags_column
 from .verify import verify
 from .writer import WritePath
 
@@ -221,6 +222,13 @@ class LMDBStorage(Storage):
             return super().set_tags(ids, tags)
         ids = np.asarray(ids, dtype=np.int64)
         return self._writer.set_tags(ids, check_tags(self, tags, len(ids)))
+
+    @_reports_damage
+    def keep_tags(self, meta=None) -> None:
+        if not self.keeps_tags:
+            add_tags_column(self._env, meta or {})
+            self._reader.reload()
+            self.features, self.keeps_tags = self._env.features, self._env.keeps_tags
 
     @_reports_damage
     def remove(self, ids):

@@ -21,7 +21,8 @@ import numpy as np
 
 from ..base import IndexCorruptError, bit_counts, fresh_ids, refuse_present
 from . import layout as L
-from .env import Env, StageState
+from .env import Env
+from .layout import StageState
 from .lookup import read_block, staged_vectors
 from .reader import ReadPath
 
