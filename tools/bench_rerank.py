@@ -4,7 +4,7 @@ faiss IVF-PQ + refine and LanceDB IVF_PQ with refine_factor.
     python tools/bench_rerank.py [--data DIR] [--nq 1000] [--vectors uint8 float16]
         [--V 256] [--M 32 64] [--S 16] [--quotas 2000 5000 10000 20000]
         [--reranks 0 50 100 200] [--cold-quota 10000] [--cold-nq 200] [--skip-faiss]
-        [--skip-lancedb] [--work DIR]
+        [--skip-lancedb] [--skip-diskann] [--diskann-Ls 10 20 40 80 160] [--work DIR]
 
 cypq: an LOPQ model per --M (default 4-bit codes, the fast scan: 16 and 32 bytes), bulk-built
 on-disk indexes keeping no vectors and each --vectors kind; warm search (1 thread, best of 2
@@ -14,8 +14,11 @@ without rerank 100; disk bytes per vector; the searching process's RssAnon; the 
 first index keeping vectors, training a new model and with one given. faiss: IVF1024,PQ32x4fs (16 B,
 its fastest scan) refined by an SQ8 copy of the vectors (the bytes of cypq's uint8), in RAM.
 LanceDB: IVF_PQ (1024 partitions, 16 sub-vectors: 16 B) with refine_factor (the full vectors
-read from its files), one query per call as its API takes them. DiskANN is not run: see the
-README (diskannpy's disk search hung on this machine). ``--data ../shared/data/manminilm``
+read from its files), one query per call as its API takes them. DiskANN: its static disk
+index (graph degree 64, full vectors on disk, PQ codes of 16 B per vector in RAM), built and
+searched (one query per call, 1 thread, k=10, beam width 2, complexity --diskann-Ls) by
+tools/_diskann_peer.py in a virtualenv this script makes (--diskann-venv; diskannpy needs
+NumPy 1.x); with --work its index is kept for the next run. ``--data ../shared/data/manminilm``
 runs the same on the 384-d text embeddings (float vectors: give ``--vectors float16
 float32``; no cold run, which reads SIFT's query file).
 """
@@ -25,6 +28,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import warnings
@@ -206,6 +210,47 @@ def bench_lancedb(args, xt, xb, xq, gt, work):
         f"over the search ({nq} queries per point)"
 
 
+DISKANN_VENV = os.path.join(os.path.expanduser("~"), ".cache", "cypq-bench", "diskann-venv")
+
+
+def diskann_python(venv: str) -> str:
+    """The python of a virtualenv holding diskannpy and NumPy 1.x (made on first use: it
+    cannot share cypq's, which has NumPy 2)."""
+    py = os.path.join(venv, "bin", "python")
+    if not os.path.exists(py):
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+        subprocess.run([py, "-m", "pip", "install", "-q", "numpy<2", "diskannpy"], check=True)
+    return py
+
+
+def bench_diskann(args, xt, xb, xq, gt, work):
+    """DiskANN's static disk index (full vectors on disk, PQ in RAM), in its own virtualenv
+    (tools/_diskann_peer.py); the index is kept in ``work`` for later runs."""
+    py = diskann_python(args.diskann_venv)
+    name = os.path.basename(os.path.normpath(args.data))
+    qfile, out = os.path.join(work, "queries.npy"), os.path.join(work, "diskann-ids.npz")
+    np.save(qfile, xq)
+    cmd = [py, os.path.join(os.path.dirname(os.path.abspath(__file__)), "_diskann_peer.py"),
+           "--base", base_file(args.data), "--queries", qfile, "--out", out,
+           "--index", os.path.join(work, f"diskann-{name}"), "--nq", str(len(xq)),
+           "--k", "10", "--pq-bytes", "16", "--Ls", *map(str, args.diskann_Ls)]
+    subprocess.run(cmd, capture_output=True, check=True)
+    with open(out + ".json") as f:
+        res = json.load(f)
+    ids = np.load(out)
+    table = []
+    for L, ms in res["ms"].items():
+        table.append(line("DiskANN (R=64, PQ 16 B in RAM)", f"L={L}", "L", ms,
+                          recalls(ids[f"L{L}"], gt)))
+        print(table[-1], flush=True)
+    built = ("built in {:.0f} s".format(res["build_s"]) if res["build_s"] is not None
+             else "built by an earlier run")
+    return table, (f"DiskANN static disk index (diskannpy 0.7, graph degree 64, build L 100, "
+                   f"beam width 2): {built}, {res['disk_bytes'] / 1e6:.0f} MB on disk; "
+                   f"RssAnon of the searching process {res['rss_anon_mb']:.0f} MB "
+                   f"(+{res['rss_anon_index_mb']:.0f} from opening the index on)")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=str(DEFAULT_DATA))
@@ -220,6 +265,10 @@ def main():
     p.add_argument("--cold-nq", type=int, default=200)
     p.add_argument("--skip-faiss", action="store_true")
     p.add_argument("--skip-lancedb", action="store_true")
+    p.add_argument("--skip-diskann", action="store_true")
+    p.add_argument("--diskann-Ls", type=int, nargs="+", default=[10, 20, 40, 80, 160])
+    p.add_argument("--diskann-venv", default=DISKANN_VENV,
+                   help="the virtualenv DiskANN runs in (made on first use)")
     p.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -251,6 +300,13 @@ def main():
             t, head = run(args, xt, xb, xq, gt, work)
             table += t
             lines.append(head)
+        if not args.skip_diskann:
+            try:
+                t, head = bench_diskann(args, xt, xb, xq, gt, work)
+                table += t
+                lines.append(head)
+            except (OSError, subprocess.CalledProcessError) as e:
+                lines.append(f"DiskANN could not be run: {e}")
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
