@@ -212,7 +212,13 @@ def test_index_without_tags_gets_them_in_place(setup, kind, tmp_path):
     before = plain.search(Q, k=8, quota=200)
     other = Index.open(tmp_path / "ix", readonly=True) if kind == "lmdb" else None
     np.testing.assert_array_equal(plain.lookup(ids, with_tags=True)[3], 0)
+    held = plain.storage.snapshot() if kind == "lmdb" else None
+    old_snap = held.__enter__() if held else None   # a search under way in this process
     assert plain.set_tags(ids, tags) == N     # the index gets its tags here
+    if held:
+        with pytest.raises(IndexFormatError, match="search again"):
+            old_snap.segments(np.arange(4))
+        held.__exit__(None, None, None)
     want.set_tags(ids, tags)
     assert plain.storage.keeps_tags and plain.tag_names == []
     np.testing.assert_array_equal(plain.lookup(ids, with_tags=True)[3], tags)

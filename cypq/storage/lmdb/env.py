@@ -37,8 +37,6 @@ DEFAULT_MAP = 1 << 30
 LOG_KEEP = 4096                   # generations of change log kept for other processes
 DEFAULT_STAGE = 1 << 20
 DATABASES = ("meta", "blocks", "sizes", "ids", "log", "stage")
-
-
 RESERVED = {b"format", b"config", b"gen", b"count", b"next_id", b"stage", b"bulk",
             b"bulk_done", b"bulk_ids", b"tag_counts"}
 

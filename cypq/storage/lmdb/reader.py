@@ -78,6 +78,7 @@ class ReadPath:
         self._cache = None                 # _SegmentCache of the newest state
         self._last_use = 0.0
         self._timer = None                 # releases the pins of an idle process
+        self.layout_epoch = -1             # counts reloads: snapshots of an older one refuse
         env.on_change.append(self.invalidate)
         self.reload()
 
@@ -86,6 +87,7 @@ class ReadPath:
         when the layout changed under them)."""
         self.invalidate()
         with self.env.read() as txn, self._lock:
+            self.layout_epoch += 1
             zero = np.zeros(self.env.n_cells, dtype=np.int64)
             self._state = State(-1, zero, 0, Stage.empty(self.env.code_width,
                                                          self.env.code_dtype))
@@ -408,11 +410,15 @@ class _LMDBSnapshot(Snapshot):
         self._r, self._txn, self._state = reader, txn, state  # state holds the stage arrays
         self.generation = state.gen   # every write transaction bumps it (env.bump)
         self._caches = []
+        self._epoch = reader.layout_epoch
 
     def cell_sizes(self):
         return self._state.sizes
 
     def segments(self, cells):
+        if self._epoch != self._r.layout_epoch:   # (a block's length check would refuse too)
+            raise IndexFormatError(f"{self._r.env.path}: the index started keeping tags "
+                                   "during this search: search again")
         cache, seg = self._r.segments(self._txn, self._state,
                                       np.asarray(cells, dtype=np.int64))
         self._caches.append(cache)  # its pins stay open while this snapshot is
