@@ -157,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ids", help=".npy of int64 ids (default: continue after the largest id)")
     s.add_argument("--batch", type=_count, default=10_000, help="vectors per transaction")
     s.add_argument("--replace", action="store_true", help="overwrite ids already present")
+    s.add_argument("--tags", metavar="FILE", help=".npy of one unsigned tag bit set per vector "
+                   "(an index made without tags keeps them from then on, all zero before)")
     s.set_defaults(func=cmd_add)
 
     s = sub.add_parser("search", parents=[threads, filters], help="search an index",

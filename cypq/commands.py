@@ -194,6 +194,7 @@ def cmd_add(args, out) -> int:
     from .vector_files import VectorSource, read_ids
     source = VectorSource.open(args.input)
     ids = read_ids(args.ids, len(source)) if args.ids else None
+    tags = read_ids(args.tags, len(source), "tags", (1 << 64) - 1) if args.tags else None
     t0 = time.perf_counter()
     with Index.open(args.index, n_threads=args.threads) as index:
         if source.dim != index.model.D:
@@ -202,7 +203,8 @@ def cmd_add(args, out) -> int:
         first = last = None
         for a, X in source.chunks(args.batch):
             got = index.add(X, None if ids is None else np.asarray(ids[a:a + len(X)]),
-                            replace=args.replace)
+                            replace=args.replace, tags=None if tags is None else np.asarray(
+                                tags[a:a + len(X)], dtype=np.uint64))
             if len(got):
                 first = got[0] if first is None else first
                 last = got[-1]

@@ -403,3 +403,15 @@ def test_cli_build_tags_and_filtered_search(setup, tmp_path, capsys):
     assert cli_main(["search", str(tmp_path / "ix"), str(tmp_path / "Q.npy"),
                      "--tags-any", "red"]) == 2
     assert "no tag named 'red'" in capsys.readouterr().err
+    # `cypq add --tags` gives an index built without tags its first tags
+    assert cli_main(["build", str(tmp_path / "plain"), str(tmp_path / "X.npy"), "--model",
+                     str(tmp_path / "m.lopq"), "-q"]) == 0
+    np.save(tmp_path / "one.npy", X[:2])
+    np.save(tmp_path / "one_tags.npy", np.array([0, 1 << 40], np.uint64))
+    assert cli_main(["add", str(tmp_path / "plain"), str(tmp_path / "one.npy"), "--tags",
+                     str(tmp_path / "one_tags.npy")]) == 0
+    capsys.readouterr()
+    assert cli_main(["search", str(tmp_path / "plain"), str(tmp_path / "Q.npy"), "-k", "2",
+                     "--tags-any", str(1 << 40), "--quota", "0"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert {p.split(":")[0] for line in lines for p in line.split("\t")[1].split()} == {str(N + 1)}
