@@ -8,11 +8,11 @@ its own (diskannpy 0.7 needs NumPy 1.x; this script imports neither cypq nor the
 Builds the disk index in DIR unless it is there (full vectors on disk in their own dtype, PQ
 codes of about --pq-bytes per vector in RAM), opens it and searches one query per call (its
 API's unit) with complexity L and beam width 2, 1 search thread, for each --Ls; writes the
-ids per L to RESULT.npz and to RESULT.npz.json build seconds, bytes on disk, ms/query per L
-(best of 2 passes), the searching process's RssAnon (and how much of it came with the
-index). The index is opened with 2 thread
-contexts: with one, diskannpy 0.7's load waits forever for a free context (DiskANN issue
-#462); the searches still run one at a time on this thread.
+ids per L to RESULT.npz, and to RESULT.npz.json the build seconds, bytes on disk, ms/query
+per L (best of 2 passes) and the searching process's RssAnon (and how much of it came with
+the index). The index is opened with 2 thread contexts: with one, diskannpy 0.7's load waits
+forever for a free context (DiskANN issue #462); the searches still run one at a time on
+this thread. Its own RssAnon reader: cypq (NumPy 2) is not installed beside it.
 """
 import argparse
 import json

@@ -219,7 +219,8 @@ def diskann_python(venv: str) -> str:
     py = os.path.join(venv, "bin", "python")
     if not os.path.exists(py):
         subprocess.run([sys.executable, "-m", "venv", venv], check=True)
-        subprocess.run([py, "-m", "pip", "install", "-q", "numpy<2", "diskannpy"], check=True)
+        subprocess.run([py, "-m", "pip", "install", "-q", "numpy<2", "diskannpy==0.7.0"],
+                       check=True)   # the version whose hang _diskann_peer.py works around
     return py
 
 
