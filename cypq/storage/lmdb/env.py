@@ -40,6 +40,14 @@ DATABASES = ("meta", "blocks", "sizes", "ids", "log", "stage")
 RESERVED = {b"format", b"config", b"gen", b"count", b"next_id", b"stage", b"bulk",
             b"bulk_done", b"bulk_ids", b"tag_counts"}
 
+
+def check_meta_names(meta: dict) -> None:
+    """ValueError when the caller's metadata would overwrite the storage's own records."""
+    bad = [k for k in meta if k.encode() in RESERVED]
+    if bad:
+        raise ValueError(f"metadata names {bad} are reserved by the storage")
+
+
 # LMDB forbids opening one environment twice in a process; indexes opened twice share it.
 _ENVS: dict[str, tuple[lmdb.Environment, int]] = {}
 _ENVS_LOCK = threading.Lock()
@@ -392,9 +400,7 @@ def create(path: str, config: dict, meta: dict, bulk_state: Optional[bytes], map
     if os.path.exists(path) and (not os.path.isdir(path) or _has_files(path)):
         raise FileExistsError(f"{path} exists and is not an empty directory: cypq will "
                               "not create an index over existing files")
-    bad = [k for k in meta if k.encode() in RESERVED]
-    if bad:
-        raise ValueError(f"metadata names {bad} are reserved by the storage")
+    check_meta_names(meta)
     os.makedirs(path, exist_ok=True)
     env, real = _acquire(path, False, True, map_size, sync)
     try:

@@ -157,6 +157,22 @@ def _with_header(n: int, body: bytes) -> bytes:
     return n.to_bytes(4, "little") + checksum(body).to_bytes(4, "little") + body
 
 
+def with_zero_column(value, n_columns: int, code_bytes: int, vec_bytes: int,
+                     where: str) -> bytes:
+    """An entries value with a zero int64 column inserted after its first ``n_columns``
+    (an index starting to keep tags), its checksum made anew (a value without one stays
+    without). IndexCorruptError for a value whose length or checksum is wrong."""
+    n = entry_count(value, where, n_columns, code_bytes, vec_bytes)
+    if not checksum_ok(value):
+        raise IndexCorruptError(f"{where}: its checksum does not match its bytes: the index "
+                                "is damaged (nothing was changed; see `cypq verify`)")
+    cut = HEADER + 8 * n * n_columns
+    body = bytes(value[HEADER:cut]) + bytes(8 * n) + bytes(value[cut:])
+    if int.from_bytes(bytes(value[4:8]), "little") == 0:
+        return n.to_bytes(4, "little") + bytes(4) + body
+    return _with_header(n, body)
+
+
 def encode_entries(columns, codes: np.ndarray, code_dtype, vectors=None) -> bytes:
     """u32 n, u32 checksum, each int64 column (n,) little-endian, then the codes (n, M),
     then the vectors (n, w) when given."""

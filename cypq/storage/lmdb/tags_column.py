@@ -3,9 +3,9 @@ zero uint64 tag column, in one write transaction.
 
 An index made without tags (by an earlier cypq, or by choice) holds entries values of ids
 (blocks) or cells and ids (stage records), then codes (and, in blocks, vectors); an index with
-tags has a tag column after those (layout.py). The rewrite inserts it value by value, keeps
-each value's checksum scheme (a value written by cypq 0.1, without one, stays without), and
-refuses, changing nothing, a value whose length or checksum is wrong. The config then names
+tags has a tag column after those. The rewrite inserts it value by value
+(:func:`layout.with_zero_column`: each value's checksum scheme kept, a value whose length or
+checksum is wrong refused, changing nothing). The config then names
 the feature ``tags`` (format 5) and the change log gets no record for the commit, so every
 process reloads; one that opened the index before the change finds the layout changed and is
 told to open it again (reader.py), never reads a block by the old layout.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import struct
 
-from ..base import TAGS, IndexCorruptError
+from ..base import TAGS
 from . import env as E
 from . import layout as L
 
@@ -28,9 +28,7 @@ def add_tags_column(env: E.Env, meta: dict) -> None:
     when the transaction commits."""
     if env.keeps_tags:
         return
-    bad = [k for k in meta if k.encode() in E.RESERVED]
-    if bad:
-        raise ValueError(f"metadata names {bad} are reserved by the storage")
+    E.check_meta_names(meta)
 
     def body(txn):
         if env.get_meta(txn, b"bulk") is not None:
@@ -71,18 +69,7 @@ def _widen(txn, db, n_columns: int, code_bytes: int, vec_bytes: int, name: str) 
         if not batch:
             return
         for key, value in batch:
-            txn.put(key, _with_column(value, n_columns, code_bytes, vec_bytes,
-                                      f"{name}[{key.hex()}]"), db=db)
+            txn.put(key, L.with_zero_column(value, n_columns, code_bytes, vec_bytes,
+                                            f"{name}[{key.hex()}]"), db=db)
         after = batch[-1][0]
 
-
-def _with_column(value: bytes, n_columns: int, code_bytes: int, vec_bytes: int,
-                 where: str) -> bytes:
-    n = L.entry_count(value, where, n_columns, code_bytes, vec_bytes)
-    if not L.checksum_ok(value):
-        raise IndexCorruptError(f"{where}: its checksum does not match its bytes: the index "
-                                "is damaged (nothing was changed; see `cypq verify`)")
-    cut = L.HEADER + 8 * n * n_columns
-    body = value[L.HEADER:cut] + bytes(8 * n) + value[cut:]
-    crc = L.checksum(body) if int.from_bytes(value[4:8], "little") else 0
-    return struct.pack("<II", n, crc) + body
