@@ -5,7 +5,7 @@ from libc.math cimport INFINITY
 from libc.stdint cimport int32_t, int64_t
 from libc.stdlib cimport free, malloc
 
-from heap cimport heap_init, heap_sort_ascending
+from topk cimport TopK, topk_alloc, topk_finish, topk_free, topk_reset
 from scan cimport SCAN_BLOCK, adc_block, scan_topk
 from types cimport code_t
 
@@ -53,6 +53,7 @@ def adc_topk(const float[:, :, ::1] tables, const code_t[:, ::1] codes, float[:,
     cdef int *fail = &failed  # shared: Cython makes names assigned in parallel blocks private
     cdef float *buf
     cdef int32_t *ibuf
+    cdef TopK *top
     if codes.shape[1] != M or D.shape[0] != nq or I.shape[0] != nq or I.shape[1] != k:
         raise ValueError("adc_topk: inconsistent shapes")
     if nq == 0 or k == 0:
@@ -60,17 +61,18 @@ def adc_topk(const float[:, :, ::1] tables, const code_t[:, ::1] codes, float[:,
     with nogil, parallel(num_threads=n_threads):
         buf = <float *> malloc(SCAN_BLOCK * sizeof(float))
         ibuf = <int32_t *> malloc(SCAN_BLOCK * sizeof(int32_t))
+        top = topk_alloc(k, False)
         for q in prange(nq, schedule="dynamic"):
-            if buf == NULL or ibuf == NULL:
+            if buf == NULL or ibuf == NULL or top == NULL:
                 fail[0] = 1
                 continue
-            heap_init(&D[q, 0], &I[q, 0], NULL, k)
+            topk_reset(top)
             if n > 0:
                 scan_topk(&tables[q, 0, 0], &tables[q, M // 2, 0], M, Ks, False, NULL,
-                          &codes[0, 0], n, NULL, 0, &D[q, 0], &I[q, 0], NULL, k, 0, 0,
-                          buf, ibuf, NULL, NULL, NULL)
-            heap_sort_ascending(&D[q, 0], &I[q, 0], NULL, k)
+                          &codes[0, 0], n, NULL, 0, top, 0, 0, buf, ibuf, NULL, NULL, NULL)
+            topk_finish(top, &D[q, 0], &I[q, 0], NULL)
         free(buf)
         free(ibuf)
+        topk_free(top)
     if failed:
         raise MemoryError()

@@ -7,7 +7,8 @@ Phase B (Python): the code segments of those cells (the storage), and each query
 projected into the local frame of every centroid the query visits (cypq._lopq.project, a
 batch of queries grouped by centroid, so each rotation is read once per batch).
 Phase C, ``scan_cells``: per query, the ADC tables of all its centroids, then ADC over the
-cells' codes into a top-k heap. Phases A and C run queries in parallel with the GIL released.
+cells' codes into a top-k (topk.pxd). Phases A and C run queries in parallel with the GIL
+released.
 """
 from cython.parallel cimport parallel, prange
 from libc.math cimport INFINITY, nextafterf, sqrt
@@ -15,7 +16,7 @@ from libc.string cimport memcpy
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc
 
-from heap cimport heap_init, heap_sort_ascending
+from topk cimport TopK, topk_alloc, topk_finish, topk_free, topk_reset
 from nearest cimport Codebooks, codebooks_free, codebooks_init
 from fastscan cimport (cypq_adc4_cell, cypq_adc4_plan, cypq_adc4_plan_init, cypq_fastscan_off,
                       cypq_quantize4)
@@ -467,13 +468,13 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
     cdef const float *o0 = NULL
     cdef const float *o1 = NULL
     cdef float *zero_norms = NULL
-    cdef uintptr_t *wq = NULL
     cdef bint where = W is not None
     cdef bint filtering = masks is not None or id_mode != 0
     cdef Filter *filt = NULL
     cdef uint8_t *flags
     cdef int64_t passed
     cdef const char *tg
+    cdef TopK *top
     if filtering:
         if (n_passed is None or n_passed.shape[0] != nq or n_done is None
                 or n_done.shape[0] != nq or (masks is not None and (
@@ -541,6 +542,7 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
             buf = <float *> malloc(SCAN_BLOCK * sizeof(float))
             ibuf = <int32_t *> malloc(SCAN_BLOCK * sizeof(int32_t))
             tables = <float *> malloc((maxrows if maxrows > 0 else 1) * tsize * sizeof(float))
+            top = topk_alloc(k, where)
             flags = NULL
             filt = NULL
             if filtering:
@@ -554,7 +556,7 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
                 qtab = <uint8_t *> malloc((maxrows if maxrows > 0 else 1) * tsize)  # uint8 tables
                 bias = <float *> malloc((maxrows if maxrows > 0 else 1) * sizeof(float))
             for q in prange(nq, schedule="dynamic"):
-                if buf == NULL or ibuf == NULL or tables == NULL or (bounds and (
+                if buf == NULL or ibuf == NULL or tables == NULL or top == NULL or (bounds and (
                         cell == NULL or qtab == NULL or bias == NULL)) or (filtering and (
                         flags == NULL or filt == NULL)):
                     fail[0] = 1
@@ -578,8 +580,7 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
                     cell.plan = &plan
                     cell.delta = qdelta
                     cell.slack = qslack
-                wq = &W[q, 0] if where else NULL
-                heap_init(&D[q, 0], &I[q, 0], wq, k)
+                topk_reset(top)
                 scanned = 0
                 passed = 0
                 if filtering:
@@ -628,24 +629,25 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
                         if code_bytes == 1:
                             passed = passed + scan_topk(
                                 T0, T1, M, S, packed, cell, <const uint8_t *> seg_codes[g],
-                                seg_len[g], <const int64_t *> seg_ids[g], 0, &D[q, 0],
-                                &I[q, 0], wq, k, seg_vecs[g] if where else 0, vec_bytes, buf,
-                                ibuf, filt, tg, flags)
+                                seg_len[g], <const int64_t *> seg_ids[g], 0, top,
+                                seg_vecs[g] if where else 0, vec_bytes, buf, ibuf, filt, tg,
+                                flags)
                         else:
                             passed = passed + scan_topk(
                                 T0, T1, M, S, False, NULL, <const uint16_t *> seg_codes[g],
-                                seg_len[g], <const int64_t *> seg_ids[g], 0, &D[q, 0],
-                                &I[q, 0], wq, k, seg_vecs[g] if where else 0, vec_bytes, buf,
-                                ibuf, filt, tg, flags)
+                                seg_len[g], <const int64_t *> seg_ids[g], 0, top,
+                                seg_vecs[g] if where else 0, vec_bytes, buf, ibuf, filt, tg,
+                                flags)
                     if filtering and pass_quota > 0 and passed >= pass_quota:
                         n_done[q] = t + 1 - cell_start[q]
                         break
-                heap_sort_ascending(&D[q, 0], &I[q, 0], wq, k)
+                topk_finish(top, &D[q, 0], &I[q, 0], &W[q, 0] if where else NULL)
                 n_scanned[q] = scanned
                 if filtering:
                     n_passed[q] = passed
             free(buf)
             free(ibuf)
+            topk_free(top)
             free(tables)
             free(flags)
             free(filt)

@@ -1,4 +1,5 @@
-# A bounded max-heap of (distance, id) pairs kept in caller-owned arrays: the top-k of a scan.
+# A bounded max-heap of (distance, id) pairs kept in caller-owned arrays: the top-k of a few
+# candidates (re-ranking; scans over many codes collect theirs in topk.pxd instead).
 # The root holds the worst of the k best so far; a candidate enters only if it beats the root.
 # Pairs are ordered by distance, then id, so equal distances never make results depend on the
 # order entries were scanned in (or stored in). ``where`` (NULL: none) carries a value along

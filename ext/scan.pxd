@@ -4,7 +4,7 @@ from libc.math cimport INFINITY
 from libc.string cimport memcpy
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 
-from heap cimport heap_replace_top, heap_worse
+from topk cimport TopK, topk_push, topk_takes
 from fastscan cimport cypq_adc4_cell, cypq_adc4_cells
 from simd cimport cypq_adc_u8, cypq_adc_u16, cypq_adc_u32
 from types cimport code_t
@@ -84,19 +84,18 @@ cdef inline int64_t adc_block(const float *T0, const float *T1, int M, int Ks, b
 
 cdef inline int64_t scan_topk(const float *T0, const float *T1, int M, int Ks, bint packed,
                               const cypq_adc4_cell *cell, const code_t *codes, int64_t n,
-                              const int64_t *ids, int64_t id_offset,
-                              float *heap_d, int64_t *heap_i, uintptr_t *heap_w, int k,
+                              const int64_t *ids, int64_t id_offset, TopK *top,
                               uintptr_t vecs, int64_t vec_bytes, float *buf,
                               int32_t *ibuf, const Filter *filt, const char *tags,
                               uint8_t *flags) noexcept nogil:
-    """Push the n codes into the top-k heap (heap_d, heap_i); tables T0, T1 as adc_block.
+    """Push the n codes into the top-k ``top``; tables T0, T1 as adc_block.
     Returns how many of them pass ``filt`` (n when filt is NULL).
 
-    A code's id is ids[i] when ids is not NULL, else id_offset + i. With heap_w (not NULL),
+    A code's id is ids[i] when ids is not NULL, else id_offset + i. Where top carries values,
     each entry carries where its vector is: vecs + i * vec_bytes (0 when vecs is 0). buf and
     ibuf (and flags, with a filter) hold SCAN_BLOCK entries each. Only codes at most the
-    heap root's distance at the start of a block come back from the SIMD loop; they are
-    checked again, (distance, id), against the root as it tightens. With ``filt``, only
+    top-k's threshold at the start of a block come back from the SIMD loop; they are
+    checked again, (distance, id), against the threshold as it tightens. With ``filt``, only
     entries that pass it (pass_flags; ``tags`` their n uint64 tag sets or NULL) enter, and
     a block none of whose entries pass is not scored at all.
     """
@@ -114,15 +113,14 @@ cdef inline int64_t scan_topk(const float *T0, const float *T1, int M, int Ks, b
             if ok == 0:
                 b0 += nb
                 continue
-        cnt = adc_block(T0, T1, M, Ks, packed, cell, codes + b0 * stride, nb, heap_d[0], buf,
+        cnt = adc_block(T0, T1, M, Ks, packed, cell, codes + b0 * stride, nb, top.td, buf,
                         ibuf)
         for j in range(cnt):
             d = buf[j]
-            if d <= heap_d[0] and (filt == NULL or flags[ibuf[j]]):
+            if d <= top.td and (filt == NULL or flags[ibuf[j]]):
                 i = b0 + ibuf[j]
                 idv = load_id(ids, i) if ids != NULL else id_offset + i
-                if heap_worse(heap_d[0], heap_i[0], d, idv):
-                    heap_replace_top(heap_d, heap_i, heap_w, k, d, idv,
-                                     vecs + <uintptr_t> (i * vec_bytes) if vecs else 0)
+                if d < top.td or topk_takes(top, d, idv):   # the id only decides ties
+                    topk_push(top, d, idv, vecs + <uintptr_t> (i * vec_bytes) if vecs else 0)
         b0 += nb
     return n if filt == NULL else passed

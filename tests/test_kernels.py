@@ -103,6 +103,25 @@ def test_adc_topk_matches_reference(n, k, dtype, n_threads):
     np.testing.assert_array_equal(I[untied], wantI[untied])
 
 
+@pytest.mark.parametrize("k", [1, 31, 32, 100, 400])
+def test_adc_topk_ties_rank_by_id(k, n_threads):
+    # Tables of a few integers make most distances tied: the top k must be the k smallest
+    # (distance, row) pairs in that order, however the reservoir compacts (k and 2k or
+    # k + 32 entries) and whatever the order of the rows.
+    rng = np.random.default_rng(16)
+    M, Ks, nq, n = 4, 256, 7, 6000
+    T = rng.integers(0, 3, (nq, M, Ks)).astype(np.float32)
+    codes = rng.integers(0, Ks, (n, M)).astype(np.uint8)
+    D = np.empty((nq, k), np.float32)
+    I = np.empty((nq, k), np.int64)
+    _adc.adc_topk(T, codes, D, I, n_threads)
+    for q in range(nq):
+        dist = ref.adc(T[q], codes)
+        order = np.lexsort((np.arange(n), dist))[:k]
+        np.testing.assert_array_equal(I[q], order)
+        np.testing.assert_array_equal(D[q], dist[order])
+
+
 def test_update_centroids_matches_reference(n_threads):
     rng = np.random.default_rng(7)
     X = clustered(3000, 24, seed=7)

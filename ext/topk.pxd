@@ -1,0 +1,219 @@
+# The top-k of a scan, collected in a reservoir: a candidate that ranks before the k-th best
+# known so far is appended; when the buffer is full, the k best are moved to its front
+# (quickselect) and the threshold becomes the worst of them. A candidate costs an append, and
+# a selection over 2k entries is paid once per k appends, where a heap pays a sift-down of
+# log2(k) unpredictable branches per candidate (at k = 100 those were a quarter of a 4-bit
+# index search's time). Pairs rank as in heap.pxd ((distance, id), empty (inf, -1) last), so
+# the k returned are the heap's, in the same order.
+from libc.math cimport INFINITY
+from libc.stdint cimport int64_t, uintptr_t
+from libc.stdlib cimport free, malloc
+
+from heap cimport heap_worse
+
+
+cdef struct TopK:
+    float *d            # cap entries each: distances,
+    int64_t *i          # ids,
+    uintptr_t *w        # carried values (NULL: none)
+    int64_t n           # entries held
+    int64_t k
+    int64_t cap
+    float td            # the k-th best so far: a candidate must rank before (td, ti)
+    int64_t ti
+
+
+cdef inline TopK *topk_alloc(int64_t k, bint carry) noexcept nogil:
+    """An empty top-k of k (k >= 1) with buffers of its own (carrying values if ``carry``);
+    NULL if out of memory. Free with topk_free."""
+    cdef int64_t cap = 2 * k if k >= 32 else k + 32
+    cdef TopK *t = <TopK *> malloc(sizeof(TopK))
+    cdef char *mem
+    if t == NULL:
+        return NULL
+    mem = <char *> malloc(cap * (sizeof(int64_t) + sizeof(float)
+                                 + (sizeof(uintptr_t) if carry else 0)))
+    if mem == NULL:
+        free(t)
+        return NULL
+    t.i = <int64_t *> mem
+    t.w = <uintptr_t *> (mem + cap * sizeof(int64_t)) if carry else NULL
+    t.d = <float *> (mem + cap * (sizeof(int64_t) + (sizeof(uintptr_t) if carry else 0)))
+    t.k = k
+    t.cap = cap
+    topk_reset(t)
+    return t
+
+
+cdef inline void topk_free(TopK *t) noexcept nogil:
+    if t != NULL:
+        free(t.i)
+        free(t)
+
+
+cdef inline void topk_reset(TopK *t) noexcept nogil:
+    """Empty it, for the next query."""
+    t.n = 0
+    t.td = INFINITY
+    t.ti = -1
+
+
+cdef inline bint _before(float d1, int64_t i1, float d2, int64_t i2) noexcept nogil:
+    """(d1, i1) ranks before (d2, i2), for the entries held (ids >= 0): no branches, so the
+    partitions below cost the same whatever the data."""
+    return (d1 < d2) | ((d1 == d2) & (i1 < i2))
+
+
+cdef inline void _swap(TopK *t, int64_t a, int64_t b) noexcept nogil:
+    cdef float d = t.d[a]
+    cdef int64_t i = t.i[a]
+    cdef uintptr_t w
+    t.d[a] = t.d[b]
+    t.i[a] = t.i[b]
+    t.d[b] = d
+    t.i[b] = i
+    if t.w != NULL:
+        w = t.w[a]
+        t.w[a] = t.w[b]
+        t.w[b] = w
+
+
+cdef inline int64_t _partition(TopK *t, int64_t lo, int64_t hi) noexcept nogil:
+    """Lomuto partition of [lo, hi) (hi - lo >= 2) around the median of its first, middle
+    and last entries: returns p, with that entry at p, those ranking before it in [lo, p)
+    and the others in (p, hi). The loop swaps every entry and advances by the comparison,
+    without branches (a branch per entry would be mispredicted half the time)."""
+    cdef int64_t m = lo + (hi - lo) // 2, j, s = lo, last = hi - 1
+    cdef float pd, x
+    cdef int64_t pi, xi
+    cdef uintptr_t xw
+    # median of three to the end
+    if _before(t.d[m], t.i[m], t.d[lo], t.i[lo]):
+        _swap(t, m, lo)
+    if _before(t.d[last], t.i[last], t.d[lo], t.i[lo]):
+        _swap(t, last, lo)
+    if _before(t.d[m], t.i[m], t.d[last], t.i[last]):
+        _swap(t, m, last)
+    pd = t.d[last]
+    pi = t.i[last]
+    for j in range(lo, last):
+        x = t.d[j]
+        xi = t.i[j]
+        t.d[j] = t.d[s]
+        t.i[j] = t.i[s]
+        t.d[s] = x
+        t.i[s] = xi
+        if t.w != NULL:
+            xw = t.w[j]
+            t.w[j] = t.w[s]
+            t.w[s] = xw
+        s += _before(x, xi, pd, pi)
+    _swap(t, s, last)
+    return s
+
+
+cdef inline void _select(TopK *t, int64_t k) noexcept nogil:
+    """Move the k best of the n entries (n > k >= 1) to [0, k), the k-th best at k - 1."""
+    cdef int64_t lo = 0, hi = t.n, p
+    while hi - lo > 1:
+        p = _partition(t, lo, hi)
+        if p == k - 1:
+            return
+        if p > k - 1:
+            hi = p
+        else:
+            lo = p + 1
+
+
+cdef inline void _worst_to_threshold(TopK *t) noexcept nogil:
+    """(td, ti) = the last-ranking of the n entries."""
+    cdef int64_t j
+    t.td = t.d[0]
+    t.ti = t.i[0]
+    for j in range(1, t.n):
+        if _before(t.td, t.ti, t.d[j], t.i[j]):
+            t.td = t.d[j]
+            t.ti = t.i[j]
+
+
+cdef inline bint topk_takes(const TopK *t, float d, int64_t idx) noexcept nogil:
+    """(d, idx) ranks before the k-th best so far (a caller may first test d <= t.td)."""
+    return heap_worse(t.td, t.ti, d, idx)
+
+
+cdef inline void topk_push(TopK *t, float d, int64_t idx, uintptr_t w) noexcept nogil:
+    """Append (d, idx) carrying w; the caller checked topk_takes."""
+    t.d[t.n] = d
+    t.i[t.n] = idx
+    if t.w != NULL:
+        t.w[t.n] = w
+    t.n += 1
+    if t.n == t.k:              # the first k: the threshold is the worst of them
+        _worst_to_threshold(t)
+    elif t.n == t.cap:          # full: keep the k best
+        _select(t, t.k)
+        t.n = t.k
+        t.td = t.d[t.k - 1]
+        t.ti = t.i[t.k - 1]
+
+
+cdef inline void _sort(TopK *t, int64_t lo, int64_t hi) noexcept nogil:
+    """Sort [lo, hi) in rank order: quicksort down to runs of 16, then insertion sort."""
+    cdef int64_t stack[128]
+    cdef int64_t top, p, a, b
+    cdef float d
+    cdef int64_t idx
+    cdef uintptr_t w
+    stack[0] = lo
+    stack[1] = hi
+    top = 2
+    while top > 0:
+        top -= 2
+        a = stack[top]
+        b = stack[top + 1]
+        while b - a > 16:
+            p = _partition(t, a, b)
+            # the smaller side waits on the stack (depth <= log2 n); the larger goes on
+            if p - a < b - p - 1:
+                stack[top] = a
+                stack[top + 1] = p
+                a = p + 1
+            else:
+                stack[top] = p + 1
+                stack[top + 1] = b
+                b = p
+            top += 2
+    for a in range(lo + 1, hi):
+        d = t.d[a]
+        idx = t.i[a]
+        w = t.w[a] if t.w != NULL else 0
+        b = a
+        while b > lo and _before(d, idx, t.d[b - 1], t.i[b - 1]):
+            t.d[b] = t.d[b - 1]
+            t.i[b] = t.i[b - 1]
+            if t.w != NULL:
+                t.w[b] = t.w[b - 1]
+            b -= 1
+        t.d[b] = d
+        t.i[b] = idx
+        if t.w != NULL:
+            t.w[b] = w
+
+
+cdef inline void topk_finish(TopK *t, float *dist, int64_t *ids, uintptr_t *where) noexcept nogil:
+    """Write the k best, ascending, to dist / ids (/ where, if not NULL), padded with
+    (inf, -1, 0) where fewer than k were pushed."""
+    cdef int64_t j
+    if t.n > t.k:
+        _select(t, t.k)
+        t.n = t.k
+    _sort(t, 0, t.n)
+    for j in range(t.k):
+        if j < t.n:
+            dist[j] = t.d[j]
+            ids[j] = t.i[j]
+        else:
+            dist[j] = INFINITY
+            ids[j] = -1
+        if where != NULL:
+            where[j] = t.w[j] if (j < t.n and t.w != NULL) else 0
