@@ -18,7 +18,7 @@ from libc.stdlib cimport calloc, free, malloc
 
 from topk cimport TopK, topk_alloc, topk_finish, topk_free, topk_reset
 from nearest cimport Codebooks, codebooks_free, codebooks_init
-from fastscan cimport (cypq_adc4_cell, cypq_adc4_plan, cypq_adc4_plan_init, cypq_fastscan_off,
+from fastscan cimport (cypq_adc4_cell, cypq_adc4_plan, cypq_adc4_plan_init, cypq_fastscan_limit,
                       cypq_quantize4)
 from scan cimport SCAN_BLOCK, Filter, load_id, pass_flags, scan_topk
 from simd cimport cypq_ip_ny, cypq_l2sqr_ny, cypq_l2sqr_ny_norm, cypq_l2sqr_ny_norm_x4
@@ -422,8 +422,8 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
     (address of (len,) int64 ids) and seg_len. The memory behind those addresses must stay
     valid for the call. ``packed``: 4-bit codes (S = 16, M % 4 == 0) two per byte, low
     nibble first, M/2 bytes (code_bytes 1), scored as fastscan.h says: where the CPU has
-    AVX-512 VBMI, each query's tables also quantised to uint8 for in-register bounds that
-    spare the float sums of codes that cannot enter the top k (same results either way).
+    AVX-512 VBMI or AVX2, each query's tables also quantised to uint8 for in-register bounds
+    that spare the float sums of codes that cannot enter the top k (same results either way).
     Outputs: D (nq, k) float32 ascending squared distances, I (nq, k) int64 ids (inf / -1
     padding); n_scanned (nq,) codes scanned; with W (nq, k) uintp, where each result's
     stored vector is: seg_vecs[s] (address of the segment's (len, vec_bytes) vectors, 0:
@@ -504,7 +504,7 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
                          "code_bytes 1")
     if packed:
         cypq_adc4_plan_init(&plan, M // 2)
-        bounds = plan.vbmi != 0
+        bounds = plan.path != 0
     if (I.shape[0] != nq or I.shape[1] != k or n_scanned.shape[0] != nq
             or pstart0.shape[0] != nq + 1 or pstart1.shape[0] != nq + 1
             or cell_start.shape[0] != nq + 1):
@@ -660,16 +660,18 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
         raise MemoryError()
 
 
-def fast_scan(bint enabled):
-    """Use the AVX-512 VBMI bounds for packed 4-bit codes where the CPU has them (True, the
-    default) or the portable path only (False; tests compare the two). Returns whether the
-    CPU has them."""
-    global cypq_fastscan_off
+def fast_scan(str limit="best"):
+    """The 4-bit scan paths searches may take: "best" (the default: AVX-512 VBMI or AVX2,
+    whichever is the best the CPU has), "avx2" (AVX2 at most) or "portable" (no in-register
+    bounds); tests compare them. Returns the path a 16-byte code now takes: "vbmi", "avx2"
+    or "portable"."""
+    global cypq_fastscan_limit
     cdef cypq_adc4_plan p
-    cypq_fastscan_off = 0
+    if limit not in ("best", "avx2", "portable"):
+        raise ValueError("fast_scan: limit must be 'best', 'avx2' or 'portable'")
+    cypq_fastscan_limit = ("best", "avx2", "portable").index(limit)
     cypq_adc4_plan_init(&p, 16)
-    cypq_fastscan_off = 0 if enabled else 1
-    return p.vbmi != 0
+    return ("portable", "avx2", "vbmi")[p.path]
 
 
 def select_entries(const uintptr_t[::1] seg_codes, const uintptr_t[::1] seg_ids,

@@ -3,17 +3,20 @@
  * first): n codes of W bytes, row-major, the first W/2 bytes holding half 0's M/2 = W codes;
  * T0, T1 (W, 16) float the tables of the two halves (subquantizer m of a half: T + m * 16).
  *
- * Two paths, the same results:
+ * Three paths, the same results:
  * - cypq_adc4: every code summed from the float tables (the portable path, auto-vectorised
  *   per target clone);
- * - cypq_adc4_vbmi (AVX-512 VBMI, picked at run time): a lower bound of every code from
- *   uint8 tables held in registers (vpermi2b looks up 64 nibbles, one per subquantizer of up
- *   to 64 / L codes, in 128-byte tables of 8 subquantizers), and the float sum, exactly as
- *   cypq_adc4 makes it, only for the codes whose bound is within the threshold. A code within
- *   the threshold always has its bound within it (see cypq_quantize4), so both paths return
- *   the same codes with the same distances; the bounds only spare the float sums of codes
- *   that cannot enter the top k.
- * AVX2 has no byte lookup across more than 16 entries, so it takes the portable path.
+ * - cypq_adc4_vbmi (AVX-512 VBMI): a lower bound of every code from uint8 tables held in
+ *   registers (vpermi2b looks up 64 nibbles, one per subquantizer of up to 64 / L codes, in
+ *   128-byte tables of 8 subquantizers), and the float sum, exactly as cypq_adc4 makes it,
+ *   only for the codes whose bound is within the threshold;
+ * - cypq_adc4_avx2 (AVX2, where there is no VBMI): the same bounds from the same uint8
+ *   tables, 32 codes at a time: the block is transposed in registers (byte j of 32 codes in
+ *   one vector), each byte's two nibbles looked up with vpshufb in their subquantizers'
+ *   16-entry tables, and the sums kept in 16-bit lanes.
+ * A code within the threshold always has its bound within it (see cypq_quantize4), so every
+ * path returns the same codes with the same distances; the bounds only spare the float sums
+ * of codes that cannot enter the top k. The path is picked once per search (cypq_adc4_plan).
  */
 #ifndef CYPQ_FASTSCAN_H
 #define CYPQ_FASTSCAN_H
@@ -70,9 +73,12 @@ static int64_t cypq_adc4(const float *T0, const float *T1, int W, const uint8_t 
 }
 
 /* Lane constants of the VBMI path for one code width, made once per search (cypq_adc4_plan). */
+enum { CYPQ_ADC4_PORTABLE = 0, CYPQ_ADC4_AVX2 = 1, CYPQ_ADC4_VBMI = 2 };
+
 typedef struct {
     int W;                   /* bytes per code */
-    int vbmi;                /* the VBMI path is usable (CPU, M % 8 == 0, M <= 64, enabled) */
+    int path;                /* CYPQ_ADC4_*: VBMI where the CPU has it, M % 8 == 0 and
+                                M <= 64; else AVX2 where it has that and M <= 64 */
     uint8_t dup[64];         /* lane -> byte of the loaded codes holding its nibble */
     uint8_t off[64];         /* lane -> 16 * its subquantizer's place in its group of 8 */
     uint64_t group[8];       /* lanes of each group of 8 subquantizers (no others) */
@@ -86,15 +92,20 @@ typedef struct {
     float base, delta, slack;
 } cypq_adc4_cell;
 
-static int cypq_fastscan_off = 0;   /* tests switch the VBMI path off to compare the paths */
+/* The best path the CPU has (0), or at most the AVX2 one (1), or the portable one only (2):
+ * tests compare the paths. */
+static int cypq_fastscan_limit = 0;
 
 static void cypq_adc4_plan_init(cypq_adc4_plan *p, int W) {
     const int M = 2 * W, L = M <= 16 ? 16 : (M <= 32 ? 32 : 64);   /* lanes per code */
     memset(p, 0, sizeof *p);
     p->W = W;
 #if CYPQ_WIDE
-    p->vbmi = !cypq_fastscan_off && M % 8 == 0 && M <= 64 && cypq_wide()
-              && __builtin_cpu_supports("avx512vbmi");
+    if (cypq_fastscan_limit == 0 && M % 8 == 0 && M <= 64 && cypq_wide()
+        && __builtin_cpu_supports("avx512vbmi"))
+        p->path = CYPQ_ADC4_VBMI;
+    else if (cypq_fastscan_limit <= 1 && M <= 64 && __builtin_cpu_supports("avx2"))
+        p->path = CYPQ_ADC4_AVX2;
 #endif
     for (int lane = 0; lane < 64; lane++) {
         const int c = lane / L, s = lane % L;
@@ -104,8 +115,38 @@ static void cypq_adc4_plan_init(cypq_adc4_plan *p, int W) {
     }
 }
 
+/* The float sums of the m codes (row numbers idx[0 .. m)) whose bound passed, as cypq_adc4
+ * makes them; those at most thresh go to out / idx (in place: cnt <= j). Returns cnt. */
+CYPQ_INLINE int64_t cypq_adc4_rescore(const float *T0, const float *T1, const int W,
+                                      const uint8_t *codes, int64_t m, float thresh,
+                                      float *out, int32_t *idx) {
+    int64_t cnt = 0;
+    for (int64_t j = 0; j < m; j++) {
+        const int32_t row = idx[j];
+        const float s = cypq_adc4_one(T0, T1, W, codes + (int64_t)row * W);
+        if (s <= thresh) {
+            out[cnt] = s;
+            idx[cnt++] = row;
+        }
+    }
+    return cnt;
+}
+
 #if CYPQ_WIDE
 #define CYPQ_VBMI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx2,fma")))
+#define CYPQ_AVX2 __attribute__((target("avx2,fma")))
+
+/* Minimum and maximum of 16 floats. */
+CYPQ_AVX2 CYPQ_INLINE void cypq_range16(const float *t, __m256 *lo, __m256 *hi) {
+    const __m256 a = _mm256_loadu_ps(t), b = _mm256_loadu_ps(t + 8);
+    __m256 mn = _mm256_min_ps(a, b), mx = _mm256_max_ps(a, b);
+    mn = _mm256_min_ps(mn, _mm256_permute2f128_ps(mn, mn, 1));
+    mx = _mm256_max_ps(mx, _mm256_permute2f128_ps(mx, mx, 1));
+    mn = _mm256_min_ps(mn, _mm256_shuffle_ps(mn, mn, 0x4E));
+    mx = _mm256_max_ps(mx, _mm256_shuffle_ps(mx, mx, 0x4E));
+    *lo = _mm256_min_ps(mn, _mm256_shuffle_ps(mn, mn, 0xB1));   /* in every lane */
+    *hi = _mm256_max_ps(mx, _mm256_shuffle_ps(mx, mx, 0xB1));
+}
 
 /*
  * uint8 tables for the bounds: rows tables T (rows, m, 16) -> Q (rows, m, 16) with
@@ -115,31 +156,39 @@ static void cypq_adc4_plan_init(cypq_adc4_plan *p, int W) {
  * exact sum, up to float rounding on both sides, which *slack covers (1e-5 of the largest
  * magnitude a sum can have: far above the rounding of M additions). Returns delta.
  */
-CYPQ_VBMI
+CYPQ_AVX2
 static float cypq_quantize4(const float *T, int64_t rows, int m, uint8_t *Q, float *bias,
                             float *slack) {
     float width = 0.f, mag = 0.f;
+    __m256 lo, hi;
     for (int64_t r = 0; r < rows; r++) {
         float b = 0.f, a = 0.f;
         for (int s = 0; s < m; s++) {
-            const __m512 t = _mm512_loadu_ps(T + (r * m + s) * 16);
-            const float lo = _mm512_reduce_min_ps(t), hi = _mm512_reduce_max_ps(t);
-            width = hi - lo > width ? hi - lo : width;
-            b += lo;
-            a += fabsf(lo);
+            cypq_range16(T + (r * m + s) * 16, &lo, &hi);
+            const float l = _mm256_cvtss_f32(lo), h = _mm256_cvtss_f32(hi);
+            width = h - l > width ? h - l : width;
+            b += l;
+            a += fabsf(l);
         }
         bias[r] = b;
         mag = a > mag ? a : mag;
     }
     const float delta = width > 0.f ? width / 255.f : 1.f;
-    const __m512 scale = _mm512_set1_ps((1.f - 1.f / (1 << 20)) / delta);
+    const __m256 scale = _mm256_set1_ps((1.f - 1.f / (1 << 20)) / delta);
+    const __m256 zero = _mm256_setzero_ps(), top = _mm256_set1_ps(255.f);
     for (int64_t t = 0; t < rows * m; t++) {
-        const __m512 v = _mm512_loadu_ps(T + t * 16);
-        const __m512 lo = _mm512_set1_ps(_mm512_reduce_min_ps(v));
-        const __m512 f = _mm512_min_ps(_mm512_max_ps(_mm512_floor_ps(
-            _mm512_mul_ps(_mm512_sub_ps(v, lo), scale)), _mm512_setzero_ps()),
-            _mm512_set1_ps(255.f));
-        _mm_storeu_si128((__m128i *)(Q + t * 16), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(f)));
+        cypq_range16(T + t * 16, &lo, &hi);
+        __m256i q[2];
+        for (int h = 0; h < 2; h++) {
+            const __m256 f = _mm256_floor_ps(_mm256_mul_ps(
+                _mm256_sub_ps(_mm256_loadu_ps(T + t * 16 + 8 * h), lo), scale));
+            q[h] = _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(f, zero), top));
+        }
+        /* 16 int32 in 0..255 -> 16 bytes, in order (packs work per 128-bit lane) */
+        const __m256i w = _mm256_permute4x64_epi64(_mm256_packus_epi32(q[0], q[1]), 0xD8);
+        _mm_storeu_si128((__m128i *)(Q + t * 16),
+                         _mm_packus_epi16(_mm256_castsi256_si128(w),
+                                          _mm256_extracti128_si256(w, 1)));
     }
     *slack = 1e-5f * (2.f * mag + 255.f * 2 * m * delta);
     return delta;
@@ -186,17 +235,7 @@ static float cypq_quantize4(const float *T, int64_t rows, int m, uint8_t *Q, flo
             m += (pass >> (c * Q8)) & 1;                                                    \
         }                                                                                   \
     }                                                                                       \
-    /* the float sums of those, as cypq_adc4 makes them (cnt <= j: in place is safe) */     \
-    int64_t cnt = 0;                                                                        \
-    for (int64_t j = 0; j < m; j++) {                                                       \
-        const int32_t row = idx[j];                                                         \
-        const float s = cypq_adc4_one(T0, T1, W, codes + (int64_t)row * W);                 \
-        if (s <= thresh) {                                                                  \
-            out[cnt] = s;                                                                   \
-            idx[cnt++] = row;                                                               \
-        }                                                                                   \
-    }                                                                                       \
-    return cnt;
+    return cypq_adc4_rescore(T0, T1, W, codes, m, thresh, out, idx);
 
 CYPQ_VBMI
 static int64_t cypq_adc4_vbmi(const float *T0, const float *T1, const cypq_adc4_cell *cell,
@@ -212,8 +251,115 @@ static int64_t cypq_adc4_vbmi(const float *T0, const float *T1, const cypq_adc4_
     }
 }
 
+/* Columns of a block of 32 codes: a[r] holds 16 bytes of row r (low lane) and of row r + 16
+ * (high lane); afterwards a[c] holds byte c of rows 0..15 (low lane) and 16..31 (high lane).
+ * Four rounds of unpacks, each pairing registers whose rows are 1, 2, 4, 8 apart. */
+CYPQ_AVX2 CYPQ_INLINE void cypq_transpose32x16(__m256i a[16]) {
+    __m256i b[16], c[16], d[16];
+    for (int k = 0; k < 8; k++) {            /* b[h*8 + k]: rows 2k, 2k+1 of columns h*8 + 0..7 */
+        b[k] = _mm256_unpacklo_epi8(a[2 * k], a[2 * k + 1]);
+        b[k + 8] = _mm256_unpackhi_epi8(a[2 * k], a[2 * k + 1]);
+    }
+    for (int h = 0; h < 2; h++)              /* c[4g + m]: rows 4m..4m+3 of columns 4g + 0..3 */
+        for (int m = 0; m < 4; m++) {
+            c[h * 8 + m] = _mm256_unpacklo_epi16(b[h * 8 + 2 * m], b[h * 8 + 2 * m + 1]);
+            c[h * 8 + 4 + m] = _mm256_unpackhi_epi16(b[h * 8 + 2 * m], b[h * 8 + 2 * m + 1]);
+        }
+    for (int g = 0; g < 4; g++)              /* d[2f + m]: rows 8m..8m+7 of columns 2f, 2f+1 */
+        for (int m = 0; m < 2; m++) {
+            d[g * 4 + m] = _mm256_unpacklo_epi32(c[g * 4 + 2 * m], c[g * 4 + 2 * m + 1]);
+            d[g * 4 + 2 + m] = _mm256_unpackhi_epi32(c[g * 4 + 2 * m], c[g * 4 + 2 * m + 1]);
+        }
+    for (int f = 0; f < 8; f++) {
+        a[2 * f] = _mm256_unpacklo_epi64(d[2 * f], d[2 * f + 1]);
+        a[2 * f + 1] = _mm256_unpackhi_epi64(d[2 * f], d[2 * f + 1]);
+    }
+}
+
+/* Bits 0..15 of x to the even bits 0..30. */
+CYPQ_INLINE uint32_t cypq_spread16(uint32_t x) {
+    x = (x | (x << 8)) & 0x00FF00FFu;
+    x = (x | (x << 4)) & 0x0F0F0F0Fu;
+    x = (x | (x << 2)) & 0x33333333u;
+    return (x | (x << 1)) & 0x55555555u;
+}
+
+/* Row r < 16 of the lower bounds E (rows 0, 2, .., 30 in 16-bit lanes) within th: bit r/2. */
+CYPQ_AVX2 CYPQ_INLINE uint32_t cypq_pass16(__m256i E, __m256 delta, __m256 base, __m256 th) {
+    const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(E)));
+    const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(E, 1)));
+    const uint32_t a = (uint32_t)_mm256_movemask_ps(
+        _mm256_cmp_ps(_mm256_fmadd_ps(lo, delta, base), th, _CMP_LE_OQ));
+    const uint32_t b = (uint32_t)_mm256_movemask_ps(
+        _mm256_cmp_ps(_mm256_fmadd_ps(hi, delta, base), th, _CMP_LE_OQ));
+    return a | (b << 8);
+}
+
+/* The AVX2 loop for codes of WW bytes (W <= 32): blocks of 32 codes, read in place where 16
+ * bytes past each row's chunk stay inside the codes, else from a zero-padded copy. The sums
+ * of 16-bit lane e (rows 2e, 2e + 1): acc gathers v[2e] + 256 v[2e + 1] (mod 2^16) and odd
+ * v[2e + 1], so the even rows' sums are acc - 256 odd (every sum < 2^16: <= 64 x 254). */
+#define CYPQ_ADC4_AVX2_BODY(WW)                                                             \
+    const int W = (WW), H = W / 2, chunks = (W + 15) / 16;                                  \
+    uint8_t pad[32 * 32 + 16];                                                              \
+    const __m256i low = _mm256_set1_epi8(15);                                               \
+    const __m256 base = _mm256_set1_ps(cell->base - cell->slack);                           \
+    const __m256 delta = _mm256_set1_ps(cell->delta), th = _mm256_set1_ps(thresh);          \
+    int64_t m = 0;                                                                          \
+    for (int64_t i = 0; i < n; i += 32) {                                                   \
+        const int p = n - i < 32 ? (int)(n - i) : 32;                                       \
+        const uint8_t *blk = codes + i * W;                                                 \
+        if (p < 32 || (i + 31) * W + 16 * chunks > n * W) {                                 \
+            memcpy(pad, blk, (size_t)p * W);  /* zeros after, as far as the loads reach */  \
+            memset(pad + p * W, 0, (size_t)(31 * W + 16 * chunks - p * W));                \
+            blk = pad;                                                                      \
+        }                                                                                   \
+        __m256i acc = _mm256_setzero_si256(), odd = _mm256_setzero_si256();                \
+        for (int ch = 0; ch < chunks; ch++) {                                               \
+            __m256i a[16];                                                                  \
+            for (int r = 0; r < 16; r++)                                                    \
+                a[r] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128(     \
+                    (const __m128i *)(blk + r * W + 16 * ch))), _mm_loadu_si128(           \
+                    (const __m128i *)(blk + (r + 16) * W + 16 * ch)), 1);                   \
+            cypq_transpose32x16(a);                                                         \
+            const int cols = W - 16 * ch < 16 ? W - 16 * ch : 16;                           \
+            for (int c = 0; c < cols; c++) {                                                \
+                const int j = 16 * ch + c;   /* byte j: subquantizers 2j, 2j + 1 of a half */ \
+                const uint8_t *q = j < H ? cell->Q0 + 32 * j : cell->Q1 + 32 * (j - H);     \
+                const __m256i vl = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(         \
+                    _mm_loadu_si128((const __m128i *)q)), _mm256_and_si256(a[c], low));     \
+                const __m256i vh = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(         \
+                    _mm_loadu_si128((const __m128i *)(q + 16))),                           \
+                    _mm256_and_si256(_mm256_srli_epi16(a[c], 4), low));                     \
+                acc = _mm256_add_epi16(acc, _mm256_add_epi16(vl, vh));                      \
+                odd = _mm256_add_epi16(odd, _mm256_add_epi16(_mm256_srli_epi16(vl, 8),      \
+                                                             _mm256_srli_epi16(vh, 8)));    \
+            }                                                                               \
+        }                                                                                   \
+        const __m256i even = _mm256_sub_epi16(acc, _mm256_slli_epi16(odd, 8));              \
+        const uint32_t pass = cypq_spread16(cypq_pass16(even, delta, base, th))             \
+                              | (cypq_spread16(cypq_pass16(odd, delta, base, th)) << 1);    \
+        for (int c = 0; c < p; c++) {                                                       \
+            idx[m] = (int32_t)(i + c);                                                      \
+            m += (pass >> c) & 1;                                                           \
+        }                                                                                   \
+    }                                                                                       \
+    return cypq_adc4_rescore(T0, T1, W, codes, m, thresh, out, idx);
+
+CYPQ_AVX2
+static int64_t cypq_adc4_avx2(const float *T0, const float *T1, const cypq_adc4_cell *cell,
+                              const uint8_t *codes, int64_t n, float thresh, float *out,
+                              int32_t *idx) {
+    switch (cell->plan->W) {
+        case 8: { CYPQ_ADC4_AVX2_BODY(8) }
+        case 16: { CYPQ_ADC4_AVX2_BODY(16) }
+        case 24: { CYPQ_ADC4_AVX2_BODY(24) }
+        case 32: { CYPQ_ADC4_AVX2_BODY(32) }
+        default: { CYPQ_ADC4_AVX2_BODY(cell->plan->W) }
+    }
+}
 #else
-/* No VBMI path here: plans say so, and nothing quantises. */
+/* No bounds here: plans say so, and nothing quantises. */
 static float cypq_quantize4(const float *T, int64_t rows, int m, uint8_t *Q, float *bias,
                             float *slack) {
     (void)T; (void)rows; (void)m; (void)Q; (void)bias;
@@ -227,8 +373,12 @@ static inline int64_t cypq_adc4_cells(const float *T0, const float *T1, int W,
                                       const cypq_adc4_cell *cell, const uint8_t *codes,
                                       int64_t n, float thresh, float *out, int32_t *idx) {
 #if CYPQ_WIDE
-    if (cell != NULL && cell->plan->vbmi && thresh < INFINITY)
-        return cypq_adc4_vbmi(T0, T1, cell, codes, n, thresh, out, idx);
+    if (cell != NULL && thresh < INFINITY) {
+        if (cell->plan->path == CYPQ_ADC4_VBMI)
+            return cypq_adc4_vbmi(T0, T1, cell, codes, n, thresh, out, idx);
+        if (cell->plan->path == CYPQ_ADC4_AVX2)
+            return cypq_adc4_avx2(T0, T1, cell, codes, n, thresh, out, idx);
+    }
 #endif
     return cypq_adc4(T0, T1, W, codes, n, thresh, out, idx);
 }

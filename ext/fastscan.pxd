@@ -4,7 +4,7 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 cdef extern from "fastscan.h" nogil:
     ctypedef struct cypq_adc4_plan:
         int W
-        int vbmi
+        int path
 
     ctypedef struct cypq_adc4_cell:
         const cypq_adc4_plan *plan
@@ -14,7 +14,7 @@ cdef extern from "fastscan.h" nogil:
         float delta
         float slack
 
-    int cypq_fastscan_off
+    int cypq_fastscan_limit
     void cypq_adc4_plan_init(cypq_adc4_plan *p, int W) noexcept
     float cypq_quantize4(const float *T, int64_t rows, int m, uint8_t *Q, float *bias,
                          float *slack) noexcept

@@ -152,20 +152,24 @@ def test_wide_codes_refused_nothing_stored(small, tmp_path):
 
 
 @pytest.fixture
-def portable_too():
-    """Run a test's searches on the AVX-512 VBMI path and on the portable one."""
+def scan_path():
+    """Limit the 4-bit scan to a path ("best", "avx2", "portable"; returns the one a 16-byte
+    code then takes), back to the best after the test."""
     from cypq import _search
-    yield lambda enabled: _search.fast_scan(enabled)
-    _search.fast_scan(True)
+    yield _search.fast_scan
+    _search.fast_scan("best")
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
-@pytest.mark.parametrize("dim,M", [(32, 16), (48, 24), (64, 32), (96, 48), (128, 64), (48, 12)])
-def test_fast_scan_bounds_change_nothing(dim, M, metric, n_threads, portable_too):
+@pytest.mark.parametrize("dim,M", [(32, 16), (48, 24), (64, 32), (96, 48), (128, 64), (48, 12),
+                                   (40, 20)])
+def test_fast_scan_bounds_change_nothing(dim, M, metric, n_threads, scan_path):
     """The in-register bounds (uint8 tables, fastscan.h) only skip codes whose exact sum
-    cannot enter the top k: the same ids and bit-identical distances as the portable float
-    path, at a small k (a tight threshold, most codes rejected by their bound) and a large
-    one. M = 12 (not a multiple of 8) always takes the portable path."""
+    cannot enter the top k: the VBMI and the AVX2 paths return the same ids and bit-identical
+    distances as the portable float path, at a small k (a tight threshold, most codes
+    rejected by their bound) and a large one, with cells of more and fewer than the AVX2
+    path's 32-code blocks. M = 12 and 20 (not multiples of 8) take the AVX2 path where VBMI
+    would be the best."""
     X = clustered(4000, dim, n_clusters=16, seed=dim + M)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -174,11 +178,13 @@ def test_fast_scan_bounds_change_nothing(dim, M, metric, n_threads, portable_too
     index = Index.in_memory(model, n_threads=n_threads)
     index.add(X)
     Q = clustered(20, dim, n_clusters=16, seed=dim + M + 1)
-    for k, quota in ((3, 2000), (40, 0)):
-        fast = portable_too(True)
-        D1, I1 = index.search(Q, k=k, quota=quota)
-        portable_too(False)
+    taken = {limit: scan_path(limit) for limit in ("portable", "avx2", "best")}
+    assert taken["portable"] == "portable"
+    for k, quota in ((3, 2000), (40, 0), (1, 50)):
+        scan_path("portable")
         D0, I0 = index.search(Q, k=k, quota=quota)
-        np.testing.assert_array_equal(I1, I0)
-        np.testing.assert_array_equal(D1, D0)
-    assert isinstance(fast, bool)
+        for limit in ("avx2", "best"):
+            scan_path(limit)
+            D1, I1 = index.search(Q, k=k, quota=quota)
+            np.testing.assert_array_equal(I1, I0)
+            np.testing.assert_array_equal(D1, D0)
