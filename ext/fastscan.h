@@ -104,7 +104,8 @@ static void cypq_adc4_plan_init(cypq_adc4_plan *p, int W) {
     if (cypq_fastscan_limit == 0 && M % 8 == 0 && M <= 64 && cypq_wide()
         && __builtin_cpu_supports("avx512vbmi"))
         p->path = CYPQ_ADC4_VBMI;
-    else if (cypq_fastscan_limit <= 1 && M <= 64 && __builtin_cpu_supports("avx2"))
+    else if (cypq_fastscan_limit <= 1 && M <= 64 && __builtin_cpu_supports("avx2")
+             && __builtin_cpu_supports("fma"))
         p->path = CYPQ_ADC4_AVX2;
 #endif
     for (int lane = 0; lane < 64; lane++) {

@@ -13,7 +13,7 @@ from heap cimport heap_worse
 
 
 cdef struct TopK:
-    float *d            # cap entries each: distances,
+    float *d            # 2 cap entries each (the second cap: a partition's scratch): distances,
     int64_t *i          # ids,
     uintptr_t *w        # carried values (NULL: none)
     int64_t n           # entries held
@@ -31,14 +31,14 @@ cdef inline TopK *topk_alloc(int64_t k, bint carry) noexcept nogil:
     cdef char *mem
     if t == NULL:
         return NULL
-    mem = <char *> malloc(cap * (sizeof(int64_t) + sizeof(float)
-                                 + (sizeof(uintptr_t) if carry else 0)))
+    mem = <char *> malloc(2 * cap * (sizeof(int64_t) + sizeof(float)
+                                     + (sizeof(uintptr_t) if carry else 0)))
     if mem == NULL:
         free(t)
         return NULL
     t.i = <int64_t *> mem
-    t.w = <uintptr_t *> (mem + cap * sizeof(int64_t)) if carry else NULL
-    t.d = <float *> (mem + cap * (sizeof(int64_t) + (sizeof(uintptr_t) if carry else 0)))
+    t.w = <uintptr_t *> (mem + 2 * cap * sizeof(int64_t)) if carry else NULL
+    t.d = <float *> (mem + 2 * cap * (sizeof(int64_t) + (sizeof(uintptr_t) if carry else 0)))
     t.k = k
     t.cap = cap
     topk_reset(t)
@@ -79,14 +79,19 @@ cdef inline void _swap(TopK *t, int64_t a, int64_t b) noexcept nogil:
 
 
 cdef inline int64_t _partition(TopK *t, int64_t lo, int64_t hi) noexcept nogil:
-    """Lomuto partition of [lo, hi) (hi - lo >= 2) around the median of its first, middle
-    and last entries: returns p, with that entry at p, those ranking before it in [lo, p)
-    and the others in (p, hi). The loop swaps every entry and advances by the comparison,
-    without branches (a branch per entry would be mispredicted half the time)."""
-    cdef int64_t m = lo + (hi - lo) // 2, j, s = lo, last = hi - 1
+    """Partition [lo, hi) (hi - lo >= 2) around the median of its first, middle and last
+    entries: returns p, with that entry at p, those ranking before it in [lo, p) and the
+    others in (p, hi). Without branches or a chain through memory: every entry is written
+    both to the front (in place: that position was read already) and to the scratch, and
+    the comparison advances one of the two ends; the scratch's entries follow the pivot."""
+    cdef int64_t m = lo + (hi - lo) // 2, j, nl = lo, nh = 0, last = hi - 1
     cdef float pd, x
     cdef int64_t pi, xi
-    cdef uintptr_t xw
+    cdef uintptr_t pw = 0, xw = 0
+    cdef bint c
+    cdef float *sd = t.d + t.cap
+    cdef int64_t *si = t.i + t.cap
+    cdef uintptr_t *sw = t.w + t.cap if t.w != NULL else NULL
     # median of three to the end
     if _before(t.d[m], t.i[m], t.d[lo], t.i[lo]):
         _swap(t, m, lo)
@@ -96,20 +101,32 @@ cdef inline int64_t _partition(TopK *t, int64_t lo, int64_t hi) noexcept nogil:
         _swap(t, m, last)
     pd = t.d[last]
     pi = t.i[last]
+    if t.w != NULL:
+        pw = t.w[last]
     for j in range(lo, last):
         x = t.d[j]
         xi = t.i[j]
-        t.d[j] = t.d[s]
-        t.i[j] = t.i[s]
-        t.d[s] = x
-        t.i[s] = xi
-        if t.w != NULL:
+        c = _before(x, xi, pd, pi)
+        t.d[nl] = x
+        t.i[nl] = xi
+        sd[nh] = x
+        si[nh] = xi
+        if sw != NULL:
             xw = t.w[j]
-            t.w[j] = t.w[s]
-            t.w[s] = xw
-        s += _before(x, xi, pd, pi)
-    _swap(t, s, last)
-    return s
+            t.w[nl] = xw
+            sw[nh] = xw
+        nl += c
+        nh += 1 - c
+    t.d[nl] = pd
+    t.i[nl] = pi
+    if t.w != NULL:
+        t.w[nl] = pw
+    for j in range(nh):
+        t.d[nl + 1 + j] = sd[j]
+        t.i[nl + 1 + j] = si[j]
+        if sw != NULL:
+            t.w[nl + 1 + j] = sw[j]
+    return nl
 
 
 cdef inline void _select(TopK *t, int64_t k) noexcept nogil:
