@@ -123,7 +123,7 @@ def walked_top_k(view, Q: np.ndarray, X: np.ndarray, ids: np.ndarray, grid, k: i
 
 def _best(S: np.ndarray, rid: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k smallest scores of each row of S (nq, r) with their ids rid (nq, r), ascending,
-    ties by id (as the table scan's heap ranks them, also at the k-th score), inf / -1
+    ties by id (as the table scan's top-k ranks them, also at the k-th score), inf / -1
     padding."""
     nq, r = S.shape
     kk = min(k, r)

@@ -38,9 +38,7 @@ class Index:
         self._model = model
         self._storage = storage
         self._layout = CodeLayout.of_storage(model, storage, path or "the index")
-        self.path = path
-        self.readonly = readonly
-        self.n_threads = n_threads
+        self.path, self.readonly, self.n_threads = path, readonly, n_threads
         self._closed, self._direct_cache = False, {}   # the latter: cypq.search's
         self.shard = shard_of(storage)   # its place in a shard set (cypq.shards), or None
         self._kept = kept_vectors(storage, model.D)   # how it keeps vectors (or None)
@@ -522,14 +520,15 @@ class Index:
         """
         self._check_open()
         k = positive_int(k, "k")
-        check_result_size(k, np.shape(queries)[0] if np.ndim(queries) == 2 else 1, len(self))
+        nq = np.shape(queries)[0] if np.ndim(queries) == 2 else 1
+        check_result_size(k, nq, len(self))
         quota = DEFAULT_QUOTA if quota is None else int(quota)
         if quota < 0:
             raise ValueError("quota must be >= 0")
         if w is not None:
             w = positive_int(w, "w")
-        Q = self._model.to_model_space(queries, "queries")
-        threads = self._threads(len(Q), _QUERIES_PER_THREAD)
+        threads = self._threads(nq, _QUERIES_PER_THREAD)
+        Q = self._model.to_model_space(queries, "queries", threads)
         exact = None
         if rerank is not None:
             rerank = check_rerank(rerank, k, self._kept)

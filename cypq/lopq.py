@@ -16,7 +16,7 @@ import numpy as np
 
 from . import _quantize, model_io
 from ._checks import as_codes, as_vectors, code_dtype_for, positive_int
-from ._threads import resolve
+from ._threads import blas_threads, resolve
 from .lopq_parts import (check_coarse_codes, check_parts, check_training_shape,
                          choose_auto, pair, pca_parts, same, subquantizer_parts, unit_rows)
 from .lopq_training import residual_moments, train_missing_parts
@@ -274,7 +274,7 @@ class LOPQModel:
 
     # ------------------------------------------------------------------ public face for the
     # layers above (index, search, Spark): model space, coarse codes -> cells, kernel view
-    def to_model_space(self, x, name: str = "x") -> np.ndarray:
+    def to_model_space(self, x, name: str = "x", n_threads: Optional[int] = None) -> np.ndarray:
         """Vectors brought into the model's space: validated, float32, PCA applied.
 
         Parameters
@@ -283,12 +283,14 @@ class LOPQModel:
             Finite numbers; D the model's input dimension.
         name : str
             What to call x in error messages.
+        n_threads : int, optional
+            Threads for the PCA's product (default: as the model's other calls).
 
         Returns
         -------
         numpy.ndarray float32, shape (N, model_dim) (N = 1 for one vector), C-contiguous.
         """
-        return self._prepare(x, name)[0]
+        return self._prepare(x, name, n_threads=n_threads)[0]
 
     def check_coarse_codes(self, coarse, n: int) -> np.ndarray:
         """Coarse codes (array_like of int, (2,) or (n, 2)) validated against the model:
@@ -331,18 +333,16 @@ class LOPQModel:
         return tuple(residual_moments(X, h * Dh, self.Cs[h], *groups[h], nt) for h in range(2))
 
     # ------------------------------------------------------------------ helpers
-    def _apply_pca(self, X: np.ndarray) -> np.ndarray:
-        if self.pca_matrix is None:
-            return X
-        return np.ascontiguousarray((X - self.pca_mean) @ self.pca_matrix, dtype=np.float32)
-
-    def _prepare(self, x, name="x", allow_empty=True):
-        """(float32 (N, model_dim) array after PCA, whether the input was one vector)."""
+    def _prepare(self, x, name="x", allow_empty=True, n_threads=None):
+        """(float32 (N, model_dim) array after PCA, whether the input was one vector). BLAS
+        is held to the call's threads: past them, its idle threads would spin on free cores."""
         arr = np.asarray(x)
-        single = arr.ndim == 1
-        X = as_vectors(arr[None, :] if single else arr, name, dim=self.D,
-                       allow_empty=allow_empty)
-        return self._apply_pca(self.normalize(X, name)), single
+        X = self.normalize(as_vectors(arr[None, :] if arr.ndim == 1 else arr, name, dim=self.D,
+                                      allow_empty=allow_empty), name)
+        if self.pca_matrix is not None:
+            with blas_threads(n_threads or self._threads(len(X))):
+                X = np.ascontiguousarray((X - self.pca_mean) @ self.pca_matrix, np.float32)
+        return X, arr.ndim == 1
 
     def normalize(self, X: np.ndarray, name: str = "x") -> np.ndarray:
         """For metric='cosine', the rows of float32 X (N, D) scaled to unit norm (a zero row

@@ -270,7 +270,7 @@ def metric_distances(D: np.ndarray, I: np.ndarray, metric: str, exact: bool = Fa
 
 def merge_top_k(D: np.ndarray, I: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k best of partial top-k lists side by side, D, I (nq, m): ranked as the scan's
-    heap ranks them (distance, then id; -1 ids last), so merging the top-k of disjoint
+    top-k ranks them (distance, then id; -1 ids last), so merging the top-k of disjoint
     parts gives the top-k of the whole, ties included."""
     key = np.where(I < 0, np.iinfo(np.int64).max, I)
     order = np.lexsort((key, D), axis=-1)[:, :k]

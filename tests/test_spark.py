@@ -54,7 +54,7 @@ def _errors(model, X):
     """(coarse, fine) quantisation errors: mean squared distance to the coarse centroids and
     to the full reconstruction."""
     code = model.predict(X)
-    Xp = model._apply_pca(X)
+    Xp = X if model.pca_matrix is None else (X - model.pca_mean) @ model.pca_matrix
     C = np.concatenate([model.Cs[0][code.coarse[:, 0]], model.Cs[1][code.coarse[:, 1]]], 1)
     coarse = float(((Xp - C) ** 2).sum(1).mean())
     fine = float(((X - model.reconstruct(code)) ** 2).sum(1).mean())
