@@ -168,8 +168,8 @@ def test_fast_scan_bounds_change_nothing(dim, M, metric, n_threads, scan_path):
     cannot enter the top k: the VBMI and the AVX2 paths return the same ids and bit-identical
     distances as the portable float path, at a small k (a tight threshold, most codes
     rejected by their bound) and a large one, with cells of more and fewer than the AVX2
-    path's 32-code blocks. M = 12 and 20 (not multiples of 8) take the AVX2 path where VBMI
-    would be the best."""
+    path's 32-code blocks. VBMI, where the CPU has it, is the best for M = 16, 24 and 32;
+    AVX2 for the others."""
     X = clustered(4000, dim, n_clusters=16, seed=dim + M)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
