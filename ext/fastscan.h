@@ -60,16 +60,20 @@ CYPQ_INLINE float cypq_adc4_one(const float *T0, const float *T1, const int W,
     }                                                                                       \
     return cnt;
 
+/* BODY(WW) with WW a constant for the common widths (so its loops over bytes unroll). */
+#define CYPQ_ADC4_BY_WIDTH(BODY, W)                                                         \
+    switch (W) {                                                                            \
+        case 8: { BODY(8) }                                                                 \
+        case 16: { BODY(16) }                                                               \
+        case 24: { BODY(24) }                                                               \
+        case 32: { BODY(32) }                                                               \
+        default: { BODY(W) }                                                                \
+    }
+
 CYPQ_CLONES
 static int64_t cypq_adc4(const float *T0, const float *T1, int W, const uint8_t *codes,
                          int64_t n, float thresh, float *out, int32_t *idx) {
-    switch (W) {
-        case 8: { CYPQ_ADC4_BODY(8) }
-        case 16: { CYPQ_ADC4_BODY(16) }
-        case 24: { CYPQ_ADC4_BODY(24) }
-        case 32: { CYPQ_ADC4_BODY(32) }
-        default: { CYPQ_ADC4_BODY(W) }
-    }
+    CYPQ_ADC4_BY_WIDTH(CYPQ_ADC4_BODY, W)
 }
 
 /* Lane constants of the VBMI path for one code width, made once per search (cypq_adc4_plan). */
@@ -253,13 +257,7 @@ static int64_t cypq_adc4_vbmi(const float *T0, const float *T1, const cypq_adc4_
                               const uint8_t *codes, int64_t n, float thresh, float *out,
                               int32_t *idx) {
     const cypq_adc4_plan *pl = cell->plan;
-    switch (pl->W) {
-        case 8: { CYPQ_ADC4_VBMI_BODY(8) }
-        case 16: { CYPQ_ADC4_VBMI_BODY(16) }
-        case 24: { CYPQ_ADC4_VBMI_BODY(24) }
-        case 32: { CYPQ_ADC4_VBMI_BODY(32) }
-        default: { CYPQ_ADC4_VBMI_BODY(pl->W) }
-    }
+    CYPQ_ADC4_BY_WIDTH(CYPQ_ADC4_VBMI_BODY, pl->W)
 }
 
 /* Columns of a block of 32 codes: a[r] holds 16 bytes of row r (low lane) and of row r + 16
@@ -358,13 +356,7 @@ CYPQ_AVX2
 static int64_t cypq_adc4_avx2(const float *T0, const float *T1, const cypq_adc4_cell *cell,
                               const uint8_t *codes, int64_t n, float thresh, float *out,
                               int32_t *idx) {
-    switch (cell->plan->W) {
-        case 8: { CYPQ_ADC4_AVX2_BODY(8) }
-        case 16: { CYPQ_ADC4_AVX2_BODY(16) }
-        case 24: { CYPQ_ADC4_AVX2_BODY(24) }
-        case 32: { CYPQ_ADC4_AVX2_BODY(32) }
-        default: { CYPQ_ADC4_AVX2_BODY(cell->plan->W) }
-    }
+    CYPQ_ADC4_BY_WIDTH(CYPQ_ADC4_AVX2_BODY, cell->plan->W)
 }
 #else
 /* No bounds here: plans say so, and nothing quantises. */
