@@ -1,11 +1,11 @@
 # cython: freethreading_compatible = True
 """Exact scores of candidates against their queries, for re-ranking: of vectors at the
 addresses where the scan found them (address_scores), or given as rows (row_scores)."""
-from cython.parallel cimport prange
+from cython.parallel cimport parallel, prange
 from libc.math cimport INFINITY, NAN
 from libc.stdint cimport int64_t, uintptr_t
 
-from heap cimport heap_init, heap_replace_top, heap_sort_ascending, heap_worse
+from topk cimport TopK, topk_alloc, topk_finish, topk_free, topk_push, topk_reset, topk_takes
 
 cdef extern from "rerank.h" nogil:
     float cypq_score(const float *q, const void *x, int64_t d, int vtype, int kind,
@@ -86,6 +86,9 @@ def cell_rows_topk(const float[:, ::1] Q, const float[:, ::1] X, const int64_t[:
     cdef Py_ssize_t nq = Q.shape[0], d = Q.shape[1], q, t, k = D.shape[1]
     cdef int64_t r, c, n_cells = start.shape[0] - 1, scored
     cdef float s
+    cdef TopK *top
+    cdef int failed = 0
+    cdef int *fail = &failed  # shared: Cython makes names assigned in parallel blocks private
     if (X.shape[1] != d or ids.shape[0] != X.shape[0] or lists.shape[0] != nq
             or n_listed.shape[0] != nq or I.shape[0] != nq or I.shape[1] != k
             or D.shape[0] != nq or n_scored.shape[0] != nq or n_cells < 0):
@@ -105,16 +108,23 @@ def cell_rows_topk(const float[:, ::1] Q, const float[:, ::1] X, const int64_t[:
                 raise ValueError("cell_rows_topk: a listed cell outside start")
     if k == 0:
         return
-    with nogil:
-        for q in prange(nq, num_threads=max(1, n_threads), schedule="dynamic"):
-            heap_init(&D[q, 0], &I[q, 0], NULL, <int> k)
+    with nogil, parallel(num_threads=max(1, n_threads)):
+        top = topk_alloc(k, False)
+        for q in prange(nq, schedule="dynamic"):
+            if top == NULL:
+                fail[0] = 1
+                continue
+            topk_reset(top)
             scored = 0
             for t in range(n_listed[q]):
                 c = lists[q, t]
                 for r in range(start[c], start[c + 1]):
                     s = cypq_score(&Q[q, 0], &X[r, 0], d, 2, kind, NULL)
-                    if heap_worse(D[q, 0], I[q, 0], s, ids[r]):
-                        heap_replace_top(&D[q, 0], &I[q, 0], NULL, <int> k, s, ids[r], 0)
+                    if topk_takes(top, s, ids[r]):
+                        topk_push(top, s, ids[r], 0)
                 scored = scored + start[c + 1] - start[c]
-            heap_sort_ascending(&D[q, 0], &I[q, 0], NULL, <int> k)
+            topk_finish(top, &D[q, 0], &I[q, 0], NULL)
             n_scored[q] = scored
+        topk_free(top)
+    if failed:
+        raise MemoryError()

@@ -1,5 +1,5 @@
-# ADC scan of a run of codes into a top-k heap: shared by exhaustive PQ search and the index's
-# per-cell scans, so both rank candidates by the same arithmetic.
+# ADC scan of a run of codes into a top-k (topk.pxd): shared by exhaustive PQ search and the
+# index's per-cell scans, so both rank candidates by the same arithmetic.
 from libc.math cimport INFINITY
 from libc.string cimport memcpy
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t

@@ -3,13 +3,12 @@
 # (quickselect) and the threshold becomes the worst of them. A candidate costs an append, and
 # a selection over 2k entries is paid once per k appends, where a heap pays a sift-down of
 # log2(k) unpredictable branches per candidate (at k = 100 those were a quarter of a 4-bit
-# index search's time). Pairs rank as in heap.pxd ((distance, id), empty (inf, -1) last), so
-# the k returned are the heap's, in the same order.
+# index search's time). Pairs rank by distance, then id (empty (inf, -1) last), so equal
+# distances never make results depend on the order entries were scanned (or stored) in.
 from libc.math cimport INFINITY
 from libc.stdint cimport int64_t, uintptr_t
 from libc.stdlib cimport free, malloc
 
-from heap cimport heap_worse
 
 
 cdef struct TopK:
@@ -56,6 +55,13 @@ cdef inline void topk_reset(TopK *t) noexcept nogil:
     t.n = 0
     t.td = INFINITY
     t.ti = -1
+
+
+cdef inline bint _worse(float d1, int64_t i1, float d2, int64_t i2) noexcept nogil:
+    """(d1, i1) ranks after (d2, i2). Empty slots (inf, -1) rank after every entry."""
+    if d1 != d2:
+        return d1 > d2
+    return (i1 > i2) if (i1 >= 0 and i2 >= 0) else (i1 < 0 and i2 >= 0)
 
 
 cdef inline bint _before(float d1, int64_t i1, float d2, int64_t i2) noexcept nogil:
@@ -155,7 +161,7 @@ cdef inline void _worst_to_threshold(TopK *t) noexcept nogil:
 
 cdef inline bint topk_takes(const TopK *t, float d, int64_t idx) noexcept nogil:
     """(d, idx) ranks before the k-th best so far (a caller may first test d <= t.td)."""
-    return heap_worse(t.td, t.ti, d, idx)
+    return _worse(t.td, t.ti, d, idx)
 
 
 cdef inline void topk_push(TopK *t, float d, int64_t idx, uintptr_t w) noexcept nogil:
