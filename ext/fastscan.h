@@ -6,10 +6,12 @@
  * Three paths, the same results:
  * - cypq_adc4: every code summed from the float tables (the portable path, auto-vectorised
  *   per target clone);
- * - cypq_adc4_vbmi (AVX-512 VBMI): a lower bound of every code from uint8 tables held in
- *   registers (vpermi2b looks up 64 nibbles, one per subquantizer of up to 64 / L codes, in
- *   128-byte tables of 8 subquantizers), and the float sum, exactly as cypq_adc4 makes it,
- *   only for the codes whose bound is within the threshold;
+ * - AVX-512 VBMI: a lower bound of every code from uint8 tables held in registers, and the
+ *   float sum, exactly as cypq_adc4 makes it, only for the codes whose bound is within the
+ *   threshold; cells of 5 codes or more in blocks of 16 (cypq_adc4_vbmi16: the block
+ *   transposed with vpermt2b, 4 subquantizers' 16-entry tables per vpshufb), smaller ones
+ *   1-4 codes per step (cypq_adc4_vbmi: vpermi2b looks up 64 nibbles, one per subquantizer
+ *   of up to 64 / L codes, in 128-byte tables of 8 subquantizers);
  * - cypq_adc4_avx2 (AVX2, where there is no VBMI): the same bounds from the same uint8
  *   tables, 32 codes at a time: the block is transposed in registers (byte j of 32 codes in
  *   one vector), each byte's two nibbles looked up with vpshufb in their subquantizers'
@@ -82,10 +84,16 @@ enum { CYPQ_ADC4_PORTABLE = 0, CYPQ_ADC4_AVX2 = 1, CYPQ_ADC4_VBMI = 2 };
 typedef struct {
     int W;                   /* bytes per code */
     int path;                /* CYPQ_ADC4_*: VBMI where the CPU has it, M % 8 == 0 and
-                                M <= 32; else AVX2 where it has that and M <= 64 */
+                                M <= 64; else AVX2 where it has that and M <= 64 */
     uint8_t dup[64];         /* lane -> byte of the loaded codes holding its nibble */
     uint8_t off[64];         /* lane -> 16 * its subquantizer's place in its group of 8 */
     uint64_t group[8];       /* lanes of each group of 8 subquantizers (no others) */
+    /* blocks of 16 codes (cypq_adc4_vbmi16): lane 16 l + i of column group c (bytes 4c ..
+     * 4c + 3) is byte 4c + l of code i, byte tix[c][r][lane] of the block's 128 bytes r
+     * (r = 0 .. W / 8 - 1) for the lanes in tmask[c][r] */
+    uint8_t tix[8][4][64];
+    uint64_t tmask[8][4];
+    uint8_t widen[4][64];    /* byte 4i of widen[l]: lane 16 l + i (the column's code i) */
 } cypq_adc4_plan;
 
 /* The tables of one cell for the VBMI path: Q0, Q1 (W, 16) uint8 of its two centroids,
@@ -100,21 +108,37 @@ typedef struct {
  * tests compare the paths. */
 static int cypq_fastscan_limit = 0;
 
+/* From this many codes a cell takes the VBMI path's blocks of 16 (cypq_adc4_vbmi16); below,
+ * its steps of 1-4 codes (cypq_adc4_vbmi), which cost less than one block's transposes
+ * there (a kernel micro-benchmark: equal at 3-4 codes, 1.3-3x at 1-2 for M >= 48). */
+#define CYPQ_ADC4_BLOCK_FROM 5
+/* From this many passing codes a block of 16 gets its exact sums in SIMD (vpermps), where
+ * fewer are summed one at a time after the loop. */
+#define CYPQ_ADC4_EXACT_FROM 2
+
 static void cypq_adc4_plan_init(cypq_adc4_plan *p, int W) {
     const int M = 2 * W, L = M <= 16 ? 16 : (M <= 32 ? 32 : 64);   /* lanes per code */
     memset(p, 0, sizeof *p);
     p->W = W;
 #if CYPQ_WIDE
-    /* VBMI takes 64 / L codes per step: 2-4 up to M = 32, where it is as fast as AVX2's
-     * blocks of 32, one above, where AVX2 was faster (REALSIFT1M M = 64: 0.22 against 0.28
-     * ms/query at quota 4000) */
-    if (cypq_fastscan_limit == 0 && M % 8 == 0 && M <= 32 && cypq_wide()
+    /* VBMI's blocks of 16 codes beat AVX2's of 32 at every M it takes (M % 8 == 0: column
+     * groups of 4 bytes) */
+    if (cypq_fastscan_limit == 0 && M % 8 == 0 && M <= 64 && cypq_wide()
         && __builtin_cpu_supports("avx512vbmi"))
         p->path = CYPQ_ADC4_VBMI;
     else if (cypq_fastscan_limit <= 1 && M <= 64 && __builtin_cpu_supports("avx2")
              && __builtin_cpu_supports("fma"))
         p->path = CYPQ_ADC4_AVX2;
 #endif
+    for (int l = 0; l < 4; l++)
+        for (int i = 0; i < 16; i++) p->widen[l][4 * i] = (uint8_t)(16 * l + i);
+    if (W % 4 == 0 && W <= 32)
+        for (int g = 0; g < W / 4; g++)
+            for (int lane = 0; lane < 64; lane++) {
+                const int byte = (lane % 16) * W + 4 * g + lane / 16;
+                p->tix[g][byte / 128][lane] = (uint8_t)(byte % 128);
+                p->tmask[g][byte / 128] |= 1ULL << lane;
+            }
     for (int lane = 0; lane < 64; lane++) {
         const int c = lane / L, s = lane % L;
         p->dup[lane] = (uint8_t)(s < M ? c * W + s / 2 : 0);
@@ -252,6 +276,112 @@ static float cypq_quantize4(const float *T, int64_t rows, int m, uint8_t *Q, flo
     }                                                                                       \
     return cypq_adc4_rescore(T0, T1, W, codes, m, thresh, out, idx);
 
+/* The VBMI loop over blocks of 16 codes of WW bytes (WW % 4 == 0, WW <= 32): the block
+ * transposed with vpermt2b into column groups (lane l of group c holds byte 4c + l of the
+ * 16 codes), each lane's two nibbles looked up with vpshufb in its own subquantizers'
+ * tables, sums in 16-bit lanes (as the AVX2 loop keeps them), the lanes' partial sums added,
+ * the 16 bounds compared at once. A block with CYPQ_ADC4_EXACT_FROM or more passing codes
+ * gets its 16 float sums at once, each subquantizer's 16 floats looked up with vpermps and
+ * added per lane in cypq_adc4_one's order (so bit-identical), its results stored from the
+ * back of out / idx; the rows of the other blocks' passing codes go to the front of idx,
+ * summed one by one after the loop, and the back moved to follow them (out and idx hold n
+ * entries). */
+#define CYPQ_ADC4_VBMI16_BODY(WW)                                                           \
+    const int W = (WW), C = W / 4, R = (W + 7) / 8;                                         \
+    __m512i tl[8], th[8];   /* lane l of tl[c] (th[c]): subquantizer 8c + 2l (+ 1) */       \
+    for (int c = 0; c < C; c++) {                                                           \
+        const int s0 = 8 * c, s1 = 8 * c + 4;   /* groups of 4 never straddle the halves */ \
+        const __m512i a = _mm512_loadu_si512(s0 < W ? cell->Q0 + 16 * s0                    \
+                                                    : cell->Q1 + 16 * (s0 - W));           \
+        const __m512i b = _mm512_loadu_si512(s1 < W ? cell->Q0 + 16 * s1                    \
+                                                    : cell->Q1 + 16 * (s1 - W));           \
+        tl[c] = _mm512_shuffle_i64x2(a, b, 0x88);                                           \
+        th[c] = _mm512_shuffle_i64x2(a, b, 0xDD);                                           \
+    }                                                                                       \
+    const __m512i low = _mm512_set1_epi8(15);                                               \
+    const __m512i rows = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,   \
+                                           14, 15);                                         \
+    const __m512 base = _mm512_set1_ps(cell->base - cell->slack);                           \
+    const __m512 delta = _mm512_set1_ps(cell->delta), th16 = _mm512_set1_ps(thresh);       \
+    int64_t m = 0, ne = 0;   /* rows noted at the front of idx, results at the back */     \
+    for (int64_t i = 0; i < n; i += 16) {                                                   \
+        const int64_t left = (n - i < 16 ? n - i : 16) * W;   /* bytes in the block */     \
+        __m512i z[8];                                                                       \
+        for (int r = 0; r < 2 * R; r++) {                                                   \
+            const int64_t b = left - 64 * r;                                                \
+            z[r] = _mm512_maskz_loadu_epi8(b >= 64 ? ~0ULL : (b <= 0 ? 0 : (1ULL << b) - 1), \
+                                           codes + i * W + 64 * r);                         \
+        }                                                                                   \
+        __m512i acc = _mm512_setzero_si512(), odd = _mm512_setzero_si512(), xs[8];         \
+        for (int c = 0; c < C; c++) {                                                       \
+            __m512i x = _mm512_maskz_permutex2var_epi8(                                     \
+                pl->tmask[c][0], z[0], _mm512_loadu_si512(pl->tix[c][0]), z[1]);            \
+            for (int r = 1; r < R && 128 * r < left; r++)   /* pairs holding codes */    \
+                x = _mm512_or_si512(x, _mm512_maskz_permutex2var_epi8(                      \
+                    pl->tmask[c][r], z[2 * r], _mm512_loadu_si512(pl->tix[c][r]),           \
+                    z[2 * r + 1]));                                                         \
+            const __m512i vl = _mm512_shuffle_epi8(tl[c], _mm512_and_si512(x, low));        \
+            const __m512i vh = _mm512_shuffle_epi8(                                         \
+                th[c], _mm512_and_si512(_mm512_srli_epi16(x, 4), low));                     \
+            acc = _mm512_add_epi16(acc, _mm512_add_epi16(vl, vh));                          \
+            odd = _mm512_add_epi16(odd, _mm512_add_epi16(_mm512_srli_epi16(vl, 8),          \
+                                                         _mm512_srli_epi16(vh, 8)));        \
+            xs[c] = x;                                                                      \
+        }                                                                                   \
+        /* the four lanes' sums (each over its own subquantizers) added in every lane */    \
+        acc = _mm512_add_epi16(acc, _mm512_shuffle_i64x2(acc, acc, 0x4E));                  \
+        odd = _mm512_add_epi16(odd, _mm512_shuffle_i64x2(odd, odd, 0x4E));                  \
+        acc = _mm512_add_epi16(acc, _mm512_shuffle_i64x2(acc, acc, 0xB1));                  \
+        odd = _mm512_add_epi16(odd, _mm512_shuffle_i64x2(odd, odd, 0xB1));                  \
+        const __m128i o = _mm512_castsi512_si128(odd);                                      \
+        const __m128i e = _mm_sub_epi16(_mm512_castsi512_si128(acc), _mm_slli_epi16(o, 8)); \
+        const __m256i sums = _mm256_inserti128_si256(_mm256_castsi128_si256(               \
+            _mm_unpacklo_epi16(e, o)), _mm_unpackhi_epi16(e, o), 1);   /* rows in order */  \
+        const __m512 lb = _mm512_fmadd_ps(                                                  \
+            _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(sums)), delta, base);                  \
+        const __mmask16 pass = _mm512_cmp_ps_mask(lb, th16, _CMP_LE_OQ)                     \
+                               & (__mmask16)((1u << (left / W)) - 1);                       \
+        const __m512i at = _mm512_add_epi32(rows, _mm512_set1_epi32((int)i));               \
+        if (__builtin_popcount(pass) < CYPQ_ADC4_EXACT_FROM) {                              \
+            _mm512_mask_compressstoreu_epi32(idx + m, pass, at);                            \
+            m += __builtin_popcount(pass);                                                  \
+            continue;                                                                       \
+        }                                                                                   \
+        __m512 e0 = _mm512_setzero_ps(), o0 = e0, e1 = e0, o1 = e0;                         \
+        for (int b = 0; b < W; b++) {   /* byte b: subquantizers 2b, 2b + 1 */              \
+            const __m512i v = _mm512_maskz_permutexvar_epi8(                                \
+                0x1111111111111111ULL, _mm512_loadu_si512(pl->widen[b % 4]), xs[b / 4]);   \
+            const float *t = b < W / 2 ? T0 + 32 * b : T1 + 32 * (b - W / 2);               \
+            const __m512 lo = _mm512_permutexvar_ps(v, _mm512_loadu_ps(t));                 \
+            const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4),                \
+                                                    _mm512_loadu_ps(t + 16));               \
+            if (b < W / 2) {                                                                \
+                e0 = _mm512_add_ps(e0, lo);                                                 \
+                o0 = _mm512_add_ps(o0, hi);                                                 \
+            } else {                                                                        \
+                e1 = _mm512_add_ps(e1, lo);                                                 \
+                o1 = _mm512_add_ps(o1, hi);                                                 \
+            }                                                                               \
+        }                                                                                   \
+        const __m512 s = _mm512_add_ps(_mm512_add_ps(e0, o0), _mm512_add_ps(e1, o1));       \
+        const __mmask16 keep = _mm512_mask_cmp_ps_mask(pass, s, th16, _CMP_LE_OQ);          \
+        ne += __builtin_popcount(keep);                                                     \
+        _mm512_mask_compressstoreu_ps(out + n - ne, keep, s);                               \
+        _mm512_mask_compressstoreu_epi32(idx + n - ne, keep, at);                           \
+    }                                                                                       \
+    const int64_t cnt = cypq_adc4_rescore(T0, T1, W, codes, m, thresh, out, idx);          \
+    memmove(out + cnt, out + n - ne, (size_t)ne * sizeof *out);                             \
+    memmove(idx + cnt, idx + n - ne, (size_t)ne * sizeof *idx);                             \
+    return cnt + ne;
+
+CYPQ_VBMI
+static int64_t cypq_adc4_vbmi16(const float *T0, const float *T1, const cypq_adc4_cell *cell,
+                                const uint8_t *codes, int64_t n, float thresh, float *out,
+                                int32_t *idx) {
+    const cypq_adc4_plan *pl = cell->plan;
+    CYPQ_ADC4_BY_WIDTH(CYPQ_ADC4_VBMI16_BODY, pl->W)
+}
+
 CYPQ_VBMI
 static int64_t cypq_adc4_vbmi(const float *T0, const float *T1, const cypq_adc4_cell *cell,
                               const uint8_t *codes, int64_t n, float thresh, float *out,
@@ -373,10 +503,12 @@ static inline int64_t cypq_adc4_cells(const float *T0, const float *T1, int W,
                                       const cypq_adc4_cell *cell, const uint8_t *codes,
                                       int64_t n, float thresh, float *out, int32_t *idx) {
 #if CYPQ_WIDE
-    if (cell != NULL && thresh < INFINITY) {
+    if (cell != NULL) {   /* (an infinite threshold: every bound passes; VBMI sums in SIMD) */
         if (cell->plan->path == CYPQ_ADC4_VBMI)
-            return cypq_adc4_vbmi(T0, T1, cell, codes, n, thresh, out, idx);
-        if (cell->plan->path == CYPQ_ADC4_AVX2)
+            return n >= CYPQ_ADC4_BLOCK_FROM
+                       ? cypq_adc4_vbmi16(T0, T1, cell, codes, n, thresh, out, idx)
+                       : cypq_adc4_vbmi(T0, T1, cell, codes, n, thresh, out, idx);
+        if (cell->plan->path == CYPQ_ADC4_AVX2 && thresh < INFINITY)
             return cypq_adc4_avx2(T0, T1, cell, codes, n, thresh, out, idx);
     }
 #endif

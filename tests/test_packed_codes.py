@@ -160,20 +160,22 @@ def scan_path():
     _search.fast_scan("best")
 
 
+@pytest.mark.parametrize("V", [3, 16])
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 @pytest.mark.parametrize("dim,M", [(32, 16), (48, 24), (64, 32), (96, 48), (128, 64), (48, 12),
                                    (40, 20)])
-def test_fast_scan_bounds_change_nothing(dim, M, metric, n_threads, scan_path):
+def test_fast_scan_bounds_change_nothing(dim, M, metric, V, n_threads, scan_path):
     """The in-register bounds (uint8 tables, fastscan.h) only skip codes whose exact sum
     cannot enter the top k: the VBMI and the AVX2 paths return the same ids and bit-identical
     distances as the portable float path, at a small k (a tight threshold, most codes
-    rejected by their bound) and a large one, with cells of more and fewer than the AVX2
-    path's 32-code blocks. VBMI, where the CPU has it, is the best for M = 16, 24 and 32;
-    AVX2 for the others."""
+    rejected by their bound) and a large one, with cells of hundreds of codes (V=3: several
+    of the AVX2 path's 32-code blocks and VBMI's 16-code ones, and their tails) and of a few
+    (V=16: ~16 on average, many below VBMI's 5 where it steps 1-4 codes at a time). VBMI,
+    where the CPU has it, is the best for M % 8 == 0; AVX2 for the others."""
     X = clustered(4000, dim, n_clusters=16, seed=dim + M)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        model = LOPQModel(V=3, M=M, subquantizer_clusters=16, metric=metric).fit(
+        model = LOPQModel(V=V, M=M, subquantizer_clusters=16, metric=metric).fit(
             X, random_state=M)
     index = Index.in_memory(model, n_threads=n_threads)
     index.add(X)
