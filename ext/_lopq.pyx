@@ -9,8 +9,9 @@ rows with one sgemm and each cluster's statistics are summed by one thread, in r
 from cython.parallel cimport parallel, prange
 from libc.stdint cimport int32_t, int64_t
 from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
 
-from simd cimport cypq_matmul_t
+from simd cimport cypq_matmul_t, cypq_shift2
 
 cdef enum:
     BLOCK = 256       # rows gathered per block (scratch of 2 * BLOCK * d floats per thread)
@@ -153,20 +154,18 @@ def project(const float[:, ::1] X, int col0, const float[:, ::1] C, const float[
                 for t in range(nb):
                     i = order[t0 + t]
                     j = sp[i] if sp != NULL else i
-                    for a in range(d):
-                        if inverse:
-                            Z[t * d + a] = X[j, col0 + a]
-                        else:
-                            Z[t * d + a] = X[j, col0 + a] - C[c, a] - mu[c, a]
+                    if inverse:
+                        memcpy(Z + t * d, &X[j, col0], d * sizeof(float))
+                    else:
+                        cypq_shift2(&X[j, col0], &C[c, 0], &mu[c, 0], -1, d, Z + t * d)
                 # y = R[c] z is a sum of the rows of R[c]^T (given), R[c]^T z of R[c]'s.
                 cypq_matmul_t(&RT[c, 0, 0] if not inverse else &R[c, 0, 0], Z, nb, d, Y)
                 for t in range(nb):
                     i = order[t0 + t]
-                    for a in range(d):
-                        if inverse:
-                            out[i, out_col0 + a] = Y[t * d + a] + mu[c, a] + C[c, a]
-                        else:
-                            out[i, out_col0 + a] = Y[t * d + a]
+                    if inverse:
+                        cypq_shift2(Y + t * d, &mu[c, 0], &C[c, 0], 1, d, &out[i, out_col0])
+                    else:
+                        memcpy(&out[i, out_col0], Y + t * d, d * sizeof(float))
                 t0 = t0 + nb
         free(Z)
     if failed:

@@ -603,6 +603,8 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
                         cypq_prefetch(&seg_len[g])
                         cypq_prefetch(&seg_codes[g])
                         cypq_prefetch(&seg_ids[g])
+                        if where:
+                            cypq_prefetch(&seg_vecs[g])
                     if t + AHEAD < t1:
                         g = seg_start[cell_slot[t + AHEAD]]
                         if seg_start[cell_slot[t + AHEAD] + 1] > g:

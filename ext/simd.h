@@ -392,6 +392,14 @@ static void cypq_matmul_t(const float *AT, const float *Z, int64_t n, int d, flo
     cypq_matmul_t_any(AT, Z, n, d, Y);
 }
 
+/* z = (x + s a) + s b over d floats, s = 1 or -1 (exact: the same as x - a - b for -1): a
+ * local projection's residual, x - C[c] - mu[c], and its inverse's shift, y + mu[c] + C[c]. */
+CYPQ_CLONES
+static void cypq_shift2(const float *restrict x, const float *restrict a,
+                        const float *restrict b, float s, int d, float *restrict z) {
+    for (int i = 0; i < d; i++) z[i] = (x[i] + s * a[i]) + s * b[i];
+}
+
 /* out[k] = sum_j x[j] * CT[j, k] for all K codewords. */
 CYPQ_CLONES
 static void cypq_ip_ny(const float *x, const float *CT, int d, int K, float *out) {
