@@ -158,14 +158,15 @@ CYPQ_INLINE int64_t cypq_note_passing(int32_t *idx, int64_t m, int64_t i, int p,
     return m;
 }
 
-/* The float sums of the m codes (row numbers idx[0 .. m)) whose bound passed, as cypq_adc4
- * makes them; those at most thresh go to out / idx (in place: cnt <= j). Returns cnt. */
+/* The float sums of the m codes (row numbers rows[0 .. m)) whose bound passed, as cypq_adc4
+ * makes them; those at most thresh go to out / idx, which may hold rows itself as long as
+ * idx + cnt never passes rows + j (in place). Returns cnt. */
 CYPQ_INLINE int64_t cypq_adc4_rescore(const float *T0, const float *T1, const int W,
-                                      const uint8_t *codes, int64_t m, float thresh,
-                                      float *out, int32_t *idx) {
+                                      const uint8_t *codes, const int32_t *rows, int64_t m,
+                                      float thresh, float *out, int32_t *idx) {
     int64_t cnt = 0;
     for (int64_t j = 0; j < m; j++) {
-        const int32_t row = idx[j];
+        const int32_t row = rows[j];
         const float s = cypq_adc4_one(T0, T1, W, codes + (int64_t)row * W);
         if (s <= thresh) {
             out[cnt] = s;
@@ -274,7 +275,7 @@ static float cypq_quantize4(const float *T, int64_t rows, int m, uint8_t *Q, flo
         /* noted without branching: idx holds them until the second pass */                 \
         m = cypq_note_passing(idx, m, i, p, _mm256_cmp_ps_mask(lb, th, _CMP_LE_OQ), Q8);    \
     }                                                                                       \
-    return cypq_adc4_rescore(T0, T1, W, codes, m, thresh, out, idx);
+    return cypq_adc4_rescore(T0, T1, W, codes, idx, m, thresh, out, idx);
 
 /* The VBMI loop over blocks of 16 codes of WW bytes (WW % 4 == 0, WW <= 32): the block
  * transposed with vpermt2b into column groups (lane l of group c holds byte 4c + l of the
@@ -282,10 +283,9 @@ static float cypq_quantize4(const float *T, int64_t rows, int m, uint8_t *Q, flo
  * tables, sums in 16-bit lanes (as the AVX2 loop keeps them), the lanes' partial sums added,
  * the 16 bounds compared at once. A block with CYPQ_ADC4_EXACT_FROM or more passing codes
  * gets its 16 float sums at once, each subquantizer's 16 floats looked up with vpermps and
- * added per lane in cypq_adc4_one's order (so bit-identical), its results stored from the
- * back of out / idx; the rows of the other blocks' passing codes go to the front of idx,
- * summed one by one after the loop, and the back moved to follow them (out and idx hold n
- * entries). */
+ * added per lane in cypq_adc4_one's order (so bit-identical), its results stored at the
+ * front of out / idx; the rows of the other blocks' passing codes go to the back of idx,
+ * to be summed one by one after the loop (out and idx hold n entries). */
 #define CYPQ_ADC4_VBMI16_BODY(WW)                                                           \
     const int W = (WW), C = W / 4, R = (W + 7) / 8;                                         \
     __m512i tl[8], th[8];   /* lane l of tl[c] (th[c]): subquantizer 8c + 2l (+ 1) */       \
@@ -303,7 +303,7 @@ static float cypq_quantize4(const float *T, int64_t rows, int m, uint8_t *Q, flo
                                            14, 15);                                         \
     const __m512 base = _mm512_set1_ps(cell->base - cell->slack);                           \
     const __m512 delta = _mm512_set1_ps(cell->delta), th16 = _mm512_set1_ps(thresh);       \
-    int64_t m = 0, ne = 0;   /* rows noted at the front of idx, results at the back */     \
+    int64_t m = 0, ne = 0;   /* rows noted at the back of idx, results at the front */     \
     for (int64_t i = 0; i < n; i += 16) {                                                   \
         const int64_t left = (n - i < 16 ? n - i : 16) * W;   /* bytes in the block */     \
         __m512i z[8];                                                                       \
@@ -343,8 +343,8 @@ static float cypq_quantize4(const float *T, int64_t rows, int m, uint8_t *Q, flo
                                & (__mmask16)((1u << (left / W)) - 1);                       \
         const __m512i at = _mm512_add_epi32(rows, _mm512_set1_epi32((int)i));               \
         if (__builtin_popcount(pass) < CYPQ_ADC4_EXACT_FROM) {                              \
-            _mm512_mask_compressstoreu_epi32(idx + m, pass, at);                            \
             m += __builtin_popcount(pass);                                                  \
+            _mm512_mask_compressstoreu_epi32(idx + n - m, pass, at);                        \
             continue;                                                                       \
         }                                                                                   \
         __m512 e0 = _mm512_setzero_ps(), o0 = e0, e1 = e0, o1 = e0;                         \
@@ -365,14 +365,13 @@ static float cypq_quantize4(const float *T, int64_t rows, int m, uint8_t *Q, flo
         }                                                                                   \
         const __m512 s = _mm512_add_ps(_mm512_add_ps(e0, o0), _mm512_add_ps(e1, o1));       \
         const __mmask16 keep = _mm512_mask_cmp_ps_mask(pass, s, th16, _CMP_LE_OQ);          \
+        _mm512_mask_compressstoreu_ps(out + ne, keep, s);                                   \
+        _mm512_mask_compressstoreu_epi32(idx + ne, keep, at);                               \
         ne += __builtin_popcount(keep);                                                     \
-        _mm512_mask_compressstoreu_ps(out + n - ne, keep, s);                               \
-        _mm512_mask_compressstoreu_epi32(idx + n - ne, keep, at);                           \
     }                                                                                       \
-    const int64_t cnt = cypq_adc4_rescore(T0, T1, W, codes, m, thresh, out, idx);          \
-    memmove(out + cnt, out + n - ne, (size_t)ne * sizeof *out);                             \
-    memmove(idx + cnt, idx + n - ne, (size_t)ne * sizeof *idx);                             \
-    return cnt + ne;
+    /* (ne + m <= n: idx + ne + j' never passes idx + n - m + j for j' <= j) */             \
+    return ne + cypq_adc4_rescore(T0, T1, W, codes, idx + n - m, m, thresh, out + ne,      \
+                                  idx + ne);
 
 CYPQ_VBMI
 static int64_t cypq_adc4_vbmi16(const float *T0, const float *T1, const cypq_adc4_cell *cell,
@@ -480,7 +479,7 @@ CYPQ_AVX2 CYPQ_INLINE uint32_t cypq_pass16(__m256i E, __m256 delta, __m256 base,
                               | (cypq_spread16(cypq_pass16(odd, delta, base, th)) << 1);    \
         m = cypq_note_passing(idx, m, i, p, pass, 1);                                       \
     }                                                                                       \
-    return cypq_adc4_rescore(T0, T1, W, codes, m, thresh, out, idx);
+    return cypq_adc4_rescore(T0, T1, W, codes, idx, m, thresh, out, idx);
 
 CYPQ_AVX2
 static int64_t cypq_adc4_avx2(const float *T0, const float *T1, const cypq_adc4_cell *cell,
