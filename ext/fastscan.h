@@ -213,6 +213,7 @@ static float cypq_quantize4(const float *T, int64_t rows, int m, uint8_t *Q, flo
             width = h - l > width ? h - l : width;
             b += l;
             a += fabsf(l);
+            memcpy(Q + (r * m + s) * 16, &l, sizeof l);   /* kept in its table's slot */
         }
         bias[r] = b;
         mag = a > mag ? a : mag;
@@ -221,7 +222,9 @@ static float cypq_quantize4(const float *T, int64_t rows, int m, uint8_t *Q, flo
     const __m256 scale = _mm256_set1_ps((1.f - 1.f / (1 << 20)) / delta);
     const __m256 zero = _mm256_setzero_ps(), top = _mm256_set1_ps(255.f);
     for (int64_t t = 0; t < rows * m; t++) {
-        cypq_range16(T + t * 16, &lo, &hi);
+        float l;
+        memcpy(&l, Q + t * 16, sizeof l);
+        lo = _mm256_set1_ps(l);
         __m256i q[2];
         for (int h = 0; h < 2; h++) {
             const __m256 f = _mm256_floor_ps(_mm256_mul_ps(
