@@ -376,21 +376,19 @@ static float cypq_quantize4(const float *T, int64_t rows, int m, uint8_t *Q, flo
     return ne + cypq_adc4_rescore(T0, T1, W, codes, idx + n - m, m, thresh, out + ne,      \
                                   idx + ne);
 
-CYPQ_VBMI
-static int64_t cypq_adc4_vbmi16(const float *T0, const float *T1, const cypq_adc4_cell *cell,
-                                const uint8_t *codes, int64_t n, float thresh, float *out,
-                                int32_t *idx) {
-    const cypq_adc4_plan *pl = cell->plan;
-    CYPQ_ADC4_BY_WIDTH(CYPQ_ADC4_VBMI16_BODY, pl->W)
-}
+/* A SIMD path's entry point (compiled for TARGET): its loop BODY over the cell's codes, with
+ * the code width a constant for the common widths. */
+#define CYPQ_ADC4_ENTRY(TARGET, NAME, BODY)                                                 \
+    TARGET static int64_t NAME(const float *T0, const float *T1, const cypq_adc4_cell *cell, \
+                               const uint8_t *codes, int64_t n, float thresh, float *out,   \
+                               int32_t *idx) {                                             \
+        const cypq_adc4_plan *pl = cell->plan;                                              \
+        (void)pl;                                                                           \
+        CYPQ_ADC4_BY_WIDTH(BODY, pl->W)                                                     \
+    }
 
-CYPQ_VBMI
-static int64_t cypq_adc4_vbmi(const float *T0, const float *T1, const cypq_adc4_cell *cell,
-                              const uint8_t *codes, int64_t n, float thresh, float *out,
-                              int32_t *idx) {
-    const cypq_adc4_plan *pl = cell->plan;
-    CYPQ_ADC4_BY_WIDTH(CYPQ_ADC4_VBMI_BODY, pl->W)
-}
+CYPQ_ADC4_ENTRY(CYPQ_VBMI, cypq_adc4_vbmi16, CYPQ_ADC4_VBMI16_BODY)
+CYPQ_ADC4_ENTRY(CYPQ_VBMI, cypq_adc4_vbmi, CYPQ_ADC4_VBMI_BODY)
 
 /* Columns of a block of 32 codes: a[r] holds 16 bytes of row r (low lane) and of row r + 16
  * (high lane); afterwards a[c] holds byte c of rows 0..15 (low lane) and 16..31 (high lane).
@@ -484,12 +482,7 @@ CYPQ_AVX2 CYPQ_INLINE uint32_t cypq_pass16(__m256i E, __m256 delta, __m256 base,
     }                                                                                       \
     return cypq_adc4_rescore(T0, T1, W, codes, idx, m, thresh, out, idx);
 
-CYPQ_AVX2
-static int64_t cypq_adc4_avx2(const float *T0, const float *T1, const cypq_adc4_cell *cell,
-                              const uint8_t *codes, int64_t n, float thresh, float *out,
-                              int32_t *idx) {
-    CYPQ_ADC4_BY_WIDTH(CYPQ_ADC4_AVX2_BODY, cell->plan->W)
-}
+CYPQ_ADC4_ENTRY(CYPQ_AVX2, cypq_adc4_avx2, CYPQ_ADC4_AVX2_BODY)
 #else
 /* No bounds here: plans say so, and nothing quantises. */
 static float cypq_quantize4(const float *T, int64_t rows, int m, uint8_t *Q, float *bias,
