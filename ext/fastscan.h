@@ -90,7 +90,7 @@ typedef struct {
     uint64_t group[8];       /* lanes of each group of 8 subquantizers (no others) */
     /* blocks of 16 codes (cypq_adc4_vbmi16): lane 16 l + i of column group c (bytes 4c ..
      * 4c + 3) is byte 4c + l of code i, byte tix[c][r][lane] of the block's 128 bytes r
-     * (r = 0 .. W / 8 - 1) for the lanes in tmask[c][r] */
+     * (r = 0 .. (W + 7) / 8 - 1) for the lanes in tmask[c][r] */
     uint8_t tix[8][4][64];
     uint64_t tmask[8][4];
     uint8_t widen[4][64];    /* byte 4i of widen[l]: lane 16 l + i (the column's code i) */
