@@ -3,6 +3,7 @@
 Set CYPQ_BOUNDSCHECK=1 at build time to compile the kernels with bounds and
 initialisation checks (slow; for debugging and for the test suite's checked build).
 """
+import glob
 import os
 
 from Cython.Build import cythonize
@@ -26,11 +27,15 @@ if os.environ.get("CYPQ_BOUNDSCHECK") == "1":
 # GCC prints for their definitions never applies to a real call.
 compile_args = ["-O3", "-fopenmp", "-fno-math-errno", "-Wno-unused-function", "-Wno-psabi"]
 
+# A kernel is rebuilt when a C header it may include changes (its .pxd files Cython tracks).
+headers = sorted(glob.glob("ext/*.h"))
+
 extensions = [
     Extension(
         f"cypq.{name}",
         [f"ext/{name}.pyx"],
         include_dirs=["ext"],
+        depends=headers,
         extra_compile_args=compile_args,
         extra_link_args=["-fopenmp"],
     )
