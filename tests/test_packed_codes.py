@@ -163,7 +163,7 @@ def scan_path():
 @pytest.mark.parametrize("V", [3, 16])
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 @pytest.mark.parametrize("dim,M", [(32, 16), (48, 24), (64, 32), (96, 48), (128, 64), (48, 12),
-                                   (40, 20), (80, 40)])
+                                   (40, 20), (80, 40), (16, 8)])
 def test_fast_scan_bounds_change_nothing(dim, M, metric, V, n_threads, scan_path):
     """The in-register bounds (uint8 tables, fastscan.h) only skip codes whose exact sum
     cannot enter the top k: the VBMI and the AVX2 paths return the same ids and bit-identical
