@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 
 from threadpoolctl import ThreadpoolController
@@ -35,19 +36,26 @@ def resolve(n_threads: int | None, rows: int | None = None,
     return n_threads
 
 
+# The encode kernels' BLAS is scipy's, loaded only when one first needs it (ext/nearest.pxd).
+_SCIPY_BLAS = "scipy.linalg.cython_blas"
 _controller = None
+_controller_has_scipy = False
 
 
 @contextmanager
 def blas_threads(n: int):
     """Hold BLAS to n threads (a call's own thread count, for the matrix products it makes)."""
-    global _controller
-    if _controller is None:  # finding the BLAS libraries is slow: do it once
-        _controller = ThreadpoolController()
+    global _controller, _controller_has_scipy
+    has_scipy = _SCIPY_BLAS in sys.modules
+    # Finding the BLAS libraries is slow: once, and again when scipy's has come since.
+    if _controller is None or has_scipy != _controller_has_scipy:
+        _controller, _controller_has_scipy = ThreadpoolController(), has_scipy
     with _controller.limit(limits=n, user_api="blas"):
         yield
 
 
 def single_threaded_blas():
-    """Keep BLAS on one thread while an OpenMP kernel calls it from its own threads."""
+    """Keep BLAS on one thread while an OpenMP kernel calls it from its own threads (scipy's
+    BLAS loaded first, so that it is held too)."""
+    __import__(_SCIPY_BLAS)
     return blas_threads(1)

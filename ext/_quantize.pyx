@@ -10,7 +10,8 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
 from nearest cimport (BLAS_MIN_DIM as _BLAS_MIN_DIM, ROW_CHUNK, Codebooks, Scratch,
-                      codebooks_free, codebooks_init, nearest_rows, scratch_free, scratch_init)
+                      codebooks_free, codebooks_init, nearest_rows, scratch_free, scratch_init,
+                      scipy_sgemm)
 from simd cimport cypq_ip_ny, cypq_l2sqr_ny
 from types cimport code_t
 
@@ -49,6 +50,8 @@ def encode(const float[:, ::1] X, const float[:, :, ::1] C, code_t[:, ::1] codes
                 fail[0] = 1
         if failed:
             raise MemoryError()
+        if Ds >= _BLAS_MIN_DIM:
+            cb.sgemm = scipy_sgemm()
         with nogil, parallel(num_threads=n_threads):
             rows = <Py_ssize_t *> malloc(ROW_CHUNK * (sizeof(Py_ssize_t) + sizeof(int32_t)
                                                       + sizeof(float)))

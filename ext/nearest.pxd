@@ -2,10 +2,13 @@
 # encoding and by the k-means assignment step. Codewords are ranked by ||c||^2 - 2 <x, c>;
 # from BLAS_MIN_DIM dims on the dot products come from sgemm, below it from a SIMD loop that
 # takes four rows per pass over the codebook.
+# sgemm is scipy's (scipy.linalg.cython_blas), looked up when an encode first needs it rather
+# than cimported: a cimport loads scipy.linalg (16 MB of a process's memory) when the module is
+# imported, and a searching process, which never encodes at that width, would pay for it.
+from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer
 from libc.stdint cimport int32_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
-from scipy.linalg.cython_blas cimport sgemm
 
 from simd cimport cypq_argmin_shifted, cypq_nearest_x4
 
@@ -14,8 +17,21 @@ cdef enum:
     BLAS_MIN_DIM = 32
 
 
+ctypedef void (*sgemm_t)(char *transa, char *transb, int *m, int *n, int *k, float *alpha,
+                        float *a, int *lda, float *b, int *ldb, float *beta, float *c,
+                        int *ldc) noexcept nogil
+
+
+cdef inline sgemm_t scipy_sgemm() except NULL:
+    """scipy's BLAS sgemm (imports scipy.linalg on the first call)."""
+    from scipy.linalg import cython_blas
+    capsule = cython_blas.__pyx_capi__["sgemm"]
+    return <sgemm_t> PyCapsule_GetPointer(capsule, PyCapsule_GetName(capsule))
+
+
 cdef struct Codebooks:
     int M, Ks, Ds
+    sgemm_t sgemm        # the caller's, when Ds >= BLAS_MIN_DIM (scipy_sgemm)
     const float *C       # (M, Ks, Ds), the caller's array
     float *CTm2          # (M, Ds, Ks): -2 * C transposed (SIMD path)
     float *cnorm         # (M, Ks): squared norms
@@ -33,7 +49,7 @@ cdef inline int codebooks_init(Codebooks *cb, const float *C, int M, int Ks, int
     safe)."""
     cdef Py_ssize_t m, k, j
     cdef float s
-    cb.M, cb.Ks, cb.Ds, cb.C = M, Ks, Ds, C
+    cb.M, cb.Ks, cb.Ds, cb.C, cb.sgemm = M, Ks, Ds, C, NULL
     cb.CTm2 = NULL
     cb.cnorm = <float *> malloc(<Py_ssize_t> M * Ks * sizeof(float))
     if cb.cnorm == NULL:
@@ -116,7 +132,7 @@ cdef inline void nearest_rows(const Codebooks *cb, int m, const float *X, Py_ssi
     # sgemm path: gather the rows, then G (cnt x Ks) = -2 Xg C[m]^T (column-major: G^T).
     for j in range(cnt):
         memcpy(s.Xg + j * Ds, X + rows[j] * ldx + m * Ds, Ds * sizeof(float))
-    sgemm(&transa, &transb, &Ks, &cnt, &Ds, &alpha, <float *> (cb.C + m * Ks * Ds), &Ds,
+    cb.sgemm(&transa, &transb, &Ks, &cnt, &Ds, &alpha, <float *> (cb.C + m * Ks * Ds), &Ds,
           s.Xg, &Ds, &beta, s.G, &Ks)
     for j in range(cnt):
         xn = sqnorm(s.Xg + j * Ds, Ds)
