@@ -20,6 +20,7 @@ from typing import BinaryIO, Optional, Union
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from ._heap import release_free_memory
 from .proto import lopq_model_pb2 as pb
 
 PathOrFile = Union[str, os.PathLike, BinaryIO]
@@ -143,6 +144,8 @@ def model_from_bytes(cls, data: bytes, name: str = "model bytes"):
             model.set_pca(parts.pca_mean, parts.pca_matrix)
     except ValueError as e:  # shapes that do not fit together
         raise ModelFileError(f"{name} is inconsistent: {e}") from None
+    # the bytes' copy, the parsed message and the per-matrix arrays: about three times the bytes
+    release_free_memory(3 * len(data))
     return model
 
 

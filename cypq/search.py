@@ -13,6 +13,7 @@ import numpy as np
 from . import _lopq, _search
 from .direct_scan import (cell_grid, list_shape, passing_entries, reconstructions, top_k,
                           walked_top_k)
+from ._heap import release_free_memory
 from .filters import pass_rates
 from .storage.base import Storage
 
@@ -38,6 +39,15 @@ _CACHE_LOCK = threading.Lock()
 # Up to this many possible values, _distinct finds the distinct ones through a table over all
 # of them (cells; (query, centroid) pairs of a batch).
 _DENSE_CELLS = 1 << 22
+# Bytes of a batch's temporaries per listed cell (its id in the lists, the query and slot of
+# each, its two local-frame rows: int64 arrays of the listed cells' length, in numpy).
+TEMP_BYTES_PER_CELL = 64
+
+
+def cells_bytes(nb: int, cap: int, listed: int) -> int:
+    """About the bytes of a batch's temporaries: nb lists of room for cap cells (int64), and
+    ``listed`` cells in them."""
+    return nb * cap * 8 + listed * TEMP_BYTES_PER_CELL
 
 
 @dataclass
@@ -116,6 +126,7 @@ def search(model, storage: Storage, Q: np.ndarray, k: int, quota: int, w: int | 
             run.walk(np.arange(nq), quota)
         else:
             filtered(run, quota, filt, unpack, counts)
+    release_free_memory(run.temp_bytes)
     return (D, I, stats) if out is None else (*out, stats)
 
 
@@ -136,6 +147,7 @@ class _Run:
     cache: dict | None = None
     snap: object = None
     sizes: np.ndarray = None
+    temp_bytes: int = 0   # the largest batch's temporaries
 
     def walk(self, rows: np.ndarray, quota: int, filt=None, need: int = 0):
         """Search the queries ``rows`` (ascending) visiting cells until they hold ``quota``
@@ -162,6 +174,7 @@ def _search_batch(run: _Run, r: np.ndarray, quota, cap, filt, need):
     Qb = run.Q[sl]
     flat, n_cells, visited = cell_lists(view, Qb, run.sizes, quota, run.w, cap, run.n_threads,
                                         filt is not None)
+    run.temp_bytes = max(run.temp_bytes, cells_bytes(len(r), cap, len(flat)))
     extra = {}
     if filt is not None:
         passed, done = np.empty(len(r), np.int64), np.empty(len(r), np.int64)
