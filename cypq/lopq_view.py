@@ -17,7 +17,6 @@ class KernelView:
     V : int
     coarse : numpy.ndarray (2, V, D/2): both halves' coarse centroids.
     Cs, Rs, mus : tuple of two arrays (V, D/2), (V, D/2, D/2), (V, D/2); the model's own.
-    RT : tuple of two numpy.ndarray (V, D/2, D/2): each rotation transposed.
     fine : numpy.ndarray (M, S, D/M): the fine subquantizers, half 0's first.
     code_dtype : numpy.dtype of fine codes.
     Cmu, RCmu : tuple of two numpy.ndarray (V, D/2), or None: C[c] + mu[c] and
@@ -25,18 +24,17 @@ class KernelView:
         <q, C + mu + R^T s> = <q, C + mu> + <R q, s>).
     """
 
-    __slots__ = ("V", "coarse", "Cs", "Rs", "RT", "mus", "fine", "code_dtype", "Cmu", "RCmu")
+    __slots__ = ("V", "coarse", "Cs", "Rs", "mus", "fine", "code_dtype", "Cmu", "RCmu")
 
     @classmethod
     def of(cls, model) -> "KernelView":
         v = cls()
         v.V, v.Cs, v.Rs, v.mus = model.V, model.Cs, model.Rs, model.mus
         v.code_dtype = np.dtype(model.fine_code_dtype)
-        v.coarse = v.RT = v.fine = v.Cmu = v.RCmu = None
+        v.coarse = v.fine = v.Cmu = v.RCmu = None
         if model.Cs is not None:
             v.coarse = _frozen(np.stack(model.Cs))
         if model.Rs is not None:
-            v.RT = tuple(_frozen(R.transpose(0, 2, 1)) for R in model.Rs)
             if model.metric == "ip":
                 v.Cmu = tuple(_frozen(C + mu) for C, mu in zip(model.Cs, model.mus))
                 v.RCmu = tuple(_frozen(np.einsum("vij,vj->vi", R, Cm, optimize=True))
@@ -73,12 +71,12 @@ class KernelView:
             groups = self.groups(coarse)
         out = np.empty_like(X)
         for h in range(2):
-            _lopq.project(X, h * Dh, self.Cs[h], self.Rs[h], self.RT[h], self.mus[h],
+            _lopq.project(X, h * Dh, self.Cs[h], self.Rs[h], self.mus[h],
                           *groups[h], out, h * Dh, inverse, n_threads)
         return out
 
 
 def _frozen(a) -> np.ndarray:
-    out = np.ascontiguousarray(a, dtype=np.float32).copy()
+    out = np.array(a, dtype=np.float32, order="C")  # one copy, the view's own
     out.flags.writeable = False
     return out

@@ -474,7 +474,7 @@ def _local_frames(view, h, Qb, query_of, centroid, n_threads):
     P = np.empty((len(keys), Dh), dtype=np.float32)
     order, offsets = _lopq.group_rows(cent.astype(np.int32), V)
     # each row from its query's half in place (a query recurs in many rows)
-    _lopq.project(Qb, h * Dh, view.Cs[h], view.Rs[h], view.RT[h], view.mus[h], order, offsets,
+    _lopq.project(Qb, h * Dh, view.Cs[h], view.Rs[h], view.mus[h], order, offsets,
                   P, 0, False, n_threads, key_query)
     start = np.searchsorted(key_query, np.arange(nb + 1))
     off = None

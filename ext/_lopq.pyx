@@ -4,17 +4,17 @@ vectors into (and back out of) the local frame of their coarse centroid.
 
 Both work cluster by cluster over rows grouped by cluster (``order`` lists the rows of cluster
 c at ``order[offsets[c]:offsets[c+1]]``), so each cluster's rotation is applied to a block of
-rows with one sgemm and each cluster's statistics are summed by one thread, in row order.
+rows at once and each cluster's statistics are summed by one thread, in row order.
 """
 from cython.parallel cimport parallel, prange
 from libc.stdint cimport int32_t, int64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
-from simd cimport cypq_matmul_t, cypq_shift2
+from simd cimport cypq_matmul_t, cypq_shift2, cypq_transpose
 
 cdef enum:
-    BLOCK = 256       # rows gathered per block (scratch of 2 * BLOCK * d floats per thread)
+    BLOCK = 256       # rows gathered per block (scratch of (2 * BLOCK + d) * d floats per thread)
 
 
 def group_rows(const int32_t[::1] labels, int n_clusters):
@@ -106,13 +106,13 @@ def residual_stats(const float[:, ::1] X, int col0, const float[:, ::1] C,
 
 
 def project(const float[:, ::1] X, int col0, const float[:, ::1] C, const float[:, :, ::1] R,
-            const float[:, :, ::1] RT, const float[:, ::1] mu, const int64_t[::1] order,
+            const float[:, ::1] mu, const int64_t[::1] order,
             const int64_t[::1] offsets, float[:, ::1] out, int out_col0, bint inverse,
             int n_threads, const int64_t[::1] src=None):
     """Local projection of every row in its cluster's frame, or its inverse.
 
-    X (n, D) float32 (columns col0 : col0 + d); C (V, d) centroids; R (V, d, d) rotations and
-    RT the same transposed; mu (V, d) residual means; order, offsets from group_rows;
+    X (n, D) float32 (columns col0 : col0 + d); C (V, d) centroids; R (V, d, d) rotations;
+    mu (V, d) residual means; order, offsets from group_rows;
     out (n, E) float32 output, columns
     out_col0 : out_col0 + d written. Forward: out = R[c] @ (x - C[c] - mu[c]).
     Inverse: out = R[c].T @ x + mu[c] + C[c]. A row's result does not depend on the rows it
@@ -124,6 +124,7 @@ def project(const float[:, ::1] X, int col0, const float[:, ::1] C, const float[
     cdef Py_ssize_t t0, t, i, n = X.shape[0]
     cdef float *Z
     cdef float *Y
+    cdef float *RT
     cdef int failed = 0
     cdef int *fail = &failed
     cdef const int64_t *sp = NULL
@@ -137,18 +138,22 @@ def project(const float[:, ::1] X, int col0, const float[:, ::1] C, const float[
                 raise ValueError("project: src out of range")
         if n:
             sp = &src[0]
-    if (R.shape[0] != V or R.shape[1] != d or R.shape[2] != d or RT.shape[0] != V
-            or RT.shape[1] != d or RT.shape[2] != d or mu.shape[0] != V
+    if (R.shape[0] != V or R.shape[1] != d or R.shape[2] != d or mu.shape[0] != V
             or mu.shape[1] != d or offsets.shape[0] != V + 1 or out.shape[0] != n):
         raise ValueError("project: inconsistent shapes")
     with nogil, parallel(num_threads=n_threads):
-        Z = <float *> malloc(2 * BLOCK * d * sizeof(float))
+        Z = <float *> malloc((2 * BLOCK + d) * d * sizeof(float))
         Y = Z + BLOCK * d
+        RT = Y + BLOCK * d
         for c in prange(V, schedule="dynamic"):
             if Z == NULL:
                 fail[0] = 1
                 continue
             t0 = offsets[c]
+            if not inverse and t0 < offsets[c + 1]:
+                # R[c]^T, made here rather than kept beside R: a second copy of every
+                # rotation would double the model's largest part in a searching process
+                cypq_transpose(&R[c, 0, 0], d, RT)
             while t0 < offsets[c + 1]:
                 nb = <int> (offsets[c + 1] - t0 if offsets[c + 1] - t0 < BLOCK else BLOCK)
                 for t in range(nb):
@@ -159,7 +164,7 @@ def project(const float[:, ::1] X, int col0, const float[:, ::1] C, const float[
                     else:
                         cypq_shift2(&X[j, col0], &C[c, 0], &mu[c, 0], -1, d, Z + t * d)
                 # y = R[c] z is a sum of the rows of R[c]^T (given), R[c]^T z of R[c]'s.
-                cypq_matmul_t(&RT[c, 0, 0] if not inverse else &R[c, 0, 0], Z, nb, d, Y)
+                cypq_matmul_t(RT if not inverse else &R[c, 0, 0], Z, nb, d, Y)
                 for t in range(nb):
                     i = order[t0 + t]
                     if inverse:

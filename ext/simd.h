@@ -392,6 +392,50 @@ static void cypq_matmul_t(const float *AT, const float *Z, int64_t n, int d, flo
     cypq_matmul_t_any(AT, Z, n, d, Y);
 }
 
+/* AT = A^T of a d x d matrix (row-major): 8 x 8 tiles transposed in registers (three rounds of
+ * two-vector shuffles), the edges of a d that is not a multiple of 8 one float at a time. A
+ * copy: every path gives the same bits. */
+typedef float cypq_vf8 __attribute__((vector_size(32)));
+typedef int32_t cypq_vi8 __attribute__((vector_size(32)));
+
+CYPQ_CLONES
+static void cypq_transpose(const float *restrict A, int d, float *restrict AT) {
+    int a0 = 0;
+    for (; a0 + 8 <= d; a0 += 8) {
+        int b0 = 0;
+        for (; b0 + 8 <= d; b0 += 8) {
+            cypq_vf8 r[8], t[8], u[8];
+            for (int i = 0; i < 8; i++) memcpy(&r[i], A + (int64_t)(a0 + i) * d + b0, 32);
+            for (int i = 0; i < 4; i++) {   /* pairs of rows interleaved */
+                t[2 * i] = __builtin_shuffle(r[2 * i], r[2 * i + 1],
+                                             (cypq_vi8){0, 8, 1, 9, 4, 12, 5, 13});
+                t[2 * i + 1] = __builtin_shuffle(r[2 * i], r[2 * i + 1],
+                                                 (cypq_vi8){2, 10, 3, 11, 6, 14, 7, 15});
+            }
+            for (int i = 0; i < 2; i++)     /* then pairs of pairs */
+                for (int j = 0; j < 2; j++) {
+                    u[4 * i + 2 * j] = __builtin_shuffle(t[4 * i + j], t[4 * i + 2 + j],
+                                                         (cypq_vi8){0, 1, 8, 9, 4, 5, 12, 13});
+                    u[4 * i + 2 * j + 1] = __builtin_shuffle(
+                        t[4 * i + j], t[4 * i + 2 + j], (cypq_vi8){2, 3, 10, 11, 6, 7, 14, 15});
+                }
+            for (int i = 0; i < 4; i++) {   /* then the two 128-bit halves */
+                cypq_vf8 lo = __builtin_shuffle(u[i], u[4 + i],
+                                                (cypq_vi8){0, 1, 2, 3, 8, 9, 10, 11});
+                cypq_vf8 hi = __builtin_shuffle(u[i], u[4 + i],
+                                                (cypq_vi8){4, 5, 6, 7, 12, 13, 14, 15});
+                memcpy(AT + (int64_t)(b0 + i) * d + a0, &lo, 32);
+                memcpy(AT + (int64_t)(b0 + 4 + i) * d + a0, &hi, 32);
+            }
+        }
+        for (; b0 < d; b0++)
+            for (int i = 0; i < 8; i++)
+                AT[(int64_t)b0 * d + a0 + i] = A[(int64_t)(a0 + i) * d + b0];
+    }
+    for (; a0 < d; a0++)
+        for (int b = 0; b < d; b++) AT[(int64_t)b * d + a0] = A[(int64_t)a0 * d + b];
+}
+
 /* z = (x + s a) + s b over d floats, s = 1 or -1 (exact: the same as x - a - b for -1): a
  * local projection's residual, x - C[c] - mu[c], and its inverse's shift, y + mu[c] + C[c]. */
 CYPQ_CLONES

@@ -176,12 +176,13 @@ def test_residual_stats_match_reference(n_threads):
             assert not mean[c].any() and not cov[c].any()
 
 
-@pytest.mark.parametrize("d", [8, 24, 56, 120])
+@pytest.mark.parametrize("d", [8, 13, 24, 56, 120])
 @pytest.mark.parametrize("inverse", [False, True])
 def test_project_matches_reference(inverse, d, n_threads):
     """d = 120: four 16-wide column blocks at once (on AVX-512), then two, one and a tail;
     d = 56: two blocks at once, one alone and a scalar tail; d = 24: one block and the
-    tail; d = 8: the tail only."""
+    tail; d = 8: the tail only; d = 13: the forward transpose of R[c] (8 x 8 tiles) with
+    edges of 5 rows and columns."""
     from cypq import _lopq
     rng = np.random.default_rng(11)
     X = rng.normal(0, 1, (700, 2 * d)).astype(np.float32)   # 700 rows: several row blocks
@@ -191,14 +192,13 @@ def test_project_matches_reference(inverse, d, n_threads):
     labels = rng.integers(0, 5, 700).astype(np.int32)
     order, offsets = _lopq.group_rows(labels, 5)
     out = np.full((700, 3 * d), np.nan, np.float32)
-    RT = np.ascontiguousarray(R.transpose(0, 2, 1))
-    _lopq.project(X, d, C, R, RT, mu, order, offsets, out, 2 * d, inverse, n_threads)
+    _lopq.project(X, d, C, R, mu, order, offsets, out, 2 * d, inverse, n_threads)
     # a few rows alone (groups of 1 to 3, not blocks of 4): the same bits as in the big groups,
     # so a vector's projection does not depend on the batch it comes in
     few = np.flatnonzero(labels < 3)[:7]
     o2, off2 = _lopq.group_rows(np.ascontiguousarray(labels[few]), 5)
     out2 = np.empty((len(few), d), np.float32)
-    _lopq.project(np.ascontiguousarray(X[few]), d, C, R, RT, mu, o2, off2, out2, 0, inverse,
+    _lopq.project(np.ascontiguousarray(X[few]), d, C, R, mu, o2, off2, out2, 0, inverse,
                   n_threads)
     x = X[:, d:]
     c = labels

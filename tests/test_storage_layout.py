@@ -247,7 +247,7 @@ def test_kernel_view_is_built_once_and_follows_new_parts(small):
     assert not v.fine.flags.writeable
     np.testing.assert_array_equal(v.fine, np.stack(list(model.subquantizers[0])
                                                    + list(model.subquantizers[1])))
-    np.testing.assert_array_equal(v.RT[1], model.Rs[1].transpose(0, 2, 1))
+    assert v.Rs[1] is model.Rs[1]        # the model's own rotations, not a copy
     code = model.predict(X[:50])
     m2 = LOPQModel(V=6, M=4, subquantizer_clusters=16,
                    parameters=(model.Cs, model.Rs, model.mus, None))
