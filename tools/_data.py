@@ -40,9 +40,11 @@ def load_set(data_dir: str | os.PathLike, nq: int | None = None):
 def load_queries(data_dir: str | os.PathLike = DEFAULT_DATA, nq: int | None = None):
     """(queries float32, groundtruth int64) only: what a searching process needs."""
     d = Path(data_dir)
-    xq = np.load(d / "query.u8.npy").astype(np.float32)
-    gt = np.load(d / "groundtruth.i32.npy").astype(np.int64)
-    return (xq, gt) if nq is None else (xq[:nq], gt[:nq])
+    # mapped, so that only the rows taken are copied into the process (its memory is measured)
+    name = "query.f16.npy" if (d / "query.f16.npy").exists() else "query.u8.npy"
+    xq = np.load(d / name, mmap_mode="r")[:nq].astype(np.float32)
+    gt = np.load(d / "groundtruth.i32.npy", mmap_mode="r")[:nq].astype(np.int64)
+    return xq, gt
 
 
 def recalls(I: np.ndarray, gt: np.ndarray, Rs=(1, 10, 100)) -> dict[int, float]:
