@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _lopq, _search
-from .direct_scan import (cell_grid, list_shape, passing_entries, reconstructions, top_k,
+from .direct_scan import (cell_grid, list_buffer, list_shape, passing_entries, reconstructions, top_k,
                           walked_top_k)
 from ._heap import release_free_memory
 from .filters import pass_rates
@@ -213,11 +213,13 @@ def cell_lists(view, Qb: np.ndarray, sizes: np.ndarray, quota: int, w, cap: int,
         Non-empty cells listed, and cells visited empty ones included, per query.
     """
     nb = len(Qb)
-    cells = np.empty((nb, cap), dtype=np.int64)
+    cells = list_buffer(nb, cap)
     n_cand, n_cells, visited = (np.empty(nb, dtype=np.int64) for _ in range(3))
     _search.cell_order(Qb, view.Cs[0], view.Cs[1], sizes, quota, w or 0, cells, n_cells,
                        visited, n_cand, n_threads, view.Cmu is not None, ordered)
-    return cells[np.arange(cap)[None, :] < n_cells[:, None]], n_cells, visited
+    flat = np.empty(int(n_cells.sum()), dtype=np.int64)
+    _search.flatten_lists(cells, n_cells, flat)
+    return flat, n_cells, visited
 
 
 def scan_lists(view, snap, Qb: np.ndarray, flat: np.ndarray, n_cells: np.ndarray, k: int,

@@ -395,6 +395,26 @@ cdef void _half_tables(const float *P, int n, int Dh, int Mh, int Ds, int S,
             r = r + p
 
 
+def flatten_lists(const int64_t[:, ::1] cells, const int64_t[::1] n_cells, int64_t[::1] flat):
+    """The first n_cells[q] entries of every row q of cells (nq, cap) int64, one row after
+    another, into flat (sum of n_cells,) int64: cell_order's lists, query-major."""
+    cdef Py_ssize_t q, at = 0
+    if n_cells.shape[0] != cells.shape[0]:
+        raise ValueError("flatten_lists: one count per row")
+    for q in range(cells.shape[0]):
+        if n_cells[q] < 0 or n_cells[q] > cells.shape[1] or at + n_cells[q] > flat.shape[0]:
+            raise ValueError("flatten_lists: counts do not fit the arrays")
+        at += n_cells[q]
+    if at != flat.shape[0]:
+        raise ValueError("flatten_lists: flat must hold exactly the listed cells")
+    at = 0
+    with nogil:
+        for q in range(cells.shape[0]):
+            if n_cells[q] > 0:
+                memcpy(&flat[at], &cells[q, 0], n_cells[q] * sizeof(int64_t))
+            at += n_cells[q]
+
+
 def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
                const int64_t[::1] pstart0, const int64_t[::1] pstart1,
                const float[:, :, ::1] subs, const int64_t[::1] cell_start,

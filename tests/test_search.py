@@ -346,3 +346,25 @@ def test_cosine_metric_against_brute_force(tmp_path, where, n_threads):
         with Index.open(tmp_path / "ix", readonly=True) as ro:
             assert ro.model.metric == "cosine"
             np.testing.assert_array_equal(ro.search(Q, k=10, quota=0)[1], I)
+
+
+def test_flatten_lists_and_list_buffer():
+    """cell_lists' two pieces: the room for the lists (a mapping of its own when large) and
+    the kernel that joins each row's first n_cells entries, against NumPy."""
+    from cypq import _search
+    from cypq.direct_scan import HUGE_FROM, list_buffer
+    rng = np.random.default_rng(2)
+    for nb, cap in [(3, 7), (5, HUGE_FROM // 8)]:      # np.empty, then a mapping
+        cells = list_buffer(nb, cap)
+        assert cells.shape == (nb, cap) and cells.dtype == np.int64 and cells.flags.writeable
+        n = rng.integers(0, min(cap, 50) + 1, nb)
+        n[0] = 0
+        for q in range(nb):
+            cells[q, :n[q]] = rng.integers(0, 10 ** 9, n[q])
+        flat = np.empty(int(n.sum()), np.int64)
+        _search.flatten_lists(cells, n, flat)
+        np.testing.assert_array_equal(flat, np.concatenate([cells[q, :n[q]] for q in range(nb)]))
+    with pytest.raises(ValueError, match="counts do not fit"):
+        _search.flatten_lists(cells, np.full(nb, cap + 1), np.empty(nb * (cap + 1), np.int64))
+    with pytest.raises(ValueError, match="exactly"):
+        _search.flatten_lists(cells, n, np.empty(int(n.sum()) + 1, np.int64))
