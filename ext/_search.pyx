@@ -635,7 +635,12 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
                                 span = PREFETCH_MAX
                             for line in range(0, span, 64):
                                 cypq_prefetch(<const char *> seg_codes[g] + line)
-                            cypq_prefetch(<const void *> seg_ids[g])
+                            # and of its ids (a passing code's id is loaded to enter the top k)
+                            span = seg_len[g] * 8
+                            if span > PREFETCH_MAX:
+                                span = PREFETCH_MAX
+                            for line in range(0, span, 64):
+                                cypq_prefetch(<const char *> seg_ids[g] + line)
                     sl = cell_slot[t]
                     T0 = tables + tab0[t] * tsize
                     T1 = tables + (n0 + tab1[t]) * tsize
