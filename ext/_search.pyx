@@ -12,7 +12,7 @@ released.
 """
 from cython.parallel cimport parallel, prange
 from libc.math cimport INFINITY, nextafterf, sqrt
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc
 
@@ -36,7 +36,8 @@ cdef void _radix_sort(uint32_t *key, int32_t *val, int64_t n, uint32_t *tkey,
     """Sort key[0:n] ascending, carrying val along (val may be NULL), stable: LSD radix sort,
     one pass per byte, skipping bytes all keys share. tkey, tval: scratch of n entries.
     Non-negative floats sort as their bit patterns, so this sorts distances too."""
-    cdef int64_t cnt[256]
+    cdef int64_t hist[4][256]
+    cdef int64_t *cnt
     cdef int64_t i, pos, c
     cdef int shift, b
     cdef uint32_t *sk = key
@@ -45,13 +46,18 @@ cdef void _radix_sort(uint32_t *key, int32_t *val, int64_t n, uint32_t *tkey,
     cdef int32_t *dv = tval
     cdef uint32_t *xk
     cdef int32_t *xv
+    cdef uint32_t x
     if n < 2:
         return
+    memset(hist, 0, sizeof(hist))
+    for i in range(n):   # the four bytes' counts in one pass (a pass permutes, not changes, them)
+        x = key[i]
+        hist[0][x & 255] += 1
+        hist[1][(x >> 8) & 255] += 1
+        hist[2][(x >> 16) & 255] += 1
+        hist[3][x >> 24] += 1
     for shift in range(0, 32, 8):
-        for b in range(256):
-            cnt[b] = 0
-        for i in range(n):
-            cnt[(sk[i] >> shift) & 255] += 1
+        cnt = hist[shift // 8]
         if cnt[(sk[0] >> shift) & 255] == n:     # one value of this byte: nothing to do
             continue
         pos = 0
