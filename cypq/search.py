@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _lopq, _search
-from .direct_scan import (cell_grid, list_buffer, list_shape, passing_entries, reconstructions, top_k,
-                          walked_top_k)
+from .direct_scan import (cell_grid, list_buffer, list_shape, passing_entries, reconstructions,
+                          top_k, walked_top_k)
 from ._heap import release_free_memory
 from .filters import pass_rates
 from .storage.base import Storage
@@ -39,15 +39,10 @@ _CACHE_LOCK = threading.Lock()
 # Up to this many possible values, _distinct finds the distinct ones through a table over all
 # of them (cells; (query, centroid) pairs of a batch).
 _DENSE_CELLS = 1 << 22
-# Bytes of a batch's temporaries per listed cell (its id in the lists, the query and slot of
-# each, its two local-frame rows: int64 arrays of the listed cells' length, in numpy).
-TEMP_BYTES_PER_CELL = 64
-
-
-def cells_bytes(nb: int, cap: int, listed: int) -> int:
-    """About the bytes of a batch's temporaries: nb lists of room for cap cells (int64), and
-    ``listed`` cells in them."""
-    return nb * cap * 8 + listed * TEMP_BYTES_PER_CELL
+# Heap a batch's temporaries take per listed cell (the lists, each cell's query, slot and
+# local-frame rows, its segments: arrays of the listed cells' length; measured: ~180 bytes
+# per cell kept by glibc after batches of 112k cells, REALSIFT1M quota 25000).
+TEMP_BYTES_PER_CELL = 160
 
 
 @dataclass
@@ -174,7 +169,7 @@ def _search_batch(run: _Run, r: np.ndarray, quota, cap, filt, need):
     Qb = run.Q[sl]
     flat, n_cells, visited = cell_lists(view, Qb, run.sizes, quota, run.w, cap, run.n_threads,
                                         filt is not None)
-    run.temp_bytes = max(run.temp_bytes, cells_bytes(len(r), cap, len(flat)))
+    run.temp_bytes = max(run.temp_bytes, len(flat) * TEMP_BYTES_PER_CELL)
     extra = {}
     if filt is not None:
         passed, done = np.empty(len(r), np.int64), np.empty(len(r), np.int64)
