@@ -101,6 +101,7 @@ def bench_cypq(args, M, xt, xq, gt, work, lines):
     table = []
     for kind in ["none"] + args.vectors:
         path = os.path.join(work, f"ix-{M}-{kind}")
+        shutil.rmtree(path, ignore_errors=True)   # one left in --work would be reused, not timed
         with Timer() as t:
             bulk_load(path, src, model, progress=False, out=lambda m: None, vectors=kind)
         sizes[kind] = dir_bytes(path)
