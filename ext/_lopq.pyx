@@ -163,7 +163,7 @@ def project(const float[:, ::1] X, int col0, const float[:, ::1] C, const float[
                         memcpy(Z + t * d, &X[j, col0], d * sizeof(float))
                     else:
                         cypq_shift2(&X[j, col0], &C[c, 0], &mu[c, 0], -1, d, Z + t * d)
-                # y = R[c] z is a sum of the rows of R[c]^T (given), R[c]^T z of R[c]'s.
+                # y = R[c] z is a sum of the rows of R[c]^T (made above), R[c]^T z of R[c]'s.
                 cypq_matmul_t(RT if not inverse else &R[c, 0, 0], Z, nb, d, Y)
                 for t in range(nb):
                     i = order[t0 + t]

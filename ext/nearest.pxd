@@ -133,7 +133,7 @@ cdef inline void nearest_rows(const Codebooks *cb, int m, const float *X, Py_ssi
     for j in range(cnt):
         memcpy(s.Xg + j * Ds, X + rows[j] * ldx + m * Ds, Ds * sizeof(float))
     cb.sgemm(&transa, &transb, &Ks, &cnt, &Ds, &alpha, <float *> (cb.C + m * Ks * Ds), &Ds,
-          s.Xg, &Ds, &beta, s.G, &Ks)
+             s.Xg, &Ds, &beta, s.G, &Ks)
     for j in range(cnt):
         xn = sqnorm(s.Xg + j * Ds, Ds)
         idx[j] = cypq_argmin_shifted(s.G + j * Ks, cb.cnorm + m * Ks, Ks, &b)

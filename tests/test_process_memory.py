@@ -22,7 +22,7 @@ def _run(code: str) -> str:
 
 def test_searching_an_index_loads_no_scipy(tmp_path):
     X = clustered(1500, 64, seed=3)
-    model = LOPQModel(V=4, M=4).fit(X, random_state=0)    # 16-dim subspaces: sgemm in encode
+    model = LOPQModel(V=4, M=4).fit(X, random_state=0)    # 32-dim halves: sgemm in encode
     with Index.create(tmp_path / "ix", model, vectors="float32") as index:
         index.add(X)
     np.save(tmp_path / "q.npy", X[:20])
