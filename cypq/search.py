@@ -36,13 +36,14 @@ CACHE_ENTRIES = 4
 CACHE_BYTES = 1 << 28
 RECUR = 64   # queries a filter asked before is expected to serve (see _reuse)
 _CACHE_LOCK = threading.Lock()
-# Up to this many possible values, _distinct finds the distinct ones through a table over all
-# of them (cells; (query, centroid) pairs of a batch).
-_DENSE_CELLS = 1 << 22
-# Heap a batch's temporaries take per listed cell (the lists, each cell's query, slot and
-# local-frame rows, its segments: arrays of the listed cells' length; measured: ~180 bytes
-# per cell kept by glibc after batches of 112k cells, REALSIFT1M quota 25000).
-TEMP_BYTES_PER_CELL = 160
+# Up to this many possible cells, _distinct finds a batch's distinct ones through a bitmap over
+# all of them (size / 8 bytes), beyond through np.unique.
+_DENSE_CELLS = 1 << 24
+# Heap a batch's temporaries take per listed cell (the lists, each cell's slot and frame
+# rows, the local frames, the segments; measured: glibc kept 250 bytes per listed cell after
+# a 200-query call re-ranking 50 at quota 10000 on REALSIFT1M (45k cells, one batch), 220
+# after 100 queries at quota 25000: the 160 assumed before left such calls' 11-14 MB held).
+TEMP_BYTES_PER_CELL = 250
 
 
 @dataclass
@@ -244,9 +245,8 @@ def scan_lists(view, snap, Qb: np.ndarray, flat: np.ndarray, n_cells: np.ndarray
     np.cumsum(n_cells, out=cell_start[1:])
     distinct, slot = _distinct(flat, view.V * view.V)
     seg = snap.segments(distinct)
-    query_of = np.repeat(np.arange(nb), n_cells)
-    P0, start0, tab0, off0 = _local_frames(view, 0, Qb, query_of, flat // view.V, n_threads)
-    P1, start1, tab1, off1 = _local_frames(view, 1, Qb, query_of, flat % view.V, n_threads)
+    P0, start0, tab0, off0 = _local_frames(view, 0, Qb, flat, n_cells, n_threads)
+    P1, start1, tab1, off1 = _local_frames(view, 1, Qb, flat, n_cells, n_threads)
     W = vecs = None
     if rerank is not None:   # where each result's vector is (0: staged, read by id)
         W, vecs = np.empty((nb, k), dtype=np.uintp), seg.vectors
@@ -440,44 +440,39 @@ def _direct(run: _Run, rows: np.ndarray, filt, unpack, quota: int) -> None:
 def _distinct(values: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """(sorted distinct values, position of each value in them) of int64 values in [0, size)."""
     if size <= _DENSE_CELLS:
-        # Through a table over all values: linear, where np.unique sorts (it was ~10% of a
-        # search at quota 4000).
-        seen = np.zeros(size, dtype=bool)
-        seen[values] = True
-        distinct = np.flatnonzero(seen)
-        where = np.empty(size, dtype=np.int64)
-        where[distinct] = np.arange(len(distinct))
-        return distinct, where[values]
+        distinct = np.empty(min(len(values), size), dtype=np.int64)
+        slot = np.empty(len(values), dtype=np.int64)
+        return distinct[:_search.distinct_cells(values, size, distinct, slot)], slot
     distinct = np.unique(values)
     return distinct, np.searchsorted(distinct, values)
 
 
-def _local_frames(view, h, Qb, query_of, centroid, n_threads):
+def _local_frames(view, h, Qb, flat, n_cells, n_threads):
     """Half h of every query projected into the local frame of each centroid it visits.
 
-    query_of, centroid (n,) int64: the query and half-h centroid of each visited cell.
+    flat, n_cells: the listed cells, query-major, and how many per query (see cell_lists).
     Returns P (m, Dh) float32, one row per distinct (query, centroid), query-major; start
     (nq + 1,) int64, query q's rows P[start[q]:start[q + 1]]; and tab (n,) int32, for each
-    visited cell the row of its centroid among its query's rows. The rows are projected
+    listed cell the row of its centroid among its query's rows. The rows are projected
     grouped by centroid, so each rotation is read once per batch, not once per query.
     For an inner-product view, P's rows are R[c] @ q_h / 2 instead, and off (m,) float32
     holds -<q_h, C[c] + mu[c]> per row (else off is None): see scan_cells.
     """
-    nb, V = len(Qb), view.V
+    nb, n = len(Qb), len(flat)
     Dh = Qb.shape[1] // 2
-    keys, row = _distinct(query_of * V + centroid, nb * V)
-    key_query = keys // V
-    cent = keys % V
-    P = np.empty((len(keys), Dh), dtype=np.float32)
-    order, offsets = _lopq.group_rows(cent.astype(np.int32), V)
+    cent, key_query = np.empty(n, np.int32), np.empty(n, np.int64)
+    start, tab = np.empty(nb + 1, np.int64), np.empty(n, np.int32)
+    m = _search.frame_rows(flat, n_cells, view.V, h, cent, key_query, start, tab)
+    cent, key_query = cent[:m], key_query[:m]
+    P = np.empty((m, Dh), dtype=np.float32)
+    order, offsets = _lopq.group_rows(cent, view.V)
     # each row from its query's half in place (a query recurs in many rows)
     _lopq.project(Qb, h * Dh, view.Cs[h], view.Rs[h], view.mus[h], order, offsets,
                   P, 0, False, n_threads, key_query)
-    start = np.searchsorted(key_query, np.arange(nb + 1))
     off = None
     if view.Cmu is not None:
         P += view.RCmu[h][cent]
         P *= np.float32(0.5)
         off = -np.einsum("ij,ij->i", Qb[key_query, h * Dh:(h + 1) * Dh],
                          view.Cmu[h][cent]).astype(np.float32)
-    return P, start, (row - start[query_of]).astype(np.int32), off
+    return P, start, tab, off

@@ -29,6 +29,8 @@ cdef extern from *:
     #define cypq_prefetch(p) __builtin_prefetch(p)
     """
     void cypq_prefetch(const void *p) noexcept nogil
+    int __builtin_ctzll(unsigned long long x) noexcept nogil
+    int __builtin_popcountll(unsigned long long x) noexcept nogil
 
 
 cdef void _radix_sort(uint32_t *key, int32_t *val, int64_t n, uint32_t *tkey,
@@ -419,6 +421,107 @@ def flatten_lists(const int64_t[:, ::1] cells, const int64_t[::1] n_cells, int64
             if n_cells[q] > 0:
                 memcpy(&flat[at], &cells[q, 0], n_cells[q] * sizeof(int64_t))
             at += n_cells[q]
+
+
+def distinct_cells(const int64_t[::1] flat, int64_t size, int64_t[::1] distinct,
+                   int64_t[::1] slot):
+    """The distinct values of flat (n,) int64 in [0, size), ascending, into distinct[0:nd],
+    and each entry's position among them into slot (n,); returns nd. Through a bitmap of
+    size bits and its words' ranks: linear, with size / 8 bytes of scratch (np.unique sorts;
+    a table of int64 positions took 8 bytes per possible value)."""
+    cdef int64_t n = flat.shape[0], t, w, nw = (size + 63) // 64, nd = 0, v
+    cdef uint64_t *bits
+    cdef int64_t *rank
+    cdef uint64_t x
+    if size <= 0 or slot.shape[0] != n or distinct.shape[0] < min(n, size):
+        raise ValueError("distinct_cells: size > 0, slot (n,), distinct (min(n, size),)")
+    bits = <uint64_t *> calloc(nw if nw > 0 else 1, sizeof(uint64_t))
+    rank = <int64_t *> malloc((nw if nw > 0 else 1) * sizeof(int64_t))
+    if bits == NULL or rank == NULL:
+        free(bits)
+        free(rank)
+        raise MemoryError()
+    with nogil:
+        for t in range(n):
+            v = flat[t]
+            if v < 0 or v >= size:
+                nd = -1
+                break
+            bits[v >> 6] |= (<uint64_t> 1) << (v & 63)
+        if nd == 0:
+            for w in range(nw):
+                rank[w] = nd
+                x = bits[w]
+                while x:
+                    distinct[nd] = w * 64 + __builtin_ctzll(x)
+                    nd += 1
+                    x &= x - 1
+            for t in range(n):
+                v = flat[t]
+                slot[t] = rank[v >> 6] + __builtin_popcountll(
+                    bits[v >> 6] & (((<uint64_t> 1) << (v & 63)) - 1))
+    free(bits)
+    free(rank)
+    if nd < 0:
+        raise ValueError("distinct_cells: a value outside [0, size)")
+    return nd
+
+
+def frame_rows(const int64_t[::1] flat, const int64_t[::1] n_cells, int V, int h,
+               int32_t[::1] cent, int64_t[::1] key_query, int64_t[::1] start, int32_t[::1] tab):
+    """The rows of half h's local frames for listed cells: one per distinct (query, centroid).
+
+    flat (n,) int64 cells (id c0 * V + c1), query-major, n_cells (nq,) int64 how many per
+    query (as cell_order lists them). Outputs: cent, key_query (at least n,) the centroid and
+    query of each row, rows query-major (within a query in order of first listing); start
+    (nq + 1,) query q's rows are start[q] : start[q + 1]; tab (n,) int32 each cell's row
+    among its query's rows. Returns the number of rows."""
+    cdef Py_ssize_t nq = n_cells.shape[0], q
+    cdef int64_t n = flat.shape[0], t = 0, t1, m = 0, r0, r, cell
+    cdef int c
+    cdef int32_t *mark
+    if h not in (0, 1) or V <= 0:
+        raise ValueError("frame_rows: h must be 0 or 1 and V positive")
+    if start.shape[0] != nq + 1 or tab.shape[0] != n or cent.shape[0] < n or key_query.shape[0] < n:
+        raise ValueError("frame_rows: start needs nq + 1 entries, tab n, cent and key_query n")
+    for q in range(nq):
+        if n_cells[q] < 0:
+            raise ValueError("frame_rows: negative cell counts")
+        t += n_cells[q]
+    if t != n:
+        raise ValueError("frame_rows: n_cells must add up to the listed cells")
+    mark = <int32_t *> malloc(V * sizeof(int32_t))
+    if mark == NULL:
+        raise MemoryError()
+    t = 0
+    with nogil:
+        for c in range(V):
+            mark[c] = -1
+        for q in range(nq):
+            start[q] = m
+            r0 = m
+            t1 = t + n_cells[q]
+            while t < t1:
+                cell = flat[t]
+                if cell < 0 or cell >= <int64_t> V * V:
+                    break
+                c = <int> (cell // V if h == 0 else cell % V)
+                if mark[c] < 0:
+                    mark[c] = <int32_t> (m - r0)
+                    cent[m] = c
+                    key_query[m] = q
+                    m += 1
+                tab[t] = mark[c]
+                t += 1
+            for r in range(r0, m):     # clear this query's marks
+                mark[cent[r]] = -1
+            if t < t1:
+                break
+        start[nq] = m
+    free(mark)
+    if t != n:
+        raise ValueError("frame_rows: a cell id outside [0, V * V)")
+    return m
 
 
 def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,

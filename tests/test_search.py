@@ -29,7 +29,7 @@ def setup():
 @pytest.mark.parametrize("distinct", ["table", "unique"])
 @pytest.mark.parametrize("quota,k", [(50, 10), (300, 25), (5000, 40), (1, 5)])
 def test_search_equals_reference(setup, quota, k, n_threads, distinct, monkeypatch):
-    """Both ways of finding a batch's distinct cells: a table over all cells (up to 4M
+    """Both ways of finding a batch's distinct cells: a bitmap over all cells (up to 16M
     cells) and np.unique (beyond)."""
     if distinct == "unique":
         import cypq.search
@@ -368,3 +368,46 @@ def test_flatten_lists_and_list_buffer():
         _search.flatten_lists(cells, np.full(nb, cap + 1), np.empty(nb * (cap + 1), np.int64))
     with pytest.raises(ValueError, match="exactly"):
         _search.flatten_lists(cells, n, np.empty(int(n.sum()) + 1, np.int64))
+
+
+def test_distinct_cells_and_frame_rows():
+    """scan_lists' bookkeeping kernels against NumPy: a batch's distinct cells with each
+    listed cell's slot, and each query's distinct centroids of a half with each cell's row."""
+    from cypq import _search
+    rng = np.random.default_rng(5)
+    V = 37
+    n_cells = rng.integers(0, 40, 9)
+    n_cells[3] = 0
+    flat = rng.integers(0, V * V, int(n_cells.sum()))
+    flat[:5] = V * V - 1          # the last cell, repeated
+    for size in (V * V, V * V + 61):
+        distinct, slot = np.empty(len(flat), np.int64), np.empty(len(flat), np.int64)
+        nd = _search.distinct_cells(flat, size, distinct, slot)
+        np.testing.assert_array_equal(distinct[:nd], np.unique(flat))
+        np.testing.assert_array_equal(distinct[slot], flat)
+    query_of = np.repeat(np.arange(len(n_cells)), n_cells)
+    for h, centroid in ((0, flat // V), (1, flat % V)):
+        cent, key_query = np.empty(len(flat), np.int32), np.empty(len(flat), np.int64)
+        start, tab = np.empty(len(n_cells) + 1, np.int64), np.empty(len(flat), np.int32)
+        m = _search.frame_rows(flat, n_cells, V, h, cent, key_query, start, tab)
+        assert m == len({(q, c) for q, c in zip(query_of, centroid)})
+        np.testing.assert_array_equal(start, np.searchsorted(key_query[:m], np.arange(10)))
+        for q in range(len(n_cells)):
+            rows = cent[start[q]:start[q + 1]]
+            sel = query_of == q
+            assert sorted(rows) == sorted(set(centroid[sel]))      # each centroid once
+            np.testing.assert_array_equal(rows[tab[sel]], centroid[sel])
+        np.testing.assert_array_equal(key_query[:m], np.repeat(np.arange(9), np.diff(start)))
+    bad = flat.copy()
+    bad[-1] = V * V
+    with pytest.raises(ValueError, match="outside"):
+        _search.distinct_cells(bad, V * V, np.empty(len(bad), np.int64),
+                               np.empty(len(bad), np.int64))
+    with pytest.raises(ValueError, match="outside"):
+        _search.frame_rows(bad, n_cells, V, 0, np.empty(len(bad), np.int32),
+                           np.empty(len(bad), np.int64), np.empty(10, np.int64),
+                           np.empty(len(bad), np.int32))
+    with pytest.raises(ValueError, match="add up"):
+        _search.frame_rows(flat, n_cells + 1, V, 0, np.empty(len(flat), np.int32),
+                           np.empty(len(flat), np.int64), np.empty(10, np.int64),
+                           np.empty(len(flat), np.int32))
