@@ -3,13 +3,13 @@ its own (diskannpy 0.7 needs NumPy 1.x; this script imports neither cypq nor the
 
     python _diskann_peer.py --base X.npy --queries Q.npy --index DIR --out RESULT.npz
         [--Ls 10 20 40 80] [--k 10] [--nq 1000] [--pq-bytes 16] [--degree 64]
-        [--build-L 100]
+        [--build-L 100] [--repeat 3]
 
 Builds the disk index in DIR unless it is there (full vectors on disk in their own dtype, PQ
 codes of about --pq-bytes per vector in RAM), opens it and searches one query per call (its
 API's unit) with complexity L and beam width 2, 1 search thread, for each --Ls; writes the
 ids per L to RESULT.npz, and to RESULT.npz.json the build seconds, bytes on disk, ms/query
-per L (best of 2 passes) and the searching process's RssAnon (and how much of it came with
+per L (best of --repeat passes) and the searching process's RssAnon (and how much of it came with
 the index). The index is opened with 2 thread contexts: with one, diskannpy 0.7's load waits
 forever for a free context (DiskANN issue #462); the searches still run one at a time on
 this thread. Its own RssAnon reader: cypq (NumPy 2) is not installed beside it.
@@ -43,6 +43,7 @@ def main() -> None:
     p.add_argument("--pq-bytes", type=int, default=16)
     p.add_argument("--degree", type=int, default=64)
     p.add_argument("--build-L", type=int, default=100)
+    p.add_argument("--repeat", type=int, default=3)
     a = p.parse_args()
     base = np.load(a.base, mmap_mode="r")
     dtype = np.uint8 if base.dtype == np.uint8 else np.float32
@@ -67,7 +68,7 @@ def main() -> None:
         L = max(L, a.k)
         ids = np.full((len(xq), a.k), -1, dtype=np.int64)
         best = float("inf")
-        for _ in range(2):
+        for _ in range(a.repeat):
             t = time.perf_counter()
             for j in range(len(xq)):
                 r = index.search(xq[j], k_neighbors=a.k, complexity=L, beam_width=2)

@@ -4,11 +4,13 @@ faiss IVF-PQ + refine and LanceDB IVF_PQ with refine_factor.
     python tools/bench_rerank.py [--data DIR] [--nq 1000] [--vectors uint8 float16]
         [--V 256] [--M 32 64] [--S 16] [--quotas 2000 5000 10000 20000]
         [--reranks 0 50 100 200] [--cold-quota 10000] [--cold-nq 200] [--skip-faiss]
-        [--skip-lancedb] [--skip-diskann] [--diskann-Ls 10 20 40 80 160] [--work DIR]
+        [--skip-lancedb] [--skip-diskann] [--diskann-Ls 10 20 40 80 160] [--repeat 3]
+        [--work DIR]
 
 cypq: an LOPQ model per --M (default 4-bit codes, the fast scan: 16 and 32 bytes), bulk-built
-on-disk indexes keeping no vectors and each --vectors kind; warm search (1 thread, best of 2
-runs over nq queries) per quota and rerank (k=100 without re-ranking, k=10 with); cold search
+on-disk indexes keeping no vectors and each --vectors kind; warm search (1 thread, best of
+--repeat runs over nq queries, every system alike) per quota and rerank (k=100 without
+re-ranking, k=10 with); cold search
 (the index files dropped from the page cache, a fresh process, cold-nq queries) with and
 without rerank 100; disk bytes per vector; the searching process's RssAnon; the rebuild of the
 first index keeping vectors, training a new model and with one given. faiss: IVF1024,PQ32x4fs (16 B,
@@ -115,7 +117,7 @@ def bench_cypq(args, M, xt, xq, gt, work, lines):
                     k = 100 if not R else 10
                     index.search(xq[:20], k=k, quota=quota, rerank=R or None)
                     s, (_, I) = best_of(lambda: index.search(xq, k=k, quota=quota,
-                                                             rerank=R or None), 2)
+                                                             rerank=R or None), args.repeat)
                     table.append(line(f"{name} vectors={kind}", f"quota={quota}", R,
                                       s / len(xq) * 1e3, recalls(I, gt)))
                     print(table[-1], flush=True)
@@ -163,9 +165,9 @@ def bench_faiss(args, xt, xb, xq, gt, work=None):
         for R in [0] + [r for r in args.reranks if r]:
             k = 100 if not R else 10
             index.k_factor = max(1.0, R / k)
-            s, (_, I) = best_of(lambda: index.search(xq, k), 2)
+            s, (_, I) = best_of(lambda: index.search(xq, k), args.repeat)
             if not R:  # without refine: the base index alone
-                s, (_, I) = best_of(lambda: index.base_index.search(xq, k), 2)
+                s, (_, I) = best_of(lambda: index.base_index.search(xq, k), args.repeat)
             table.append(line("faiss IVF1024,PQ32x4fs,Refine(SQ8)", f"nprobe={nprobe}", R,
                               s / len(xq) * 1e3, recalls(I, gt)))
             print(table[-1], flush=True)
@@ -203,7 +205,7 @@ def bench_lancedb(args, xt, xb, xq, gt, work):
                     out[j, :len(ids)] = ids
                 return out
             run()
-            s, I = best_of(run, 2)
+            s, I = best_of(run, args.repeat)
             table.append(line("LanceDB IVF_PQ", f"nprobes={nprobes}", R, s / nq * 1e3,
                               recalls(I, gt[:nq])))
             print(table[-1], flush=True)
@@ -235,7 +237,8 @@ def bench_diskann(args, xt, xb, xq, gt, work):
     cmd = [py, os.path.join(os.path.dirname(os.path.abspath(__file__)), "_diskann_peer.py"),
            "--base", base_file(args.data), "--queries", qfile, "--out", out,
            "--index", os.path.join(work, f"diskann-{name}"), "--nq", str(len(xq)),
-           "--k", "10", "--pq-bytes", "16", "--Ls", *map(str, args.diskann_Ls)]
+           "--k", "10", "--pq-bytes", "16", "--repeat", str(args.repeat),
+           "--Ls", *map(str, args.diskann_Ls)]
     subprocess.run(cmd, capture_output=True, check=True)
     with open(out + ".json") as f:
         res = json.load(f)
@@ -271,6 +274,8 @@ def main():
     p.add_argument("--diskann-Ls", type=int, nargs="+", default=[10, 20, 40, 80, 160])
     p.add_argument("--diskann-venv", default=DISKANN_VENV,
                    help="the virtualenv DiskANN runs in (made on first use)")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="timed runs per point, the best reported (every system alike)")
     p.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
