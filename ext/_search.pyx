@@ -21,7 +21,8 @@ from nearest cimport Codebooks, codebooks_free, codebooks_init
 from fastscan cimport (cypq_adc4_cell, cypq_adc4_plan, cypq_adc4_plan_init, cypq_fastscan_limit,
                       cypq_quantize4)
 from scan cimport SCAN_BLOCK, Filter, load_id, pass_flags, scan_topk
-from simd cimport cypq_ip_ny, cypq_l2sqr_ny, cypq_l2sqr_ny_norm, cypq_l2sqr_ny_norm_x4
+from simd cimport (cypq_ip_ny, cypq_l2sqr_ny, cypq_l2sqr_ny_norm, cypq_l2sqr_ny_norm_x4,
+                  cypq_tables16)
 
 
 cdef extern from *:
@@ -368,14 +369,17 @@ cdef void _half_tables(const float *P, int n, int Dh, int Mh, int Ds, int S,
                        const float *offset) noexcept nogil:
     """Tables out (n, Mh, S) of n projected query halves P (n, Dh) against the half's fine
     codebooks (subTm2: Mh blocks of -2 * C^T (Ds, S); subnorm (Mh, S) squared norms).
-    Subquantizer-major, four rows at a time: the codebook of one subquantizer stays in L1.
-    With ``offset`` (n,) (inner products: zero subnorm), no query norm, and offset[r] added
+    Subquantizer-major, four rows at a time: the codebook of one subquantizer stays in L1;
+    16 codewords (4-bit codes): row by row, a table per vector (cypq_tables16). With ``offset`` (n,) (inner products: zero subnorm), no query norm, and offset[r] added
     to row r's first table."""
     cdef const float *xs[4]
     cdef float *outs[4]
     cdef float xn[4]
     cdef int s, r, p, a, k
     cdef const float *x
+    if S == 16:
+        cypq_tables16(P, n, Mh, Ds, subTm2, subnorm, offset, out)
+        return
     for s in range(Mh):
         r = 0
         while r < n:

@@ -296,6 +296,45 @@ static void cypq_l2sqr_ny_norm_x4(const float *const *x, const float *xnorm, con
     cypq_l2sqr_ny_norm_x4_any(x, xnorm, CTm2, cnorm, d, K, out);
 }
 
+/* Tables of 16 codewords (4-bit codes), out (n, m, 16): out[r, s, k] = |x_rs|^2 + cnorm[s, k]
+ * + <x_rs, CTm2[s][:, k]> for the n rows x_r of P (n, m * d), x_rs their d dimensions of
+ * subquantizer s, CTm2 m blocks of -2 C^T (d, 16), cnorm (m, 16): a table is one 64-byte
+ * vector, so a row's m tables are made in one pass, where cypq_l2sqr_ny_norm_x4 is one call
+ * per subquantizer and four rows (at 16 codewords its calls cost more than their sums). With
+ * ``offset`` (n,): no |x|^2 (inner products), and offset[r] added to row r's first table.
+ * Each entry's sum in cypq_l2sqr_ny_norm_x4's order. */
+CYPQ_INLINE void cypq_tables16_body(const float *P, int64_t n, int m, const int d,
+                                    const float *CTm2, const float *cnorm, const float *offset,
+                                    float *out) {
+    for (int64_t r = 0; r < n; r++) {
+        const float *x = P + r * (int64_t)m * d;
+        for (int s = 0; s < m; s++) {
+            const float *xs = x + s * d, *C = CTm2 + (int64_t)s * d * 16;
+            float xn = 0.f;
+            if (offset == NULL)
+                for (int a = 0; a < d; a++) xn += xs[a] * xs[a];
+            cypq_vf acc = cypq_vload(cnorm + s * 16) + xn;
+            for (int j = 0; j < d; j++) acc += xs[j] * cypq_vload(C + j * 16);
+            if (offset != NULL && s == 0) acc += offset[r];
+            memcpy(out + (r * m + s) * 16, &acc, sizeof acc);
+        }
+    }
+}
+
+/* (d a constant for the common subspace widths: the loops unroll, and the subquantizers'
+ * chains, independent, overlap) */
+CYPQ_CLONES
+static void cypq_tables16(const float *P, int64_t n, int m, int d, const float *CTm2,
+                          const float *cnorm, const float *offset, float *out) {
+    switch (d) {
+        case 2: cypq_tables16_body(P, n, m, 2, CTm2, cnorm, offset, out); break;
+        case 4: cypq_tables16_body(P, n, m, 4, CTm2, cnorm, offset, out); break;
+        case 8: cypq_tables16_body(P, n, m, 8, CTm2, cnorm, offset, out); break;
+        case 16: cypq_tables16_body(P, n, m, 16, CTm2, cnorm, offset, out); break;
+        default: cypq_tables16_body(P, n, m, d, CTm2, cnorm, offset, out);
+    }
+}
+
 /*
  * Y[i] = A @ Z[i] for the n rows of Z (n x d), A (d x d) given as AT (its transpose,
  * row-major): each row is a sum of AT's rows weighted by its entries, in order. Four rows share

@@ -77,11 +77,13 @@ def test_many_tables_per_query(n_threads):
                              n_threads=n_threads)
 
 
-@pytest.mark.parametrize("D,M,S", [(12, 4, 20), (32, 2, 256), (48, 4, 56), (96, 4, 56)])
+@pytest.mark.parametrize("D,M,S", [(12, 4, 20), (32, 2, 256), (48, 4, 56), (96, 4, 56),
+                                   (24, 8, 16), (32, 8, 16), (64, 8, 16)])
 def test_table_shapes_equal_reference(D, M, S, n_threads):
     """Subquantizers of 3 dimensions (no fixed-size copy in the table kernel) and of 16, 12
     and 24 (unrolled widths); S not a multiple of the SIMD width (20), the full 256, and 56
-    (on AVX-512: a pair of 16-wide blocks, one alone, then a scalar tail)."""
+    (on AVX-512: a pair of 16-wide blocks, one alone, then a scalar tail); 16 codewords (a
+    table per vector, cypq_tables16) at 3, 4 and 8 dimensions."""
     _fit_search_vs_reference(D, V=5, M=M, S=S, n_clusters=10, seed=45, k=15, quota=400,
                              n_threads=n_threads)
 
