@@ -20,7 +20,8 @@ from topk cimport TopK, topk_alloc, topk_finish, topk_free, topk_reset
 from nearest cimport Codebooks, codebooks_free, codebooks_init
 from fastscan cimport (cypq_adc4_cell, cypq_adc4_plan, cypq_adc4_plan_init, cypq_fastscan_limit,
                       cypq_quantize4)
-from scan cimport SCAN_BLOCK, Filter, load_id, pass_flags, scan_topk
+from scan cimport (PEND_FLUSH, SCAN_BLOCK, Filter, Pending, load_id, pass_flags,
+                  pending_flush, scan_topk)
 from simd cimport (cypq_ip_ny, cypq_l2sqr_ny, cypq_l2sqr_ny_norm, cypq_l2sqr_ny_norm_x4,
                   cypq_tables16)
 
@@ -608,6 +609,7 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
     cdef int64_t passed
     cdef const char *tg
     cdef TopK *top
+    cdef Pending *pend
     if filtering:
         if (n_passed is None or n_passed.shape[0] != nq or n_done is None
                 or n_done.shape[0] != nq or (masks is not None and (
@@ -676,6 +678,9 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
             ibuf = <int32_t *> malloc(SCAN_BLOCK * sizeof(int32_t))
             tables = <float *> malloc((maxrows if maxrows > 0 else 1) * tsize * sizeof(float))
             top = topk_alloc(k, where)
+            pend = <Pending *> malloc(sizeof(Pending))
+            if pend != NULL:
+                pend.n = 0
             flags = NULL
             filt = NULL
             if filtering:
@@ -689,7 +694,8 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
                 qtab = <uint8_t *> malloc((maxrows if maxrows > 0 else 1) * tsize)  # uint8 tables
                 bias = <float *> malloc((maxrows if maxrows > 0 else 1) * sizeof(float))
             for q in prange(nq, schedule="dynamic"):
-                if buf == NULL or ibuf == NULL or tables == NULL or top == NULL or (bounds and (
+                if buf == NULL or ibuf == NULL or tables == NULL or top == NULL or (
+                        pend == NULL) or (bounds and (
                         cell == NULL or qtab == NULL or bias == NULL)) or (filtering and (
                         flags == NULL or filt == NULL)):
                     fail[0] = 1
@@ -748,12 +754,6 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
                                 span = PREFETCH_MAX
                             for line in range(0, span, 64):
                                 cypq_prefetch(<const char *> seg_codes[g] + line)
-                            # and of its ids (a passing code's id is loaded to enter the top k)
-                            span = seg_len[g] * 8
-                            if span > PREFETCH_MAX:
-                                span = PREFETCH_MAX
-                            for line in range(0, span, 64):
-                                cypq_prefetch(<const char *> seg_ids[g] + line)
                     sl = cell_slot[t]
                     T0 = tables + tab0[t] * tsize
                     T1 = tables + (n0 + tab1[t]) * tsize
@@ -771,16 +771,19 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
                                 T0, T1, M, S, packed, cell, <const uint8_t *> seg_codes[g],
                                 seg_len[g], <const int64_t *> seg_ids[g], 0, top,
                                 seg_vecs[g] if where else 0, vec_bytes, buf, ibuf, filt, tg,
-                                flags)
+                                flags, pend)
                         else:
                             passed = passed + scan_topk(
                                 T0, T1, M, S, False, NULL, <const uint16_t *> seg_codes[g],
                                 seg_len[g], <const int64_t *> seg_ids[g], 0, top,
                                 seg_vecs[g] if where else 0, vec_bytes, buf, ibuf, filt, tg,
-                                flags)
+                                flags, pend)
+                    if pend.n >= PEND_FLUSH:
+                        pending_flush(pend, top)
                     if filtering and pass_quota > 0 and passed >= pass_quota:
                         n_done[q] = t + 1 - cell_start[q]
                         break
+                pending_flush(pend, top)
                 topk_finish(top, &D[q, 0], &I[q, 0], &W[q, 0] if where else NULL)
                 n_scanned[q] = scanned
                 if filtering:
@@ -788,6 +791,7 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
             free(buf)
             free(ibuf)
             topk_free(top)
+            free(pend)
             free(tables)
             free(flags)
             free(filt)

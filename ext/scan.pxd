@@ -12,6 +12,41 @@ from types cimport code_t
 # Codes are scored in blocks of this many, so the distance buffer stays in L1.
 cdef enum:
     SCAN_BLOCK = 1024
+    PEND_CAP = 64       # Pending: entries held at most,
+    PEND_FLUSH = 16     # and from how many scan_cells pushes them (after a cell)
+
+
+cdef extern from *:
+    """
+    #define cypq_prefetch_id(p) __builtin_prefetch(p)
+    """
+    void cypq_prefetch_id(const void *p) noexcept nogil
+
+
+cdef struct Pending:
+    # Candidates whose ids are on their way: a code that beats the threshold needs its id to
+    # enter the top k, and the ids of a cell's codes, read only for those few, were a demand
+    # miss each (or, prefetched whole, a third of the lines a scan fetched). Their id's line
+    # is prefetched and they enter a few cells later (pending_flush), checked against the
+    # threshold then: the top k is the same in any order of entry.
+    float d[PEND_CAP]
+    const char *idp[PEND_CAP]
+    uintptr_t w[PEND_CAP]
+    int n
+
+
+cdef inline void pending_flush(Pending *p, TopK *top) noexcept nogil:
+    """Push the pending candidates that still rank before the k-th best; empty p."""
+    cdef int j
+    cdef float d
+    cdef int64_t idv
+    for j in range(p.n):
+        d = p.d[j]
+        if d <= top.td:
+            memcpy(&idv, p.idp[j], 8)
+            if d < top.td or topk_takes(top, d, idv):
+                topk_push(top, d, idv, p.w[j])
+    p.n = 0
 
 
 cdef inline int64_t load_id(const int64_t *ids, int64_t i) noexcept nogil:
@@ -87,7 +122,7 @@ cdef inline int64_t scan_topk(const float *T0, const float *T1, int M, int Ks, b
                               const int64_t *ids, int64_t id_offset, TopK *top,
                               uintptr_t vecs, int64_t vec_bytes, float *buf,
                               int32_t *ibuf, const Filter *filt, const char *tags,
-                              uint8_t *flags) noexcept nogil:
+                              uint8_t *flags, Pending *pend=NULL) noexcept nogil:
     """Push the n codes into the top-k ``top``; tables T0, T1 as adc_block.
     Returns how many of them pass ``filt`` (n when filt is NULL).
 
@@ -97,7 +132,8 @@ cdef inline int64_t scan_topk(const float *T0, const float *T1, int M, int Ks, b
     top-k's threshold at the start of a block come back from the SIMD loop; they are
     checked again, (distance, id), against the threshold as it tightens. With ``filt``, only
     entries that pass it (pass_flags; ``tags`` their n uint64 tag sets or NULL) enter, and
-    a block none of whose entries pass is not scored at all.
+    a block none of whose entries pass is not scored at all. With ``pend`` (and ids), the
+    candidates wait there for their ids (see Pending); the caller flushes it.
     """
     cdef int64_t b0 = 0, j, nb, cnt, i, passed = 0, ok
     cdef int64_t stride = M // 2 if packed else M     # code values per code
@@ -119,6 +155,17 @@ cdef inline int64_t scan_topk(const float *T0, const float *T1, int M, int Ks, b
             d = buf[j]
             if d <= top.td and (filt == NULL or flags[ibuf[j]]):
                 i = b0 + ibuf[j]
+                if pend != NULL and ids != NULL:
+                    if pend.n == PEND_CAP:
+                        pending_flush(pend, top)
+                        if d > top.td:
+                            continue
+                    pend.idp[pend.n] = <const char *> ids + i * 8
+                    cypq_prefetch_id(pend.idp[pend.n])
+                    pend.d[pend.n] = d
+                    pend.w[pend.n] = vecs + <uintptr_t> (i * vec_bytes) if vecs else 0
+                    pend.n += 1
+                    continue
                 idv = load_id(ids, i) if ids != NULL else id_offset + i
                 if d < top.td or topk_takes(top, d, idv):   # the id only decides ties
                     topk_push(top, d, idv, vecs + <uintptr_t> (i * vec_bytes) if vecs else 0)
