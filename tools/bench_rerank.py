@@ -79,6 +79,21 @@ def child(path, data, nq, quota, rerank) -> dict:
     return out
 
 
+def lancedb_child(path, data, nq) -> dict:
+    """A fresh process searching the LanceDB table in ``path`` as bench_lancedb does (nprobes
+    32, refine_factor 5): its RssAnon, and what importing lancedb, opening and searching add."""
+    xq, _ = load_queries(data, nq)
+    out = {"rss_start": rss_anon_mb()}
+    import lancedb
+    out["rss_import"] = rss_anon_mb()
+    tbl = lancedb.connect(path).open_table("sift")
+    out["rss_open"] = rss_anon_mb()
+    for j in range(nq):
+        tbl.search(xq[j]).limit(10).nprobes(32).refine_factor(5).select(["id", "_distance"]).to_arrow()
+    out["rss_search"] = rss_anon_mb()
+    return out
+
+
 def base_file(data) -> str:
     """The base vectors of a data set directory (REALSIFT1M's uint8, else float16)."""
     u8 = os.path.join(str(data), "base.u8.npy")
@@ -209,8 +224,14 @@ def bench_lancedb(args, xt, xb, xq, gt, work):
             table.append(line("LanceDB IVF_PQ", f"nprobes={nprobes}", R, s / nq * 1e3,
                               recalls(I, gt[:nq])))
             print(table[-1], flush=True)
+    res = subprocess.run([sys.executable, __file__, "--lancedb-child", path, "--data", args.data,
+                          "--nq", str(nq)], capture_output=True, text=True, check=True)
+    m = json.loads(res.stdout.strip().splitlines()[-1])
     return table, head + f"; RssAnon of the searching process +{rss_anon_mb() - rss0:.0f} MB " \
-        f"over the search ({nq} queries per point)"
+        f"over the search ({nq} queries per point); of a fresh one searching it " \
+        f"{m['rss_search']:.0f} MB ({m['rss_start']:.0f} before importing lancedb, " \
+        f"+{m['rss_import'] - m['rss_start']:.0f} importing it, +{m['rss_open'] - m['rss_import']:.0f} " \
+        f"opening the table, +{m['rss_search'] - m['rss_open']:.0f} searching)"
 
 
 DISKANN_VENV = os.path.join(os.path.expanduser("~"), ".cache", "cypq-bench", "diskann-venv")
@@ -278,7 +299,11 @@ def main():
                    help="timed runs per point, the best reported (every system alike)")
     p.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--lancedb-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.lancedb_child:
+        print(json.dumps(lancedb_child(args.lancedb_child, args.data, args.nq)))
+        return
     if args.child:
         print(json.dumps(child(args.child, args.data, args.nq, args.cold_quota,
                                args.reranks[0])))
