@@ -89,7 +89,8 @@ def lancedb_child(path, data, nq) -> dict:
     tbl = lancedb.connect(path).open_table("sift")
     out["rss_open"] = rss_anon_mb()
     for j in range(nq):
-        tbl.search(xq[j]).limit(10).nprobes(32).refine_factor(5).select(["id", "_distance"]).to_arrow()
+        q = tbl.search(xq[j]).limit(10).nprobes(32).refine_factor(5)
+        q.select(["id", "_distance"]).to_arrow()
     out["rss_search"] = rss_anon_mb()
     return out
 
