@@ -371,8 +371,9 @@ cdef void _half_tables(const float *P, int n, int Dh, int Mh, int Ds, int S,
     """Tables out (n, Mh, S) of n projected query halves P (n, Dh) against the half's fine
     codebooks (subTm2: Mh blocks of -2 * C^T (Ds, S); subnorm (Mh, S) squared norms).
     Subquantizer-major, four rows at a time: the codebook of one subquantizer stays in L1;
-    16 codewords (4-bit codes): row by row, a table per vector (cypq_tables16). With ``offset`` (n,) (inner products: zero subnorm), no query norm, and offset[r] added
-    to row r's first table."""
+    16 codewords (4-bit codes): row by row, a table per vector (cypq_tables16). With
+    ``offset`` (n,) (inner products: zero subnorm), no query norm, and offset[r] added to row
+    r's first table."""
     cdef const float *xs[4]
     cdef float *outs[4]
     cdef float xn[4]

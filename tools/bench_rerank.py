@@ -231,8 +231,9 @@ def bench_lancedb(args, xt, xb, xq, gt, work):
     return table, head + f"; RssAnon of the searching process +{rss_anon_mb() - rss0:.0f} MB " \
         f"over the search ({nq} queries per point); of a fresh one searching it " \
         f"{m['rss_search']:.0f} MB ({m['rss_start']:.0f} before importing lancedb, " \
-        f"+{m['rss_import'] - m['rss_start']:.0f} importing it, +{m['rss_open'] - m['rss_import']:.0f} " \
-        f"opening the table, +{m['rss_search'] - m['rss_open']:.0f} searching)"
+        f"+{m['rss_import'] - m['rss_start']:.0f} importing it, " \
+        f"+{m['rss_open'] - m['rss_import']:.0f} opening the table, " \
+        f"+{m['rss_search'] - m['rss_open']:.0f} searching)"
 
 
 DISKANN_VENV = os.path.join(os.path.expanduser("~"), ".cache", "cypq-bench", "diskann-venv")
