@@ -302,7 +302,8 @@ static void cypq_l2sqr_ny_norm_x4(const float *const *x, const float *xnorm, con
  * vector, so a row's m tables are made in one pass, where cypq_l2sqr_ny_norm_x4 is one call
  * per subquantizer and four rows (at 16 codewords its calls cost more than their sums). With
  * ``offset`` (n,): no |x|^2 (inner products), and offset[r] added to row r's first table.
- * Each entry's sum in cypq_l2sqr_ny_norm_x4's order. */
+ * Each entry's sum in cypq_l2sqr_ny_norm_x4's order; |x_rs|^2 is made here, in the clone's
+ * arithmetic (FMA where it has it), so its last bit may differ from the generic path's. */
 CYPQ_INLINE void cypq_tables16_body(const float *P, int64_t n, int m, const int d,
                                     const float *CTm2, const float *cnorm, const float *offset,
                                     float *out) {
