@@ -4,7 +4,7 @@ from libc.math cimport INFINITY
 from libc.string cimport memcpy
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 
-from topk cimport TopK, topk_push, topk_takes
+from topk cimport TopK, topk_offer
 from fastscan cimport cypq_adc4_cell, cypq_adc4_cells
 from simd cimport cypq_adc_u8, cypq_adc_u16, cypq_adc_u32
 from types cimport code_t
@@ -44,8 +44,7 @@ cdef inline void pending_flush(Pending *p, TopK *top) noexcept nogil:
         d = p.d[j]
         if d <= top.td:
             memcpy(&idv, p.idp[j], 8)
-            if d < top.td or topk_takes(top, d, idv):
-                topk_push(top, d, idv, p.w[j])
+            topk_offer(top, d, idv, p.w[j])
     p.n = 0
 
 
@@ -167,7 +166,6 @@ cdef inline int64_t scan_topk(const float *T0, const float *T1, int M, int Ks, b
                     pend.n += 1
                     continue
                 idv = load_id(ids, i) if ids != NULL else id_offset + i
-                if d < top.td or topk_takes(top, d, idv):   # the id only decides ties
-                    topk_push(top, d, idv, vecs + <uintptr_t> (i * vec_bytes) if vecs else 0)
+                topk_offer(top, d, idv, vecs + <uintptr_t> (i * vec_bytes) if vecs else 0)
         b0 += nb
     return n if filt == NULL else passed

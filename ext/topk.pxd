@@ -180,6 +180,12 @@ cdef inline void topk_push(TopK *t, float d, int64_t idx, uintptr_t w) noexcept 
         t.ti = t.i[t.k - 1]
 
 
+cdef inline void topk_offer(TopK *t, float d, int64_t idx, uintptr_t w) noexcept nogil:
+    """Append (d, idx) carrying w if it ranks before the k-th best (the id only decides ties)."""
+    if d < t.td or topk_takes(t, d, idx):
+        topk_push(t, d, idx, w)
+
+
 cdef inline void _sort(TopK *t, int64_t lo, int64_t hi) noexcept nogil:
     """Sort [lo, hi) in rank order: quicksort down to runs of 16, then insertion sort."""
     cdef int64_t stack[128]
