@@ -413,3 +413,27 @@ def test_distinct_cells_and_frame_rows():
         _search.frame_rows(flat, n_cells + 1, V, 0, np.empty(len(flat), np.int32),
                            np.empty(len(flat), np.int64), np.empty(10, np.int64),
                            np.empty(len(flat), np.int32))
+
+
+def test_bench_fastscan_phases_runs(setup):
+    """tools/bench_fastscan's breakdown of a search's time swaps the kernel module for timed
+    wrappers: every kernel the search calls must still be reachable through them (a kernel
+    added to the search once broke it), and the search's results must not change."""
+    import sys
+    tools = str(Path(__file__).resolve().parent.parent / "tools")
+    pytest.importorskip("faiss")
+    sys.path.insert(0, tools)
+    try:
+        from bench_fastscan import phases
+    finally:
+        sys.path.remove(tools)
+    model, X, Q = setup
+    index = Index.in_memory(model)
+    index.add(X, np.arange(len(X)))
+    D, I = index.search(Q, k=100, quota=300)
+    line = phases(index, Q, 300)
+    for part in ("cell order", "local frames", "tables + scan", "the rest"):
+        assert part in line
+    D2, I2 = index.search(Q, k=100, quota=300)       # the kernels are back in place
+    np.testing.assert_array_equal(I, I2)
+    assert cypq.search._search.__name__ == "cypq._search"

@@ -44,10 +44,13 @@ def phases(index, xq, quota) -> str:
         return g
     saved = (search_mod._search, search_mod._local_frames)
 
-    class Kernels:   # the module's kernels, two of them timed
-        cell_order = timed("cell order", saved[0].cell_order)
-        scan_cells = timed("tables + scan", saved[0].scan_cells)
-    search_mod._search = Kernels
+    class Kernels:   # the module's kernels, two of them timed, the others as they are
+        cell_order = staticmethod(timed("cell order", saved[0].cell_order))
+        scan_cells = staticmethod(timed("tables + scan", saved[0].scan_cells))
+
+        def __getattr__(self, name):
+            return getattr(saved[0], name)
+    search_mod._search = Kernels()
     search_mod._local_frames = timed("local frames", saved[1])
     try:
         t = time.perf_counter()
