@@ -5,7 +5,7 @@ from cython.parallel cimport parallel, prange
 from libc.math cimport INFINITY, NAN
 from libc.stdint cimport int64_t, uintptr_t
 
-from topk cimport TopK, topk_alloc, topk_finish, topk_free, topk_push, topk_reset, topk_takes
+from topk cimport TopK, topk_alloc, topk_finish, topk_free, topk_offer, topk_reset
 
 cdef extern from "rerank.h" nogil:
     float cypq_score(const float *q, const void *x, int64_t d, int vtype, int kind,
@@ -120,8 +120,7 @@ def cell_rows_topk(const float[:, ::1] Q, const float[:, ::1] X, const int64_t[:
                 c = lists[q, t]
                 for r in range(start[c], start[c + 1]):
                     s = cypq_score(&Q[q, 0], &X[r, 0], d, 2, kind, NULL)
-                    if topk_takes(top, s, ids[r]):
-                        topk_push(top, s, ids[r], 0)
+                    topk_offer(top, s, ids[r], 0)
                 scored = scored + start[c + 1] - start[c]
             topk_finish(top, &D[q, 0], &I[q, 0], NULL)
             n_scored[q] = scored

@@ -20,17 +20,13 @@ from topk cimport TopK, topk_alloc, topk_finish, topk_free, topk_reset
 from nearest cimport Codebooks, codebooks_free, codebooks_init
 from fastscan cimport (cypq_adc4_cell, cypq_adc4_plan, cypq_adc4_plan_init, cypq_fastscan_limit,
                       cypq_quantize4)
-from scan cimport (PEND_FLUSH, SCAN_BLOCK, Filter, Pending, load_id, pass_flags,
-                  pending_flush, scan_topk)
+from scan cimport (PEND_FLUSH, SCAN_BLOCK, Filter, Pending, cypq_prefetch, load_id,
+                  pass_flags, pending_flush, scan_topk)
 from simd cimport (cypq_ip_ny, cypq_l2sqr_ny, cypq_l2sqr_ny_norm, cypq_l2sqr_ny_norm_x4,
                   cypq_tables16)
 
 
 cdef extern from *:
-    """
-    #define cypq_prefetch(p) __builtin_prefetch(p)
-    """
-    void cypq_prefetch(const void *p) noexcept nogil
     int __builtin_ctzll(unsigned long long x) noexcept nogil
     int __builtin_popcountll(unsigned long long x) noexcept nogil
 

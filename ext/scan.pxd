@@ -18,9 +18,9 @@ cdef enum:
 
 cdef extern from *:
     """
-    #define cypq_prefetch_id(p) __builtin_prefetch(p)
+    #define cypq_prefetch(p) __builtin_prefetch(p)
     """
-    void cypq_prefetch_id(const void *p) noexcept nogil
+    void cypq_prefetch(const void *p) noexcept nogil   # (the scans' one prefetch)
 
 
 cdef struct Pending:
@@ -135,6 +135,7 @@ cdef inline int64_t scan_topk(const float *T0, const float *T1, int M, int Ks, b
     candidates wait there for their ids (see Pending); the caller flushes it.
     """
     cdef int64_t b0 = 0, j, nb, cnt, i, passed = 0, ok
+    cdef uintptr_t wv
     cdef int64_t stride = M // 2 if packed else M     # code values per code
     cdef float d
     while b0 < n:
@@ -154,18 +155,19 @@ cdef inline int64_t scan_topk(const float *T0, const float *T1, int M, int Ks, b
             d = buf[j]
             if d <= top.td and (filt == NULL or flags[ibuf[j]]):
                 i = b0 + ibuf[j]
+                wv = vecs + <uintptr_t> (i * vec_bytes) if vecs else 0
                 if pend != NULL and ids != NULL:
                     if pend.n == PEND_CAP:
                         pending_flush(pend, top)
                         if d > top.td:
                             continue
                     pend.idp[pend.n] = <const char *> ids + i * 8
-                    cypq_prefetch_id(pend.idp[pend.n])
+                    cypq_prefetch(pend.idp[pend.n])
                     pend.d[pend.n] = d
-                    pend.w[pend.n] = vecs + <uintptr_t> (i * vec_bytes) if vecs else 0
+                    pend.w[pend.n] = wv
                     pend.n += 1
                     continue
                 idv = load_id(ids, i) if ids != NULL else id_offset + i
-                topk_offer(top, d, idv, vecs + <uintptr_t> (i * vec_bytes) if vecs else 0)
+                topk_offer(top, d, idv, wv)
         b0 += nb
     return n if filt == NULL else passed
