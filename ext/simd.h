@@ -22,8 +22,8 @@
 #define CYPQ_CLONES
 #endif
 
-/* Loops whose best blocking differs between AVX-512 (32 registers of 64 bytes) and AVX2 (16
- * of 32) have a second version for x86-64-v4, picked at run time by cypq_wide(). */
+/* Loops over vectors are built per vector width (simd_lanes.h), the AVX-512 one picked at run
+ * time by cypq_wide(). */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(CYPQ_NO_CLONES)
 #define CYPQ_WIDE 1
 static inline int cypq_wide(void) {
@@ -38,144 +38,6 @@ static inline int cypq_wide(void) {
 /* Helpers that take or return vectors must be inlined into each clone: called across clones,
  * a 64-byte vector argument would be passed under different ABIs (GCC's -Wpsabi warning). */
 #define CYPQ_INLINE static inline __attribute__((always_inline))
-
-#define CYPQ_VW 16
-typedef float cypq_vf __attribute__((vector_size(64)));
-typedef int32_t cypq_vi __attribute__((vector_size(64)));
-
-CYPQ_INLINE cypq_vf cypq_vload(const float *p) {
-    cypq_vf v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-/* Reduce per-lane (best value, best index) to the overall minimum, ties to the lowest index:
- * a tree of lane swaps (4 steps) instead of a scalar loop over 16 lanes. */
-CYPQ_INLINE int32_t cypq_reduce_best(cypq_vf bv, cypq_vi bi, float *best) {
-    cypq_vi lane;
-    for (int l = 0; l < CYPQ_VW; l++) lane[l] = l;
-    cypq_vf m = bv;
-    for (int s = CYPQ_VW / 2; s >= 1; s /= 2) {
-        cypq_vf t = __builtin_shuffle(m, lane ^ s);
-        cypq_vi lt = t < m;
-        m = (cypq_vf)(((cypq_vi)t & lt) | ((cypq_vi)m & ~lt));
-    }
-    /* Among the lanes holding the minimum, the smallest index (-1 lanes never hold it unless
-     * every lane is empty, and then -1 is the right answer). */
-    cypq_vi sel = bv == m;
-    cypq_vi c = (bi & sel) | (((cypq_vi){0} + INT32_MAX) & ~sel);
-    for (int s = CYPQ_VW / 2; s >= 1; s /= 2) {
-        cypq_vi t = __builtin_shuffle(c, lane ^ s);
-        cypq_vi lt = t < c;
-        c = (t & lt) | (c & ~lt);
-    }
-    *best = m[0];
-    return c[0];
-}
-
-/* Per-lane running minimum of a block of 16 values and its index. */
-#define CYPQ_TRACK(ACC, BV, BI, IDS)                                                       \
-    do {                                                                                    \
-        cypq_vi m_ = (ACC) < (BV);                                                          \
-        BV = (cypq_vf)((((cypq_vi)(ACC)) & m_) | (((cypq_vi)(BV)) & ~m_));                  \
-        BI = ((IDS) & m_) | ((BI) & ~m_);                                                   \
-    } while (0)
-
-/*
- * Nearest codeword of 4 vectors at once (x0..x3, d dims each) by the expansion
- * ||x - c||^2 = ||x||^2 + ||c||^2 - 2 <x, c>: one FMA per codeword and dimension, with
- * CTm2 = -2 * CT (transposed, d x K) and cnorm[k] = ||c_k||^2 precomputed. faiss encodes with
- * the same expansion once its centroids are transposed. One pass over the codebook serves four
- * independent accumulation chains, hiding FMA latency and quartering codebook loads.
- * idx[p] gets the index (first on ties); best[p] gets ||c||^2 - 2 <x_p, c> (add ||x_p||^2).
- */
-CYPQ_INLINE void cypq_nearest_x4_body(
-    const float *x0, const float *x1, const float *x2, const float *x3, const float *CTm2,
-    const float *cnorm, const int d, int K, int32_t *idx, float *best) {
-    const float *xs[4] = {x0, x1, x2, x3};
-    cypq_vf bv[4];
-    cypq_vi bi[4], lane;
-    for (int l = 0; l < CYPQ_VW; l++) lane[l] = l;
-    for (int p = 0; p < 4; p++)
-        for (int l = 0; l < CYPQ_VW; l++) {
-            bv[p][l] = FLT_MAX;
-            bi[p][l] = -1;
-        }
-    int k0 = 0;
-    for (; k0 + CYPQ_VW <= K; k0 += CYPQ_VW) {
-        cypq_vf a0 = cypq_vload(cnorm + k0), a1 = a0, a2 = a0, a3 = a0;
-        for (int j = 0; j < d; j++) {
-            cypq_vf c = cypq_vload(CTm2 + (int64_t)j * K + k0);
-            a0 += x0[j] * c;
-            a1 += x1[j] * c;
-            a2 += x2[j] * c;
-            a3 += x3[j] * c;
-        }
-        cypq_vi ids = lane + k0;
-        CYPQ_TRACK(a0, bv[0], bi[0], ids);
-        CYPQ_TRACK(a1, bv[1], bi[1], ids);
-        CYPQ_TRACK(a2, bv[2], bi[2], ids);
-        CYPQ_TRACK(a3, bv[3], bi[3], ids);
-    }
-    for (int p = 0; p < 4; p++) {
-        float b;
-        int32_t id = cypq_reduce_best(bv[p], bi[p], &b);
-        for (int k = k0; k < K; k++) {
-            float acc = cnorm[k];
-            for (int j = 0; j < d; j++) acc += xs[p][j] * CTm2[(int64_t)j * K + k];
-            if (acc < b || id < 0) {
-                b = acc;
-                id = k;
-            }
-        }
-        idx[p] = id;
-        best[p] = b;
-    }
-}
-
-/* The common sub-dimensions get their own copy with d fixed, so the loop over d unrolls. */
-CYPQ_CLONES
-static void cypq_nearest_x4(const float *x0, const float *x1, const float *x2, const float *x3,
-                            const float *CTm2, const float *cnorm, int d, int K, int32_t *idx,
-                            float *best) {
-    switch (d) {
-        case 4: cypq_nearest_x4_body(x0, x1, x2, x3, CTm2, cnorm, 4, K, idx, best); break;
-        case 8: cypq_nearest_x4_body(x0, x1, x2, x3, CTm2, cnorm, 8, K, idx, best); break;
-        case 16: cypq_nearest_x4_body(x0, x1, x2, x3, CTm2, cnorm, 16, K, idx, best); break;
-        default: cypq_nearest_x4_body(x0, x1, x2, x3, CTm2, cnorm, d, K, idx, best);
-    }
-}
-
-/*
- * argmin over k of cnorm[k] + g[k], where g = -2 <x, c_k> comes from sgemm. Returns the index;
- * *best gets cnorm[k] + g[k] (add ||x||^2 for the squared distance).
- */
-CYPQ_CLONES
-static int32_t cypq_argmin_shifted(const float *g, const float *cnorm, int K, float *best) {
-    cypq_vf bv;
-    cypq_vi bi, lane;
-    for (int l = 0; l < CYPQ_VW; l++) {
-        bv[l] = FLT_MAX;
-        bi[l] = -1;
-        lane[l] = l;
-    }
-    int k0 = 0;
-    for (; k0 + CYPQ_VW <= K; k0 += CYPQ_VW) {
-        cypq_vf v = cypq_vload(g + k0) + cypq_vload(cnorm + k0);
-        CYPQ_TRACK(v, bv, bi, lane + k0);
-    }
-    float b;
-    int32_t idx = cypq_reduce_best(bv, bi, &b);
-    for (int k = k0; k < K; k++) {
-        float v = g[k] + cnorm[k];
-        if (v < b || idx < 0) {
-            b = v;
-            idx = k;
-        }
-    }
-    *best = b;
-    return idx;
-}
 
 /* out[k] = sum_j (x[j] - CT[j, k])^2 for all K codewords. */
 CYPQ_CLONES
@@ -204,232 +66,67 @@ static void cypq_l2sqr_ny_norm(const float *x, float xnorm, const float *CTm2,
     }
 }
 
-/* Four rows of cypq_l2sqr_ny_norm at once: out_p[k] = xnorm[p] + cnorm[k] + <x_p, CTm2[:, k]>.
- * One pass over the codebook serves four accumulation chains (as cypq_nearest_x4): the LOPQ
- * search makes a query's tables for many centroids against the same fine codebooks. With
- * `pairs`, two column blocks at a time first: eight chains, which AVX-512 needs to keep both
- * FMA units busy (a 64-byte vector is one register there, two under AVX2, where four blocks'
- * chains already suffice and eight would not fit the registers). Every out_p[k] is the same
- * sum in the same order either way. */
-CYPQ_INLINE void cypq_l2sqr_ny_norm_x4_body(const float *const *x, const float *xnorm,
-                                            const float *CTm2, const float *cnorm, const int d,
-                                            int K, float *const *out, const int pairs) {
-    int k0 = 0;
-    for (; pairs && k0 + 2 * CYPQ_VW <= K; k0 += 2 * CYPQ_VW) {
-        cypq_vf c0 = cypq_vload(cnorm + k0), c1 = cypq_vload(cnorm + k0 + CYPQ_VW);
-        cypq_vf a0 = c0 + xnorm[0], a1 = c0 + xnorm[1], a2 = c0 + xnorm[2], a3 = c0 + xnorm[3];
-        cypq_vf b0 = c1 + xnorm[0], b1 = c1 + xnorm[1], b2 = c1 + xnorm[2], b3 = c1 + xnorm[3];
-        for (int j = 0; j < d; j++) {
-            cypq_vf c = cypq_vload(CTm2 + (int64_t)j * K + k0);
-            cypq_vf e = cypq_vload(CTm2 + (int64_t)j * K + k0 + CYPQ_VW);
-            const float x0 = x[0][j], x1 = x[1][j], x2 = x[2][j], x3 = x[3][j];
-            a0 += x0 * c; a1 += x1 * c; a2 += x2 * c; a3 += x3 * c;
-            b0 += x0 * e; b1 += x1 * e; b2 += x2 * e; b3 += x3 * e;
-        }
-        memcpy(out[0] + k0, &a0, sizeof a0);
-        memcpy(out[1] + k0, &a1, sizeof a1);
-        memcpy(out[2] + k0, &a2, sizeof a2);
-        memcpy(out[3] + k0, &a3, sizeof a3);
-        memcpy(out[0] + k0 + CYPQ_VW, &b0, sizeof b0);
-        memcpy(out[1] + k0 + CYPQ_VW, &b1, sizeof b1);
-        memcpy(out[2] + k0 + CYPQ_VW, &b2, sizeof b2);
-        memcpy(out[3] + k0 + CYPQ_VW, &b3, sizeof b3);
-    }
-    for (; k0 + CYPQ_VW <= K; k0 += CYPQ_VW) {
-        cypq_vf c0 = cypq_vload(cnorm + k0);
-        cypq_vf a0 = c0 + xnorm[0], a1 = c0 + xnorm[1], a2 = c0 + xnorm[2], a3 = c0 + xnorm[3];
-        for (int j = 0; j < d; j++) {
-            cypq_vf c = cypq_vload(CTm2 + (int64_t)j * K + k0);
-            a0 += x[0][j] * c;
-            a1 += x[1][j] * c;
-            a2 += x[2][j] * c;
-            a3 += x[3][j] * c;
-        }
-        memcpy(out[0] + k0, &a0, sizeof a0);
-        memcpy(out[1] + k0, &a1, sizeof a1);
-        memcpy(out[2] + k0, &a2, sizeof a2);
-        memcpy(out[3] + k0, &a3, sizeof a3);
-    }
-    for (int p = 0; p < 4; p++)
-        for (int k = k0; k < K; k++) {
-            float acc = xnorm[p] + cnorm[k];
-            for (int j = 0; j < d; j++) acc += x[p][j] * CTm2[(int64_t)j * K + k];
-            out[p][k] = acc;
-        }
-}
 
-/* The body with the subspace widths of common models unrolled. */
-#define CYPQ_NORM_X4_SWITCH(PAIRS)                                                          \
-    switch (d) {                                                                            \
-        case 4: cypq_l2sqr_ny_norm_x4_body(x, xnorm, CTm2, cnorm, 4, K, out, PAIRS); break;   \
-        case 8: cypq_l2sqr_ny_norm_x4_body(x, xnorm, CTm2, cnorm, 8, K, out, PAIRS); break;   \
-        case 12: cypq_l2sqr_ny_norm_x4_body(x, xnorm, CTm2, cnorm, 12, K, out, PAIRS); break; \
-        case 16: cypq_l2sqr_ny_norm_x4_body(x, xnorm, CTm2, cnorm, 16, K, out, PAIRS); break; \
-        case 24: cypq_l2sqr_ny_norm_x4_body(x, xnorm, CTm2, cnorm, 24, K, out, PAIRS); break; \
-        default: cypq_l2sqr_ny_norm_x4_body(x, xnorm, CTm2, cnorm, d, K, out, PAIRS);         \
-    }
-
-CYPQ_CLONES
-static void cypq_l2sqr_ny_norm_x4_any(const float *const *x, const float *xnorm,
-                                      const float *CTm2, const float *cnorm, int d, int K,
-                                      float *const *out) {
-    CYPQ_NORM_X4_SWITCH(0)
-}
+/*
+ * The loops over vectors of codewords or columns (simd_lanes.h), once per vector width:
+ * 64-byte vectors for AVX-512, 32-byte for AVX2 and the baseline. GCC splits a 64-byte vector
+ * into two AVX2 registers, and with these loops' eight to sixteen accumulators it spilled them
+ * to the stack: on an AMD EPYC (Zen 3, AVX2) the 64-byte build of the local projection ran at
+ * 1.8 GFLOP/s, the 32-byte one at 64.
+ */
+#define CYPQ_L(name) name##_w8
+#define CYPQ_VW 8
+#define CYPQ_REGS 16
+#if CYPQ_WIDE
+#define CYPQ_LANES_TARGET __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define CYPQ_LANES_TARGET
+#endif
+#include "simd_lanes.h"
+#undef CYPQ_L
+#undef CYPQ_VW
+#undef CYPQ_REGS
+#undef CYPQ_LANES_TARGET
 
 #if CYPQ_WIDE
-__attribute__((target("arch=x86-64-v4")))
-static void cypq_l2sqr_ny_norm_x4_v4(const float *const *x, const float *xnorm,
-                                     const float *CTm2, const float *cnorm, int d, int K,
-                                     float *const *out) {
-    CYPQ_NORM_X4_SWITCH(1)
-}
+#define CYPQ_L(name) name##_w16
+#define CYPQ_VW 16
+#define CYPQ_REGS 32
+#define CYPQ_LANES_TARGET __attribute__((target("arch=x86-64-v4")))
+#include "simd_lanes.h"
+#undef CYPQ_L
+#undef CYPQ_VW
+#undef CYPQ_REGS
+#undef CYPQ_LANES_TARGET
+#define CYPQ_BY_WIDTH(name, ...) \
+    (cypq_wide() ? name##_w16(__VA_ARGS__) : name##_w8(__VA_ARGS__))
+#else
+#define CYPQ_BY_WIDTH(name, ...) name##_w8(__VA_ARGS__)
 #endif
+
+/* Nearest codeword of 4 vectors at once (see simd_lanes.h). */
+static void cypq_nearest_x4(const float *x0, const float *x1, const float *x2, const float *x3,
+                            const float *CTm2, const float *cnorm, int d, int K, int32_t *idx,
+                            float *best) {
+    CYPQ_BY_WIDTH(cypq_nearest_x4, x0, x1, x2, x3, CTm2, cnorm, d, K, idx, best);
+}
+
+static int32_t cypq_argmin_shifted(const float *g, const float *cnorm, int K, float *best) {
+    return CYPQ_BY_WIDTH(cypq_argmin_shifted, g, cnorm, K, best);
+}
 
 static void cypq_l2sqr_ny_norm_x4(const float *const *x, const float *xnorm, const float *CTm2,
                                   const float *cnorm, int d, int K, float *const *out) {
-#if CYPQ_WIDE
-    if (cypq_wide()) {
-        cypq_l2sqr_ny_norm_x4_v4(x, xnorm, CTm2, cnorm, d, K, out);
-        return;
-    }
-#endif
-    cypq_l2sqr_ny_norm_x4_any(x, xnorm, CTm2, cnorm, d, K, out);
+    CYPQ_BY_WIDTH(cypq_l2sqr_ny_norm_x4, x, xnorm, CTm2, cnorm, d, K, out);
 }
 
-/* Tables of 16 codewords (4-bit codes), out (n, m, 16): out[r, s, k] = |x_rs|^2 + cnorm[s, k]
- * + <x_rs, CTm2[s][:, k]> for the n rows x_r of P (n, m * d), x_rs their d dimensions of
- * subquantizer s, CTm2 m blocks of -2 C^T (d, 16), cnorm (m, 16): a table is one 64-byte
- * vector, so a row's m tables are made in one pass, where cypq_l2sqr_ny_norm_x4 is one call
- * per subquantizer and four rows (at 16 codewords its calls cost more than their sums). With
- * ``offset`` (n,): no |x|^2 (inner products), and offset[r] added to row r's first table.
- * Each entry's sum in cypq_l2sqr_ny_norm_x4's order; |x_rs|^2 is made here, in the clone's
- * arithmetic (FMA where it has it), so its last bit may differ from the generic path's. */
-CYPQ_INLINE void cypq_tables16_body(const float *P, int64_t n, int m, const int d,
-                                    const float *CTm2, const float *cnorm, const float *offset,
-                                    float *out) {
-    for (int64_t r = 0; r < n; r++) {
-        const float *x = P + r * (int64_t)m * d;
-        for (int s = 0; s < m; s++) {
-            const float *xs = x + s * d, *C = CTm2 + (int64_t)s * d * 16;
-            float xn = 0.f;
-            if (offset == NULL)
-                for (int a = 0; a < d; a++) xn += xs[a] * xs[a];
-            cypq_vf acc = cypq_vload(cnorm + s * 16) + xn;
-            for (int j = 0; j < d; j++) acc += xs[j] * cypq_vload(C + j * 16);
-            if (offset != NULL && s == 0) acc += offset[r];
-            memcpy(out + (r * m + s) * 16, &acc, sizeof acc);
-        }
-    }
-}
-
-/* (d a constant for the common subspace widths: the loops unroll, and the subquantizers'
- * chains, independent, overlap) */
-CYPQ_CLONES
 static void cypq_tables16(const float *P, int64_t n, int m, int d, const float *CTm2,
                           const float *cnorm, const float *offset, float *out) {
-    switch (d) {
-        case 2: cypq_tables16_body(P, n, m, 2, CTm2, cnorm, offset, out); break;
-        case 4: cypq_tables16_body(P, n, m, 4, CTm2, cnorm, offset, out); break;
-        case 8: cypq_tables16_body(P, n, m, 8, CTm2, cnorm, offset, out); break;
-        case 16: cypq_tables16_body(P, n, m, 16, CTm2, cnorm, offset, out); break;
-        default: cypq_tables16_body(P, n, m, d, CTm2, cnorm, offset, out);
-    }
+    CYPQ_BY_WIDTH(cypq_tables16, P, n, m, d, CTm2, cnorm, offset, out);
 }
-
-/*
- * Y[i] = A @ Z[i] for the n rows of Z (n x d), A (d x d) given as AT (its transpose,
- * row-major): each row is a sum of AT's rows weighted by its entries, in order. Four rows share
- * each pass over AT (LOPQ projects every row of a coarse cluster by that cluster's rotation).
- * A row's arithmetic is the same whichever rows it is batched with, so a vector's projection
- * does not depend on the batch it came in (BLAS would change blocking with n).
- */
-CYPQ_INLINE void cypq_matvec_t_block(const float *AT, const float *const *z, float *const *y,
-                                     const int rows, const int d, const int quads) {
-    int a0 = 0;
-    /* With `quads`, four column blocks at once: sixteen chains, for AVX-512's 32 registers
-     * (under AVX2 a 64-byte vector takes two, and two blocks' eight chains already fill them). */
-    for (; quads && a0 + 4 * CYPQ_VW <= d; a0 += 4 * CYPQ_VW) {
-        cypq_vf s[4][4] = {{{0}}};
-        for (int b = 0; b < d; b++) {
-            const float *row = AT + (int64_t)b * d + a0;
-            cypq_vf r0 = cypq_vload(row), r1 = cypq_vload(row + CYPQ_VW);
-            cypq_vf r2 = cypq_vload(row + 2 * CYPQ_VW), r3 = cypq_vload(row + 3 * CYPQ_VW);
-            for (int p = 0; p < rows; p++) {
-                const float zb = z[p][b];
-                s[p][0] += zb * r0;
-                s[p][1] += zb * r1;
-                s[p][2] += zb * r2;
-                s[p][3] += zb * r3;
-            }
-        }
-        for (int p = 0; p < rows; p++)
-            for (int c = 0; c < 4; c++) memcpy(y[p] + a0 + c * CYPQ_VW, &s[p][c], sizeof s[p][c]);
-    }
-    /* Two column blocks at once: eight independent FMA chains keep both FMA units busy. */
-    for (; a0 + 2 * CYPQ_VW <= d; a0 += 2 * CYPQ_VW) {
-        cypq_vf s[4] = {{0}, {0}, {0}, {0}}, t[4] = {{0}, {0}, {0}, {0}};
-        for (int b = 0; b < d; b++) {
-            cypq_vf r = cypq_vload(AT + (int64_t)b * d + a0);
-            cypq_vf u = cypq_vload(AT + (int64_t)b * d + a0 + CYPQ_VW);
-            for (int p = 0; p < rows; p++) {
-                s[p] += z[p][b] * r;
-                t[p] += z[p][b] * u;
-            }
-        }
-        for (int p = 0; p < rows; p++) {
-            memcpy(y[p] + a0, &s[p], sizeof s[p]);
-            memcpy(y[p] + a0 + CYPQ_VW, &t[p], sizeof t[p]);
-        }
-    }
-    for (; a0 + CYPQ_VW <= d; a0 += CYPQ_VW) {
-        cypq_vf s[4] = {{0}, {0}, {0}, {0}};
-        for (int b = 0; b < d; b++) {
-            cypq_vf r = cypq_vload(AT + (int64_t)b * d + a0);
-            for (int p = 0; p < rows; p++) s[p] += z[p][b] * r;
-        }
-        for (int p = 0; p < rows; p++) memcpy(y[p] + a0, &s[p], sizeof s[p]);
-    }
-    for (int p = 0; p < rows; p++)
-        for (int a = a0; a < d; a++) {
-            float acc = 0.f;
-            for (int b = 0; b < d; b++) acc += z[p][b] * AT[(int64_t)b * d + a];
-            y[p][a] = acc;
-        }
-}
-
-#define CYPQ_MATMUL_T_BODY(QUADS)                                                           \
-    int64_t i = 0;                                                                          \
-    for (; i + 4 <= n; i += 4) {                                                            \
-        const float *z[4] = {Z + i * d, Z + (i + 1) * d, Z + (i + 2) * d, Z + (i + 3) * d}; \
-        float *y[4] = {Y + i * d, Y + (i + 1) * d, Y + (i + 2) * d, Y + (i + 3) * d};       \
-        cypq_matvec_t_block(AT, z, y, 4, d, QUADS);                                         \
-    }                                                                                       \
-    for (; i < n; i++) {                                                                    \
-        const float *z[1] = {Z + i * d};                                                    \
-        float *y[1] = {Y + i * d};                                                          \
-        cypq_matvec_t_block(AT, z, y, 1, d, QUADS);                                         \
-    }
-
-CYPQ_CLONES
-static void cypq_matmul_t_any(const float *AT, const float *Z, int64_t n, int d, float *Y) {
-    CYPQ_MATMUL_T_BODY(0)
-}
-
-#if CYPQ_WIDE
-__attribute__((target("arch=x86-64-v4")))
-static void cypq_matmul_t_v4(const float *AT, const float *Z, int64_t n, int d, float *Y) {
-    CYPQ_MATMUL_T_BODY(1)
-}
-#endif
 
 static void cypq_matmul_t(const float *AT, const float *Z, int64_t n, int d, float *Y) {
-#if CYPQ_WIDE
-    if (cypq_wide()) {
-        cypq_matmul_t_v4(AT, Z, n, d, Y);
-        return;
-    }
-#endif
-    cypq_matmul_t_any(AT, Z, n, d, Y);
+    CYPQ_BY_WIDTH(cypq_matmul_t, AT, Z, n, d, Y);
 }
 
 /* AT = A^T of a d x d matrix (row-major): 8 x 8 tiles transposed in registers (three rounds of
@@ -523,10 +220,10 @@ static void cypq_ip_ny(const float *x, const float *CT, int d, int K, float *out
         return cnt;                                                                         \
     }
 
-/* uint8 codes with Ks = 256 and M = 8, 16, 24 or 32 (the common shapes; packed 4-bit codes
- * of 8 to 32 bytes are scanned through pair tables in this shape too): with M and Ks known at compile
- * time every table offset folds into the load's address, one load per lookup; two codes per
- * step, one add chain per half each, keep four short chains in flight. */
+/* uint8 codes with Ks = 256 and M = 8, 16, 24, 32, 48 or 64 (the common shapes; packed 4-bit
+ * codes of 8 to 32 bytes are scanned through pair tables in this shape too): with M and Ks
+ * known at compile time every table offset folds into the load's address, one load per
+ * lookup; two codes per step, one add chain per half each, keep four short chains in flight. */
 #define CYPQ_ADC_FIXED(NAME, MM)                                                            \
     CYPQ_CLONES                                                                             \
     static int64_t NAME(const float *T0, const float *T1, const uint8_t *codes, int64_t n,  \
@@ -571,6 +268,8 @@ CYPQ_ADC_FIXED(cypq_adc_u8_m8k256, 8)
 CYPQ_ADC_FIXED(cypq_adc_u8_m16k256, 16)
 CYPQ_ADC_FIXED(cypq_adc_u8_m24k256, 24)
 CYPQ_ADC_FIXED(cypq_adc_u8_m32k256, 32)
+CYPQ_ADC_FIXED(cypq_adc_u8_m48k256, 48)
+CYPQ_ADC_FIXED(cypq_adc_u8_m64k256, 64)
 CYPQ_ADC(cypq_adc_u8_any, uint8_t)
 CYPQ_ADC(cypq_adc_u16, uint16_t)
 CYPQ_ADC(cypq_adc_u32, uint32_t)
@@ -582,6 +281,8 @@ static inline int64_t cypq_adc_u8(const float *T0, const float *T1, int M, int K
     if (Ks == 256 && M == 8) return cypq_adc_u8_m8k256(T0, T1, codes, n, thresh, out, idx);
     if (Ks == 256 && M == 24) return cypq_adc_u8_m24k256(T0, T1, codes, n, thresh, out, idx);
     if (Ks == 256 && M == 32) return cypq_adc_u8_m32k256(T0, T1, codes, n, thresh, out, idx);
+    if (Ks == 256 && M == 48) return cypq_adc_u8_m48k256(T0, T1, codes, n, thresh, out, idx);
+    if (Ks == 256 && M == 64) return cypq_adc_u8_m64k256(T0, T1, codes, n, thresh, out, idx);
     return cypq_adc_u8_any(T0, T1, M, Ks, codes, n, thresh, out, idx);
 }
 
