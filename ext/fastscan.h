@@ -84,7 +84,7 @@ enum { CYPQ_ADC4_PORTABLE = 0, CYPQ_ADC4_AVX2 = 1, CYPQ_ADC4_VBMI = 2 };
 typedef struct {
     int W;                   /* bytes per code */
     int path;                /* CYPQ_ADC4_*: VBMI where the CPU has it, M % 8 == 0 and
-                                M <= 64; else AVX2 where it has that and M <= 64 */
+                                M <= 64; else AVX2 where it has that and M <= 128 */
     uint8_t dup[64];         /* lane -> byte of the loaded codes holding its nibble */
     uint8_t off[64];         /* lane -> 16 * its subquantizer's place in its group of 8 */
     uint64_t group[8];       /* lanes of each group of 8 subquantizers (no others) */
@@ -108,6 +108,10 @@ typedef struct {
  * tests compare the paths. */
 static int cypq_fastscan_limit = 0;
 
+/* Widest code (bytes) of the AVX2 path: its 16-bit sums hold 258 subquantizers' bounds; this
+ * sizes its padded block (MANMINILM's 48-byte codes, M = 96, take it). */
+#define CYPQ_ADC4_AVX2_MAX_W 64
+
 /* From this many codes a cell takes the VBMI path's blocks of 16 (cypq_adc4_vbmi16); below,
  * its steps of 1-4 codes (cypq_adc4_vbmi), which cost less than one block's transposes
  * there (a kernel micro-benchmark: equal at 3-4 codes, 1.3-3x at 1-2 for M >= 48). */
@@ -126,7 +130,8 @@ static void cypq_adc4_plan_init(cypq_adc4_plan *p, int W) {
     if (cypq_fastscan_limit == 0 && M % 8 == 0 && M <= 64 && cypq_wide()
         && __builtin_cpu_supports("avx512vbmi"))
         p->path = CYPQ_ADC4_VBMI;
-    else if (cypq_fastscan_limit <= 1 && M <= 64 && __builtin_cpu_supports("avx2")
+    else if (cypq_fastscan_limit <= 1 && M <= 2 * CYPQ_ADC4_AVX2_MAX_W
+             && __builtin_cpu_supports("avx2")
              && __builtin_cpu_supports("fma"))
         p->path = CYPQ_ADC4_AVX2;
 #endif
@@ -449,13 +454,14 @@ CYPQ_AVX2 CYPQ_INLINE uint32_t cypq_pass16(__m256i E, __m256 delta, __m256 base,
     return a | (b << 8);
 }
 
-/* The AVX2 loop for codes of WW bytes (W <= 32): blocks of 32 codes, read in place where 16
- * bytes past each row's chunk stay inside the codes, else from a zero-padded copy. The sums
- * of 16-bit lane e (rows 2e, 2e + 1): acc gathers v[2e] + 256 v[2e + 1] (mod 2^16) and odd
- * v[2e + 1], so the even rows' sums are acc - 256 odd (every sum < 2^16: <= 64 x 254). */
+/* The AVX2 loop for codes of WW bytes (W <= CYPQ_ADC4_AVX2_MAX_W): blocks of 32 codes, read in
+ * place where 16 bytes past each row's chunk stay inside the codes, else from a zero-padded
+ * copy. The sums of 16-bit lane e (rows 2e, 2e + 1): acc gathers v[2e] + 256 v[2e + 1] (mod
+ * 2^16) and odd v[2e + 1], so the even rows' sums are acc - 256 odd (every sum < 2^16: at most
+ * 128 x 254). */
 #define CYPQ_ADC4_AVX2_BODY(WW)                                                             \
     const int W = (WW), H = W / 2, chunks = (W + 15) / 16;                                  \
-    uint8_t pad[32 * 32 + 16];                                                              \
+    uint8_t pad[32 * CYPQ_ADC4_AVX2_MAX_W + 16];                                            \
     const __m256i low = _mm256_set1_epi8(15);                                               \
     const __m256 base = _mm256_set1_ps(cell->base - cell->slack);                           \
     const __m256 delta = _mm256_set1_ps(cell->delta), th = _mm256_set1_ps(thresh);          \

@@ -163,7 +163,7 @@ def scan_path():
 @pytest.mark.parametrize("V", [3, 16])
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 @pytest.mark.parametrize("dim,M", [(32, 16), (48, 24), (64, 32), (96, 48), (128, 64), (48, 12),
-                                   (40, 20), (80, 40), (16, 8)])
+                                   (40, 20), (80, 40), (16, 8), (192, 96), (256, 128)])
 def test_fast_scan_bounds_change_nothing(dim, M, metric, V, n_threads, scan_path):
     """The in-register bounds (uint8 tables, fastscan.h) only skip codes whose exact sum
     cannot enter the top k: the VBMI and the AVX2 paths return the same ids and bit-identical
@@ -171,8 +171,9 @@ def test_fast_scan_bounds_change_nothing(dim, M, metric, V, n_threads, scan_path
     rejected by their bound) and a large one, with cells of hundreds of codes (V=3: several
     of the AVX2 path's 32-code blocks and VBMI's 16-code ones, and their tails) and of a few
     (V=16: ~16 on average, many below VBMI's 5 where it steps 1-4 codes at a time). VBMI,
-    where the CPU has it, is the best for M % 8 == 0; AVX2 for the others. M = 40 takes the
-    loops' generic width (the common widths have their own unrolled copies)."""
+    where the CPU has it, is the best for M % 8 == 0 up to 64; AVX2 for the others up to 128
+    (M = 96: MANMINILM's 48-byte codes). M = 40 and 96 take the loops' generic width (the common
+    widths have their own unrolled copies)."""
     X = clustered(4000, dim, n_clusters=16, seed=dim + M)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
