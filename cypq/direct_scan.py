@@ -7,7 +7,7 @@ centroid they touch, to find few passing entries. Here each passing entry is rec
 cypq.search, keeps them between calls): a query's
 distance to a reconstruction is the quantity ADC sums from tables, since the local
 rotations are orthogonal (equal up to float rounding). Then either every passing entry is
-scored (one matrix product), or, with a quota below their number, the cells are walked in
+scored, or, with a quota below their number, the cells are walked in
 multi-sequence order over the passing entries' counts until they hold ``quota`` of them,
 as the table scan does, and those cells' entries are scored: the same candidates, far
 cheaper per cell.
@@ -19,13 +19,10 @@ import mmap
 import numpy as np
 
 from . import _quantize, _rerank, _search
-from ._threads import blas_threads
 from .storage.base import Segments, row_addresses
 
 _L2, _IP = 0, 1   # rerank.h's score kinds
 
-# Queries scored per matrix product (bounds the (queries, entries) score block).
-_ROWS = 256
 # Array size from which NumPy advises huge pages on Linux (see list_buffer).
 HUGE_FROM = 4 << 20
 
@@ -74,9 +71,20 @@ def top_k(Q: np.ndarray, X: np.ndarray, ids: np.ndarray, k: int, ip: bool, n_thr
           ) -> tuple[np.ndarray, np.ndarray]:
     """The k best of entries X (n, d) with ids (n,) for queries Q (nq, d), as the scan ranks
     them: ascending squared distance (``ip``: minus the inner product), ties by id; inf / -1
-    padding; BLAS on n_threads. Returns D (nq, k) float32, I (nq, k) int64."""
-    with blas_threads(n_threads):
-        return _top_k(Q, X, ids, k, ip)
+    padding. Each score is made on its own in a fixed order (rerank.h, as
+    :func:`walked_top_k` scores its rows), so it does not depend on the other entries: a
+    shard set's shards score their entries as the whole index does (a matrix product's
+    blocking, and so its rounding, changes with the number of entries). Returns D (nq, k)
+    float32, I (nq, k) int64."""
+    nq = len(Q)
+    D = np.empty((nq, k), dtype=np.float32)
+    I = np.empty((nq, k), dtype=np.int64)
+    every = np.zeros((nq, 1), np.int64)   # each query lists the one cell of all entries
+    _rerank.cell_rows_topk(np.ascontiguousarray(Q, dtype=np.float32), X,
+                           np.ascontiguousarray(ids, dtype=np.int64),
+                           np.array([0, len(X)], np.int64), every, np.ones(nq, np.int64),
+                           _IP if ip else _L2, D, I, np.empty(nq, np.int64), n_threads)
+    return D, I
 
 
 def list_shape(n_cells: int, quota: int, w) -> tuple[int, int]:
@@ -134,47 +142,3 @@ def walked_top_k(view, Q: np.ndarray, X: np.ndarray, ids: np.ndarray, grid, k: i
         _rerank.cell_rows_topk(Qb, X, ids, start, lists, listed[a:a + nb], kind,
                                D[a:a + nb], I[a:a + nb], scored[a:a + nb], n_threads)
     return D, I, listed, visited, scored
-
-
-def _best(S: np.ndarray, rid: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k smallest scores of each row of S (nq, r) with their ids rid (nq, r), ascending,
-    ties by id (as the table scan's top-k ranks them, also at the k-th score), inf / -1
-    padding."""
-    nq, r = S.shape
-    kk = min(k, r)
-    D = np.full((nq, k), np.inf, np.float32)
-    I = np.full((nq, k), -1, np.int64)
-    if not kk:
-        return D, I
-    part = np.argpartition(S, kk - 1, axis=1)[:, :kk] if kk < r else \
-        np.broadcast_to(np.arange(r), (nq, r))
-    if kk < r:   # rows where more entries tie with the k-th score: the smallest ids of those
-        kth = np.take_along_axis(S, part, axis=1).max(1)
-        for j in np.flatnonzero((S <= kth[:, None]).sum(1) > kk):
-            c = np.flatnonzero(S[j] <= kth[j])
-            part[j] = c[np.lexsort((rid[j, c], S[j, c]))[:kk]]
-    s, i = np.take_along_axis(S, part, axis=1), np.take_along_axis(rid, part, axis=1)
-    order = np.lexsort((i, s), axis=-1)
-    D[:, :kk], I[:, :kk] = np.take_along_axis(s, order, axis=1), np.take_along_axis(i, order,
-                                                                                   axis=1)
-    return D, I
-
-
-def _top_k(Q, X, ids, k, ip):
-    nq = len(Q)
-    D = np.full((nq, k), np.inf, dtype=np.float32)
-    I = np.full((nq, k), -1, dtype=np.int64)
-    if not len(X):
-        return D, I
-    xn = None if ip else np.einsum("ij,ij->i", X, X)
-    for a in range(0, nq, _ROWS):
-        q = Q[a:a + _ROWS]
-        S = q @ X.T
-        if ip:
-            S = -S
-        else:
-            S *= -2
-            S += xn
-            S += np.einsum("ij,ij->i", q, q)[:, None]
-        D[a:a + len(q)], I[a:a + len(q)] = _best(S, np.broadcast_to(ids, S.shape), k)
-    return D, I

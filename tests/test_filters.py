@@ -95,14 +95,14 @@ def test_filtered_search_equals_reference(setup, kind, name, tmp_path, n_threads
         # tables over the cells; reconstructions of the cells a walk over the passing
         # entries lists (scoring them all made dear: that way whenever the quota is below
         # their number); every passing entry reconstructed (the walk made dear)
-        for plan, dear in (("scan", None), ("direct", "GEMM_NS"), ("direct", "CELL_NS")):
+        for plan, dear in (("scan", None), ("direct", "SCORE_NS"), ("direct", "CELL_NS")):
             with pytest.MonkeyPatch.context() as mp:
                 if dear:
                     mp.setattr(cypq.search, dear, 1e9)
                 D, I, st = index.search(Q, k=k, quota=quota, plan=plan, return_stats=True,
                                         **kw)
             assert (st.direct == (plan == "direct")).all()
-            walked = dear == "GEMM_NS" and quota < n_pass
+            walked = dear == "SCORE_NS" and quota < n_pass
             for qi, q in enumerate(Q):
                 dists, rids, n_cells, n_cand, _ = ref.search(model, entries, q, k,
                                                              quota if plan == "scan" or walked
