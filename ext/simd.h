@@ -66,7 +66,6 @@ static void cypq_l2sqr_ny_norm(const float *x, float xnorm, const float *CTm2,
     }
 }
 
-
 /*
  * The loops over vectors of codewords or columns (simd_lanes.h), once per vector width:
  * 64-byte vectors for AVX-512, 32-byte for AVX2 and the baseline. GCC splits a 64-byte vector

@@ -3,8 +3,10 @@
  * vector width: 64-byte vectors for AVX-512 (x86-64-v4), 32-byte vectors for AVX2 and the
  * baseline. Each function is named CYPQ_L(name) (name_w16 / name_w8), compiled for the
  * targets CYPQ_LANES_TARGET names; CYPQ_REGS is how many such vectors the target's registers
- * hold (32 / 16), for the blockings that need that many accumulators. A lane's arithmetic is
- * the same sum in the same order at either width, so the results do not depend on it.
+ * hold (32 / 16), for the blockings that need that many accumulators. Every output is the
+ * same sum in the same order at either width; its last bit can still differ where one width
+ * leaves a column to the scalar tail (d not a multiple of its lanes) and the other does not:
+ * GCC fuses the vector multiply-adds, not the tail's.
  */
 #define cypq_vf CYPQ_L(cypq_vf)
 #define cypq_vi CYPQ_L(cypq_vi)
@@ -153,18 +155,17 @@ static int32_t CYPQ_L(cypq_argmin_shifted)(const float *g, const float *cnorm, i
     return idx;
 }
 
-
 /* Four rows of cypq_l2sqr_ny_norm at once: out_p[k] = xnorm[p] + cnorm[k] + <x_p, CTm2[:, k]>.
  * One pass over the codebook serves four accumulation chains (as cypq_nearest_x4): the LOPQ
- * search makes a query's tables for many centroids against the same fine codebooks. With
- * `pairs`, two column blocks at a time first: eight chains, to keep both FMA units busy
- * (ten vectors live: fits AVX2's 16 registers at 32 bytes a vector). Every out_p[k] is the
- * same sum in the same order either way. */
+ * search makes a query's tables for many centroids against the same fine codebooks. Two
+ * column blocks at a time first: eight chains, to keep both FMA units busy (ten vectors
+ * live: they fit AVX2's 16 registers at 32 bytes a vector). Every out_p[k] is the same sum in
+ * the same order in either loop. */
 CYPQ_INLINE void cypq_l2sqr_ny_norm_x4_body(const float *const *x, const float *xnorm,
                                             const float *CTm2, const float *cnorm, const int d,
-                                            int K, float *const *out, const int pairs) {
+                                            int K, float *const *out) {
     int k0 = 0;
-    for (; pairs && k0 + 2 * CYPQ_VW <= K; k0 += 2 * CYPQ_VW) {
+    for (; k0 + 2 * CYPQ_VW <= K; k0 += 2 * CYPQ_VW) {
         cypq_vf c0 = cypq_vload(cnorm + k0), c1 = cypq_vload(cnorm + k0 + CYPQ_VW);
         cypq_vf a0 = c0 + xnorm[0], a1 = c0 + xnorm[1], a2 = c0 + xnorm[2], a3 = c0 + xnorm[3];
         cypq_vf b0 = c1 + xnorm[0], b1 = c1 + xnorm[1], b2 = c1 + xnorm[2], b3 = c1 + xnorm[3];
@@ -207,24 +208,19 @@ CYPQ_INLINE void cypq_l2sqr_ny_norm_x4_body(const float *const *x, const float *
         }
 }
 
-/* The body with the subspace widths of common models unrolled. */
-#ifndef CYPQ_NORM_X4_SWITCH
-#define CYPQ_NORM_X4_SWITCH(PAIRS)                                                          \
-    switch (d) {                                                                            \
-        case 4: cypq_l2sqr_ny_norm_x4_body(x, xnorm, CTm2, cnorm, 4, K, out, PAIRS); break;   \
-        case 8: cypq_l2sqr_ny_norm_x4_body(x, xnorm, CTm2, cnorm, 8, K, out, PAIRS); break;   \
-        case 12: cypq_l2sqr_ny_norm_x4_body(x, xnorm, CTm2, cnorm, 12, K, out, PAIRS); break; \
-        case 16: cypq_l2sqr_ny_norm_x4_body(x, xnorm, CTm2, cnorm, 16, K, out, PAIRS); break; \
-        case 24: cypq_l2sqr_ny_norm_x4_body(x, xnorm, CTm2, cnorm, 24, K, out, PAIRS); break; \
-        default: cypq_l2sqr_ny_norm_x4_body(x, xnorm, CTm2, cnorm, d, K, out, PAIRS);         \
-    }
-#endif
-
+/* (the subspace widths of common models unrolled) */
 CYPQ_LANES_TARGET
 static void CYPQ_L(cypq_l2sqr_ny_norm_x4)(const float *const *x, const float *xnorm,
                                           const float *CTm2, const float *cnorm, int d, int K,
                                           float *const *out) {
-    CYPQ_NORM_X4_SWITCH(1)
+    switch (d) {
+        case 4: cypq_l2sqr_ny_norm_x4_body(x, xnorm, CTm2, cnorm, 4, K, out); break;
+        case 8: cypq_l2sqr_ny_norm_x4_body(x, xnorm, CTm2, cnorm, 8, K, out); break;
+        case 12: cypq_l2sqr_ny_norm_x4_body(x, xnorm, CTm2, cnorm, 12, K, out); break;
+        case 16: cypq_l2sqr_ny_norm_x4_body(x, xnorm, CTm2, cnorm, 16, K, out); break;
+        case 24: cypq_l2sqr_ny_norm_x4_body(x, xnorm, CTm2, cnorm, 24, K, out); break;
+        default: cypq_l2sqr_ny_norm_x4_body(x, xnorm, CTm2, cnorm, d, K, out);
+    }
 }
 
 /* Tables of 16 codewords (4-bit codes), out (n, m, 16): out[r, s, k] = |x_rs|^2 + cnorm[s, k]
