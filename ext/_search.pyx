@@ -23,7 +23,7 @@ from fastscan cimport (cypq_adc4_cell, cypq_adc4_plan, cypq_adc4_plan_init, cypq
 from scan cimport (PEND_FLUSH, SCAN_BLOCK, Filter, Pending, cypq_prefetch, load_id,
                   pass_flags, pending_flush, scan_topk)
 from simd cimport (cypq_ip_ny, cypq_l2sqr_ny, cypq_l2sqr_ny_norm, cypq_l2sqr_ny_norm_x4,
-                  cypq_tables16)
+                  cypq_sort_places, cypq_tables16)
 
 
 cdef extern from *:
@@ -31,12 +31,20 @@ cdef extern from *:
     int __builtin_popcountll(unsigned long long x) noexcept nogil
 
 
+cdef enum:
+    SMALL_SORT = 96     # _radix_sort puts up to this many keys in place by counting
+
+
 cdef void _radix_sort(uint32_t *key, int32_t *val, int64_t n, uint32_t *tkey,
                       int32_t *tval) noexcept nogil:
     """Sort key[0:n] ascending, carrying val along (val may be NULL), stable: LSD radix sort,
-    one pass per byte, skipping bytes all keys share. tkey, tval: scratch of n entries.
-    Non-negative floats sort as their bit patterns, so this sorts distances too."""
+    one pass per byte, skipping bytes all keys share; up to SMALL_SORT keys, each put in its
+    place by counting (cypq_sort_places: the histograms cost more there). tkey, tval: scratch
+    of n entries. Non-negative floats sort as their bit patterns, so this sorts distances
+    too."""
     cdef int64_t hist[4][256]
+    cdef uint32_t sk_small[SMALL_SORT]
+    cdef int32_t sv_small[SMALL_SORT]
     cdef int64_t *cnt
     cdef int64_t i, pos, c
     cdef int shift, b
@@ -97,10 +105,14 @@ cdef struct Walk:         # per-thread scratch of _walk (V entries each unless s
     int32_t *o1
     int32_t *lim          # row i: columns 0 .. lim[i]-1 enumerated
     int32_t *nlim         # the same for the band being enumerated
+    int32_t *rs           # (V + 1) where each row's cells start in the band (bd, bc, bs)
+    int32_t *hd           # rows' next cell, while a band is merged (_band_next)
+    int32_t *hp           # the merge's heap of rows, and its size:
+    int32_t hn
     float *bd             # (BAND_CAP) the band's cells: sum of the halves' distances,
     int64_t *bc           # (BAND_CAP) cell id,
     int64_t *bs           # (BAND_CAP) entries
-    uint32_t *key         # (max(V, BAND_CAP, cap) each) radix sort keys, values
+    uint32_t *key         # (max(V, cap) each) radix sort keys, values
     int32_t *val
     uint32_t *tkey        # and their scratch
     int32_t *tval
@@ -134,6 +146,62 @@ cdef void _sort_half(Walk *w, const float *d, int V, float *D, int32_t *o) noexc
         D[i] = d[o[i]]
 
 
+cdef inline bint _row_before(const Walk *w, int32_t r1, int32_t r2) noexcept nogil:
+    """Row r1's next cell ranks before row r2's: by sum, then row (enumeration order)."""
+    cdef float a = w.bd[w.hd[r1]], b = w.bd[w.hd[r2]]
+    return a < b or (a == b and r1 < r2)
+
+
+cdef void _row_sift(Walk *w, int32_t p) noexcept nogil:
+    """Sift the heap's entry at p down to its place."""
+    cdef int32_t c, r = w.hp[p]
+    while True:
+        c = 2 * p + 1
+        if c >= w.hn:
+            break
+        if c + 1 < w.hn and _row_before(w, w.hp[c + 1], w.hp[c]):
+            c = c + 1
+        if not _row_before(w, w.hp[c], r):
+            break
+        w.hp[p] = w.hp[c]
+        p = c
+    w.hp[p] = r
+
+
+cdef void _band_merge(Walk *w, int nrows) noexcept nogil:
+    """Start merging the band's rows: each row's cells (rs[i] : rs[i + 1]) have ascending
+    sums (a + D1[j], D1 ascending), so the band in order (sum, then enumeration) is their
+    merge, read cell by cell with _band_next up to where a limit falls, where a sort would
+    order the whole band."""
+    cdef int32_t i
+    w.hn = 0
+    for i in range(nrows):
+        if w.rs[i] < w.rs[i + 1]:
+            w.hd[i] = w.rs[i]
+            w.hp[w.hn] = i
+            w.hn = w.hn + 1
+    i = w.hn // 2
+    while i > 0:
+        i = i - 1
+        _row_sift(w, i)
+
+
+cdef inline int32_t _band_next(Walk *w) noexcept nogil:
+    """The band's next cell in order (its place in bd, bc, bs); -1 after the last."""
+    cdef int32_t r, e
+    if w.hn == 0:
+        return -1
+    r = w.hp[0]
+    e = w.hd[r]
+    w.hd[r] = e + 1
+    if e + 1 == w.rs[r + 1]:
+        w.hn = w.hn - 1
+        w.hp[0] = w.hp[w.hn]
+    if w.hn > 0:
+        _row_sift(w, 0)
+    return e
+
+
 cdef void _walk(Walk *w, int V, const int64_t *sizes, int64_t quota, int64_t max_visits,
                 int64_t cap, int64_t *cells, int64_t *out, bint ordered) noexcept nogil:
     """Cells in order of D0[i] + D1[j] (w's sorted halves) until they hold quota entries or
@@ -143,10 +211,11 @@ cdef void _walk(Walk *w, int V, const int64_t *sizes, int64_t quota, int64_t max
     The order is the multi-sequence one (non-decreasing sum), found band by band rather than
     cell by cell through a heap: every cell with a sum in (t_done, t_next] is enumerated row
     by row (row i's next column is lim[i]), which needs no order among them; only the band
-    where a limit falls is sorted (by sum, then enumeration order) to cut it exactly. Band
+    where a limit falls is put in order (by sum, then enumeration order) to cut it exactly,
+    by merging its rows (_band_merge) up to the limit. Band
     widths aim at ~BAND_AIM cells; a band over BAND_CAP cells is redone narrower, and one of
     a single sum value is taken BAND_CAP cells at a time (all its cells tie, so any order of
-    them is in order). With ``ordered`` every band is sorted, so that cells[] is in
+    them is in order). With ``ordered`` every band is merged whole, so that cells[] is in
     multi-sequence order throughout (a filtered scan stops inside the list).
     """
     cdef int i, j, nrows
@@ -184,6 +253,7 @@ cdef void _walk(Walk *w, int V, const int64_t *sizes, int64_t quota, int64_t max
             if a + D1[0] > t_next:
                 break
             j = w.lim[i]
+            w.rs[i] = <int32_t> nb
             while j < V:
                 sm = a + D1[j]
                 if sm > t_next:
@@ -199,6 +269,7 @@ cdef void _walk(Walk *w, int V, const int64_t *sizes, int64_t quota, int64_t max
             nrows = i + 1
             if overflow:
                 break
+        w.rs[nrows] = <int32_t> nb
         whole = True
         if overflow:
             if t_next > nextafterf(t_done, INFINITY):   # redo narrower
@@ -224,12 +295,9 @@ cdef void _walk(Walk *w, int V, const int64_t *sizes, int64_t quota, int64_t max
         if final or ordered:
             # A limit falls in this band (or the order is asked for): its cells in order
             # (sum, then enumeration).
+            _band_merge(w, nrows)
             for e in range(nb):
-                w.key[e] = _float_bits(w.bd[e])
-                w.val[e] = <int32_t> e
-            _radix_sort(w.key, w.val, nb, w.tkey, w.tval)
-            for e in range(nb):
-                i = w.val[e]
+                i = _band_next(w)
                 nv = nv + 1
                 cells[nc] = w.bc[i]
                 nc = nc + (w.bs[i] > 0)
@@ -293,7 +361,7 @@ def cell_order(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1
         return
     if cap == 0:
         raise ValueError("cell_order: cells must have room for at least one cell")
-    nkey = max(V, BAND_CAP, cap)
+    nkey = max(V, cap)
     CT = <float *> malloc(2 * V * Dh * sizeof(float))
     if CT == NULL:
         raise MemoryError()
@@ -304,7 +372,7 @@ def cell_order(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1
                 CT[V * Dh + i * V + k] = C1[k, i]
         with parallel(num_threads=n_threads):
             fl = <float *> malloc((4 * V + BAND_CAP) * sizeof(float))
-            ints = <int32_t *> malloc(4 * V * sizeof(int32_t))
+            ints = <int32_t *> malloc((7 * V + 1) * sizeof(int32_t))
             wk = <Walk *> malloc(sizeof(Walk))
             if wk != NULL:
                 wk.bc = <int64_t *> malloc(2 * BAND_CAP * sizeof(int64_t))
@@ -318,6 +386,7 @@ def cell_order(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1
                     wk.D0, wk.D1, wk.bd = fl + 2 * V, fl + 3 * V, fl + 4 * V
                     wk.o0, wk.o1 = ints, ints + V
                     wk.lim, wk.nlim = ints + 2 * V, ints + 3 * V
+                    wk.hd, wk.hp, wk.rs = ints + 4 * V, ints + 5 * V, ints + 6 * V
             for q in prange(nq, schedule="dynamic"):
                 if (fl == NULL or ints == NULL or wk == NULL or wk.bc == NULL
                         or wk.key == NULL or wk.val == NULL):

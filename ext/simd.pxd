@@ -17,6 +17,7 @@ cdef extern from "simd.h" nogil:
     void cypq_matmul_t(const float *AT, const float *Z, int64_t n, int d, float *Y) noexcept
     void cypq_shift2(const float *x, const float *a, const float *b, float s, int d,
                      float *z) noexcept
+    void cypq_sort_places(const uint32_t *key, int32_t n, int32_t *pos) noexcept
     void cypq_ip_ny(const float *x, const float *CT, int d, int K, float *out) noexcept
     int64_t cypq_adc_u8(const float *T0, const float *T1, int M, int Ks, const uint8_t *codes,
                          int64_t n, float thresh, float *out, int32_t *idx) noexcept

@@ -115,9 +115,10 @@ def test_multisequence_order(setup):
         assert ncand[0] == sizes[want].sum()
 
 
-def _cell_order_reference(d0, d1, sizes, quota, w, cap):
+def _cell_order_reference(d0, d1, sizes, quota, w, cap, ordered=False):
     """Every cell in order of (d0 + d1 in float32, rank in half 0, rank in half 1), ranks by
-    (distance, index); cut where the first limit is reached. Returns (cells, visited, cand)."""
+    (distance, index); cut where the first limit is reached. Returns (cells, visited, cand):
+    the non-empty visited cells ascending (``ordered``: in that order)."""
     V = len(d0)
     o0, o1 = np.argsort(d0, kind="stable"), np.argsort(d1, kind="stable")
     r0, r1 = np.meshgrid(np.arange(V), np.arange(V), indexing="ij")
@@ -135,17 +136,21 @@ def _cell_order_reference(d0, d1, sizes, quota, w, cap):
     stop |= full >= cap
     n = int(np.argmax(stop)) + 1 if stop.any() else len(cell)
     visited = cell[:n]
-    return np.sort(visited[sizes[visited] > 0]), n, int(cum[n - 1])
+    listed = visited[sizes[visited] > 0]
+    return (listed if ordered else np.sort(listed)), n, int(cum[n - 1])
 
 
+@pytest.mark.parametrize("ordered", [False, True])
+@pytest.mark.parametrize("V, Dh", [(90, 3), (130, 20)])
 @pytest.mark.parametrize("kind", ["integer", "tied"])
-def test_cell_order_equals_reference(kind):
-    """Against a full sort of all cells, V = 90 (more cells than a band holds, 4096): integer
-    coordinates give exact distances and many equal sums; identical centroids make every
-    sum equal (one band of a single value, taken 4096 cells at a time)."""
+def test_cell_order_equals_reference(kind, V, Dh, ordered):
+    """Against a full sort of all cells (more than a band holds, 4096): integer coordinates
+    give exact distances and many equal sums; identical centroids make every sum equal (one
+    band of a single value, taken 4096 cells at a time). V = 90 sorts the halves by counting,
+    V = 130 by radix; Dh = 20 takes the centroid distances' blocks of 32. ``ordered``: the
+    cells in multi-sequence order, every band merged."""
     from cypq import _search
     rng = np.random.default_rng(7)
-    V, Dh = 90, 3
     if kind == "integer":
         C0, C1 = (rng.integers(0, 6, (V, Dh)).astype(np.float32) for _ in range(2))
     else:
@@ -157,11 +162,13 @@ def test_cell_order_equals_reference(kind):
         cap = min(V * V, quota if quota > 0 else V * V, w if w > 0 else V * V)
         cells = np.empty((len(Q), cap), np.int64)
         nc, nv, ncand = (np.empty(len(Q), np.int64) for _ in range(3))
-        _search.cell_order(Q, C0, C1, sizes, quota, w, cells, nc, nv, ncand, 2)
+        _search.cell_order(Q, C0, C1, sizes, quota, w, cells, nc, nv, ncand, 2,
+                           ordered=ordered)
         for qi, q in enumerate(Q):
             d0 = ((q[:Dh] - C0) ** 2).sum(1).astype(np.float32)
             d1 = ((q[Dh:] - C1) ** 2).sum(1).astype(np.float32)
-            want, visited, cand = _cell_order_reference(d0, d1, sizes, quota, w, cap)
+            want, visited, cand = _cell_order_reference(d0, d1, sizes, quota, w, cap,
+                                                        ordered)
             assert (nv[qi], ncand[qi]) == (visited, cand), (quota, w, qi)
             assert cells[qi, :nc[qi]].tolist() == want.tolist()
 
