@@ -33,6 +33,9 @@ cdef extern from *:
 
 cdef enum:
     SMALL_SORT = 96     # _radix_sort puts up to this many keys in place by counting
+    BITMAP_PER_CELL = 8     # cell_order sorts a list by bitmap while it has at most this
+                            # many words of it per listed cell
+    BITMAP_MAX = 1 << 16    # and the bitmap (a bit per cell) is at most this many words
 
 
 cdef void _radix_sort(uint32_t *key, int32_t *val, int64_t n, uint32_t *tkey,
@@ -116,6 +119,7 @@ cdef struct Walk:         # per-thread scratch of _walk (V entries each unless s
     int32_t *val
     uint32_t *tkey        # and their scratch
     int32_t *tval
+    uint64_t *bits        # (nwords) a bit per cell, all zero between uses (_sort_by_bitmap)
     int64_t res[3]        # _walk's results
 
 
@@ -200,6 +204,24 @@ cdef inline int32_t _band_next(Walk *w) noexcept nogil:
     if w.hn > 0:
         _row_sift(w, 0)
     return e
+
+
+cdef void _sort_by_bitmap(int64_t *cells, int64_t n, uint64_t *bits,
+                          int64_t nwords) noexcept nogil:
+    """Sort the n distinct cell ids ascending through a bit per cell (bits: nwords words,
+    all zero, and left so): O(n + nwords), where a radix sort's histograms cost more."""
+    cdef int64_t e, wd, at = 0
+    cdef uint64_t x
+    for e in range(n):
+        bits[cells[e] >> 6] |= (<uint64_t> 1) << (cells[e] & 63)
+    for wd in range(nwords):
+        x = bits[wd]
+        if x:
+            bits[wd] = 0
+            while x:
+                cells[at] = wd * 64 + __builtin_ctzll(x)
+                at = at + 1
+                x &= x - 1
 
 
 cdef void _walk(Walk *w, int V, const int64_t *sizes, int64_t quota, int64_t max_visits,
@@ -344,7 +366,7 @@ def cell_order(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1
     """
     cdef Py_ssize_t nq = Q.shape[0], q
     cdef int V = C0.shape[0], Dh = C0.shape[1], i, k
-    cdef int64_t cap = cells.shape[1], e, nkey
+    cdef int64_t cap = cells.shape[1], e, nkey, nwords
     cdef float *fl
     cdef int32_t *ints
     cdef Walk *wk
@@ -362,6 +384,7 @@ def cell_order(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1
     if cap == 0:
         raise ValueError("cell_order: cells must have room for at least one cell")
     nkey = max(V, cap)
+    nwords = (<int64_t> V * V + 63) // 64
     CT = <float *> malloc(2 * V * Dh * sizeof(float))
     if CT == NULL:
         raise MemoryError()
@@ -378,6 +401,9 @@ def cell_order(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1
                 wk.bc = <int64_t *> malloc(2 * BAND_CAP * sizeof(int64_t))
                 wk.key = <uint32_t *> malloc(2 * nkey * sizeof(uint32_t))
                 wk.val = <int32_t *> malloc(2 * nkey * sizeof(int32_t))
+                wk.bits = NULL   # (without it, the radix sort)
+                if not ordered and nwords <= BITMAP_MAX:
+                    wk.bits = <uint64_t *> calloc(nwords, sizeof(uint64_t))
                 if wk.bc != NULL and wk.key != NULL and wk.val != NULL:
                     wk.bs = wk.bc + BAND_CAP
                     wk.tkey = wk.key + nkey
@@ -404,7 +430,9 @@ def cell_order(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1
                       ordered)
                 # Scan order does not change the result; by cell id (c0-major), consecutive
                 # cells share their half-0 table, which then stays in cache.
-                if not ordered:
+                if not ordered and wk.bits != NULL and nwords <= BITMAP_PER_CELL * wk.res[0]:
+                    _sort_by_bitmap(&cells[q, 0], wk.res[0], wk.bits, nwords)
+                elif not ordered:
                     for e in range(wk.res[0]):
                         wk.key[e] = <uint32_t> cells[q, e]
                     _radix_sort(wk.key, NULL, wk.res[0], wk.tkey, NULL)
@@ -419,6 +447,7 @@ def cell_order(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1
                 free(wk.bc)
                 free(wk.key)
                 free(wk.val)
+                free(wk.bits)
             free(wk)
     free(CT)
     if failed:
