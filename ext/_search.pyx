@@ -60,6 +60,16 @@ cdef void _radix_sort(uint32_t *key, int32_t *val, int64_t n, uint32_t *tkey,
     cdef uint32_t x
     if n < 2:
         return
+    if n <= SMALL_SORT:
+        cypq_sort_places(key, <int32_t> n, <int32_t *> tkey)   # tkey holds the places
+        for i in range(n):
+            sk_small[(<int32_t *> tkey)[i]] = key[i]
+            if val != NULL:
+                sv_small[(<int32_t *> tkey)[i]] = val[i]
+        memcpy(key, sk_small, n * sizeof(uint32_t))
+        if val != NULL:
+            memcpy(val, sv_small, n * sizeof(int32_t))
+        return
     memset(hist, 0, sizeof(hist))
     for i in range(n):   # the four bytes' counts in one pass (a pass permutes, not changes, them)
         x = key[i]
