@@ -115,7 +115,8 @@ def search(model, storage: Storage, Q: np.ndarray, k: int, quota: int, w: int | 
     stats = SearchStats(np.zeros(nq, np.int64), np.zeros(nq, np.int64), np.zeros(nq, np.int64))
     out = None if rerank is None else (np.empty((nq, rerank.k), np.float32),
                                        np.empty((nq, rerank.k), np.int64))
-    run = _Run(view, Q, k, w, n_threads, packed, rerank, D, I, stats, out, cache)
+    run = _Run(view, Q, k, w, n_threads, packed, rerank, D, I, stats, out, cache,
+               room=_Room())
     counts = storage.tag_counts() if filt is not None and filt.masks is not None else None
     with storage.snapshot() as snap:
         run.snap, run.sizes = snap, snap.cell_sizes()
@@ -123,8 +124,32 @@ def search(model, storage: Storage, Q: np.ndarray, k: int, quota: int, w: int | 
             run.walk(np.arange(nq), quota)
         else:
             filtered(run, quota, filt, unpack, counts)
+    run.room = None   # (its buffers freed, so that the trim below can return them)
     release_free_memory(run.temp_bytes)
     return (D, I, stats) if out is None else (*out, stats)
+
+
+class _Room:
+    """Temporaries that the batches of one search call reuse: a batch's new arrays were
+    pages the kernel mapped and zeroed anew (glibc hands freed blocks back), 5% of a 4-bit
+    MANMINILM search at quota 1000. Each name's buffer only grows; an array it gives out
+    is valid until the next ``empty`` of that name."""
+
+    def __init__(self):
+        self._held = {}
+
+    def empty(self, name: str, shape: tuple, dtype) -> np.ndarray:
+        """An uninitialised array of ``shape`` and ``dtype`` in the buffer ``name``."""
+        n = int(np.prod(shape))
+        buf = self._held.get(name)
+        if buf is None or buf.size < n or buf.dtype != dtype:
+            buf = self._held[name] = np.empty(max(n, 1), dtype)
+        return buf[:n].reshape(shape)
+
+
+def _empty(room: _Room | None, name: str, shape: tuple, dtype) -> np.ndarray:
+    """room.empty(name, shape, dtype), or a new array without a room."""
+    return np.empty(shape, dtype) if room is None else room.empty(name, shape, dtype)
 
 
 @dataclass
@@ -145,6 +170,7 @@ class _Run:
     snap: object = None
     sizes: np.ndarray = None
     temp_bytes: int = 0   # the largest batch's temporaries
+    room: _Room = None    # the batches' temporaries, reused from batch to batch
 
     def walk(self, rows: np.ndarray, quota: int, filt=None, need: int = 0):
         """Search the queries ``rows`` (ascending) visiting cells until they hold ``quota``
@@ -170,7 +196,7 @@ def _search_batch(run: _Run, r: np.ndarray, quota, cap, filt, need):
     sl = slice(int(r[0]), int(r[-1]) + 1) if contiguous else r
     Qb = run.Q[sl]
     flat, n_cells, visited = cell_lists(view, Qb, run.sizes, quota, run.w, cap, run.n_threads,
-                                        filt is not None)
+                                        filt is not None, run.room)
     run.temp_bytes = max(run.temp_bytes, len(flat) * TEMP_BYTES_PER_CELL)
     extra = {}
     if filt is not None:
@@ -179,7 +205,7 @@ def _search_batch(run: _Run, r: np.ndarray, quota, cap, filt, need):
                      id_set=filt.id_set, id_mode=filt.id_mode, pass_quota=need,
                      n_passed=passed, n_done=done)
     D, I, scanned, W = scan_lists(view, snap, Qb, flat, n_cells, k, run.n_threads, run.packed,
-                                  run.rerank, extra)
+                                  run.rerank, extra, run.room)
     run.D[sl], run.I[sl] = D, I
     stats.scanned[sl], stats.visited[sl] = scanned, visited
     stats.cells[sl] = n_cells if filt is None else done
@@ -189,7 +215,7 @@ def _search_batch(run: _Run, r: np.ndarray, quota, cap, filt, need):
 
 
 def cell_lists(view, Qb: np.ndarray, sizes: np.ndarray, quota: int, w, cap: int,
-               n_threads: int, ordered: bool = False) -> tuple:
+               n_threads: int, ordered: bool = False, room: _Room | None = None) -> tuple:
     """Each query's non-empty cells in multi-sequence order until they hold ``quota``
     entries (or ``w`` cells were visited), at most ``cap`` per query.
 
@@ -199,6 +225,8 @@ def cell_lists(view, Qb: np.ndarray, sizes: np.ndarray, quota: int, w, cap: int,
     Qb : numpy.ndarray float32 (nb, model_dim)
     sizes : numpy.ndarray int64 (V * V,)
         Entries per cell (of the whole index: a shard set's, summed).
+    room : _Room, optional
+        Where the temporaries come from (the lists are valid until its next use).
 
     Returns
     -------
@@ -210,17 +238,18 @@ def cell_lists(view, Qb: np.ndarray, sizes: np.ndarray, quota: int, w, cap: int,
         Non-empty cells listed, and cells visited empty ones included, per query.
     """
     nb = len(Qb)
-    cells = list_buffer(nb, cap)
+    cells = list_buffer(nb, cap) if room is None else room.empty("cells", (nb, cap), np.int64)
     n_cand, n_cells, visited = (np.empty(nb, dtype=np.int64) for _ in range(3))
     _search.cell_order(Qb, view.Cs[0], view.Cs[1], sizes, quota, w or 0, cells, n_cells,
                        visited, n_cand, n_threads, view.Cmu is not None, ordered)
-    flat = np.empty(int(n_cells.sum()), dtype=np.int64)
+    flat = _empty(room, "flat", int(n_cells.sum()), np.int64)
     _search.flatten_lists(cells, n_cells, flat)
     return flat, n_cells, visited
 
 
 def scan_lists(view, snap, Qb: np.ndarray, flat: np.ndarray, n_cells: np.ndarray, k: int,
-               n_threads: int, packed: bool, rerank=None, extra: dict | None = None) -> tuple:
+               n_threads: int, packed: bool, rerank=None, extra: dict | None = None,
+               room: _Room | None = None) -> tuple:
     """ADC top-k of each query over the entries of its listed cells in one snapshot.
 
     Parameters
@@ -234,6 +263,8 @@ def scan_lists(view, snap, Qb: np.ndarray, flat: np.ndarray, n_cells: np.ndarray
     k, n_threads, packed, rerank : see :func:`search`
     extra : dict, optional
         A filter's arguments of ``scan_cells``.
+    room : _Room, optional
+        Where the temporaries and the results come from (valid until its next use).
 
     Returns
     -------
@@ -246,13 +277,13 @@ def scan_lists(view, snap, Qb: np.ndarray, flat: np.ndarray, n_cells: np.ndarray
     np.cumsum(n_cells, out=cell_start[1:])
     distinct, slot = _distinct(flat, view.V * view.V)
     seg = snap.segments(distinct)
-    P0, start0, tab0, off0 = _local_frames(view, 0, Qb, flat, n_cells, n_threads)
-    P1, start1, tab1, off1 = _local_frames(view, 1, Qb, flat, n_cells, n_threads)
+    P0, start0, tab0, off0 = _local_frames(view, 0, Qb, flat, n_cells, n_threads, room)
+    P1, start1, tab1, off1 = _local_frames(view, 1, Qb, flat, n_cells, n_threads, room)
     W = vecs = None
     if rerank is not None:   # where each result's vector is (0: staged, read by id)
         W, vecs = np.empty((nb, k), dtype=np.uintp), seg.vectors
-    D = np.empty((nb, k), dtype=np.float32)
-    I = np.empty((nb, k), dtype=np.int64)
+    D = _empty(room, "D", (nb, k), np.float32)
+    I = _empty(room, "I", (nb, k), np.int64)
     scanned = np.empty(nb, dtype=np.int64)
     extra = dict(extra or {})
     if extra:
@@ -448,7 +479,7 @@ def _distinct(values: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     return distinct, np.searchsorted(distinct, values)
 
 
-def _local_frames(view, h, Qb, flat, n_cells, n_threads):
+def _local_frames(view, h, Qb, flat, n_cells, n_threads, room=None):
     """Half h of every query projected into the local frame of each centroid it visits.
 
     flat, n_cells: the listed cells, query-major, and how many per query (see cell_lists).
@@ -457,15 +488,16 @@ def _local_frames(view, h, Qb, flat, n_cells, n_threads):
     listed cell the row of its centroid among its query's rows. The rows are projected
     grouped by centroid, so each rotation is read once per batch, not once per query.
     For an inner-product view, P's rows are R[c] @ q_h / 2 instead, and off (m,) float32
-    holds -<q_h, C[c] + mu[c]> per row (else off is None): see scan_cells.
+    holds -<q_h, C[c] + mu[c]> per row (else off is None): see scan_cells. ``room``: a
+    _Room for the temporaries.
     """
     nb, n = len(Qb), len(flat)
     Dh = Qb.shape[1] // 2
-    cent, key_query = np.empty(n, np.int32), np.empty(n, np.int64)
-    start, tab = np.empty(nb + 1, np.int64), np.empty(n, np.int32)
+    cent, key_query = _empty(room, f"cent{h}", n, np.int32), _empty(room, f"key{h}", n, np.int64)
+    start, tab = np.empty(nb + 1, np.int64), _empty(room, f"tab{h}", n, np.int32)
     m = _search.frame_rows(flat, n_cells, view.V, h, cent, key_query, start, tab)
     cent, key_query = cent[:m], key_query[:m]
-    P = np.empty((m, Dh), dtype=np.float32)
+    P = _empty(room, f"P{h}", (m, Dh), np.float32)
     order, offsets = _lopq.group_rows(cent, view.V)
     # each row from its query's half in place (a query recurs in many rows)
     _lopq.project(Qb, h * Dh, view.Cs[h], view.Rs[h], view.mus[h], order, offsets,
