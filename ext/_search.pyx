@@ -112,20 +112,19 @@ cdef enum:
 
 
 cdef struct Walk:         # per-thread scratch of _walk (V entries each unless said)
-    float *D0             # the halves' distances, ascending
-    float *D1
+    float *D0             # the halves' distances, ascending (the first ns[0], ns[1] of them:
+    float *D1             # the rest are taken from the heaps as the walk reaches them)
     int32_t *o0           # their centroids
     int32_t *o1
+    int32_t ns[2]
+    const float *hd[2]    # each half's distances (by centroid), and the largest of those
+    float tau[2]          # sorted first (the others, all above it, are sorted if needed)
     int32_t *lim          # row i: columns 0 .. lim[i]-1 enumerated
     int32_t *nlim         # the same for the band being enumerated
-    int32_t *rs           # (V + 1) where each row's cells start in the band (bd, bc, bs)
-    int32_t *hd           # rows' next cell, while a band is merged (_band_next)
-    int32_t *hp           # the merge's heap of rows, and its size:
-    int32_t hn
     float *bd             # (BAND_CAP) the band's cells: sum of the halves' distances,
     int64_t *bc           # (BAND_CAP) cell id,
     int64_t *bs           # (BAND_CAP) entries
-    uint32_t *key         # (max(V, cap) each) radix sort keys, values
+    uint32_t *key         # (max(V, BAND_CAP, cap) each) radix sort keys, values
     int32_t *val
     uint32_t *tkey        # and their scratch
     int32_t *tval
@@ -148,72 +147,53 @@ cdef void _neg_ip_shifted(const float *x, const float *CT, int Dh, int V,
         out[v] = top - out[v]
 
 
-cdef void _sort_half(Walk *w, const float *d, int V, float *D, int32_t *o) noexcept nogil:
-    """D, o = d ascending and the order (ties by index)."""
-    cdef int i
+cdef enum:
+    FIRST_SAMPLE = 32   # a half of more than SMALL_SORT centroids sorts first those within
+    FIRST_RANK = 4      # the FIRST_RANK-th smallest of FIRST_SAMPLE of its distances
+
+
+cdef void _half_sorted(Walk *w, int h, int V, bint first) noexcept nogil:
+    """Sort half h's distances within tau[h] (``first``; all but those above it, ns[h]
+    of them) or above it (appended: ns[h] = V) into D0 / D1, their centroids into o0 / o1,
+    ties by centroid."""
+    cdef float *D = w.D0 if h == 0 else w.D1
+    cdef int32_t *o = w.o0 if h == 0 else w.o1
+    cdef const float *d = w.hd[h]
+    cdef float tau = w.tau[h]
+    cdef int i, n = 0, at = 0 if first else w.ns[h]
     for i in range(V):
-        w.key[i] = _float_bits(d[i])
-        w.val[i] = i
-    _radix_sort(w.key, w.val, V, w.tkey, w.tval)
-    for i in range(V):
-        o[i] = w.val[i]
-        D[i] = d[o[i]]
+        if (d[i] <= tau) == first:
+            w.key[n] = _float_bits(d[i])
+            w.val[n] = i
+            n = n + 1
+    _radix_sort(w.key, w.val, n, w.tkey, w.tval)
+    for i in range(n):
+        o[at + i] = w.val[i]
+        D[at + i] = d[w.val[i]]
+    w.ns[h] = at + n
 
 
-cdef inline bint _row_before(const Walk *w, int32_t r1, int32_t r2) noexcept nogil:
-    """Row r1's next cell ranks before row r2's: by sum, then row (enumeration order)."""
-    cdef float a = w.bd[w.hd[r1]], b = w.bd[w.hd[r2]]
-    return a < b or (a == b and r1 < r2)
+cdef void _half_order(Walk *w, int h, const float *d, int V) noexcept nogil:
+    """Make half h's distances d (V,) ready for the walk, which needs them in ascending
+    order (ties by centroid) only as far as it goes (_need): a small quota's walk reaches
+    a few of V = 256, where sorting them all was half of a query's cell order. Up to
+    SMALL_SORT all are sorted now; past it, those up to a threshold expected to hold about
+    V / 8 of them, the others when the walk first needs one (_need)."""
+    cdef int s
+    w.hd[h] = d
+    w.tau[h] = INFINITY
+    if V > SMALL_SORT:
+        for s in range(FIRST_SAMPLE):
+            w.key[s] = _float_bits(d[<int64_t> s * V // FIRST_SAMPLE])
+        _radix_sort(w.key, NULL, FIRST_SAMPLE, w.tkey, NULL)
+        memcpy(&w.tau[h], &w.key[FIRST_RANK - 1], sizeof(float))
+    _half_sorted(w, h, V, True)
 
 
-cdef void _row_sift(Walk *w, int32_t p) noexcept nogil:
-    """Sift the heap's entry at p down to its place."""
-    cdef int32_t c, r = w.hp[p]
-    while True:
-        c = 2 * p + 1
-        if c >= w.hn:
-            break
-        if c + 1 < w.hn and _row_before(w, w.hp[c + 1], w.hp[c]):
-            c = c + 1
-        if not _row_before(w, w.hp[c], r):
-            break
-        w.hp[p] = w.hp[c]
-        p = c
-    w.hp[p] = r
-
-
-cdef void _band_merge(Walk *w, int nrows) noexcept nogil:
-    """Start merging the band's rows: each row's cells (rs[i] : rs[i + 1]) have ascending
-    sums (a + D1[j], D1 ascending), so the band in order (sum, then enumeration) is their
-    merge, read cell by cell with _band_next up to where a limit falls, where a sort would
-    order the whole band."""
-    cdef int32_t i
-    w.hn = 0
-    for i in range(nrows):
-        if w.rs[i] < w.rs[i + 1]:
-            w.hd[i] = w.rs[i]
-            w.hp[w.hn] = i
-            w.hn = w.hn + 1
-    i = w.hn // 2
-    while i > 0:
-        i = i - 1
-        _row_sift(w, i)
-
-
-cdef inline int32_t _band_next(Walk *w) noexcept nogil:
-    """The band's next cell in order (its place in bd, bc, bs); -1 after the last."""
-    cdef int32_t r, e
-    if w.hn == 0:
-        return -1
-    r = w.hp[0]
-    e = w.hd[r]
-    w.hd[r] = e + 1
-    if e + 1 == w.rs[r + 1]:
-        w.hn = w.hn - 1
-        w.hp[0] = w.hp[w.hn]
-    if w.hn > 0:
-        _row_sift(w, 0)
-    return e
+cdef inline void _need(Walk *w, int h, int x, int V) noexcept nogil:
+    """Half h's x-th smallest distance (and its centroid) in place in D0 / D1 (o0 / o1)."""
+    if x >= w.ns[h] and w.ns[h] < V:
+        _half_sorted(w, h, V, False)
 
 
 cdef void _sort_by_bitmap(int64_t *cells, int64_t n, uint64_t *bits,
@@ -236,18 +216,17 @@ cdef void _sort_by_bitmap(int64_t *cells, int64_t n, uint64_t *bits,
 
 cdef void _walk(Walk *w, int V, const int64_t *sizes, int64_t quota, int64_t max_visits,
                 int64_t cap, int64_t *cells, int64_t *out, bint ordered) noexcept nogil:
-    """Cells in order of D0[i] + D1[j] (w's sorted halves) until they hold quota entries or
-    max_visits cells were visited (<= 0: no limit); the non-empty ones go to cells[0:n],
-    n <= cap. out = (n, cells visited, entries in them).
+    """Cells in order of D0[i] + D1[j] (w's halves, taken in order as far as needed) until
+    they hold quota entries or max_visits cells were visited (<= 0: no limit); the
+    non-empty ones go to cells[0:n], n <= cap. out = (n, cells visited, entries in them).
 
     The order is the multi-sequence one (non-decreasing sum), found band by band rather than
     cell by cell through a heap: every cell with a sum in (t_done, t_next] is enumerated row
     by row (row i's next column is lim[i]), which needs no order among them; only the band
-    where a limit falls is put in order (by sum, then enumeration order) to cut it exactly,
-    by merging its rows (_band_merge) up to the limit. Band
+    where a limit falls is sorted (by sum, then enumeration order) to cut it exactly. Band
     widths aim at ~BAND_AIM cells; a band over BAND_CAP cells is redone narrower, and one of
     a single sum value is taken BAND_CAP cells at a time (all its cells tie, so any order of
-    them is in order). With ``ordered`` every band is merged whole, so that cells[] is in
+    them is in order). With ``ordered`` every band is sorted, so that cells[] is in
     multi-sequence order throughout (a filtered scan stops inside the list).
     """
     cdef int i, j, nrows
@@ -259,6 +238,8 @@ cdef void _walk(Walk *w, int V, const int64_t *sizes, int64_t quota, int64_t max
     cdef bint final, overflow, whole
     for i in range(V):
         w.lim[i] = 0
+    _need(w, 0, 1 if V > 1 else 0, V)
+    _need(w, 1, 1 if V > 1 else 0, V)
     base = D0[0] + D1[0]
     t_done = nextafterf(base, -INFINITY)    # every sum is above it
     while True:
@@ -281,12 +262,13 @@ cdef void _walk(Walk *w, int V, const int64_t *sizes, int64_t quota, int64_t max
         overflow = False
         nrows = 0
         for i in range(V):
+            _need(w, 0, i, V)
             a = D0[i]
             if a + D1[0] > t_next:
                 break
             j = w.lim[i]
-            w.rs[i] = <int32_t> nb
             while j < V:
+                _need(w, 1, j, V)
                 sm = a + D1[j]
                 if sm > t_next:
                     break
@@ -301,7 +283,6 @@ cdef void _walk(Walk *w, int V, const int64_t *sizes, int64_t quota, int64_t max
             nrows = i + 1
             if overflow:
                 break
-        w.rs[nrows] = <int32_t> nb
         whole = True
         if overflow:
             if t_next > nextafterf(t_done, INFINITY):   # redo narrower
@@ -327,9 +308,12 @@ cdef void _walk(Walk *w, int V, const int64_t *sizes, int64_t quota, int64_t max
         if final or ordered:
             # A limit falls in this band (or the order is asked for): its cells in order
             # (sum, then enumeration).
-            _band_merge(w, nrows)
             for e in range(nb):
-                i = _band_next(w)
+                w.key[e] = _float_bits(w.bd[e])
+                w.val[e] = <int32_t> e
+            _radix_sort(w.key, w.val, nb, w.tkey, w.tval)
+            for e in range(nb):
+                i = w.val[e]
                 nv = nv + 1
                 cells[nc] = w.bc[i]
                 nc = nc + (w.bs[i] > 0)
@@ -393,7 +377,7 @@ def cell_order(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1
         return
     if cap == 0:
         raise ValueError("cell_order: cells must have room for at least one cell")
-    nkey = max(V, cap)
+    nkey = max(V, BAND_CAP, cap)
     nwords = (<int64_t> V * V + 63) // 64
     CT = <float *> malloc(2 * V * Dh * sizeof(float))
     if CT == NULL:
@@ -405,7 +389,7 @@ def cell_order(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1
                 CT[V * Dh + i * V + k] = C1[k, i]
         with parallel(num_threads=n_threads):
             fl = <float *> malloc((4 * V + BAND_CAP) * sizeof(float))
-            ints = <int32_t *> malloc((7 * V + 1) * sizeof(int32_t))
+            ints = <int32_t *> malloc(4 * V * sizeof(int32_t))
             wk = <Walk *> malloc(sizeof(Walk))
             if wk != NULL:
                 wk.bc = <int64_t *> malloc(2 * BAND_CAP * sizeof(int64_t))
@@ -422,7 +406,6 @@ def cell_order(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1
                     wk.D0, wk.D1, wk.bd = fl + 2 * V, fl + 3 * V, fl + 4 * V
                     wk.o0, wk.o1 = ints, ints + V
                     wk.lim, wk.nlim = ints + 2 * V, ints + 3 * V
-                    wk.hd, wk.hp, wk.rs = ints + 4 * V, ints + 5 * V, ints + 6 * V
             for q in prange(nq, schedule="dynamic"):
                 if (fl == NULL or ints == NULL or wk == NULL or wk.bc == NULL
                         or wk.key == NULL or wk.val == NULL):
@@ -434,8 +417,8 @@ def cell_order(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1
                 else:
                     cypq_l2sqr_ny(&Q[q, 0], CT, Dh, V, fl)
                     cypq_l2sqr_ny(&Q[q, Dh], CT + V * Dh, Dh, V, fl + V)
-                _sort_half(wk, fl, V, wk.D0, wk.o0)
-                _sort_half(wk, fl + V, V, wk.D1, wk.o1)
+                _half_order(wk, 0, fl, V)
+                _half_order(wk, 1, fl + V, V)
                 _walk(wk, V, &cell_sizes[0], quota, max_visits, cap, &cells[q, 0], wk.res,
                       ordered)
                 # Scan order does not change the result; by cell id (c0-major), consecutive

@@ -141,14 +141,15 @@ def _cell_order_reference(d0, d1, sizes, quota, w, cap, ordered=False):
 
 
 @pytest.mark.parametrize("ordered", [False, True])
-@pytest.mark.parametrize("V, Dh", [(90, 3), (130, 20)])
+@pytest.mark.parametrize("V, Dh", [(90, 3), (100, 20)])
 @pytest.mark.parametrize("kind", ["integer", "tied"])
 def test_cell_order_equals_reference(kind, V, Dh, ordered):
     """Against a full sort of all cells (more than a band holds, 4096): integer coordinates
     give exact distances and many equal sums; identical centroids make every sum equal (one
-    band of a single value, taken 4096 cells at a time). V = 90 sorts the halves by counting,
-    V = 130 by radix; Dh = 20 takes the centroid distances' blocks of 32. ``ordered``: the
-    cells in multi-sequence order, every band merged."""
+    band of a single value, taken 4096 cells at a time). V = 90 sorts the halves whole, by
+    counting; V = 100 in two parts, the second only when the walk reaches it; Dh = 20 takes
+    the centroid distances' blocks of 64 and 32 codewords and the rest. ``ordered``: the
+    cells in multi-sequence order, every band sorted."""
     from cypq import _search
     rng = np.random.default_rng(7)
     if kind == "integer":
