@@ -112,13 +112,13 @@ cdef enum:
 
 
 cdef struct Walk:         # per-thread scratch of _walk (V entries each unless said)
-    float *D0             # the halves' distances, ascending (the first ns[0], ns[1] of them:
-    float *D1             # the rest are taken from the heaps as the walk reaches them)
+    float *D0             # the halves' distances, ascending: the first ns[0], ns[1] of
+    float *D1             # them (the rest sorted when the walk reaches them, _need)
     int32_t *o0           # their centroids
     int32_t *o1
     int32_t ns[2]
-    const float *hd[2]    # each half's distances (by centroid), and the largest of those
-    float tau[2]          # sorted first (the others, all above it, are sorted if needed)
+    const float *hd[2]    # each half's distances by centroid,
+    float tau[2]          # and the bound of those sorted first (the rest are above it)
     int32_t *lim          # row i: columns 0 .. lim[i]-1 enumerated
     int32_t *nlim         # the same for the band being enumerated
     float *bd             # (BAND_CAP) the band's cells: sum of the halves' distances,

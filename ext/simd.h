@@ -41,7 +41,7 @@ static inline int cypq_wide(void) {
 
 /* out[k] = sum_j term(x[j], CT[j, k]) for all K codewords. From d = 16 (the coarse centroids
  * of a search's cell order), blocks of 64 (then 32) codewords keep their sums in registers
- * through all d dimensions (d = 96, K = 64: 2.4x; K = 256: 1.9x), where the plain loop
+ * through all d dimensions (d = 96, K = 64: 2.5x; K = 256: 1.5x), where the plain loop
  * stores them every dimension; each sum is made in the same order either way. */
 #define CYPQ_NY_BLOCKS(TERM, B)                                                             \
     for (; d >= 16 && k0 + (B) <= K; k0 += (B)) {                                           \
