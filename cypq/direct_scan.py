@@ -98,14 +98,15 @@ def list_shape(n_cells: int, quota: int, w) -> tuple[int, int]:
     return cap, max(1, min(1024, max(256, (1 << 18) // cap), (1 << 22) // cap))
 
 
-def list_buffer(nb: int, cap: int) -> np.ndarray:
+def list_buffer(nb: int, cap: int, empty=None) -> np.ndarray:
     """Room (nb, cap) int64 for nb cell lists of up to cap cells, of which a walk fills only
     each row's start. Large ones are an anonymous mapping of their own: NumPy asks the kernel
     for huge pages from 4 MB on, and a 2 MB page is made resident (and zeroed) whole as soon
     as one row's first cells touch it, so the untouched rest of every row would be paid for
-    (33 MB zeroed per batch of REALSIFT1M's quota 25000, for 1 MB of lists)."""
+    (33 MB zeroed per batch of REALSIFT1M's quota 25000, for 1 MB of lists). ``empty(shape,
+    dtype)`` makes the others (default numpy.empty; a search's batches reuse one buffer)."""
     if nb * cap * 8 < HUGE_FROM:
-        return np.empty((nb, cap), np.int64)
+        return (empty or np.empty)((nb, cap), np.int64)
     return np.frombuffer(mmap.mmap(-1, nb * cap * 8), np.int64).reshape(nb, cap)
 
 

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
 from . import _lopq, _search
-from .direct_scan import (HUGE_FROM, cell_grid, list_buffer, list_shape, passing_entries,
-                          reconstructions, top_k, walked_top_k)
+from .direct_scan import (cell_grid, list_buffer, list_shape, passing_entries, reconstructions,
+                          top_k, walked_top_k)
 from ._heap import release_free_memory
 from .filters import pass_rates
 from .storage.base import Storage
@@ -238,9 +239,7 @@ def cell_lists(view, Qb: np.ndarray, sizes: np.ndarray, quota: int, w, cap: int,
         Non-empty cells listed, and cells visited empty ones included, per query.
     """
     nb = len(Qb)
-    # (the large ones each their own mapping, see list_buffer: a walk touches each row's start)
-    cells = (room.empty("cells", (nb, cap), np.int64) if room is not None
-             and nb * cap * 8 < HUGE_FROM else list_buffer(nb, cap))
+    cells = list_buffer(nb, cap, None if room is None else partial(room.empty, "cells"))
     n_cand, n_cells, visited = (np.empty(nb, dtype=np.int64) for _ in range(3))
     _search.cell_order(Qb, view.Cs[0], view.Cs[1], sizes, quota, w or 0, cells, n_cells,
                        visited, n_cand, n_threads, view.Cmu is not None, ordered)
