@@ -14,14 +14,15 @@ from cython.parallel cimport parallel, prange
 from libc.math cimport INFINITY, nextafterf, sqrt
 from libc.string cimport memcpy, memset
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
-from libc.stdlib cimport calloc, free, malloc
+from libc.stdlib cimport calloc, free, malloc, realloc
 
-from topk cimport TopK, topk_alloc, topk_finish, topk_free, topk_reset
+from topk cimport TopK, topk_alloc, topk_finish, topk_free, topk_reset, topk_tighten
 from nearest cimport Codebooks, codebooks_free, codebooks_init
-from fastscan cimport (cypq_adc4_cell, cypq_adc4_plan, cypq_adc4_plan_init, cypq_fastscan_limit,
-                      cypq_quantize4)
+from fastscan cimport (CYPQ_ADC4_AVX2, cypq_adc4_avx2_bounds, cypq_adc4_cell, cypq_adc4_plan,
+                      cypq_adc4_plan_init, cypq_adc4_rows, cypq_bound_quantile,
+                      cypq_fastscan_limit, cypq_quantize4, cypq_rows_within)
 from scan cimport (PEND_FLUSH, SCAN_BLOCK, Filter, Pending, cypq_prefetch, load_id,
-                  pass_flags, pending_flush, scan_topk)
+                  offer_code, pass_flags, pending_flush, scan_topk)
 from simd cimport (cypq_ip_ny, cypq_l2sqr_ny, cypq_l2sqr_ny_norm, cypq_l2sqr_ny_norm_x4,
                   cypq_sort_places, cypq_tables16)
 
@@ -452,6 +453,183 @@ cdef enum:
     PREFETCH_MAX = 1024   # and at most this many bytes of its codes
 
 
+cdef struct Segs:      # the segments of scan_cells's cells (see there), as pointers
+    const int64_t *cell_slot
+    const int64_t *seg_start
+    const uintptr_t *codes
+    const uintptr_t *ids
+    const int64_t *len
+    const uintptr_t *vecs     # NULL: results carry no vector addresses
+    int64_t vec_bytes
+    int64_t cbytes            # bytes per code
+
+
+cdef inline void _prefetch_ahead(const Segs *sg, int64_t t, int64_t t1) noexcept nogil:
+    """Before cell t of a query's cells ending at t1: fetch the records and codes of the cells
+    a few ahead, each step using what an earlier step fetched (the cells' segment records and
+    entries are scattered: the misses were a third of the scan's time)."""
+    cdef int64_t g, span, line
+    if t + 3 * AHEAD < t1:
+        cypq_prefetch(&sg.seg_start[sg.cell_slot[t + 3 * AHEAD]])
+    if t + 2 * AHEAD < t1:
+        g = sg.seg_start[sg.cell_slot[t + 2 * AHEAD]]
+        cypq_prefetch(&sg.len[g])
+        cypq_prefetch(&sg.codes[g])
+        cypq_prefetch(&sg.ids[g])
+        if sg.vecs != NULL:
+            cypq_prefetch(&sg.vecs[g])
+    if t + AHEAD < t1:
+        g = sg.seg_start[sg.cell_slot[t + AHEAD]]
+        if sg.seg_start[sg.cell_slot[t + AHEAD] + 1] > g:
+            # every line of the first segment's codes, up to PREFETCH_MAX bytes: the cells of
+            # small V span several lines
+            span = sg.len[g] * sg.cbytes
+            if span > PREFETCH_MAX:
+                span = PREFETCH_MAX
+            for line in range(0, span, 64):
+                cypq_prefetch(<const char *> sg.codes[g] + line)
+
+
+# The two-phase scan of 4-bit codes (AVX2 bounds, no filter). Scanning cell by cell, a code
+# is summed in float when its bound is within the top k's threshold as it stands then: loose
+# until the top k has filled and tightened (at k = 100 over ~2000 codes, about a third of the
+# codes were summed and most of those entered the top k). Here every code's bound is made
+# first, the top k is filled from the codes whose bounds are among the ~1.5 k smallest, and
+# then only the codes whose bound is within the threshold that leaves are summed. Exact: a
+# code of the final top k has its bound at most its distance, at most every threshold.
+cdef enum:
+    TWO_PHASE_MAX = 0x7FFFFFC0    # codes per query at most (their rows are int32)
+
+# The first sweep takes about this many per cent of k codes (150: the fewest float sums at
+# k = 100 on MANMINILM, among 100 / 150 / 200 / 300; 0: no two-phase scan, see two_phase).
+cdef int two_phase_first = 150
+
+
+def two_phase(int first=150):
+    """The two-phase scan's first sweep (per cent of k; 0: scan cell by cell instead), for
+    tests to take each branch; returns the setting before."""
+    global two_phase_first
+    if first < 0:
+        raise ValueError("two_phase: first must be >= 0")
+    first, two_phase_first = two_phase_first, first
+    return first
+
+
+cdef struct TwoPhase:    # per-thread scratch of _scan_two_phase
+    float *lb            # the bounds of the query's codes, in scan order (cap + 32)
+    int32_t *hit         # the rows a sweep takes (cap + 8)
+    int64_t cap
+    int64_t *rec         # per segment scanned: its first row in lb, segment, cell (3 rcap)
+    int64_t rcap
+    int32_t hist[256]
+
+
+cdef int _two_phase_room(TwoPhase *tp, int64_t n, int64_t nseg) noexcept nogil:
+    """Room for n codes and nseg segments (and one end record); -1: out of memory."""
+    cdef void *a
+    cdef void *b
+    if n > tp.cap:
+        n = n if n > 2 * tp.cap else 2 * tp.cap
+        a = realloc(tp.lb, (n + 32) * sizeof(float))
+        if a != NULL:
+            tp.lb = <float *> a
+        b = realloc(tp.hit, (n + 8) * sizeof(int32_t))
+        if b != NULL:
+            tp.hit = <int32_t *> b
+        if a == NULL or b == NULL:
+            return -1
+        tp.cap = n
+    if nseg + 1 > tp.rcap:
+        nseg = nseg + 1 if nseg + 1 > 2 * tp.rcap else 2 * tp.rcap
+        a = realloc(tp.rec, 3 * nseg * sizeof(int64_t))
+        if a == NULL:
+            return -1
+        tp.rec = <int64_t *> a
+        tp.rcap = nseg
+    return 0
+
+
+cdef void _sweep(const Segs *sg, const TwoPhase *tp, const cypq_adc4_cell *cell, int64_t n,
+                 float lo, float hi, const float *tables, int n0, Py_ssize_t tsize, int W,
+                 const int32_t *tab0, const int32_t *tab1, TopK *top, Pending *pend,
+                 float *buf, int32_t *ibuf) noexcept nogil:
+    """The float sums of the codes whose bound is in (lo, hi], into the top k."""
+    cdef int64_t nh = cypq_rows_within(cell.plan, tp.lb, n, lo, hi, tp.hit), j = 0, j2, r = 0
+    cdef int64_t start, end, g, t, cnt, e, i
+    cdef uintptr_t vecs
+    while j < nh:
+        while tp.rec[3 * (r + 1)] <= tp.hit[j]:
+            r += 1
+        start = tp.rec[3 * r]
+        end = tp.rec[3 * (r + 1)]
+        g = tp.rec[3 * r + 1]
+        t = tp.rec[3 * r + 2]
+        j2 = j
+        while j2 < nh and tp.hit[j2] < end and j2 - j < SCAN_BLOCK:
+            tp.hit[j2] -= start
+            j2 += 1
+        cnt = cypq_adc4_rows(tables + tab0[t] * tsize, tables + (n0 + tab1[t]) * tsize, W,
+                             <const uint8_t *> sg.codes[g], tp.hit + j, j2 - j, top.td, buf,
+                             ibuf)
+        vecs = sg.vecs[g] if sg.vecs != NULL else 0
+        for e in range(cnt):
+            if buf[e] <= top.td:
+                i = ibuf[e]
+                offer_code(top, pend, buf[e], <const int64_t *> sg.ids[g], 0, i,
+                           vecs + <uintptr_t> (i * sg.vec_bytes) if vecs else 0)
+        if pend.n >= PEND_FLUSH:
+            pending_flush(pend, top)
+        j = j2
+
+
+cdef int64_t _scan_two_phase(const Segs *sg, TwoPhase *tp, cypq_adc4_cell *cell,
+                             const float *tables, const uint8_t *qtab, const float *bias,
+                             int n0, Py_ssize_t tsize, int W, int64_t c0, int64_t c1,
+                             const int32_t *tab0, const int32_t *tab1, TopK *top,
+                             Pending *pend, float *buf, int32_t *ibuf) noexcept nogil:
+    """A query's cells c0 .. c1 - 1 (as scan_cells's loop takes them) into the top k, in two
+    phases (above); returns the codes scanned, -1 out of memory."""
+    cdef int64_t t, g, sl, n = 0, nseg = 0, off = 0, r = 0, want
+    cdef float lam, lo = -INFINITY
+    for t in range(c0, c1):
+        sl = sg.cell_slot[t]
+        nseg += sg.seg_start[sl + 1] - sg.seg_start[sl]
+        for g in range(sg.seg_start[sl], sg.seg_start[sl + 1]):
+            n += sg.len[g]
+    if n >= TWO_PHASE_MAX or _two_phase_room(tp, n, nseg) != 0:
+        return -1
+    for t in range(c0, c1):
+        _prefetch_ahead(sg, t, c1)
+        cell.Q0 = qtab + tab0[t] * tsize
+        cell.Q1 = qtab + (n0 + tab1[t]) * tsize
+        cell.base = bias[tab0[t]] + bias[n0 + tab1[t]]
+        sl = sg.cell_slot[t]
+        for g in range(sg.seg_start[sl], sg.seg_start[sl + 1]):
+            tp.rec[3 * r] = off
+            tp.rec[3 * r + 1] = g
+            tp.rec[3 * r + 2] = t
+            r += 1
+            cypq_adc4_avx2_bounds(cell, <const uint8_t *> sg.codes[g], sg.len[g], tp.lb + off)
+            off += sg.len[g]
+    tp.rec[3 * r] = off
+    want = top.k * two_phase_first // 100 if top.k * two_phase_first >= 100 else 1
+    while True:    # fill the top k (twice the codes while a sample's guess leaves it short)
+        lam = cypq_bound_quantile(tp.lb, n, want, tp.hist) if n > want else INFINITY
+        if lam > lo:   # (each code swept once: the guesses of other samples may be lower)
+            _sweep(sg, tp, cell, n, lo, lam, tables, n0, tsize, W, tab0, tab1, top, pend,
+                   buf, ibuf)
+            pending_flush(pend, top)
+            lo = lam
+        if lam == INFINITY or top.n >= top.k:
+            break
+        want *= 2
+    topk_tighten(top)
+    if lo < top.td:
+        _sweep(sg, tp, cell, n, lo, top.td, tables, n0, tsize, W, tab0, tab1, top, pend, buf,
+               ibuf)
+    return n
+
+
 cdef void _half_tables(const float *P, int n, int Dh, int Mh, int Ds, int S,
                        const float *subTm2, const float *subnorm, float *out,
                        const float *offset) noexcept nogil:
@@ -645,7 +823,9 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
     valid for the call. ``packed``: 4-bit codes (S = 16, M % 4 == 0) two per byte, low
     nibble first, M/2 bytes (code_bytes 1), scored as fastscan.h says: where the CPU has
     AVX-512 VBMI or AVX2, each query's tables also quantised to uint8 for in-register bounds
-    that spare the float sums of codes that cannot enter the top k (same results either way).
+    that spare the float sums of codes that cannot enter the top k (same results either way;
+    with AVX2 and no filter, in two phases: every code's bound first, then the float sums,
+    see _scan_two_phase).
     Outputs: D (nq, k) float32 ascending squared distances, I (nq, k) int64 ids (inf / -1
     padding); n_scanned (nq,) codes scanned; with W (nq, k) uintp, where each result's
     stored vector is: seg_vecs[s] (address of the segment's (len, vec_bytes) vectors, 0:
@@ -667,7 +847,7 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
     cdef Py_ssize_t nq = D.shape[0], q
     cdef int M = subs.shape[0], S = subs.shape[1], Ds = subs.shape[2], Mh = M // 2
     cdef int Dh = P0.shape[1], k = D.shape[1], n0, n1
-    cdef int64_t t, t1, sl, g, scanned, need, maxrows = 0, line, span
+    cdef int64_t t, t1, sl, g, scanned, need, maxrows = 0
     cdef int64_t cbytes = code_bytes * (M // 2 if packed else M)   # bytes per code
     cdef int64_t n_slots = seg_start.shape[0] - 1
     cdef Py_ssize_t tsize = <Py_ssize_t> Mh * S
@@ -698,6 +878,11 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
     cdef const char *tg
     cdef TopK *top
     cdef Pending *pend
+    cdef bint two_phase = False
+    cdef TwoPhase *tp
+    cdef Segs sg
+    cdef const int32_t *ptab0 = &tab0[0] if tab0.shape[0] else NULL
+    cdef const int32_t *ptab1 = &tab1[0] if tab1.shape[0] else NULL
     if filtering:
         if (n_passed is None or n_passed.shape[0] != nq or n_done is None
                 or n_done.shape[0] != nq or (masks is not None and (
@@ -728,6 +913,7 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
     if packed:
         cypq_adc4_plan_init(&plan, M // 2)
         bounds = plan.path != 0
+        two_phase = plan.path == CYPQ_ADC4_AVX2 and not filtering and two_phase_first > 0
     if (I.shape[0] != nq or I.shape[1] != k or n_scanned.shape[0] != nq
             or pstart0.shape[0] != nq + 1 or pstart1.shape[0] != nq + 1
             or cell_start.shape[0] != nq + 1):
@@ -752,6 +938,14 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
                 raise ValueError("scan_cells: a cell's slot or table row is out of range")
     p0 = &P0[0, 0] if P0.shape[0] else NULL
     p1 = &P1[0, 0] if P1.shape[0] else NULL
+    sg.cell_slot = &cell_slot[0] if cell_slot.shape[0] else NULL
+    sg.seg_start = &seg_start[0]
+    sg.codes = &seg_codes[0] if seg_codes.shape[0] else NULL
+    sg.ids = &seg_ids[0] if seg_ids.shape[0] else NULL
+    sg.len = &seg_len[0] if seg_len.shape[0] else NULL
+    sg.vecs = &seg_vecs[0] if where and seg_vecs.shape[0] else NULL
+    sg.vec_bytes = vec_bytes
+    sg.cbytes = cbytes
     if codebooks_init(&cb, &subs[0, 0, 0], M, S, Ds, True) != 0:
         codebooks_free(&cb)
         raise MemoryError()
@@ -781,11 +975,14 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
                 cell = <cypq_adc4_cell *> malloc(sizeof(cypq_adc4_cell))
                 qtab = <uint8_t *> malloc((maxrows if maxrows > 0 else 1) * tsize)  # uint8 tables
                 bias = <float *> malloc((maxrows if maxrows > 0 else 1) * sizeof(float))
+            tp = NULL
+            if two_phase:
+                tp = <TwoPhase *> calloc(1, sizeof(TwoPhase))
             for q in prange(nq, schedule="dynamic"):
                 if buf == NULL or ibuf == NULL or tables == NULL or top == NULL or (
                         pend == NULL) or (bounds and (
                         cell == NULL or qtab == NULL or bias == NULL)) or (filtering and (
-                        flags == NULL or filt == NULL)):
+                        flags == NULL or filt == NULL)) or (two_phase and tp == NULL):
                     fail[0] = 1
                     continue
                 n0 = <int> (pstart0[q + 1] - pstart0[q])
@@ -819,29 +1016,16 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
                     filt.ids = &id_set[0] if filt.n_ids > 0 else NULL
                     n_done[q] = cell_start[q + 1] - cell_start[q]
                 t1 = cell_start[q + 1]
+                if two_phase:
+                    scanned = _scan_two_phase(&sg, tp, cell, tables, qtab, bias, n0, tsize,
+                                              M // 2, cell_start[q], t1, ptab0, ptab1, top,
+                                              pend, buf, ibuf)
+                    if scanned < 0:
+                        fail[0] = 1
+                        continue
+                    t1 = cell_start[q]     # (the cells are done)
                 for t in range(cell_start[q], t1):
-                    # The cells' segment records and entries are scattered: fetch them a few
-                    # cells ahead, each step using what an earlier step fetched (the misses
-                    # were a third of the scan's time).
-                    if t + 3 * AHEAD < t1:
-                        cypq_prefetch(&seg_start[cell_slot[t + 3 * AHEAD]])
-                    if t + 2 * AHEAD < t1:
-                        g = seg_start[cell_slot[t + 2 * AHEAD]]
-                        cypq_prefetch(&seg_len[g])
-                        cypq_prefetch(&seg_codes[g])
-                        cypq_prefetch(&seg_ids[g])
-                        if where:
-                            cypq_prefetch(&seg_vecs[g])
-                    if t + AHEAD < t1:
-                        g = seg_start[cell_slot[t + AHEAD]]
-                        if seg_start[cell_slot[t + AHEAD] + 1] > g:
-                            # every line of the first segment's codes, up to PREFETCH_MAX
-                            # bytes: the cells of small V span several lines
-                            span = seg_len[g] * cbytes
-                            if span > PREFETCH_MAX:
-                                span = PREFETCH_MAX
-                            for line in range(0, span, 64):
-                                cypq_prefetch(<const char *> seg_codes[g] + line)
+                    _prefetch_ahead(&sg, t, t1)
                     sl = cell_slot[t]
                     T0 = tables + tab0[t] * tsize
                     T1 = tables + (n0 + tab1[t]) * tsize
@@ -886,6 +1070,11 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
             free(cell)
             free(qtab)
             free(bias)
+            if tp != NULL:
+                free(tp.lb)
+                free(tp.hit)
+                free(tp.rec)
+                free(tp)
     codebooks_free(&cb)
     free(zero_norms)
     if failed:

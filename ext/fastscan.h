@@ -15,7 +15,9 @@
  * - cypq_adc4_avx2 (AVX2, where there is no VBMI): the same bounds from the same uint8
  *   tables, 32 codes at a time: the block is transposed in registers (byte j of 32 codes in
  *   one vector), each byte's two nibbles looked up with vpshufb in their subquantizers'
- *   16-entry tables, and the sums kept in 16-bit lanes.
+ *   16-entry tables, and the sums kept in 16-bit lanes; cypq_adc4_avx2_bounds writes every
+ *   code's bound instead, for the index's two-phase scan (_search.pyx), and
+ *   cypq_rows_within / cypq_bound_quantile / cypq_adc4_rows serve its sweeps.
  * A code within the threshold always has its bound within it (see cypq_quantize4), so every
  * path returns the same codes with the same distances; the bounds only spare the float sums
  * of codes that cannot enter the top k. The path is picked once per search (cypq_adc4_plan).
@@ -94,6 +96,7 @@ typedef struct {
     uint8_t tix[8][4][64];
     uint64_t tmask[8][4];
     uint8_t widen[4][64];    /* byte 4i of widen[l]: lane 16 l + i (the column's code i) */
+    uint64_t pack[256];      /* byte j of pack[b]: the j-th set bit of b (cypq_rows_within) */
 } cypq_adc4_plan;
 
 /* The tables of one cell for the VBMI path: Q0, Q1 (W, 16) uint8 of its two centroids,
@@ -137,6 +140,9 @@ static void cypq_adc4_plan_init(cypq_adc4_plan *p, int W) {
 #endif
     for (int l = 0; l < 4; l++)
         for (int i = 0; i < 16; i++) p->widen[l][4 * i] = (uint8_t)(16 * l + i);
+    for (int b = 0; b < 256; b++)
+        for (int j = 0, at = 0; j < 8; j++)
+            if (b >> j & 1) p->pack[b] |= (uint64_t)j << (8 * at++);
     if (W % 4 == 0 && W <= 32)
         for (int g = 0; g < W / 4; g++)
             for (int lane = 0; lane < 64; lane++) {
@@ -179,6 +185,15 @@ CYPQ_INLINE int64_t cypq_adc4_rescore(const float *T0, const float *T1, const in
         }
     }
     return cnt;
+}
+
+/* cypq_adc4_rescore with the common widths unrolled: the two-phase scan's float sums. */
+#define CYPQ_ADC4_ROWS_BODY(WW)                                                             \
+    return cypq_adc4_rescore(T0, T1, (WW), codes, rows, m, thresh, out, idx);
+static int64_t cypq_adc4_rows(const float *T0, const float *T1, int W, const uint8_t *codes,
+                              const int32_t *rows, int64_t m, float thresh, float *out,
+                              int32_t *idx) {
+    CYPQ_ADC4_BY_WIDTH(CYPQ_ADC4_ROWS_BODY, W)
 }
 
 #if CYPQ_WIDE
@@ -454,49 +469,67 @@ CYPQ_AVX2 CYPQ_INLINE uint32_t cypq_pass16(__m256i E, __m256 delta, __m256 base,
     return a | (b << 8);
 }
 
-/* The AVX2 loop for codes of WW bytes (W <= CYPQ_ADC4_AVX2_MAX_W): blocks of 32 codes, read in
- * place where 16 bytes past each row's chunk stay inside the codes, else from a zero-padded
- * copy. The sums of 16-bit lane e (rows 2e, 2e + 1): acc gathers v[2e] + 256 v[2e + 1] (mod
- * 2^16) and odd v[2e + 1], so the even rows' sums are acc - 256 odd (every sum < 2^16: at most
- * 128 x 254). */
+/* Row i's block of 32 codes (W bytes each, n in all) as the AVX2 sums read it: in place where
+ * 16 bytes past each row's chunk stay inside the codes, else a zero-padded copy in pad
+ * (32 W + 16 bytes). */
+CYPQ_INLINE const uint8_t *cypq_adc4_avx2_block(const uint8_t *codes, int64_t i, int64_t n,
+                                               const int W, uint8_t *pad) {
+    const int chunks = (W + 15) / 16, p = n - i < 32 ? (int)(n - i) : 32;
+    const uint8_t *blk = codes + i * W;
+    if (p < 32 || (i + 31) * W + 16 * chunks > n * W) {
+        memcpy(pad, blk, (size_t)p * W);  /* zeros after, as far as the loads reach */
+        memset(pad + p * W, 0, (size_t)(31 * W + 16 * chunks - p * W));
+        blk = pad;
+    }
+    return blk;
+}
+
+/* The uint8 bound sums of the block of 32 codes at blk (W <= CYPQ_ADC4_AVX2_MAX_W bytes each),
+ * 16-bit lane e of *even holding row 2e's and of *odd row 2e + 1's: acc gathers v[2e] +
+ * 256 v[2e + 1] (mod 2^16) and odd v[2e + 1], so the even rows' sums are acc - 256 odd (every
+ * sum < 2^16: at most 128 x 254). */
+CYPQ_AVX2 CYPQ_INLINE void cypq_adc4_avx2_sums(const cypq_adc4_cell *cell, const uint8_t *blk,
+                                               const int W, __m256i *even, __m256i *odd) {
+    const int H = W / 2, chunks = (W + 15) / 16;
+    const __m256i low = _mm256_set1_epi8(15);
+    __m256i acc = _mm256_setzero_si256(), od = _mm256_setzero_si256();
+    for (int ch = 0; ch < chunks; ch++) {
+        __m256i a[16];
+        for (int r = 0; r < 16; r++)
+            a[r] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128(
+                (const __m128i *)(blk + r * W + 16 * ch))), _mm_loadu_si128(
+                (const __m128i *)(blk + (r + 16) * W + 16 * ch)), 1);
+        cypq_transpose32x16(a);
+        const int cols = W - 16 * ch < 16 ? W - 16 * ch : 16;
+        for (int c = 0; c < cols; c++) {
+            const int j = 16 * ch + c;   /* byte j: subquantizers 2j, 2j + 1 of a half */
+            const uint8_t *q = j < H ? cell->Q0 + 32 * j : cell->Q1 + 32 * (j - H);
+            const __m256i vl = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(
+                _mm_loadu_si128((const __m128i *)q)), _mm256_and_si256(a[c], low));
+            const __m256i vh = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(
+                _mm_loadu_si128((const __m128i *)(q + 16))),
+                _mm256_and_si256(_mm256_srli_epi16(a[c], 4), low));
+            acc = _mm256_add_epi16(acc, _mm256_add_epi16(vl, vh));
+            od = _mm256_add_epi16(od, _mm256_add_epi16(_mm256_srli_epi16(vl, 8),
+                                                       _mm256_srli_epi16(vh, 8)));
+        }
+    }
+    *even = _mm256_sub_epi16(acc, _mm256_slli_epi16(od, 8));
+    *odd = od;
+}
+
+/* The AVX2 loop for codes of WW bytes (W <= CYPQ_ADC4_AVX2_MAX_W): blocks of 32 codes, their
+ * bounds compared with the threshold, the float sums only for those within it. */
 #define CYPQ_ADC4_AVX2_BODY(WW)                                                             \
-    const int W = (WW), H = W / 2, chunks = (W + 15) / 16;                                  \
+    const int W = (WW);                                                                     \
     uint8_t pad[32 * CYPQ_ADC4_AVX2_MAX_W + 16];                                            \
-    const __m256i low = _mm256_set1_epi8(15);                                               \
     const __m256 base = _mm256_set1_ps(cell->base - cell->slack);                           \
     const __m256 delta = _mm256_set1_ps(cell->delta), th = _mm256_set1_ps(thresh);          \
     int64_t m = 0;                                                                          \
     for (int64_t i = 0; i < n; i += 32) {                                                   \
         const int p = n - i < 32 ? (int)(n - i) : 32;                                       \
-        const uint8_t *blk = codes + i * W;                                                 \
-        if (p < 32 || (i + 31) * W + 16 * chunks > n * W) {                                 \
-            memcpy(pad, blk, (size_t)p * W);  /* zeros after, as far as the loads reach */  \
-            memset(pad + p * W, 0, (size_t)(31 * W + 16 * chunks - p * W));                \
-            blk = pad;                                                                      \
-        }                                                                                   \
-        __m256i acc = _mm256_setzero_si256(), odd = _mm256_setzero_si256();                \
-        for (int ch = 0; ch < chunks; ch++) {                                               \
-            __m256i a[16];                                                                  \
-            for (int r = 0; r < 16; r++)                                                    \
-                a[r] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128(     \
-                    (const __m128i *)(blk + r * W + 16 * ch))), _mm_loadu_si128(           \
-                    (const __m128i *)(blk + (r + 16) * W + 16 * ch)), 1);                   \
-            cypq_transpose32x16(a);                                                         \
-            const int cols = W - 16 * ch < 16 ? W - 16 * ch : 16;                           \
-            for (int c = 0; c < cols; c++) {                                                \
-                const int j = 16 * ch + c;   /* byte j: subquantizers 2j, 2j + 1 of a half */ \
-                const uint8_t *q = j < H ? cell->Q0 + 32 * j : cell->Q1 + 32 * (j - H);     \
-                const __m256i vl = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(         \
-                    _mm_loadu_si128((const __m128i *)q)), _mm256_and_si256(a[c], low));     \
-                const __m256i vh = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(         \
-                    _mm_loadu_si128((const __m128i *)(q + 16))),                           \
-                    _mm256_and_si256(_mm256_srli_epi16(a[c], 4), low));                     \
-                acc = _mm256_add_epi16(acc, _mm256_add_epi16(vl, vh));                      \
-                odd = _mm256_add_epi16(odd, _mm256_add_epi16(_mm256_srli_epi16(vl, 8),      \
-                                                             _mm256_srli_epi16(vh, 8)));    \
-            }                                                                               \
-        }                                                                                   \
-        const __m256i even = _mm256_sub_epi16(acc, _mm256_slli_epi16(odd, 8));              \
+        __m256i even, odd;                                                                  \
+        cypq_adc4_avx2_sums(cell, cypq_adc4_avx2_block(codes, i, n, W, pad), W, &even, &odd); \
         const uint32_t pass = cypq_spread16(cypq_pass16(even, delta, base, th))             \
                               | (cypq_spread16(cypq_pass16(odd, delta, base, th)) << 1);    \
         m = cypq_note_passing(idx, m, i, p, pass, 1);                                       \
@@ -504,8 +537,117 @@ CYPQ_AVX2 CYPQ_INLINE uint32_t cypq_pass16(__m256i E, __m256 delta, __m256 base,
     return cypq_adc4_rescore(T0, T1, W, codes, idx, m, thresh, out, idx);
 
 CYPQ_ADC4_ENTRY(CYPQ_AVX2, cypq_adc4_avx2, CYPQ_ADC4_AVX2_BODY)
+
+/* 8 uint16 sums (the low 128 bits of s) -> 8 bounds base + delta * sum at out. */
+CYPQ_AVX2 CYPQ_INLINE void cypq_store_bounds8(__m128i s, __m256 delta, __m256 base, float *out) {
+    _mm256_storeu_ps(out, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(s)), delta,
+                                          base));
+}
+
+/* Every code's lower bound, as the AVX2 loop compares it, to lb (n rounded up to 32 entries,
+ * those past n undefined): the two-phase scan's first phase (see _search.pyx). */
+#define CYPQ_ADC4_AVX2_BOUNDS_BODY(WW)                                                      \
+    const int W = (WW);                                                                     \
+    uint8_t pad[32 * CYPQ_ADC4_AVX2_MAX_W + 16];                                            \
+    const __m256 base = _mm256_set1_ps(cell->base - cell->slack);                           \
+    const __m256 delta = _mm256_set1_ps(cell->delta);                                       \
+    for (int64_t i = 0; i < n; i += 32) {                                                   \
+        __m256i even, odd;                                                                  \
+        cypq_adc4_avx2_sums(cell, cypq_adc4_avx2_block(codes, i, n, W, pad), W, &even, &odd); \
+        /* rows 0-7 and 16-23 (lo), 8-15 and 24-31 (hi), in order */                       \
+        const __m256i lo = _mm256_unpacklo_epi16(even, odd);                                \
+        const __m256i hi = _mm256_unpackhi_epi16(even, odd);                                \
+        cypq_store_bounds8(_mm256_castsi256_si128(lo), delta, base, lb + i);                \
+        cypq_store_bounds8(_mm256_castsi256_si128(hi), delta, base, lb + i + 8);            \
+        cypq_store_bounds8(_mm256_extracti128_si256(lo, 1), delta, base, lb + i + 16);      \
+        cypq_store_bounds8(_mm256_extracti128_si256(hi, 1), delta, base, lb + i + 24);      \
+    }                                                                                       \
+    return n;
+
+CYPQ_AVX2 static int64_t cypq_adc4_avx2_bounds(const cypq_adc4_cell *cell, const uint8_t *codes,
+                                               int64_t n, float *lb) {
+    CYPQ_ADC4_BY_WIDTH(CYPQ_ADC4_AVX2_BOUNDS_BODY, cell->plan->W)
+}
+
+/* Rows i < n with lo < lb[i] <= hi to idx (room for 8 more than them), ascending; returns
+ * how many. Each 8 rows' passing ones are packed through pl->pack, without branches (a
+ * tenth pass, in no order a branch predicts). */
+CYPQ_AVX2 static int64_t cypq_rows_within(const cypq_adc4_plan *pl, const float *lb, int64_t n,
+                                          float lo, float hi, int32_t *idx) {
+    const __m256 l = _mm256_set1_ps(lo), h = _mm256_set1_ps(hi);
+    int64_t m = 0, i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 x = _mm256_loadu_ps(lb + i);
+        const unsigned bits = (unsigned)_mm256_movemask_ps(_mm256_and_ps(
+            _mm256_cmp_ps(x, l, _CMP_GT_OQ), _mm256_cmp_ps(x, h, _CMP_LE_OQ)));
+        const __m256i at = _mm256_add_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+            (const __m128i *)&pl->pack[bits])), _mm256_set1_epi32((int)i));
+        _mm256_storeu_si256((__m256i *)(idx + m), at);
+        m += __builtin_popcount(bits);
+    }
+    for (; i < n; i++)
+        if (lb[i] > lo && lb[i] <= hi) idx[m++] = (int32_t)i;
+    return m;
+}
+
+/* A value with about `want` (0 < want < n) of the n floats lb at most it: the upper edge of
+ * the bucket, of 256 between their minimum and maximum, that holds the want-th smallest
+ * (of a sample, when n is large).
+ * hist: 256 ints of scratch. (The two-phase scan is exact whatever this returns; a close
+ * guess only spares it work.) */
+CYPQ_AVX2 static float cypq_bound_quantile(const float *lb, int64_t n, int64_t want,
+                                           int32_t *hist) {
+    __m256 mn = _mm256_set1_ps(INFINITY), mx = _mm256_set1_ps(-INFINITY);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 x = _mm256_loadu_ps(lb + i);
+        mn = _mm256_min_ps(mn, x);
+        mx = _mm256_max_ps(mx, x);
+    }
+    float lo[8], hi[8], a = INFINITY, b = -INFINITY;
+    _mm256_storeu_ps(lo, mn);
+    _mm256_storeu_ps(hi, mx);
+    for (int j = 0; j < 8; j++) {
+        a = lo[j] < a ? lo[j] : a;
+        b = hi[j] > b ? hi[j] : b;
+    }
+    for (; i < n; i++) {
+        a = lb[i] < a ? lb[i] : a;
+        b = lb[i] > b ? lb[i] : b;
+    }
+    if (!(b > a) || !isfinite(b - a)) return b;
+    /* a sample of at least 4 want of them (every step-th) tells it closely enough */
+    const int64_t step = n / (4 * want) > 1 ? n / (4 * want) : 1;
+    const float scale = 256.f / (b - a);
+    memset(hist, 0, 256 * sizeof *hist);
+    for (i = 0; i < n; i += step) {
+        int at = (int)((lb[i] - a) * scale);
+        hist[at > 255 ? 255 : at]++;
+    }
+    want = (want + step - 1) / step;
+    int64_t seen = 0;
+    for (int j = 0; j < 255; j++) {
+        seen += hist[j];
+        if (seen >= want) return a + (float)(j + 1) / scale;
+    }
+    return b;
+}
 #else
-/* No bounds here: plans say so, and nothing quantises. */
+/* No bounds here: plans say so, and nothing quantises or takes the two-phase scan. */
+static int64_t cypq_adc4_avx2_bounds(const cypq_adc4_cell *cell, const uint8_t *codes,
+                                     int64_t n, float *lb) {
+    (void)cell; (void)codes; (void)lb;
+    return n;
+}
+static int64_t cypq_rows_within(const cypq_adc4_plan *pl, const float *lb, int64_t n, float lo,
+                                float hi, int32_t *idx) {
+    (void)pl; (void)lb; (void)n; (void)lo; (void)hi; (void)idx;
+    return 0;
+}
+static float cypq_bound_quantile(const float *lb, int64_t n, int64_t want, int32_t *hist) {
+    (void)lb; (void)n; (void)want; (void)hist;
+    return INFINITY;
+}
 static float cypq_quantize4(const float *T, int64_t rows, int m, uint8_t *Q, float *bias,
                             float *slack) {
     (void)T; (void)rows; (void)m; (void)Q; (void)bias;

@@ -2,6 +2,8 @@
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 
 cdef extern from "fastscan.h" nogil:
+    enum: CYPQ_ADC4_AVX2
+
     ctypedef struct cypq_adc4_plan:
         int W
         int path
@@ -21,3 +23,12 @@ cdef extern from "fastscan.h" nogil:
     int64_t cypq_adc4_cells(const float *T0, const float *T1, int W,
                             const cypq_adc4_cell *cell, const uint8_t *codes, int64_t n,
                             float thresh, float *out, int32_t *idx) noexcept
+    int64_t cypq_adc4_rows(const float *T0, const float *T1, int W, const uint8_t *codes,
+                           const int32_t *rows, int64_t m, float thresh, float *out,
+                           int32_t *idx) noexcept
+    int64_t cypq_adc4_avx2_bounds(const cypq_adc4_cell *cell, const uint8_t *codes, int64_t n,
+                                  float *lb) noexcept
+    int64_t cypq_rows_within(const cypq_adc4_plan *pl, const float *lb, int64_t n, float lo,
+                             float hi, int32_t *idx) noexcept
+    float cypq_bound_quantile(const float *lb, int64_t n, int64_t want,
+                              int32_t *hist) noexcept

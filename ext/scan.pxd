@@ -135,7 +135,6 @@ cdef inline int64_t scan_topk(const float *T0, const float *T1, int M, int Ks, b
     candidates wait there for their ids (see Pending); the caller flushes it.
     """
     cdef int64_t b0 = 0, j, nb, cnt, i, passed = 0, ok
-    cdef uintptr_t wv
     cdef int64_t stride = M // 2 if packed else M     # code values per code
     cdef float d
     while b0 < n:
@@ -155,19 +154,25 @@ cdef inline int64_t scan_topk(const float *T0, const float *T1, int M, int Ks, b
             d = buf[j]
             if d <= top.td and (filt == NULL or flags[ibuf[j]]):
                 i = b0 + ibuf[j]
-                wv = vecs + <uintptr_t> (i * vec_bytes) if vecs else 0
-                if pend != NULL and ids != NULL:
-                    if pend.n == PEND_CAP:
-                        pending_flush(pend, top)
-                        if d > top.td:
-                            continue
-                    pend.idp[pend.n] = <const char *> ids + i * 8
-                    cypq_prefetch(pend.idp[pend.n])
-                    pend.d[pend.n] = d
-                    pend.w[pend.n] = wv
-                    pend.n += 1
-                    continue
-                idv = load_id(ids, i) if ids != NULL else id_offset + i
-                topk_offer(top, d, idv, wv)
+                offer_code(top, pend, d, ids, id_offset, i,
+                           vecs + <uintptr_t> (i * vec_bytes) if vecs else 0)
         b0 += nb
     return n if filt == NULL else passed
+
+
+cdef inline void offer_code(TopK *top, Pending *pend, float d, const int64_t *ids,
+                            int64_t id_offset, int64_t i, uintptr_t wv) noexcept nogil:
+    """Code i (distance d, at most top's threshold; carrying wv) into the top k, as
+    scan_topk says: through pend (when given, with ids) or at once."""
+    if pend != NULL and ids != NULL:
+        if pend.n == PEND_CAP:
+            pending_flush(pend, top)
+            if d > top.td:
+                return
+        pend.idp[pend.n] = <const char *> ids + i * 8
+        cypq_prefetch(pend.idp[pend.n])
+        pend.d[pend.n] = d
+        pend.w[pend.n] = wv
+        pend.n += 1
+        return
+    topk_offer(top, d, load_id(ids, i) if ids != NULL else id_offset + i, wv)

@@ -180,6 +180,16 @@ cdef inline void topk_push(TopK *t, float d, int64_t idx, uintptr_t w) noexcept 
         t.ti = t.i[t.k - 1]
 
 
+cdef inline void topk_tighten(TopK *t) noexcept nogil:
+    """Keep only the k best of the entries held, the threshold the worst of them (for a scan
+    going on after many entries at once)."""
+    if t.n > t.k:
+        _select(t, t.k)
+        t.n = t.k
+        t.td = t.d[t.k - 1]
+        t.ti = t.i[t.k - 1]
+
+
 cdef inline void topk_offer(TopK *t, float d, int64_t idx, uintptr_t w) noexcept nogil:
     """Append (d, idx) carrying w if it ranks before the k-th best (the id only decides ties)."""
     if d < t.td or topk_takes(t, d, idx):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from cypq import Index, LOPQModel
+from cypq._search import two_phase
 from cypq.code_layout import PACKED4, CodeLayout
 from cypq.storage.lmdb import IndexFormatError
 
@@ -189,6 +190,41 @@ def test_fast_scan_bounds_change_nothing(dim, M, metric, V, n_threads, scan_path
         D0, I0 = index.search(Q, k=k, quota=quota)
         for limit in ("avx2", "best"):
             scan_path(limit)
-            D1, I1 = index.search(Q, k=k, quota=quota)
+            for first in TWO_PHASE:
+                two_phase(first)
+                try:
+                    D1, I1 = index.search(Q, k=k, quota=quota)
+                finally:
+                    two_phase(150)
+                np.testing.assert_array_equal(I1, I0)
+                np.testing.assert_array_equal(D1, D0)
+
+
+# The AVX2 path's two-phase scan (_search.pyx): its first sweep as set (150 per cent of k),
+# one code and doubling until the top k fills, or off (cell by cell, as a filtered scan).
+TWO_PHASE = (150, 1, 0)
+
+
+@pytest.mark.parametrize("k", [1, 7, 100])
+def test_two_phase_scan_equals_reference(k, n_threads, scan_path):
+    """The two-phase scan against LOPQ's reference scoring and, bit for bit, against the
+    portable path, with every first sweep: one that leaves the top k short, k above the codes
+    scanned, ties (repeated vectors: equal bounds and distances, ranked by id). (Several
+    segments per cell: the LMDB storage test above, whose staged blocks hold 8 codes.)"""
+    model, X, Q = _fit(64, V=3, M=16, n=1200, seed=k)
+    X = np.concatenate([X, X[:300]])
+    index = Index.in_memory(model, n_threads=n_threads)
+    index.add(X)
+    for quota in (0, 30, 400):
+        scan_path("portable")
+        D0, I0 = index.search(Q, k=k, quota=quota)
+        scan_path("best")
+        for first in TWO_PHASE:
+            two_phase(first)
+            try:
+                D1, I1 = index.search(Q, k=k, quota=quota)
+                ref.assert_search_matches(index, model, X, np.arange(len(X)), Q, k, quota)
+            finally:
+                two_phase(150)
             np.testing.assert_array_equal(I1, I0)
             np.testing.assert_array_equal(D1, D0)
