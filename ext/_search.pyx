@@ -500,8 +500,9 @@ cdef inline void _prefetch_ahead(const Segs *sg, int64_t t, int64_t t1) noexcept
 cdef enum:
     TWO_PHASE_MAX = 0x7FFFFFC0    # codes per query at most (their rows are int32)
 
-# The first sweep takes about this many per cent of k codes (150: the fewest float sums at
-# k = 100 on MANMINILM, among 100 / 150 / 200 / 300; 0: no two-phase scan, see two_phase).
+# The first sweep takes about this many per cent of k codes (100 / 150 / 200 / 300 measured
+# within the VM's noise of each other at k = 100 on MANMINILM; 0: no two-phase scan, see
+# two_phase).
 cdef int two_phase_first = 150
 
 
@@ -588,7 +589,8 @@ cdef int64_t _scan_two_phase(const Segs *sg, TwoPhase *tp, cypq_adc4_cell *cell,
                              const int32_t *tab0, const int32_t *tab1, TopK *top,
                              Pending *pend, float *buf, int32_t *ibuf) noexcept nogil:
     """A query's cells c0 .. c1 - 1 (as scan_cells's loop takes them) into the top k, in two
-    phases (above); returns the codes scanned, -1 out of memory."""
+    phases (above); returns the codes scanned, -1 out of memory, -2 (nothing done) more codes
+    than TWO_PHASE_MAX."""
     cdef int64_t t, g, sl, n = 0, nseg = 0, off = 0, r = 0, want
     cdef float lam, lo = -INFINITY
     for t in range(c0, c1):
@@ -596,7 +598,9 @@ cdef int64_t _scan_two_phase(const Segs *sg, TwoPhase *tp, cypq_adc4_cell *cell,
         nseg += sg.seg_start[sl + 1] - sg.seg_start[sl]
         for g in range(sg.seg_start[sl], sg.seg_start[sl + 1]):
             n += sg.len[g]
-    if n >= TWO_PHASE_MAX or _two_phase_room(tp, n, nseg) != 0:
+    if n >= TWO_PHASE_MAX:
+        return -2
+    if _two_phase_room(tp, n, nseg) != 0:
         return -1
     for t in range(c0, c1):
         _prefetch_ahead(sg, t, c1)
@@ -1020,10 +1024,13 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
                     scanned = _scan_two_phase(&sg, tp, cell, tables, qtab, bias, n0, tsize,
                                               M // 2, cell_start[q], t1, ptab0, ptab1, top,
                                               pend, buf, ibuf)
-                    if scanned < 0:
+                    if scanned == -1:
                         fail[0] = 1
                         continue
-                    t1 = cell_start[q]     # (the cells are done)
+                    if scanned >= 0:
+                        t1 = cell_start[q]     # (the cells are done)
+                    else:
+                        scanned = 0            # (too many for it: cell by cell below)
                 for t in range(cell_start[q], t1):
                     _prefetch_ahead(&sg, t, t1)
                     sl = cell_slot[t]
