@@ -592,9 +592,8 @@ CYPQ_AVX2 static int64_t cypq_rows_within(const cypq_adc4_plan *pl, const float 
 
 /* A value with about `want` (0 < want < n) of the n floats lb at most it: the upper edge of
  * the bucket, of 256 between their minimum and maximum, that holds the want-th smallest
- * (of a sample, when n is large).
- * hist: 256 ints of scratch. (The two-phase scan is exact whatever this returns; a close
- * guess only spares it work.) */
+ * (of a sample, when n is large); hist: 256 ints of scratch. (The two-phase scan is exact
+ * whatever this returns; a close guess only spares it work.) */
 CYPQ_AVX2 static float cypq_bound_quantile(const float *lb, int64_t n, int64_t want,
                                            int32_t *hist) {
     __m256 mn = _mm256_set1_ps(INFINITY), mx = _mm256_set1_ps(-INFINITY);
@@ -621,8 +620,8 @@ CYPQ_AVX2 static float cypq_bound_quantile(const float *lb, int64_t n, int64_t w
     const float scale = 256.f / (b - a);
     memset(hist, 0, 256 * sizeof *hist);
     for (i = 0; i < n; i += step) {
-        int at = (int)((lb[i] - a) * scale);
-        hist[at > 255 ? 255 : at]++;
+        const int at = (int)((lb[i] - a) * scale);   /* (a NaN's: INT_MIN, bucket 0) */
+        hist[at < 0 ? 0 : (at > 255 ? 255 : at)]++;
     }
     want = (want + step - 1) / step;
     int64_t seen = 0;
