@@ -500,9 +500,8 @@ cdef inline void _prefetch_ahead(const Segs *sg, int64_t t, int64_t t1) noexcept
 cdef enum:
     TWO_PHASE_MAX = 0x7FFFFFC0    # codes per query at most (their rows are int32)
 
-# The first sweep takes about this many per cent of k codes (100 / 150 / 200 / 300 measured
-# within the VM's noise of each other at k = 100 on MANMINILM; 0: no two-phase scan, see
-# two_phase).
+# The first sweep takes about this many per cent of k codes (100 / 150 / 200 measured within
+# 7% of each other at k = 100 on MANMINILM; 0: no two-phase scan, see two_phase).
 cdef int two_phase_first = 150
 
 
