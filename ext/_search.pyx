@@ -549,12 +549,12 @@ cdef int _two_phase_room(TwoPhase *tp, int64_t n, int64_t nseg) noexcept nogil:
     return 0
 
 
-cdef void _sweep(const Segs *sg, const TwoPhase *tp, const cypq_adc4_cell *cell, int64_t n,
-                 float lo, float hi, const float *tables, int n0, Py_ssize_t tsize, int W,
-                 const int32_t *tab0, const int32_t *tab1, TopK *top, Pending *pend,
-                 float *buf, int32_t *ibuf) noexcept nogil:
+cdef void _sweep(const Segs *sg, const TwoPhase *tp, int64_t n, float lo, float hi,
+                 const float *tables, int n0, Py_ssize_t tsize, int W, const int32_t *tab0,
+                 const int32_t *tab1, TopK *top, Pending *pend, float *buf,
+                 int32_t *ibuf) noexcept nogil:
     """The float sums of the codes whose bound is in (lo, hi], into the top k."""
-    cdef int64_t nh = cypq_rows_within(cell.plan, tp.lb, n, lo, hi, tp.hit), j = 0, j2, r = 0
+    cdef int64_t nh = cypq_rows_within(tp.lb, n, lo, hi, tp.hit), j = 0, j2, r = 0
     cdef int64_t start, end, g, t, cnt, e, i
     cdef uintptr_t vecs
     while j < nh:
@@ -619,7 +619,7 @@ cdef int64_t _scan_two_phase(const Segs *sg, TwoPhase *tp, cypq_adc4_cell *cell,
     while True:    # fill the top k (twice the codes while a sample's guess leaves it short)
         lam = cypq_bound_quantile(tp.lb, n, want, tp.hist) if n > want else INFINITY
         if lam > lo:   # (each code swept once: the guesses of other samples may be lower)
-            _sweep(sg, tp, cell, n, lo, lam, tables, n0, tsize, W, tab0, tab1, top, pend,
+            _sweep(sg, tp, n, lo, lam, tables, n0, tsize, W, tab0, tab1, top, pend,
                    buf, ibuf)
             pending_flush(pend, top)
             lo = lam
@@ -628,7 +628,7 @@ cdef int64_t _scan_two_phase(const Segs *sg, TwoPhase *tp, cypq_adc4_cell *cell,
         want *= 2
     topk_tighten(top)
     if lo < top.td:
-        _sweep(sg, tp, cell, n, lo, top.td, tables, n0, tsize, W, tab0, tab1, top, pend, buf,
+        _sweep(sg, tp, n, lo, top.td, tables, n0, tsize, W, tab0, tab1, top, pend, buf,
                ibuf)
     return n
 

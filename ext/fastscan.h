@@ -96,7 +96,6 @@ typedef struct {
     uint8_t tix[8][4][64];
     uint64_t tmask[8][4];
     uint8_t widen[4][64];    /* byte 4i of widen[l]: lane 16 l + i (the column's code i) */
-    uint64_t pack[256];      /* byte j of pack[b]: the j-th set bit of b (cypq_rows_within) */
 } cypq_adc4_plan;
 
 /* The tables of one cell for the VBMI path: Q0, Q1 (W, 16) uint8 of its two centroids,
@@ -140,9 +139,6 @@ static void cypq_adc4_plan_init(cypq_adc4_plan *p, int W) {
 #endif
     for (int l = 0; l < 4; l++)
         for (int i = 0; i < 16; i++) p->widen[l][4 * i] = (uint8_t)(16 * l + i);
-    for (int b = 0; b < 256; b++)
-        for (int j = 0, at = 0; j < 8; j++)
-            if (b >> j & 1) p->pack[b] |= (uint64_t)j << (8 * at++);
     if (W % 4 == 0 && W <= 32)
         for (int g = 0; g < W / 4; g++)
             for (int lane = 0; lane < 64; lane++) {
@@ -570,20 +566,17 @@ CYPQ_AVX2 static int64_t cypq_adc4_avx2_bounds(const cypq_adc4_cell *cell, const
 }
 
 /* Rows i < n with lo < lb[i] <= hi to idx (room for 8 more than them), ascending; returns
- * how many. Each 8 rows' passing ones are packed through pl->pack, without branches (a
- * tenth pass, in no order a branch predicts). */
-CYPQ_AVX2 static int64_t cypq_rows_within(const cypq_adc4_plan *pl, const float *lb, int64_t n,
-                                          float lo, float hi, int32_t *idx) {
+ * how many. Each 8 rows' passing ones are noted without branches (a tenth pass, in no order
+ * a branch predicts). */
+CYPQ_AVX2 static int64_t cypq_rows_within(const float *lb, int64_t n, float lo, float hi,
+                                          int32_t *idx) {
     const __m256 l = _mm256_set1_ps(lo), h = _mm256_set1_ps(hi);
     int64_t m = 0, i = 0;
     for (; i + 8 <= n; i += 8) {
         const __m256 x = _mm256_loadu_ps(lb + i);
         const unsigned bits = (unsigned)_mm256_movemask_ps(_mm256_and_ps(
             _mm256_cmp_ps(x, l, _CMP_GT_OQ), _mm256_cmp_ps(x, h, _CMP_LE_OQ)));
-        const __m256i at = _mm256_add_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
-            (const __m128i *)&pl->pack[bits])), _mm256_set1_epi32((int)i));
-        _mm256_storeu_si256((__m256i *)(idx + m), at);
-        m += __builtin_popcount(bits);
+        m = cypq_note_passing(idx, m, i, 8, bits, 1);
     }
     for (; i < n; i++)
         if (lb[i] > lo && lb[i] <= hi) idx[m++] = (int32_t)i;
@@ -638,9 +631,8 @@ static int64_t cypq_adc4_avx2_bounds(const cypq_adc4_cell *cell, const uint8_t *
     (void)cell; (void)codes; (void)lb;
     return n;
 }
-static int64_t cypq_rows_within(const cypq_adc4_plan *pl, const float *lb, int64_t n, float lo,
-                                float hi, int32_t *idx) {
-    (void)pl; (void)lb; (void)n; (void)lo; (void)hi; (void)idx;
+static int64_t cypq_rows_within(const float *lb, int64_t n, float lo, float hi, int32_t *idx) {
+    (void)lb; (void)n; (void)lo; (void)hi; (void)idx;
     return 0;
 }
 static float cypq_bound_quantile(const float *lb, int64_t n, int64_t want, int32_t *hist) {

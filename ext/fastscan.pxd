@@ -28,7 +28,7 @@ cdef extern from "fastscan.h" nogil:
                            int32_t *idx) noexcept
     int64_t cypq_adc4_avx2_bounds(const cypq_adc4_cell *cell, const uint8_t *codes, int64_t n,
                                   float *lb) noexcept
-    int64_t cypq_rows_within(const cypq_adc4_plan *pl, const float *lb, int64_t n, float lo,
-                             float hi, int32_t *idx) noexcept
+    int64_t cypq_rows_within(const float *lb, int64_t n, float lo, float hi,
+                             int32_t *idx) noexcept
     float cypq_bound_quantile(const float *lb, int64_t n, int64_t want,
                               int32_t *hist) noexcept

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from cypq import Index, LOPQModel
-from cypq._search import two_phase
 from cypq.code_layout import PACKED4, CodeLayout
 from cypq.storage.lmdb import IndexFormatError
 
@@ -161,11 +160,19 @@ def scan_path():
     _search.fast_scan("best")
 
 
+@pytest.fixture
+def first_sweep():
+    """Set the two-phase scan's first sweep (per cent of k; 0: off), back to 150 after."""
+    from cypq import _search
+    yield _search.two_phase
+    _search.two_phase(150)
+
+
 @pytest.mark.parametrize("V", [3, 16])
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 @pytest.mark.parametrize("dim,M", [(32, 16), (48, 24), (64, 32), (96, 48), (128, 64), (48, 12),
                                    (40, 20), (80, 40), (16, 8), (192, 96), (256, 128)])
-def test_fast_scan_bounds_change_nothing(dim, M, metric, V, n_threads, scan_path):
+def test_fast_scan_bounds_change_nothing(dim, M, metric, V, n_threads, scan_path, first_sweep):
     """The in-register bounds (uint8 tables, fastscan.h) only skip codes whose exact sum
     cannot enter the top k: the VBMI and the AVX2 paths return the same ids and bit-identical
     distances as the portable float path, at a small k (a tight threshold, most codes
@@ -191,11 +198,8 @@ def test_fast_scan_bounds_change_nothing(dim, M, metric, V, n_threads, scan_path
         for limit in ("avx2", "best"):
             scan_path(limit)
             for first in TWO_PHASE:
-                two_phase(first)
-                try:
-                    D1, I1 = index.search(Q, k=k, quota=quota)
-                finally:
-                    two_phase(150)
+                first_sweep(first)
+                D1, I1 = index.search(Q, k=k, quota=quota)
                 np.testing.assert_array_equal(I1, I0)
                 np.testing.assert_array_equal(D1, D0)
 
@@ -206,7 +210,7 @@ TWO_PHASE = (150, 1, 0)
 
 
 @pytest.mark.parametrize("k", [1, 7, 100])
-def test_two_phase_scan_equals_reference(k, n_threads, scan_path):
+def test_two_phase_scan_equals_reference(k, n_threads, scan_path, first_sweep):
     """The two-phase scan against LOPQ's reference scoring and, bit for bit, against the
     portable path, with every first sweep: one that leaves the top k short, k above the codes
     scanned, ties (repeated vectors: equal bounds and distances, ranked by id). (Several
@@ -220,11 +224,8 @@ def test_two_phase_scan_equals_reference(k, n_threads, scan_path):
         D0, I0 = index.search(Q, k=k, quota=quota)
         scan_path("best")
         for first in TWO_PHASE:
-            two_phase(first)
-            try:
-                D1, I1 = index.search(Q, k=k, quota=quota)
-                ref.assert_search_matches(index, model, X, np.arange(len(X)), Q, k, quota)
-            finally:
-                two_phase(150)
+            first_sweep(first)
+            D1, I1 = index.search(Q, k=k, quota=quota)
+            ref.assert_search_matches(index, model, X, np.arange(len(X)), Q, k, quota)
             np.testing.assert_array_equal(I1, I0)
             np.testing.assert_array_equal(D1, D0)
