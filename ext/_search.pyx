@@ -16,6 +16,7 @@ from libc.string cimport memcpy, memset
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc, realloc
 
+from radix cimport SMALL_SORT, radix_sort
 from topk cimport TopK, topk_alloc, topk_finish, topk_free, topk_reset, topk_tighten
 from nearest cimport Codebooks, codebooks_free, codebooks_init
 from fastscan cimport (CYPQ_ADC4_AVX2, cypq_adc4_avx2_bounds, cypq_adc4_cell, cypq_adc4_plan,
@@ -24,7 +25,7 @@ from fastscan cimport (CYPQ_ADC4_AVX2, cypq_adc4_avx2_bounds, cypq_adc4_cell, cy
 from scan cimport (PEND_FLUSH, SCAN_BLOCK, Filter, Pending, cypq_prefetch, load_id,
                   offer_code, pass_flags, pending_flush, scan_topk)
 from simd cimport (cypq_ip_ny, cypq_l2sqr_ny, cypq_l2sqr_ny_norm, cypq_l2sqr_ny_norm_x4,
-                  cypq_sort_places, cypq_tables16)
+                  cypq_tables16)
 
 
 cdef extern from *:
@@ -33,72 +34,9 @@ cdef extern from *:
 
 
 cdef enum:
-    SMALL_SORT = 96     # _radix_sort puts up to this many keys in place by counting
     BITMAP_PER_CELL = 8     # cell_order sorts a list by bitmap while it has at most this
                             # many words of it per listed cell
     BITMAP_MAX = 1 << 16    # and the bitmap (a bit per cell) is at most this many words
-
-
-cdef void _radix_sort(uint32_t *key, int32_t *val, int64_t n, uint32_t *tkey,
-                      int32_t *tval) noexcept nogil:
-    """Sort key[0:n] ascending, carrying val along (val may be NULL), stable: LSD radix sort,
-    one pass per byte, skipping bytes all keys share; up to SMALL_SORT keys, each put in its
-    place by counting (cypq_sort_places: the histograms cost more there). tkey, tval: scratch
-    of n entries. Non-negative floats sort as their bit patterns, so this sorts distances
-    too."""
-    cdef int64_t hist[4][256]
-    cdef uint32_t sk_small[SMALL_SORT]
-    cdef int32_t sv_small[SMALL_SORT]
-    cdef int64_t *cnt
-    cdef int64_t i, pos, c
-    cdef int shift, b
-    cdef uint32_t *sk = key
-    cdef uint32_t *dk = tkey
-    cdef int32_t *sv = val
-    cdef int32_t *dv = tval
-    cdef uint32_t *xk
-    cdef int32_t *xv
-    cdef uint32_t x
-    if n < 2:
-        return
-    if n <= SMALL_SORT:
-        cypq_sort_places(key, <int32_t> n, <int32_t *> tkey)   # tkey holds the places
-        for i in range(n):
-            sk_small[(<int32_t *> tkey)[i]] = key[i]
-            if val != NULL:
-                sv_small[(<int32_t *> tkey)[i]] = val[i]
-        memcpy(key, sk_small, n * sizeof(uint32_t))
-        if val != NULL:
-            memcpy(val, sv_small, n * sizeof(int32_t))
-        return
-    memset(hist, 0, sizeof(hist))
-    for i in range(n):   # the four bytes' counts in one pass (a pass permutes, not changes, them)
-        x = key[i]
-        hist[0][x & 255] += 1
-        hist[1][(x >> 8) & 255] += 1
-        hist[2][(x >> 16) & 255] += 1
-        hist[3][x >> 24] += 1
-    for shift in range(0, 32, 8):
-        cnt = hist[shift // 8]
-        if cnt[(sk[0] >> shift) & 255] == n:     # one value of this byte: nothing to do
-            continue
-        pos = 0
-        for b in range(256):
-            c = cnt[b]
-            cnt[b] = pos
-            pos = pos + c
-        for i in range(n):
-            b = (sk[i] >> shift) & 255
-            dk[cnt[b]] = sk[i]
-            if val != NULL:
-                dv[cnt[b]] = sv[i]
-            cnt[b] += 1
-        xk = sk; sk = dk; dk = xk
-        xv = sv; sv = dv; dv = xv
-    if sk != key:
-        memcpy(key, sk, n * sizeof(uint32_t))
-        if val != NULL:
-            memcpy(val, sv, n * sizeof(int32_t))
 
 
 cdef inline uint32_t _float_bits(float x) noexcept nogil:
@@ -167,7 +105,7 @@ cdef void _half_sorted(Walk *w, int h, int V, bint first) noexcept nogil:
             w.key[n] = _float_bits(d[i])
             w.val[n] = i
             n = n + 1
-    _radix_sort(w.key, w.val, n, w.tkey, w.tval)
+    radix_sort(w.key, w.val, n, w.tkey, w.tval)
     for i in range(n):
         o[at + i] = w.val[i]
         D[at + i] = d[w.val[i]]
@@ -186,7 +124,7 @@ cdef void _half_order(Walk *w, int h, const float *d, int V) noexcept nogil:
     if V > SMALL_SORT:
         for s in range(FIRST_SAMPLE):
             w.key[s] = _float_bits(d[<int64_t> s * V // FIRST_SAMPLE])
-        _radix_sort(w.key, NULL, FIRST_SAMPLE, w.tkey, NULL)
+        radix_sort(w.key, NULL, FIRST_SAMPLE, w.tkey, NULL)
         memcpy(&w.tau[h], &w.key[FIRST_RANK - 1], sizeof(float))
     _half_sorted(w, h, V, True)
 
@@ -312,7 +250,7 @@ cdef void _walk(Walk *w, int V, const int64_t *sizes, int64_t quota, int64_t max
             for e in range(nb):
                 w.key[e] = _float_bits(w.bd[e])
                 w.val[e] = <int32_t> e
-            _radix_sort(w.key, w.val, nb, w.tkey, w.tval)
+            radix_sort(w.key, w.val, nb, w.tkey, w.tval)
             for e in range(nb):
                 i = w.val[e]
                 nv = nv + 1
@@ -429,7 +367,7 @@ def cell_order(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1
                 elif not ordered:
                     for e in range(wk.res[0]):
                         wk.key[e] = <uint32_t> cells[q, e]
-                    _radix_sort(wk.key, NULL, wk.res[0], wk.tkey, NULL)
+                    radix_sort(wk.key, NULL, wk.res[0], wk.tkey, NULL)
                     for e in range(wk.res[0]):
                         cells[q, e] = wk.key[e]
                 n_cells[q] = wk.res[0]

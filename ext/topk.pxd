@@ -6,8 +6,14 @@
 # index search's time). Pairs rank by distance, then id (empty (inf, -1) last), so equal
 # distances never make results depend on the order entries were scanned (or stored) in.
 from libc.math cimport INFINITY
-from libc.stdint cimport int64_t, uintptr_t
+from libc.stdint cimport int32_t, int64_t, uint32_t, uintptr_t
 from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
+
+from radix cimport radix_sort
+
+cdef enum:
+    RANK_ROOM = 512     # topk_finish sorts up to this many entries by radix (keys on the stack)
 
 
 
@@ -196,13 +202,34 @@ cdef inline void topk_offer(TopK *t, float d, int64_t idx, uintptr_t w) noexcept
         topk_push(t, d, idx, w)
 
 
+cdef inline void _insertion_sort(TopK *t, int64_t lo, int64_t hi) noexcept nogil:
+    """Sort [lo, hi) in rank order by insertion: for short runs, and for entries already
+    nearly in order (each moves as far as it is out of place)."""
+    cdef int64_t a, b
+    cdef float d
+    cdef int64_t idx
+    cdef uintptr_t w
+    for a in range(lo + 1, hi):
+        d = t.d[a]
+        idx = t.i[a]
+        w = t.w[a] if t.w != NULL else 0
+        b = a
+        while b > lo and _before(d, idx, t.d[b - 1], t.i[b - 1]):
+            t.d[b] = t.d[b - 1]
+            t.i[b] = t.i[b - 1]
+            if t.w != NULL:
+                t.w[b] = t.w[b - 1]
+            b -= 1
+        t.d[b] = d
+        t.i[b] = idx
+        if t.w != NULL:
+            t.w[b] = w
+
+
 cdef inline void _sort(TopK *t, int64_t lo, int64_t hi) noexcept nogil:
     """Sort [lo, hi) in rank order: quicksort down to runs of 16, then insertion sort."""
     cdef int64_t stack[128]
     cdef int64_t top, p, a, b
-    cdef float d
-    cdef int64_t idx
-    cdef uintptr_t w
     stack[0] = lo
     stack[1] = hi
     top = 2
@@ -222,21 +249,47 @@ cdef inline void _sort(TopK *t, int64_t lo, int64_t hi) noexcept nogil:
                 stack[top + 1] = b
                 b = p
             top += 2
-    for a in range(lo + 1, hi):
-        d = t.d[a]
-        idx = t.i[a]
-        w = t.w[a] if t.w != NULL else 0
-        b = a
-        while b > lo and _before(d, idx, t.d[b - 1], t.i[b - 1]):
-            t.d[b] = t.d[b - 1]
-            t.i[b] = t.i[b - 1]
-            if t.w != NULL:
-                t.w[b] = t.w[b - 1]
-            b -= 1
-        t.d[b] = d
-        t.i[b] = idx
-        if t.w != NULL:
-            t.w[b] = w
+    _insertion_sort(t, lo, hi)
+
+
+cdef inline uint32_t _rank_key(float d) noexcept nogil:
+    """d's bits as an unsigned key in d's order (-0 as +0, equal to it)."""
+    cdef float x = d + <float> 0.0
+    cdef uint32_t u
+    memcpy(&u, &x, 4)
+    return u ^ (<uint32_t> 0xFFFFFFFF if u >> 31 else <uint32_t> 0x80000000)
+
+
+cdef inline void _sort_held(TopK *t) noexcept nogil:
+    """Sort the n entries held in rank order: a stable radix sort of their distances, then
+    equal distances by id (insertion: each entry moves only within its run of equal
+    distances). The quicksort's insertion runs of 16 mispredicted a branch per move; its
+    partitions copy every entry per level. Beyond RANK_ROOM entries, _sort."""
+    cdef uint32_t key[RANK_ROOM]
+    cdef uint32_t tkey[RANK_ROOM]
+    cdef int32_t val[RANK_ROOM]
+    cdef int32_t tval[RANK_ROOM]
+    cdef int64_t n = t.n, j
+    cdef float *sd = t.d + t.cap
+    cdef int64_t *si = t.i + t.cap
+    cdef uintptr_t *sw = t.w + t.cap if t.w != NULL else NULL
+    if n > RANK_ROOM:
+        _sort(t, 0, n)
+        return
+    for j in range(n):
+        key[j] = _rank_key(t.d[j])
+        val[j] = <int32_t> j
+    radix_sort(key, val, n, tkey, tval)
+    memcpy(sd, t.d, n * sizeof(float))     # the scratch halves hold cap >= n entries
+    memcpy(si, t.i, n * sizeof(int64_t))
+    for j in range(n):
+        t.d[j] = sd[val[j]]
+        t.i[j] = si[val[j]]
+    if sw != NULL:
+        memcpy(sw, t.w, n * sizeof(uintptr_t))
+        for j in range(n):
+            t.w[j] = sw[val[j]]
+    _insertion_sort(t, 0, n)
 
 
 cdef inline void topk_finish(TopK *t, float *dist, int64_t *ids, uintptr_t *where) noexcept nogil:
@@ -246,7 +299,7 @@ cdef inline void topk_finish(TopK *t, float *dist, int64_t *ids, uintptr_t *wher
     if t.n > t.k:
         _select(t, t.k)
         t.n = t.k
-    _sort(t, 0, t.n)
+    _sort_held(t)
     for j in range(t.k):
         if j < t.n:
             dist[j] = t.d[j]

@@ -103,14 +103,19 @@ def test_adc_topk_matches_reference(n, k, dtype, n_threads):
     np.testing.assert_array_equal(I[untied], wantI[untied])
 
 
-@pytest.mark.parametrize("k", [1, 31, 32, 100, 400])
-def test_adc_topk_ties_rank_by_id(k, n_threads):
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("k", [1, 31, 32, 100, 400, 600])
+def test_adc_topk_ties_rank_by_id(k, signed, n_threads):
     # Tables of a few integers make most distances tied: the top k must be the k smallest
     # (distance, row) pairs in that order, however the reservoir compacts (k and 2k or
-    # k + 32 entries) and whatever the order of the rows.
+    # k + 32 entries), whatever the order of the rows, and whichever way the final sort
+    # goes (by counting up to 96 entries, by radix up to 512, quicksort beyond). Signed:
+    # negative distances too (inner products), and -0.0 sums, tied with +0.0 ones.
     rng = np.random.default_rng(16)
     M, Ks, nq, n = 4, 256, 7, 6000
-    T = rng.integers(0, 3, (nq, M, Ks)).astype(np.float32)
+    T = rng.integers(-2 if signed else 0, 3, (nq, M, Ks)).astype(np.float32)
+    if signed:
+        T[T == 0] = np.float32(-0.0)
     codes = rng.integers(0, Ks, (n, M)).astype(np.uint8)
     D = np.empty((nq, k), np.float32)
     I = np.empty((nq, k), np.int64)
