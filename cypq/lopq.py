@@ -38,9 +38,9 @@ class LOPQModel:
     ----------
     V : int, optional
         Coarse centroids per half (V * V cells). Default: chosen by ``fit`` from the number
-        n of training vectors, the largest power of two <= n / 64 (n / 256 for 4-bit codes)
-        in [8, 1024] (:func:`cypq.lopq_parts.auto_V`: 100k SIFT vectors give 1024 (4-bit:
-        256), 20k MiniLM ones 256 (64)).
+        n of training vectors of dimension D: the largest power of two <= n / (64 f) (4-bit
+        codes: n / (256 f)), f = max(1, D / 128), in [8, 1024] (:func:`cypq.lopq_parts.auto_V`:
+        100k 128-d SIFT vectors give 1024 (4-bit: 256), 20k 384-d MiniLM ones 64 (16)).
     M : int
         Fine subquantizers in all (M / 2 per half); even.
     subquantizer_clusters : int

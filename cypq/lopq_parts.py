@@ -64,19 +64,24 @@ def check_coarse_codes(coarse, n: int, V: int) -> np.ndarray:
 
 
 # The defaults LOPQModel takes from the data (measured: README, LOPQ benchmarks, "Defaults").
-AUTO_POINTS_PER_CENTROID = 64      # V: the largest power of two <= n / this ...
+AUTO_POINTS_PER_CENTROID = 64      # V: the largest power of two <= n / (this x D / 128) ...
 AUTO_POINTS_PER_CENTROID_4BIT = 256  # ... (4-bit codes: cheap to scan, so larger cells) ...
+AUTO_DIM_UNIT = 128                # ... (the factor D / this, at least 1) ...
 AUTO_V = (8, 1024)                 # ... within these bounds
 AUTO_PCA_FROM = 256                # PCA to D/2 from this input dimension on
 
 
-def auto_V(n: int, subquantizer_clusters: int = 256) -> int:
-    """Coarse centroids per half for n training vectors: the largest power of two at most
-    n / AUTO_POINTS_PER_CENTROID (n / AUTO_POINTS_PER_CENTROID_4BIT for 4-bit codes, at most
-    16 codewords, whose scan costs a quarter as much per code: fewer, larger cells pay),
-    within AUTO_V."""
+def auto_V(n: int, subquantizer_clusters: int = 256, dim: int = AUTO_DIM_UNIT) -> int:
+    """Coarse centroids per half for n training vectors of dimension dim: the largest power
+    of two at most n / (AUTO_POINTS_PER_CENTROID x f) (AUTO_POINTS_PER_CENTROID_4BIT for
+    4-bit codes, at most 16 codewords, whose scan costs a quarter as much per code: fewer,
+    larger cells pay), f = dim / AUTO_DIM_UNIT (at least 1), within AUTO_V. Higher
+    dimensions take fewer centroids: each one a query visits costs a projection of (dim /
+    2)^2, and on 384-d text embeddings a quarter of 128-d SIFT's V gave more recall per
+    unit of time at every code size (README, "Defaults")."""
     per = AUTO_POINTS_PER_CENTROID_4BIT if subquantizer_clusters <= 16 else \
         AUTO_POINTS_PER_CENTROID
+    per *= max(1.0, dim / AUTO_DIM_UNIT)
     v = 1 << max(0, int(n // per).bit_length() - 1)
     return int(min(max(v, AUTO_V[0]), AUTO_V[1]))
 
@@ -93,7 +98,7 @@ def choose_auto(model, n: int, dim: int) -> None:
     """Settle what the model left to the data, for n training vectors of dimension dim:
     V (:func:`auto_V`) and the PCA (:func:`auto_pca_dim`), where parts are to be trained."""
     if model.V is None and model.Cs is None:
-        model.V = auto_V(n, model.subquantizer_clusters)
+        model.V = auto_V(n, model.subquantizer_clusters, dim)
     if model.pca is None:
         model.pca_dim = auto_pca_dim(dim, model.M) if model.Cs is None else None
         model.pca = model.pca_dim is not None

@@ -363,14 +363,20 @@ def test_pca_dim_reduces_and_round_trips(tmp_path):
 
 def test_defaults_chosen_from_the_data():
     """V and the PCA, when not given, are chosen by fit from the training data: V the
-    largest power of two <= n / 64 (n / 256 for 4-bit codes) within [8, 1024]; a PCA to D/2
-    (a multiple of M) from 256 dimensions on; explicit settings and given parts win."""
+    largest power of two <= n / (64 f) (n / (256 f) for 4-bit codes), f = max(1, D / 128),
+    within [8, 1024]; a PCA to D/2 (a multiple of M) from 256 dimensions on; explicit
+    settings and given parts win."""
     from cypq.lopq_parts import auto_pca_dim, auto_V
     assert [auto_V(n) for n in (10, 600, 20_000, 100_000, 10 ** 7)] == [8, 8, 256, 1024, 1024]
     assert auto_V(64 * 300) == 256 and auto_V(64 * 256) == 256 and auto_V(64 * 255) == 128
     # 4-bit codes: four times the points per centroid
     assert [auto_V(n, 16) for n in (20_000, 100_000, 256 * 255)] == [64, 256, 128]
     assert auto_V(100_000, 17) == 1024
+    # higher dimensions: f = D / 128 times the points per centroid (below 128: f = 1)
+    assert auto_V(20_000, 256, 384) == 64 and auto_V(20_000, 16, 384) == 16
+    assert auto_V(100_000, 16, 128) == 256 and auto_V(20_000, 256, 64) == 256
+    assert auto_V(3 * 64 * 256, 256, 384) == 256 and auto_V(3 * 64 * 256 - 1, 256, 384) == 128
+    assert auto_V(2 * 256 * 64, 16, 256) == 64 and auto_V(2 * 256 * 64 - 1, 16, 256) == 32
     assert auto_pca_dim(128, 16) is None and auto_pca_dim(384, 16) == 192
     assert auto_pca_dim(384, 48) == 192 and auto_pca_dim(300, 16) == 144
     assert auto_pca_dim(256, 3) == 126 and auto_pca_dim(768, 96) == 384
@@ -381,7 +387,7 @@ def test_defaults_chosen_from_the_data():
     assert LOPQModel(M=4, subquantizer_clusters=16).fit(small, random_state=0).V == 8
     wide = rng.standard_normal((1200, 256)).astype(np.float32)
     m = LOPQModel(M=8, subquantizer_clusters=32).fit(wide, random_state=0)
-    assert (m.V, m.pca_dim, m.model_dim, m.D) == (16, 128, 128, 256)
+    assert (m.V, m.pca_dim, m.model_dim, m.D) == (8, 128, 128, 256)   # 1200 / (64 x 2)
     m = LOPQModel(M=8, subquantizer_clusters=16, pca=False).fit(wide, random_state=0)
     assert m.pca_matrix is None and m.model_dim == 256
     m = LOPQModel(V=4, M=8, subquantizer_clusters=16, pca_dim=64).fit(wide, random_state=0)

@@ -89,7 +89,7 @@ def test_spark_training_chooses_the_defaults_as_fit_does(spark, data):
                         sample_fraction=1.0, kmeans_coarse_iters=4, kmeans_local_iters=4)
         lm = LOPQModel(M=8, subquantizer_clusters=32).fit(X, kmeans_coarse_iters=4,
                                                           kmeans_local_iters=4)
-    assert sm.is_trained and sm.V == lm.V == auto_V(len(X))
+    assert sm.is_trained and sm.V == lm.V == auto_V(len(X), 32, X.shape[1])
     assert sm.pca_dim == lm.pca_dim == auto_pca_dim(X.shape[1], 8)
 
 

@@ -3,9 +3,9 @@
     python tools/bench_embeddings.py [--data ../shared/data/manminilm] [--M 16 32 48]
                                      [--nq 2000] [--plot embeddings.png] [--four-bit]
 
-Per code size M (bytes with 8-bit codes): cypq LOPQ (V=256, with and without pca_dim=D/2;
-with --four-bit also 2M 4-bit subquantizers, V and the PCA as LOPQModel chooses them) over a
-quota sweep, and the faiss peers at the same code bytes: IVF{256,1024},PQ{M},
+Per code size M (bytes with 8-bit codes): cypq LOPQ (V and the PCA as LOPQModel chooses
+them, and V=256 with the same PCA; with --four-bit also 2M 4-bit subquantizers, V and the
+PCA chosen) over a quota sweep, and the faiss peers at the same code bytes: IVF{256,1024},PQ{M},
 OPQ{M},IVF{256,1024},PQ{M} over nprobe, OPQ{M},IMI2x8,PQ{M} over max_codes. All train on
 the learn set (MANMINILM: 20k) and index the base (100k); 1 search thread, k=100. Prints
 recall@1/10/100 and ms/query per point, then per code size whether every faiss point has a
@@ -84,20 +84,20 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=MINILM)
     p.add_argument("--M", type=int, nargs="+", default=[16, 32, 48])
-    p.add_argument("--V", type=int, default=256, help="cypq coarse centroids per half")
+    p.add_argument("--V", type=int, default=256,
+                   help="cypq coarse centroids per half, beside the V LOPQModel chooses")
     p.add_argument("--four-bit", action="store_true",
                    help="also cypq with 2M subquantizers of 16 codewords (the same bytes)")
     sweep_options(p, nq=2000)
     args = p.parse_args(argv)
     xt, xb, xq, gt = load_and_say(args)
-    D = xb.shape[1]
     rows, summary, by_m = [], [], {}
     for M in args.M:
         mine, theirs = [], []
-        for pca_dim in (None, D // 2):
-            if pca_dim is None or pca_dim % M == 0:
-                bench_cypq(M, args, xt, xb, xq, gt, rows, V=args.V, pca_dim=pca_dim,
-                           points=mine)
+        chosen = bench_cypq(M, args, xt, xb, xq, gt, rows, points=mine, defaults=True)
+        if chosen.model.V != args.V:
+            bench_cypq(M, args, xt, xb, xq, gt, rows, V=args.V, pca_dim=chosen.model.pca_dim,
+                       points=mine)
         if args.four_bit:
             bench_cypq(2 * M, args, xt, xb, xq, gt, rows, points=mine, defaults=True, S=16)
         if faiss is not None:

@@ -1,11 +1,14 @@
 """LOPQ on REALSIFT1M: train, encode, search (multi-sequence + ADC) at several quotas, side by
 side with faiss IVF / IMI / OPQ+IMI at the same code size.
 
-    python tools/bench_lopq.py [--data DIR] [--M 16 8] [--V 1024] [--nq 1000] [--threads 1]
-                               [--defaults] [--skip-faiss]
+    python tools/bench_lopq.py [--data DIR] [--M 16 8] [--V 1024 ...] [--S 256]
+                               [--chosen-pca] [--nq 1000] [--threads 1] [--defaults]
+                               [--skip-faiss]
 
 (--data may also name a float16 set such as ../shared/data/manminilm; --defaults adds
-LOPQModel(M=M) with V and the PCA chosen from the data.)
+LOPQModel(M=M) with V and the PCA chosen from the data; each --V is a model of its own,
+without PCA unless --chosen-pca gives it the PCA LOPQModel would choose; --S 16: 4-bit
+codes, M subquantizers of 16 codewords. faiss runs with 256 codewords only.)
 
 Prints recall@1/10/100 and ms/query per setting, and training / encoding times.
 """
@@ -24,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _data import DEFAULT_DATA, Timer, best_of, load_set, recalls  # noqa: E402
 
 import cypq  # noqa: E402
+from cypq.lopq_parts import auto_pca_dim  # noqa: E402
 
 try:
     import faiss
@@ -68,13 +72,14 @@ def bench_cypq(M, args, xt, xb, xq, gt, rows, V=None, pca_dim=None, points=None,
     return index
 
 
-def bench_faiss(M, args, xt, xb, xq, gt, rows, specs=None, points=None):
+def bench_faiss(M, args, xt, xb, xq, gt, rows, specs=None, points=None, V=None):
     """faiss index_factory keys with their search settings (default: IVF / IMI / OPQ+IMI at
-    args.V); rows and points as in bench_cypq."""
+    V, default args.V); rows and points as in bench_cypq."""
     faiss.omp_set_num_threads(2)
-    logv = int(np.log2(args.V)) if specs is None else 0
+    V = V or args.V
+    logv = int(np.log2(V)) if specs is None else 0
     specs = specs or [
-        (f"IVF{args.V},PQ{M}", [f"nprobe={p}" for p in (8, 16, 32, 64, 128)]),
+        (f"IVF{V},PQ{M}", [f"nprobe={p}" for p in (8, 16, 32, 64, 128)]),
         (f"IMI2x{logv},PQ{M}", [f"nprobe={p},max_codes={q}" for p, q in
                                 ((16384, 2000), (16384, 5000), (65536, 10000),
                                  (65536, 20000))]),
@@ -105,7 +110,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--M", type=int, nargs="+", default=[16, 8])
-    p.add_argument("--V", type=int, default=1024)
+    p.add_argument("--V", type=int, nargs="+", default=[1024])
+    p.add_argument("--S", type=int, default=256, help="codewords per subquantizer (cypq)")
+    p.add_argument("--chosen-pca", action="store_true",
+                   help="the --V models take the PCA LOPQModel(M=M) would choose")
     p.add_argument("--nq", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1, help="search threads (training: all)")
     p.add_argument("--quotas", type=int, nargs="+",
@@ -120,11 +128,13 @@ def main(argv=None):
           f"{len(xb)} base, {len(xq)} queries, search threads {args.threads}")
     rows = []
     for M in args.M:
-        bench_cypq(M, args, xt, xb, xq, gt, rows)
+        pca_dim = auto_pca_dim(xt.shape[1], M) if args.chosen_pca else None
+        for V in args.V:
+            bench_cypq(M, args, xt, xb, xq, gt, rows, V=V, pca_dim=pca_dim, S=args.S)
         if args.defaults:
-            bench_cypq(M, args, xt, xb, xq, gt, rows, defaults=True)
-        if faiss and not args.skip_faiss:
-            bench_faiss(M, args, xt, xb, xq, gt, rows)
+            bench_cypq(M, args, xt, xb, xq, gt, rows, defaults=True, S=args.S)
+        if faiss and not args.skip_faiss and args.S == 256:
+            bench_faiss(M, args, xt, xb, xq, gt, rows, V=args.V[0])
     print("\n| system | setting | train s | encode 1M s | ms/query | R@1 | R@10 | R@100 |")
     print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
