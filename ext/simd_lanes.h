@@ -265,8 +265,8 @@ static void CYPQ_L(cypq_tables16)(const float *P, int64_t n, int m, int d, const
         case 3: cypq_tables16_body(P, n, m, 3, CTm2, cnorm, offset, out); break;
         case 4: cypq_tables16_body(P, n, m, 4, CTm2, cnorm, offset, out); break;
         case 6: cypq_tables16_body(P, n, m, 6, CTm2, cnorm, offset, out); break;
-        case 12: cypq_tables16_body(P, n, m, 12, CTm2, cnorm, offset, out); break;
         case 8: cypq_tables16_body(P, n, m, 8, CTm2, cnorm, offset, out); break;
+        case 12: cypq_tables16_body(P, n, m, 12, CTm2, cnorm, offset, out); break;
         case 16: cypq_tables16_body(P, n, m, 16, CTm2, cnorm, offset, out); break;
         default: cypq_tables16_body(P, n, m, d, CTm2, cnorm, offset, out);
     }

@@ -263,8 +263,9 @@ cdef inline uint32_t _rank_key(float d) noexcept nogil:
 cdef inline void _sort_held(TopK *t) noexcept nogil:
     """Sort the n entries held in rank order: a stable radix sort of their distances, then
     equal distances by id (insertion: each entry moves only within its run of equal
-    distances). The quicksort's insertion runs of 16 mispredicted a branch per move; its
-    partitions copy every entry per level. Beyond RANK_ROOM entries, _sort."""
+    distances). The insertion pass alone would sort any order, so the keys decide only the
+    time, never the result. The quicksort's insertion runs of 16 mispredicted a branch per
+    move; its partitions copy every entry per level. Beyond RANK_ROOM entries, _sort."""
     cdef uint32_t key[RANK_ROOM]
     cdef uint32_t tkey[RANK_ROOM]
     cdef int32_t val[RANK_ROOM]
