@@ -98,16 +98,26 @@ def list_shape(n_cells: int, quota: int, w) -> tuple[int, int]:
     return cap, max(1, min(1024, max(256, (1 << 18) // cap), (1 << 22) // cap))
 
 
-def list_buffer(nb: int, cap: int, empty=None) -> np.ndarray:
+def list_buffer(nb: int, cap: int, room=None) -> np.ndarray:
     """Room (nb, cap) int64 for nb cell lists of up to cap cells, of which a walk fills only
-    each row's start. Large ones are an anonymous mapping of their own: NumPy asks the kernel
-    for huge pages from 4 MB on, and a 2 MB page is made resident (and zeroed) whole as soon
-    as one row's first cells touch it, so the untouched rest of every row would be paid for
-    (33 MB zeroed per batch of REALSIFT1M's quota 25000, for 1 MB of lists). ``empty(shape,
-    dtype)`` makes the others (default numpy.empty; a search's batches reuse one buffer)."""
-    if nb * cap * 8 < HUGE_FROM:
-        return (empty or np.empty)((nb, cap), np.int64)
-    return np.frombuffer(mmap.mmap(-1, nb * cap * 8), np.int64).reshape(nb, cap)
+    each row's start. Large ones are an anonymous mapping of their own (:func:`mapped_array`):
+    NumPy asks the kernel for huge pages from 4 MB on, and a 2 MB page is made resident (and
+    zeroed) whole as soon as one row's first cells touch it, so the untouched rest of every
+    row would be paid for (33 MB zeroed per batch of REALSIFT1M's quota 25000, for 1 MB of
+    lists). ``room`` (a search's temporaries, ``empty(name, shape, dtype, mapped)``): the
+    batches of one search reuse one buffer, so a mapping's pages are faulted in and zeroed
+    once, not per batch (page faults were 7% of a REALSIFT1M 4-bit search at quota 8000)."""
+    large = nb * cap * 8 >= HUGE_FROM
+    if room is not None:
+        return room.empty("cells", (nb, cap), np.int64, mapped=large)
+    return mapped_array((nb, cap), np.int64) if large else np.empty((nb, cap), np.int64)
+
+
+def mapped_array(shape: tuple, dtype) -> np.ndarray:
+    """An array of zeros in an anonymous mapping of its own (no huge pages: see list_buffer;
+    unmapped when the array goes)."""
+    n = max(1, int(np.prod(shape)))
+    return np.frombuffer(mmap.mmap(-1, n * np.dtype(dtype).itemsize), dtype)[:n].reshape(shape)
 
 
 def cell_grid(cells: np.ndarray, n_cells: int) -> tuple[np.ndarray, np.ndarray]:

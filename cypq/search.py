@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 
 from . import _lopq, _search
-from .direct_scan import (cell_grid, list_buffer, list_shape, passing_entries, reconstructions,
-                          top_k, walked_top_k)
+from .direct_scan import (cell_grid, list_buffer, list_shape, mapped_array, passing_entries,
+                          reconstructions, top_k, walked_top_k)
 from ._heap import release_free_memory
 from .filters import pass_rates
 from .storage.base import Storage
@@ -139,12 +138,14 @@ class _Room:
     def __init__(self):
         self._held = {}
 
-    def empty(self, name: str, shape: tuple, dtype) -> np.ndarray:
-        """An uninitialised array of ``shape`` and ``dtype`` in the buffer ``name``."""
+    def empty(self, name: str, shape: tuple, dtype, mapped: bool = False) -> np.ndarray:
+        """An uninitialised array of ``shape`` and ``dtype`` in the buffer ``name`` (with
+        ``mapped``, one in an anonymous mapping of its own: see list_buffer)."""
         n = int(np.prod(shape))
-        buf = self._held.get(name)
+        buf = self._held.get((name, mapped))
         if buf is None or buf.size < n or buf.dtype != dtype:
-            buf = self._held[name] = np.empty(max(n, 1), dtype)
+            buf = self._held[name, mapped] = mapped_array((max(n, 1),), dtype) if mapped \
+                else np.empty(max(n, 1), dtype)
         return buf[:n].reshape(shape)
 
 
@@ -239,7 +240,7 @@ def cell_lists(view, Qb: np.ndarray, sizes: np.ndarray, quota: int, w, cap: int,
         Non-empty cells listed, and cells visited empty ones included, per query.
     """
     nb = len(Qb)
-    cells = list_buffer(nb, cap, None if room is None else partial(room.empty, "cells"))
+    cells = list_buffer(nb, cap, room)
     n_cand, n_cells, visited = (np.empty(nb, dtype=np.int64) for _ in range(3))
     _search.cell_order(Qb, view.Cs[0], view.Cs[1], sizes, quota, w or 0, cells, n_cells,
                        visited, n_cand, n_threads, view.Cmu is not None, ordered)

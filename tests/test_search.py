@@ -1,4 +1,5 @@
 """LOPQ search (multi-sequence + ADC) against the pure-Python reference and LOPQ's facts."""
+import mmap
 import warnings
 from pathlib import Path
 
@@ -378,6 +379,24 @@ def test_flatten_lists_and_list_buffer():
         _search.flatten_lists(cells, np.full(nb, cap + 1), np.empty(nb * (cap + 1), np.int64))
     with pytest.raises(ValueError, match="exactly"):
         _search.flatten_lists(cells, n, np.empty(int(n.sum()) + 1, np.int64))
+    # a search's batches take their lists from its room: one buffer, mapped when large
+    from cypq.search import _Room
+    def mapped(x):
+        while isinstance(x, np.ndarray):
+            x = x.base
+        return isinstance(x.obj if isinstance(x, memoryview) else x, mmap.mmap)
+
+    room = _Room()
+    for nb, cap in [(3, 7), (5, HUGE_FROM // 8)]:
+        a = list_buffer(nb, cap, room)
+        assert mapped(a) == (cap > 7) == mapped(list_buffer(nb, cap))
+        a[-1, -1] = 7
+        b = list_buffer(nb - 1, cap, room)                      # the last batch: fewer
+        assert b.shape == (nb - 1, cap) and np.shares_memory(a, b)
+        assert a[-1, -1] == 7                                   # untouched by b
+    c = list_buffer(5, HUGE_FROM // 8 + 1, room)                # more: a new buffer
+    assert c.shape == (5, HUGE_FROM // 8 + 1) and not np.shares_memory(a, c)
+    assert not np.shares_memory(list_buffer(3, 7, room), c)     # small ones apart from it
 
 
 def test_distinct_cells_and_frame_rows():
