@@ -381,6 +381,7 @@ def test_flatten_lists_and_list_buffer():
         _search.flatten_lists(cells, n, np.empty(int(n.sum()) + 1, np.int64))
     # a search's batches take their lists from its room: one buffer, mapped when large
     from cypq.search import _Room
+
     def mapped(x):
         while isinstance(x, np.ndarray):
             x = x.base
@@ -390,10 +391,9 @@ def test_flatten_lists_and_list_buffer():
     for nb, cap in [(3, 7), (5, HUGE_FROM // 8)]:
         a = list_buffer(nb, cap, room)
         assert mapped(a) == (cap > 7) == mapped(list_buffer(nb, cap))
-        a[-1, -1] = 7
         b = list_buffer(nb - 1, cap, room)                      # the last batch: fewer
         assert b.shape == (nb - 1, cap) and np.shares_memory(a, b)
-        assert a[-1, -1] == 7                                   # untouched by b
+        assert b.__array_interface__["data"][0] == a.__array_interface__["data"][0]
     c = list_buffer(5, HUGE_FROM // 8 + 1, room)                # more: a new buffer
     assert c.shape == (5, HUGE_FROM // 8 + 1) and not np.shares_memory(a, c)
     assert not np.shares_memory(list_buffer(3, 7, room), c)     # small ones apart from it
