@@ -16,7 +16,7 @@ cdef inline void radix_sort(uint32_t *key, int32_t *val, int64_t n, uint32_t *tk
     one pass per byte, skipping bytes all keys share; up to SMALL_SORT keys, each put in its
     place by counting (cypq_sort_places: the histograms cost more there). tkey, tval: scratch
     of n entries. Non-negative floats sort as their bit patterns, so this sorts distances
-    too."""
+    too; floats of either sign as their float_key."""
     cdef int64_t hist[4][256]
     cdef uint32_t sk_small[SMALL_SORT]
     cdef int32_t sv_small[SMALL_SORT]
@@ -70,3 +70,11 @@ cdef inline void radix_sort(uint32_t *key, int32_t *val, int64_t n, uint32_t *tk
         memcpy(key, sk, n * sizeof(uint32_t))
         if val != NULL:
             memcpy(val, sv, n * sizeof(int32_t))
+
+
+cdef inline uint32_t float_key(float d) noexcept nogil:
+    """d's bits as an unsigned key in d's order, for radix_sort (-0 as +0, equal to it)."""
+    cdef float x = d + <float> 0.0
+    cdef uint32_t u
+    memcpy(&u, &x, 4)
+    return u ^ (<uint32_t> 0xFFFFFFFF if u >> 31 else <uint32_t> 0x80000000)

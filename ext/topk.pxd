@@ -10,11 +10,10 @@ from libc.stdint cimport int32_t, int64_t, uint32_t, uintptr_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
-from radix cimport radix_sort
+from radix cimport float_key, radix_sort
 
 cdef enum:
     RANK_ROOM = 512     # topk_finish sorts up to this many entries by radix (keys on the stack)
-
 
 
 cdef struct TopK:
@@ -170,6 +169,16 @@ cdef inline bint topk_takes(const TopK *t, float d, int64_t idx) noexcept nogil:
     return _worse(t.td, t.ti, d, idx)
 
 
+cdef inline void topk_tighten(TopK *t) noexcept nogil:
+    """Keep only the k best of the entries held, the threshold the worst of them (when the buffer is full,
+    or for a scan going on after many entries at once)."""
+    if t.n > t.k:
+        _select(t, t.k)
+        t.n = t.k
+        t.td = t.d[t.k - 1]
+        t.ti = t.i[t.k - 1]
+
+
 cdef inline void topk_push(TopK *t, float d, int64_t idx, uintptr_t w) noexcept nogil:
     """Append (d, idx) carrying w; the caller checked topk_takes."""
     t.d[t.n] = d
@@ -180,20 +189,7 @@ cdef inline void topk_push(TopK *t, float d, int64_t idx, uintptr_t w) noexcept 
     if t.n == t.k:              # the first k: the threshold is the worst of them
         _worst_to_threshold(t)
     elif t.n == t.cap:          # full: keep the k best
-        _select(t, t.k)
-        t.n = t.k
-        t.td = t.d[t.k - 1]
-        t.ti = t.i[t.k - 1]
-
-
-cdef inline void topk_tighten(TopK *t) noexcept nogil:
-    """Keep only the k best of the entries held, the threshold the worst of them (for a scan
-    going on after many entries at once)."""
-    if t.n > t.k:
-        _select(t, t.k)
-        t.n = t.k
-        t.td = t.d[t.k - 1]
-        t.ti = t.i[t.k - 1]
+        topk_tighten(t)
 
 
 cdef inline void topk_offer(TopK *t, float d, int64_t idx, uintptr_t w) noexcept nogil:
@@ -252,14 +248,6 @@ cdef inline void _sort(TopK *t, int64_t lo, int64_t hi) noexcept nogil:
     _insertion_sort(t, lo, hi)
 
 
-cdef inline uint32_t _rank_key(float d) noexcept nogil:
-    """d's bits as an unsigned key in d's order (-0 as +0, equal to it)."""
-    cdef float x = d + <float> 0.0
-    cdef uint32_t u
-    memcpy(&u, &x, 4)
-    return u ^ (<uint32_t> 0xFFFFFFFF if u >> 31 else <uint32_t> 0x80000000)
-
-
 cdef inline void _sort_held(TopK *t) noexcept nogil:
     """Sort the n entries held in rank order: a stable radix sort of their distances, then
     equal distances by id (insertion: each entry moves only within its run of equal
@@ -278,7 +266,7 @@ cdef inline void _sort_held(TopK *t) noexcept nogil:
         _sort(t, 0, n)
         return
     for j in range(n):
-        key[j] = _rank_key(t.d[j])
+        key[j] = float_key(t.d[j])
         val[j] = <int32_t> j
     radix_sort(key, val, n, tkey, tval)
     memcpy(sd, t.d, n * sizeof(float))     # the scratch halves hold cap >= n entries
@@ -297,9 +285,7 @@ cdef inline void topk_finish(TopK *t, float *dist, int64_t *ids, uintptr_t *wher
     """Write the k best, ascending, to dist / ids (/ where, if not NULL), padded with
     (inf, -1, 0) where fewer than k were pushed."""
     cdef int64_t j
-    if t.n > t.k:
-        _select(t, t.k)
-        t.n = t.k
+    topk_tighten(t)
     _sort_held(t)
     for j in range(t.k):
         if j < t.n:
