@@ -15,6 +15,7 @@ from .direct_scan import (cell_grid, list_buffer, list_shape, mapped_array, pass
                           reconstructions, top_k, walked_top_k)
 from ._heap import release_free_memory
 from .filters import pass_rates
+from .scan_blocks import code_blocks
 from .storage.base import Storage
 
 # The planner's cost model (plan 'auto'), in nanoseconds on one core, measured on REALSIFT1M
@@ -290,6 +291,9 @@ def scan_lists(view, snap, Qb: np.ndarray, flat: np.ndarray, n_cells: np.ndarray
     extra = dict(extra or {})
     if extra:
         extra["seg_tags"] = seg.tags
+    elif packed:   # (``held`` keeps the blocks alive for the scan)
+        extra["seg_blocks"], held = code_blocks(seg, slot, view.fine.shape[0] // 2, n_threads,
+                                                room)
     _search.scan_cells(P0, P1, start0, start1, view.fine, cell_start, tab0, tab1, slot,
                        seg.start, seg.codes, seg.ids, seg.length,
                        1 if packed else view.code_dtype.itemsize, D, I, scanned,

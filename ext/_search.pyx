@@ -19,13 +19,16 @@ from libc.stdlib cimport calloc, free, malloc, realloc
 from radix cimport SMALL_SORT, radix_sort
 from topk cimport TopK, topk_alloc, topk_finish, topk_free, topk_reset, topk_tighten
 from nearest cimport Codebooks, codebooks_free, codebooks_init
-from fastscan cimport (CYPQ_ADC4_AVX2, cypq_adc4_avx2_bounds, cypq_adc4_cell, cypq_adc4_plan,
-                      cypq_adc4_plan_init, cypq_adc4_rows, cypq_bound_quantile,
+from fastscan cimport (CYPQ_ADC4_AVX2, cypq_adc4_avx2_block_bounds, cypq_adc4_avx2_bounds,
+                      cypq_adc4_blocks, cypq_adc4_cell, cypq_adc4_plan, cypq_adc4_plan_init,
+                      cypq_adc4_rows, cypq_bound_quantile, cypq_fastscan_init,
                       cypq_fastscan_limit, cypq_quantize4, cypq_rows_within)
 from scan cimport (PEND_FLUSH, SCAN_BLOCK, Filter, Pending, cypq_prefetch, load_id,
                   offer_code, pass_flags, pending_flush, scan_topk)
 from simd cimport (cypq_ip_ny, cypq_l2sqr_ny, cypq_l2sqr_ny_norm, cypq_l2sqr_ny_norm_x4,
                   cypq_tables16)
+
+cypq_fastscan_init()
 
 
 cdef extern from *:
@@ -400,6 +403,7 @@ cdef struct Segs:      # the segments of scan_cells's cells (see there), as poin
     const uintptr_t *vecs     # NULL: results carry no vector addresses
     int64_t vec_bytes
     int64_t cbytes            # bytes per code
+    const uintptr_t *blocks   # NULL, or per segment its 4-bit codes in blocks of 32 (0: not)
 
 
 cdef inline void _prefetch_ahead(const Segs *sg, int64_t t, int64_t t1) noexcept nogil:
@@ -495,6 +499,7 @@ cdef void _sweep(const Segs *sg, const TwoPhase *tp, int64_t n, float lo, float 
     cdef int64_t nh = cypq_rows_within(tp.lb, n, lo, hi, tp.hit), j = 0, j2, r = 0
     cdef int64_t start, end, g, t, cnt, e, i
     cdef uintptr_t vecs
+    cdef bint blocked
     while j < nh:
         while tp.rec[3 * (r + 1)] <= tp.hit[j]:
             r += 1
@@ -506,9 +511,10 @@ cdef void _sweep(const Segs *sg, const TwoPhase *tp, int64_t n, float lo, float 
         while j2 < nh and tp.hit[j2] < end and j2 - j < SCAN_BLOCK:
             tp.hit[j2] -= start
             j2 += 1
+        blocked = sg.blocks != NULL and sg.blocks[g] != 0   # (the bounds read those)
         cnt = cypq_adc4_rows(tables + tab0[t] * tsize, tables + (n0 + tab1[t]) * tsize, W,
-                             <const uint8_t *> sg.codes[g], tp.hit + j, j2 - j, top.td, buf,
-                             ibuf)
+                             <const uint8_t *> (sg.blocks[g] if blocked else sg.codes[g]),
+                             blocked, tp.hit + j, j2 - j, top.td, buf, ibuf)
         vecs = sg.vecs[g] if sg.vecs != NULL else 0
         for e in range(cnt):
             if buf[e] <= top.td:
@@ -550,7 +556,12 @@ cdef int64_t _scan_two_phase(const Segs *sg, TwoPhase *tp, cypq_adc4_cell *cell,
             tp.rec[3 * r + 1] = g
             tp.rec[3 * r + 2] = t
             r += 1
-            cypq_adc4_avx2_bounds(cell, <const uint8_t *> sg.codes[g], sg.len[g], tp.lb + off)
+            if sg.blocks != NULL and sg.blocks[g] != 0:
+                cypq_adc4_avx2_block_bounds(cell, <const uint8_t *> sg.blocks[g], sg.len[g],
+                                            tp.lb + off)
+            else:
+                cypq_adc4_avx2_bounds(cell, <const uint8_t *> sg.codes[g], sg.len[g],
+                                      tp.lb + off)
             off += sg.len[g]
     tp.rec[3 * r] = off
     want = top.k * two_phase_first // 100 if top.k * two_phase_first >= 100 else 1
@@ -749,7 +760,7 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
                uintptr_t[:, ::1] W=None, const uintptr_t[::1] seg_tags=None,
                const uint64_t[:, ::1] masks=None, const int64_t[::1] id_set=None,
                int id_mode=0, int64_t pass_quota=0, int64_t[::1] n_passed=None,
-               int64_t[::1] n_done=None):
+               int64_t[::1] n_done=None, const uintptr_t[::1] seg_blocks=None):
     """ADC top-k of every query over the codes of its visited cells.
 
     P0, P1 (n0, Dh), (n1, Dh) float32: the query halves projected into the local frames of
@@ -784,6 +795,10 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
     (len,) uint64 tag sets (0 or seg_tags None: all zero). n_passed (nq,) counts the
     entries that passed; with ``pass_quota`` > 0 a query stops after the cell in which
     that count reaches it, and n_done (nq,) says how many of its cells it scanned.
+
+    ``seg_blocks`` (per segment, uintp; with ``packed``): the address of the segment's codes
+    in blocks of 32 (:func:`code_blocks`), or 0; the two-phase scan reads its bounds from
+    them (no transposes; the same results), see :func:`scans_blocks`.
     """
     cdef Py_ssize_t nq = D.shape[0], q
     cdef int M = subs.shape[0], S = subs.shape[1], Ds = subs.shape[2], Mh = M // 2
@@ -887,6 +902,11 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
     sg.vecs = &seg_vecs[0] if where and seg_vecs.shape[0] else NULL
     sg.vec_bytes = vec_bytes
     sg.cbytes = cbytes
+    sg.blocks = NULL
+    if seg_blocks is not None and seg_blocks.shape[0]:
+        if seg_blocks.shape[0] != seg_codes.shape[0] or not packed:
+            raise ValueError("scan_cells: seg_blocks needs packed codes, one per segment")
+        sg.blocks = &seg_blocks[0]
     if codebooks_init(&cb, &subs[0, 0, 0], M, S, Ds, True) != 0:
         codebooks_free(&cb)
         raise MemoryError()
@@ -1023,6 +1043,36 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
     free(zero_norms)
     if failed:
         raise MemoryError()
+
+
+def scans_blocks(int code_bytes):
+    """Whether an unfiltered scan_cells of packed codes of ``code_bytes`` bytes reads its
+    bounds from blocks (``seg_blocks``): the two-phase scan's (AVX2); elsewhere they would
+    not be read."""
+    cdef cypq_adc4_plan p
+    if code_bytes <= 0:
+        raise ValueError("scans_blocks: code_bytes must be positive")
+    cypq_adc4_plan_init(&p, code_bytes)
+    return p.path == CYPQ_ADC4_AVX2 and two_phase_first > 0
+
+
+def code_blocks(const uintptr_t[::1] seg_codes, const int64_t[::1] seg_len,
+                const uintptr_t[::1] seg_blocks, int code_bytes, int n_threads):
+    """Each segment s with seg_blocks[s] != 0: its seg_len[s] codes of ``code_bytes`` bytes
+    (packed 4-bit, at seg_codes[s]) written in blocks of 32 at seg_blocks[s], which needs
+    ceil(len / 32) * 32 * code_bytes bytes: block b holds byte c of its row r at
+    32 c + r, rows past the segment zero (fastscan.h ``cypq_adc4_blocks``)."""
+    cdef Py_ssize_t s, n = seg_codes.shape[0]
+    if seg_len.shape[0] != n or seg_blocks.shape[0] != n or code_bytes <= 0:
+        raise ValueError("code_blocks: one length and block address per segment")
+    for s in range(n):
+        if seg_len[s] < 0 or (seg_blocks[s] != 0 and seg_len[s] > 0 and seg_codes[s] == 0):
+            raise ValueError("code_blocks: a segment's codes are missing")
+    with nogil:
+        for s in prange(n, schedule="dynamic", num_threads=n_threads):
+            if seg_blocks[s] != 0 and seg_len[s] > 0:
+                cypq_adc4_blocks(<const uint8_t *> seg_codes[s], seg_len[s], code_bytes,
+                                 <uint8_t *> seg_blocks[s])
 
 
 def fast_scan(str limit="best"):

@@ -17,7 +17,9 @@
  *   one vector), each byte's two nibbles looked up with vpshufb in their subquantizers'
  *   16-entry tables, and the sums kept in 16-bit lanes; cypq_adc4_avx2_bounds writes every
  *   code's bound instead, for the index's two-phase scan (_search.pyx), and
- *   cypq_rows_within / cypq_bound_quantile / cypq_adc4_rows serve its sweeps.
+ *   cypq_rows_within / cypq_bound_quantile / cypq_adc4_rows serve its sweeps; codes that
+ *   several queries scan can be put in blocks of 32 once (cypq_adc4_blocks: byte j of the
+ *   32 codes together), whose bounds then need no transposes (cypq_adc4_avx2_block_bounds).
  * A code within the threshold always has its bound within it (see cypq_quantize4), so every
  * path returns the same codes with the same distances; the bounds only spare the float sums
  * of codes that cannot enter the top k. The path is picked once per search (cypq_adc4_plan).
@@ -36,13 +38,14 @@
 #endif
 
 /* One code's sum: four add chains (even and odd subquantizers of each half), summed as
- * (e0 + o0) + (e1 + o1). Every path scores a code through this. */
+ * (e0 + o0) + (e1 + o1). Every path scores a code through this. Byte j of the code is
+ * c[j * stride] (1: a row; 32: a row of codes in blocks, cypq_adc4_blocks). */
 CYPQ_INLINE float cypq_adc4_one(const float *T0, const float *T1, const int W,
-                                const uint8_t *c) {
+                                const uint8_t *c, const int stride) {
     const int H = W / 2;
     float e0 = 0.f, o0 = 0.f, e1 = 0.f, o1 = 0.f;
     for (int j = 0; j < H; j++) {
-        const int x = c[j], y = c[H + j];
+        const int x = c[j * stride], y = c[(H + j) * stride];
         e0 += T0[j * 32 + (x & 15)];
         o0 += T0[j * 32 + 16 + (x >> 4)];
         e1 += T1[j * 32 + (y & 15)];
@@ -56,7 +59,7 @@ CYPQ_INLINE float cypq_adc4_one(const float *T0, const float *T1, const int W,
 #define CYPQ_ADC4_BODY(WW)                                                                  \
     int64_t cnt = 0;                                                                        \
     for (int64_t i = 0; i < n; i++) {                                                       \
-        const float s = cypq_adc4_one(T0, T1, (WW), codes + i * (int64_t)(WW));             \
+        const float s = cypq_adc4_one(T0, T1, (WW), codes + i * (int64_t)(WW), 1);          \
         if (s <= thresh) {                                                                  \
             out[cnt] = s;                                                                   \
             idx[cnt++] = (int32_t)i;                                                        \
@@ -167,14 +170,17 @@ CYPQ_INLINE int64_t cypq_note_passing(int32_t *idx, int64_t m, int64_t i, int p,
 
 /* The float sums of the m codes (row numbers rows[0 .. m)) whose bound passed, as cypq_adc4
  * makes them; those at most thresh go to out / idx, which may hold rows itself as long as
- * idx + cnt never passes rows + j (in place). Returns cnt. */
+ * idx + cnt never passes rows + j (in place). Returns cnt. stride 1: codes row-major;
+ * 32: in blocks of 32 (cypq_adc4_blocks), row r's byte c at 32 W (r / 32) + 32 c + r % 32. */
 CYPQ_INLINE int64_t cypq_adc4_rescore(const float *T0, const float *T1, const int W,
                                       const uint8_t *codes, const int32_t *rows, int64_t m,
-                                      float thresh, float *out, int32_t *idx) {
+                                      float thresh, float *out, int32_t *idx,
+                                      const int stride) {
     int64_t cnt = 0;
     for (int64_t j = 0; j < m; j++) {
         const int32_t row = rows[j];
-        const float s = cypq_adc4_one(T0, T1, W, codes + (int64_t)row * W);
+        const float s = cypq_adc4_one(T0, T1, W, codes + (int64_t)(row / stride) * stride * W
+                                      + row % stride, stride);
         if (s <= thresh) {
             out[cnt] = s;
             idx[cnt++] = row;
@@ -183,13 +189,27 @@ CYPQ_INLINE int64_t cypq_adc4_rescore(const float *T0, const float *T1, const in
     return cnt;
 }
 
-/* cypq_adc4_rescore with the common widths unrolled: the two-phase scan's float sums. */
+/* cypq_adc4_rescore with the common widths unrolled: the two-phase scan's float sums, of
+ * codes row-major (blocked 0) or in blocks of 32 (1). */
 #define CYPQ_ADC4_ROWS_BODY(WW)                                                             \
-    return cypq_adc4_rescore(T0, T1, (WW), codes, rows, m, thresh, out, idx);
+    return blocked ? cypq_adc4_rescore(T0, T1, (WW), codes, rows, m, thresh, out, idx, 32)  \
+                   : cypq_adc4_rescore(T0, T1, (WW), codes, rows, m, thresh, out, idx, 1);
 static int64_t cypq_adc4_rows(const float *T0, const float *T1, int W, const uint8_t *codes,
-                              const int32_t *rows, int64_t m, float thresh, float *out,
-                              int32_t *idx) {
+                              int blocked, const int32_t *rows, int64_t m, float thresh,
+                              float *out, int32_t *idx) {
     CYPQ_ADC4_BY_WIDTH(CYPQ_ADC4_ROWS_BODY, W)
+}
+
+/* Lane numbers of the set bits of each 8-bit mask, in order (cypq_fastscan_init). */
+static uint8_t cypq_set_lanes[256][8];
+
+/* Once, before any scan (the module's import). */
+static void cypq_fastscan_init(void) {
+    for (int bits = 0; bits < 256; bits++) {
+        int m = 0;
+        for (int lane = 0; lane < 8; lane++)
+            if (bits >> lane & 1) cypq_set_lanes[bits][m++] = (uint8_t)lane;
+    }
 }
 
 #if CYPQ_WIDE
@@ -294,7 +314,7 @@ static float cypq_quantize4(const float *T, int64_t rows, int m, uint8_t *Q, flo
         /* noted without branching: idx holds them until the second pass */                 \
         m = cypq_note_passing(idx, m, i, p, _mm256_cmp_ps_mask(lb, th, _CMP_LE_OQ), Q8);    \
     }                                                                                       \
-    return cypq_adc4_rescore(T0, T1, W, codes, idx, m, thresh, out, idx);
+    return cypq_adc4_rescore(T0, T1, W, codes, idx, m, thresh, out, idx, 1);
 
 /* The lanes of v selected by k, packed, to dst[0 .. popcount(k)): a compress in registers and
  * a masked store, as vpcompressd to memory is microcoded on some CPUs (AMD Zen 4 above all;
@@ -405,7 +425,7 @@ CYPQ_VBMI CYPQ_INLINE void cypq_store_selected_ps(float *dst, __mmask16 k, __m51
     }                                                                                       \
     /* (ne + m <= n: idx + ne + j' never passes idx + n - m + j for j' <= j) */             \
     return ne + cypq_adc4_rescore(T0, T1, W, codes, idx + n - m, m, thresh, out + ne,      \
-                                  idx + ne);
+                                  idx + ne, 1);
 
 /* A SIMD path's entry point (compiled for TARGET): its loop BODY over the cell's codes, with
  * the code width a constant for the common widths. */
@@ -480,34 +500,49 @@ CYPQ_INLINE const uint8_t *cypq_adc4_avx2_block(const uint8_t *codes, int64_t i,
     return blk;
 }
 
+/* Chunk ch (bytes 16 ch .. 16 ch + 15) of the block of 32 codes at blk (W bytes each) into
+ * a[c]: byte 16 ch + c of rows 0..15 (low lane) and 16..31 (high lane). */
+CYPQ_AVX2 CYPQ_INLINE void cypq_adc4_avx2_chunk(const uint8_t *blk, const int W, int ch,
+                                                __m256i a[16]) {
+    for (int r = 0; r < 16; r++)
+        a[r] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128(
+            (const __m128i *)(blk + r * W + 16 * ch))), _mm_loadu_si128(
+            (const __m128i *)(blk + (r + 16) * W + 16 * ch)), 1);
+    cypq_transpose32x16(a);
+}
+
+/* Byte column col (one byte of 32 codes, as cypq_adc4_avx2_chunk gives it) looked up in
+ * its two subquantizers' uint8 tables q (32 bytes: the low nibble's 16, the high one's)
+ * and added to the sums: acc gathers v[2e] + 256 v[2e + 1] (mod 2^16) in 16-bit lane e,
+ * od v[2e + 1], so row 2e's sum is acc - 256 od (every sum < 2^16: at most 128 x 254). */
+CYPQ_AVX2 CYPQ_INLINE void cypq_adc4_avx2_column(const uint8_t *q, __m256i col, __m256i *acc,
+                                                 __m256i *od) {
+    const __m256i low = _mm256_set1_epi8(15);
+    const __m256i vl = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(
+        _mm_loadu_si128((const __m128i *)q)), _mm256_and_si256(col, low));
+    const __m256i vh = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(
+        _mm_loadu_si128((const __m128i *)(q + 16))),
+        _mm256_and_si256(_mm256_srli_epi16(col, 4), low));
+    *acc = _mm256_add_epi16(*acc, _mm256_add_epi16(vl, vh));
+    *od = _mm256_add_epi16(*od, _mm256_add_epi16(_mm256_srli_epi16(vl, 8),
+                                                 _mm256_srli_epi16(vh, 8)));
+}
+
 /* The uint8 bound sums of the block of 32 codes at blk (W <= CYPQ_ADC4_AVX2_MAX_W bytes each),
- * 16-bit lane e of *even holding row 2e's and of *odd row 2e + 1's: acc gathers v[2e] +
- * 256 v[2e + 1] (mod 2^16) and odd v[2e + 1], so the even rows' sums are acc - 256 odd (every
- * sum < 2^16: at most 128 x 254). */
+ * 16-bit lane e of *even holding row 2e's and of *odd row 2e + 1's (low lane rows 0..15,
+ * high lane 16..31). */
 CYPQ_AVX2 CYPQ_INLINE void cypq_adc4_avx2_sums(const cypq_adc4_cell *cell, const uint8_t *blk,
                                                const int W, __m256i *even, __m256i *odd) {
     const int H = W / 2, chunks = (W + 15) / 16;
-    const __m256i low = _mm256_set1_epi8(15);
     __m256i acc = _mm256_setzero_si256(), od = _mm256_setzero_si256();
     for (int ch = 0; ch < chunks; ch++) {
         __m256i a[16];
-        for (int r = 0; r < 16; r++)
-            a[r] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128(
-                (const __m128i *)(blk + r * W + 16 * ch))), _mm_loadu_si128(
-                (const __m128i *)(blk + (r + 16) * W + 16 * ch)), 1);
-        cypq_transpose32x16(a);
+        cypq_adc4_avx2_chunk(blk, W, ch, a);
         const int cols = W - 16 * ch < 16 ? W - 16 * ch : 16;
         for (int c = 0; c < cols; c++) {
             const int j = 16 * ch + c;   /* byte j: subquantizers 2j, 2j + 1 of a half */
-            const uint8_t *q = j < H ? cell->Q0 + 32 * j : cell->Q1 + 32 * (j - H);
-            const __m256i vl = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(
-                _mm_loadu_si128((const __m128i *)q)), _mm256_and_si256(a[c], low));
-            const __m256i vh = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(
-                _mm_loadu_si128((const __m128i *)(q + 16))),
-                _mm256_and_si256(_mm256_srli_epi16(a[c], 4), low));
-            acc = _mm256_add_epi16(acc, _mm256_add_epi16(vl, vh));
-            od = _mm256_add_epi16(od, _mm256_add_epi16(_mm256_srli_epi16(vl, 8),
-                                                       _mm256_srli_epi16(vh, 8)));
+            cypq_adc4_avx2_column(j < H ? cell->Q0 + 32 * j : cell->Q1 + 32 * (j - H), a[c],
+                                  &acc, &od);
         }
     }
     *even = _mm256_sub_epi16(acc, _mm256_slli_epi16(od, 8));
@@ -530,7 +565,7 @@ CYPQ_AVX2 CYPQ_INLINE void cypq_adc4_avx2_sums(const cypq_adc4_cell *cell, const
                               | (cypq_spread16(cypq_pass16(odd, delta, base, th)) << 1);    \
         m = cypq_note_passing(idx, m, i, p, pass, 1);                                       \
     }                                                                                       \
-    return cypq_adc4_rescore(T0, T1, W, codes, idx, m, thresh, out, idx);
+    return cypq_adc4_rescore(T0, T1, W, codes, idx, m, thresh, out, idx, 1);
 
 CYPQ_ADC4_ENTRY(CYPQ_AVX2, cypq_adc4_avx2, CYPQ_ADC4_AVX2_BODY)
 
@@ -538,6 +573,18 @@ CYPQ_ADC4_ENTRY(CYPQ_AVX2, cypq_adc4_avx2, CYPQ_ADC4_AVX2_BODY)
 CYPQ_AVX2 CYPQ_INLINE void cypq_store_bounds8(__m128i s, __m256 delta, __m256 base, float *out) {
     _mm256_storeu_ps(out, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(s)), delta,
                                           base));
+}
+
+/* The bounds of a block of 32 codes from their sums (cypq_adc4_avx2_sums) to lb[0 .. 32). */
+CYPQ_AVX2 CYPQ_INLINE void cypq_store_bounds32(__m256i even, __m256i odd, __m256 delta,
+                                               __m256 base, float *lb) {
+    /* rows 0-7 and 16-23 (lo), 8-15 and 24-31 (hi), in order */
+    const __m256i lo = _mm256_unpacklo_epi16(even, odd);
+    const __m256i hi = _mm256_unpackhi_epi16(even, odd);
+    cypq_store_bounds8(_mm256_castsi256_si128(lo), delta, base, lb);
+    cypq_store_bounds8(_mm256_castsi256_si128(hi), delta, base, lb + 8);
+    cypq_store_bounds8(_mm256_extracti128_si256(lo, 1), delta, base, lb + 16);
+    cypq_store_bounds8(_mm256_extracti128_si256(hi, 1), delta, base, lb + 24);
 }
 
 /* Every code's lower bound, as the AVX2 loop compares it, to lb (n rounded up to 32 entries,
@@ -550,13 +597,7 @@ CYPQ_AVX2 CYPQ_INLINE void cypq_store_bounds8(__m128i s, __m256 delta, __m256 ba
     for (int64_t i = 0; i < n; i += 32) {                                                   \
         __m256i even, odd;                                                                  \
         cypq_adc4_avx2_sums(cell, cypq_adc4_avx2_block(codes, i, n, W, pad), W, &even, &odd); \
-        /* rows 0-7 and 16-23 (lo), 8-15 and 24-31 (hi), in order */                       \
-        const __m256i lo = _mm256_unpacklo_epi16(even, odd);                                \
-        const __m256i hi = _mm256_unpackhi_epi16(even, odd);                                \
-        cypq_store_bounds8(_mm256_castsi256_si128(lo), delta, base, lb + i);                \
-        cypq_store_bounds8(_mm256_castsi256_si128(hi), delta, base, lb + i + 8);            \
-        cypq_store_bounds8(_mm256_extracti128_si256(lo, 1), delta, base, lb + i + 16);      \
-        cypq_store_bounds8(_mm256_extracti128_si256(hi, 1), delta, base, lb + i + 24);      \
+        cypq_store_bounds32(even, odd, delta, base, lb + i);                                \
     }                                                                                       \
     return n;
 
@@ -565,9 +606,52 @@ CYPQ_AVX2 static int64_t cypq_adc4_avx2_bounds(const cypq_adc4_cell *cell, const
     CYPQ_ADC4_BY_WIDTH(CYPQ_ADC4_AVX2_BOUNDS_BODY, cell->plan->W)
 }
 
+/* cypq_adc4_avx2_bounds of codes already in blocks (cypq_adc4_blocks): no transposes, so
+ * a cell that several queries of a batch scan is transposed once. The same bounds. */
+#define CYPQ_ADC4_AVX2_BLOCK_BOUNDS_BODY(WW)                                                \
+    const int W = (WW), H = W / 2;                                                          \
+    const __m256 base = _mm256_set1_ps(cell->base - cell->slack);                           \
+    const __m256 delta = _mm256_set1_ps(cell->delta);                                       \
+    for (int64_t i = 0; i < n; i += 32, blocks += 32 * W) {                                 \
+        __m256i acc = _mm256_setzero_si256(), od = _mm256_setzero_si256();                  \
+        /* (unrolled whole, GCC hoisted every lookup and spilled them: 1.3x the time) */    \
+        _Pragma("GCC unroll 2")                                                             \
+        for (int j = 0; j < H; j++)                                                         \
+            cypq_adc4_avx2_column(cell->Q0 + 32 * j, _mm256_loadu_si256(                    \
+                (const __m256i *)(blocks + 32 * j)), &acc, &od);                            \
+        _Pragma("GCC unroll 2")                                                             \
+        for (int j = 0; j < H; j++)                                                         \
+            cypq_adc4_avx2_column(cell->Q1 + 32 * j, _mm256_loadu_si256(                    \
+                (const __m256i *)(blocks + 32 * (H + j))), &acc, &od);                      \
+        cypq_store_bounds32(_mm256_sub_epi16(acc, _mm256_slli_epi16(od, 8)), od, delta,     \
+                            base, lb + i);                                                  \
+    }                                                                                       \
+    return n;
+
+CYPQ_AVX2 static int64_t cypq_adc4_avx2_block_bounds(const cypq_adc4_cell *cell,
+                                                     const uint8_t *blocks, int64_t n,
+                                                     float *lb) {
+    CYPQ_ADC4_BY_WIDTH(CYPQ_ADC4_AVX2_BLOCK_BOUNDS_BODY, cell->plan->W)
+}
+
+/* n codes of W bytes (W <= CYPQ_ADC4_AVX2_MAX_W) in blocks of 32 (cypq_adc4_blocks). */
+CYPQ_AVX2 static void cypq_adc4_avx2_to_blocks(const uint8_t *codes, int64_t n, int W,
+                                               uint8_t *out) {
+    uint8_t pad[32 * CYPQ_ADC4_AVX2_MAX_W + 16];
+    for (int64_t i = 0; i < n; i += 32, out += 32 * W) {
+        const uint8_t *blk = cypq_adc4_avx2_block(codes, i, n, W, pad);
+        for (int ch = 0; ch < (W + 15) / 16; ch++) {
+            __m256i a[16];
+            cypq_adc4_avx2_chunk(blk, W, ch, a);
+            for (int c = 0; c < 16 && 16 * ch + c < W; c++)
+                _mm256_storeu_si256((__m256i *)(out + 32 * (16 * ch + c)), a[c]);
+        }
+    }
+}
+
 /* Rows i < n with lo < lb[i] <= hi to idx (room for 8 more than them), ascending; returns
- * how many. Each 8 rows' passing ones are noted without branches (a tenth pass, in no order
- * a branch predicts). */
+ * how many. Each 8 rows' passing ones are packed with one permute (a tenth pass, in no
+ * order a branch predicts; one store per row cost 8% of a MANMINILM 24-byte search). */
 CYPQ_AVX2 static int64_t cypq_rows_within(const float *lb, int64_t n, float lo, float hi,
                                           int32_t *idx) {
     const __m256 l = _mm256_set1_ps(lo), h = _mm256_set1_ps(hi);
@@ -576,7 +660,11 @@ CYPQ_AVX2 static int64_t cypq_rows_within(const float *lb, int64_t n, float lo, 
         const __m256 x = _mm256_loadu_ps(lb + i);
         const unsigned bits = (unsigned)_mm256_movemask_ps(_mm256_and_ps(
             _mm256_cmp_ps(x, l, _CMP_GT_OQ), _mm256_cmp_ps(x, h, _CMP_LE_OQ)));
-        m = cypq_note_passing(idx, m, i, 8, bits, 1);
+        const __m256i lanes = _mm256_cvtepu8_epi32(
+            _mm_loadl_epi64((const __m128i *)cypq_set_lanes[bits]));
+        _mm256_storeu_si256((__m256i *)(idx + m),
+                            _mm256_add_epi32(lanes, _mm256_set1_epi32((int32_t)i)));
+        m += __builtin_popcount(bits);
     }
     for (; i < n; i++)
         if (lb[i] > lo && lb[i] <= hi) idx[m++] = (int32_t)i;
@@ -639,6 +727,11 @@ static float cypq_bound_quantile(const float *lb, int64_t n, int64_t want, int32
     (void)lb; (void)n; (void)want; (void)hist;
     return INFINITY;
 }
+static int64_t cypq_adc4_avx2_block_bounds(const cypq_adc4_cell *cell, const uint8_t *blocks,
+                                           int64_t n, float *lb) {
+    (void)cell; (void)blocks; (void)lb;
+    return n;
+}
 static float cypq_quantize4(const float *T, int64_t rows, int m, uint8_t *Q, float *bias,
                             float *slack) {
     (void)T; (void)rows; (void)m; (void)Q; (void)bias;
@@ -646,6 +739,22 @@ static float cypq_quantize4(const float *T, int64_t rows, int m, uint8_t *Q, flo
     return 1.f;
 }
 #endif
+
+/* n codes of W bytes in blocks of 32 for cypq_adc4_avx2_block_bounds: block b (32 W bytes
+ * at out + 32 W b) holds byte c of its row r at 32 c + r (rows past n: zero). The same
+ * bytes from the AVX2 path and the portable one. */
+static void cypq_adc4_blocks(const uint8_t *codes, int64_t n, int W, uint8_t *out) {
+#if CYPQ_WIDE
+    if (W <= CYPQ_ADC4_AVX2_MAX_W && __builtin_cpu_supports("avx2") && cypq_fastscan_limit < 2) {
+        cypq_adc4_avx2_to_blocks(codes, n, W, out);
+        return;
+    }
+#endif
+    for (int64_t i = 0; i < n; i += 32, out += 32 * W)
+        for (int c = 0; c < W; c++)
+            for (int r = 0; r < 32; r++)
+                out[32 * c + r] = i + r < n ? codes[(i + r) * W + c] : 0;
+}
 
 /* cypq_adc4 through the cell's bounds where the plan allows (cell NULL: no bounds). */
 static inline int64_t cypq_adc4_cells(const float *T0, const float *T1, int W,

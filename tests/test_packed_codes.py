@@ -229,3 +229,71 @@ def test_two_phase_scan_equals_reference(k, n_threads, scan_path, first_sweep):
             ref.assert_search_matches(index, model, X, np.arange(len(X)), Q, k, quota)
             np.testing.assert_array_equal(I1, I0)
             np.testing.assert_array_equal(D1, D0)
+
+
+def _blocks_reference(codes: np.ndarray) -> np.ndarray:
+    """codes (n, W) uint8 in blocks of 32: block b's byte 32 c + r is byte c of row 32 b + r,
+    rows past n zero (fastscan.h cypq_adc4_blocks)."""
+    n, W = codes.shape
+    padded = np.zeros((-(-n // 32) * 32, W), np.uint8)
+    padded[:n] = codes
+    return padded.reshape(-1, 32, W).transpose(0, 2, 1).ravel()
+
+
+@pytest.mark.parametrize("W", [2, 4, 8, 12, 16, 20, 24, 32, 48, 64, 72])
+def test_code_blocks_against_numpy(W, scan_path):
+    """The blocks the two-phase scan reads (AVX2 in-register transposes, up to 64 bytes, and
+    the portable loop) against a NumPy transpose; segments of 1, 31, 32, 33, 100 codes and
+    an empty one, those without an address left alone."""
+    from cypq import _search
+    rng = np.random.default_rng(W)
+    segs = [rng.integers(0, 256, (n, W), dtype=np.uint8) for n in (1, 31, 32, 33, 100, 0)]
+    for limit in ("best", "portable"):
+        scan_path(limit)
+        outs = [np.full(-(-len(s) // 32) * 32 * W + 7, 0xAB, np.uint8) for s in segs]
+        addresses = np.array([o.ctypes.data if i != 2 else 0 for i, o in enumerate(outs)],
+                             np.uintp)
+        _search.code_blocks(np.array([s.ctypes.data for s in segs], np.uintp),
+                            np.array([len(s) for s in segs], np.int64), addresses, W, 2)
+        for i, (s, o) in enumerate(zip(segs, outs)):
+            want = _blocks_reference(s) if i != 2 else np.full(len(o) - 7, 0xAB, np.uint8)
+            np.testing.assert_array_equal(o[:-7], want)
+            assert (o[-7:] == 0xAB).all()   # nothing written past the blocks
+    with pytest.raises(ValueError, match="one length and block address per segment"):
+        _search.code_blocks(addresses, np.zeros(2, np.int64), addresses, W, 1)
+
+
+@pytest.mark.parametrize("M", [8, 16, 48, 96])
+def test_blocks_change_nothing(M, n_threads, scan_path, monkeypatch):
+    """A batch's often-listed cells in blocks of 32 (cypq.scan_blocks: their bounds read
+    without transposes, their float sums from the blocks) return the same ids and bit-identical
+    distances as the same scan without blocks and as the portable path; with ties (repeated
+    vectors) and cells of hundreds of codes and of a few."""
+    import cypq.scan_blocks as SB
+    import cypq.search as S
+    from cypq import _search
+    model, X, Q = _fit(2 * M if M < 96 else 192, V=3, M=M, n=2000, seed=M)
+    X = np.concatenate([X, X[:200]])
+    index = Index.in_memory(model, n_threads=n_threads)
+    index.add(X)
+    made = []   # each batch's block addresses (None: no blocks)
+
+    def spy(*args, **kw):
+        out = SB.code_blocks(*args, **kw)
+        made.append(out[0])
+        return out
+
+    monkeypatch.setattr(S, "code_blocks", spy)
+    for quota in (0, 300):
+        scan_path("portable")
+        D0, I0 = index.search(Q, k=50, quota=quota)
+        scan_path("best")
+        for visits, codes in ((1, 1), (10 ** 9, 1)):   # every cell in blocks, then none
+            monkeypatch.setattr(SB, "MIN_VISITS", visits)
+            monkeypatch.setattr(SB, "MIN_CODES", codes)
+            made.clear()
+            D1, I1 = index.search(Q, k=50, quota=quota)
+            np.testing.assert_array_equal(I1, I0)
+            np.testing.assert_array_equal(D1, D0)
+            if _search.scans_blocks(M // 2):
+                assert any(m is not None for m in made) == (visits == 1)
