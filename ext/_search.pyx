@@ -20,8 +20,9 @@ from radix cimport SMALL_SORT, radix_sort
 from topk cimport TopK, topk_alloc, topk_finish, topk_free, topk_reset, topk_tighten
 from nearest cimport Codebooks, codebooks_free, codebooks_init
 from fastscan cimport (CYPQ_ADC4_AVX2, cypq_adc4_avx2_block_bounds, cypq_adc4_avx2_bounds,
+                      cypq_adc4_avx2_rows,
                       cypq_adc4_blocks, cypq_adc4_cell, cypq_adc4_plan, cypq_adc4_plan_init,
-                      cypq_adc4_rows, cypq_bound_quantile, cypq_fastscan_init,
+                      cypq_bound_quantile, cypq_fastscan_init,
                       cypq_fastscan_limit, cypq_quantize4, cypq_rows_within)
 from scan cimport (PEND_FLUSH, SCAN_BLOCK, Filter, Pending, cypq_prefetch, load_id,
                   offer_code, pass_flags, pending_flush, scan_topk)
@@ -499,7 +500,14 @@ cdef void _sweep(const Segs *sg, const TwoPhase *tp, int64_t n, float lo, float 
     cdef int64_t nh = cypq_rows_within(tp.lb, n, lo, hi, tp.hit), j = 0, j2, r = 0
     cdef int64_t start, end, g, t, cnt, e, i
     cdef uintptr_t vecs
-    cdef bint blocked
+    while j < nh:   # each code's row fetched first: its sum waits on nothing then
+        while tp.rec[3 * (r + 1)] <= tp.hit[j]:
+            r += 1
+        cypq_prefetch(<const char *> sg.codes[tp.rec[3 * r + 1]]
+                      + (tp.hit[j] - tp.rec[3 * r]) * W)
+        j += 1
+    j = 0
+    r = 0
     while j < nh:
         while tp.rec[3 * (r + 1)] <= tp.hit[j]:
             r += 1
@@ -511,10 +519,9 @@ cdef void _sweep(const Segs *sg, const TwoPhase *tp, int64_t n, float lo, float 
         while j2 < nh and tp.hit[j2] < end and j2 - j < SCAN_BLOCK:
             tp.hit[j2] -= start
             j2 += 1
-        blocked = sg.blocks != NULL and sg.blocks[g] != 0   # (the bounds read those)
-        cnt = cypq_adc4_rows(tables + tab0[t] * tsize, tables + (n0 + tab1[t]) * tsize, W,
-                             <const uint8_t *> (sg.blocks[g] if blocked else sg.codes[g]),
-                             blocked, tp.hit + j, j2 - j, top.td, buf, ibuf)
+        cnt = cypq_adc4_avx2_rows(tables + tab0[t] * tsize, tables + (n0 + tab1[t]) * tsize,
+                                  W, <const uint8_t *> sg.codes[g], sg.len[g], tp.hit + j,
+                                  j2 - j, top.td, buf, ibuf)
         vecs = sg.vecs[g] if sg.vecs != NULL else 0
         for e in range(cnt):
             if buf[e] <= top.td:

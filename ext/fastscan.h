@@ -17,7 +17,7 @@
  *   one vector), each byte's two nibbles looked up with vpshufb in their subquantizers'
  *   16-entry tables, and the sums kept in 16-bit lanes; cypq_adc4_avx2_bounds writes every
  *   code's bound instead, for the index's two-phase scan (_search.pyx), and
- *   cypq_rows_within / cypq_bound_quantile / cypq_adc4_rows serve its sweeps; codes that
+ *   cypq_rows_within / cypq_bound_quantile / cypq_adc4_avx2_rows serve its sweeps; codes that
  *   several queries scan can be put in blocks of 32 once (cypq_adc4_blocks: byte j of the
  *   32 codes together), whose bounds then need no transposes (cypq_adc4_avx2_block_bounds).
  * A code within the threshold always has its bound within it (see cypq_quantize4), so every
@@ -38,14 +38,13 @@
 #endif
 
 /* One code's sum: four add chains (even and odd subquantizers of each half), summed as
- * (e0 + o0) + (e1 + o1). Every path scores a code through this. Byte j of the code is
- * c[j * stride] (1: a row; 32: a row of codes in blocks, cypq_adc4_blocks). */
+ * (e0 + o0) + (e1 + o1). Every path scores a code through this. */
 CYPQ_INLINE float cypq_adc4_one(const float *T0, const float *T1, const int W,
-                                const uint8_t *c, const int stride) {
+                                const uint8_t *c) {
     const int H = W / 2;
     float e0 = 0.f, o0 = 0.f, e1 = 0.f, o1 = 0.f;
     for (int j = 0; j < H; j++) {
-        const int x = c[j * stride], y = c[(H + j) * stride];
+        const int x = c[j], y = c[H + j];
         e0 += T0[j * 32 + (x & 15)];
         o0 += T0[j * 32 + 16 + (x >> 4)];
         e1 += T1[j * 32 + (y & 15)];
@@ -59,7 +58,7 @@ CYPQ_INLINE float cypq_adc4_one(const float *T0, const float *T1, const int W,
 #define CYPQ_ADC4_BODY(WW)                                                                  \
     int64_t cnt = 0;                                                                        \
     for (int64_t i = 0; i < n; i++) {                                                       \
-        const float s = cypq_adc4_one(T0, T1, (WW), codes + i * (int64_t)(WW), 1);          \
+        const float s = cypq_adc4_one(T0, T1, (WW), codes + i * (int64_t)(WW));             \
         if (s <= thresh) {                                                                  \
             out[cnt] = s;                                                                   \
             idx[cnt++] = (int32_t)i;                                                        \
@@ -170,17 +169,14 @@ CYPQ_INLINE int64_t cypq_note_passing(int32_t *idx, int64_t m, int64_t i, int p,
 
 /* The float sums of the m codes (row numbers rows[0 .. m)) whose bound passed, as cypq_adc4
  * makes them; those at most thresh go to out / idx, which may hold rows itself as long as
- * idx + cnt never passes rows + j (in place). Returns cnt. stride 1: codes row-major;
- * 32: in blocks of 32 (cypq_adc4_blocks), row r's byte c at 32 W (r / 32) + 32 c + r % 32. */
+ * idx + cnt never passes rows + j (in place). Returns cnt. */
 CYPQ_INLINE int64_t cypq_adc4_rescore(const float *T0, const float *T1, const int W,
                                       const uint8_t *codes, const int32_t *rows, int64_t m,
-                                      float thresh, float *out, int32_t *idx,
-                                      const int stride) {
+                                      float thresh, float *out, int32_t *idx) {
     int64_t cnt = 0;
     for (int64_t j = 0; j < m; j++) {
         const int32_t row = rows[j];
-        const float s = cypq_adc4_one(T0, T1, W, codes + (int64_t)(row / stride) * stride * W
-                                      + row % stride, stride);
+        const float s = cypq_adc4_one(T0, T1, W, codes + (int64_t)row * W);
         if (s <= thresh) {
             out[cnt] = s;
             idx[cnt++] = row;
@@ -189,14 +185,12 @@ CYPQ_INLINE int64_t cypq_adc4_rescore(const float *T0, const float *T1, const in
     return cnt;
 }
 
-/* cypq_adc4_rescore with the common widths unrolled: the two-phase scan's float sums, of
- * codes row-major (blocked 0) or in blocks of 32 (1). */
+/* cypq_adc4_rescore with the common widths unrolled. */
 #define CYPQ_ADC4_ROWS_BODY(WW)                                                             \
-    return blocked ? cypq_adc4_rescore(T0, T1, (WW), codes, rows, m, thresh, out, idx, 32)  \
-                   : cypq_adc4_rescore(T0, T1, (WW), codes, rows, m, thresh, out, idx, 1);
+    return cypq_adc4_rescore(T0, T1, (WW), codes, rows, m, thresh, out, idx);
 static int64_t cypq_adc4_rows(const float *T0, const float *T1, int W, const uint8_t *codes,
-                              int blocked, const int32_t *rows, int64_t m, float thresh,
-                              float *out, int32_t *idx) {
+                              const int32_t *rows, int64_t m, float thresh, float *out,
+                              int32_t *idx) {
     CYPQ_ADC4_BY_WIDTH(CYPQ_ADC4_ROWS_BODY, W)
 }
 
@@ -314,7 +308,7 @@ static float cypq_quantize4(const float *T, int64_t rows, int m, uint8_t *Q, flo
         /* noted without branching: idx holds them until the second pass */                 \
         m = cypq_note_passing(idx, m, i, p, _mm256_cmp_ps_mask(lb, th, _CMP_LE_OQ), Q8);    \
     }                                                                                       \
-    return cypq_adc4_rescore(T0, T1, W, codes, idx, m, thresh, out, idx, 1);
+    return cypq_adc4_rescore(T0, T1, W, codes, idx, m, thresh, out, idx);
 
 /* The lanes of v selected by k, packed, to dst[0 .. popcount(k)): a compress in registers and
  * a masked store, as vpcompressd to memory is microcoded on some CPUs (AMD Zen 4 above all;
@@ -425,7 +419,7 @@ CYPQ_VBMI CYPQ_INLINE void cypq_store_selected_ps(float *dst, __mmask16 k, __m51
     }                                                                                       \
     /* (ne + m <= n: idx + ne + j' never passes idx + n - m + j for j' <= j) */             \
     return ne + cypq_adc4_rescore(T0, T1, W, codes, idx + n - m, m, thresh, out + ne,      \
-                                  idx + ne, 1);
+                                  idx + ne);
 
 /* A SIMD path's entry point (compiled for TARGET): its loop BODY over the cell's codes, with
  * the code width a constant for the common widths. */
@@ -565,7 +559,7 @@ CYPQ_AVX2 CYPQ_INLINE void cypq_adc4_avx2_sums(const cypq_adc4_cell *cell, const
                               | (cypq_spread16(cypq_pass16(odd, delta, base, th)) << 1);    \
         m = cypq_note_passing(idx, m, i, p, pass, 1);                                       \
     }                                                                                       \
-    return cypq_adc4_rescore(T0, T1, W, codes, idx, m, thresh, out, idx, 1);
+    return cypq_adc4_rescore(T0, T1, W, codes, idx, m, thresh, out, idx);
 
 CYPQ_ADC4_ENTRY(CYPQ_AVX2, cypq_adc4_avx2, CYPQ_ADC4_AVX2_BODY)
 
@@ -671,6 +665,64 @@ CYPQ_AVX2 static int64_t cypq_rows_within(const float *lb, int64_t n, float lo, 
     return m;
 }
 
+/* Entries idx (8 int32 in 0..15) of the 16 floats at t. */
+CYPQ_AVX2 CYPQ_INLINE __m256 cypq_lookup16(const float *t, __m256i idx) {
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(t), idx),
+                            _mm256_permutevar8x32_ps(_mm256_loadu_ps(t + 8), idx),
+                            _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+/* cypq_adc4_rescore of row-major codes (stride 1), 8 rows at a time where W % 8 == 0 and
+ * the n codes' bytes stay below 2^31: each lane sums its code's entries in cypq_adc4_one's
+ * order (the same four chains, so the same bits); a code's bytes 4g .. 4g + 3 of both
+ * halves come in one gather, each nibble's entry by two permutes. The float sums were a
+ * scalar chain of loads per code (a fifth of a MANMINILM 24-byte search). */
+CYPQ_AVX2 static int64_t cypq_adc4_avx2_rows(const float *T0, const float *T1, const int W,
+                                             const uint8_t *codes, int64_t n,
+                                             const int32_t *rows, int64_t m, float thresh,
+                                             float *out, int32_t *idx) {
+    const int H = W / 2;
+    int64_t cnt = 0, j = 0;
+    if (W % 8 == 0 && n * W < INT32_MAX) {
+        const __m256i width = _mm256_set1_epi32(W), nib = _mm256_set1_epi32(15);
+        const __m256 th = _mm256_set1_ps(thresh);
+        for (; j + 8 <= m; j += 8) {
+            const __m256i rv = _mm256_loadu_si256((const __m256i *)(rows + j));
+            const __m256i at = _mm256_mullo_epi32(rv, width);
+            __m256 e0 = _mm256_setzero_ps(), o0 = e0, e1 = e0, o1 = e0;
+            for (int g = 0; g < H; g += 4) {
+                const __m256i x4 = _mm256_i32gather_epi32(
+                    (const int *)codes, _mm256_add_epi32(at, _mm256_set1_epi32(g)), 1);
+                const __m256i y4 = _mm256_i32gather_epi32(
+                    (const int *)codes, _mm256_add_epi32(at, _mm256_set1_epi32(H + g)), 1);
+                for (int b = 0; b < 4; b++) {
+                    const __m256i x = _mm256_srli_epi32(x4, 8 * b);
+                    const __m256i y = _mm256_srli_epi32(y4, 8 * b);
+                    const float *t0 = T0 + (g + b) * 32, *t1 = T1 + (g + b) * 32;
+                    e0 = _mm256_add_ps(e0, cypq_lookup16(t0, _mm256_and_si256(x, nib)));
+                    o0 = _mm256_add_ps(o0, cypq_lookup16(t0 + 16, _mm256_and_si256(
+                        _mm256_srli_epi32(x, 4), nib)));
+                    e1 = _mm256_add_ps(e1, cypq_lookup16(t1, _mm256_and_si256(y, nib)));
+                    o1 = _mm256_add_ps(o1, cypq_lookup16(t1 + 16, _mm256_and_si256(
+                        _mm256_srli_epi32(y, 4), nib)));
+                }
+            }
+            const __m256 sum = _mm256_add_ps(_mm256_add_ps(e0, o0), _mm256_add_ps(e1, o1));
+            const unsigned pass = (unsigned)_mm256_movemask_ps(
+                _mm256_cmp_ps(sum, th, _CMP_LE_OQ));
+            const __m256i lanes = _mm256_cvtepu8_epi32(
+                _mm_loadl_epi64((const __m128i *)cypq_set_lanes[pass]));
+            /* (rows j .. j + 7 are read: idx + cnt + 7 <= rows + j + 7 may overwrite them) */
+            _mm256_storeu_ps(out + cnt, _mm256_permutevar8x32_ps(sum, lanes));
+            _mm256_storeu_si256((__m256i *)(idx + cnt), _mm256_permutevar8x32_epi32(rv, lanes));
+            cnt += __builtin_popcount(pass);
+        }
+    }
+    return cnt + cypq_adc4_rows(T0, T1, W, codes, rows + j, m - j, thresh, out + cnt,
+                                idx + cnt);
+}
+
+
 /* A value with about `want` (0 < want < n) of the n floats lb at most it: the upper edge of
  * the bucket, of 256 between their minimum and maximum, that holds the want-th smallest
  * (of a sample, when n is large); hist: 256 ints of scratch. (The two-phase scan is exact
@@ -731,6 +783,12 @@ static int64_t cypq_adc4_avx2_block_bounds(const cypq_adc4_cell *cell, const uin
                                            int64_t n, float *lb) {
     (void)cell; (void)blocks; (void)lb;
     return n;
+}
+static int64_t cypq_adc4_avx2_rows(const float *T0, const float *T1, const int W,
+                                   const uint8_t *codes, int64_t n, const int32_t *rows,
+                                   int64_t m, float thresh, float *out, int32_t *idx) {
+    (void)n;
+    return cypq_adc4_rescore(T0, T1, W, codes, rows, m, thresh, out, idx);
 }
 static float cypq_quantize4(const float *T, int64_t rows, int m, uint8_t *Q, float *bias,
                             float *slack) {

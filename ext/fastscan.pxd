@@ -23,13 +23,13 @@ cdef extern from "fastscan.h" nogil:
     int64_t cypq_adc4_cells(const float *T0, const float *T1, int W,
                             const cypq_adc4_cell *cell, const uint8_t *codes, int64_t n,
                             float thresh, float *out, int32_t *idx) noexcept
-    int64_t cypq_adc4_rows(const float *T0, const float *T1, int W, const uint8_t *codes,
-                           int blocked, const int32_t *rows, int64_t m, float thresh,
-                           float *out, int32_t *idx) noexcept
     int64_t cypq_adc4_avx2_bounds(const cypq_adc4_cell *cell, const uint8_t *codes, int64_t n,
                                   float *lb) noexcept
     int64_t cypq_adc4_avx2_block_bounds(const cypq_adc4_cell *cell, const uint8_t *blocks,
                                         int64_t n, float *lb) noexcept
+    int64_t cypq_adc4_avx2_rows(const float *T0, const float *T1, int W, const uint8_t *codes,
+                                int64_t n, const int32_t *rows, int64_t m, float thresh,
+                                float *out, int32_t *idx) noexcept
     void cypq_adc4_blocks(const uint8_t *codes, int64_t n, int W, uint8_t *out) noexcept
     void cypq_fastscan_init() noexcept
     int64_t cypq_rows_within(const float *lb, int64_t n, float lo, float hi,
