@@ -13,9 +13,11 @@ import numpy as np
 from . import _search
 
 # A segment is put in blocks when at least MIN_VISITS of a batch's queries list its cell (one
-# transposes as much as one scan) and it holds at least MIN_CODES codes: REALSIFT1M's cells
-# of ~15 codes (V = 256) took 1.15-1.3x the time in blocks (half of each block padding, and
-# a float sum's code spread over W cache lines instead of one).
+# transposes as much as one scan, and the blocks are written and read back) and it holds at
+# least MIN_CODES codes. REALSIFT1M 4-bit (V = 256, cells of ~15 codes) took 1.15-1.3x the
+# time with every cell listed twice in blocks (half of each block padding); with 64 codes
+# and 3 visits still 1.1x at quota 16000; with 8 visits as without blocks. MANMINILM's cells
+# (~400 codes, ~60 visits) are far past both.
 MIN_VISITS = 8
 MIN_CODES = 64
 

@@ -20,16 +20,15 @@ from radix cimport SMALL_SORT, radix_sort
 from topk cimport TopK, topk_alloc, topk_finish, topk_free, topk_reset, topk_tighten
 from nearest cimport Codebooks, codebooks_free, codebooks_init
 from fastscan cimport (CYPQ_ADC4_AVX2, cypq_adc4_avx2_block_bounds, cypq_adc4_avx2_bounds,
-                      cypq_adc4_avx2_rows,
-                      cypq_adc4_blocks, cypq_adc4_cell, cypq_adc4_plan, cypq_adc4_plan_init,
-                      cypq_bound_quantile, cypq_fastscan_init,
+                      cypq_adc4_avx2_rows, cypq_adc4_blocks, cypq_adc4_cell, cypq_adc4_plan,
+                      cypq_adc4_plan_init, cypq_bound_quantile, cypq_fastscan_init,
                       cypq_fastscan_limit, cypq_quantize4, cypq_rows_within)
 from scan cimport (PEND_FLUSH, SCAN_BLOCK, Filter, Pending, cypq_prefetch, load_id,
                   offer_code, pass_flags, pending_flush, scan_topk)
 from simd cimport (cypq_ip_ny, cypq_l2sqr_ny, cypq_l2sqr_ny_norm, cypq_l2sqr_ny_norm_x4,
                   cypq_tables16)
 
-cypq_fastscan_init()
+cypq_fastscan_init()   # (this module's copy of the header's lane table)
 
 
 cdef extern from *:

@@ -197,7 +197,8 @@ static int64_t cypq_adc4_rows(const float *T0, const float *T1, int W, const uin
 /* Lane numbers of the set bits of each 8-bit mask, in order (cypq_fastscan_init). */
 static uint8_t cypq_set_lanes[256][8];
 
-/* Once, before any scan (the module's import). */
+/* Once, before cypq_rows_within or cypq_adc4_avx2_rows run: each module that calls them
+ * fills its own copy of the table at its import (_search.pyx). */
 static void cypq_fastscan_init(void) {
     for (int bits = 0; bits < 256; bits++) {
         int m = 0;

@@ -117,6 +117,7 @@ def _plot(by_m, path) -> None:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print("matplotlib is not installed: no plot")
         return
@@ -128,6 +129,7 @@ def _plot(by_m, path) -> None:
                 ax.plot([a for a, _ in pts], [b for _, b in pts], style, ms=3,
                         label=system.replace("cypq LOPQ ", "cypq ").replace("faiss ", ""))
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())   # (they overlapped)
         ax.set_xlabel("ms / query (1 thread)")
         ax.set_ylabel("recall@10")
         ax.set_title(f"{M} bytes per code")
