@@ -644,6 +644,12 @@ CYPQ_AVX2 static void cypq_adc4_avx2_to_blocks(const uint8_t *codes, int64_t n, 
     }
 }
 
+/* The lane numbers of the set bits of an 8-bit mask, in order, then zeros: a permute by them
+ * packs the selected lanes first. */
+CYPQ_AVX2 CYPQ_INLINE __m256i cypq_lanes_of(unsigned bits) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)cypq_set_lanes[bits]));
+}
+
 /* Rows i < n with lo < lb[i] <= hi to idx (room for 8 more than them), ascending; returns
  * how many. Each 8 rows' passing ones are packed with one permute (a tenth pass, in no
  * order a branch predicts; one store per row cost 8% of a MANMINILM 24-byte search). */
@@ -655,10 +661,8 @@ CYPQ_AVX2 static int64_t cypq_rows_within(const float *lb, int64_t n, float lo, 
         const __m256 x = _mm256_loadu_ps(lb + i);
         const unsigned bits = (unsigned)_mm256_movemask_ps(_mm256_and_ps(
             _mm256_cmp_ps(x, l, _CMP_GT_OQ), _mm256_cmp_ps(x, h, _CMP_LE_OQ)));
-        const __m256i lanes = _mm256_cvtepu8_epi32(
-            _mm_loadl_epi64((const __m128i *)cypq_set_lanes[bits]));
-        _mm256_storeu_si256((__m256i *)(idx + m),
-                            _mm256_add_epi32(lanes, _mm256_set1_epi32((int32_t)i)));
+        _mm256_storeu_si256((__m256i *)(idx + m), _mm256_add_epi32(
+            cypq_lanes_of(bits), _mm256_set1_epi32((int32_t)i)));
         m += __builtin_popcount(bits);
     }
     for (; i < n; i++)
@@ -673,7 +677,7 @@ CYPQ_AVX2 CYPQ_INLINE __m256 cypq_lookup16(const float *t, __m256i idx) {
                             _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
 }
 
-/* cypq_adc4_rescore of row-major codes (stride 1), 8 rows at a time where W % 8 == 0 and
+/* cypq_adc4_rows of the n codes at codes, 8 rows at a time where W % 8 == 0 and
  * the n codes' bytes stay below 2^31: each lane sums its code's entries in cypq_adc4_one's
  * order (the same four chains, so the same bits); a code's bytes 4g .. 4g + 3 of both
  * halves come in one gather, each nibble's entry by two permutes. The float sums were a
@@ -711,8 +715,7 @@ CYPQ_AVX2 static int64_t cypq_adc4_avx2_rows(const float *T0, const float *T1, c
             const __m256 sum = _mm256_add_ps(_mm256_add_ps(e0, o0), _mm256_add_ps(e1, o1));
             const unsigned pass = (unsigned)_mm256_movemask_ps(
                 _mm256_cmp_ps(sum, th, _CMP_LE_OQ));
-            const __m256i lanes = _mm256_cvtepu8_epi32(
-                _mm_loadl_epi64((const __m128i *)cypq_set_lanes[pass]));
+            const __m256i lanes = cypq_lanes_of(pass);
             /* (rows j .. j + 7 are read: idx + cnt + 7 <= rows + j + 7 may overwrite them) */
             _mm256_storeu_ps(out + cnt, _mm256_permutevar8x32_ps(sum, lanes));
             _mm256_storeu_si256((__m256i *)(idx + cnt), _mm256_permutevar8x32_epi32(rv, lanes));
@@ -789,7 +792,7 @@ static int64_t cypq_adc4_avx2_rows(const float *T0, const float *T1, const int W
                                    const uint8_t *codes, int64_t n, const int32_t *rows,
                                    int64_t m, float thresh, float *out, int32_t *idx) {
     (void)n;
-    return cypq_adc4_rescore(T0, T1, W, codes, rows, m, thresh, out, idx);
+    return cypq_adc4_rows(T0, T1, W, codes, rows, m, thresh, out, idx);
 }
 static float cypq_quantize4(const float *T, int64_t rows, int m, uint8_t *Q, float *bias,
                             float *slack) {
