@@ -170,8 +170,8 @@ cdef inline bint topk_takes(const TopK *t, float d, int64_t idx) noexcept nogil:
 
 
 cdef inline void topk_tighten(TopK *t) noexcept nogil:
-    """Keep only the k best of the entries held, the threshold the worst of them (when the buffer is full,
-    or for a scan going on after many entries at once)."""
+    """Keep only the k best of the entries held, the threshold the worst of them (when the
+    buffer is full, or for a scan going on after many entries at once)."""
     if t.n > t.k:
         _select(t, t.k)
         t.n = t.k
