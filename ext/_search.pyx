@@ -20,7 +20,8 @@ from radix cimport SMALL_SORT, radix_sort
 from topk cimport TopK, topk_alloc, topk_finish, topk_free, topk_reset, topk_tighten
 from nearest cimport Codebooks, codebooks_free, codebooks_init
 from fastscan cimport (CYPQ_ADC4_AVX2, cypq_adc4_avx2_block_bounds, cypq_adc4_avx2_bounds,
-                      cypq_adc4_avx2_rows, cypq_adc4_blocks, cypq_adc4_cell, cypq_adc4_plan,
+                      cypq_adc4_avx2_rows, cypq_adc4_avx2_tails, cypq_adc4_blocks,
+                      cypq_adc4_cell, cypq_adc4_plan, cypq_adc4_tail,
                       cypq_adc4_plan_init, cypq_bound_quantile, cypq_fastscan_init,
                       cypq_fastscan_limit, cypq_quantize4, cypq_rows_within)
 from scan cimport (PEND_FLUSH, SCAN_BLOCK, Filter, Pending, cypq_prefetch, load_id,
@@ -53,6 +54,13 @@ cdef enum:
     BAND_AIM = 256      # cells a band aims at
 
 
+cdef enum:
+    FIRST_SAMPLE = 32   # a half of more than SMALL_SORT centroids sorts first those within
+    FIRST_RANK = 4      # the FIRST_RANK-th smallest of FIRST_SAMPLE of its distances, then
+                        # the next tier when the walk reaches it: those within the rank twice
+                        # as far in the sample (about V / 8, V / 8, V / 4, V / 2 centroids)
+
+
 cdef struct Walk:         # per-thread scratch of _walk (V entries each unless said)
     float *D0             # the halves' distances, ascending: the first ns[0], ns[1] of
     float *D1             # them (the rest sorted when the walk reaches them, _need)
@@ -60,7 +68,9 @@ cdef struct Walk:         # per-thread scratch of _walk (V entries each unless s
     int32_t *o1
     int32_t ns[2]
     const float *hd[2]    # each half's distances by centroid,
-    float tau[2]          # and the bound of those sorted first (the rest are above it)
+    float tau[2]          # and the bound of those sorted so far (the rest are above it)
+    uint32_t samp[2][FIRST_SAMPLE]   # a sorted sample of each half's distances (bits),
+    int rank[2]           # and the rank in it of tau (the next tier's bound: twice it)
     int32_t *lim          # row i: columns 0 .. lim[i]-1 enumerated
     int32_t *nlim         # the same for the band being enumerated
     float *bd             # (BAND_CAP) the band's cells: sum of the halves' distances,
@@ -89,22 +99,15 @@ cdef void _neg_ip_shifted(const float *x, const float *CT, int Dh, int V,
         out[v] = top - out[v]
 
 
-cdef enum:
-    FIRST_SAMPLE = 32   # a half of more than SMALL_SORT centroids sorts first those within
-    FIRST_RANK = 4      # the FIRST_RANK-th smallest of FIRST_SAMPLE of its distances
-
-
-cdef void _half_sorted(Walk *w, int h, int V, bint first) noexcept nogil:
-    """Sort half h's distances within tau[h] (``first``; all but those above it, ns[h]
-    of them) or above it (appended: ns[h] = V) into D0 / D1, their centroids into o0 / o1,
-    ties by centroid."""
+cdef void _half_sorted(Walk *w, int h, int V, float lo, float hi) noexcept nogil:
+    """Sort half h's distances in (lo, hi] (ties by centroid) and append them, and their
+    centroids, to D0 / D1 and o0 / o1 after the ns[h] there."""
     cdef float *D = w.D0 if h == 0 else w.D1
     cdef int32_t *o = w.o0 if h == 0 else w.o1
     cdef const float *d = w.hd[h]
-    cdef float tau = w.tau[h]
-    cdef int i, n = 0, at = 0 if first else w.ns[h]
+    cdef int i, n = 0, at = w.ns[h]
     for i in range(V):
-        if (d[i] <= tau) == first:
+        if d[i] > lo and d[i] <= hi:
             w.key[n] = _float_bits(d[i])
             w.val[n] = i
             n = n + 1
@@ -120,22 +123,32 @@ cdef void _half_order(Walk *w, int h, const float *d, int V) noexcept nogil:
     order (ties by centroid) only as far as it goes (_need): a small quota's walk reaches
     a few of V = 256, where sorting them all was half of a query's cell order. Up to
     SMALL_SORT all are sorted now; past it, those up to a threshold expected to hold about
-    V / 8 of them, the others when the walk first needs one (_need)."""
+    V / 8 of them, the next tier when the walk first needs one (_need)."""
     cdef int s
     w.hd[h] = d
+    w.ns[h] = 0
     w.tau[h] = INFINITY
     if V > SMALL_SORT:
         for s in range(FIRST_SAMPLE):
-            w.key[s] = _float_bits(d[<int64_t> s * V // FIRST_SAMPLE])
-        radix_sort(w.key, NULL, FIRST_SAMPLE, w.tkey, NULL)
-        memcpy(&w.tau[h], &w.key[FIRST_RANK - 1], sizeof(float))
-    _half_sorted(w, h, V, True)
+            w.samp[h][s] = _float_bits(d[<int64_t> s * V // FIRST_SAMPLE])
+        radix_sort(w.samp[h], NULL, FIRST_SAMPLE, w.tkey, NULL)
+        w.rank[h] = FIRST_RANK
+        memcpy(&w.tau[h], &w.samp[h][FIRST_RANK - 1], sizeof(float))
+    _half_sorted(w, h, V, -INFINITY, w.tau[h])
 
 
 cdef inline void _need(Walk *w, int h, int x, int V) noexcept nogil:
-    """Half h's x-th smallest distance (and its centroid) in place in D0 / D1 (o0 / o1)."""
-    if x >= w.ns[h] and w.ns[h] < V:
-        _half_sorted(w, h, V, False)
+    """Half h's x-th smallest distance (and its centroid) in place in D0 / D1 (o0 / o1):
+    the next tiers sorted until it is."""
+    cdef float lo
+    while x >= w.ns[h] and w.ns[h] < V:
+        lo = w.tau[h]
+        w.rank[h] = 2 * w.rank[h]
+        if w.rank[h] <= FIRST_SAMPLE:
+            memcpy(&w.tau[h], &w.samp[h][w.rank[h] - 1], sizeof(float))
+        else:
+            w.tau[h] = INFINITY
+        _half_sorted(w, h, V, lo, w.tau[h])
 
 
 cdef void _sort_by_bitmap(int64_t *cells, int64_t n, uint64_t *bits,
@@ -540,8 +553,12 @@ cdef int64_t _scan_two_phase(const Segs *sg, TwoPhase *tp, cypq_adc4_cell *cell,
     """A query's cells c0 .. c1 - 1 (as scan_cells's loop takes them) into the top k, in two
     phases (above); returns the codes scanned, -1 out of memory, -2 (nothing done) more codes
     than TWO_PHASE_MAX."""
-    cdef int64_t t, g, sl, n = 0, nseg = 0, off = 0, r = 0, want
+    cdef int64_t t, g, sl, n = 0, nseg = 0, off = 0, r = 0, want, ln
     cdef float lam, lo = -INFINITY
+    cdef cypq_adc4_tail tail[2]   # a tail waiting for another, and that other
+    cdef cypq_adc4_tail *tl
+    tail[0].n = 0
+    tail[1].n = 0
     for t in range(c0, c1):
         sl = sg.cell_slot[t]
         nseg += sg.seg_start[sl + 1] - sg.seg_start[sl]
@@ -562,13 +579,28 @@ cdef int64_t _scan_two_phase(const Segs *sg, TwoPhase *tp, cypq_adc4_cell *cell,
             tp.rec[3 * r + 1] = g
             tp.rec[3 * r + 2] = t
             r += 1
+            ln = sg.len[g]
             if sg.blocks != NULL and sg.blocks[g] != 0:
-                cypq_adc4_avx2_block_bounds(cell, <const uint8_t *> sg.blocks[g], sg.len[g],
+                cypq_adc4_avx2_block_bounds(cell, <const uint8_t *> sg.blocks[g], ln,
                                             tp.lb + off)
-            else:
-                cypq_adc4_avx2_bounds(cell, <const uint8_t *> sg.codes[g], sg.len[g],
-                                      tp.lb + off)
-            off += sg.len[g]
+            elif ln % 32 == 0 or ln % 32 > 16:
+                cypq_adc4_avx2_bounds(cell, <const uint8_t *> sg.codes[g], ln, tp.lb + off)
+            else:   # the blocks of 32, then the tail of 1 .. 16 codes with another's
+                tl = &tail[1 if tail[0].n else 0]
+                tl.cell = cell[0]
+                tl.n = ln % 32
+                tl.codes = <const uint8_t *> sg.codes[g] + (ln - tl.n) * W
+                tl.lb = tp.lb + off + ln - tl.n
+                if ln > tl.n:
+                    cypq_adc4_avx2_bounds(cell, <const uint8_t *> sg.codes[g], ln - tl.n,
+                                          tp.lb + off)
+                if tail[1].n:
+                    cypq_adc4_avx2_tails(&tail[0], &tail[1])
+                    tail[0].n = 0
+                    tail[1].n = 0
+            off += ln
+    if tail[0].n:
+        cypq_adc4_avx2_tails(&tail[0], NULL)
     tp.rec[3 * r] = off
     want = top.k * two_phase_first // 100 if top.k * two_phase_first >= 100 else 1
     while True:    # fill the top k (twice the codes while a sample's guess leaves it short)

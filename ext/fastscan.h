@@ -19,7 +19,8 @@
  *   code's bound instead, for the index's two-phase scan (_search.pyx), and
  *   cypq_rows_within / cypq_bound_quantile / cypq_adc4_avx2_rows serve its sweeps; codes that
  *   several queries scan can be put in blocks of 32 once (cypq_adc4_blocks: byte j of the
- *   32 codes together), whose bounds then need no transposes (cypq_adc4_avx2_block_bounds).
+ *   32 codes together), whose bounds then need no transposes (cypq_adc4_avx2_block_bounds);
+ *   the last 1 .. 16 codes of two segments share a block (cypq_adc4_avx2_tails).
  * A code within the threshold always has its bound within it (see cypq_quantize4), so every
  * path returns the same codes with the same distances; the bounds only spare the float sums
  * of codes that cannot enter the top k. The path is picked once per search (cypq_adc4_plan).
@@ -107,6 +108,15 @@ typedef struct {
     const uint8_t *Q0, *Q1;
     float base, delta, slack;
 } cypq_adc4_cell;
+
+/* The last 1 .. 16 codes of a segment, whose bounds the two-phase scan looks up together with
+ * another segment's (cypq_adc4_avx2_tails): its cell's tables, the codes, where the bounds go. */
+typedef struct {
+    cypq_adc4_cell cell;     /* (a copy: the scan's cell moves on) */
+    const uint8_t *codes;
+    int64_t n;
+    float *lb;
+} cypq_adc4_tail;
 
 /* The best path the CPU has (0), or at most the AVX2 one (1), or the portable one only (2):
  * tests compare the paths. */
@@ -507,20 +517,26 @@ CYPQ_AVX2 CYPQ_INLINE void cypq_adc4_avx2_chunk(const uint8_t *blk, const int W,
 }
 
 /* Byte column col (one byte of 32 codes, as cypq_adc4_avx2_chunk gives it) looked up in
- * its two subquantizers' uint8 tables q (32 bytes: the low nibble's 16, the high one's)
- * and added to the sums: acc gathers v[2e] + 256 v[2e + 1] (mod 2^16) in 16-bit lane e,
- * od v[2e + 1], so row 2e's sum is acc - 256 od (every sum < 2^16: at most 128 x 254). */
-CYPQ_AVX2 CYPQ_INLINE void cypq_adc4_avx2_column(const uint8_t *q, __m256i col, __m256i *acc,
-                                                 __m256i *od) {
+ * the uint8 tables tl (its low nibbles') and th (its high nibbles'), 16 entries per 128-bit
+ * lane, and added to the sums: acc gathers v[2e] + 256 v[2e + 1] (mod 2^16) in 16-bit lane
+ * e, od v[2e + 1], so row 2e's sum is acc - 256 od (every sum < 2^16: at most 128 x 254). */
+CYPQ_AVX2 CYPQ_INLINE void cypq_adc4_avx2_lookup(__m256i tl, __m256i th, __m256i col,
+                                                 __m256i *acc, __m256i *od) {
     const __m256i low = _mm256_set1_epi8(15);
-    const __m256i vl = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(
-        _mm_loadu_si128((const __m128i *)q)), _mm256_and_si256(col, low));
-    const __m256i vh = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(
-        _mm_loadu_si128((const __m128i *)(q + 16))),
-        _mm256_and_si256(_mm256_srli_epi16(col, 4), low));
+    const __m256i vl = _mm256_shuffle_epi8(tl, _mm256_and_si256(col, low));
+    const __m256i vh = _mm256_shuffle_epi8(th, _mm256_and_si256(_mm256_srli_epi16(col, 4), low));
     *acc = _mm256_add_epi16(*acc, _mm256_add_epi16(vl, vh));
     *od = _mm256_add_epi16(*od, _mm256_add_epi16(_mm256_srli_epi16(vl, 8),
                                                  _mm256_srli_epi16(vh, 8)));
+}
+
+/* cypq_adc4_avx2_lookup of one cell's column: q its two subquantizers' uint8 tables (32
+ * bytes: the low nibble's 16, the high one's) in both lanes. */
+CYPQ_AVX2 CYPQ_INLINE void cypq_adc4_avx2_column(const uint8_t *q, __m256i col, __m256i *acc,
+                                                 __m256i *od) {
+    cypq_adc4_avx2_lookup(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)q)),
+                          _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(q + 16))),
+                          col, acc, od);
 }
 
 /* The uint8 bound sums of the block of 32 codes at blk (W <= CYPQ_ADC4_AVX2_MAX_W bytes each),
@@ -627,6 +643,73 @@ CYPQ_AVX2 static int64_t cypq_adc4_avx2_block_bounds(const cypq_adc4_cell *cell,
                                                      const uint8_t *blocks, int64_t n,
                                                      float *lb) {
     CYPQ_ADC4_BY_WIDTH(CYPQ_ADC4_AVX2_BLOCK_BOUNDS_BODY, cell->plan->W)
+}
+
+/* 8 bounds as cypq_store_bounds8 makes them, only the first count (0 .. 8) stored. */
+CYPQ_AVX2 CYPQ_INLINE void cypq_store_bounds8n(__m128i s, __m256 delta, __m256 base, float *out,
+                                               int count) {
+    const __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(s)), delta, base);
+    if (count >= 8)
+        _mm256_storeu_ps(out, v);
+    else if (count > 0)
+        _mm256_maskstore_ps(out, _mm256_cmpgt_epi32(_mm256_set1_epi32(count),
+                                                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), v);
+}
+
+/* The bounds of two tails of at most 16 codes (cypq_adc4_tail) in one block of 32: a's rows
+ * in the low 128-bit lanes, b's in the high ones, each lane looking up its own cell's tables
+ * (b NULL: a alone). A cell of REALSIFT1M's 4-bit index holds ~20 codes; its tail in a block
+ * of its own was half padding. Only the tails' own bounds are written (the scan has already
+ * written the bounds of the codes after a). */
+#define CYPQ_ADC4_AVX2_TAILS_BODY(WW)                                                       \
+    const int W = (WW), H = W / 2, chunks = (W + 15) / 16;                                  \
+    const cypq_adc4_tail *t[2] = {a, b != NULL ? b : a};                                    \
+    uint8_t pad[2][16 * CYPQ_ADC4_AVX2_MAX_W + 16];                                         \
+    const uint8_t *src[2];                                                                  \
+    for (int s = 0; s < 2; s++) {   /* a row's last load would pass the codes' end */        \
+        src[s] = t[s]->codes;                                                               \
+        if (W % 16) {                                                                       \
+            memcpy(pad[s], src[s], (size_t)(t[s]->n * W));                                  \
+            memset(pad[s] + t[s]->n * W, 0, 16);                                            \
+            src[s] = pad[s];                                                                \
+        }                                                                                   \
+    }                                                                                       \
+    const int na = (int)t[0]->n, nb = (int)t[1]->n;                                         \
+    __m256i acc = _mm256_setzero_si256(), od = _mm256_setzero_si256();                      \
+    for (int ch = 0; ch < chunks; ch++) {                                                   \
+        __m256i x[16];                                                                      \
+        for (int r = 0; r < 16; r++)   /* (rows past a tail repeat its last) */              \
+            x[r] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128(           \
+                (const __m128i *)(src[0] + (r < na ? r : na - 1) * W + 16 * ch))),          \
+                _mm_loadu_si128((const __m128i *)(src[1] + (r < nb ? r : nb - 1) * W        \
+                                                  + 16 * ch)), 1);                          \
+        cypq_transpose32x16(x);                                                             \
+        const int cols = W - 16 * ch < 16 ? W - 16 * ch : 16;                              \
+        for (int c = 0; c < cols; c++) {                                                    \
+            const int j = 16 * ch + c;                                                      \
+            const uint8_t *qa = j < H ? t[0]->cell.Q0 + 32 * j : t[0]->cell.Q1 + 32 * (j - H); \
+            const uint8_t *qb = j < H ? t[1]->cell.Q0 + 32 * j : t[1]->cell.Q1 + 32 * (j - H); \
+            cypq_adc4_avx2_lookup(                                                          \
+                _mm256_loadu2_m128i((const __m128i *)qb, (const __m128i *)qa),              \
+                _mm256_loadu2_m128i((const __m128i *)(qb + 16), (const __m128i *)(qa + 16)), \
+                x[c], &acc, &od);                                                           \
+        }                                                                                   \
+    }                                                                                       \
+    const __m256i even = _mm256_sub_epi16(acc, _mm256_slli_epi16(od, 8));                   \
+    const __m256i lo = _mm256_unpacklo_epi16(even, od), hi = _mm256_unpackhi_epi16(even, od); \
+    const __m256 delta = _mm256_set1_ps(a->cell.delta);                                     \
+    const __m256 ba = _mm256_set1_ps(a->cell.base - a->cell.slack);                         \
+    cypq_store_bounds8n(_mm256_castsi256_si128(lo), delta, ba, a->lb, na);                  \
+    cypq_store_bounds8n(_mm256_castsi256_si128(hi), delta, ba, a->lb + 8, na - 8);          \
+    if (b != NULL) {                                                                        \
+        const __m256 bb = _mm256_set1_ps(b->cell.base - b->cell.slack);                     \
+        cypq_store_bounds8n(_mm256_extracti128_si256(lo, 1), delta, bb, b->lb, nb);         \
+        cypq_store_bounds8n(_mm256_extracti128_si256(hi, 1), delta, bb, b->lb + 8, nb - 8); \
+    }                                                                                       \
+    return 0;
+
+CYPQ_AVX2 static int cypq_adc4_avx2_tails(const cypq_adc4_tail *a, const cypq_adc4_tail *b) {
+    CYPQ_ADC4_BY_WIDTH(CYPQ_ADC4_AVX2_TAILS_BODY, a->cell.plan->W)
 }
 
 /* n codes of W bytes (W <= CYPQ_ADC4_AVX2_MAX_W) in blocks of 32 (cypq_adc4_blocks). */
@@ -787,6 +870,10 @@ static int64_t cypq_adc4_avx2_block_bounds(const cypq_adc4_cell *cell, const uin
                                            int64_t n, float *lb) {
     (void)cell; (void)blocks; (void)lb;
     return n;
+}
+static int cypq_adc4_avx2_tails(const cypq_adc4_tail *a, const cypq_adc4_tail *b) {
+    (void)a; (void)b;
+    return 0;
 }
 static int64_t cypq_adc4_avx2_rows(const float *T0, const float *T1, const int W,
                                    const uint8_t *codes, int64_t n, const int32_t *rows,

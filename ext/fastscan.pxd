@@ -16,6 +16,12 @@ cdef extern from "fastscan.h" nogil:
         float delta
         float slack
 
+    ctypedef struct cypq_adc4_tail:
+        cypq_adc4_cell cell
+        const uint8_t *codes
+        int64_t n
+        float *lb
+
     int cypq_fastscan_limit
     void cypq_adc4_plan_init(cypq_adc4_plan *p, int W) noexcept
     float cypq_quantize4(const float *T, int64_t rows, int m, uint8_t *Q, float *bias,
@@ -27,6 +33,7 @@ cdef extern from "fastscan.h" nogil:
                                   float *lb) noexcept
     int64_t cypq_adc4_avx2_block_bounds(const cypq_adc4_cell *cell, const uint8_t *blocks,
                                         int64_t n, float *lb) noexcept
+    int cypq_adc4_avx2_tails(const cypq_adc4_tail *a, const cypq_adc4_tail *b) noexcept
     int64_t cypq_adc4_avx2_rows(const float *T0, const float *T1, int W, const uint8_t *codes,
                                 int64_t n, const int32_t *rows, int64_t m, float thresh,
                                 float *out, int32_t *idx) noexcept

@@ -285,8 +285,11 @@ cdef inline void topk_finish(TopK *t, float *dist, int64_t *ids, uintptr_t *wher
     """Write the k best, ascending, to dist / ids (/ where, if not NULL), padded with
     (inf, -1, 0) where fewer than k were pushed."""
     cdef int64_t j
-    topk_tighten(t)
+    if t.n > RANK_ROOM:   # (up to it, one sort of all held: no selection first, ~2% of a short
+        topk_tighten(t)   # search; the first k of the sorted entries are the k best)
     _sort_held(t)
+    if t.n > t.k:
+        t.n = t.k
     for j in range(t.k):
         if j < t.n:
             dist[j] = t.d[j]
