@@ -62,11 +62,14 @@ def test_decode_matches_reference(dtype, n_threads):
 
 @pytest.mark.parametrize("ip", [False, True])
 @pytest.mark.parametrize("Ds", [1, 8, 33])
-def test_tables_match_reference(ip, Ds, n_threads):
+@pytest.mark.parametrize("Ks", [70, 45, 16])
+def test_tables_match_reference(ip, Ds, Ks, n_threads):
+    """From 16 dimensions the kernel sums blocks of 64, 32 and 8 codewords in registers, the
+    rest one by one: Ks = 70 (64 + 6), 45 (32 + 8 + 5), 16 (8 + 8) take each."""
     rng = np.random.default_rng(4)
-    C = _codebooks(rng, 3, 70, Ds)
+    C = _codebooks(rng, 3, Ks, Ds)
     Q = rng.normal(0, 3, (9, 3 * Ds)).astype(np.float32)
-    out = np.empty((9, 3, 70), np.float32)
+    out = np.empty((9, 3, Ks), np.float32)
     _quantize.tables(Q, C, out, ip, n_threads)
     np.testing.assert_allclose(out, ref.tables(Q, C, ip), rtol=1e-5, atol=1e-4)
 
