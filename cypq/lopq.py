@@ -418,10 +418,8 @@ class LOPQModel:
         return tuple(int(c) for c in fine[0]) if single else fine
 
     def _fine(self, X, coarse, nt):
-        PX = self.kernel_view().project(X, coarse, nt)
-        fine = np.empty((X.shape[0], self.M), dtype=self.fine_code_dtype)
-        _quantize.encode(PX, self.kernel_view().fine, fine, np.empty(0, np.float32), nt)
-        return fine
+        view = self.kernel_view()
+        return view.fine_codes(view.project(X, coarse, nt), nt)
 
     def predict(self, x) -> LOPQCode:
         """LOPQ code(s) of vector(s).

@@ -53,6 +53,13 @@ class KernelView:
             _quantize.encode(X, self.coarse, codes, np.empty(0, np.float32), n_threads)
         return codes.astype(np.int32)
 
+    def fine_codes(self, PX: np.ndarray, n_threads: int) -> np.ndarray:
+        """(N, M) fine codes (code_dtype) of rows PX (N, D) already in their local frames."""
+        fine = np.empty((PX.shape[0], self.fine.shape[0]), dtype=self.code_dtype)
+        with single_threaded_blas():   # (sgemm from each thread from 32 dimensions on)
+            _quantize.encode(PX, self.fine, fine, np.empty(0, np.float32), n_threads)
+        return fine
+
     def groups(self, coarse: np.ndarray) -> list:
         """Rows grouped by coarse centroid, per half: [(order, offsets), (order, offsets)]."""
         return [_lopq.group_rows(np.ascontiguousarray(coarse[:, h]), self.V) for h in range(2)]

@@ -7,7 +7,7 @@ import numpy as np
 
 from . import _adc, _quantize
 from ._checks import as_codes, as_vectors, code_dtype_for, positive_int
-from ._threads import resolve
+from ._threads import resolve, single_threaded_blas
 from .kmeans import MINITS, subspace_kmeans
 
 Metric = Literal["l2", "dot"]
@@ -158,8 +158,9 @@ class PQ:
         self._require_fitted("encode")
         X = as_vectors(vecs, "vecs", dim=self.D, allow_empty=True)
         codes = np.empty((X.shape[0], self.M), dtype=self.code_dtype)
-        _quantize.encode(X, self.codewords, codes, np.empty(0, np.float32),
-                         self._threads(len(X)))
+        with single_threaded_blas():   # (sgemm from each thread from 32 dimensions on)
+            _quantize.encode(X, self.codewords, codes, np.empty(0, np.float32),
+                             self._threads(len(X)))
         return codes
 
     def decode(self, codes) -> np.ndarray:

@@ -3,8 +3,9 @@ drifts without going back to the source.
 
 The old index is read from one committed state (a snapshot held for the whole rebuild) and
 stays readable throughout, and writable on disk (an in-memory index's writes wait for the
-rebuild); writes made to it meanwhile are not in the new index. The new one is written by the bulk loader (cypq.bulk): streaming, in chunks, and
-resumable by running the same rebuild again while the old index is unchanged.
+rebuild); writes made to it meanwhile are not in the new index. The new one is written by
+the bulk loader (cypq.bulk): streaming, in chunks, and resumable by running the same rebuild
+again while the old index is unchanged.
 """
 from __future__ import annotations
 

@@ -160,7 +160,8 @@ def test_group_rows_matches_argsort():
     labels = np.random.default_rng(9).integers(0, 7, 500).astype(np.int32)
     order, offsets = _lopq.group_rows(labels, 9)
     np.testing.assert_array_equal(order, np.argsort(labels, kind="stable"))
-    np.testing.assert_array_equal(offsets, np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=9))]))
+    np.testing.assert_array_equal(
+        offsets, np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=9))]))
     with pytest.raises(ValueError):
         _lopq.group_rows(np.array([0, 9], np.int32), 9)
 

@@ -288,7 +288,8 @@ def test_reader_process_while_writer_adds(setup, tmp_path, stage):
     np.save(tmp_path / "q.npy", Q)
     with Index.create(path, model, **_stage(stage)) as ix:
         ix.add(X[:100])
-        reader = subprocess.Popen([sys.executable, "-c", READER, str(path), str(tmp_path / "q.npy")],
+        reader = subprocess.Popen([sys.executable, "-c", READER, str(path),
+                                   str(tmp_path / "q.npy")],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   cwd=HERE)
         for s in range(100, 4000, 100):

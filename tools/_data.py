@@ -48,7 +48,8 @@ def load_queries(data_dir: str | os.PathLike = DEFAULT_DATA, nq: int | None = No
 
 
 def recalls(I: np.ndarray, gt: np.ndarray, Rs=(1, 10, 100)) -> dict[int, float]:
-    """recall@R as in the PQ paper: share of queries whose true nearest neighbour is in the top R."""
+    """recall@R as in the PQ paper: share of queries whose true nearest neighbour is in the
+    top R."""
     return {R: float(np.mean((I[:, :R] == gt[:, :1]).any(axis=1))) for R in Rs if R <= I.shape[1]}
 
 

@@ -3,11 +3,12 @@
     python tools/bench_index.py [--data DIR] [--M 16 8] [--big] [--dir DIR]
 
 Per M: train LOPQ (V=1024) on the learn set; build the 1M-vector LMDB index incrementally
-(batches of 1000 through ``Index.add``, which encodes too) and with the bulk loader; search 1000 queries at several
-quotas, LMDB vs in memory, 1 and 2 threads, with a warm page cache; then, in a fresh process
-after dropping the index file from the page cache (posix_fadvise DONTNEED), the cold search
-time and the process's anonymous memory (RssAnon). ``--big`` grows the index to 10M vectors
-(the base 10 times, fresh ids) and repeats the cold search and memory measurement.
+(batches of 1000 through ``Index.add``, which encodes too) and with the bulk loader; search
+1000 queries at several quotas, LMDB vs in memory, 1 and 2 threads, with a warm page cache;
+then, in a fresh process after dropping the index file from the page cache (posix_fadvise
+DONTNEED), the cold search time and the process's anonymous memory (RssAnon). ``--big``
+grows the index to 10M vectors (the base 10 times, fresh ids) and repeats the cold search
+and memory measurement.
 """
 from __future__ import annotations
 

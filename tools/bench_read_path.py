@@ -8,9 +8,10 @@ build and (with --old) an older cypq checkout side by side in one run.
 Part A (issue #12's measurement): train LOPQ (V=256, M=16) on the learn set of REALSIFT1M (or
 of MANMINILM, 384-d, when --data names it), build an index of the first --n base vectors
 with staging off (stage_capacity=0: every add writes its cells' blocks; --stage N: with
-stage_capacity N, so that with N >= n every entry is read from the stage), then, per quota (2000, 10000), 1000 queries, 1 thread: the warm search time
-(median of 5 searches in a row), the first search after each of 5 adds of 1000 vectors
-(median of the 5), and the time to open the index read-only (best of 3). Each build runs in a child process of its own.
+stage_capacity N, so that with N >= n every entry is read from the stage), then, per quota
+(2000, 10000), 1000 queries, 1 thread: the warm search time (median of 5 searches in a row),
+the first search after each of 5 adds of 1000 vectors (median of the 5), and the time to
+open the index read-only (best of 3). Each build runs in a child process of its own.
 
 Part B (--big): a 10M-vector index (the base 10 times, the shape of bench_index.py --big)
 bulk-loaded by the older build (format 2) when --old is given, else by this one; then the
