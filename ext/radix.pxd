@@ -17,8 +17,8 @@ cdef inline void radix_sort(uint32_t *key, int32_t *val, int64_t n, uint32_t *tk
     place by counting (cypq_sort_places: the histograms cost more there). tkey, tval: scratch
     of n entries. Non-negative floats sort as their bit patterns, so this sorts distances
     too; floats of either sign as their float_key."""
-    cdef int32_t hist[4][256]   # (n < 2^31, as the int32 values say; int64 counts: twice
-                                # the memset, which a sort of ~100 keys pays noticeably)
+    cdef int32_t hist[4][256]   # (int32: n < 2^31, as the int32 values need anyway; half
+                                # the memset of int64 counts, paid by every sort)
     cdef uint32_t sk_small[SMALL_SORT]
     cdef int32_t sv_small[SMALL_SORT]
     cdef int32_t *cnt

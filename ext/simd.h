@@ -65,7 +65,7 @@ typedef int32_t cypq_vi8 __attribute__((vector_size(32)));
         for (int j = 0; j < d; j++) {                                                       \
             cypq_vf8 row;                                                                   \
             memcpy(&row, CT + (int64_t)j * K + k0, sizeof row);                             \
-            acc += TERM(x[j] + (cypq_vf8){0}, row);                                         \
+            acc += TERM(x[j], row);   /* (the scalar in every lane) */                    \
         }                                                                                   \
         memcpy(out + k0, &acc, sizeof acc);                                                 \
     }
