@@ -580,10 +580,14 @@ CYPQ_AVX2 CYPQ_INLINE void cypq_adc4_avx2_sums(const cypq_adc4_cell *cell, const
 
 CYPQ_ADC4_ENTRY(CYPQ_AVX2, cypq_adc4_avx2, CYPQ_ADC4_AVX2_BODY)
 
-/* 8 uint16 sums (the low 128 bits of s) -> 8 bounds base + delta * sum at out. */
+/* 8 uint16 sums (the low 128 bits of s) -> 8 bounds base + delta * sum. */
+CYPQ_AVX2 CYPQ_INLINE __m256 cypq_bounds8(__m128i s, __m256 delta, __m256 base) {
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(s)), delta, base);
+}
+
+/* cypq_bounds8 to out. */
 CYPQ_AVX2 CYPQ_INLINE void cypq_store_bounds8(__m128i s, __m256 delta, __m256 base, float *out) {
-    _mm256_storeu_ps(out, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(s)), delta,
-                                          base));
+    _mm256_storeu_ps(out, cypq_bounds8(s, delta, base));
 }
 
 /* The bounds of a block of 32 codes from their sums (cypq_adc4_avx2_sums) to lb[0 .. 32). */
@@ -645,10 +649,10 @@ CYPQ_AVX2 static int64_t cypq_adc4_avx2_block_bounds(const cypq_adc4_cell *cell,
     CYPQ_ADC4_BY_WIDTH(CYPQ_ADC4_AVX2_BLOCK_BOUNDS_BODY, cell->plan->W)
 }
 
-/* 8 bounds as cypq_store_bounds8 makes them, only the first count (0 .. 8) stored. */
+/* cypq_store_bounds8 of only the first count (0 .. 8) of the 8. */
 CYPQ_AVX2 CYPQ_INLINE void cypq_store_bounds8n(__m128i s, __m256 delta, __m256 base, float *out,
                                                int count) {
-    const __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(s)), delta, base);
+    const __m256 v = cypq_bounds8(s, delta, base);
     if (count >= 8)
         _mm256_storeu_ps(out, v);
     else if (count > 0)
