@@ -505,15 +505,22 @@ CYPQ_INLINE const uint8_t *cypq_adc4_avx2_block(const uint8_t *codes, int64_t i,
     return blk;
 }
 
-/* Chunk ch (bytes 16 ch .. 16 ch + 15) of the block of 32 codes at blk (W bytes each) into
- * a[c]: byte 16 ch + c of rows 0..15 (low lane) and 16..31 (high lane). */
-CYPQ_AVX2 CYPQ_INLINE void cypq_adc4_avx2_chunk(const uint8_t *blk, const int W, int ch,
-                                                __m256i a[16]) {
+/* Chunk ch (bytes 16 ch .. 16 ch + 15) of up to 16 codes at lo (nlo of them, 1 .. 16) and
+ * up to 16 at hi (nhi), W bytes each, into a[c]: byte 16 ch + c of lo's rows (low lane) and
+ * hi's (high lane); rows past a count repeat its last. */
+CYPQ_AVX2 CYPQ_INLINE void cypq_adc4_avx2_chunk2(const uint8_t *lo, int nlo, const uint8_t *hi,
+                                                 int nhi, const int W, int ch, __m256i a[16]) {
     for (int r = 0; r < 16; r++)
         a[r] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128(
-            (const __m128i *)(blk + r * W + 16 * ch))), _mm_loadu_si128(
-            (const __m128i *)(blk + (r + 16) * W + 16 * ch)), 1);
+            (const __m128i *)(lo + (r < nlo ? r : nlo - 1) * W + 16 * ch))), _mm_loadu_si128(
+            (const __m128i *)(hi + (r < nhi ? r : nhi - 1) * W + 16 * ch)), 1);
     cypq_transpose32x16(a);
+}
+
+/* Chunk ch of the block of 32 codes at blk: rows 0..15 in the low lanes, 16..31 high. */
+CYPQ_AVX2 CYPQ_INLINE void cypq_adc4_avx2_chunk(const uint8_t *blk, const int W, int ch,
+                                                __m256i a[16]) {
+    cypq_adc4_avx2_chunk2(blk, 16, blk + 16 * W, 16, W, ch, a);
 }
 
 /* Byte column col (one byte of 32 codes, as cypq_adc4_avx2_chunk gives it) looked up in
@@ -528,6 +535,11 @@ CYPQ_AVX2 CYPQ_INLINE void cypq_adc4_avx2_lookup(__m256i tl, __m256i th, __m256i
     *acc = _mm256_add_epi16(*acc, _mm256_add_epi16(vl, vh));
     *od = _mm256_add_epi16(*od, _mm256_add_epi16(_mm256_srli_epi16(vl, 8),
                                                  _mm256_srli_epi16(vh, 8)));
+}
+
+/* Row 2e's sum from the lookups' acc and od (see cypq_adc4_avx2_lookup); row 2e + 1's is od. */
+CYPQ_AVX2 CYPQ_INLINE __m256i cypq_even_sums(__m256i acc, __m256i od) {
+    return _mm256_sub_epi16(acc, _mm256_slli_epi16(od, 8));
 }
 
 /* cypq_adc4_avx2_lookup of one cell's column: q its two subquantizers' uint8 tables (32
@@ -556,7 +568,7 @@ CYPQ_AVX2 CYPQ_INLINE void cypq_adc4_avx2_sums(const cypq_adc4_cell *cell, const
                                   &acc, &od);
         }
     }
-    *even = _mm256_sub_epi16(acc, _mm256_slli_epi16(od, 8));
+    *even = cypq_even_sums(acc, od);
     *odd = od;
 }
 
@@ -590,16 +602,35 @@ CYPQ_AVX2 CYPQ_INLINE void cypq_store_bounds8(__m128i s, __m256 delta, __m256 ba
     _mm256_storeu_ps(out, cypq_bounds8(s, delta, base));
 }
 
-/* The bounds of a block of 32 codes from their sums (cypq_adc4_avx2_sums) to lb[0 .. 32). */
-CYPQ_AVX2 CYPQ_INLINE void cypq_store_bounds32(__m256i even, __m256i odd, __m256 delta,
-                                               __m256 base, float *lb) {
+/* cypq_store_bounds8 of only the first count (0 .. 8) of the 8. */
+CYPQ_AVX2 CYPQ_INLINE void cypq_store_bounds8n(__m128i s, __m256 delta, __m256 base, float *out,
+                                               int count) {
+    const __m256 v = cypq_bounds8(s, delta, base);
+    if (count >= 8)
+        _mm256_storeu_ps(out, v);
+    else if (count > 0)
+        _mm256_maskstore_ps(out, _mm256_cmpgt_epi32(_mm256_set1_epi32(count),
+                                                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), v);
+}
+
+/* The bounds of 32 codes from their sums (cypq_even_sums): the low lanes' 16 rows with base0
+ * to lb0 (the first n0 of them), the high lanes' with base1 to lb1 (the first n1). */
+CYPQ_AVX2 CYPQ_INLINE void cypq_store_bounds2x16(__m256i even, __m256i odd, __m256 delta,
+                                                 __m256 base0, float *lb0, int n0,
+                                                 __m256 base1, float *lb1, int n1) {
     /* rows 0-7 and 16-23 (lo), 8-15 and 24-31 (hi), in order */
     const __m256i lo = _mm256_unpacklo_epi16(even, odd);
     const __m256i hi = _mm256_unpackhi_epi16(even, odd);
-    cypq_store_bounds8(_mm256_castsi256_si128(lo), delta, base, lb);
-    cypq_store_bounds8(_mm256_castsi256_si128(hi), delta, base, lb + 8);
-    cypq_store_bounds8(_mm256_extracti128_si256(lo, 1), delta, base, lb + 16);
-    cypq_store_bounds8(_mm256_extracti128_si256(hi, 1), delta, base, lb + 24);
+    cypq_store_bounds8n(_mm256_castsi256_si128(lo), delta, base0, lb0, n0);
+    cypq_store_bounds8n(_mm256_castsi256_si128(hi), delta, base0, lb0 + 8, n0 - 8);
+    cypq_store_bounds8n(_mm256_extracti128_si256(lo, 1), delta, base1, lb1, n1);
+    cypq_store_bounds8n(_mm256_extracti128_si256(hi, 1), delta, base1, lb1 + 8, n1 - 8);
+}
+
+/* The bounds of a block of 32 codes from their sums (cypq_even_sums) to lb[0 .. 32). */
+CYPQ_AVX2 CYPQ_INLINE void cypq_store_bounds32(__m256i even, __m256i odd, __m256 delta,
+                                               __m256 base, float *lb) {
+    cypq_store_bounds2x16(even, odd, delta, base, lb, 16, base, lb + 16, 16);
 }
 
 /* Every code's lower bound, as the AVX2 loop compares it, to lb (n rounded up to 32 entries,
@@ -638,8 +669,7 @@ CYPQ_AVX2 static int64_t cypq_adc4_avx2_bounds(const cypq_adc4_cell *cell, const
         for (int j = 0; j < H; j++)                                                         \
             cypq_adc4_avx2_column(cell->Q1 + 32 * j, _mm256_loadu_si256(                    \
                 (const __m256i *)(blocks + 32 * (H + j))), &acc, &od);                      \
-        cypq_store_bounds32(_mm256_sub_epi16(acc, _mm256_slli_epi16(od, 8)), od, delta,     \
-                            base, lb + i);                                                  \
+        cypq_store_bounds32(cypq_even_sums(acc, od), od, delta, base, lb + i);              \
     }                                                                                       \
     return n;
 
@@ -647,17 +677,6 @@ CYPQ_AVX2 static int64_t cypq_adc4_avx2_block_bounds(const cypq_adc4_cell *cell,
                                                      const uint8_t *blocks, int64_t n,
                                                      float *lb) {
     CYPQ_ADC4_BY_WIDTH(CYPQ_ADC4_AVX2_BLOCK_BOUNDS_BODY, cell->plan->W)
-}
-
-/* cypq_store_bounds8 of only the first count (0 .. 8) of the 8. */
-CYPQ_AVX2 CYPQ_INLINE void cypq_store_bounds8n(__m128i s, __m256 delta, __m256 base, float *out,
-                                               int count) {
-    const __m256 v = cypq_bounds8(s, delta, base);
-    if (count >= 8)
-        _mm256_storeu_ps(out, v);
-    else if (count > 0)
-        _mm256_maskstore_ps(out, _mm256_cmpgt_epi32(_mm256_set1_epi32(count),
-                                                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), v);
 }
 
 /* The bounds of two tails of at most 16 codes (cypq_adc4_tail) in one block of 32: a's rows
@@ -683,12 +702,7 @@ CYPQ_AVX2 CYPQ_INLINE void cypq_store_bounds8n(__m128i s, __m256 delta, __m256 b
     __m256i acc = _mm256_setzero_si256(), od = _mm256_setzero_si256();                      \
     for (int ch = 0; ch < chunks; ch++) {                                                   \
         __m256i x[16];                                                                      \
-        for (int r = 0; r < 16; r++)   /* (rows past a tail repeat its last) */              \
-            x[r] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128(           \
-                (const __m128i *)(src[0] + (r < na ? r : na - 1) * W + 16 * ch))),          \
-                _mm_loadu_si128((const __m128i *)(src[1] + (r < nb ? r : nb - 1) * W        \
-                                                  + 16 * ch)), 1);                          \
-        cypq_transpose32x16(x);                                                             \
+        cypq_adc4_avx2_chunk2(src[0], na, src[1], nb, W, ch, x);                            \
         const int cols = W - 16 * ch < 16 ? W - 16 * ch : 16;                              \
         for (int c = 0; c < cols; c++) {                                                    \
             const int j = 16 * ch + c;                                                      \
@@ -700,17 +714,10 @@ CYPQ_AVX2 CYPQ_INLINE void cypq_store_bounds8n(__m128i s, __m256 delta, __m256 b
                 x[c], &acc, &od);                                                           \
         }                                                                                   \
     }                                                                                       \
-    const __m256i even = _mm256_sub_epi16(acc, _mm256_slli_epi16(od, 8));                   \
-    const __m256i lo = _mm256_unpacklo_epi16(even, od), hi = _mm256_unpackhi_epi16(even, od); \
-    const __m256 delta = _mm256_set1_ps(a->cell.delta);                                     \
-    const __m256 ba = _mm256_set1_ps(a->cell.base - a->cell.slack);                         \
-    cypq_store_bounds8n(_mm256_castsi256_si128(lo), delta, ba, a->lb, na);                  \
-    cypq_store_bounds8n(_mm256_castsi256_si128(hi), delta, ba, a->lb + 8, na - 8);          \
-    if (b != NULL) {                                                                        \
-        const __m256 bb = _mm256_set1_ps(b->cell.base - b->cell.slack);                     \
-        cypq_store_bounds8n(_mm256_extracti128_si256(lo, 1), delta, bb, b->lb, nb);         \
-        cypq_store_bounds8n(_mm256_extracti128_si256(hi, 1), delta, bb, b->lb + 8, nb - 8); \
-    }                                                                                       \
+    cypq_store_bounds2x16(cypq_even_sums(acc, od), od, _mm256_set1_ps(a->cell.delta),       \
+                          _mm256_set1_ps(a->cell.base - a->cell.slack), a->lb, na,          \
+                          _mm256_set1_ps(t[1]->cell.base - t[1]->cell.slack), t[1]->lb,     \
+                          b != NULL ? nb : 0);                                              \
     return 0;
 
 CYPQ_AVX2 static int cypq_adc4_avx2_tails(const cypq_adc4_tail *a, const cypq_adc4_tail *b) {

@@ -40,41 +40,32 @@ static inline int cypq_wide(void) {
 #define CYPQ_INLINE static inline __attribute__((always_inline))
 
 /* out[k] = sum_j term(x[j], CT[j, k]) for all K codewords. From d = 16 (the coarse centroids
- * of a search's cell order), blocks of 64 (then 32, then 8: CYPQ_NY_VEC8) codewords keep
- * their sums in registers through all d dimensions (d = 96, K = 64: 2.5x; K = 256: 1.5x;
- * MANMINILM's 4-bit K = 16 took the plain loop, 5% of a short search), where the plain loop
- * stores them every dimension; each sum is made in the same order either way. */
-#define CYPQ_NY_BLOCKS(TERM, B)                                                             \
-    for (; d >= 16 && k0 + (B) <= K; k0 += (B)) {                                           \
-        float acc[B] = {0};                                                                 \
-        for (int j = 0; j < d; j++) {                                                       \
-            const float xj = x[j];                                                          \
-            const float *row = CT + (int64_t)j * K + k0;                                    \
-            for (int k = 0; k < (B); k++) acc[k] += TERM(xj, row[k]);                       \
-        }                                                                                   \
-        memcpy(out + k0, acc, sizeof acc);                                                  \
-    }
-
-/* The same for blocks of 8 in a vector (as arrays of 16 or 8, GCC split the sums into
- * scalar lanes and shuffled them every dimension: slower than the plain loop). */
+ * of a search's cell order), blocks of 64, then 32, then 8 codewords keep their sums in
+ * registers (vectors of 8: as float arrays, GCC split the blocks of 8 and 16 into scalar
+ * lanes) through all d dimensions (d = 96, K = 64: 2.5x; K = 256: 1.5x; MANMINILM's 4-bit
+ * K = 16 took the plain loop, 5% of a short search), where the plain loop stores them every
+ * dimension; each sum is made in the same order either way. */
 typedef float cypq_vf8 __attribute__((vector_size(32)));
 typedef int32_t cypq_vi8 __attribute__((vector_size(32)));
-#define CYPQ_NY_VEC8(TERM)                                                                  \
-    for (; d >= 16 && k0 + 8 <= K; k0 += 8) {                                               \
-        cypq_vf8 acc = {0};                                                                 \
+#define CYPQ_NY_BLOCKS(TERM, B)                                                             \
+    for (; d >= 16 && k0 + (B) <= K; k0 += (B)) {                                           \
+        cypq_vf8 acc[(B) / 8] = {{0}};                                                      \
         for (int j = 0; j < d; j++) {                                                       \
-            cypq_vf8 row;                                                                   \
-            memcpy(&row, CT + (int64_t)j * K + k0, sizeof row);                             \
-            acc += TERM(x[j], row);   /* (the scalar in every lane) */                    \
+            const float *row = CT + (int64_t)j * K + k0;                                    \
+            for (int v = 0; v < (B) / 8; v++) {                                             \
+                cypq_vf8 r;                                                                 \
+                memcpy(&r, row + 8 * v, sizeof r);                                          \
+                acc[v] += TERM(x[j], r);   /* (the scalar in every lane) */                 \
+            }                                                                               \
         }                                                                                   \
-        memcpy(out + k0, &acc, sizeof acc);                                                 \
+        memcpy(out + k0, acc, sizeof acc);                                                  \
     }
 
 #define CYPQ_NY_BODY(TERM)                                                                  \
     int k0 = 0;                                                                             \
     CYPQ_NY_BLOCKS(TERM, 64)                                                                \
     CYPQ_NY_BLOCKS(TERM, 32)                                                                \
-    CYPQ_NY_VEC8(TERM)                                                                      \
+    CYPQ_NY_BLOCKS(TERM, 8)                                                                 \
     for (int k = k0; k < K; k++) out[k] = 0.f;                                              \
     for (int j = 0; k0 < K && j < d; j++) {                                                 \
         const float xj = x[j];                                                              \
