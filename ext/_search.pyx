@@ -17,7 +17,7 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
 
 from radix cimport SMALL_SORT, radix_sort
-from topk cimport TopK, topk_alloc, topk_finish, topk_free, topk_reset, topk_tighten
+from topk cimport TopK, topk_alloc, topk_finish, topk_free, topk_reset, topk_settle
 from nearest cimport Codebooks, codebooks_free, codebooks_init
 from fastscan cimport (CYPQ_ADC4_AVX2, cypq_adc4_avx2_block_bounds, cypq_adc4_avx2_bounds,
                       cypq_adc4_avx2_rows, cypq_adc4_avx2_tails, cypq_adc4_blocks,
@@ -613,7 +613,7 @@ cdef int64_t _scan_two_phase(const Segs *sg, TwoPhase *tp, cypq_adc4_cell *cell,
         if lam == INFINITY or top.n >= top.k:
             break
         want *= 2
-    topk_tighten(top)
+    topk_settle(top)
     if lo < top.td:
         _sweep(sg, tp, n, lo, top.td, tables, n0, tsize, W, tab0, tab1, top, pend, buf,
                ibuf)

@@ -14,6 +14,7 @@ from radix cimport float_key, radix_sort
 
 cdef enum:
     RANK_ROOM = 512     # topk_finish sorts up to this many entries by radix (keys on the stack)
+    FEW_AFTER = 8       # and up to this many after its ordered ones by insertion alone
 
 
 cdef struct TopK:
@@ -25,6 +26,8 @@ cdef struct TopK:
     int64_t cap
     float td            # the k-th best so far: a candidate must rank before (td, ti)
     int64_t ti
+    int64_t ordered     # the first this many entries are in rank order (pushes append after
+                        # them; a selection leaves none)
 
 
 cdef inline TopK *topk_alloc(int64_t k, bint carry) noexcept nogil:
@@ -60,6 +63,7 @@ cdef inline void topk_reset(TopK *t) noexcept nogil:
     t.n = 0
     t.td = INFINITY
     t.ti = -1
+    t.ordered = 0
 
 
 cdef inline bint _worse(float d1, int64_t i1, float d2, int64_t i2) noexcept nogil:
@@ -143,6 +147,7 @@ cdef inline int64_t _partition(TopK *t, int64_t lo, int64_t hi) noexcept nogil:
 cdef inline void _select(TopK *t, int64_t k) noexcept nogil:
     """Move the k best of the n entries (n > k >= 1) to [0, k), the k-th best at k - 1."""
     cdef int64_t lo = 0, hi = t.n, p
+    t.ordered = 0
     while hi - lo > 1:
         p = _partition(t, lo, hi)
         if p == k - 1:
@@ -249,11 +254,14 @@ cdef inline void _sort(TopK *t, int64_t lo, int64_t hi) noexcept nogil:
 
 
 cdef inline void _sort_held(TopK *t) noexcept nogil:
-    """Sort the n entries held in rank order: a stable radix sort of their distances, then
-    equal distances by id (insertion: each entry moves only within its run of equal
-    distances). The insertion pass alone would sort any order, so the keys decide only the
-    time, never the result. The quicksort's insertion runs of 16 mispredicted a branch per
-    move; its partitions copy every entry per level. Beyond RANK_ROOM entries, _sort."""
+    """Sort the n entries held in rank order: a stable radix sort of their distances' top 16
+    bits above the smallest (the keys' span scaled to 16 bits), then by insertion (each entry
+    moves only within its run of equal keys: distances within a 65536th of the span of each
+    other, and equal distances by id). The insertion pass alone would sort any order, so the
+    keys decide only the time, never the result; 16 bits take two counting passes at most
+    where whole distances took three or four. The quicksort's insertion runs of 16
+    mispredicted a branch per move; its partitions copy every entry per level. Beyond
+    RANK_ROOM entries, _sort."""
     cdef uint32_t key[RANK_ROOM]
     cdef uint32_t tkey[RANK_ROOM]
     cdef int32_t val[RANK_ROOM]
@@ -262,12 +270,21 @@ cdef inline void _sort_held(TopK *t) noexcept nogil:
     cdef float *sd = t.d + t.cap
     cdef int64_t *si = t.i + t.cap
     cdef uintptr_t *sw = t.w + t.cap if t.w != NULL else NULL
+    cdef uint32_t lo = 0xFFFFFFFF, hi = 0
+    cdef int shift = 0
+    t.ordered = n
     if n > RANK_ROOM:
         _sort(t, 0, n)
         return
     for j in range(n):
         key[j] = float_key(t.d[j])
         val[j] = <int32_t> j
+        lo = key[j] if key[j] < lo else lo
+        hi = key[j] if key[j] > hi else hi
+    while ((hi - lo) >> shift) > 0xFFFF:
+        shift += 1
+    for j in range(n):
+        key[j] = (key[j] - lo) >> shift
     radix_sort(key, val, n, tkey, tval)
     memcpy(sd, t.d, n * sizeof(float))     # the scratch halves hold cap >= n entries
     memcpy(si, t.i, n * sizeof(int64_t))
@@ -281,13 +298,31 @@ cdef inline void _sort_held(TopK *t) noexcept nogil:
     _insertion_sort(t, 0, n)
 
 
+cdef inline void topk_settle(TopK *t) noexcept nogil:
+    """topk_tighten, sorting (up to RANK_ROOM entries held) where it selects: for a scan that
+    expects few more entries, so that its finish need not sort the k best again (a two-phase
+    scan's first sweep took ~1.5 k entries and its second few or none: the selection and
+    then the finish's sort of the same entries were a sixth of a one-cell search)."""
+    if t.n <= t.k or t.n > RANK_ROOM:
+        topk_tighten(t)
+        return
+    _sort_held(t)
+    t.n = t.k
+    t.ordered = t.k
+    t.td = t.d[t.k - 1]
+    t.ti = t.i[t.k - 1]
+
+
 cdef inline void topk_finish(TopK *t, float *dist, int64_t *ids, uintptr_t *where) noexcept nogil:
     """Write the k best, ascending, to dist / ids (/ where, if not NULL), padded with
     (inf, -1, 0) where fewer than k were pushed."""
     cdef int64_t j
-    if t.n > RANK_ROOM:   # (up to it, one sort of all held: no selection first, ~2% of a short
-        topk_tighten(t)   # search; the first k of the sorted entries are the k best)
-    _sort_held(t)
+    if t.n - t.ordered <= FEW_AFTER:   # (sorted by topk_settle, a few pushed after)
+        _insertion_sort(t, 0, t.n)
+    else:
+        if t.n > RANK_ROOM:   # (up to it, one sort of all held: no selection first, ~2% of
+            topk_tighten(t)   # a short search; the first k of the sorted entries are the k best)
+        _sort_held(t)
     if t.n > t.k:
         t.n = t.k
     for j in range(t.k):
