@@ -52,7 +52,7 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sample", type=_count, default=100_000,
                    help="training vectors drawn from the input")
     g.add_argument("--pca", action=argparse.BooleanOptionalAction, default=None,
-                   help="PCA + balanced halves before training (default: to D/2 from 256 "
+                   help="PCA + balanced halves before training (default: to about D/3 from 256 "
                    "dimensions on, else none)")
     g.add_argument("--metric", choices=("l2", "cosine", "ip"), default="l2",
                    help="how vectors are compared (cosine: scaled to unit norm first; ip: "

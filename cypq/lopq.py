@@ -52,9 +52,9 @@ class LOPQModel:
     pca : bool, optional
         Learn a PCA of the training data in ``fit`` (when not already present) and apply it to
         every vector; its directions are balanced between the two halves. Default (None):
-        a PCA to D/2 from 256 dimensions on (more recall at the same quota on 384-d MiniLM
-        embeddings for M = 16, 32, 48), else none (on REALSIFT1M a full PCA lowers recall:
-        SIFT's natural halves are better coarse subspaces); see
+        a PCA to about D/3 from 256 dimensions on (more recall per unit of time on 384-d
+        MiniLM embeddings than D/2 or none, 4-bit and 8-bit codes), else none (on REALSIFT1M
+        a full PCA lowers recall: SIFT's natural halves are better coarse subspaces); see
         :func:`cypq.lopq_parts.auto_pca_dim`. ``pca=False`` turns it off.
     metric : {'l2', 'cosine', 'ip'}
         How vectors are compared. 'l2': squared Euclidean distances, smallest first.

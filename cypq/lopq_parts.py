@@ -68,7 +68,7 @@ AUTO_POINTS_PER_CENTROID = 64      # V: the largest power of two <= n / (this x 
 AUTO_POINTS_PER_CENTROID_4BIT = 256  # ... (4-bit codes: cheap to scan, so larger cells) ...
 AUTO_DIM_UNIT = 128                # ... (the factor D / this, at least 1) ...
 AUTO_V = (8, 1024)                 # ... within these bounds
-AUTO_PCA_FROM = 256                # PCA to D/2 from this input dimension on
+AUTO_PCA_FROM = 256                # PCA to about D/3 from this input dimension on
 
 
 def auto_V(n: int, subquantizer_clusters: int = 256, dim: int = AUTO_DIM_UNIT) -> int:
@@ -87,11 +87,17 @@ def auto_V(n: int, subquantizer_clusters: int = 256, dim: int = AUTO_DIM_UNIT) -
 
 
 def auto_pca_dim(dim: int, M: int):
-    """The PCA dimension for vectors of dimension dim and M subquantizers: dim / 2 rounded
-    down to a multiple of M (and of 2) from AUTO_PCA_FROM dimensions on, else None."""
+    """The PCA dimension for vectors of dimension dim and M subquantizers, from AUTO_PCA_FROM
+    dimensions on: dim / 3 rounded up to a multiple of M (and of 2), at most dim / 2 rounded
+    down to one; None below, or where that leaves fewer than two dimensions per subquantizer.
+    On 384-d MiniLM embeddings 128 dimensions (144 for M = 48) gave more recall per unit of
+    time than 192 (the rule before: dim / 2) up to the top few thousandths, with 4-bit and
+    8-bit codes alike: the PCA and each visited centroid's projection cost (dimension)^2."""
+    if dim < AUTO_PCA_FROM:
+        return None
     step = M if M % 2 == 0 else 2 * M
-    k = (dim // 2) // step * step
-    return k if dim >= AUTO_PCA_FROM and k >= 2 * M else None
+    k = min(-(-dim // (3 * step)) * step, (dim // 2) // step * step)
+    return k if k >= 2 * M else None
 
 
 def choose_auto(model, n: int, dim: int) -> None:
