@@ -270,6 +270,23 @@ def test_encode_bad_input(fitted, bad, exc, msg):
         fitted.encode(bad)
 
 
+def test_finite_check_anywhere_and_past_float32_sums(fitted):
+    """Validation sums float32 input in float32 first: one NaN or infinity anywhere is caught
+    (inf and -inf together too), and finite values whose float32 sum overflows pass (summed
+    again in float64)."""
+    from cypq._checks import as_vectors
+    X = np.ones((10, 32), np.float32)
+    for spots in ([(7, 19, np.nan)], [(0, 0, np.inf)], [(9, 31, -np.inf)],
+                  [(0, 0, np.inf), (3, 4, -np.inf)]):
+        Y = X.copy()
+        for i, j, v in spots:
+            Y[i, j] = v
+        with pytest.raises(ValueError, match="NaN or infinity"):
+            fitted.encode(Y)
+    big = np.full((10, 32), 3e38, np.float32)
+    assert not np.isfinite(big.sum()) and as_vectors(big, "x") is not None
+
+
 def test_fit_errors(data):
     X, _ = data
     with pytest.raises(ValueError, match="fewer than Ks"):
