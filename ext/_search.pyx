@@ -905,7 +905,7 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
         raise ValueError("scan_cells: packed codes need 16 codewords, M % 4 == 0 and "
                          "code_bytes 1")
     if packed:
-        cypq_adc4_plan_init(&plan, M // 2)
+        cypq_adc4_plan_init(&plan, M // 2, not filtering and two_phase_first > 0)
         bounds = plan.path != 0
         two_phase = plan.path == CYPQ_ADC4_AVX2 and not filtering and two_phase_first > 0
     if (I.shape[0] != nq or I.shape[1] != k or n_scanned.shape[0] != nq
@@ -1090,7 +1090,7 @@ def scans_blocks(int code_bytes):
     cdef cypq_adc4_plan p
     if code_bytes <= 0:
         raise ValueError("scans_blocks: code_bytes must be positive")
-    cypq_adc4_plan_init(&p, code_bytes)
+    cypq_adc4_plan_init(&p, code_bytes, two_phase_first > 0)
     return p.path == CYPQ_ADC4_AVX2 and two_phase_first > 0
 
 
@@ -1114,16 +1114,17 @@ def code_blocks(const uintptr_t[::1] seg_codes, const int64_t[::1] seg_len,
 
 
 def fast_scan(str limit="best"):
-    """The 4-bit scan paths searches may take: "best" (the default: AVX-512 VBMI or AVX2,
-    whichever is the best the CPU has), "avx2" (AVX2 at most) or "portable" (no in-register
-    bounds); tests compare them. Returns the path a 16-byte code now takes: "vbmi", "avx2"
-    or "portable"."""
+    """The 4-bit scan paths searches may take: "best" (the default: the best the CPU has,
+    AVX2's two-phase scan where it can run, else AVX-512 VBMI or AVX2; fastscan.h
+    cypq_adc4_plan_init), "avx2" (AVX2 at most) or "portable" (no in-register bounds); tests
+    compare them. Returns the path an unfiltered search of 16-byte codes now takes: "vbmi",
+    "avx2" or "portable"."""
     global cypq_fastscan_limit
     cdef cypq_adc4_plan p
     if limit not in ("best", "avx2", "portable"):
         raise ValueError("fast_scan: limit must be 'best', 'avx2' or 'portable'")
     cypq_fastscan_limit = ("best", "avx2", "portable").index(limit)
-    cypq_adc4_plan_init(&p, 16)
+    cypq_adc4_plan_init(&p, 16, two_phase_first > 0)
     return ("portable", "avx2", "vbmi")[p.path]
 
 

@@ -88,8 +88,7 @@ enum { CYPQ_ADC4_PORTABLE = 0, CYPQ_ADC4_AVX2 = 1, CYPQ_ADC4_VBMI = 2 };
 
 typedef struct {
     int W;                   /* bytes per code */
-    int path;                /* CYPQ_ADC4_*: VBMI where the CPU has it, M % 8 == 0 and
-                                M <= 64; else AVX2 where it has that and M <= 128 */
+    int path;                /* CYPQ_ADC4_*: see cypq_adc4_plan_init */
     uint8_t dup[64];         /* lane -> byte of the loaded codes holding its nibble */
     uint8_t off[64];         /* lane -> 16 * its subquantizer's place in its group of 8 */
     uint64_t group[8];       /* lanes of each group of 8 subquantizers (no others) */
@@ -134,19 +133,24 @@ static int cypq_fastscan_limit = 0;
  * fewer are summed one at a time after the loop. */
 #define CYPQ_ADC4_EXACT_FROM 2
 
-static void cypq_adc4_plan_init(cypq_adc4_plan *p, int W) {
+/* The path of codes of W bytes: AVX2 (up to M = 128) where the scan is to be two-phase
+ * (two_phase: unfiltered, its first sweep on), else VBMI where the CPU has it, M % 8 == 0
+ * and M <= 64, else AVX2. The two-phase scan is AVX2's only; on a CPU with both (AMD Zen 4)
+ * it took 0.55-0.6x VBMI's time on MANMINILM (cells of ~600 codes) and 0.8-0.98x on
+ * REALSIFT1M (~15), where one pass of VBMI's blocks of 16 beats one pass of AVX2's. */
+static void cypq_adc4_plan_init(cypq_adc4_plan *p, int W, int two_phase) {
     const int M = 2 * W, L = M <= 16 ? 16 : (M <= 32 ? 32 : 64);   /* lanes per code */
     memset(p, 0, sizeof *p);
     p->W = W;
 #if CYPQ_WIDE
-    /* VBMI's blocks of 16 codes beat AVX2's of 32 at every M it takes (M % 8 == 0: column
-     * groups of 4 bytes) */
-    if (cypq_fastscan_limit == 0 && M % 8 == 0 && M <= 64 && cypq_wide()
-        && __builtin_cpu_supports("avx512vbmi"))
+    const int avx2 = cypq_fastscan_limit <= 1 && M <= 2 * CYPQ_ADC4_AVX2_MAX_W
+        && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (avx2 && two_phase)
+        p->path = CYPQ_ADC4_AVX2;
+    else if (cypq_fastscan_limit == 0 && M % 8 == 0 && M <= 64 && cypq_wide()
+             && __builtin_cpu_supports("avx512vbmi"))
         p->path = CYPQ_ADC4_VBMI;
-    else if (cypq_fastscan_limit <= 1 && M <= 2 * CYPQ_ADC4_AVX2_MAX_W
-             && __builtin_cpu_supports("avx2")
-             && __builtin_cpu_supports("fma"))
+    else if (avx2)
         p->path = CYPQ_ADC4_AVX2;
 #endif
     for (int l = 0; l < 4; l++)

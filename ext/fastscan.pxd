@@ -23,7 +23,7 @@ cdef extern from "fastscan.h" nogil:
         float *lb
 
     int cypq_fastscan_limit
-    void cypq_adc4_plan_init(cypq_adc4_plan *p, int W) noexcept
+    void cypq_adc4_plan_init(cypq_adc4_plan *p, int W, int two_phase) noexcept
     float cypq_quantize4(const float *T, int64_t rows, int m, uint8_t *Q, float *bias,
                          float *slack) noexcept
     int64_t cypq_adc4_cells(const float *T0, const float *T1, int W,
