@@ -364,7 +364,7 @@ def test_pca_dim_reduces_and_round_trips(tmp_path):
 def test_defaults_chosen_from_the_data():
     """V and the PCA, when not given, are chosen by fit from the training data: V the
     largest power of two <= n / (64 f) (n / (256 f) for 4-bit codes), f = max(1, D / 128),
-    within [8, 1024]; a PCA to D/3 rounded up to a multiple of M (at most D/2, at least
+    within [8, 1024]; a PCA to D/3 rounded up to a multiple of 2M (at most D/2, at least
     2M) from 256 dimensions on; explicit settings and given parts win."""
     from cypq.lopq_parts import auto_pca_dim, auto_V
     assert [auto_V(n) for n in (10, 600, 20_000, 100_000, 10 ** 7)] == [8, 8, 256, 1024, 1024]
@@ -378,8 +378,9 @@ def test_defaults_chosen_from_the_data():
     assert auto_V(3 * 64 * 256, 256, 384) == 256 and auto_V(3 * 64 * 256 - 1, 256, 384) == 128
     assert auto_V(2 * 256 * 64, 16, 256) == 64 and auto_V(2 * 256 * 64 - 1, 16, 256) == 32
     assert auto_pca_dim(128, 16) is None and auto_pca_dim(384, 16) == 128
-    assert auto_pca_dim(384, 48) == 144 and auto_pca_dim(300, 16) == 112
-    assert auto_pca_dim(256, 3) == 90 and auto_pca_dim(768, 96) == 288
+    assert auto_pca_dim(384, 48) == 192 and auto_pca_dim(300, 16) == 128
+    assert auto_pca_dim(256, 3) == 90 and auto_pca_dim(768, 64) == 256
+    assert auto_pca_dim(300, 24) == 144 and auto_pca_dim(768, 96) == 384
     # D/3 rounded up passes D/2 (rounded down to a multiple of M): D/2; below 2M: none
     assert auto_pca_dim(384, 96) == 192 and auto_pca_dim(384, 128) is None
     rng = np.random.default_rng(0)
@@ -389,7 +390,7 @@ def test_defaults_chosen_from_the_data():
     assert LOPQModel(M=4, subquantizer_clusters=16).fit(small, random_state=0).V == 8
     wide = rng.standard_normal((1200, 256)).astype(np.float32)
     m = LOPQModel(M=8, subquantizer_clusters=32).fit(wide, random_state=0)
-    assert (m.V, m.pca_dim, m.model_dim, m.D) == (8, 88, 88, 256)   # 1200 / (64 x 2)
+    assert (m.V, m.pca_dim, m.model_dim, m.D) == (8, 96, 96, 256)   # 1200 / (64 x 2)
     m = LOPQModel(M=8, subquantizer_clusters=16, pca=False).fit(wide, random_state=0)
     assert m.pca_matrix is None and m.model_dim == 256
     m = LOPQModel(V=4, M=8, subquantizer_clusters=16, pca_dim=64).fit(wide, random_state=0)
