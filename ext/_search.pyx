@@ -905,9 +905,10 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
         raise ValueError("scan_cells: packed codes need 16 codewords, M % 4 == 0 and "
                          "code_bytes 1")
     if packed:
-        cypq_adc4_plan_init(&plan, M // 2, not filtering and two_phase_first > 0)
+        two_phase = not filtering and two_phase_first > 0    # where the path is AVX2
+        cypq_adc4_plan_init(&plan, M // 2, two_phase)
         bounds = plan.path != 0
-        two_phase = plan.path == CYPQ_ADC4_AVX2 and not filtering and two_phase_first > 0
+        two_phase = two_phase and plan.path == CYPQ_ADC4_AVX2
     if (I.shape[0] != nq or I.shape[1] != k or n_scanned.shape[0] != nq
             or pstart0.shape[0] != nq + 1 or pstart1.shape[0] != nq + 1
             or cell_start.shape[0] != nq + 1):
