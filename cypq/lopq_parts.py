@@ -86,6 +86,12 @@ def auto_V(n: int, subquantizer_clusters: int = 256, dim: int = AUTO_DIM_UNIT) -
     return int(min(max(v, AUTO_V[0]), AUTO_V[1]))
 
 
+def half_pca_dim(dim: int, M: int) -> int:
+    """dim / 2 rounded down to a multiple of 2M: the most dimensions the PCA rule keeps (and
+    the top recalls' choice in tools/bench_embeddings.py)."""
+    return (dim // 2) // (2 * M) * (2 * M)
+
+
 def auto_pca_dim(dim: int, M: int):
     """The PCA dimension for vectors of dimension dim and M subquantizers, from AUTO_PCA_FROM
     dimensions on: dim / 3 rounded up to a multiple of 2M (an even number of dimensions per
@@ -98,7 +104,7 @@ def auto_pca_dim(dim: int, M: int):
     if dim < AUTO_PCA_FROM:
         return None
     step = 2 * M
-    k = min(-(-dim // (3 * step)) * step, (dim // 2) // step * step)
+    k = min(-(-dim // (3 * step)) * step, half_pca_dim(dim, M))
     return k if k >= 2 * M else None
 
 

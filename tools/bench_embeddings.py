@@ -5,8 +5,9 @@
 
 Per code size M (bytes with 8-bit codes): cypq LOPQ (V and the PCA as LOPQModel chooses
 them, and V=256 with a PCA to D/2, for the top recalls, where the chosen one has a PCA;
-with --four-bit also 2M 4-bit subquantizers, V and the PCA chosen) over a quota sweep, and the faiss peers at the same code bytes: IVF{256,1024},PQ{M},
-OPQ{M},IVF{256,1024},PQ{M} over nprobe, OPQ{M},IMI2x8,PQ{M} over max_codes. All train on
+with --four-bit also 2M 4-bit subquantizers, V and the PCA chosen) over a quota sweep, and
+the faiss peers at the same code bytes: IVF{256,1024},PQ{M}, OPQ{M},IVF{256,1024},PQ{M}
+over nprobe, OPQ{M},IMI2x8,PQ{M} over max_codes. All train on
 the learn set (MANMINILM: 20k) and index the base (100k); 1 search thread, k=100. Prints
 recall@1/10/100 and ms/query per point, then per code size whether every faiss point has a
 cypq point with recall@10 >= it at <= its ms/query, and the best recall@10 of each side;
@@ -25,6 +26,7 @@ from _data import load_set  # noqa: E402
 from bench_lopq import bench_cypq, bench_faiss, faiss  # noqa: E402
 
 import cypq  # noqa: E402
+from cypq.lopq_parts import half_pca_dim  # noqa: E402
 
 MINILM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
                       "data", "manminilm")
@@ -97,7 +99,7 @@ def main(argv=None) -> None:
         chosen = bench_cypq(M, args, xt, xb, xq, gt, rows, points=mine, defaults=True)
         if chosen.model.V != args.V:
             # more dimensions than the chosen D/3: slower, but the best recalls
-            top = (xt.shape[1] // 2) // (2 * M) * (2 * M) if chosen.model.pca_dim else None
+            top = half_pca_dim(xt.shape[1], M) if chosen.model.pca_dim else None
             bench_cypq(M, args, xt, xb, xq, gt, rows, V=args.V, pca_dim=top, points=mine)
         if args.four_bit:
             bench_cypq(2 * M, args, xt, xb, xq, gt, rows, points=mine, defaults=True, S=16)
