@@ -136,8 +136,8 @@ static int cypq_fastscan_limit = 0;
 /* The path of codes of W bytes: AVX2 (up to M = 128) where the scan is to be two-phase
  * (two_phase: unfiltered, its first sweep on), else VBMI where the CPU has it, M % 8 == 0
  * and M <= 64, else AVX2. The two-phase scan is AVX2's only; on a CPU with both (AMD Zen 4)
- * it took 0.55-0.6x VBMI's time on MANMINILM (cells of ~600 codes) and 0.8-0.98x on
- * REALSIFT1M (~15), where one pass of VBMI's blocks of 16 beats one pass of AVX2's. */
+ * it took 0.53-0.59x VBMI's time on MANMINILM (cells of ~600 codes) and 0.81-0.98x on
+ * REALSIFT1M (~15), while one pass of VBMI's blocks of 16 beats one pass of AVX2's. */
 static void cypq_adc4_plan_init(cypq_adc4_plan *p, int W, int two_phase) {
     const int M = 2 * W, L = M <= 16 ? 16 : (M <= 32 ? 32 : 64);   /* lanes per code */
     memset(p, 0, sizeof *p);

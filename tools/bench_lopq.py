@@ -8,8 +8,8 @@ side with faiss IVF / IMI / OPQ+IMI at the same code size.
 (--data may also name a float16 set such as ../shared/data/manminilm; --defaults adds
 LOPQModel(M=M) with V and the PCA chosen from the data; each --V is a model of its own,
 without PCA unless --chosen-pca gives it the PCA LOPQModel would choose, or --pca-dim one
-model per listed dimension that M divides; --S 16: 4-bit codes, M subquantizers of 16
-codewords. faiss runs with 256 codewords only.)
+model per listed dimension (those M does not divide are skipped); --S 16: 4-bit codes, M
+subquantizers of 16 codewords. faiss runs with 256 codewords only.)
 
 Prints recall@1/10/100 and ms/query per setting, and training / encoding times.
 """
@@ -116,7 +116,7 @@ def main(argv=None):
     p.add_argument("--chosen-pca", action="store_true",
                    help="the --V models take the PCA LOPQModel(M=M) would choose")
     p.add_argument("--pca-dim", type=int, nargs="+", default=None,
-                   help="a --V model per PCA dimension listed (those M divides)")
+                   help="a --V model per PCA dimension listed (skipped where M does not divide it)")
     p.add_argument("--nq", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1, help="search threads (training: all)")
     p.add_argument("--quotas", type=int, nargs="+",
@@ -131,11 +131,13 @@ def main(argv=None):
           f"{len(xb)} base, {len(xq)} queries, search threads {args.threads}")
     rows = []
     for M in args.M:
-        dims = [k for k in args.pca_dim if k % M == 0 and k % 2 == 0] if args.pca_dim else \
-            [auto_pca_dim(xt.shape[1], M) if args.chosen_pca else None]
+        dims = args.pca_dim or [auto_pca_dim(xt.shape[1], M) if args.chosen_pca else None]
         for V in args.V:
             for pca_dim in dims:
-                bench_cypq(M, args, xt, xb, xq, gt, rows, V=V, pca_dim=pca_dim, S=args.S)
+                try:
+                    bench_cypq(M, args, xt, xb, xq, gt, rows, V=V, pca_dim=pca_dim, S=args.S)
+                except ValueError as e:   # M does not divide the PCA's dimension
+                    print(f"cypq M={M}, pca_dim={pca_dim}: skipped ({e})")
         if args.defaults:
             bench_cypq(M, args, xt, xb, xq, gt, rows, defaults=True, S=args.S)
         if faiss and not args.skip_faiss and args.S == 256:
