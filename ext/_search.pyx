@@ -19,15 +19,15 @@ from libc.stdlib cimport calloc, free, malloc, realloc
 from radix cimport SMALL_SORT, radix_sort
 from topk cimport TopK, topk_alloc, topk_finish, topk_free, topk_reset, topk_settle
 from nearest cimport Codebooks, codebooks_free, codebooks_init
-from fastscan cimport (CYPQ_ADC4_AVX2, cypq_adc4_avx2_block_bounds, cypq_adc4_avx2_bounds,
-                      cypq_adc4_avx2_rows, cypq_adc4_avx2_tails, cypq_adc4_blocks,
+from fastscan cimport (CYPQ_ADC4_AVX2, cypq_adc4_avx2_block_bounds, cypq_adc4_bounds,
+                      cypq_adc4_listed, cypq_adc4_avx2_tails, cypq_adc4_blocks,
                       cypq_adc4_cell, cypq_adc4_plan, cypq_adc4_tail,
                       cypq_adc4_plan_init, cypq_bound_quantile, cypq_fastscan_init,
                       cypq_fastscan_limit, cypq_quantize4, cypq_rows_within)
 from scan cimport (PEND_FLUSH, SCAN_BLOCK, Filter, Pending, cypq_prefetch, load_id,
                   offer_code, pass_flags, pending_flush, scan_topk)
 from simd cimport (cypq_ip_ny, cypq_l2sqr_ny, cypq_l2sqr_ny_norm, cypq_l2sqr_ny_norm_x4,
-                  cypq_tables16)
+                  cypq_prefetch_span, cypq_tables16)
 
 cypq_fastscan_init()   # (this module's copy of the header's lane table)
 
@@ -423,7 +423,7 @@ cdef inline void _prefetch_ahead(const Segs *sg, int64_t t, int64_t t1) noexcept
     """Before cell t of a query's cells ending at t1: fetch the records and codes of the cells
     a few ahead, each step using what an earlier step fetched (the cells' segment records and
     entries are scattered: the misses were a third of the scan's time)."""
-    cdef int64_t g, span, line
+    cdef int64_t g, span
     if t + 3 * AHEAD < t1:
         cypq_prefetch(&sg.seg_start[sg.cell_slot[t + 3 * AHEAD]])
     if t + 2 * AHEAD < t1:
@@ -441,8 +441,7 @@ cdef inline void _prefetch_ahead(const Segs *sg, int64_t t, int64_t t1) noexcept
             span = sg.len[g] * sg.cbytes
             if span > PREFETCH_MAX:
                 span = PREFETCH_MAX
-            for line in range(0, span, 64):
-                cypq_prefetch(<const char *> sg.codes[g] + line)
+            cypq_prefetch_span(<const void *> sg.codes[g], span)
 
 
 # The two-phase scan of 4-bit codes (AVX2 bounds, no filter). Scanning cell by cell, a code
@@ -505,13 +504,14 @@ cdef int _two_phase_room(TwoPhase *tp, int64_t n, int64_t nseg) noexcept nogil:
 
 
 cdef void _sweep(const Segs *sg, const TwoPhase *tp, int64_t n, float lo, float hi,
-                 const float *tables, int n0, Py_ssize_t tsize, int W, const int32_t *tab0,
-                 const int32_t *tab1, TopK *top, Pending *pend, float *buf,
-                 int32_t *ibuf) noexcept nogil:
+                 const float *tables, int n0, Py_ssize_t tsize, const cypq_adc4_plan *plan,
+                 const int32_t *tab0, const int32_t *tab1, TopK *top, Pending *pend,
+                 float *buf, int32_t *ibuf) noexcept nogil:
     """The float sums of the codes whose bound is in (lo, hi], into the top k."""
     cdef int64_t nh = cypq_rows_within(tp.lb, n, lo, hi, tp.hit), j = 0, j2, r = 0
     cdef int64_t start, end, g, t, cnt, e, i
     cdef uintptr_t vecs
+    cdef int W = plan.W
     while j < nh:   # each code's row fetched first: its sum waits on nothing then
         while tp.rec[3 * (r + 1)] <= tp.hit[j]:
             r += 1
@@ -531,9 +531,9 @@ cdef void _sweep(const Segs *sg, const TwoPhase *tp, int64_t n, float lo, float 
         while j2 < nh and tp.hit[j2] < end and j2 - j < SCAN_BLOCK:
             tp.hit[j2] -= start
             j2 += 1
-        cnt = cypq_adc4_avx2_rows(tables + tab0[t] * tsize, tables + (n0 + tab1[t]) * tsize,
-                                  W, <const uint8_t *> sg.codes[g], sg.len[g], tp.hit + j,
-                                  j2 - j, top.td, buf, ibuf)
+        cnt = cypq_adc4_listed(plan, tables + tab0[t] * tsize,
+                               tables + (n0 + tab1[t]) * tsize, <const uint8_t *> sg.codes[g],
+                               sg.len[g], tp.hit + j, j2 - j, top.td, buf, ibuf)
         vecs = sg.vecs[g] if sg.vecs != NULL else 0
         for e in range(cnt):
             if buf[e] <= top.td:
@@ -583,8 +583,8 @@ cdef int64_t _scan_two_phase(const Segs *sg, TwoPhase *tp, cypq_adc4_cell *cell,
             if sg.blocks != NULL and sg.blocks[g] != 0:
                 cypq_adc4_avx2_block_bounds(cell, <const uint8_t *> sg.blocks[g], ln,
                                             tp.lb + off)
-            elif ln % 32 == 0 or ln % 32 > 16:
-                cypq_adc4_avx2_bounds(cell, <const uint8_t *> sg.codes[g], ln, tp.lb + off)
+            elif cell.plan.bounds16 or ln % 32 == 0 or ln % 32 > 16:
+                cypq_adc4_bounds(cell, <const uint8_t *> sg.codes[g], ln, tp.lb + off)
             else:   # the blocks of 32, then the tail of 1 .. 16 codes with another's
                 tl = &tail[1 if tail[0].n else 0]
                 tl.cell = cell[0]
@@ -592,8 +592,8 @@ cdef int64_t _scan_two_phase(const Segs *sg, TwoPhase *tp, cypq_adc4_cell *cell,
                 tl.codes = <const uint8_t *> sg.codes[g] + (ln - tl.n) * W
                 tl.lb = tp.lb + off + ln - tl.n
                 if ln > tl.n:
-                    cypq_adc4_avx2_bounds(cell, <const uint8_t *> sg.codes[g], ln - tl.n,
-                                          tp.lb + off)
+                    cypq_adc4_bounds(cell, <const uint8_t *> sg.codes[g], ln - tl.n,
+                                     tp.lb + off)
                 if tail[1].n:
                     cypq_adc4_avx2_tails(&tail[0], &tail[1])
                     tail[0].n = 0
@@ -606,7 +606,7 @@ cdef int64_t _scan_two_phase(const Segs *sg, TwoPhase *tp, cypq_adc4_cell *cell,
     while True:    # fill the top k (twice the codes while a sample's guess leaves it short)
         lam = cypq_bound_quantile(tp.lb, n, want, tp.hist) if n > want else INFINITY
         if lam > lo:   # (each code swept once: the guesses of other samples may be lower)
-            _sweep(sg, tp, n, lo, lam, tables, n0, tsize, W, tab0, tab1, top, pend,
+            _sweep(sg, tp, n, lo, lam, tables, n0, tsize, cell.plan, tab0, tab1, top, pend,
                    buf, ibuf)
             pending_flush(pend, top)
             lo = lam
@@ -615,8 +615,8 @@ cdef int64_t _scan_two_phase(const Segs *sg, TwoPhase *tp, cypq_adc4_cell *cell,
         want *= 2
     topk_settle(top)
     if lo < top.td:
-        _sweep(sg, tp, n, lo, top.td, tables, n0, tsize, W, tab0, tab1, top, pend, buf,
-               ibuf)
+        _sweep(sg, tp, n, lo, top.td, tables, n0, tsize, cell.plan, tab0, tab1, top, pend,
+               buf, ibuf)
     return n
 
 
@@ -1116,9 +1116,9 @@ def code_blocks(const uintptr_t[::1] seg_codes, const int64_t[::1] seg_len,
 
 def fast_scan(str limit="best"):
     """The 4-bit scan paths searches may take: "best" (the default: the best the CPU has,
-    AVX2's two-phase scan where it can run, else AVX-512 VBMI or AVX2; fastscan.h
-    cypq_adc4_plan_init), "avx2" (AVX2 at most) or "portable" (no in-register bounds); tests
-    compare them. Returns the path an unfiltered search of 16-byte codes now takes: "vbmi",
+    the two-phase scan where it can run, with AVX-512's sweeps and VBMI's bounds where the
+    CPU has them, else AVX-512 VBMI or AVX2; fastscan.h cypq_adc4_plan_init), "avx2" (AVX2
+    at most) or "portable" (no in-register bounds); tests compare them. Returns the path an unfiltered search of 16-byte codes now takes: "vbmi",
     "avx2" or "portable"."""
     global cypq_fastscan_limit
     cdef cypq_adc4_plan p

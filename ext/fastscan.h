@@ -20,7 +20,10 @@
  *   cypq_rows_within / cypq_bound_quantile / cypq_adc4_avx2_rows serve its sweeps; codes that
  *   several queries scan can be put in blocks of 32 once (cypq_adc4_blocks: byte j of the
  *   32 codes together), whose bounds then need no transposes (cypq_adc4_avx2_block_bounds);
- *   the last 1 .. 16 codes of two segments share a block (cypq_adc4_avx2_tails).
+ *   the last 1 .. 16 codes of two segments share a block (cypq_adc4_avx2_tails). Where the
+ *   CPU has AVX-512, the sweeps sum 16 listed rows at a time (cypq_adc4_avx512_rows), and
+ *   with VBMI the bounds of codes not in blocks come in VBMI's blocks of 16
+ *   (cypq_adc4_vbmi_bounds; cypq_adc4_bounds and cypq_adc4_listed pick).
  * A code within the threshold always has its bound within it (see cypq_quantize4), so every
  * path returns the same codes with the same distances; the bounds only spare the float sums
  * of codes that cannot enter the top k. The path is picked once per search (cypq_adc4_plan).
@@ -89,6 +92,9 @@ enum { CYPQ_ADC4_PORTABLE = 0, CYPQ_ADC4_AVX2 = 1, CYPQ_ADC4_VBMI = 2 };
 typedef struct {
     int W;                   /* bytes per code */
     int path;                /* CYPQ_ADC4_*: see cypq_adc4_plan_init */
+    int rows16;              /* two-phase sweeps sum 16 rows at a time (AVX-512F) */
+    int bounds16;            /* two-phase bounds in VBMI's blocks of 16 (W % 4 == 0, W <= 24:
+                                at 32 bytes its transposes take as many steps as AVX2's) */
     uint8_t dup[64];         /* lane -> byte of the loaded codes holding its nibble */
     uint8_t off[64];         /* lane -> 16 * its subquantizer's place in its group of 8 */
     uint64_t group[8];       /* lanes of each group of 8 subquantizers (no others) */
@@ -152,6 +158,8 @@ static void cypq_adc4_plan_init(cypq_adc4_plan *p, int W, int two_phase) {
         p->path = CYPQ_ADC4_VBMI;
     else if (avx2)
         p->path = CYPQ_ADC4_AVX2;
+    p->rows16 = p->path == CYPQ_ADC4_AVX2 && cypq_fastscan_limit == 0 && cypq_wide();
+    p->bounds16 = p->rows16 && W % 4 == 0 && W <= 24 && __builtin_cpu_supports("avx512vbmi");
 #endif
     for (int l = 0; l < 4; l++)
         for (int i = 0; i < 16; i++) p->widen[l][4 * i] = (uint8_t)(16 * l + i);
@@ -224,6 +232,8 @@ static void cypq_fastscan_init(void) {
 #if CYPQ_WIDE
 #define CYPQ_VBMI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx2,fma")))
 #define CYPQ_AVX2 __attribute__((target("avx2,fma")))
+/* AVX-512 without VBMI (x86-64-v4: Skylake-X and later, AMD Zen 4) */
+#define CYPQ_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
 
 /* Minimum and maximum of 16 floats. */
 CYPQ_AVX2 CYPQ_INLINE void cypq_range16(const float *t, __m256 *lo, __m256 *hi) {
@@ -328,26 +338,23 @@ static float cypq_quantize4(const float *T, int64_t rows, int m, uint8_t *Q, flo
 /* The lanes of v selected by k, packed, to dst[0 .. popcount(k)): a compress in registers and
  * a masked store, as vpcompressd to memory is microcoded on some CPUs (AMD Zen 4 above all;
  * on this project's Sapphire Rapids the two measure the same). */
-CYPQ_VBMI CYPQ_INLINE void cypq_store_selected_epi32(int32_t *dst, __mmask16 k, __m512i v) {
+CYPQ_AVX512 CYPQ_INLINE void cypq_store_selected_epi32(int32_t *dst, __mmask16 k, __m512i v) {
     _mm512_mask_storeu_epi32(dst, (__mmask16)((1u << __builtin_popcount(k)) - 1),
                              _mm512_maskz_compress_epi32(k, v));
 }
 
-CYPQ_VBMI CYPQ_INLINE void cypq_store_selected_ps(float *dst, __mmask16 k, __m512 v) {
+CYPQ_AVX512 CYPQ_INLINE void cypq_store_selected_ps(float *dst, __mmask16 k, __m512 v) {
     _mm512_mask_storeu_ps(dst, (__mmask16)((1u << __builtin_popcount(k)) - 1),
                           _mm512_maskz_compress_ps(k, v));
 }
 
-/* The VBMI loop over blocks of 16 codes of WW bytes (WW % 4 == 0, WW <= 32): the block
+/* The VBMI path's blocks of 16 codes of WW bytes (WW % 4 == 0, WW <= 32): the block
  * transposed with vpermt2b into column groups (lane l of group c holds byte 4c + l of the
  * 16 codes), each lane's two nibbles looked up with vpshufb in its own subquantizers'
- * tables, sums in 16-bit lanes (as the AVX2 loop keeps them), the lanes' partial sums added,
- * the 16 bounds compared at once. A block with CYPQ_ADC4_EXACT_FROM or more passing codes
- * gets its 16 float sums at once, each subquantizer's 16 floats looked up with vpermps and
- * added per lane in cypq_adc4_one's order (so bit-identical), its results stored at the
- * front of out / idx; the rows of the other blocks' passing codes go to the back of idx,
- * to be summed one by one after the loop (out and idx hold n entries). */
-#define CYPQ_ADC4_VBMI16_BODY(WW)                                                           \
+ * tables, sums in 16-bit lanes (as the AVX2 loop keeps them), the lanes' partial sums added.
+ * SETUP loads the cell's tables; BLOCK makes the bounds bnd of block i (left: its bytes)
+ * and keeps its columns in xs. */
+#define CYPQ_ADC4_VBMI16_SETUP(WW)                                                          \
     const int W = (WW), C = W / 4, R = (W + 7) / 8;                                         \
     __m512i tl[8], th[8];   /* lane l of tl[c] (th[c]): subquantizer 8c + 2l (+ 1) */       \
     for (int c = 0; c < C; c++) {                                                           \
@@ -360,12 +367,10 @@ CYPQ_VBMI CYPQ_INLINE void cypq_store_selected_ps(float *dst, __mmask16 k, __m51
         th[c] = _mm512_shuffle_i64x2(a, b, 0xDD);                                           \
     }                                                                                       \
     const __m512i low = _mm512_set1_epi8(15);                                               \
-    const __m512i rows = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,   \
-                                           14, 15);                                         \
     const __m512 base = _mm512_set1_ps(cell->base - cell->slack);                           \
-    const __m512 delta = _mm512_set1_ps(cell->delta), th16 = _mm512_set1_ps(thresh);       \
-    int64_t m = 0, ne = 0;   /* rows noted at the back of idx, results at the front */     \
-    for (int64_t i = 0; i < n; i += 16) {                                                   \
+    const __m512 delta = _mm512_set1_ps(cell->delta);
+
+#define CYPQ_ADC4_VBMI16_BLOCK                                                              \
         const int64_t left = (n - i < 16 ? n - i : 16) * W;   /* bytes in the block */     \
         __m512i z[8];                                                                       \
         for (int r = 0; r < 2 * R; r++) {                                                   \
@@ -398,9 +403,24 @@ CYPQ_VBMI CYPQ_INLINE void cypq_store_selected_ps(float *dst, __mmask16 k, __m51
         const __m128i e = _mm_sub_epi16(_mm512_castsi512_si128(acc), _mm_slli_epi16(o, 8)); \
         const __m256i sums = _mm256_inserti128_si256(_mm256_castsi128_si256(               \
             _mm_unpacklo_epi16(e, o)), _mm_unpackhi_epi16(e, o), 1);   /* rows in order */  \
-        const __m512 lb = _mm512_fmadd_ps(                                                  \
-            _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(sums)), delta, base);                  \
-        const __mmask16 pass = _mm512_cmp_ps_mask(lb, th16, _CMP_LE_OQ)                     \
+        const __m512 bnd = _mm512_fmadd_ps(                                                 \
+            _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(sums)), delta, base);
+
+/* The VBMI loop over blocks of 16 codes (CYPQ_ADC4_VBMI16_SETUP), the 16 bounds compared at
+ * once. A block with CYPQ_ADC4_EXACT_FROM or more passing codes gets its 16 float sums at
+ * once, each subquantizer's 16 floats looked up with vpermps and added per lane in
+ * cypq_adc4_one's order (so bit-identical), its results stored at the front of out / idx;
+ * the rows of the other blocks' passing codes go to the back of idx, to be summed one by
+ * one after the loop (out and idx hold n entries). */
+#define CYPQ_ADC4_VBMI16_BODY(WW)                                                           \
+    CYPQ_ADC4_VBMI16_SETUP(WW)                                                              \
+    const __m512i rows = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,   \
+                                           14, 15);                                         \
+    const __m512 th16 = _mm512_set1_ps(thresh);                                             \
+    int64_t m = 0, ne = 0;   /* rows noted at the back of idx, results at the front */     \
+    for (int64_t i = 0; i < n; i += 16) {                                                   \
+        CYPQ_ADC4_VBMI16_BLOCK;                                                             \
+        const __mmask16 pass = _mm512_cmp_ps_mask(bnd, th16, _CMP_LE_OQ)                    \
                                & (__mmask16)((1u << (left / W)) - 1);                       \
         const __m512i at = _mm512_add_epi32(rows, _mm512_set1_epi32((int)i));               \
         if (__builtin_popcount(pass) < CYPQ_ADC4_EXACT_FROM) {                              \
@@ -449,6 +469,25 @@ CYPQ_VBMI CYPQ_INLINE void cypq_store_selected_ps(float *dst, __mmask16 k, __m51
 
 CYPQ_ADC4_ENTRY(CYPQ_VBMI, cypq_adc4_vbmi16, CYPQ_ADC4_VBMI16_BODY)
 CYPQ_ADC4_ENTRY(CYPQ_VBMI, cypq_adc4_vbmi, CYPQ_ADC4_VBMI_BODY)
+
+/* Every code's lower bound, as the VBMI loop compares it, to lb[0 .. n): the two-phase scan's
+ * first phase where the plan has bounds16. Blocks of 16 loaded with masks need no padded
+ * copies, and a cell of ~15 codes (REALSIFT1M at V = 256) fills one (AVX2's blocks of 32 took
+ * a copy and half a block of padding, or a tail shared with another cell). */
+#define CYPQ_ADC4_VBMI16_BOUNDS_BODY(WW)                                                    \
+    CYPQ_ADC4_VBMI16_SETUP(WW)                                                              \
+    for (int64_t i = 0; i < n; i += 16) {                                                   \
+        CYPQ_ADC4_VBMI16_BLOCK;                                                             \
+        _mm512_mask_storeu_ps(lb + i, (__mmask16)((1u << (left / W)) - 1), bnd);            \
+        (void)xs;   /* (the one-pass loop's exact sums read them) */                        \
+    }                                                                                       \
+    return n;
+
+CYPQ_VBMI static int64_t cypq_adc4_vbmi_bounds(const cypq_adc4_cell *cell, const uint8_t *codes,
+                                               int64_t n, float *lb) {
+    const cypq_adc4_plan *pl = cell->plan;
+    CYPQ_ADC4_BY_WIDTH(CYPQ_ADC4_VBMI16_BOUNDS_BODY, pl->W)
+}
 
 /* Columns of a block of 32 codes: a[r] holds 16 bytes of row r (low lane) and of row r + 16
  * (high lane); afterwards a[c] holds byte c of rows 0..15 (low lane) and 16..31 (high lane).
@@ -825,6 +864,54 @@ CYPQ_AVX2 static int64_t cypq_adc4_avx2_rows(const float *T0, const float *T1, c
                                 idx + cnt);
 }
 
+/* cypq_adc4_avx2_rows 16 rows at a time (AVX-512F, where W % 8 == 0 and the n codes' bytes
+ * stay below 2^31): a nibble's entry is one vpermps of its subquantizer's 16 floats, where
+ * AVX2 takes two and a blend for 8 rows; the sums in the same order, so the same bits. The
+ * last 4 .. 15 rows take masked lanes (a sweep lists a few rows per segment), fewer are
+ * summed one by one. */
+CYPQ_AVX512 static int64_t cypq_adc4_avx512_rows(const float *T0, const float *T1, const int W,
+                                                 const uint8_t *codes, int64_t n,
+                                                 const int32_t *rows, int64_t m, float thresh,
+                                                 float *out, int32_t *idx) {
+    const int H = W / 2;
+    int64_t cnt = 0, j = 0;
+    if (W % 8 == 0 && n * W < INT32_MAX) {
+        const __m512i width = _mm512_set1_epi32(W);
+        const __m512 th = _mm512_set1_ps(thresh);
+        for (; j + 4 <= m; j += 16) {
+            const __mmask16 live = m - j >= 16 ? 0xFFFF : (__mmask16)((1u << (m - j)) - 1);
+            const __m512i rv = _mm512_maskz_loadu_epi32(live, rows + j);   /* (others: row 0) */
+            const __m512i at = _mm512_mullo_epi32(rv, width);
+            __m512 e0 = _mm512_setzero_ps(), o0 = e0, e1 = e0, o1 = e0;
+            for (int g = 0; g < H; g += 4) {
+                const __m512i x4 = _mm512_i32gather_epi32(
+                    _mm512_add_epi32(at, _mm512_set1_epi32(g)), codes, 1);
+                const __m512i y4 = _mm512_i32gather_epi32(
+                    _mm512_add_epi32(at, _mm512_set1_epi32(H + g)), codes, 1);
+                for (int b = 0; b < 4; b++) {   /* (vpermps reads an index's low 4 bits) */
+                    const __m512i x = _mm512_srli_epi32(x4, 8 * b);
+                    const __m512i y = _mm512_srli_epi32(y4, 8 * b);
+                    const float *t0 = T0 + (g + b) * 32, *t1 = T1 + (g + b) * 32;
+                    e0 = _mm512_add_ps(e0, _mm512_permutexvar_ps(x, _mm512_loadu_ps(t0)));
+                    o0 = _mm512_add_ps(o0, _mm512_permutexvar_ps(_mm512_srli_epi32(x, 4),
+                                                                 _mm512_loadu_ps(t0 + 16)));
+                    e1 = _mm512_add_ps(e1, _mm512_permutexvar_ps(y, _mm512_loadu_ps(t1)));
+                    o1 = _mm512_add_ps(o1, _mm512_permutexvar_ps(_mm512_srli_epi32(y, 4),
+                                                                 _mm512_loadu_ps(t1 + 16)));
+                }
+            }
+            const __m512 sum = _mm512_add_ps(_mm512_add_ps(e0, o0), _mm512_add_ps(e1, o1));
+            const __mmask16 keep = _mm512_mask_cmp_ps_mask(live, sum, th, _CMP_LE_OQ);
+            /* (rows j .. j + 15 are read: idx + cnt <= rows + j may overwrite them) */
+            cypq_store_selected_ps(out + cnt, keep, sum);
+            cypq_store_selected_epi32(idx + cnt, keep, rv);
+            cnt += __builtin_popcount(keep);
+        }
+        if (j > m) j = m;
+    }
+    return cnt + cypq_adc4_rows(T0, T1, W, codes, rows + j, m - j, thresh, out + cnt,
+                                idx + cnt);
+}
 
 /* A value with about `want` (0 < want < n) of the n floats lb at most it: the upper edge of
  * the bucket, of 256 between their minimum and maximum, that holds the want-th smallest
@@ -919,6 +1006,31 @@ static void cypq_adc4_blocks(const uint8_t *codes, int64_t n, int W, uint8_t *ou
         for (int c = 0; c < W; c++)
             for (int r = 0; r < 32; r++)
                 out[32 * c + r] = i + r < n ? codes[(i + r) * W + c] : 0;
+}
+
+/* The two-phase sweeps' float sums of listed rows (cypq_adc4_avx2_rows), 16 at a time where
+ * the plan allows. */
+static inline int64_t cypq_adc4_listed(const cypq_adc4_plan *p, const float *T0, const float *T1,
+                                       const uint8_t *codes, int64_t n, const int32_t *rows,
+                                       int64_t m, float thresh, float *out, int32_t *idx) {
+#if CYPQ_WIDE
+    if (p->rows16)
+        return cypq_adc4_avx512_rows(T0, T1, p->W, codes, n, rows, m, thresh, out, idx);
+#endif
+    return cypq_adc4_avx2_rows(T0, T1, p->W, codes, n, rows, m, thresh, out, idx);
+}
+
+/* The two-phase scan's bounds of n codes (not in blocks) to lb: VBMI's blocks of 16 where the
+ * plan has bounds16 (lb[0 .. n) written), else AVX2's of 32 (n rounded up to 32 written). */
+static inline void cypq_adc4_bounds(const cypq_adc4_cell *cell, const uint8_t *codes, int64_t n,
+                                    float *lb) {
+#if CYPQ_WIDE
+    if (cell->plan->bounds16) {
+        cypq_adc4_vbmi_bounds(cell, codes, n, lb);
+        return;
+    }
+#endif
+    cypq_adc4_avx2_bounds(cell, codes, n, lb);
 }
 
 /* cypq_adc4 through the cell's bounds where the plan allows (cell NULL: no bounds). */

@@ -7,6 +7,7 @@ cdef extern from "fastscan.h" nogil:
     ctypedef struct cypq_adc4_plan:
         int W
         int path
+        int bounds16
 
     ctypedef struct cypq_adc4_cell:
         const cypq_adc4_plan *plan
@@ -29,14 +30,14 @@ cdef extern from "fastscan.h" nogil:
     int64_t cypq_adc4_cells(const float *T0, const float *T1, int W,
                             const cypq_adc4_cell *cell, const uint8_t *codes, int64_t n,
                             float thresh, float *out, int32_t *idx) noexcept
-    int64_t cypq_adc4_avx2_bounds(const cypq_adc4_cell *cell, const uint8_t *codes, int64_t n,
-                                  float *lb) noexcept
+    void cypq_adc4_bounds(const cypq_adc4_cell *cell, const uint8_t *codes, int64_t n,
+                          float *lb) noexcept
     int64_t cypq_adc4_avx2_block_bounds(const cypq_adc4_cell *cell, const uint8_t *blocks,
                                         int64_t n, float *lb) noexcept
     int cypq_adc4_avx2_tails(const cypq_adc4_tail *a, const cypq_adc4_tail *b) noexcept
-    int64_t cypq_adc4_avx2_rows(const float *T0, const float *T1, int W, const uint8_t *codes,
-                                int64_t n, const int32_t *rows, int64_t m, float thresh,
-                                float *out, int32_t *idx) noexcept
+    int64_t cypq_adc4_listed(const cypq_adc4_plan *p, const float *T0, const float *T1,
+                             const uint8_t *codes, int64_t n, const int32_t *rows, int64_t m,
+                             float thresh, float *out, int32_t *idx) noexcept
     void cypq_adc4_blocks(const uint8_t *codes, int64_t n, int W, uint8_t *out) noexcept
     void cypq_fastscan_init() noexcept
     int64_t cypq_rows_within(const float *lb, int64_t n, float lo, float hi,

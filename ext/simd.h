@@ -35,6 +35,13 @@ static inline int cypq_wide(void) {
 #define CYPQ_WIDE 0
 #endif
 
+/* Every 64-byte line of p[0 .. bytes) fetched toward the cache, for a loop to read it later
+ * (a cell's codes, a cluster's rotation) without waiting on each miss in turn. */
+static inline void cypq_prefetch_span(const void *p, int64_t bytes) {
+    const char *a = (const char *)((uintptr_t)p & ~(uintptr_t)63), *end = (const char *)p + bytes;
+    for (; a < end; a += 64) __builtin_prefetch(a);
+}
+
 /* Helpers that take or return vectors must be inlined into each clone: called across clones,
  * a 64-byte vector argument would be passed under different ABIs (GCC's -Wpsabi warning). */
 #define CYPQ_INLINE static inline __attribute__((always_inline))
