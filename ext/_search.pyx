@@ -1118,8 +1118,8 @@ def fast_scan(str limit="best"):
     """The 4-bit scan paths searches may take: "best" (the default: the best the CPU has,
     the two-phase scan where it can run, with AVX-512's sweeps and VBMI's bounds where the
     CPU has them, else AVX-512 VBMI or AVX2; fastscan.h cypq_adc4_plan_init), "avx2" (AVX2
-    at most) or "portable" (no in-register bounds); tests compare them. Returns the path an unfiltered search of 16-byte codes now takes: "vbmi",
-    "avx2" or "portable"."""
+    at most) or "portable" (no in-register bounds); tests compare them. Returns the path an
+    unfiltered search of 16-byte codes now takes: "vbmi", "avx2" or "portable"."""
     global cypq_fastscan_limit
     cdef cypq_adc4_plan p
     if limit not in ("best", "avx2", "portable"):

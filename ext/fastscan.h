@@ -141,9 +141,11 @@ static int cypq_fastscan_limit = 0;
 
 /* The path of codes of W bytes: AVX2 (up to M = 128) where the scan is to be two-phase
  * (two_phase: unfiltered, its first sweep on), else VBMI where the CPU has it, M % 8 == 0
- * and M <= 64, else AVX2. The two-phase scan is AVX2's only; on a CPU with both (AMD Zen 4)
- * it took 0.53-0.59x VBMI's time on MANMINILM (cells of ~600 codes) and 0.81-0.98x on
- * REALSIFT1M (~15), while one pass of VBMI's blocks of 16 beats one pass of AVX2's. */
+ * and M <= 64, else AVX2. The two-phase scan is built on AVX2's; on a CPU with both (AMD
+ * Zen 4) it took 0.53-0.59x VBMI's one-pass time on MANMINILM (cells of ~600 codes) and
+ * 0.81-0.98x on REALSIFT1M (~15), while one pass of VBMI's blocks of 16 beats one pass of
+ * AVX2's. Within the two-phase scan, AVX-512 sums the sweeps' rows (rows16) and VBMI makes
+ * the bounds of codes not in blocks (bounds16) where the CPU has them. */
 static void cypq_adc4_plan_init(cypq_adc4_plan *p, int W, int two_phase) {
     const int M = 2 * W, L = M <= 16 ? 16 : (M <= 32 ? 32 : 64);   /* lanes per code */
     memset(p, 0, sizeof *p);
@@ -158,7 +160,8 @@ static void cypq_adc4_plan_init(cypq_adc4_plan *p, int W, int two_phase) {
         p->path = CYPQ_ADC4_VBMI;
     else if (avx2)
         p->path = CYPQ_ADC4_AVX2;
-    p->rows16 = p->path == CYPQ_ADC4_AVX2 && cypq_fastscan_limit == 0 && cypq_wide();
+    p->rows16 = two_phase && p->path == CYPQ_ADC4_AVX2 && cypq_fastscan_limit == 0
+                && cypq_wide();
     p->bounds16 = p->rows16 && W % 4 == 0 && W <= 24 && __builtin_cpu_supports("avx512vbmi");
 #endif
     for (int l = 0; l < 4; l++)

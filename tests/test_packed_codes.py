@@ -182,9 +182,8 @@ def test_fast_scan_bounds_change_nothing(dim, M, metric, V, n_threads, scan_path
     takes the two-phase scan where it runs (first sweep on; with AVX-512, its sweeps sum 16
     rows at a time, and with VBMI its bounds come in blocks of 16 for M % 8 == 0 up to 64)
     and, with it off, VBMI where the CPU has it for M % 8 == 0 up to 64; AVX2 for the others
-    up to 128 (M = 96:
-    MANMINILM's 48-byte codes). M = 40 and 96 take the loops' generic width (the common
-    widths have their own unrolled copies)."""
+    up to 128 (M = 96: MANMINILM's 48-byte codes). M = 40 and 96 take the loops' generic
+    width (the common widths have their own unrolled copies)."""
     X = clustered(4000, dim, n_clusters=16, seed=dim + M)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
