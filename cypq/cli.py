@@ -43,8 +43,8 @@ _count, _quota = _whole(1), _whole(0)
 def _train_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--V", type=_count, help="coarse centroids per half (V^2 cells; default: "
-                   "the largest power of two <= training vectors / (64 f) (/ (256 f) with "
-                   "--S 16), f = max(1, dimension / 128), within 8..1024)")
+                   "the largest power of two <= training vectors / (64 f) (/ (512 sqrt(f)) "
+                   "with --S 16), f = max(1, dimension / 128), within 8..1024)")
     g.add_argument("--M", type=_count, help="fine subquantizers (bytes per code: M with S=256, "
                    "M/2 with S=16)")
     g.add_argument("--S", type=_count, default=256, help="codewords per subquantizer (16: "

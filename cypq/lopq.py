@@ -39,8 +39,9 @@ class LOPQModel:
     V : int, optional
         Coarse centroids per half (V * V cells). Default: chosen by ``fit`` from the number
         n of training vectors of dimension D: the largest power of two <= n / (64 f) (4-bit
-        codes: n / (256 f)), f = max(1, D / 128), in [8, 1024] (:func:`cypq.lopq_parts.auto_V`:
-        100k 128-d SIFT vectors give 1024 (4-bit: 256), 20k 384-d MiniLM ones 64 (16)).
+        codes: n / (512 sqrt(f))), f = max(1, D / 128), in [8, 1024]
+        (:func:`cypq.lopq_parts.auto_V`: 100k 128-d SIFT vectors give 1024 (4-bit: 128), 20k
+        384-d MiniLM ones 64 (16)).
     M : int
         Fine subquantizers in all (M / 2 per half); even.
     subquantizer_clusters : int

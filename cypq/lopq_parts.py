@@ -65,7 +65,7 @@ def check_coarse_codes(coarse, n: int, V: int) -> np.ndarray:
 
 # The defaults LOPQModel takes from the data (measured: README, LOPQ benchmarks, "Defaults").
 AUTO_POINTS_PER_CENTROID = 64      # V: the largest power of two <= n / (this x D / 128) ...
-AUTO_POINTS_PER_CENTROID_4BIT = 256  # ... (4-bit codes: cheap to scan, so larger cells) ...
+AUTO_POINTS_PER_CENTROID_4BIT = 512  # ... (4-bit: n / (this x sqrt(D / 128)), larger cells) ...
 AUTO_DIM_UNIT = 128                # ... (the factor D / this, at least 1) ...
 AUTO_V = (8, 1024)                 # ... within these bounds
 AUTO_PCA_FROM = 256                # PCA to about D/3 from this input dimension on
@@ -73,15 +73,16 @@ AUTO_PCA_FROM = 256                # PCA to about D/3 from this input dimension 
 
 def auto_V(n: int, subquantizer_clusters: int = 256, dim: int = AUTO_DIM_UNIT) -> int:
     """Coarse centroids per half for n training vectors of dimension dim: the largest power
-    of two at most n / (AUTO_POINTS_PER_CENTROID x f) (AUTO_POINTS_PER_CENTROID_4BIT for
-    4-bit codes, at most 16 codewords, whose scan costs a quarter as much per code: fewer,
-    larger cells pay), f = dim / AUTO_DIM_UNIT (at least 1), within AUTO_V. Higher
-    dimensions take fewer centroids: each one a query visits costs a projection of (dim /
-    2)^2, and on 384-d text embeddings a quarter of 128-d SIFT's V gave more recall per
-    unit of time at every code size (README, "Defaults")."""
-    per = AUTO_POINTS_PER_CENTROID_4BIT if subquantizer_clusters <= 16 else \
-        AUTO_POINTS_PER_CENTROID
-    per *= max(1.0, dim / AUTO_DIM_UNIT)
+    of two at most n / (AUTO_POINTS_PER_CENTROID x f), f = dim / AUTO_DIM_UNIT (at least 1),
+    within AUTO_V. Higher dimensions take fewer centroids: each one a query visits costs a
+    projection of (dim / 2)^2, and on 384-d text embeddings a quarter of 128-d SIFT's V gave
+    more recall per unit of time at every code size (README, "Defaults"). 4-bit codes (at
+    most 16 codewords) scan for a fraction of the cost per code, so fewer, larger cells pay:
+    n / (AUTO_POINTS_PER_CENTROID_4BIT x sqrt(f)) (REALSIFT1M's 100k: 128, where V=256 was
+    slower at every recall up to 0.9; MANMINILM's 20k: 16, ahead of 8 and 32)."""
+    f = max(1.0, dim / AUTO_DIM_UNIT)
+    per = AUTO_POINTS_PER_CENTROID_4BIT * f ** 0.5 if subquantizer_clusters <= 16 else \
+        AUTO_POINTS_PER_CENTROID * f
     v = 1 << max(0, int(n // per).bit_length() - 1)
     return int(min(max(v, AUTO_V[0]), AUTO_V[1]))
 

@@ -363,20 +363,22 @@ def test_pca_dim_reduces_and_round_trips(tmp_path):
 
 def test_defaults_chosen_from_the_data():
     """V and the PCA, when not given, are chosen by fit from the training data: V the
-    largest power of two <= n / (64 f) (n / (256 f) for 4-bit codes), f = max(1, D / 128),
-    within [8, 1024]; a PCA to D/3 rounded up to a multiple of 2M (at most D/2, at least
+    largest power of two <= n / (64 f) (n / (512 sqrt(f)) for 4-bit codes), f = max(1,
+    D / 128), within [8, 1024]; a PCA to D/3 rounded up to a multiple of 2M (at most D/2, at least
     2M) from 256 dimensions on; explicit settings and given parts win."""
     from cypq.lopq_parts import auto_pca_dim, auto_V
     assert [auto_V(n) for n in (10, 600, 20_000, 100_000, 10 ** 7)] == [8, 8, 256, 1024, 1024]
     assert auto_V(64 * 300) == 256 and auto_V(64 * 256) == 256 and auto_V(64 * 255) == 128
-    # 4-bit codes: four times the points per centroid
-    assert [auto_V(n, 16) for n in (20_000, 100_000, 256 * 255)] == [64, 256, 128]
+    # 4-bit codes: eight times the points per centroid (at D <= 128)
+    assert [auto_V(n, 16) for n in (20_000, 100_000, 512 * 128, 512 * 128 - 1)] == \
+        [32, 128, 128, 64]
     assert auto_V(100_000, 17) == 1024
-    # higher dimensions: f = D / 128 times the points per centroid (below 128: f = 1)
+    # higher dimensions: f = D / 128 times the points per centroid (below 128: f = 1), 4-bit
+    # codes sqrt(f) times
     assert auto_V(20_000, 256, 384) == 64 and auto_V(20_000, 16, 384) == 16
-    assert auto_V(100_000, 16, 128) == 256 and auto_V(20_000, 256, 64) == 256
+    assert auto_V(100_000, 16, 128) == 128 and auto_V(20_000, 256, 64) == 256
     assert auto_V(3 * 64 * 256, 256, 384) == 256 and auto_V(3 * 64 * 256 - 1, 256, 384) == 128
-    assert auto_V(2 * 256 * 64, 16, 256) == 64 and auto_V(2 * 256 * 64 - 1, 16, 256) == 32
+    assert auto_V(2 * 512 * 16, 16, 512) == 16 and auto_V(2 * 512 * 16 - 1, 16, 512) == 8
     assert auto_pca_dim(128, 16) is None and auto_pca_dim(384, 16) == 128
     assert auto_pca_dim(384, 48) == 192 and auto_pca_dim(300, 16) == 128
     assert auto_pca_dim(256, 3) == 90 and auto_pca_dim(768, 64) == 256
