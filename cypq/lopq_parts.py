@@ -88,8 +88,7 @@ def auto_V(n: int, subquantizer_clusters: int = 256, dim: int = AUTO_DIM_UNIT) -
 
 
 def half_pca_dim(dim: int, M: int) -> int:
-    """dim / 2 rounded down to a multiple of 2M: the most dimensions the PCA rule keeps (and
-    the top recalls' choice in tools/bench_embeddings.py)."""
+    """dim / 2 rounded down to a multiple of 2M: the most dimensions the PCA rule keeps."""
     return (dim // 2) // (2 * M) * (2 * M)
 
 

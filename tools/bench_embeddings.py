@@ -4,10 +4,12 @@
                                      [--nq 2000] [--plot embeddings.png] [--four-bit]
 
 Per code size M (bytes with 8-bit codes): cypq LOPQ (V and the PCA as LOPQModel chooses
-them, and V=256 with a PCA to D/2, for the top recalls, where the chosen one has a PCA;
-with --four-bit also 2M 4-bit subquantizers, V and the PCA chosen) over a quota sweep, and
-the faiss peers at the same code bytes: IVF{256,1024},PQ{M}, OPQ{M},IVF{256,1024},PQ{M}
-over nprobe, OPQ{M},IMI2x8,PQ{M} over max_codes. All train on
+them) over a quota sweep, and for the top recalls, where the chosen model has a PCA, V=16
+(--top-V: few centroids, each local rotation trained on many points) with a PCA to 2D/3
+(top_pca_dim) over larger quotas (--top-quotas), slower per query but with a higher ceiling
+(without a PCA: V=256, --V); with --four-bit also 2M subquantizers of 16 codewords (the same
+bytes), chosen and top; and the faiss peers at the same code bytes: IVF{256,1024},PQ{M},
+OPQ{M},IVF{256,1024},PQ{M} over nprobe, OPQ{M},IMI2x8,PQ{M} over max_codes. All train on
 the learn set (MANMINILM: 20k) and index the base (100k); 1 search thread, k=100. Prints
 recall@1/10/100 and ms/query per point, then per code size whether every faiss point has a
 cypq point with recall@10 >= it at <= its ms/query, and the best recall@10 of each side;
@@ -26,7 +28,6 @@ from _data import load_set  # noqa: E402
 from bench_lopq import bench_cypq, bench_faiss, faiss  # noqa: E402
 
 import cypq  # noqa: E402
-from cypq.lopq_parts import half_pca_dim  # noqa: E402
 
 MINILM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
                       "data", "manminilm")
@@ -34,6 +35,15 @@ NPROBE = [f"nprobe={p}" for p in (1, 2, 4, 8, 16, 32, 64)]
 MAX_CODES = [f"nprobe={p},max_codes={q}" for p, q in
              ((256, 500), (1024, 1000), (4096, 2000), (4096, 4000), (16384, 8000),
               (65536, 16000))]
+
+
+def top_pca_dim(dim: int, M: int):
+    """The PCA of the top-recall curves: 2D/3 rounded up to a multiple of M (MANMINILM: 256,
+    288 for M = 48 and 96), None where that is not below D or not even. On MANMINILM with
+    V=16 it beat D/2 and no PCA at the top (32 bytes, 4-bit: 0.971 against 0.967 with 192
+    and 0.952 with 384)."""
+    k = -(-2 * dim // (3 * M)) * M
+    return k if k < dim and k % 2 == 0 else None
 
 
 def dominated(point, mine) -> bool:
@@ -87,22 +97,30 @@ def main(argv=None) -> None:
     p.add_argument("--data", default=MINILM)
     p.add_argument("--M", type=int, nargs="+", default=[16, 32, 48])
     p.add_argument("--V", type=int, default=256,
-                   help="cypq coarse centroids per half, beside the V LOPQModel chooses")
+                   help="cypq coarse centroids per half, beside the V LOPQModel chooses, "
+                   "where the chosen model has no PCA")
+    p.add_argument("--top-V", type=int, default=16,
+                   help="the top-recall curves' V (where the chosen model has a PCA)")
+    p.add_argument("--top-quotas", type=int, nargs="+",
+                   default=[8000, 16000, 32000, 50000, 100000])
     p.add_argument("--four-bit", action="store_true",
                    help="also cypq with 2M subquantizers of 16 codewords (the same bytes)")
     sweep_options(p, nq=2000)
     args = p.parse_args(argv)
     xt, xb, xq, gt = load_and_say(args)
     rows, summary, by_m = [], [], {}
+    top_args = argparse.Namespace(**{**vars(args), "quotas": args.top_quotas})
     for M in args.M:
         mine, theirs = [], []
         chosen = bench_cypq(M, args, xt, xb, xq, gt, rows, points=mine, defaults=True)
-        if chosen.model.V != args.V:
-            # more dimensions than the chosen D/3: slower, but the best recalls
-            top = half_pca_dim(xt.shape[1], M) if chosen.model.pca_dim else None
-            bench_cypq(M, args, xt, xb, xq, gt, rows, V=args.V, pca_dim=top, points=mine)
         if args.four_bit:
             bench_cypq(2 * M, args, xt, xb, xq, gt, rows, points=mine, defaults=True, S=16)
+        if chosen.model.pca_dim:
+            for m, S in ((M, 256), (2 * M, 16))[:2 if args.four_bit else 1]:
+                bench_cypq(m, top_args, xt, xb, xq, gt, rows, V=args.top_V, S=S,
+                           pca_dim=top_pca_dim(xt.shape[1], m), points=mine)
+        elif chosen.model.V != args.V:
+            bench_cypq(M, args, xt, xb, xq, gt, rows, V=args.V, points=mine)
         if faiss is not None:
             specs = [(f"{pre}IVF{nlist},PQ{M}", NPROBE) for pre in ("", f"OPQ{M},")
                      for nlist in (256, 1024)] + [(f"OPQ{M},IMI2x8,PQ{M}", MAX_CODES)]
