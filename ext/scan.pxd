@@ -16,11 +16,9 @@ cdef enum:
     PEND_FLUSH = 16     # and from how many scan_cells pushes them (after a cell)
 
 
-cdef extern from *:
-    """
-    #define cypq_prefetch(p) __builtin_prefetch(p)
-    """
-    void cypq_prefetch(const void *p) noexcept nogil   # (the scans' one prefetch)
+cdef extern from "simd.h":
+    # (the scans' one prefetch: see simd.h for why not __builtin_prefetch)
+    void cypq_prefetch "cypq_prefetch_line"(const void *p) noexcept nogil
 
 
 cdef struct Pending:
