@@ -24,10 +24,10 @@ from fastscan cimport (CYPQ_ADC4_AVX2, cypq_adc4_avx2_block_bounds, cypq_adc4_bo
                       cypq_adc4_cell, cypq_adc4_plan, cypq_adc4_tail,
                       cypq_adc4_plan_init, cypq_bound_quantile, cypq_fastscan_init,
                       cypq_fastscan_limit, cypq_quantize4, cypq_rows_within)
-from scan cimport (PEND_FLUSH, SCAN_BLOCK, Filter, Pending, cypq_prefetch, load_id,
+from scan cimport (PEND_FLUSH, SCAN_BLOCK, Filter, Pending, load_id,
                   offer_code, pass_flags, pending_flush, scan_topk)
 from simd cimport (cypq_ip_ny, cypq_l2sqr_ny, cypq_l2sqr_ny_norm, cypq_l2sqr_ny_norm_x4,
-                  cypq_prefetch_span, cypq_tables16)
+                  cypq_prefetch_line, cypq_prefetch_span, cypq_tables16)
 
 cypq_fastscan_init()   # (this module's copy of the header's lane table)
 
@@ -253,7 +253,7 @@ cdef void _walk(Walk *w, int V, const int64_t *sizes, int64_t quota, int64_t max
         band_full = 0
         for e in range(nb):
             if e + 16 < nb:
-                cypq_prefetch(&sizes[w.bc[e + 16]])
+                cypq_prefetch_line(&sizes[w.bc[e + 16]])
             w.bs[e] = sizes[w.bc[e]]
             band_entries = band_entries + w.bs[e]
             band_full = band_full + (w.bs[e] > 0)
@@ -425,14 +425,14 @@ cdef inline void _prefetch_ahead(const Segs *sg, int64_t t, int64_t t1) noexcept
     entries are scattered: the misses were a third of the scan's time)."""
     cdef int64_t g, span
     if t + 3 * AHEAD < t1:
-        cypq_prefetch(&sg.seg_start[sg.cell_slot[t + 3 * AHEAD]])
+        cypq_prefetch_line(&sg.seg_start[sg.cell_slot[t + 3 * AHEAD]])
     if t + 2 * AHEAD < t1:
         g = sg.seg_start[sg.cell_slot[t + 2 * AHEAD]]
-        cypq_prefetch(&sg.len[g])
-        cypq_prefetch(&sg.codes[g])
-        cypq_prefetch(&sg.ids[g])
+        cypq_prefetch_line(&sg.len[g])
+        cypq_prefetch_line(&sg.codes[g])
+        cypq_prefetch_line(&sg.ids[g])
         if sg.vecs != NULL:
-            cypq_prefetch(&sg.vecs[g])
+            cypq_prefetch_line(&sg.vecs[g])
     if t + AHEAD < t1:
         g = sg.seg_start[sg.cell_slot[t + AHEAD]]
         if sg.seg_start[sg.cell_slot[t + AHEAD] + 1] > g:
@@ -515,7 +515,7 @@ cdef void _sweep(const Segs *sg, const TwoPhase *tp, int64_t n, float lo, float 
     while j < nh:   # each code's row fetched first: its sum waits on nothing then
         while tp.rec[3 * (r + 1)] <= tp.hit[j]:
             r += 1
-        cypq_prefetch(<const char *> sg.codes[tp.rec[3 * r + 1]]
+        cypq_prefetch_line(<const char *> sg.codes[tp.rec[3 * r + 1]]
                       + (tp.hit[j] - tp.rec[3 * r]) * W)
         j += 1
     j = 0

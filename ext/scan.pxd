@@ -6,7 +6,7 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 from topk cimport TopK, topk_offer
 from fastscan cimport cypq_adc4_cell, cypq_adc4_cells
-from simd cimport cypq_adc_u8, cypq_adc_u16, cypq_adc_u32
+from simd cimport cypq_adc_u8, cypq_adc_u16, cypq_adc_u32, cypq_prefetch_line
 from types cimport code_t
 
 # Codes are scored in blocks of this many, so the distance buffer stays in L1.
@@ -14,11 +14,6 @@ cdef enum:
     SCAN_BLOCK = 1024
     PEND_CAP = 64       # Pending: entries held at most,
     PEND_FLUSH = 16     # and from how many scan_cells pushes them (after a cell)
-
-
-cdef extern from "simd.h":
-    # (the scans' one prefetch: see simd.h for why not __builtin_prefetch)
-    void cypq_prefetch "cypq_prefetch_line"(const void *p) noexcept nogil
 
 
 cdef struct Pending:
@@ -168,7 +163,7 @@ cdef inline void offer_code(TopK *top, Pending *pend, float d, const int64_t *id
             if d > top.td:
                 return
         pend.idp[pend.n] = <const char *> ids + i * 8
-        cypq_prefetch(pend.idp[pend.n])
+        cypq_prefetch_line(pend.idp[pend.n])
         pend.d[pend.n] = d
         pend.w[pend.n] = wv
         pend.n += 1

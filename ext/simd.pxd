@@ -12,6 +12,7 @@ cdef extern from "simd.h" nogil:
     void cypq_l2sqr_ny_norm_x4(const float **x, const float *xnorm, const float *CTm2,
                                const float *cnorm, int d, int K, float **out) noexcept
     void cypq_transpose(const float *A, int d, float *AT) noexcept
+    void cypq_prefetch_line(const void *p) noexcept   # (a macro: see simd.h)
     void cypq_prefetch_span(const void *p, int64_t bytes) noexcept
     void cypq_tables16(const float *P, int64_t n, int m, int d, const float *CTm2,
                        const float *cnorm, const float *offset, float *out) noexcept
