@@ -464,3 +464,28 @@ def test_bench_fastscan_phases_runs(setup):
     D2, I2 = index.search(Q, k=100, quota=300)       # the kernels are back in place
     np.testing.assert_array_equal(I, I2)
     assert cypq.search._search.__name__ == "cypq._search"
+
+
+def test_cell_reach_walks_as_the_index(setup):
+    """tools/cell_reach.py's reach of a quota, computed from the cells' distances alone,
+    against the index's own walk: a search whose k exceeds the base returns exactly the
+    entries of the cells it visited."""
+    import sys
+    tools = str(Path(__file__).resolve().parent.parent / "tools")
+    sys.path.insert(0, tools)
+    try:
+        from cell_reach import lopq_rows
+    finally:
+        sys.path.remove(tools)
+    model, X, Q = setup
+    nn = ((Q[:, None, :] - X[None]) ** 2).sum(-1).argmin(1)
+    index = Index.in_memory(model)
+    index.add(X, np.arange(len(X)))
+    quotas = [1, 50, 300, 1200]
+    rows = list(lopq_rows(model, X, Q, nn, quotas))
+    assert [r[1] for r in rows] == [f"quota={q}" for q in quotas]
+    for q, (_, _, (held, share)) in zip(quotas, rows):
+        _, I = index.search(Q, k=len(X) + 1, quota=q)
+        assert held == pytest.approx((I >= 0).sum(1).mean())
+        assert share == pytest.approx(np.mean([n in row for n, row in zip(nn, I)]))
+    assert 0 < rows[0][2][1] < rows[-1][2][1]    # the reach grows with the quota
