@@ -73,12 +73,14 @@ def print_tables(rows, summary, peers="faiss points") -> None:
         print("\n".join(summary))
 
 
-def sweep_options(p, nq: int) -> None:
+QUOTAS = [250, 500, 1000, 2000, 3000, 4000, 6000, 8000, 12000, 16000]
+
+
+def sweep_options(p, nq: int, quotas=QUOTAS) -> None:
     """The options of a benchmark that sweeps quotas / nprobe against faiss."""
     p.add_argument("--nq", type=int, default=nq)
     p.add_argument("--threads", type=int, default=1, help="search threads (training: all)")
-    p.add_argument("--quotas", type=int, nargs="+",
-                   default=[250, 500, 1000, 2000, 3000, 4000, 6000, 8000, 12000, 16000])
+    p.add_argument("--quotas", type=int, nargs="+", default=quotas)
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--plot", help="write recall@10 vs ms/query here (PNG)")
 
