@@ -27,7 +27,7 @@ from fastscan cimport (CYPQ_ADC4_AVX2, cypq_adc4_avx2_block_bounds, cypq_adc4_bo
 from scan cimport (PEND_FLUSH, SCAN_BLOCK, Filter, Pending, load_id,
                   offer_code, pass_flags, pending_flush, scan_topk)
 from simd cimport (cypq_ip_ny, cypq_l2sqr_ny, cypq_l2sqr_ny_norm, cypq_l2sqr_ny_norm_x4,
-                  cypq_prefetch_line, cypq_prefetch_span, cypq_tables16)
+                  cypq_prefetch_line, cypq_prefetch_span_to, cypq_tables16)
 
 cypq_fastscan_init()   # (this module's copy of the header's lane table)
 
@@ -404,7 +404,12 @@ def cell_order(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1
 
 cdef enum:
     AHEAD = 4     # scan_cells fetches a cell's entries this many cells ahead (see there)
-    PREFETCH_MAX = 1024   # and at most this many bytes of its codes
+    PREFETCH_MAX = 1024   # and at most this many bytes of its codes,
+    # the two-phase scan (which reads every code of a query's cells in one pass) up to this
+    # many, into L2 (in one process, alternating: REALSIFT1M 4-bit 32-byte codes 0.93-0.96x
+    # the time at quota 2000-8000, 16 bytes 0.97-0.99x; into L1, or more cells ahead, no
+    # better; the 8-bit scans 1.0-1.06x with it, so they keep the first)
+    PREFETCH_DEEP = 4096
 
 
 cdef struct Segs:      # the segments of scan_cells's cells (see there), as pointers
@@ -419,10 +424,12 @@ cdef struct Segs:      # the segments of scan_cells's cells (see there), as poin
     const uintptr_t *blocks   # NULL, or per segment its 4-bit codes in blocks of 32 (0: not)
 
 
-cdef inline void _prefetch_ahead(const Segs *sg, int64_t t, int64_t t1) noexcept nogil:
+cdef inline void _prefetch_ahead(const Segs *sg, int64_t t, int64_t t1, bint deep=False
+                                 ) noexcept nogil:
     """Before cell t of a query's cells ending at t1: fetch the records and codes of the cells
     a few ahead, each step using what an earlier step fetched (the cells' segment records and
-    entries are scattered: the misses were a third of the scan's time)."""
+    entries are scattered: the misses were a third of the scan's time); ``deep``: the codes
+    up to PREFETCH_DEEP bytes, into L2."""
     cdef int64_t g, span
     if t + 3 * AHEAD < t1:
         cypq_prefetch_line(&sg.seg_start[sg.cell_slot[t + 3 * AHEAD]])
@@ -439,9 +446,9 @@ cdef inline void _prefetch_ahead(const Segs *sg, int64_t t, int64_t t1) noexcept
             # every line of the first segment's codes, up to PREFETCH_MAX bytes: the cells of
             # small V span several lines
             span = sg.len[g] * sg.cbytes
-            if span > PREFETCH_MAX:
-                span = PREFETCH_MAX
-            cypq_prefetch_span(<const void *> sg.codes[g], span)
+            if span > (PREFETCH_DEEP if deep else PREFETCH_MAX):
+                span = PREFETCH_DEEP if deep else PREFETCH_MAX
+            cypq_prefetch_span_to(<const void *> sg.codes[g], span, deep)
 
 
 # The two-phase scan of 4-bit codes (AVX2 bounds, no filter). Scanning cell by cell, a code
@@ -569,7 +576,7 @@ cdef int64_t _scan_two_phase(const Segs *sg, TwoPhase *tp, cypq_adc4_cell *cell,
     if _two_phase_room(tp, n, nseg) != 0:
         return -1
     for t in range(c0, c1):
-        _prefetch_ahead(sg, t, c1)
+        _prefetch_ahead(sg, t, c1, True)
         cell.Q0 = qtab + tab0[t] * tsize
         cell.Q1 = qtab + (n0 + tab1[t]) * tsize
         cell.base = bias[tab0[t]] + bias[n0 + tab1[t]]

@@ -41,15 +41,25 @@ static inline int cypq_wide(void) {
  * asm volatile stays where it is written. */
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define cypq_prefetch_line(p) __asm__ volatile("prefetcht0 %0" : : "m"(*(const char *)(p)))
+#define cypq_prefetch_line_l2(p) __asm__ volatile("prefetcht1 %0" : : "m"(*(const char *)(p)))
 #else
 #define cypq_prefetch_line(p) __builtin_prefetch(p)
+#define cypq_prefetch_line_l2(p) __builtin_prefetch(p, 0, 2)
 #endif
 
-/* Every 64-byte line of p[0 .. bytes) fetched toward the cache, for a loop to read it later
- * (a cell's codes, a cluster's rotation) without waiting on each miss in turn. */
-static inline void cypq_prefetch_span(const void *p, int64_t bytes) {
+/* Every 64-byte line of p[0 .. bytes) fetched toward the cache (l2: into L2 only, prefetcht1),
+ * for a loop to read it later (a cell's codes, a cluster's rotation) without waiting on each
+ * miss in turn. */
+static inline void cypq_prefetch_span_to(const void *p, int64_t bytes, int l2) {
     const char *a = (const char *)((uintptr_t)p & ~(uintptr_t)63), *end = (const char *)p + bytes;
-    for (; a < end; a += 64) cypq_prefetch_line(a);
+    for (; a < end; a += 64) {
+        if (l2) cypq_prefetch_line_l2(a);
+        else cypq_prefetch_line(a);
+    }
+}
+
+static inline void cypq_prefetch_span(const void *p, int64_t bytes) {
+    cypq_prefetch_span_to(p, bytes, 0);
 }
 
 /* Helpers that take or return vectors must be inlined into each clone: called across clones,
