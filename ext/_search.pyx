@@ -410,6 +410,7 @@ cdef enum:
     # the time at quota 2000-8000, 16 bytes 0.97-0.99x; into L1, or more cells ahead, no
     # better; the 8-bit scans 1.0-1.06x with it, so they keep the first)
     PREFETCH_DEEP = 4096
+    PREFETCH_IDS = 1024   # and its ids (0.96-1.0x more, 4-bit REALSIFT1M and MANMINILM)
 
 
 cdef struct Segs:      # the segments of scan_cells's cells (see there), as pointers
@@ -429,7 +430,7 @@ cdef inline void _prefetch_ahead(const Segs *sg, int64_t t, int64_t t1, bint dee
     """Before cell t of a query's cells ending at t1: fetch the records and codes of the cells
     a few ahead, each step using what an earlier step fetched (the cells' segment records and
     entries are scattered: the misses were a third of the scan's time); ``deep``: the codes
-    up to PREFETCH_DEEP bytes, into L2."""
+    up to PREFETCH_DEEP bytes and the ids up to PREFETCH_IDS, into L2."""
     cdef int64_t g, span
     if t + 3 * AHEAD < t1:
         cypq_prefetch_line(&sg.seg_start[sg.cell_slot[t + 3 * AHEAD]])
@@ -449,6 +450,10 @@ cdef inline void _prefetch_ahead(const Segs *sg, int64_t t, int64_t t1, bint dee
             if span > (PREFETCH_DEEP if deep else PREFETCH_MAX):
                 span = PREFETCH_DEEP if deep else PREFETCH_MAX
             cypq_prefetch_span_to(<const void *> sg.codes[g], span, deep)
+            if deep:   # and the ids the sweeps read for the codes that pass
+                span = sg.len[g] * 8
+                cypq_prefetch_span_to(<const void *> sg.ids[g],
+                                      span if span < PREFETCH_IDS else PREFETCH_IDS, 1)
 
 
 # The two-phase scan of 4-bit codes (AVX2 bounds, no filter). Scanning cell by cell, a code
