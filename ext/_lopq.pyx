@@ -155,9 +155,11 @@ def project(const float[:, ::1] X, int col0, const float[:, ::1] C, const float[
                 # rotation would double the model's largest part in a searching process
                 cypq_transpose(&R[c, 0, 0], d, RT)
                 # the next cluster's rotation, read while this one's rows are projected: the
-                # transposes waited on its misses (8% of a REALSIFT1M 4-bit search)
+                # transposes waited on its misses (8% of a REALSIFT1M 4-bit search); into L2,
+                # which holds it whole (16-36 KB), where L1 held its rows and tables (0.97-1.0x
+                # the time of a search, 4-bit and 8-bit, REALSIFT1M and MANMINILM)
                 if c + 1 < V and offsets[c + 2] > offsets[c + 1]:
-                    cypq_prefetch_span(&R[c + 1, 0, 0], <int64_t> d * d * sizeof(float))
+                    cypq_prefetch_span(&R[c + 1, 0, 0], <int64_t> d * d * sizeof(float), 1)
             while t0 < offsets[c + 1]:
                 nb = <int> (offsets[c + 1] - t0 if offsets[c + 1] - t0 < BLOCK else BLOCK)
                 for t in range(nb):

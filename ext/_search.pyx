@@ -27,7 +27,7 @@ from fastscan cimport (CYPQ_ADC4_AVX2, cypq_adc4_avx2_block_bounds, cypq_adc4_bo
 from scan cimport (PEND_FLUSH, SCAN_BLOCK, Filter, Pending, load_id,
                   offer_code, pass_flags, pending_flush, scan_topk)
 from simd cimport (cypq_ip_ny, cypq_l2sqr_ny, cypq_l2sqr_ny_norm, cypq_l2sqr_ny_norm_x4,
-                  cypq_prefetch_line, cypq_prefetch_span_to, cypq_tables16)
+                  cypq_prefetch_line, cypq_prefetch_span, cypq_tables16)
 
 cypq_fastscan_init()   # (this module's copy of the header's lane table)
 
@@ -449,10 +449,10 @@ cdef inline void _prefetch_ahead(const Segs *sg, int64_t t, int64_t t1, bint dee
             span = sg.len[g] * sg.cbytes
             if span > (PREFETCH_DEEP if deep else PREFETCH_MAX):
                 span = PREFETCH_DEEP if deep else PREFETCH_MAX
-            cypq_prefetch_span_to(<const void *> sg.codes[g], span, deep)
+            cypq_prefetch_span(<const void *> sg.codes[g], span, deep)
             if deep:   # and the ids the sweeps read for the codes that pass
                 span = sg.len[g] * 8
-                cypq_prefetch_span_to(<const void *> sg.ids[g],
+                cypq_prefetch_span(<const void *> sg.ids[g],
                                       span if span < PREFETCH_IDS else PREFETCH_IDS, 1)
 
 

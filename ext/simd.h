@@ -50,16 +50,12 @@ static inline int cypq_wide(void) {
 /* Every 64-byte line of p[0 .. bytes) fetched toward the cache (l2: into L2 only, prefetcht1),
  * for a loop to read it later (a cell's codes, a cluster's rotation) without waiting on each
  * miss in turn. */
-static inline void cypq_prefetch_span_to(const void *p, int64_t bytes, int l2) {
+static inline void cypq_prefetch_span(const void *p, int64_t bytes, int l2) {
     const char *a = (const char *)((uintptr_t)p & ~(uintptr_t)63), *end = (const char *)p + bytes;
     for (; a < end; a += 64) {
         if (l2) cypq_prefetch_line_l2(a);
         else cypq_prefetch_line(a);
     }
-}
-
-static inline void cypq_prefetch_span(const void *p, int64_t bytes) {
-    cypq_prefetch_span_to(p, bytes, 0);
 }
 
 /* Helpers that take or return vectors must be inlined into each clone: called across clones,

@@ -13,8 +13,7 @@ cdef extern from "simd.h" nogil:
                                const float *cnorm, int d, int K, float **out) noexcept
     void cypq_transpose(const float *A, int d, float *AT) noexcept
     void cypq_prefetch_line(const void *p) noexcept   # (a macro: see simd.h)
-    void cypq_prefetch_span(const void *p, int64_t bytes) noexcept
-    void cypq_prefetch_span_to(const void *p, int64_t bytes, int l2) noexcept
+    void cypq_prefetch_span(const void *p, int64_t bytes, int l2) noexcept
     void cypq_tables16(const float *P, int64_t n, int m, int d, const float *CTm2,
                        const float *cnorm, const float *offset, float *out) noexcept
     void cypq_matmul_t(const float *AT, const float *Z, int64_t n, int d, float *Y) noexcept
