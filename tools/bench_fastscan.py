@@ -5,7 +5,9 @@
 
 Per code size B (bytes per vector): cypq LOPQ with 4-bit codes (M = 2B subquantizers of 16
 codewords, stored two per byte) and with 8-bit codes (M = B of 256), V and the PCA as
-LOPQModel chooses them from the data, over a quota sweep; and faiss IVF{256,1024},PQ{2B}x4fs
+LOPQModel chooses them from the data, over a quota sweep, and where the chosen 4-bit model
+has a PCA, the top-recall curve of bench_embeddings (V=16 with a PCA to 2D/3 over
+--top-quotas); and faiss IVF{256,1024},PQ{2B}x4fs
 and x4fsr (fast-scan, by residual / not) over nprobe. A size is skipped for a system whose
 subquantizers do not divide its dimension. All train on the learn set and index the base;
 1 search thread, k=100. Prints recall@1/10/100 and ms/query per point; per code size, how
@@ -24,7 +26,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_codecs.py
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _data import DEFAULT_DATA  # noqa: E402
 from bench_embeddings import (NPROBE, _plot, load_and_say, print_tables,  # noqa: E402
-                             summary_row, sweep_options)
+                             summary_row, sweep_options, top_pca_dim)
 from bench_lopq import bench_cypq, bench_faiss, faiss  # noqa: E402
 
 from cypq import search as search_mod  # noqa: E402
@@ -75,11 +77,16 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--bytes", type=int, nargs="+", default=[8, 16, 24, 32])
+    p.add_argument("--top-V", type=int, default=16,
+                   help="the top-recall curves' V (where the chosen 4-bit model has a PCA)")
+    p.add_argument("--top-quotas", type=int, nargs="+",
+                   default=[8000, 12000, 16000, 24000, 32000])
     sweep_options(p, nq=1000, quotas=QUOTAS)
     args = p.parse_args(argv)
     args.V = None   # bench_cypq: LOPQModel chooses V
     xt, xb, xq, gt = load_and_say(args)
     D = xb.shape[1]
+    top_args = argparse.Namespace(**{**vars(args), "quotas": args.top_quotas})
     rows, summary, by_size, profile = [], [], {}, []
     for B in args.bytes:
         mine, theirs = [], []
@@ -93,6 +100,9 @@ def main(argv=None) -> None:
             if S == 16:
                 profile.append(f"{B} B, {index.model!r}: " +
                                phases(index, xq, PHASES_QUOTA))
+                if index.model.pca_dim and top_pca_dim(D, M):
+                    bench_cypq(M, top_args, xt, xb, xq, gt, rows, V=args.top_V, S=S,
+                               pca_dim=top_pca_dim(D, M), points=mine)
         if faiss is not None and D % (2 * B) == 0:
             specs = [(f"IVF{nlist},PQ{2 * B}x4{kind}", NPROBE) for nlist in (256, 1024)
                      for kind in ("fs", "fsr")]
