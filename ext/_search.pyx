@@ -404,13 +404,15 @@ def cell_order(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1
 
 cdef enum:
     AHEAD = 4     # scan_cells fetches a cell's entries this many cells ahead (see there)
-    PREFETCH_MAX = 1024   # and at most this many bytes of its codes,
-    # the two-phase scan (which reads every code of a query's cells in one pass) up to this
-    # many, into L2 (in one process, alternating: REALSIFT1M 4-bit 32-byte codes 0.93-0.96x
-    # the time at quota 2000-8000, 16 bytes 0.97-0.99x; into L1, or more cells ahead, no
-    # better; the 8-bit scans 1.0-1.06x with it, so they keep the first)
+    PREFETCH_MAX = 1024   # and at most this many bytes of its codes, into L1; the two-phase
+    # scan (which reads every code of a query's cells in one pass) takes a cell of more up to
+    # PREFETCH_DEEP bytes, and up to PREFETCH_IDS of its ids (for the sweeps), into L2. One
+    # process alternating, 4-bit REALSIFT1M: V=128 (cells of ~60 codes) 16 / 32 bytes
+    # 0.96-0.98 / 0.92-0.95x the time at quota 1000-8000, V=256 (~15 codes: as before)
+    # 0.96-0.99x; every cell into L2 cost V=256 1.03x, more cells ahead no better, and the
+    # 8-bit scans 1.0-1.06x with it, so they keep the first
     PREFETCH_DEEP = 4096
-    PREFETCH_IDS = 1024   # and its ids (0.96-1.0x more, 4-bit REALSIFT1M and MANMINILM)
+    PREFETCH_IDS = 1024
 
 
 cdef struct Segs:      # the segments of scan_cells's cells (see there), as pointers
@@ -429,8 +431,8 @@ cdef inline void _prefetch_ahead(const Segs *sg, int64_t t, int64_t t1, bint dee
                                  ) noexcept nogil:
     """Before cell t of a query's cells ending at t1: fetch the records and codes of the cells
     a few ahead, each step using what an earlier step fetched (the cells' segment records and
-    entries are scattered: the misses were a third of the scan's time); ``deep``: the codes
-    up to PREFETCH_DEEP bytes and the ids up to PREFETCH_IDS, into L2."""
+    entries are scattered: the misses were a third of the scan's time); ``deep``: a cell of
+    more than PREFETCH_MAX bytes of codes up to PREFETCH_DEEP, and its ids, into L2."""
     cdef int64_t g, span
     if t + 3 * AHEAD < t1:
         cypq_prefetch_line(&sg.seg_start[sg.cell_slot[t + 3 * AHEAD]])
@@ -447,13 +449,15 @@ cdef inline void _prefetch_ahead(const Segs *sg, int64_t t, int64_t t1, bint dee
             # every line of the first segment's codes, up to PREFETCH_MAX bytes: the cells of
             # small V span several lines
             span = sg.len[g] * sg.cbytes
-            if span > (PREFETCH_DEEP if deep else PREFETCH_MAX):
-                span = PREFETCH_DEEP if deep else PREFETCH_MAX
-            cypq_prefetch_span(<const void *> sg.codes[g], span, deep)
-            if deep:   # and the ids the sweeps read for the codes that pass
+            if deep and span > PREFETCH_MAX:   # up to PREFETCH_DEEP, and the ids, into L2
+                cypq_prefetch_span(<const void *> sg.codes[g],
+                                   span if span < PREFETCH_DEEP else PREFETCH_DEEP, 1)
                 span = sg.len[g] * 8
                 cypq_prefetch_span(<const void *> sg.ids[g],
-                                      span if span < PREFETCH_IDS else PREFETCH_IDS, 1)
+                                   span if span < PREFETCH_IDS else PREFETCH_IDS, 1)
+            else:
+                cypq_prefetch_span(<const void *> sg.codes[g],
+                                   span if span < PREFETCH_MAX else PREFETCH_MAX, 0)
 
 
 # The two-phase scan of 4-bit codes (AVX2 bounds, no filter). Scanning cell by cell, a code
