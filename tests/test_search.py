@@ -484,6 +484,7 @@ def test_cell_reach_walks_as_the_index(setup):
     quotas = [1, 50, 300, 1200]
     rows = list(lopq_rows(model, X, Q, nn, quotas))
     assert [r[1] for r in rows] == [f"quota={q}" for q in quotas]
+    assert list(lopq_rows(model, X, Q, nn, quotas, step=7)) == rows   # in chunks of queries
     for q, (_, _, (held, share)) in zip(quotas, rows):
         _, I = index.search(Q, k=len(X) + 1, quota=q)
         assert held == pytest.approx((I >= 0).sum(1).mean())

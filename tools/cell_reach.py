@@ -31,24 +31,32 @@ QUOTAS = [250, 500, 1000, 2000, 4000, 8000, 16000]
 NPROBE = [1, 2, 4, 8, 16, 32, 64]
 
 
-def lopq_rows(model, xb, xq, nn, quotas):
+def lopq_rows(model, xb, xq, nn, quotas, step=None):
     """Rows of one LOPQ model: its multi-sequence walk is in ascending order of the two
-    halves' squared distances to the cell's centroids, summed."""
-    V, nq = model.V, len(xq)
+    halves' squared distances to the cell's centroids, summed. ``step``: queries at a time
+    (default: as many as keep a few (step, V * V) arrays within 2^24 entries)."""
+    V = model.V
     cells = model.predict_coarse(xb).astype(np.int64)
     sizes = np.bincount(cells[:, 0] * V + cells[:, 1], minlength=V * V)
     Q = model.to_model_space(xq)
     h = Q.shape[1] // 2
-    d = [((Q[:, None, s] - C[None]) ** 2).sum(-1) for s, C in
-         ((slice(0, h), model.Cs[0]), (slice(h, None), model.Cs[1]))]
-    dist = (d[0][:, :, None] + d[1][:, None, :]).reshape(nq, V * V)
-    target = cells[nn, 0] * V + cells[nn, 1]
-    before = np.where(dist < dist[np.arange(nq), target][:, None], sizes, 0).sum(1)
-    held = np.cumsum(np.take_along_axis(sizes[None].repeat(nq, 0), np.argsort(dist, 1), 1), 1)
-    for q in quotas:   # the walk stops at the first cell that takes it to the quota
-        at = np.minimum((held < q).sum(1), V * V - 1)
+    visited, reached = np.zeros(len(quotas)), np.zeros(len(quotas))
+    step = step or max(1, (1 << 24) // (V * V))
+    for q0 in range(0, len(Q), step):
+        Qs, ns = Q[q0:q0 + step], nn[q0:q0 + step]
+        d = [((Qs[:, None, s] - C[None]) ** 2).sum(-1) for s, C in
+             ((slice(0, h), model.Cs[0]), (slice(h, None), model.Cs[1]))]
+        dist = (d[0][:, :, None] + d[1][:, None, :]).reshape(len(Qs), V * V)
+        target = cells[ns, 0] * V + cells[ns, 1]
+        before = np.where(dist < dist[np.arange(len(Qs)), target][:, None], sizes, 0).sum(1)
+        held = np.cumsum(sizes[np.argsort(dist, 1)], 1)
+        for j, q in enumerate(quotas):   # the walk stops at the first cell taking it to q
+            at = np.minimum((held < q).sum(1), V * V - 1)
+            visited[j] += held[np.arange(len(Qs)), at].sum()
+            reached[j] += (before < q).sum()
+    for j, q in enumerate(quotas):
         yield f"LOPQ V={V} ({model.pca_dim or model.D}-d)", f"quota={q}", \
-            (float(held[np.arange(nq), at].mean()), float(np.mean(before < q)))
+            (float(visited[j] / len(Q)), float(reached[j] / len(Q)))
 
 
 def ivf_rows(nlist, xt, xb, xq, nn):
