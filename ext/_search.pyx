@@ -404,13 +404,13 @@ def cell_order(const float[:, ::1] Q, const float[:, ::1] C0, const float[:, ::1
 
 cdef enum:
     AHEAD = 4     # scan_cells fetches a cell's entries this many cells ahead (see there)
-    PREFETCH_MAX = 1024   # and at most this many bytes of its codes, into L1; the two-phase
-    # scan (which reads every code of a query's cells in one pass) takes a cell of more up to
-    # PREFETCH_DEEP bytes, and up to PREFETCH_IDS of its ids (for the sweeps), into L2. One
-    # process alternating, 4-bit REALSIFT1M: V=128 (cells of ~60 codes) 16 / 32 bytes
-    # 0.96-0.98 / 0.92-0.95x the time at quota 1000-8000, V=256 (~15 codes: as before)
-    # 0.96-0.99x; every cell into L2 cost V=256 1.03x, more cells ahead no better, and the
-    # 8-bit scans 1.0-1.06x with it, so they keep the first
+    PREFETCH_MAX = 1024   # and at most this many bytes of its codes, into L1
+    # The two-phase scan reads every code of a query's cells in one pass: a cell of more than
+    # PREFETCH_MAX bytes goes into L2 instead, up to PREFETCH_DEEP bytes, with up to
+    # PREFETCH_IDS bytes of its ids (which the sweeps read). One process alternating, 4-bit
+    # REALSIFT1M: V=128 (cells of ~60 codes) 16 / 32 bytes 0.96-0.98 / 0.92-0.95x the time
+    # at quota 1000-8000, V=256 (~15 codes, fetched as before) 0.96-0.99x; every cell into L2
+    # cost V=256 1.03x, more cells ahead no better, the 8-bit scans 1.0-1.06x.
     PREFETCH_DEEP = 4096
     PREFETCH_IDS = 1024
 
@@ -446,10 +446,9 @@ cdef inline void _prefetch_ahead(const Segs *sg, int64_t t, int64_t t1, bint dee
     if t + AHEAD < t1:
         g = sg.seg_start[sg.cell_slot[t + AHEAD]]
         if sg.seg_start[sg.cell_slot[t + AHEAD] + 1] > g:
-            # every line of the first segment's codes, up to PREFETCH_MAX bytes: the cells of
-            # small V span several lines
+            # every line of the first segment's codes (the cells of small V span several)
             span = sg.len[g] * sg.cbytes
-            if deep and span > PREFETCH_MAX:   # up to PREFETCH_DEEP, and the ids, into L2
+            if deep and span > PREFETCH_MAX:
                 cypq_prefetch_span(<const void *> sg.codes[g],
                                    span if span < PREFETCH_DEEP else PREFETCH_DEEP, 1)
                 span = sg.len[g] * 8
@@ -532,7 +531,7 @@ cdef void _sweep(const Segs *sg, const TwoPhase *tp, int64_t n, float lo, float 
         while tp.rec[3 * (r + 1)] <= tp.hit[j]:
             r += 1
         cypq_prefetch_line(<const char *> sg.codes[tp.rec[3 * r + 1]]
-                      + (tp.hit[j] - tp.rec[3 * r]) * W)
+                           + (tp.hit[j] - tp.rec[3 * r]) * W)
         j += 1
     j = 0
     r = 0
