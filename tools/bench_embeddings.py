@@ -46,6 +46,24 @@ def top_pca_dim(dim: int, M: int):
     return k if k < dim and k % 2 == 0 else None
 
 
+def top_options(p, quotas) -> None:
+    """The options of the top-recall curves (bench_top)."""
+    p.add_argument("--top-V", type=int, default=16,
+                   help="the top-recall curves' V (where the chosen model has a PCA)")
+    p.add_argument("--top-quotas", type=int, nargs="+", default=quotas)
+
+
+def bench_top(M, S, args, xt, xb, xq, gt, rows, points):
+    """The top-recall curve of M subquantizers of S codewords, as bench_cypq runs it: V =
+    args.top_V, a PCA to top_pca_dim, over args.top_quotas; None where D has no such PCA."""
+    pca_dim = top_pca_dim(xt.shape[1], M)
+    if pca_dim is None:
+        return None
+    top_args = argparse.Namespace(**{**vars(args), "quotas": args.top_quotas})
+    return bench_cypq(M, top_args, xt, xb, xq, gt, rows, V=args.top_V, S=S, pca_dim=pca_dim,
+                      points=points)
+
+
 def dominated(point, mine) -> bool:
     """Whether one of mine has recall@10 >= point's at <= its ms/query."""
     return any(r[10] >= point[3][10] and ms <= point[2] for _, _, ms, r in mine)
@@ -101,17 +119,13 @@ def main(argv=None) -> None:
     p.add_argument("--V", type=int, default=256,
                    help="cypq coarse centroids per half, beside the V LOPQModel chooses, "
                    "where the chosen model has no PCA")
-    p.add_argument("--top-V", type=int, default=16,
-                   help="the top-recall curves' V (where the chosen model has a PCA)")
-    p.add_argument("--top-quotas", type=int, nargs="+",
-                   default=[8000, 16000, 32000, 50000, 100000])
+    top_options(p, [8000, 16000, 32000, 50000, 100000])
     p.add_argument("--four-bit", action="store_true",
                    help="also cypq with 2M subquantizers of 16 codewords (the same bytes)")
     sweep_options(p, nq=2000)
     args = p.parse_args(argv)
     xt, xb, xq, gt = load_and_say(args)
     rows, summary, by_m = [], [], {}
-    top_args = argparse.Namespace(**{**vars(args), "quotas": args.top_quotas})
     for M in args.M:
         mine, theirs = [], []
         chosen = bench_cypq(M, args, xt, xb, xq, gt, rows, points=mine, defaults=True)
@@ -119,8 +133,7 @@ def main(argv=None) -> None:
             bench_cypq(2 * M, args, xt, xb, xq, gt, rows, points=mine, defaults=True, S=16)
         if chosen.model.pca_dim:
             for m, S in ((M, 256), (2 * M, 16))[:2 if args.four_bit else 1]:
-                bench_cypq(m, top_args, xt, xb, xq, gt, rows, V=args.top_V, S=S,
-                           pca_dim=top_pca_dim(xt.shape[1], m), points=mine)
+                bench_top(m, S, args, xt, xb, xq, gt, rows, mine)
         elif chosen.model.V != args.V:
             bench_cypq(M, args, xt, xb, xq, gt, rows, V=args.V, points=mine)
         if faiss is not None:

@@ -25,8 +25,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_codecs.py
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _data import DEFAULT_DATA  # noqa: E402
-from bench_embeddings import (NPROBE, _plot, load_and_say, print_tables,  # noqa: E402
-                             summary_row, sweep_options, top_pca_dim)
+from bench_embeddings import (NPROBE, _plot, bench_top, load_and_say,  # noqa: E402
+                             print_tables, summary_row, sweep_options, top_options)
 from bench_lopq import bench_cypq, bench_faiss, faiss  # noqa: E402
 
 from cypq import search as search_mod  # noqa: E402
@@ -77,16 +77,12 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--bytes", type=int, nargs="+", default=[8, 16, 24, 32])
-    p.add_argument("--top-V", type=int, default=16,
-                   help="the top-recall curves' V (where the chosen 4-bit model has a PCA)")
-    p.add_argument("--top-quotas", type=int, nargs="+",
-                   default=[8000, 12000, 16000, 24000, 32000])
+    top_options(p, [8000, 12000, 16000, 24000, 32000])
     sweep_options(p, nq=1000, quotas=QUOTAS)
     args = p.parse_args(argv)
     args.V = None   # bench_cypq: LOPQModel chooses V
     xt, xb, xq, gt = load_and_say(args)
     D = xb.shape[1]
-    top_args = argparse.Namespace(**{**vars(args), "quotas": args.top_quotas})
     rows, summary, by_size, profile = [], [], {}, []
     for B in args.bytes:
         mine, theirs = [], []
@@ -100,9 +96,8 @@ def main(argv=None) -> None:
             if S == 16:
                 profile.append(f"{B} B, {index.model!r}: " +
                                phases(index, xq, PHASES_QUOTA))
-                if index.model.pca_dim and top_pca_dim(D, M):
-                    bench_cypq(M, top_args, xt, xb, xq, gt, rows, V=args.top_V, S=S,
-                               pca_dim=top_pca_dim(D, M), points=mine)
+                if index.model.pca_dim:   # (the 4-bit top-recall curve, where it has one)
+                    bench_top(M, S, args, xt, xb, xq, gt, rows, mine)
         if faiss is not None and D % (2 * B) == 0:
             specs = [(f"IVF{nlist},PQ{2 * B}x4{kind}", NPROBE) for nlist in (256, 1024)
                      for kind in ("fs", "fsr")]

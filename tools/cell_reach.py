@@ -1,6 +1,7 @@
 """How often a query's nearest neighbour lies in the cells a search visits: LOPQ's multi-index
-(V x V cells, visited in multi-sequence order until they hold a quota of entries) against
-faiss's IVF lists (the nprobe nearest of nlist), over the same base, codes aside.
+(V x V cells, listed by the search's own multi-sequence walk until they hold a quota of
+entries) against faiss's IVF lists (the nprobe nearest of nlist), over the same base, codes
+aside.
 
     python tools/cell_reach.py [--data ../shared/data/manminilm] [--M 48] [--S 16]
                                [--V 16 32] [--nlist 256 1024] [--nq 1000]
@@ -26,37 +27,32 @@ from bench_embeddings import MINILM  # noqa: E402
 from bench_lopq import faiss  # noqa: E402
 
 import cypq  # noqa: E402
+from cypq.direct_scan import list_shape  # noqa: E402
+from cypq.search import cell_lists  # noqa: E402
 
 QUOTAS = [250, 500, 1000, 2000, 4000, 8000, 16000]
 NPROBE = [1, 2, 4, 8, 16, 32, 64]
 
 
-def lopq_rows(model, xb, xq, nn, quotas, step=None):
-    """Rows of one LOPQ model: its multi-sequence walk is in ascending order of the two
-    halves' squared distances to the cell's centroids, summed. ``step``: queries at a time
-    (default: as many as keep a few (step, V * V) arrays within 2^24 entries)."""
+def lopq_rows(model, xb, xq, nn, quotas, step=256):
+    """Rows of one LOPQ model: the cells the search itself lists (cypq.search.cell_lists,
+    its multi-sequence walk), ``step`` queries at a time."""
     V = model.V
     cells = model.predict_coarse(xb).astype(np.int64)
-    sizes = np.bincount(cells[:, 0] * V + cells[:, 1], minlength=V * V)
-    Q = model.to_model_space(xq)
-    h = Q.shape[1] // 2
-    visited, reached = np.zeros(len(quotas)), np.zeros(len(quotas))
-    step = step or max(1, (1 << 24) // (V * V))
-    for q0 in range(0, len(Q), step):
-        Qs, ns = Q[q0:q0 + step], nn[q0:q0 + step]
-        d = [((Qs[:, None, s] - C[None]) ** 2).sum(-1) for s, C in
-             ((slice(0, h), model.Cs[0]), (slice(h, None), model.Cs[1]))]
-        dist = (d[0][:, :, None] + d[1][:, None, :]).reshape(len(Qs), V * V)
-        target = cells[ns, 0] * V + cells[ns, 1]
-        before = np.where(dist < dist[np.arange(len(Qs)), target][:, None], sizes, 0).sum(1)
-        held = np.cumsum(sizes[np.argsort(dist, 1)], 1)
-        for j, q in enumerate(quotas):   # the walk stops at the first cell taking it to q
-            at = np.minimum((held < q).sum(1), V * V - 1)
-            visited[j] += held[np.arange(len(Qs)), at].sum()
-            reached[j] += (before < q).sum()
-    for j, q in enumerate(quotas):
+    sizes = np.bincount(cells[:, 0] * V + cells[:, 1], minlength=V * V).astype(np.int64)
+    Q, view = model.to_model_space(xq), model.kernel_view()
+    target = cells[nn, 0] * V + cells[nn, 1]
+    for q in quotas:
+        cap = list_shape(V * V, q, None)[0]
+        held = reached = 0
+        for q0 in range(0, len(Q), step):
+            flat, n_cells, _ = cell_lists(view, np.ascontiguousarray(Q[q0:q0 + step]), sizes,
+                                          q, None, cap, 1)
+            owner = np.repeat(np.arange(len(n_cells)), n_cells)
+            held += int(sizes[flat].sum())
+            reached += len(np.unique(owner[flat == target[q0 + owner]]))
         yield f"LOPQ V={V} ({model.pca_dim or model.D}-d)", f"quota={q}", \
-            (float(visited[j] / len(Q)), float(reached[j] / len(Q)))
+            (held / len(Q), reached / len(Q))
 
 
 def ivf_rows(nlist, xt, xb, xq, nn):
