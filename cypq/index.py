@@ -16,6 +16,7 @@ from .index_parts import (_as_ids, _legacy_n_cells, _require_trained, _stored_mo
                           check_rerank, check_result_size, copy_entries, kept_vectors,
                           shard_of, storage_args, tag_names, tags_meta, vectors_of_codes)
 from .lopq import LOPQModel
+from .lopq_parts import code_pair
 from .shard_set import open_storage
 from .search import metric_distances, search as _search
 from .stored_vectors import Reranker
@@ -280,7 +281,7 @@ class Index:
         numpy.ndarray int64 (N,): the ids.
         """
         self._check_writable()
-        coarse, fine = codes
+        coarse, fine = code_pair(codes)
         fine = np.asarray(fine)
         if fine.ndim == 1:
             fine, coarse = fine[None, :], np.asarray(coarse)[None, :]

@@ -17,8 +17,8 @@ import numpy as np
 from . import _quantize, model_io
 from ._checks import as_codes, as_vectors, code_dtype_for, positive_int
 from ._threads import blas_threads, resolve
-from .lopq_parts import (check_coarse_codes, check_parts, check_training_shape,
-                         choose_auto, pair, pca_parts, same, subquantizer_parts, unit_rows)
+from .lopq_parts import (check_coarse_codes, check_parts, check_training_shape, choose_auto,
+                         code_pair, pair, pca_parts, same, subquantizer_parts, unit_rows)
 from .lopq_training import residual_moments, train_missing_parts
 from .lopq_view import KernelView
 from .pq import NotFittedError
@@ -456,7 +456,7 @@ class LOPQModel:
         metric='cosine', of the vectors scaled to unit norm).
         """
         self._require("Cs", "Rs", "mus", "subquantizers")
-        coarse, fine = codes
+        coarse, fine = code_pair(codes)
         single = np.ndim(fine) == 1
         fine = np.asarray(fine)[None, :] if single else np.asarray(fine)
         coarse = self.check_coarse_codes(coarse, fine.shape[0])

@@ -37,6 +37,23 @@ def check_parts(model) -> None:
         raise ValueError("the PCA's output dimension does not match the model")
 
 
+def code_pair(codes) -> tuple:
+    """(coarse, fine) of LOPQ codes given as an LOPQCode or a pair, as model.predict returns
+    them; anything else (e.g. one array holding both side by side) is a TypeError that says
+    what to pass (unpacked as a pair, an array of two rows would be read as one code per
+    row)."""
+    if isinstance(codes, np.ndarray) or not isinstance(codes, (tuple, list)) or len(codes) != 2:
+        if isinstance(codes, np.ndarray):
+            got = (f"an array of shape {codes.shape} (one of both side by side splits as "
+                   "(a[:, :2], a[:, 2:]))")
+        else:
+            got = type(codes).__name__ + (f" of {len(codes)}" if isinstance(codes, (tuple, list))
+                                          else "")
+        raise TypeError("codes must be an LOPQCode or a pair (coarse (N, 2), fine (N, M)) as "
+                        f"model.predict returns them, got {got}")
+    return codes[0], codes[1]
+
+
 def check_coarse_codes(coarse, n: int, V: int) -> np.ndarray:
     """Coarse codes validated for a model of V centroids per half.
 

@@ -191,6 +191,18 @@ def test_errors(data):
         m.reconstruct(((9, 0), (0, 0, 0, 0)))
     with pytest.raises(ValueError, match="Ks=8"):
         m.reconstruct(((1, 0), (0, 0, 0, 99)))
+    # one array of coarse and fine codes side by side is not a pair: said so, for a batch of
+    # two rows too (unpacked, its rows would have been taken for the coarse and fine codes)
+    code = m.predict(data[:2])
+    both = np.hstack([code.coarse, code.fine])
+    index = cypq.Index.in_memory(m)
+    for call in (m.reconstruct, lambda c: index.add_codes(c, [0, 1])):
+        with pytest.raises(TypeError, match=r"pair \(coarse \(N, 2\), fine .*shape \(2, 6\)"):
+            call(both)
+        with pytest.raises(TypeError, match="tuple of 1"):
+            call((code.coarse,))
+    assert len(index) == 0
+    np.testing.assert_allclose(m.reconstruct((both[:, :2], both[:, 2:])), m.reconstruct(code))
 
 
 # ---------------------------------------------------------------- model files
