@@ -94,10 +94,11 @@ def as_codes(codes, M: int, Ks: int, name: str = "codes") -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=dtype)
 
 
-def positive_int(value, name: str) -> int:
-    """value as an int > 0, else ValueError/TypeError naming it."""
+def positive_int(value, name: str, least: int = 1) -> int:
+    """value as an int >= least (1: positive), else ValueError/TypeError naming it."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an integer, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
+    if value < least:
+        raise ValueError(f"{name} must be " + ("positive" if least == 1 else f">= {least}")
+                         + f", got {value}")
     return int(value)

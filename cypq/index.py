@@ -523,9 +523,7 @@ class Index:
         k = positive_int(k, "k")
         nq = np.shape(queries)[0] if np.ndim(queries) == 2 else 1
         check_result_size(k, nq, len(self))
-        quota = DEFAULT_QUOTA if quota is None else int(quota)
-        if quota < 0:
-            raise ValueError("quota must be >= 0")
+        quota = DEFAULT_QUOTA if quota is None else positive_int(quota, "quota", 0)
         if w is not None:
             w = positive_int(w, "w")
         threads = self._threads(nq, _QUERIES_PER_THREAD)

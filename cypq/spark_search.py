@@ -169,9 +169,7 @@ def search(queries, corpus, model: Optional[LOPQModel] = None, k: int = 10,
     spark = spark or SparkSession.builder.getOrCreate()
     sc = spark.sparkContext
     k = positive_int(k, "k")
-    quota = DEFAULT_QUOTA if quota is None else int(quota)
-    if quota < 0:
-        raise ValueError("quota must be >= 0")
+    quota = DEFAULT_QUOTA if quota is None else positive_int(quota, "quota", 0)
     n_tasks = positive_int(num_partitions or sc.defaultParallelism, "num_partitions")
     plan = Corpus(corpus, model, n_tasks)
     model = plan.model

@@ -238,6 +238,11 @@ def test_search_errors(setup):
         index.search(Q[:, :8])
     with pytest.raises(ValueError, match="k must be positive"):
         index.search(Q, k=0)
+    with pytest.raises(ValueError, match="quota must be >= 0, got -1"):
+        index.search(Q, quota=-1)
+    for quota in (2.5, "100"):   # (int() took 2.5 as 2, and said "invalid literal" of "a")
+        with pytest.raises(TypeError, match="quota must be an integer"):
+            index.search(Q, quota=quota)
     with pytest.raises(ValueError, match="unique"):
         index.add(X[:2], [5, 5])
     with pytest.raises(ValueError, match="non-negative"):
