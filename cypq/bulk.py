@@ -334,6 +334,7 @@ def _open_or_create(path, identity, model, train, block_capacity, out, pack_code
         state = index.storage.bulk_state()
         done = index.storage.bulk_state(finished=True)
         if state is None and done is not None and _same_input(json.loads(done), identity):
+            _refuse_other_model(index, model, path, "was built from this input")
             out(f"{path} was already built from this input")
             return index, True, _FINISHED
         if state is None:
@@ -347,10 +348,7 @@ def _open_or_create(path, identity, model, train, block_capacity, out, pack_code
             raise BulkLoadError(f"{path} is an unfinished bulk load of a different input or "
                                 f"settings ({', '.join(changed)} changed): rerun it with the "
                                 "same input and chunk size, or delete the directory")
-        if model is not None and model != index.model:
-            index.close()
-            raise BulkLoadError(f"{path} is an unfinished bulk load with another model: rerun "
-                                "with the same model (or none: the one inside is used)")
+        _refuse_other_model(index, model, path, "is an unfinished bulk load")
         out(f"resuming the unfinished bulk load in {path}")
         return index, True, state.get("next_cell")
     if os.path.exists(path) and not os.path.isdir(path):
@@ -363,6 +361,16 @@ def _open_or_create(path, identity, model, train, block_capacity, out, pack_code
                          vectors=vectors, tags=tags, bulk_state=json.dumps(identity).encode(),
                          vector_ranges=ranges() if vectors == "sq8" else None)
     return index, False, None
+
+
+def _refuse_other_model(index, model, path, what: str) -> None:
+    """A BulkLoadError (index closed) if a model was given and the index holds another: a
+    load that goes on, or is found done, uses the model inside (a rerun with another one was
+    reported built, and its index searched with the first)."""
+    if model is not None and model != index.model:
+        index.close()
+        raise BulkLoadError(f"{path} {what} with another model: rerun with the same model "
+                            "(or none: the one inside is used), or build into a new directory")
 
 
 def _same_input(state: dict, identity: dict) -> bool:

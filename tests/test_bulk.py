@@ -136,6 +136,14 @@ def test_bulk_equals_incremental(data, reference, tmp_path):
     again = bulk_load(tmp_path / "ix", src, model, chunk_size=700, progress=False,
                       out=msgs.append)
     assert again.resumed and again.vectors == len(X) and "already built" in msgs[0]
+    # ... but not with another model: the index holds the first one's codes
+    other = LOPQModel(parameters=(model.Cs, (model.Rs[0][::-1].copy(), model.Rs[1]), model.mus,
+                                  model.subquantizers))
+    with pytest.raises(BulkLoadError, match="was built from this input with another model"):
+        bulk_load(tmp_path / "ix", src, other, chunk_size=700, progress=False,
+                  out=lambda m: None)
+    with Index.open(tmp_path / "ix") as ix:
+        assert ix.model == model and len(ix) == len(X)
     # the bulk-built index takes incremental changes like any other
     with Index.open(tmp_path / "ix") as ix:
         new = ix.add(X[:10])
