@@ -37,6 +37,9 @@ def open_vector_file(path: str | os.PathLike) -> np.ndarray:
     suffix = os.path.splitext(path)[1].lower()
     if suffix == ".npy":
         try:
+            with open(path, "rb") as f:   # (np.load takes a file without it for a pickle)
+                if f.read(6) != b"\x93NUMPY":
+                    raise ValueError("no .npy header: write it with numpy.save")
             arr = np.load(path, mmap_mode="r")
         except (ValueError, OSError) as e:
             raise VectorFileError(f"{path}: not a readable .npy file ({e})") from None

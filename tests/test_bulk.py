@@ -57,6 +57,23 @@ def test_texmex_files_read_back(tmp_path, suffix, dtype):
         open_vector_file(tmp_path / f"b{suffix}")
 
 
+def test_npy_files_that_are_not(tmp_path):
+    # a text or pickle file named .npy: said so (numpy's own message spoke of pickled data)
+    (tmp_path / "text.npy").write_bytes(b"1 2 3\n4 5 6\n")
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object))
+    for name in ("text.npy", "obj.npy"):
+        with pytest.raises(VectorFileError, match="not a readable .npy file"):
+            open_vector_file(tmp_path / name)
+    with pytest.raises(VectorFileError, match="no .npy header: write it with numpy.save"):
+        open_vector_file(tmp_path / "text.npy")
+    np.save(tmp_path / "x.npy", np.ones((10, 4), np.float32))
+    raw = (tmp_path / "x.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(raw[:-8])
+    with pytest.raises(VectorFileError, match="not a readable .npy file"):
+        open_vector_file(tmp_path / "cut.npy")
+    assert open_vector_file(tmp_path / "x.npy").shape == (10, 4)
+
+
 def test_sources_span_shards_in_name_order(tmp_path):
     X = clustered(1000, 8, seed=3)
     np.save(tmp_path / "a.npy", X[:300])
