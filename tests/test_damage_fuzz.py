@@ -1,6 +1,7 @@
 """Damaged copies of a small index never crash or hang a process: truncations of the data
-file, flipped bytes in LMDB's meta pages, flipped bytes in stored values of every database,
-values cut short. Each case runs in a subprocess (a crash would kill the test runner)."""
+file, flipped bytes in LMDB's meta pages and in its other pages, flipped bytes in stored values
+of every database, values cut short. Each case runs in a subprocess (a crash would kill the
+test runner)."""
 import os
 import random
 import shutil
@@ -34,9 +35,11 @@ USE = textwrap.dedent("""
                 D, I = ix.search(Q, k=10, quota=quota)
             ix.lookup(np.arange(0, 2500, 7))
             ix.contains(np.arange(3000))
+            ix.verify()
         with cypq.Index.open(sys.argv[1]) as ix:   # and a writer: upgrade, add, remove
             ix.add(Q[:5])
             ix.remove(np.arange(0, 40, 3))
+            ix.verify()
         print("ok")
     except (IndexFormatError, ModelFileError) as e:
         print("refused", type(e).__name__, str(e)[:200].replace("\\n", " "))
@@ -81,6 +84,10 @@ def _cases(path, n_each=12, seed=5):
     size = os.path.getsize(path / "data.mdb")
     cases = [("truncate", f) for f in (0.02, 0.25, 0.5, 0.75, 0.9, 0.97)]
     cases += [("meta", rng.randrange(16, 16 + 152) + rng.choice((0, 4096))) for _ in range(n_each)]
+    # bytes of LMDB's own pages (branch, leaf, overflow and free-list pages alike)
+    cases += [("page", tuple((pg * 4096 + rng.randrange(4096), rng.randrange(256))
+                             for _ in range(rng.choice((1, 2, 8)))))
+              for pg in rng.sample(range(2, size // 4096), min(2 * n_each, size // 4096 - 2))]
     values = _values(path)
     for kind in ("flip", "cut"):
         for name in (b"blocks", b"sizes", b"ids", b"stage", b"meta", b"log"):
@@ -101,6 +108,11 @@ def _damage(path, case, size):
             b = f.read(1)
             f.seek(arg)
             f.write(bytes([b[0] ^ 0x5A]))
+    elif kind == "page":
+        with open(data, "r+b") as f:
+            for at, value in arg:
+                f.seek(at)
+                f.write(bytes([value]))
     else:
         db, key, at = arg
         if kind == "flip":
@@ -138,7 +150,7 @@ def test_a_flipped_commit_number_never_opens_an_older_commit_silently(pristine, 
     the newest one's id would bring back the commit before it, without a word. The two ids
     must be consecutive, each on the page of its parity; every flip that breaks that is
     refused (the rest leave an id LMDB also accepts as consecutive, listed and checked)."""
-    from cypq.storage.lmdb import env as E
+    from cypq.storage.lmdb import data_file as E
     path, _ = pristine
     with Index.open(path, readonly=True) as ix:
         n = len(ix)
@@ -166,3 +178,39 @@ def test_a_flipped_commit_number_never_opens_an_older_commit_silently(pristine, 
             continue
         assert still_consecutive, f"bit {bit}: opened (with {opened} of {n} entries)"
     assert refused >= 62
+
+
+def test_a_damaged_free_page_list_is_refused_before_a_write_commits(pristine, tmp_path):
+    """LMDB reads its free-page list only when a write commits, and stops the process on an
+    assertion (mdb_freelist_save) where a record's key is past the newest commit: the first
+    write refuses such a file (readers, which never read that list, go on)."""
+    import struct
+    from cypq.storage.lmdb import data_file as E
+    path, queries = pristine
+    work = tmp_path / "ix"
+    shutil.copytree(path, work, ignore=shutil.ignore_patterns("lock.mdb"))
+    psize, free_root, _, txnid, _ = E._newest_meta(str(work / "data.mdb"))
+    assert free_root != E._NO_PAGE   # (the fixture's adds freed pages)
+    with open(work / "data.mdb", "r+b") as f:
+        f.seek(free_root * psize)
+        page = f.read(psize)
+        flags, lower = struct.unpack_from("<HH", page, 10)
+        assert flags & 0x02 and lower > 16   # a leaf with records: the first one's key
+        off = struct.unpack_from("<H", page, 16)[0]
+        f.seek(free_root * psize + off + 8)
+        f.write(struct.pack("<Q", txnid + 10**12))
+    code = textwrap.dedent("""
+        import sys, numpy as np, cypq
+        Q = np.load(sys.argv[2])
+        with cypq.Index.open(sys.argv[1], readonly=True) as ix:
+            ix.search(Q, k=5)
+        try:
+            with cypq.Index.open(sys.argv[1]) as ix:
+                ix.add(Q[:5])
+        except cypq.storage.IndexFormatError as e:
+            print("refused", e)
+    """)
+    res = subprocess.run([sys.executable, "-c", code, str(work), str(queries)],
+                         capture_output=True, text=True, timeout=60, cwd=HERE)
+    assert res.returncode == 0, res.stderr[-1500:]   # (-6 before: LMDB's assertion)
+    assert res.stdout.startswith("refused") and "free-page list is damaged" in res.stdout

@@ -28,6 +28,7 @@ import numpy as np
 
 from ..base import TAGS, VECTORS, IndexCorruptError, IndexFormatError, check_features
 from . import layout as L
+from .data_file import check_data_file, check_free_list
 
 FORMAT = b"cypq-index"
 VERSION = 4                       # the layout this cypq writes (and upgrades to)
@@ -77,20 +78,14 @@ def _acquire(path: str, readonly: bool, create: bool, map_size: int, sync: bool)
         return env, real
 
 
-# LMDB's meta pages (pages 0 and 1, the newer by transaction id is current), 64-bit layout:
-# a 16-byte page header, then magic u32, version u32, address u64, map size u64, two database
-# records of 48 bytes (free pages, main; each: pad u32 (the free one's is the page size),
-# flags u16, depth u16, 4 x u64 counts, root page u64), last page u64, txn id u64.
-_META = struct.Struct("<IIQQI36xQ40xQQQ")
-_META_AT = 16
-_MAGIC = 0xBEEFC0DE
-_NO_PAGE = (1 << 64) - 1          # LMDB's P_INVALID: an empty database has no root
-
-
-# What LMDB raises when it meets a damaged page or file.
+# What LMDB raises when it meets a damaged page or file. BadTxnError too: a damaged page met
+# where a cursor starts fails the transaction without a report of its own, and the first read
+# then says MDB_BAD_TXN (a database's root page overwritten did so; cypq reuses no failed
+# txn); and CursorFullError, a tree deeper than LMDB's cursor stack (32 levels), which only
+# pages pointing back at their parents make.
 DAMAGE = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError, lmdb.PanicError,
           lmdb.VersionMismatchError, lmdb.IncompatibleError, lmdb.BadValsizeError,
-          lmdb.ProblemError)
+          lmdb.ProblemError, lmdb.BadTxnError, lmdb.CursorFullError)
 
 
 @contextmanager
@@ -101,110 +96,6 @@ def damage_reported(path: str):
     except DAMAGE as e:
         raise IndexCorruptError(f"{path}: LMDB finds the file damaged ({e}); restore the "
                                 "index from a backup") from None
-
-
-def check_data_file(data: str) -> None:
-    """Refuse an LMDB data file shorter than its newest meta page says it is, unless every
-    page past its end is a free page (opening it would map pages past the end of the file,
-    and reading them kills the process with SIGBUS), or one whose meta pages are damaged.
-
-    Raises
-    ------
-    IndexCorruptError
-    """
-    with open(data, "rb") as f:
-        head = f.read(_META_AT + _META.size)
-        metas = []
-        if len(head) == _META_AT + _META.size:
-            m0 = _META.unpack_from(head, _META_AT)
-            if m0[0] == _MAGIC and m0[4] in (1 << k for k in range(9, 17)):
-                metas.append(m0)
-                f.seek(m0[4])
-                page1 = f.read(_META_AT + _META.size)
-                if len(page1) == len(head):
-                    m1 = _META.unpack_from(page1, _META_AT)
-                    if m1[0] == _MAGIC and m1[4] == m0[4]:
-                        metas.append(m1)
-        # The size after the meta pages: a writer in another process only makes it grow.
-        size = os.fstat(f.fileno()).st_size
-    if not metas:
-        if size == 0:
-            return  # a file LMDB created and never wrote: it initialises it
-        raise IndexCorruptError(f"{data} is not an LMDB data file (no valid meta page): the "
-                                "index is damaged; restore it from a backup")
-    # LMDB writes commit n's meta to page n % 2, so the two pages hold commits n and n - 1,
-    # each on the page of its parity (both 0 before the first commit); anything else is a
-    # damaged page (and LMDB would open at whichever commit looks newer, perhaps an older
-    # one, without a word)
-    if len(metas) < 2 or (metas[0][8], metas[1][8]) != (0, 0) and (
-            metas[0][8] % 2 or metas[1][8] % 2 != 1 or abs(metas[0][8] - metas[1][8]) != 1):
-        raise IndexCorruptError(f"{data}: one of LMDB's two meta pages is damaged, so the index "
-                                "would open at an older commit; restore it from a backup")
-    magic, version, address, mapsize, psize, free_root, main_root, last_pg, txnid = \
-        max(metas, key=lambda m: m[8])
-    if any(r != _NO_PAGE and not 2 <= r <= last_pg for r in (free_root, main_root)):
-        raise IndexCorruptError(f"{data}: LMDB's newest meta page points outside the file "
-                                "(damaged); restore the index from a backup")
-    need = (last_pg + 1) * psize
-    if size >= need:
-        return
-    # The last pages a commit allocated may have been freed in the same transaction and never
-    # written: a sound file may end before its last page, but only with pages that are free.
-    with open(data, "rb") as f:
-        free = _free_pages(f, psize, free_root, size, last_pg, data)
-    missing = range(size // psize, last_pg + 1)
-    if not free.issuperset(missing):
-        raise IndexCorruptError(f"{data} is truncated: {size:,} bytes, but its last commit "
-                                f"(transaction {txnid}) uses {need:,}; the index is damaged: "
-                                "restore it from a backup")
-
-
-def _free_pages(f, psize: int, root: int, size: int, last_pg: int, data: str) -> set:
-    """The page numbers LMDB's free-page database lists (it is read from the file here,
-    before LMDB maps it, so that a damaged one raises instead of crashing)."""
-    def bad(why):
-        return IndexCorruptError(f"{data}: LMDB's free-page list is damaged ({why}); restore "
-                                 "the index from a backup")
-
-    def page(pg: int, n: int = 1) -> bytes:
-        if not 2 <= pg or (pg + n) * psize > size:
-            raise bad(f"page {pg} is past the end of the file")
-        f.seek(pg * psize)
-        return f.read(n * psize)
-
-    free, stack, seen = set(), [] if root == _NO_PAGE else [root], 0
-    while stack:
-        seen += 1
-        if seen > last_pg:
-            raise bad("a cycle")
-        p = page(stack.pop())
-        flags, lower = struct.unpack_from("<HH", p, 10)
-        if not 16 <= lower <= psize:
-            raise bad("a page header")
-        for off in struct.unpack_from(f"<{(lower - 16) // 2}H", p, 16):
-            if not 16 <= off <= psize - 8:
-                raise bad("a node offset")
-            lo, hi, nflags, ksize = struct.unpack_from("<HHHH", p, off)
-            if flags & 0x01:                      # branch: the child's page number
-                stack.append(lo | hi << 16 | nflags << 32)
-                continue
-            if not flags & 0x02:
-                raise bad("a page that is neither branch nor leaf")
-            dsize, at = lo | hi << 16, off + 8 + ksize
-            if nflags & 0x01:                     # F_BIGDATA: the list is on overflow pages
-                if at + 8 > psize:
-                    raise bad("a node")
-                ov = struct.unpack_from("<Q", p, at)[0]
-                val = page(ov, -(-(dsize + 16) // psize))[16:16 + dsize]
-            else:
-                val = p[at:at + dsize]
-            if len(val) != dsize or dsize % 8:
-                raise bad("a node's size")
-            ids = struct.unpack_from(f"<{dsize // 8}Q", val)
-            if not ids or ids[0] > len(ids) - 1:
-                raise bad("a page list")
-            free.update(ids[1:1 + ids[0]])
-    return free
 
 
 def _release(real: str) -> None:
@@ -244,6 +135,7 @@ class Env:
             except lmdb.NotFoundError:
                 self.db[name] = None
         self._released = False
+        self._free_list_checked = False   # by the first write (a damaged one aborts LMDB)
         # Called (under no lock of ours) when the map changes (grown here or by another
         # process): every address into it dies.
         self.on_change: list[Callable[[], None]] = []
@@ -299,6 +191,9 @@ class Env:
         while True:
             txn = self.lmdb.begin(write=True)
             try:
+                if not self._free_list_checked:   # (under the write lock: see there)
+                    check_free_list(os.path.join(self.real, "data.mdb"))
+                    self._free_list_checked = True
                 result = body(txn)
                 gen = L.read_u64(txn.get(b"gen", db=self.db["meta"]))
                 txn.commit()

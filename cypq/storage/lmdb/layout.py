@@ -381,12 +381,15 @@ def id_value(cell: int, block: int) -> bytes:
     return CELL_BLOCK.pack(cell, block)
 
 
-def id_location(value, i: int) -> tuple[int, int]:
-    """(cell, block field) of an id-table value."""
+def id_location(value, i: int, n_cells: int) -> tuple[int, int]:
+    """(cell, block field) of an id-table value, its cell one of the index's n_cells."""
     if len(value) != CELL_BLOCK.size:
         raise IndexCorruptError(f"ids[{i}]: value of {len(value)} bytes, expected "
                                 f"{CELL_BLOCK.size}")
-    return CELL_BLOCK.unpack(bytes(value))
+    cell, field = CELL_BLOCK.unpack(bytes(value))
+    if cell >= n_cells:
+        raise IndexCorruptError(f"ids[{i}]: cell {cell}, past the index's {n_cells} cells")
+    return cell, field
 
 
 # ---------------------------------------------------------------------------- cell sizes

@@ -24,7 +24,7 @@ def lookup(env: Env, txn, state, ids: np.ndarray, with_vectors: bool):
         if loc is None:
             rest.append(j)
             continue
-        c, b = L.id_location(loc, i)
+        c, b = L.id_location(loc, i, env.n_cells)
         if b & L.STAGED:  # a format 3 row of a staged entry
             rest.append(j)
             continue

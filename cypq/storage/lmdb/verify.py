@@ -19,7 +19,8 @@ import numpy as np
 
 from ..base import IndexCorruptError, bit_counts
 from . import layout as L
-from .env import Env, check_data_file
+from .data_file import check_data_file
+from .env import Env
 
 LIMIT = 20
 
@@ -194,6 +195,12 @@ def _id_table(env: Env, txn, out: _Problems, blocks, stage, unwritten) -> None:
     table_ids = np.frombuffer(keys, dtype=">u8").astype(np.int64)
     rows = np.frombuffer(values, dtype=[("cell", ">u8"), ("block", ">u4")])
     table_cell, table_loc = rows["cell"].astype(np.int64), rows["block"].astype(np.int64)
+    if n and not np.all(table_ids[1:] > table_ids[:-1]):
+        # LMDB yields a database's keys once each, ascending: a damaged page can break that
+        # (the rows of a repeated key are compared as its first's below)
+        out.add("id table", "ids: keys out of order or repeated (a damaged page)")
+        table_ids, first = np.unique(table_ids, return_index=True)
+        table_cell, table_loc = table_cell[first], table_loc[first]
     legacy = (table_loc & L.STAGED) != 0      # format 3 rows of staged entries
     loose = np.union1d(s_ids, unwritten)      # ids that need no (right) row
     need = ~np.isin(b_ids, unwritten)         # entries in blocks whose row must be right
@@ -210,7 +217,7 @@ def _id_table(env: Env, txn, out: _Problems, blocks, stage, unwritten) -> None:
     order = np.argsort(b_ids[need], kind="stable")
     f_ids, f_cell, f_loc = b_ids[need][order], b_cell[need][order], b_loc[need][order]
     both, a, b = np.intersect1d(f_ids, table_ids, assume_unique=len(dup) == 0,
-                                return_indices=True)
+                                return_indices=True)   # (both unique then: see above)
     wrong = (f_cell[a] != table_cell[b]) | (f_loc[a] != table_loc[b])
     for j in np.flatnonzero(wrong)[:LIMIT + 1].tolist():
         out.add("id location", f"ids[{both[j]}] says cell {table_cell[b[j]]}, block field "

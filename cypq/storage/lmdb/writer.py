@@ -354,7 +354,7 @@ class WritePath:
         touched = set()
         gone = []    # the removed entries' tags
         for i in ids.tolist():
-            c, b = L.id_location(txn.get(L.u64(i), db=ids_db), i)
+            c, b = L.id_location(txn.get(L.u64(i), db=ids_db), i, env.n_cells)
             count = sizes.get(c)
             nb = L.blocks_for(count, env.block_capacity)
             if not 0 <= b < nb:
@@ -412,8 +412,8 @@ class WritePath:
             ids_db, blocks_db = env.db["ids"], env.db["blocks"]
             where = {}   # (cell, block) -> [(id, tags)]
             for i, t in zip(ids[present].tolist(), tags[present].tolist()):
-                where.setdefault(L.id_location(txn.get(L.u64(i), db=ids_db), i), []).append(
-                    (i, t))
+                loc = L.id_location(txn.get(L.u64(i), db=ids_db), i, env.n_cells)
+                where.setdefault(loc, []).append((i, t))
             delta = np.zeros(64, np.int64)
             for (c, b), changes in sorted(where.items()):
                 blk = read_block(env, txn, c, b)
