@@ -4,12 +4,13 @@ import ast
 import os
 import pathlib
 import shutil
+import zlib
 
 import lmdb
 import numpy as np
 import pytest
 
-from cypq import Index, IndexFormatError, LOPQModel
+from cypq import Index, IndexFormatError, LOPQModel, _buffers
 from cypq.storage import IndexCorruptError
 from cypq.storage.lmdb import layout as L
 
@@ -21,6 +22,57 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def _entries(rng, n, M=4, dtype=np.uint8):
     return (np.sort(rng.integers(0, 50, n)), rng.integers(0, 1 << 62, n),
             rng.integers(0, 256, (n, M)).astype(dtype))
+
+
+def test_searches_refuse_a_block_whose_checksum_fails(tmp_path):
+    """A flipped code bit keeps a block's layout valid: the scan read it in place and scored
+    the damaged code, silently; its checksum is now checked as the block enters the reader's
+    cache, so searches (and an add that rewrites the block) refuse it."""
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((600, 16)).astype(np.float32)
+    model = LOPQModel(V=4, M=4, subquantizer_clusters=16).fit(X, random_state=0)
+    path = tmp_path / "ix"
+    with Index.create(path, model, stage_capacity=0) as ix:
+        ix.add(X)
+    env = lmdb.open(str(path), max_dbs=8)
+    with env.begin(write=True) as txn:
+        blocks = env.open_db(b"blocks", txn=txn)
+        key, value = list(txn.cursor(db=blocks))[-1]
+        txn.put(key, value[:-1] + bytes([value[-1] ^ 1]), db=blocks)
+    env.close()
+    cell, block = int.from_bytes(key[:8], "big"), int.from_bytes(key[8:], "big")
+    same = X[model.get_cell_id_for_coarse_codes(model.predict(X).coarse) == cell][:1]
+    with Index.open(path) as ix:   # (an add to that cell appends to its damaged last block)
+        for call in (lambda: ix.search(X[:5], k=10, quota=0),
+                     lambda: ix.add(same, [10**6])):
+            with pytest.raises(IndexCorruptError,
+                               match=rf"blocks\[cell {cell}, block {block}\]: its checksum"):
+                call()
+        assert len(ix) == len(X)
+        assert any(f"blocks[cell {cell}" in line for line in ix.verify())
+
+
+def test_block_checksums_in_c_match_zlib():
+    """_buffers.crc32 (the loop _buffers.headers checks blocks with) is zlib's CRC-32, for
+    every length and alignment; headers flags exactly the values whose checksum fails."""
+    rng = np.random.default_rng(0)
+    for n in list(range(40)) + [255, 4096, 100003]:
+        raw = rng.integers(0, 256, n + 3, dtype=np.uint8).tobytes()
+        for off in range(3):
+            for start in (0, 0xDEADBEEF):
+                view = memoryview(raw)[off:off + n]
+                assert _buffers.crc32(view, start) == zlib.crc32(view, start)
+    values = [L.encode_entries((np.arange(k),), np.zeros((k, 4), np.uint8), np.uint8)
+              for k in (1, 5, 64)]
+    values.append(values[1][:-1] + b"\x01")                   # a byte changed: fails
+    values.append(values[2][:4] + b"\0\0\0\0" + values[2][8:])   # no checksum (cypq 0.1)
+    n = len(values)
+    addr, length = np.empty(n, np.uintp), np.empty(n, np.int64)
+    count, ok = np.empty(n, np.int64), np.empty(n, np.uint8)
+    _buffers.headers(values, addr, length, count, ok)
+    assert ok.tolist() == [1, 1, 1, 0, 1] and count.tolist() == [1, 5, 64, 5, 64]
+    with pytest.raises(IndexCorruptError, match="value 3: its checksum"):
+        L.block_headers(values, lambda j: f"value {j}")
 
 
 # ---------------------------------------------------------------------------- layout

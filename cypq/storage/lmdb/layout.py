@@ -236,6 +236,27 @@ def block_addresses(addr: np.ndarray, length: np.ndarray, count: np.ndarray,
             bad)
 
 
+def block_headers(values: list, where) -> tuple:
+    """(addr (n,) uintp, length (n,) int64, count (n,) int64) of block values (a list of n
+    bytes-likes, none None, kept alive by the caller: see _buffers.headers), each value's
+    checksum checked.
+
+    Raises
+    ------
+    IndexCorruptError
+        A checksum does not match its value's bytes (``where(j)`` names the first).
+    """
+    n = len(values)
+    addr, length = np.empty(n, dtype=np.uintp), np.empty(n, dtype=np.int64)
+    count, ok = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.uint8)
+    _buffers.headers(values, addr, length, count, ok)
+    if not ok.all():
+        raise IndexCorruptError(f"{where(int(np.argmin(ok)))}: its checksum does not match "
+                                "its bytes: the index is damaged (restore it from a backup; "
+                                "`cypq verify` lists the damage)")
+    return addr, length, count
+
+
 def entry_addresses(values: list, expect: np.ndarray, code_bytes: int, where,
                     vec_bytes: int = 0, n_columns: int = 1):
     """Where the entries of block values (list of n bytes-likes, kept alive by the caller)
@@ -245,15 +266,13 @@ def entry_addresses(values: list, expect: np.ndarray, code_bytes: int, where,
     Raises
     ------
     IndexCorruptError
-        A value is missing or its header or length disagrees (``where(j)`` names it).
+        A value is missing, its checksum or its header or length disagrees (``where(j)``
+        names it).
     """
     for j, v in enumerate(values):
         if v is None:
             raise IndexCorruptError(f"{where(j)} is missing")
-    n = len(values)
-    addr, length = np.empty(n, dtype=np.uintp), np.empty(n, dtype=np.int64)
-    count = np.empty(n, dtype=np.int64)
-    _buffers.headers(values, addr, length, count)
+    addr, length, count = block_headers(values, where)
     ids_at, tags_at, codes_at, vecs_at, bad = block_addresses(
         addr, length, count, expect, code_bytes, vec_bytes, n_columns)
     if bad >= 0:

@@ -344,16 +344,14 @@ class ReadPath:
         owner = np.repeat(cells, nb)
         block = np.arange(n_blocks) - np.repeat(first[:-1], nb)
         bufs = list(map(txn.get, L.block_keys(owner, block)))  # txn's default db: blocks
-        addr = np.empty(n_blocks, dtype=np.uintp)
-        length = np.empty(n_blocks, dtype=np.int64)
-        n = np.empty(n_blocks, dtype=np.int64)
-        try:
-            _buffers.headers(bufs, addr, length, n)
-        except TypeError:  # a None: a block the sizes promise is missing
-            j = next(j for j, b in enumerate(bufs) if b is None)
+        for j in (j for j, b in enumerate(bufs) if b is None):  # promised by the sizes
             raise IndexCorruptError(f"blocks[cell {owner[j]}, block {block[j]}] is missing "
                                     f"(the cell's size says {counts[np.searchsorted(cells, owner[j])]} "
-                                    "entries)") from None
+                                    "entries)")
+        # each block's checksum checked once, as it enters the cache (searches then read it
+        # in place as often as they like): a damaged code, id or vector is refused, not scored
+        addr, length, n = L.block_headers(bufs, lambda j: f"blocks[cell {owner[j]}, block "
+                                          f"{block[j]}]")
         last = np.repeat(counts - (nb - 1) * B, nb)
         expect = np.where(block == np.repeat(nb - 1, nb), last, B)
         blk_ids, blk_tags, blk_codes, blk_vecs, bad = L.block_addresses(
