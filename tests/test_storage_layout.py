@@ -52,6 +52,32 @@ def test_searches_refuse_a_block_whose_checksum_fails(tmp_path):
         assert any(f"blocks[cell {cell}" in line for line in ix.verify())
 
 
+def test_keys_of_the_wrong_size_are_damage(tmp_path):
+    """A damaged page can hand LMDB's reader keys of any size. Of the u64-keyed tables, the
+    sizes and the stage are read when an index opens: refused there (NumPy's ValueError and
+    struct.error before); the log, read later, verify reports (it raised struct.error)."""
+    rng = np.random.default_rng(6)
+    X = rng.standard_normal((300, 16)).astype(np.float32)
+    model = LOPQModel(V=4, M=4, subquantizer_clusters=16).fit(X, random_state=0)
+    with Index.create(tmp_path / "ix", model) as ix:
+        ix.add(X)
+    for name, refused in ((b"log", None), (b"sizes", "sizes: a key that is not a u64"),
+                          (b"stage", "must be 8 bytes is 12 bytes")):
+        work = tmp_path / name.decode()
+        shutil.copytree(tmp_path / "ix", work)
+        env = lmdb.open(str(work), max_dbs=8)
+        with env.begin(write=True) as txn:
+            txn.put(b"\xff" * 12, bytes(16), db=env.open_db(name, txn=txn))
+        env.close()
+        if refused:
+            with pytest.raises(IndexCorruptError, match=refused):
+                Index.open(work, readonly=True)
+        else:
+            with Index.open(work, readonly=True) as ix:
+                assert "log: a key of 12 bytes" in ix.verify()
+                assert len(ix.search(X[:3], k=5)[1]) == 3
+
+
 def test_block_checksums_in_c_match_zlib():
     """_buffers.crc32 (the loop _buffers.headers checks blocks with) is zlib's CRC-32, for
     every length and alignment; headers flags exactly the values whose checksum fails."""

@@ -58,6 +58,11 @@ def u64(i: int) -> bytes:
 
 
 def read_u64(v) -> int:
+    """The u64 of an 8-byte key or value (IndexCorruptError for any other: a damaged
+    page can hand LMDB's reader a key of another size)."""
+    if v is None or len(v) != 8:
+        raise IndexCorruptError("an LMDB key or value that must be 8 bytes is "
+                                + ("missing" if v is None else f"{len(v)} bytes") + " (damaged)")
     return U64.unpack(bytes(v))[0]
 
 
@@ -436,6 +441,8 @@ def sizes_from_chunks(keys: bytes, values: bytes, n_cells: int) -> np.ndarray:
     """(n_cells,) int64 cell sizes from the concatenated keys and values of the whole sizes
     database (as one cursor pass joins them)."""
     sizes = np.zeros(-(-n_cells // SIZE_CHUNK) * SIZE_CHUNK, dtype=np.int64)
+    if len(keys) % 8:
+        raise IndexCorruptError("sizes: a key that is not a u64 chunk number (damaged)")
     chunks = np.frombuffer(keys, dtype=">u8").astype(np.int64)
     if len(values) != len(chunks) * 4 * SIZE_CHUNK:
         raise IndexCorruptError("sizes: a value is not one chunk of cell counts long")
