@@ -27,7 +27,6 @@ from contextlib import contextmanager
 import lmdb
 import numpy as np
 
-from ... import _buffers
 from ..base import IndexCorruptError, IndexFormatError, Segments, Snapshot
 from . import layout as L
 from .env import LOG_KEEP, SIZE_CHUNKS, Env
@@ -344,7 +343,8 @@ class ReadPath:
         owner = np.repeat(cells, nb)
         block = np.arange(n_blocks) - np.repeat(first[:-1], nb)
         bufs = list(map(txn.get, L.block_keys(owner, block)))  # txn's default db: blocks
-        for j in (j for j, b in enumerate(bufs) if b is None):  # promised by the sizes
+        j = next((j for j, b in enumerate(bufs) if b is None), None)  # promised by the sizes
+        if j is not None:
             raise IndexCorruptError(f"blocks[cell {owner[j]}, block {block[j]}] is missing "
                                     f"(the cell's size says {counts[np.searchsorted(cells, owner[j])]} "
                                     "entries)")
