@@ -96,9 +96,12 @@ def _check_set(dirs, parts, places) -> None:
     count = first["count"]
     if numbers != list(range(count)):
         missing = sorted(set(range(count)) - set(numbers))
+        twice = [f"shard {k} in " + " and ".join(d for d, p in zip(dirs, places)
+                                                  if p["number"] == k)
+                 for k in sorted(set(numbers)) if numbers.count(k) > 1]
         raise IndexFormatError(
             f"the shard set {first['set']} has {count} shards; "
-            + (f"shard {missing} missing" if missing else "a shard given twice")
+            + "; ".join(([f"shard {missing} missing"] if missing else []) + twice)
             + f" among {', '.join(dirs)}: give every shard once")
     model = parts[0].meta("model")
     for d, p in zip(dirs, parts):

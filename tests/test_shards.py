@@ -131,6 +131,9 @@ def test_sets_that_are_not_whole_or_not_one_are_refused(setup, tmp_path):
         assert len(anyorder) == N
     with pytest.raises(IndexFormatError, match=r"shard \[1\] missing"):
         Index.open([a[0], a[2]])
+    with pytest.raises(IndexFormatError,   # the same shard twice: named, with where
+                       match=rf"shard \[2\] missing; shard 0 in {a[0]} and {a[0]} among"):
+        Index.open([a[0], a[1], a[0]])
     with pytest.raises(IndexFormatError, match="different sets"):
         Index.open([a[0], b[1], a[2]])
     with pytest.raises(IndexFormatError, match="not a shard"):
