@@ -387,7 +387,7 @@ def open_env(path: str, readonly: bool, map_size: int, sync: bool, allow_incompl
                                            "number of cells: open it through cypq.Index")
                 config["n_cells"] = int(n_cells_of(lambda name: txn.get(name.encode())))
         if version < VERSION and not readonly:
-            _upgrade(env, meta, version, config)
+            _upgrade(env, real, meta, version, config)
             version = VERSION
         return Env(env, real, path, readonly, version, config)
     except BaseException:
@@ -395,11 +395,13 @@ def open_env(path: str, readonly: bool, map_size: int, sync: bool, allow_incompl
         raise
 
 
-def _upgrade(env, meta, version: int, config: dict) -> None:
+def _upgrade(env, real: str, meta, version: int, config: dict) -> None:
     """Format 1, 2 or 3 -> 4 in one transaction: an empty stage (1 -> 2), cell sizes from the
     per-cell records into chunks and the number of cells into the config (2 -> 3), the stage
-    state as a frozen stage (3 -> 4: its id rows are rewritten when its merge ends)."""
+    state as a frozen stage (3 -> 4: its id rows are rewritten when its merge ends). Like
+    Env.write's first transaction, it checks LMDB's free-page list first."""
     with env.begin(write=True) as txn:
+        check_free_list(os.path.join(real, "data.mdb"))
         if version < 2:
             env.open_db(b"stage", txn=txn)
         if version < 3:
