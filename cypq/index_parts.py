@@ -3,6 +3,7 @@ reading the model back, argument checks."""
 from __future__ import annotations
 
 import json
+import zlib
 from typing import Optional
 
 import numpy as np
@@ -29,7 +30,8 @@ def storage_args(model: LOPQModel, features, vectors: Optional[str], tags,
     to 64 names, bit j named by the j-th), and ``shard`` (its place in a shard set,
     :func:`shard_of`)."""
     _require_trained(model)
-    meta = {"model": model.to_proto_bytes()}
+    data = model.to_proto_bytes()
+    meta = {"model": data, MODEL_CRC: _crc_text(data)}
     features = set(features)
     if vectors == "sq8":
         if vector_ranges is None:
@@ -109,11 +111,25 @@ def _vector_spec(model: LOPQModel, kind: Optional[str]):
     return None if dtype is None else (model.D, dtype)
 
 
+# The CRC-32 of the model's bytes, beside them (indexes of cypq before 2026-12 have none): a
+# changed byte of a float would load as another model, and search with it, without a word.
+MODEL_CRC = "model_crc32"
+
+
+def _crc_text(data: bytes) -> bytes:
+    return f"{zlib.crc32(data):08x}".encode()
+
+
 def _stored_model(storage: Storage, path: str) -> LOPQModel:
-    """The model inside an index (checked against its codes by Index's constructor)."""
+    """The model inside an index, its bytes checked against their CRC-32 where the index has
+    one (and against its codes by Index's constructor)."""
     data = storage.meta("model")
     if data is None:
         raise IndexCorruptError(f"{path} holds no model (meta[model] is missing)")
+    crc = storage.meta(MODEL_CRC)
+    if crc is not None and bytes(crc) != _crc_text(bytes(data)):
+        raise IndexCorruptError(f"{path}: the model inside does not match its checksum: the "
+                                "index is damaged; restore it from a backup")
     model = LOPQModel.from_proto_bytes(data, f"the model inside {path}")
     _require_trained(model)
     return model

@@ -214,3 +214,30 @@ def test_a_damaged_free_page_list_is_refused_before_a_write_commits(pristine, tm
                          capture_output=True, text=True, timeout=60, cwd=HERE)
     assert res.returncode == 0, res.stderr[-1500:]   # (-6 before: LMDB's assertion)
     assert res.stdout.startswith("refused") and "free-page list is damaged" in res.stdout
+
+
+def test_a_changed_byte_of_the_stored_model_is_refused(pristine, tmp_path):
+    """The model inside an index is protobuf floats: a changed byte loaded as another model
+    and searched with it. Its CRC-32 sits beside it (meta[model_crc32]); an index without
+    one (cypq before 2026-12) opens as before."""
+    path, queries = pristine
+    for case in ("flip", "no checksum"):
+        work = tmp_path / case.replace(" ", "_")
+        shutil.copytree(path, work, ignore=shutil.ignore_patterns("lock.mdb"))
+        env = lmdb.open(str(work), max_dbs=8)
+        with env.begin(write=True) as txn:
+            meta = env.open_db(b"meta", txn=txn)
+            model = txn.get(b"model", db=meta)
+            if case == "flip":
+                at = len(model) // 2
+                txn.put(b"model", model[:at] + bytes([model[at] ^ 0x40]) + model[at + 1:],
+                        db=meta)
+            else:
+                assert txn.delete(b"model_crc32", db=meta)
+        env.close()
+        if case == "flip":
+            with pytest.raises(IndexFormatError, match="model inside does not match its checksum"):
+                Index.open(work, readonly=True)
+        else:
+            with Index.open(work, readonly=True) as ix, Index.open(path, readonly=True) as ref:
+                assert ix.model == ref.model and len(ix) == len(ref)

@@ -298,8 +298,10 @@ def test_index_refuses_a_model_that_does_not_fit_its_codes(small, tmp_path):
     path = tmp_path / "ix"
     with Index.create(path, model) as ix:
         ix.add(X[:100])
-    other = LOPQModel(V=5, M=4, subquantizer_clusters=16).fit(X, random_state=2)
-    _poke(path, b"meta", lambda k, v: other.to_proto_bytes() if k == b"model" else None)
+    other = LOPQModel(V=5, M=4, subquantizer_clusters=16).fit(X, random_state=2).to_proto_bytes()
+    # another model put in whole, its checksum with it (a damaged one is refused before)
+    _poke(path, b"meta", lambda k, v: other if k == b"model" else
+          f"{zlib.crc32(other):08x}".encode() if k == b"model_crc32" else None)
     with pytest.raises(IndexFormatError, match="does not fit its codes"):
         Index.open(path)
 
