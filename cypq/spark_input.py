@@ -33,7 +33,15 @@ def _rows(data, id_col: str, vector_col: str):
 def _to_blocks(rows, block_rows: int = BLOCK_ROWS):
     """Partition rows (id, vector) -> blocks (ids int64 (n,), X float32 (n, D))."""
     ids, vecs = [], []
-    for i, v in rows:
+    for row in rows:
+        try:
+            i, v = row
+        except (TypeError, ValueError):   # (a vector alone unpacks as too many values)
+            raise ValueError(
+                f"expected an RDD of (id, vector) pairs, got a row of type {type(row).__name__}"
+                + (f" and length {len(row)}" if hasattr(row, "__len__") else "")
+                + ": pair each vector with its id first, e.g. "
+                "rdd.zipWithIndex().map(lambda t: (t[1], t[0]))") from None
         ids.append(i)
         vecs.append(_as_row_vector(v))
         if len(ids) == block_rows:

@@ -142,6 +142,12 @@ def test_spark_codes_equal_predict(spark, data, model, vector_type):
     strings = spark.createDataFrame([("a", X[0].tolist())], "id string, vector array<float>")
     with pytest.raises(TypeError, match="int64"):
         encode(strings, model)
+    # an RDD of vectors alone (not (id, vector) pairs): said so, where a worker's unpacking
+    # error came back ("too many values to unpack")
+    bare = spark.sparkContext.parallelize([x for x in X[:20]], 2)
+    with pytest.raises(Exception, match=r"expected an RDD of \(id, vector\) pairs, got a row "
+                                        r"of type ndarray and length 32"):
+        encode(bare, model).count()
 
 
 def test_bulk_load_from_spark_parquet_equals_python_index(spark, data, model, tmp_path):
