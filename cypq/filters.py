@@ -106,6 +106,9 @@ def id_list(ids, what: str) -> np.ndarray:
     if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "ui"):
         raise ValueError(f"{what} must be a 1-d array of int64 ids, got "
                          f"{arr.dtype} of shape {arr.shape}")
+    if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.int64).max):
+        # (the on-disk id table could not look such an id up: struct.error)
+        raise ValueError(f"{what} must be ids in 0 .. 2**63 - 1, got {arr.min()} .. {arr.max()}")
     return np.unique(arr.astype(np.int64))
 
 
