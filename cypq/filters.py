@@ -108,7 +108,8 @@ def id_list(ids, what: str) -> np.ndarray:
                          f"{arr.dtype} of shape {arr.shape}")
     if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.int64).max):
         # (the on-disk id table could not look such an id up: struct.error)
-        raise ValueError(f"{what} must be ids in 0 .. 2**63 - 1, got {arr.min()} .. {arr.max()}")
+        raise ValueError(f"{what} must be in [0, 2**63-1], found "
+                         f"{arr.min() if arr.min() < 0 else arr.max()}")
     return np.unique(arr.astype(np.int64))
 
 
