@@ -243,14 +243,18 @@ def block_addresses(addr: np.ndarray, length: np.ndarray, count: np.ndarray,
 
 def block_headers(values: list, where) -> tuple:
     """(addr (n,) uintp, length (n,) int64, count (n,) int64) of block values (a list of n
-    bytes-likes, none None, kept alive by the caller: see _buffers.headers), each value's
-    checksum checked.
+    bytes-likes, kept alive by the caller: see _buffers.headers), each value's checksum
+    checked.
 
     Raises
     ------
     IndexCorruptError
-        A checksum does not match its value's bytes (``where(j)`` names the first).
+        A value is None (a block its cell's size promises is missing) or its checksum does
+        not match its bytes (``where(j)`` names the first).
     """
+    j = next((j for j, v in enumerate(values) if v is None), None)
+    if j is not None:
+        raise IndexCorruptError(f"{where(j)} is missing (its cell's size promises it)")
     n = len(values)
     addr, length = np.empty(n, dtype=np.uintp), np.empty(n, dtype=np.int64)
     count, ok = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.uint8)
@@ -274,9 +278,6 @@ def entry_addresses(values: list, expect: np.ndarray, code_bytes: int, where,
         A value is missing, its checksum or its header or length disagrees (``where(j)``
         names it).
     """
-    for j, v in enumerate(values):
-        if v is None:
-            raise IndexCorruptError(f"{where(j)} is missing")
     addr, length, count = block_headers(values, where)
     ids_at, tags_at, codes_at, vecs_at, bad = block_addresses(
         addr, length, count, expect, code_bytes, vec_bytes, n_columns)

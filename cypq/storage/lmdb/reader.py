@@ -343,13 +343,8 @@ class ReadPath:
         owner = np.repeat(cells, nb)
         block = np.arange(n_blocks) - np.repeat(first[:-1], nb)
         bufs = list(map(txn.get, L.block_keys(owner, block)))  # txn's default db: blocks
-        j = next((j for j, b in enumerate(bufs) if b is None), None)  # promised by the sizes
-        if j is not None:
-            raise IndexCorruptError(f"blocks[cell {owner[j]}, block {block[j]}] is missing "
-                                    f"(the cell's size says {counts[np.searchsorted(cells, owner[j])]} "
-                                    "entries)")
-        # each block's checksum checked once, as it enters the cache (searches then read it
-        # in place as often as they like): a damaged code, id or vector is refused, not scored
+        # each block present, and its checksum checked once, as it enters the cache (searches
+        # then read it in place as often as they like): a damaged code, id or vector is refused
         addr, length, n = L.block_headers(bufs, lambda j: f"blocks[cell {owner[j]}, block "
                                           f"{block[j]}]")
         last = np.repeat(counts - (nb - 1) * B, nb)
