@@ -216,8 +216,25 @@ def cmd_add(args, out) -> int:
     return 0
 
 
+def _check_output(path: str, option: str) -> None:
+    """Refuse an output path np.save could not write, before the work that would fill it."""
+    if os.path.isdir(path):
+        raise UserError(f"{option} {path} is a directory: give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"{option} {path}: no such directory {folder}")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"{option} {path}: the directory {folder} is not writable")
+
+
 def cmd_search(args, out) -> int:
     from .index import Index
+    if args.distances_out and not args.out:
+        raise UserError("--distances-out needs --out (the ids); without it the results "
+                        "are printed")
+    for path, option in ((args.out, "--out"), (args.distances_out, "--distances-out")):
+        if path:
+            _check_output(path, option)
     Q = read_queries(args.queries)
     with Index.open(args.index, readonly=True, n_threads=args.threads) as index:
         if Q.shape[1] != index.model.D:

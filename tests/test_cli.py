@@ -127,8 +127,14 @@ def test_build_with_train_equals_train_then_build(files, capsys):
     (["search", "{t}/ix", "{t}/small.npy"], "dimension 4"),
     (["add", "{t}/ix", "{t}/small.npy"], "dimension 4"),
     (["bench", "{t}/ix", "{t}/q.fvecs", "{t}/small.npy"], "groundtruth"),
+    # outputs are checked before the search runs
+    (["search", "{t}/ix", "{t}/q.fvecs", "--out", "{t}/nodir/I.npy"], "no such directory"),
+    (["search", "{t}/ix", "{t}/q.fvecs", "--out", "{t}"], "is a directory"),
+    (["search", "{t}/ix", "{t}/q.fvecs", "--out", "{t}/I.npy", "--distances-out",
+      "{t}/nodir/D.npy"], "--distances-out"),
+    (["search", "{t}/ix", "{t}/q.fvecs", "--distances-out", "{t}/D.npy"], "needs --out"),
 ])
-def test_user_errors_are_one_line(files, capsys, argv, message):
+def test_user_errors_are_one_line(files, capsys, monkeypatch, argv, message):
     tmp, X, _ = files
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -137,6 +143,10 @@ def test_user_errors_are_one_line(files, capsys, argv, message):
     Index.create(tmp / "ix", model).close()
     (tmp / "garbage.lopq").write_bytes(b"\x08\x01\x12\xff\xff garbage")
     np.save(tmp / "small.npy", X[:3, :4])
+
+    def no_search(*args, **kwargs):   # each of these errors is found before any search
+        raise AssertionError("searched")
+    monkeypatch.setattr(Index, "search", no_search)
     code, out, err = run(capsys, *[a.format(t=tmp) for a in argv])
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
