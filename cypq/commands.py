@@ -131,9 +131,21 @@ def _save_model(model, path: str) -> None:
         model.export_proto(path)
 
 
+def _check_output(path: str, option: str) -> None:
+    """Refuse an output file that could not be written, before the work that would fill it."""
+    if os.path.isdir(path):
+        raise UserError(f"{option} {path} is a directory: give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"{option} {path}: no such directory {folder}")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"{option} {path}: the directory {folder} is not writable")
+
+
 # ---------------------------------------------------------------------------- commands
 def cmd_train(args, out) -> int:
     from .vector_files import VectorSource
+    _check_output(args.output, "-o")
     source = VectorSource.open(args.input)
     model = _train_from(source, args, out)
     _save_model(model, args.output)
@@ -216,17 +228,6 @@ def cmd_add(args, out) -> int:
     return 0
 
 
-def _check_output(path: str, option: str) -> None:
-    """Refuse an output path np.save could not write, before the work that would fill it."""
-    if os.path.isdir(path):
-        raise UserError(f"{option} {path} is a directory: give a file name")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UserError(f"{option} {path}: no such directory {folder}")
-    if not os.access(folder, os.W_OK):
-        raise UserError(f"{option} {path}: the directory {folder} is not writable")
-
-
 def cmd_search(args, out) -> int:
     from .index import Index
     if args.distances_out and not args.out:
@@ -300,6 +301,8 @@ def cmd_export(args, out) -> int:
 
 def cmd_bench(args, out) -> int:
     from .index import Index
+    if args.plot:
+        _check_output(args.plot, "--plot")
     Q = read_queries(args.queries)
     gt = np.asarray(read_queries(args.groundtruth) if not args.groundtruth.endswith(".npy")
                     else np.load(args.groundtruth), dtype=np.int64)

@@ -133,6 +133,10 @@ def test_build_with_train_equals_train_then_build(files, capsys):
     (["search", "{t}/ix", "{t}/q.fvecs", "--out", "{t}/I.npy", "--distances-out",
       "{t}/nodir/D.npy"], "--distances-out"),
     (["search", "{t}/ix", "{t}/q.fvecs", "--distances-out", "{t}/D.npy"], "needs --out"),
+    (["train", "{t}/base.npy", "-o", "{t}/nodir/x.lopq", "--V", "8", "--M", "4"],
+     "no such directory"),
+    (["bench", "{t}/ix", "{t}/q.fvecs", "{t}/gt.npy", "--plot", "{t}/nodir/p.png"],
+     "no such directory"),
 ])
 def test_user_errors_are_one_line(files, capsys, monkeypatch, argv, message):
     tmp, X, _ = files
