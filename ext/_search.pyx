@@ -20,7 +20,7 @@ from radix cimport SMALL_SORT, radix_sort
 from topk cimport TopK, topk_alloc, topk_finish, topk_free, topk_reset, topk_settle
 from nearest cimport Codebooks, codebooks_free, codebooks_init
 from fastscan cimport (CYPQ_ADC4_AVX2, cypq_adc4_avx2_block_bounds, cypq_adc4_bounds,
-                      cypq_adc4_listed, cypq_adc4_avx2_tails, cypq_adc4_blocks,
+                      cypq_adc4_listed, cypq_adc4_tails, cypq_adc4_blocks,
                       cypq_adc4_cell, cypq_adc4_plan, cypq_adc4_tail,
                       cypq_adc4_plan_init, cypq_bound_quantile, cypq_fastscan_init,
                       cypq_fastscan_limit, cypq_quantize4, cypq_rows_within)
@@ -610,12 +610,12 @@ cdef int64_t _scan_two_phase(const Segs *sg, TwoPhase *tp, cypq_adc4_cell *cell,
                     cypq_adc4_bounds(cell, <const uint8_t *> sg.codes[g], ln - tl.n,
                                      tp.lb + off)
                 if tail[1].n:
-                    cypq_adc4_avx2_tails(&tail[0], &tail[1])
+                    cypq_adc4_tails(&tail[0], &tail[1])
                     tail[0].n = 0
                     tail[1].n = 0
             off += ln
     if tail[0].n:
-        cypq_adc4_avx2_tails(&tail[0], NULL)
+        cypq_adc4_tails(&tail[0], NULL)
     tp.rec[3 * r] = off
     want = top.k * two_phase_first // 100 if top.k * two_phase_first >= 100 else 1
     while True:    # fill the top k (twice the codes while a sample's guess leaves it short)
@@ -1131,10 +1131,11 @@ def code_blocks(const uintptr_t[::1] seg_codes, const int64_t[::1] seg_len,
 
 def fast_scan(str limit="best"):
     """The 4-bit scan paths searches may take: "best" (the default: the best the CPU has,
-    the two-phase scan where it can run, with AVX-512's sweeps and VBMI's bounds where the
-    CPU has them, else AVX-512 VBMI or AVX2; fastscan.h cypq_adc4_plan_init), "avx2" (AVX2
-    at most) or "portable" (no in-register bounds); tests compare them. Returns the path an
-    unfiltered search of 16-byte codes now takes: "vbmi", "avx2" or "portable"."""
+    the two-phase scan where it can run, with AVX-512's sweeps and bounds loops and VBMI's
+    bounds where the CPU has them, else AVX-512 VBMI or AVX2; fastscan.h
+    cypq_adc4_plan_init), "avx2" (AVX2 at most) or "portable" (no in-register bounds); tests
+    compare them. Returns the path an unfiltered search of 16-byte codes now takes: "vbmi",
+    "avx2" or "portable"."""
     global cypq_fastscan_limit
     cdef cypq_adc4_plan p
     if limit not in ("best", "avx2", "portable"):

@@ -21,9 +21,11 @@
  *   several queries scan can be put in blocks of 32 once (cypq_adc4_blocks: byte j of the
  *   32 codes together), whose bounds then need no transposes (cypq_adc4_avx2_block_bounds);
  *   the last 1 .. 16 codes of two segments share a block (cypq_adc4_avx2_tails). Where the
- *   CPU has AVX-512, the sweeps sum 16 listed rows at a time (cypq_adc4_avx512_rows), and
- *   with VBMI the bounds of codes not in blocks come in VBMI's blocks of 16
- *   (cypq_adc4_vbmi_bounds; cypq_adc4_bounds and cypq_adc4_listed pick).
+ *   CPU has AVX-512, the sweeps sum 16 listed rows at a time (cypq_adc4_avx512_rows), the
+ *   transposing bounds loops run as built for AVX-512VL's 32 registers
+ *   (cypq_adc4_avx512_bounds / _tails), and with VBMI the bounds of codes not in blocks come
+ *   in VBMI's blocks of 16 up to 24 bytes (cypq_adc4_vbmi_bounds; cypq_adc4_bounds,
+ *   cypq_adc4_tails and cypq_adc4_listed pick).
  * A code within the threshold always has its bound within it (see cypq_quantize4), so every
  * path returns the same codes with the same distances; the bounds only spare the float sums
  * of codes that cannot enter the top k. The path is picked once per search (cypq_adc4_plan).
@@ -698,6 +700,13 @@ CYPQ_AVX2 static int64_t cypq_adc4_avx2_bounds(const cypq_adc4_cell *cell, const
     CYPQ_ADC4_BY_WIDTH(CYPQ_ADC4_AVX2_BOUNDS_BODY, cell->plan->W)
 }
 
+/* The same loop built for AVX-512VL: its 32 vector registers hold a chunk's 16 transposed
+ * columns and the lookups' operands, which AVX2's 16 spilled to the stack. Bit-identical. */
+CYPQ_AVX512 static int64_t cypq_adc4_avx512_bounds(const cypq_adc4_cell *cell,
+                                                   const uint8_t *codes, int64_t n, float *lb) {
+    CYPQ_ADC4_BY_WIDTH(CYPQ_ADC4_AVX2_BOUNDS_BODY, cell->plan->W)
+}
+
 /* cypq_adc4_avx2_bounds of codes already in blocks (cypq_adc4_blocks): no transposes, so
  * a cell that several queries of a batch scan is transposed once. The same bounds. */
 #define CYPQ_ADC4_AVX2_BLOCK_BOUNDS_BODY(WW)                                                \
@@ -767,6 +776,11 @@ CYPQ_AVX2 static int64_t cypq_adc4_avx2_block_bounds(const cypq_adc4_cell *cell,
     return 0;
 
 CYPQ_AVX2 static int cypq_adc4_avx2_tails(const cypq_adc4_tail *a, const cypq_adc4_tail *b) {
+    CYPQ_ADC4_BY_WIDTH(CYPQ_ADC4_AVX2_TAILS_BODY, a->cell.plan->W)
+}
+
+/* cypq_adc4_avx2_tails built for AVX-512VL (see cypq_adc4_avx512_bounds). */
+CYPQ_AVX512 static int cypq_adc4_avx512_tails(const cypq_adc4_tail *a, const cypq_adc4_tail *b) {
     CYPQ_ADC4_BY_WIDTH(CYPQ_ADC4_AVX2_TAILS_BODY, a->cell.plan->W)
 }
 
@@ -1032,8 +1046,21 @@ static inline void cypq_adc4_bounds(const cypq_adc4_cell *cell, const uint8_t *c
         cypq_adc4_vbmi_bounds(cell, codes, n, lb);
         return;
     }
+    if (cell->plan->rows16) {   /* (AVX-512 F, BW, VL, DQ) */
+        cypq_adc4_avx512_bounds(cell, codes, n, lb);
+        return;
+    }
 #endif
     cypq_adc4_avx2_bounds(cell, codes, n, lb);
+}
+
+/* The two-phase scan's bounds of two tails in one block (cypq_adc4_avx2_tails). */
+static inline int cypq_adc4_tails(const cypq_adc4_tail *a, const cypq_adc4_tail *b) {
+#if CYPQ_WIDE
+    if (a->cell.plan->rows16)
+        return cypq_adc4_avx512_tails(a, b);
+#endif
+    return cypq_adc4_avx2_tails(a, b);
 }
 
 /* cypq_adc4 through the cell's bounds where the plan allows (cell NULL: no bounds). */

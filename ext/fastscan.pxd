@@ -34,7 +34,7 @@ cdef extern from "fastscan.h" nogil:
                           float *lb) noexcept
     int64_t cypq_adc4_avx2_block_bounds(const cypq_adc4_cell *cell, const uint8_t *blocks,
                                         int64_t n, float *lb) noexcept
-    int cypq_adc4_avx2_tails(const cypq_adc4_tail *a, const cypq_adc4_tail *b) noexcept
+    int cypq_adc4_tails(const cypq_adc4_tail *a, const cypq_adc4_tail *b) noexcept
     int64_t cypq_adc4_listed(const cypq_adc4_plan *p, const float *T0, const float *T1,
                              const uint8_t *codes, int64_t n, const int32_t *rows, int64_t m,
                              float thresh, float *out, int32_t *idx) noexcept

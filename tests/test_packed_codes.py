@@ -180,10 +180,11 @@ def test_fast_scan_bounds_change_nothing(dim, M, metric, V, n_threads, scan_path
     of the AVX2 path's 32-code blocks and VBMI's 16-code ones, and their tails) and of a few
     (V=16: ~16 on average, many below VBMI's 5 where it steps 1-4 codes at a time). "best"
     takes the two-phase scan where it runs (first sweep on; with AVX-512, its sweeps sum 16
-    rows at a time, and with VBMI its bounds come in blocks of 16 for M % 8 == 0 up to 64)
-    and, with it off, VBMI where the CPU has it for M % 8 == 0 up to 64; AVX2 for the others
-    up to 128 (M = 96: MANMINILM's 48-byte codes). M = 40 and 96 take the loops' generic
-    width (the common widths have their own unrolled copies)."""
+    rows at a time and its transposing bounds loops are AVX-512VL builds, and with VBMI its
+    bounds come in blocks of 16 for M % 8 == 0 up to 48) and, with it off, VBMI where the
+    CPU has it for M % 8 == 0 up to 64; AVX2 for the others up to 128 (M = 96: MANMINILM's
+    48-byte codes). M = 40 and 96 take the loops' generic width (the common widths have their
+    own unrolled copies)."""
     X = clustered(4000, dim, n_clusters=16, seed=dim + M)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
