@@ -1002,6 +1002,10 @@ def scan_cells(const float[:, ::1] P0, const float[:, ::1] P1,
                     continue
                 n0 = <int> (pstart0[q + 1] - pstart0[q])
                 n1 = <int> (pstart1[q + 1] - pstart1[q])
+                # the first cells' entries, which no cell before them fetches, come in while
+                # the query's tables are made
+                for t in range(cell_start[q] - AHEAD, cell_start[q]):
+                    _prefetch_ahead(&sg, t, cell_start[q + 1], two_phase)
                 if zero_norms == NULL:
                     _half_tables(p0 + pstart0[q] * Dh, n0, Dh, Mh, Ds, S, cb.CTm2, cb.cnorm,
                                  tables, NULL)
