@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train an LOPQ model on a sample of the input.")
     s.add_argument("input", help="vector file, directory or glob")
     s.add_argument("-o", "--output", required=True, help="model file (.lopq, or .pkl)")
+    s.add_argument("-q", "--quiet", action="store_true", help="no line per training phase")
     _train_options(s)
     s.set_defaults(func=cmd_train)
 

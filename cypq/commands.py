@@ -293,6 +293,7 @@ def cmd_info(args, out) -> int:
 
 
 def cmd_export(args, out) -> int:
+    _check_output(args.output, "-o")
     model = load_model(args.path)
     _save_model(model, args.output)
     out(f"wrote {args.output}")

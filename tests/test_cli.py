@@ -110,7 +110,8 @@ def test_build_with_train_equals_train_then_build(files, capsys):
     tmp, X, _ = files
     opts = ["--V", 8, "--M", 4, "--S", 16, "--sample", 2000, "--seed", 5]
     assert run(capsys, "build", tmp / "a", tmp / "base.npy", "--train", "-q", *opts)[0] == 0
-    assert run(capsys, "train", tmp / "base.npy", "-o", tmp / "m.lopq", *opts)[0] == 0
+    code, out, _ = run(capsys, "train", tmp / "base.npy", "-o", tmp / "m.lopq", "-q", *opts)
+    assert code == 0 and "wrote" in out and "  LOPQ: " not in out   # -q: no phase lines
     with Index.open(tmp / "a", readonly=True) as ix:
         assert ix.model == LOPQModel.load_proto(tmp / "m.lopq")
 
@@ -137,6 +138,7 @@ def test_build_with_train_equals_train_then_build(files, capsys):
      "no such directory"),
     (["bench", "{t}/ix", "{t}/q.fvecs", "{t}/gt.npy", "--plot", "{t}/nodir/p.png"],
      "no such directory"),
+    (["export", "{t}/ix", "-o", "{t}/nodir/x.lopq"], "no such directory"),
 ])
 def test_user_errors_are_one_line(files, capsys, monkeypatch, argv, message):
     tmp, X, _ = files
