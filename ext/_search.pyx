@@ -443,13 +443,17 @@ cdef inline void _prefetch_ahead(const Segs *sg, int64_t t, int64_t t1, bint dee
         cypq_prefetch_line(&sg.ids[g])
         if sg.vecs != NULL:
             cypq_prefetch_line(&sg.vecs[g])
+        if sg.blocks != NULL:
+            cypq_prefetch_line(&sg.blocks[g])
     if t + AHEAD < t1:
         g = sg.seg_start[sg.cell_slot[t + AHEAD]]
         if sg.seg_start[sg.cell_slot[t + AHEAD] + 1] > g:
             # every line of the first segment's codes (the cells of small V span several)
             span = sg.len[g] * sg.cbytes
             if deep and span > PREFETCH_MAX:
-                cypq_prefetch_span(<const void *> sg.codes[g],
+                # (a segment in blocks of 32 has its bounds made from them, not its codes)
+                cypq_prefetch_span(<const void *> (sg.blocks[g] if sg.blocks != NULL
+                                                   and sg.blocks[g] != 0 else sg.codes[g]),
                                    span if span < PREFETCH_DEEP else PREFETCH_DEEP, 1)
                 span = sg.len[g] * 8
                 cypq_prefetch_span(<const void *> sg.ids[g],
