@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (summary, description) in copies.items():
         s = sub.add_parser(name, help=summary, description=description)
         s.add_argument("index")
-        s.add_argument("output", help="new (or empty) directory")
+        s.add_argument("output", help="new (or empty) directory; missing parents are made")
         if name == "split":
             s.add_argument("--shards", type=_count, required=True, metavar="N")
         s.set_defaults(func=cmd_backup)

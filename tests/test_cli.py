@@ -179,7 +179,7 @@ def test_installed_commands_and_help():
 def test_demo_reports_true_recall(tmp_path, capsys):
     """`cypq demo`: the packaged ground truth is exact, and the recall printed is the recall
     of the index it built."""
-    from cypq.demo import load_sample, run as run_demo
+    from cypq.demo import load_sample
     data = load_sample()
     base = data["base"].astype(np.float32)
     q = data["query"].astype(np.float32)
