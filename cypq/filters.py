@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .storage.base import check_id_range
+
 PLANS = ("auto", "scan", "direct")
 MAX_TAG_NAMES = 64
 
@@ -106,10 +108,7 @@ def id_list(ids, what: str) -> np.ndarray:
     if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "ui"):
         raise ValueError(f"{what} must be a 1-d array of int64 ids, got "
                          f"{arr.dtype} of shape {arr.shape}")
-    if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.int64).max):
-        # (the on-disk id table could not look such an id up: struct.error)
-        raise ValueError(f"{what} must be in [0, 2**63-1], found "
-                         f"{arr.min() if arr.min() < 0 else arr.max()}")
+    check_id_range(arr, what)
     return np.unique(arr.astype(np.int64))
 
 

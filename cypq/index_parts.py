@@ -14,7 +14,7 @@ from .filters import check_tag_names
 from .lopq import LOPQModel
 from .pq import NotFittedError
 from .stored_vectors import SQ8_META, Kept, vector_dtype
-from .storage.base import SQ8, TAGS, IndexCorruptError, Storage
+from .storage.base import SQ8, TAGS, IndexCorruptError, Storage, check_id_range
 
 TAG_NAMES = "tag_names"
 # k above this and above the number of stored entries is refused before anything is
@@ -158,9 +158,8 @@ def _as_ids(ids, n: Optional[int], unique: bool = True) -> np.ndarray:
         raise TypeError(f"ids must be integers, got dtype {arr.dtype}")
     if arr.ndim != 1 or (n is not None and arr.shape[0] != n):
         raise ValueError(f"ids must have shape ({n if n is not None else 'N'},), got {arr.shape}")
+    check_id_range(arr)   # (before the cast: a uint64 past 2**63-1 would wrap)
     arr = arr.astype(np.int64)
-    if arr.size and arr.min() < 0:
-        raise ValueError("ids must be non-negative (-1 marks a missing result)")
     if unique and len(np.unique(arr)) != len(arr):
         raise ValueError("ids must be unique within one call")
     return arr

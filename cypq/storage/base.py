@@ -388,6 +388,16 @@ def row_addresses(a: np.ndarray) -> np.ndarray:
 ID_MAX = np.iinfo(np.int64).max
 
 
+def check_id_range(ids: np.ndarray, what: str = "ids") -> None:
+    """ValueError naming an id of the integer array ``ids`` outside [0, ID_MAX]: the id
+    table keys ids as u64 of non-negative int64 (a negative one could not be looked up, and
+    -1 marks a missing result)."""
+    if ids.size and (ids.min() < 0 or ids.max() > ID_MAX):
+        bad = ids.min() if ids.min() < 0 else ids.max()
+        raise ValueError(f"{what} must be in [0, 2**63-1], found {bad} (ids are non-negative: "
+                         "-1 marks a missing result)")
+
+
 def fresh_ids(next_id: int, n: int) -> np.ndarray:
     """n fresh ids continuing at ``next_id`` (one past the largest id ever stored)."""
     if n and next_id > ID_MAX - n + 1:
