@@ -467,18 +467,24 @@ cdef inline void _prefetch_ahead(const Segs *sg, int64_t t, int64_t t1, bint dee
 # is summed in float when its bound is within the top k's threshold as it stands then: loose
 # until the top k has filled and tightened (at k = 100 over ~2000 codes, about a third of the
 # codes were summed and most of those entered the top k). Here every code's bound is made
-# first, the top k is filled from the codes whose bounds are among the ~1.5 k smallest, and
+# first, the top k is filled from the codes whose bounds are among the ~1.2 k smallest, and
 # then only the codes whose bound is within the threshold that leaves are summed. Exact: a
 # code of the final top k has its bound at most its distance, at most every threshold.
 cdef enum:
     TWO_PHASE_MAX = 0x7FFFFFC0    # codes per query at most (their rows are int32)
 
-# The first sweep takes about this many per cent of k codes (100 / 150 / 200 measured within
-# 7% of each other at k = 100 on MANMINILM; 0: no two-phase scan, see two_phase).
-cdef int two_phase_first = 150
+# The first sweep takes about this many per cent of k codes, and 30% more each time the
+# guess of that many leaves the top k short (1.5 k, doubled, summed 150-160 codes per query
+# at k = 100 where with the tighter bounds of cypq_quantize4's half delta 1.2 k, 1.3x
+# sums 120-145: MANMINILM's and REALSIFT1M's 4-bit codes of 8-32 bytes at quota 500-8000;
+# 1.0 k left the top k short too often, and 1.1 k was level with 1.2 k). 0: no two-phase
+# scan, see two_phase.
+cdef enum:
+    TWO_PHASE_FIRST = 120
+cdef int two_phase_first = TWO_PHASE_FIRST
 
 
-def two_phase(int first=150):
+def two_phase(int first=TWO_PHASE_FIRST):
     """The two-phase scan's first sweep (per cent of k; 0: scan cell by cell instead), for
     tests to take each branch; returns the setting before."""
     global two_phase_first
@@ -622,7 +628,7 @@ cdef int64_t _scan_two_phase(const Segs *sg, TwoPhase *tp, cypq_adc4_cell *cell,
         cypq_adc4_tails(&tail[0], NULL)
     tp.rec[3 * r] = off
     want = top.k * two_phase_first // 100 if top.k * two_phase_first >= 100 else 1
-    while True:    # fill the top k (twice the codes while a sample's guess leaves it short)
+    while True:    # fill the top k (30% more codes while a sample's guess leaves it short)
         lam = cypq_bound_quantile(tp.lb, n, want, tp.hist) if n > want else INFINITY
         if lam > lo:   # (each code swept once: the guesses of other samples may be lower)
             _sweep(sg, tp, n, lo, lam, tables, n0, tsize, cell.plan, tab0, tab1, top, pend,
@@ -631,7 +637,7 @@ cdef int64_t _scan_two_phase(const Segs *sg, TwoPhase *tp, cypq_adc4_cell *cell,
             lo = lam
         if lam == INFINITY or top.n >= top.k:
             break
-        want *= 2
+        want += 1 + want * 3 // 10
     topk_settle(top)
     if lo < top.td:
         _sweep(sg, tp, n, lo, top.td, tables, n0, tsize, cell.plan, tab0, tab1, top, pend,

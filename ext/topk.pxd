@@ -301,7 +301,7 @@ cdef inline void _sort_held(TopK *t) noexcept nogil:
 cdef inline void topk_settle(TopK *t) noexcept nogil:
     """topk_tighten, sorting (up to RANK_ROOM entries held) where it selects: for a scan that
     expects few more entries, so that its finish need not sort the k best again (a two-phase
-    scan's first sweep took ~1.5 k entries and its second few or none: the selection and
+    scan's first sweep takes ~1.2 k entries and its second few or none: the selection and
     then the finish's sort of the same entries were a sixth of a one-cell search)."""
     if t.n <= t.k or t.n > RANK_ROOM:
         topk_tighten(t)

@@ -162,10 +162,12 @@ def scan_path():
 
 @pytest.fixture
 def first_sweep():
-    """Set the two-phase scan's first sweep (per cent of k; 0: off), back to 150 after."""
+    """Set the two-phase scan's first sweep (per cent of k; 0: off), back to the default after."""
     from cypq import _search
+    default = _search.two_phase()
+    _search.two_phase(default)
     yield _search.two_phase
-    _search.two_phase(150)
+    _search.two_phase(default)
 
 
 @pytest.mark.parametrize("V", [3, 16])
@@ -207,9 +209,10 @@ def test_fast_scan_bounds_change_nothing(dim, M, metric, V, n_threads, scan_path
                 np.testing.assert_array_equal(D1, D0)
 
 
-# The AVX2 path's two-phase scan (_search.pyx): its first sweep as set (150 per cent of k),
-# one code and doubling until the top k fills, or off (cell by cell, as a filtered scan).
-TWO_PHASE = (150, 1, 0)
+# The AVX2 path's two-phase scan (_search.pyx): its first sweep by default (120 per cent of
+# k), one code and 30% more each time until the top k fills, or off (cell by cell, as a
+# filtered scan).
+TWO_PHASE = (120, 1, 0)
 
 
 @pytest.mark.parametrize("k", [1, 7, 100])
