@@ -17,7 +17,9 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
 
 from radix cimport SMALL_SORT, radix_sort
-from topk cimport TopK, topk_alloc, topk_finish, topk_free, topk_reset, topk_settle
+from topk cimport (CYPQ_SORTNET_MAX, TopK, cypq_sortnet_enabled, cypq_sortnet_u32,
+                  cypq_sortnet_u32_portable, topk_alloc, topk_finish, topk_free, topk_reset,
+                  topk_settle)
 from nearest cimport Codebooks, codebooks_free, codebooks_init
 from fastscan cimport (CYPQ_ADC4_AVX2, cypq_adc4_avx2_block_bounds, cypq_adc4_bounds,
                       cypq_adc4_listed, cypq_adc4_tails, cypq_adc4_blocks,
@@ -1157,6 +1159,27 @@ def fast_scan(str limit="best"):
     cypq_fastscan_limit = ("best", "avx2", "portable").index(limit)
     cypq_adc4_plan_init(&p, 16, two_phase_first > 0)
     return ("portable", "avx2", "vbmi")[p.path]
+
+
+def sort_network(bint enabled=True):
+    """Let this module's top-k sorts take sortnet.h's AVX-512 network (the default; where the
+    CPU has AVX-512) or not (their radix sort): tests compare them. Returns the setting before."""
+    global cypq_sortnet_enabled
+    before = bool(cypq_sortnet_enabled)
+    cypq_sortnet_enabled = 1 if enabled else 0
+    return before
+
+
+def sortnet(uint32_t[::1] x, bint portable=False):
+    """Sort x (distinct keys, at most 256) in place by sortnet.h's network, in AVX-512
+    registers or (``portable``) in plain C, for tests; returns False (x untouched) where that
+    path declines: no AVX-512, more than 256 keys, or sort_network(False)."""
+    cdef int n = <int> x.shape[0]
+    if x.shape[0] > CYPQ_SORTNET_MAX:
+        return False
+    if portable:
+        return cypq_sortnet_u32_portable(&x[0] if n else NULL, n) != 0
+    return cypq_sortnet_u32(&x[0] if n else NULL, n) != 0
 
 
 def select_entries(const uintptr_t[::1] seg_codes, const uintptr_t[::1] seg_ids,

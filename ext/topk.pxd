@@ -12,6 +12,14 @@ from libc.string cimport memcpy
 
 from radix cimport float_key, radix_sort
 
+
+cdef extern from "sortnet.h" nogil:
+    enum:
+        CYPQ_SORTNET_MAX
+    int cypq_sortnet_enabled
+    int cypq_sortnet_u32(uint32_t *x, int n) noexcept
+    int cypq_sortnet_u32_portable(uint32_t *x, int n) noexcept
+
 cdef enum:
     RANK_ROOM = 512     # topk_finish sorts up to this many entries by radix (keys on the stack)
     FEW_AFTER = 8       # and up to this many after its ordered ones by insertion alone
@@ -254,14 +262,16 @@ cdef inline void _sort(TopK *t, int64_t lo, int64_t hi) noexcept nogil:
 
 
 cdef inline void _sort_held(TopK *t) noexcept nogil:
-    """Sort the n entries held in rank order: a stable radix sort of their distances' top 16
-    bits above the smallest (the keys' span scaled to 16 bits), then by insertion (each entry
-    moves only within its run of equal keys: distances within a 65536th of the span of each
-    other, and equal distances by id). The insertion pass alone would sort any order, so the
-    keys decide only the time, never the result; 16 bits take two counting passes at most
-    where whole distances took three or four. The quicksort's insertion runs of 16
-    mispredicted a branch per move; its partitions copy every entry per level. Beyond
-    RANK_ROOM entries, _sort."""
+    """Sort the n entries held in rank order: by their distances' top bits above the smallest
+    (the keys' span scaled to 23 bits, each with its entry's place below them: distinct keys,
+    sorted in AVX-512 registers by sortnet.h's network, up to CYPQ_SORTNET_MAX entries; else
+    16 bits by a stable radix sort), then by insertion (each entry moves only within its run of
+    equal keys: distances within a 2^23rd (2^16th) of the span of each other, and equal
+    distances by id). The insertion pass alone would sort any order, so the keys decide only
+    the time, never the result. The radix sort's two counting passes, each with a prefix over
+    256 buckets, were 13% of a short 4-bit search where the network of ~128 keys is ~900
+    instructions; the quicksort's insertion runs of 16 mispredicted a branch per move, and its
+    partitions copy every entry per level. Beyond RANK_ROOM entries, _sort."""
     cdef uint32_t key[RANK_ROOM]
     cdef uint32_t tkey[RANK_ROOM]
     cdef int32_t val[RANK_ROOM]
@@ -272,20 +282,34 @@ cdef inline void _sort_held(TopK *t) noexcept nogil:
     cdef uintptr_t *sw = t.w + t.cap if t.w != NULL else NULL
     cdef uint32_t lo = 0xFFFFFFFF, hi = 0
     cdef int shift = 0
+    cdef bint ties
     t.ordered = n
     if n > RANK_ROOM:
         _sort(t, 0, n)
         return
     for j in range(n):
         key[j] = float_key(t.d[j])
-        val[j] = <int32_t> j
         lo = key[j] if key[j] < lo else lo
         hi = key[j] if key[j] > hi else hi
-    while ((hi - lo) >> shift) > 0xFFFF:
-        shift += 1
-    for j in range(n):
-        key[j] = (key[j] - lo) >> shift
-    radix_sort(key, val, n, tkey, tval)
+    if n <= CYPQ_SORTNET_MAX and cypq_sortnet_enabled:   # (8 bits of place: n <= 256)
+        while ((hi - lo) >> shift) > 0x7FFFFF:
+            shift += 1
+        for j in range(n):
+            tkey[j] = (((key[j] - lo) >> shift) << 8) | <uint32_t> j
+    if n <= CYPQ_SORTNET_MAX and cypq_sortnet_u32(tkey, <int> n):
+        ties = False
+        for j in range(n):
+            val[j] = <int32_t> (tkey[j] & 0xFF)
+            ties = ties | (j > 0 and (tkey[j] >> 8) == (tkey[j - 1] >> 8))
+    else:
+        ties = True
+        shift = 0
+        while ((hi - lo) >> shift) > 0xFFFF:
+            shift += 1
+        for j in range(n):
+            key[j] = (key[j] - lo) >> shift
+            val[j] = <int32_t> j
+        radix_sort(key, val, n, tkey, tval)
     memcpy(sd, t.d, n * sizeof(float))     # the scratch halves hold cap >= n entries
     memcpy(si, t.i, n * sizeof(int64_t))
     for j in range(n):
@@ -295,7 +319,8 @@ cdef inline void _sort_held(TopK *t) noexcept nogil:
         memcpy(sw, t.w, n * sizeof(uintptr_t))
         for j in range(n):
             t.w[j] = sw[val[j]]
-    _insertion_sort(t, 0, n)
+    if ties:   # (keys all distinct: already in distance order, and no distances equal)
+        _insertion_sort(t, 0, n)
 
 
 cdef inline void topk_settle(TopK *t) noexcept nogil:

@@ -112,8 +112,9 @@ def test_adc_topk_ties_rank_by_id(k, signed, n_threads):
     # Tables of a few integers make most distances tied: the top k must be the k smallest
     # (distance, row) pairs in that order, however the reservoir compacts (k and 2k or
     # k + 32 entries), whatever the order of the rows, and whichever way the final sort
-    # goes (by counting up to 96 entries, by radix up to 512, quicksort beyond). Signed:
-    # negative distances too (inner products), and -0.0 sums, tied with +0.0 ones.
+    # goes (with AVX-512 a sorting network up to 256 entries; else by counting up to 96, by
+    # radix up to 512; quicksort beyond). Signed: negative distances too (inner products),
+    # and -0.0 sums, tied with +0.0 ones.
     rng = np.random.default_rng(16)
     M, Ks, nq, n = 4, 256, 7, 6000
     T = rng.integers(-2 if signed else 0, 3, (nq, M, Ks)).astype(np.float32)
@@ -128,6 +129,25 @@ def test_adc_topk_ties_rank_by_id(k, signed, n_threads):
         order = np.lexsort((np.arange(n), dist))[:k]
         np.testing.assert_array_equal(I[q], order)
         np.testing.assert_array_equal(D[q], dist[order])
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_sortnet_matches_numpy(portable):
+    """The top k's sorting network (sortnet.h), in AVX-512 registers and in plain C, against
+    np.sort: distinct keys (as the top k gives them), 0-256 of them (padded to a power of two
+    within), random, ascending, descending, and keys a unit apart; more than 256 declined."""
+    from cypq import _search
+    rng = np.random.default_rng(3)
+    for n in (0, 1, 2, 3, 15, 16, 17, 31, 64, 100, 127, 128, 129, 200, 255, 256):
+        random = rng.choice(2**32 - 1, n, replace=False).astype(np.uint32)
+        close = (rng.permutation(n) + np.uint32(2**31)).astype(np.uint32)
+        for x in (random, np.sort(random), np.sort(random)[::-1].copy(), close):
+            y = x.copy()
+            if not _search.sortnet(y, portable):
+                pytest.skip("no AVX-512 here: the network's AVX-512 build is not taken")
+            np.testing.assert_array_equal(y, np.sort(x))
+    x = np.arange(257, dtype=np.uint32)[::-1].copy()
+    assert not _search.sortnet(x, portable) and x[0] == 256
 
 
 def test_update_centroids_matches_reference(n_threads):

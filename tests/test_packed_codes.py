@@ -237,6 +237,29 @@ def test_two_phase_scan_equals_reference(k, n_threads, scan_path, first_sweep):
             np.testing.assert_array_equal(D1, D0)
 
 
+@pytest.mark.parametrize("k", [7, 100, 200])
+def test_top_k_sort_ways_agree(k, n_threads):
+    """The top k's final sort in AVX-512 registers (sortnet.h, up to 256 entries held: k = 7
+    and 100, whose two-phase first sweeps hold ~1.2 k) and by radix (sort_network(False); and
+    k = 200's 240 or more), over repeated vectors (equal distances ranked by id): the same
+    ids and distances, and LOPQ's reference ranking."""
+    from cypq import _search
+    model, X, Q = _fit(64, V=3, M=16, n=1200, seed=k)
+    X = np.concatenate([X, X[:300], X[:300]])
+    index = Index.in_memory(model, n_threads=n_threads)
+    index.add(X)
+    try:
+        out = {}
+        for network in (True, False):
+            _search.sort_network(network)
+            out[network] = index.search(Q, k=k, quota=600)
+    finally:
+        _search.sort_network(True)
+    np.testing.assert_array_equal(out[True][1], out[False][1])
+    np.testing.assert_array_equal(out[True][0], out[False][0])
+    ref.assert_search_matches(index, model, X, np.arange(len(X)), Q, k, 600)
+
+
 def _blocks_reference(codes: np.ndarray) -> np.ndarray:
     """codes (n, W) uint8 in blocks of 32: block b's byte 32 c + r is byte c of row 32 b + r,
     rows past n zero (fastscan.h cypq_adc4_blocks)."""
