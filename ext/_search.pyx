@@ -476,11 +476,11 @@ cdef enum:
     TWO_PHASE_MAX = 0x7FFFFFC0    # codes per query at most (their rows are int32)
 
 # The first sweep takes about this many per cent of k codes, and 30% more each time the
-# guess of that many leaves the top k short (1.5 k, doubled, summed 150-160 codes per query
-# at k = 100 where with the tighter bounds of cypq_quantize4's half delta 1.2 k, 1.3x
-# sums 120-145: MANMINILM's and REALSIFT1M's 4-bit codes of 8-32 bytes at quota 500-8000;
-# 1.0 k left the top k short too often, and 1.1 k was level with 1.2 k). 0: no two-phase
-# scan, see two_phase.
+# guess of that many leaves the top k short. At k = 100 a query summed 150-240 codes in
+# float with 1.5 k and doubling, 120-175 with 1.2 k and 30% (and cypq_quantize4's tighter
+# bounds): MANMINILM's and REALSIFT1M's 4-bit codes of 16-32 bytes at quota 500-8000. 1.0 k
+# left the top k short too often; 1.1 k was level with 1.2 k. 0: no two-phase scan, see
+# two_phase.
 cdef enum:
     TWO_PHASE_FIRST = 120
 cdef int two_phase_first = TWO_PHASE_FIRST
