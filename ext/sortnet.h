@@ -5,7 +5,8 @@
  * serial prefix over 256 buckets) and a network of 128 keys is ~900 instructions.
  *
  * cypq_sortnet_u32 sorts in place and returns 1, or returns 0 (nothing done) where the CPU has
- * no AVX-512 or n is above CYPQ_SORTNET_MAX: the caller then sorts another way. Keys must be
+ * no AVX-512 or n is above CYPQ_SORTNET_MAX: the caller then sorts another way
+ * (cypq_sortnet_ready says beforehand). Keys must be
  * distinct (the caller's carry their position in their low bits), so that every way of
  * sorting them gives the same order; cypq_sortnet_u32_portable is the same network in plain C,
  * for the tests to check the AVX-512 one against.
@@ -102,12 +103,23 @@ static void cypq_sortnet_run_avx512(uint32_t *x, int p) {
 }
 #endif
 
+/* Whether cypq_sortnet_u32 sorts (up to CYPQ_SORTNET_MAX keys) here and now: AVX-512, and
+ * cypq_sortnet_enabled. */
+static inline int cypq_sortnet_ready(void) {
+#if CYPQ_WIDE
+    return cypq_sortnet_enabled && cypq_wide();
+#else
+    (void)cypq_sortnet_enabled;
+    return 0;
+#endif
+}
+
 /* x[0 .. n) (distinct keys) sorted ascending in AVX-512 registers; returns 0 (nothing done)
- * without AVX-512, for n above CYPQ_SORTNET_MAX, or while cypq_sortnet_enabled is 0. */
+ * where cypq_sortnet_ready says no or n is above CYPQ_SORTNET_MAX. */
 static int cypq_sortnet_u32(uint32_t *x, int n) {
 #if CYPQ_WIDE
     uint32_t buf[CYPQ_SORTNET_MAX] __attribute__((aligned(64)));
-    if (n > CYPQ_SORTNET_MAX || !cypq_sortnet_enabled || !cypq_wide()) return 0;
+    if (n > CYPQ_SORTNET_MAX || !cypq_sortnet_ready()) return 0;
     if (n < 2) return 1;
     const int p = cypq_sortnet_width(n);
     memcpy(buf, x, (size_t)n * sizeof *x);
@@ -116,7 +128,7 @@ static int cypq_sortnet_u32(uint32_t *x, int n) {
     memcpy(x, buf, (size_t)n * sizeof *x);
     return 1;
 #else
-    (void)x; (void)n; (void)cypq_sortnet_enabled;
+    (void)x; (void)n;
     return 0;
 #endif
 }

@@ -17,6 +17,7 @@ cdef extern from "sortnet.h" nogil:
     enum:
         CYPQ_SORTNET_MAX
     int cypq_sortnet_enabled
+    int cypq_sortnet_ready() noexcept
     int cypq_sortnet_u32(uint32_t *x, int n) noexcept
     int cypq_sortnet_u32_portable(uint32_t *x, int n) noexcept
 
@@ -291,19 +292,18 @@ cdef inline void _sort_held(TopK *t) noexcept nogil:
         key[j] = float_key(t.d[j])
         lo = key[j] if key[j] < lo else lo
         hi = key[j] if key[j] > hi else hi
-    if n <= CYPQ_SORTNET_MAX and cypq_sortnet_enabled:   # (8 bits of place: n <= 256)
+    if n <= CYPQ_SORTNET_MAX and cypq_sortnet_ready():   # (8 bits of place: n <= 256)
         while ((hi - lo) >> shift) > 0x7FFFFF:
             shift += 1
         for j in range(n):
             tkey[j] = (((key[j] - lo) >> shift) << 8) | <uint32_t> j
-    if n <= CYPQ_SORTNET_MAX and cypq_sortnet_u32(tkey, <int> n):
+        cypq_sortnet_u32(tkey, <int> n)
         ties = False
         for j in range(n):
             val[j] = <int32_t> (tkey[j] & 0xFF)
             ties = ties | (j > 0 and (tkey[j] >> 8) == (tkey[j - 1] >> 8))
     else:
         ties = True
-        shift = 0
         while ((hi - lo) >> shift) > 0xFFFF:
             shift += 1
         for j in range(n):
