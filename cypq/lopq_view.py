@@ -9,6 +9,17 @@ from ._checks import code_dtype_for
 from ._threads import single_threaded_blas
 
 
+# Rotations (both halves) up to this size are also kept transposed, so that a search no
+# longer transposes each rotation it visits once per batch of queries (one process
+# alternating, identical results: REALSIFT1M 4-bit M=64 V=128 0.95-0.98x the time at quota
+# 1000-4000, M=32 V=128 0.95x; MANMINILM's V=16 0.99-1.0x). Within it: 4-bit models at
+# V <= 128 and D/2 <= 64 (REALSIFT1M's chosen ones), and MANMINILM's. Past it the copy is
+# not worth its memory in a searching process (README, "Where cypq's 33 MB go": 8 MB for
+# V=256, which gained 0.94-0.99x; 32 MB for 8-bit V=1024, whose search took 0.97-0.99x with
+# no transposes at all).
+ROTATIONS_T_BYTES = 4 << 20
+
+
 class KernelView:
     """A trained model's arrays as the kernels read them (read-only, C-contiguous float32).
 
@@ -17,6 +28,9 @@ class KernelView:
     V : int
     coarse : numpy.ndarray (2, V, D/2): both halves' coarse centroids.
     Cs, Rs, mus : tuple of two arrays (V, D/2), (V, D/2, D/2), (V, D/2); the model's own.
+    RT : tuple of two numpy.ndarray (V, D/2, D/2), or None: the rotations transposed, what a
+        forward projection multiplies by, kept where both halves' rotations take at most
+        ROTATIONS_T_BYTES (else each call transposes the rotations it visits).
     fine : numpy.ndarray (M, S, D/M): the fine subquantizers, half 0's first.
     code_dtype : numpy.dtype of fine codes.
     Cmu, RCmu : tuple of two numpy.ndarray (V, D/2), or None: C[c] + mu[c] and
@@ -24,17 +38,19 @@ class KernelView:
         <q, C + mu + R^T s> = <q, C + mu> + <R q, s>).
     """
 
-    __slots__ = ("V", "coarse", "Cs", "Rs", "mus", "fine", "code_dtype", "Cmu", "RCmu")
+    __slots__ = ("V", "coarse", "Cs", "Rs", "RT", "mus", "fine", "code_dtype", "Cmu", "RCmu")
 
     @classmethod
     def of(cls, model) -> "KernelView":
         v = cls()
         v.V, v.Cs, v.Rs, v.mus = model.V, model.Cs, model.Rs, model.mus
         v.code_dtype = np.dtype(model.fine_code_dtype)
-        v.coarse = v.fine = v.Cmu = v.RCmu = None
+        v.coarse = v.fine = v.Cmu = v.RCmu = v.RT = None
         if model.Cs is not None:
             v.coarse = _frozen(np.stack(model.Cs))
         if model.Rs is not None:
+            if sum(R.nbytes for R in model.Rs) <= ROTATIONS_T_BYTES:
+                v.RT = tuple(_frozen(R.transpose(0, 2, 1)) for R in model.Rs)
             if model.metric == "ip":
                 v.Cmu = tuple(_frozen(C + mu) for C, mu in zip(model.Cs, model.mus))
                 v.RCmu = tuple(_frozen(np.einsum("vij,vj->vi", R, Cm, optimize=True))
@@ -79,7 +95,8 @@ class KernelView:
         out = np.empty_like(X)
         for h in range(2):
             _lopq.project(X, h * Dh, self.Cs[h], self.Rs[h], self.mus[h],
-                          *groups[h], out, h * Dh, inverse, n_threads)
+                          *groups[h], out, h * Dh, inverse, n_threads,
+                          RT=None if self.RT is None else self.RT[h])
         return out
 
 

@@ -507,7 +507,7 @@ def _local_frames(view, h, Qb, flat, n_cells, n_threads, room=None):
     order, offsets = _lopq.group_rows(cent, view.V)
     # each row from its query's half in place (a query recurs in many rows)
     _lopq.project(Qb, h * Dh, view.Cs[h], view.Rs[h], view.mus[h], order, offsets,
-                  P, 0, False, n_threads, key_query)
+                  P, 0, False, n_threads, key_query, None if view.RT is None else view.RT[h])
     off = None
     if view.Cmu is not None:
         P += view.RCmu[h][cent]

@@ -108,7 +108,7 @@ def residual_stats(const float[:, ::1] X, int col0, const float[:, ::1] C,
 def project(const float[:, ::1] X, int col0, const float[:, ::1] C, const float[:, :, ::1] R,
             const float[:, ::1] mu, const int64_t[::1] order,
             const int64_t[::1] offsets, float[:, ::1] out, int out_col0, bint inverse,
-            int n_threads, const int64_t[::1] src=None):
+            int n_threads, const int64_t[::1] src=None, const float[:, :, ::1] RT=None):
     """Local projection of every row in its cluster's frame, or its inverse.
 
     X (n, D) float32 (columns col0 : col0 + d); C (V, d) centroids; R (V, d, d) rotations;
@@ -118,13 +118,15 @@ def project(const float[:, ::1] X, int col0, const float[:, ::1] C, const float[
     Inverse: out = R[c].T @ x + mu[c] + C[c]. A row's result does not depend on the rows it
     is grouped with (see cypq_matmul_t). ``src`` (n,) int64: row i of the output is made
     from X[src[i]] (order and offsets then group 0 .. n-1), so repeated rows of X need not
-    be copied first (a search projects each query into many frames).
+    be copied first (a search projects each query into many frames). ``RT`` (V, d, d): the
+    rotations transposed, made once (KernelView.RT), for a forward projection to read
+    instead of transposing each visited one per call; the same results.
     """
     cdef int V = C.shape[0], d = C.shape[1], c, a, nb
     cdef Py_ssize_t t0, t, i, n = X.shape[0]
     cdef float *Z
     cdef float *Y
-    cdef float *RT
+    cdef float *Rt
     cdef int failed = 0
     cdef int *fail = &failed
     cdef const int64_t *sp = NULL
@@ -141,25 +143,38 @@ def project(const float[:, ::1] X, int col0, const float[:, ::1] C, const float[
     if (R.shape[0] != V or R.shape[1] != d or R.shape[2] != d or mu.shape[0] != V
             or mu.shape[1] != d or offsets.shape[0] != V + 1 or out.shape[0] != n):
         raise ValueError("project: inconsistent shapes")
+    cdef const float *RTs = NULL
+    if RT is not None and not inverse:
+        if RT.shape[0] != V or RT.shape[1] != d or RT.shape[2] != d:
+            raise ValueError("project: RT's shape is not R's")
+        if V:
+            RTs = &RT[0, 0, 0]
+    cdef const float *A
     with nogil, parallel(num_threads=n_threads):
         Z = <float *> malloc((2 * BLOCK + d) * d * sizeof(float))
         Y = Z + BLOCK * d
-        RT = Y + BLOCK * d
+        Rt = Y + BLOCK * d
         for c in prange(V, schedule="dynamic"):
             if Z == NULL:
                 fail[0] = 1
                 continue
             t0 = offsets[c]
+            if inverse:
+                A = &R[c, 0, 0]
+            else:
+                A = RTs + <int64_t> c * d * d if RTs != NULL else Rt
             if not inverse and t0 < offsets[c + 1]:
-                # R[c]^T, made here rather than kept beside R: a second copy of every
-                # rotation would double the model's largest part in a searching process
-                cypq_transpose(&R[c, 0, 0], d, RT)
+                if RTs == NULL:
+                    # R[c]^T made here where the view keeps no transposed copy (models whose
+                    # rotations pass KernelView's budget: a copy would double them)
+                    cypq_transpose(&R[c, 0, 0], d, Rt)
                 # the next cluster's rotation, read while this one's rows are projected: the
                 # transposes waited on its misses (8% of a REALSIFT1M 4-bit search); into L2,
                 # which holds it whole (16-36 KB), where L1 held its rows and tables (0.97-1.0x
                 # the time of a search, 4-bit and 8-bit, REALSIFT1M and MANMINILM)
                 if c + 1 < V and offsets[c + 2] > offsets[c + 1]:
-                    cypq_prefetch_span(&R[c + 1, 0, 0], <int64_t> d * d * sizeof(float), 1)
+                    cypq_prefetch_span(RTs + <int64_t> (c + 1) * d * d if RTs != NULL
+                                       else &R[c + 1, 0, 0], <int64_t> d * d * sizeof(float), 1)
             while t0 < offsets[c + 1]:
                 nb = <int> (offsets[c + 1] - t0 if offsets[c + 1] - t0 < BLOCK else BLOCK)
                 for t in range(nb):
@@ -169,8 +184,8 @@ def project(const float[:, ::1] X, int col0, const float[:, ::1] C, const float[
                         memcpy(Z + t * d, &X[j, col0], d * sizeof(float))
                     else:
                         cypq_shift2(&X[j, col0], &C[c, 0], &mu[c, 0], -1, d, Z + t * d)
-                # y = R[c] z is a sum of the rows of R[c]^T (made above), R[c]^T z of R[c]'s.
-                cypq_matmul_t(RT if not inverse else &R[c, 0, 0], Z, nb, d, Y)
+                # y = R[c] z is a sum of the rows of R[c]^T (A), R[c]^T z of R[c]'s.
+                cypq_matmul_t(A, Z, nb, d, Y)
                 for t in range(nb):
                     i = order[t0 + t]
                     if inverse:

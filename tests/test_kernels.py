@@ -238,3 +238,13 @@ def test_project_matches_reference(inverse, d, n_threads):
     np.testing.assert_allclose(out[:, 2 * d:], want, rtol=1e-4, atol=1e-5)
     assert np.isnan(out[:, :2 * d]).all()   # other columns untouched
     np.testing.assert_array_equal(out2, out[few, 2 * d:])
+    # the rotations given transposed (KernelView.RT): the same bits as transposed per call
+    # (an inverse projection multiplies by R itself and ignores them)
+    RT = np.ascontiguousarray(R.transpose(0, 2, 1))
+    out3 = np.full((700, d), np.nan, np.float32)
+    _lopq.project(X, d, C, R, mu, order, offsets, out3, 0, inverse, n_threads, None, RT)
+    np.testing.assert_array_equal(out3, out[:, 2 * d:])
+    if not inverse:   # (which alone reads them, and so checks their shape)
+        with pytest.raises(ValueError, match="RT's shape"):
+            _lopq.project(X, d, C, R, mu, order, offsets, out3, 0, inverse, n_threads, None,
+                          np.ascontiguousarray(RT[:4]))

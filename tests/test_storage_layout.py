@@ -338,6 +338,28 @@ def test_kernel_view_is_built_once_and_follows_new_parts(small):
     assert "_kernel_view" not in model.__getstate__()
 
 
+def test_kernel_view_keeps_small_rotations_transposed(small, monkeypatch):
+    """Within the budget the view keeps R^T (read-only) and projections read it; past it
+    they transpose each visited rotation: the same codes and search results either way."""
+    from cypq import lopq_view
+    model, X = small
+    v = model.kernel_view()
+    for h in range(2):
+        np.testing.assert_array_equal(v.RT[h], model.Rs[h].transpose(0, 2, 1))
+        assert v.RT[h].flags.c_contiguous and not v.RT[h].flags.writeable
+    index = Index.in_memory(model)
+    index.add(X, np.arange(len(X)))
+    got = (model.predict(X).fine, *index.search(X[:300], k=20, quota=200))
+    monkeypatch.setattr(lopq_view, "ROTATIONS_T_BYTES", 0)
+    bare = LOPQModel(V=6, M=4, subquantizer_clusters=16,
+                     parameters=(model.Cs, model.Rs, model.mus, model.subquantizers))
+    assert bare.kernel_view().RT is None
+    index = Index.in_memory(bare)
+    index.add(X, np.arange(len(X)))
+    for a, b in zip(got, (bare.predict(X).fine, *index.search(X[:300], k=20, quota=200))):
+        np.testing.assert_array_equal(a, b)
+
+
 # ---------------------------------------------------------------------------- layering
 def _imports(path: pathlib.Path) -> set[str]:
     """Modules a cypq source file imports, as absolute names."""
