@@ -471,6 +471,40 @@ def test_bench_fastscan_phases_runs(setup):
     assert cypq.search._search.__name__ == "cypq._search"
 
 
+def test_bench_retime_takes_turns_and_keeps_the_least_time(monkeypatch):
+    """tools/bench_lopq's retime: each point timed again once per round, cypq's and the
+    peer's points alternating, and each point's row and (system, setting, ms, recalls)
+    keeping its least time (the clock scripted: no timing here)."""
+    import argparse
+    import sys
+    tools = str(Path(__file__).resolve().parent.parent / "tools")
+    sys.path.insert(0, tools)
+    try:
+        import bench_lopq
+    finally:
+        sys.path.remove(tools)
+    gt = np.zeros((4, 1), np.int64)
+    calls, clock = [], iter([0.008, 0.004, 0.012, 0.02,             # first timings (s)
+                             0.006, 0.008, 0.004, 0.016,            # round 1
+                             0.010, 0.002, 0.008, 0.012])           # round 2
+    monkeypatch.setattr(bench_lopq, "best_of", lambda fn, repeat: (next(clock), fn()))
+
+    def search(name):
+        return lambda: (calls.append(name), (None, np.zeros((4, 100), np.int64)))[1]
+    rows, mine, theirs, later = [], [], [], []
+    args = argparse.Namespace(repeat=2)
+    for name, points in (("cypq a", mine), ("cypq b", mine), ("faiss c", theirs),
+                         ("faiss d", theirs)):
+        bench_lopq.time_point(search(name), name, "s", 0.0, 0.0, args, gt, rows, points,
+                              later)
+    bench_lopq.retime(later, 2)
+    assert calls[4:] == ["cypq a", "faiss c", "cypq b", "faiss d"] * 2
+    # ms/query = s / 4 queries * 1000
+    assert [p[2] for p in mine] == [1.5, 1.0] and [p[2] for p in theirs] == [0.5, 3.0]
+    assert [float(r.split("|")[5]) for r in rows] == [1.5, 1.0, 0.5, 3.0]
+    assert all(p[3][10] == 1.0 for p in mine + theirs)
+
+
 def test_cell_reach_walks_as_the_index(setup):
     """tools/cell_reach.py's reach of a quota, computed from the cells' distances alone,
     against the index's own walk: a search whose k exceeds the base returns exactly the

@@ -53,7 +53,7 @@ def top_options(p, quotas) -> None:
     p.add_argument("--top-quotas", type=int, nargs="+", default=quotas)
 
 
-def bench_top(M, S, args, xt, xb, xq, gt, rows, points):
+def bench_top(M, S, args, xt, xb, xq, gt, rows, points, later=None):
     """The top-recall curve of M subquantizers of S codewords, as bench_cypq runs it: V =
     args.top_V, a PCA to top_pca_dim, over args.top_quotas; None where D has no such PCA."""
     pca_dim = top_pca_dim(xt.shape[1], M)
@@ -61,7 +61,7 @@ def bench_top(M, S, args, xt, xb, xq, gt, rows, points):
         return None
     top_args = argparse.Namespace(**{**vars(args), "quotas": args.top_quotas})
     return bench_cypq(M, top_args, xt, xb, xq, gt, rows, V=args.top_V, S=S, pca_dim=pca_dim,
-                      points=points)
+                      points=points, later=later)
 
 
 def dominated(point, mine) -> bool:

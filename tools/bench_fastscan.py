@@ -1,7 +1,7 @@
 """4-bit LOPQ codes against faiss's 4-bit fast-scan, at equal code bytes, in one run.
 
     python tools/bench_fastscan.py [--data ../shared/data/realsift1m] [--bytes 8 16 24 32]
-                                   [--nq 1000] [--plot fastscan.png]
+                                   [--nq 1000] [--rounds 3] [--plot fastscan.png]
 
 Per code size B (bytes per vector): cypq LOPQ with 4-bit codes (M = 2B subquantizers of 16
 codewords, stored two per byte) and with 8-bit codes (M = B of 256), V and the PCA as
@@ -10,7 +10,9 @@ has a PCA, the top-recall curve of bench_embeddings (V=16 with a PCA to 2D/3 ove
 --top-quotas); and faiss IVF{256,1024},PQ{2B}x4fs
 and x4fsr (fast-scan, by residual / not) over nprobe. A size is skipped for a system whose
 subquantizers do not divide its dimension. All train on the learn set and index the base;
-1 search thread, k=100. Prints recall@1/10/100 and ms/query per point; per code size, how
+1 search thread, k=100. Each point is timed best of --repeat where its system is built, then
+--rounds more times once all of a size's systems are, cypq's and faiss's points taking turns
+(each keeps its least time: see bench_lopq.retime). Prints recall@1/10/100 and ms/query per point; per code size, how
 many faiss points have a cypq point with recall@10 >= it at <= its ms/query; and where a
 4-bit search's time goes (cell order, local frames, tables + scan, the rest) at one quota.
 """
@@ -27,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _data import DEFAULT_DATA  # noqa: E402
 from bench_embeddings import (NPROBE, _plot, bench_top, load_and_say,  # noqa: E402
                              print_tables, summary_row, sweep_options, top_options)
-from bench_lopq import bench_cypq, bench_faiss, faiss  # noqa: E402
+from bench_lopq import bench_cypq, bench_faiss, faiss, retime  # noqa: E402
 
 from cypq import search as search_mod  # noqa: E402
 
@@ -79,17 +81,19 @@ def main(argv=None) -> None:
     p.add_argument("--bytes", type=int, nargs="+", default=[8, 16, 24, 32])
     top_options(p, [8000, 12000, 16000, 24000, 32000])
     sweep_options(p, nq=1000, quotas=QUOTAS)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="times each point is timed again, the systems taking turns")
     args = p.parse_args(argv)
     args.V = None   # bench_cypq: LOPQModel chooses V
     xt, xb, xq, gt = load_and_say(args)
     D = xb.shape[1]
     rows, summary, by_size, profile = [], [], {}, []
     for B in args.bytes:
-        mine, theirs = [], []
+        mine, theirs, later = [], [], []
         for M, S in ((2 * B, 16), (B, 256)):
             try:
                 index = bench_cypq(M, args, xt, xb, xq, gt, rows, points=mine, defaults=True,
-                                   S=S)
+                                   S=S, later=later)
             except ValueError as e:   # M does not divide the (reduced) dimension
                 print(f"cypq M={M}, {S} codewords: skipped ({e})")
                 continue
@@ -97,11 +101,14 @@ def main(argv=None) -> None:
                 profile.append(f"{B} B, {index.model!r}: " +
                                phases(index, xq, PHASES_QUOTA))
                 if index.model.pca_dim:   # (the 4-bit top-recall curve, where it has one)
-                    bench_top(M, S, args, xt, xb, xq, gt, rows, mine)
+                    bench_top(M, S, args, xt, xb, xq, gt, rows, mine, later)
         if faiss is not None and D % (2 * B) == 0:
             specs = [(f"IVF{nlist},PQ{2 * B}x4{kind}", NPROBE) for nlist in (256, 1024)
                      for kind in ("fs", "fsr")]
-            bench_faiss(2 * B, args, xt, xb, xq, gt, rows, specs=specs, points=theirs)
+            bench_faiss(2 * B, args, xt, xb, xq, gt, rows, specs=specs, points=theirs,
+                        later=later)
+        retime(later, args.rounds)
+        index = later = None   # (this size's indexes, which its points held)
         if mine or theirs:   # (a size no system here can make draws no panel)
             by_size[B] = (mine, theirs)
         if theirs and mine:
