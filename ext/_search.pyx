@@ -1182,6 +1182,20 @@ def sortnet(uint32_t[::1] x, bint portable=False):
     return cypq_sortnet_u32(&x[0] if n else NULL, n) != 0
 
 
+def bound_quantile(const float[::1] lb, int64_t want):
+    """cypq_bound_quantile of lb (the two-phase scan's guess at its first sweep's threshold),
+    0 < want < len(lb), for tests; None where the CPU takes no two-phase scan (without AVX2
+    the function is a stub)."""
+    cdef cypq_adc4_plan p
+    cdef int32_t hist[256]
+    if not 0 < want < lb.shape[0]:
+        raise ValueError("bound_quantile: 0 < want < len(lb)")
+    cypq_adc4_plan_init(&p, 8, 1)
+    if p.path != CYPQ_ADC4_AVX2:
+        return None
+    return cypq_bound_quantile(&lb[0], lb.shape[0], want, hist)
+
+
 def select_entries(const uintptr_t[::1] seg_codes, const uintptr_t[::1] seg_ids,
                    const uintptr_t[::1] seg_tags, const int64_t[::1] seg_len,
                    int64_t code_bytes, const uint64_t[::1] mask, const int64_t[::1] id_set,

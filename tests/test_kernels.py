@@ -150,6 +150,40 @@ def test_sortnet_matches_numpy(portable):
     assert not _search.sortnet(x, portable) and x[0] == 256
 
 
+def _bound_quantile_reference(lb: np.ndarray, want: int) -> np.float32:
+    """cypq_bound_quantile in NumPy: of a sample of every step-th bound (4 want of them, 256
+    at least), the upper edge of the first of 256 buckets between the bounds' minimum a and
+    maximum b by which want / step of the sample have come (b where none before the last)."""
+    a, b = lb.min(), lb.max()
+    if not b > a or not np.isfinite(b - a):
+        return b
+    step = max(len(lb) // max(4 * want, 256), 1)
+    scale = np.float32(256) / (b - a)
+    k = np.clip(np.trunc((lb[::step] - a) * scale), 0, 255).astype(np.int64)
+    reached = np.flatnonzero(np.cumsum(np.bincount(k, minlength=256))[:255]
+                             >= -(-want // step))
+    return a + np.float32(reached[0] + 1) / scale if len(reached) else b
+
+
+def test_bound_quantile_matches_reference():
+    """The two-phase scan's threshold guess (a histogram of a sample of the bounds) against
+    NumPy's: lengths around the min / max pass's vectors of 8, samples 1 to ~19 apart, heavy
+    ties, a few distinct values, a constant (which returns the constant)."""
+    from cypq import _search
+    rng = np.random.default_rng(5)
+    for n in (2, 7, 8, 9, 100, 257, 1000, 2900, 5003, 20000):
+        for lb in (rng.normal(50, 10, n), rng.integers(0, 4, n) * 3.5 + 10,
+                   np.round(rng.exponential(20, n)), np.full(n, 7.0), np.arange(n)[::-1]):
+            lb = np.ascontiguousarray(lb, dtype=np.float32)
+            for want in {1, 3, 12, 120, n // 2, n - 1} - {0, n}:
+                if not 0 < want < n:
+                    continue
+                got = _search.bound_quantile(lb, want)
+                if got is None:
+                    pytest.skip("no AVX2 here: no two-phase scan, no guess")
+                assert np.float32(got) == _bound_quantile_reference(lb, want), (n, want)
+
+
 def test_update_centroids_matches_reference(n_threads):
     rng = np.random.default_rng(7)
     X = clustered(3000, 24, seed=7)
