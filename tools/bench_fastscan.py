@@ -12,9 +12,10 @@ and x4fsr (fast-scan, by residual / not) over nprobe. A size is skipped for a sy
 subquantizers do not divide its dimension. All train on the learn set and index the base;
 1 search thread, k=100. Each point is timed best of --repeat where its system is built, then
 --rounds more times once all of a size's systems are, cypq's and faiss's points taking turns
-(each keeps its least time: see bench_lopq.retime). Prints recall@1/10/100 and ms/query per point; per code size, how
-many faiss points have a cypq point with recall@10 >= it at <= its ms/query; and where a
-4-bit search's time goes (cell order, local frames, tables + scan, the rest) at one quota.
+(each keeps its least time: see bench_lopq.retime). Prints recall@1/10/100 and ms/query per
+point; per code size, how many faiss points have a cypq point with recall@10 >= it at <= its
+ms/query; and where a 4-bit search's time goes (cell order, local frames, tables + scan, the
+rest) at one quota.
 """
 from __future__ import annotations
 

@@ -151,7 +151,7 @@ def bench_faiss(M, args, xt, xb, xq, gt, rows, specs=None, points=None, V=None, 
         encode_s = t.s
         ps = faiss.ParameterSpace()
         for setting in settings:
-            def prepare(index=index, setting=setting):   # (threads: training takes 2)
+            def prepare(index=index, setting=setting, ps=ps):   # (threads: training takes 2)
                 faiss.omp_set_num_threads(args.threads)
                 ps.set_index_parameters(index, setting)
             time_point(lambda index=index: index.search(xq, 100), "faiss " + key, setting,
