@@ -300,7 +300,8 @@ class LOPQModel:
 
     def kernel_view(self) -> "KernelView":
         """The model's arrays laid out as the kernels read them, built once per set of
-        parameters (rebuilt only when a part is replaced, e.g. by ``fit``).
+        parameters (rebuilt only when a part is replaced, e.g. by ``fit``). Replace parts; an
+        edit in place misses the view's copies (coarse, fine, small rotations transposed).
 
         Returns
         -------
