@@ -53,17 +53,23 @@ static void cypq_sortnet_run_portable(uint32_t *x, int p) {
             }
 }
 
+/* x[0 .. n) (2 <= n <= CYPQ_SORTNET_MAX) sorted by run, a network over a power of two of
+ * keys: copied into buf with padding that sorts last, and back. */
+static inline void cypq_sortnet_padded(uint32_t *x, int n, uint32_t *buf,
+                                       void (*run)(uint32_t *, int)) {
+    const int p = cypq_sortnet_width(n);
+    memcpy(buf, x, (size_t)n * sizeof *x);
+    for (int e = n; e < p; e++) buf[e] = UINT32_MAX;
+    run(buf, p);
+    memcpy(x, buf, (size_t)n * sizeof *x);
+}
+
 /* x[0 .. n) sorted ascending by the network in plain C; returns 0 (nothing done) for n above
  * CYPQ_SORTNET_MAX. */
 static int cypq_sortnet_u32_portable(uint32_t *x, int n) {
     uint32_t buf[CYPQ_SORTNET_MAX];
     if (n > CYPQ_SORTNET_MAX) return 0;
-    if (n < 2) return 1;
-    const int p = cypq_sortnet_width(n);
-    memcpy(buf, x, (size_t)n * sizeof *x);
-    for (int e = n; e < p; e++) buf[e] = UINT32_MAX;   /* (padding: sorts last) */
-    cypq_sortnet_run_portable(buf, p);
-    memcpy(x, buf, (size_t)n * sizeof *x);
+    if (n >= 2) cypq_sortnet_padded(x, n, buf, cypq_sortnet_run_portable);
     return 1;
 }
 
@@ -120,12 +126,7 @@ static int cypq_sortnet_u32(uint32_t *x, int n) {
 #if CYPQ_WIDE
     uint32_t buf[CYPQ_SORTNET_MAX] __attribute__((aligned(64)));
     if (n > CYPQ_SORTNET_MAX || !cypq_sortnet_ready()) return 0;
-    if (n < 2) return 1;
-    const int p = cypq_sortnet_width(n);
-    memcpy(buf, x, (size_t)n * sizeof *x);
-    for (int e = n; e < p; e++) buf[e] = UINT32_MAX;
-    cypq_sortnet_run_avx512(buf, p);
-    memcpy(x, buf, (size_t)n * sizeof *x);
+    if (n >= 2) cypq_sortnet_padded(x, n, buf, cypq_sortnet_run_avx512);
     return 1;
 #else
     (void)x; (void)n;
